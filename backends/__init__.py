@@ -1,0 +1,30 @@
+"""Backends lower an fxopt Graph to something that runs: eager PyTorch or ONNX Runtime."""
+
+from __future__ import annotations
+
+from ..ir.graph import Graph
+from .base import BackendError, CompiledModel
+from .eager import EagerModel
+from .onnxruntime import OnnxRuntimeModel, export_onnx, export_onnx_program
+
+BACKENDS: dict[str, type[CompiledModel]] = {"eager": EagerModel, "onnxruntime": OnnxRuntimeModel}
+
+
+def compile(graph: Graph, backend: str = "eager", **options) -> CompiledModel:
+    """Lower ``graph`` to ``backend`` ("eager" or "onnxruntime"); options go to the
+    backend (eager: ``torch_compile``; onnxruntime: threads, optimization level,
+    providers, ``allow_spinning``). Returns a callable with the model's
+    input/output structure and a ``.save(path)``."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"fxopt.compile expects an fxopt Graph (from fxopt.trace), got {type(graph).__name__}")
+    try:
+        cls = BACKENDS[backend]
+    except KeyError:
+        raise BackendError(f"unknown backend {backend!r}; valid: {sorted(BACKENDS)}") from None
+    try:
+        return cls(graph, **options)
+    except TypeError as e:
+        raise BackendError(f"backend {backend!r}: {e}") from e
+
+
+__all__ = ["compile", "export_onnx", "export_onnx_program", "BACKENDS", "BackendError", "CompiledModel", "EagerModel", "OnnxRuntimeModel"]

@@ -1,0 +1,152 @@
+"""The ONNX Runtime backend: ``torch.onnx.export(dynamo=True)`` of the
+re-exported graph, with fxopt's ops lowered through the translation table in
+:mod:`fxopt.ir.ops`, run in an ``onnxruntime.InferenceSession``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ..ir.graph import Graph
+from ..ir.ops import onnx_translation_table
+from .base import BackendError, CompiledModel
+
+_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs a warning per missing torchvision op and prints its steps."""
+    names = ["torch.onnx._internal.exporter._registration", "torch.onnx", "onnxscript"]
+    old = [logging.getLogger(n).level for n in names]
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in zip(names, old):
+            logging.getLogger(n).setLevel(level)
+
+
+def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True):
+    """Re-export the graph and convert it to an ``torch.onnx.ONNXProgram``."""
+    ep = graph.to_exported_program()
+    kwargs = {"opset_version": opset} if opset else {}
+    try:
+        with _quiet_exporter():
+            return torch.onnx.export(
+                ep,
+                dynamo=True,
+                custom_translation_table=onnx_translation_table(),
+                optimize=optimize,
+                verbose=False,
+                **kwargs,
+            )
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        summary = next((line for line in msg if "Error" in line and "<class" in line), msg[0] if msg else type(e).__name__)
+        raise BackendError(f"ONNX export of {graph.name} failed: {summary}") from e
+
+
+def export_onnx(graph: Graph, path: str | Path, *, opset: int | None = None, check: bool = True) -> Path:
+    """Write ``graph`` as an ONNX model (weights beside it when over 2 GB) that
+    ``onnx.checker`` accepts; dynamic dimensions stay symbolic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program = export_onnx_program(graph, opset=opset)
+    program.save(str(path))
+    if check:
+        onnx.checker.check_model(str(path))
+    return path
+
+
+def _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning):
+    import onnxruntime as ort
+
+    if graph_optimization_level not in _LEVELS:
+        raise BackendError(f"graph_optimization_level must be one of {list(_LEVELS)}, got {graph_optimization_level!r}")
+    so = ort.SessionOptions()
+    if intra_op_threads is not None:
+        so.intra_op_num_threads = int(intra_op_threads)
+    if inter_op_threads is not None:
+        so.inter_op_num_threads = int(inter_op_threads)
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[graph_optimization_level]
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if allow_spinning else "0")
+    return so
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxRuntimeModel(CompiledModel):
+    """Options: ``intra_op_threads``, ``inter_op_threads``,
+    ``graph_optimization_level`` (disable|basic|extended|all), ``providers``
+    (default: CUDA when present, then CPU), ``allow_spinning`` (ONNX Runtime's
+    worker threads spin after a run; turn it off when other work shares the
+    cores), ``opset``."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, graph: Graph, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+                 graph_optimization_level: str = "all", providers: list[str] | None = None,
+                 allow_spinning: bool = True, opset: int | None = None):
+        import onnxruntime as ort
+
+        self.graph = graph
+        providers = list(providers) if providers else default_providers()
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise BackendError(f"execution provider(s) {missing} not available; available: {ort.get_available_providers()}")
+        options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
+        self.program = export_onnx_program(graph, opset=opset)
+        proto = self.program.model_proto
+        self._tmp = None
+        if proto.ByteSize() < (1 << 31) - (1 << 20):
+            self._bytes = proto.SerializeToString()
+            self.session = ort.InferenceSession(self._bytes, options, providers=providers)
+        else:  # protobuf cannot hold it in one message: go through a file with external data
+            self._bytes = None
+            self._tmp = tempfile.TemporaryDirectory(prefix="fxopt-ort-")
+            path = os.path.join(self._tmp.name, "model.onnx")
+            self.program.save(path)
+            self.session = ort.InferenceSession(path, options, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if len(self.output_names) != graph.num_outputs():
+            raise BackendError(f"ONNX model has {len(self.output_names)} outputs, the graph {graph.num_outputs()}")
+
+    def __call__(self, *args, **kwargs):
+        leaves = [x for x in self.graph.flatten_inputs(*args, **kwargs) if isinstance(x, torch.Tensor)]
+        if len(leaves) != len(self.input_names):
+            raise BackendError(f"ONNX model takes {len(self.input_names)} tensors ({self.input_names}), got {len(leaves)}")
+        feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, leaves)}
+        outputs = self.session.run(self.output_names, feed)
+        return self.graph.unflatten_outputs([torch.from_numpy(np.asarray(o)) for o in outputs])
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.program.save(str(path))
+        return path
+
+    def artifact_bytes(self) -> int:
+        if self._bytes is not None:
+            return len(self._bytes)
+        return sum(f.stat().st_size for f in Path(self._tmp.name).iterdir())

@@ -1,0 +1,16 @@
+"""fxopt's graph IR: tracing, the Graph, metadata, verification, printing,
+serialization and fxopt's own ops."""
+
+from . import ops  # registers fxopt ops with torch.library
+from .graph import Graph
+from .meta import MetaError, propagate_meta
+from .parity import Parity, ParityError, assert_parity, compare
+from .trace import TraceError, trace
+from .verify import DOCUMENTED_OP_SET, VerificationError, verify
+
+load = Graph.load
+
+__all__ = [
+    "Graph", "trace", "load", "verify", "compare", "assert_parity", "Parity", "ParityError",
+    "TraceError", "VerificationError", "MetaError", "propagate_meta", "ops", "DOCUMENTED_OP_SET",
+]

@@ -1,0 +1,234 @@
+"""The fxopt program: an FX GraphModule produced by torch.export, plus what is
+needed to run, re-export and compare it (its example inputs).
+
+Parameters and buffers live as attributes of the module and are reached by
+``get_attr`` nodes; the module is called with the model's own inputs and
+returns the model's own output structure (the pytree specs of torch.export).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+
+class Graph:
+    """A traced model that passes rewrite and backends lower.
+
+    ``graph.module`` is the ``torch.fx.GraphModule``; ``graph.fx`` its
+    ``torch.fx.Graph``. Passes edit ``graph.fx`` and add constants with
+    :meth:`add_constant`; the pass manager recompiles, refreshes shape metadata
+    and verifies after each pass.
+    """
+
+    def __init__(self, module: fx.GraphModule, example_args: tuple = (), example_kwargs: dict | None = None, name: str = "model"):
+        self.module = module
+        self.example_args = tuple(example_args)
+        self.example_kwargs = dict(example_kwargs or {})
+        self.name = name
+        # Facts passes established (``Pass.ensures``) and later passes may require.
+        self.properties: set[str] = set()
+
+    # -- running -------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+    def flatten_inputs(self, *args, **kwargs) -> list:
+        """The model's inputs as the flat list of graph inputs (the order
+        torch.export and the ONNX model use); checks the structure matches."""
+        info = self.fx._codegen.pytree_info
+        bound = inspect.signature(self.module.forward).bind(*args, **kwargs)
+        args_spec, kwargs_spec = info.in_spec.children()
+        positional = tuple(bound.arguments[n] for n in info.orig_args[: args_spec.num_children])
+        keywords = {k: bound.arguments[k] for k in (kwargs_spec.context or [])}
+        leaves, spec = pytree.tree_flatten((positional, keywords))
+        if spec != info.in_spec:
+            raise ValueError(f"inputs do not have the structure the model was traced with:\n  got {spec}\n  expected {info.in_spec}")
+        return leaves
+
+    def unflatten_outputs(self, flat: list):
+        """Rebuild the model's output structure (tuple, dict, ModelOutput) from flat outputs."""
+        return pytree.tree_unflatten(list(flat), self.fx._codegen.pytree_info.out_spec)
+
+    def num_outputs(self) -> int:
+        return self.fx._codegen.pytree_info.out_spec.num_leaves
+
+    def run_example(self):
+        return self(*self.example_args, **self.example_kwargs)
+
+    # -- structure -----------------------------------------------------------
+    @property
+    def fx(self) -> fx.Graph:
+        return self.module.graph
+
+    @property
+    def nodes(self) -> Iterator[fx.Node]:
+        return iter(self.module.graph.nodes)
+
+    def num_nodes(self) -> int:
+        """Nodes that compute: everything but placeholders, get_attr and output."""
+        return sum(1 for n in self.fx.nodes if n.op == "call_function")
+
+    def placeholders(self) -> list[fx.Node]:
+        return [n for n in self.fx.nodes if n.op == "placeholder"]
+
+    def get_attr(self, target: str) -> Any:
+        obj = self.module
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def constant(self, node: fx.Node) -> torch.Tensor | None:
+        """The tensor a ``get_attr`` node reads, else None."""
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            value = self.get_attr(node.target)
+            if isinstance(value, torch.Tensor):
+                return value
+        return None
+
+    def add_constant(self, tensor: torch.Tensor, name_hint: str = "const") -> fx.Node:
+        """Register ``tensor`` as a buffer under a fresh name and return a
+        ``get_attr`` node for it, placed before the first computing node."""
+        base = "".join(c if c.isalnum() else "_" for c in name_hint).strip("_") or "const"
+        for i in itertools.count():
+            name = base if i == 0 else f"{base}_{i}"
+            if not hasattr(self.module, name):
+                break
+        self.module.register_buffer(name, tensor.detach(), persistent=True)
+        first = next(n for n in self.fx.nodes if n.op != "placeholder")
+        with self.fx.inserting_before(first):
+            node = self.fx.get_attr(name)
+        from .meta import fake_value_of_constant
+
+        node.meta["val"] = fake_value_of_constant(self, tensor)
+        return node
+
+    def tensor_attributes(self) -> dict[str, torch.Tensor]:
+        named = dict(self.module.named_parameters(remove_duplicate=False))
+        named.update(self.module.named_buffers(remove_duplicate=False))
+        for name, value in vars(self.module).items():
+            if isinstance(value, torch.Tensor) and not name.startswith("_"):
+                named.setdefault(name, value)
+        return named
+
+    def prune_unreferenced_attributes(self) -> list[str]:
+        """Delete tensor attributes no ``get_attr`` node reads; return their names."""
+        used = {n.target for n in self.fx.nodes if n.op == "get_attr"}
+        removed = []
+        for name in list(self.tensor_attributes()):
+            if name in used:
+                continue
+            owner_path, _, leaf = name.rpartition(".")
+            owner = self.get_attr(owner_path) if owner_path else self.module
+            if hasattr(owner, leaf):
+                delattr(owner, leaf)
+                removed.append(name)
+        return removed
+
+    def param_bytes(self) -> int:
+        """Bytes of the distinct storages behind the tensors the graph reads
+        (tied weights count once)."""
+        seen: dict[int, int] = {}
+        for n in self.fx.nodes:
+            t = self.constant(n)
+            if t is not None:
+                storage = t.untyped_storage()
+                seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+        return sum(seen.values())
+
+    def recompile(self) -> None:
+        self.module.recompile()
+
+    def copy(self) -> "Graph":
+        """A graph with its own node structure whose constants are shared with
+        this one. Passes never write into a constant in place, so sharing is safe."""
+        new_fx = copy.deepcopy(self.fx)
+        module = fx.GraphModule(self.module, new_fx, class_name=type(self.module).__name__)
+        new = Graph(module, self.example_args, self.example_kwargs, self.name)
+        new.properties = set(self.properties)
+        return new
+
+    # -- shapes and re-export -----------------------------------------------
+    def dynamic_shapes(self) -> dict[str, Any] | None:
+        """The torch.export ``dynamic_shapes`` spec read off the placeholders:
+        every dimension that is symbolic in the graph stays dynamic."""
+        leaves, spec = pytree.tree_flatten((self.example_args, self.example_kwargs))
+        phs = self.placeholders()
+        if len(leaves) != len(phs):
+            raise RuntimeError(f"graph has {len(phs)} inputs but the example inputs flatten to {len(leaves)}")
+        any_dynamic = False
+        dims = []
+        for leaf, ph in zip(leaves, phs):
+            val = ph.meta.get("val")
+            if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor):
+                d = {i: Dim.DYNAMIC for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt)}
+                any_dynamic |= bool(d)
+                dims.append(d or None)
+            else:
+                dims.append(None)
+        if not any_dynamic:
+            return None
+        args_ds, kwargs_ds = pytree.tree_unflatten(dims, spec)
+        bound = inspect.signature(self.module.forward).bind(*args_ds, **kwargs_ds)
+        return dict(bound.arguments)
+
+    def symbolic_dims(self) -> dict[str, list[int]]:
+        """Input name -> the dimensions that are dynamic."""
+        return {
+            ph.name: [i for i, s in enumerate(ph.meta["val"].shape) if isinstance(s, torch.SymInt)]
+            for ph in self.placeholders()
+            if isinstance(ph.meta.get("val"), torch.Tensor)
+        }
+
+    def to_exported_program(self) -> torch.export.ExportedProgram:
+        """Re-export the optimized module (fxopt ops included) with the same
+        dynamic dimensions; used for saving and for ONNX export."""
+        return torch.export.export(
+            self.module,
+            self.example_args,
+            self.example_kwargs,
+            dynamic_shapes=self.dynamic_shapes(),
+            strict=False,
+        )
+
+    # -- text, checks, files ---------------------------------------------------
+    def __str__(self) -> str:
+        from .printer import format_graph
+
+        return format_graph(self)
+
+    def verify(self) -> None:
+        from .verify import verify
+
+        verify(self)
+
+    def refresh_meta(self) -> int:
+        """Fill in shape metadata that new nodes lack."""
+        from .meta import propagate_meta
+
+        return propagate_meta(self)
+
+    def refresh_meta_all(self) -> int:
+        """Recompute shape metadata of every node (after a pass changed the graph)."""
+        from .meta import propagate_meta
+
+        return propagate_meta(self, recompute=True)
+
+    def save(self, path) -> None:
+        from .serialize import save
+
+        save(self, path)
+
+    @staticmethod
+    def load(path) -> "Graph":
+        from .serialize import load
+
+        return load(path)

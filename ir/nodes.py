@@ -1,0 +1,62 @@
+"""Small graph helpers that passes share."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+
+# Ops whose result is not a function of their inputs, or that act on state.
+_NONDETERMINISTIC = {
+    aten.rand.default, aten.randn.default, aten.randint.default, aten.randint.low, aten.rand_like.default,
+    aten.randn_like.default, aten.randint_like.default, aten.bernoulli.default, aten.bernoulli.p,
+    aten.normal.Tensor_float, aten.multinomial.default, aten.randperm.default,
+    aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default, aten.new_empty.default,
+}
+_ASSERTS = {
+    aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten._assert_async.msg,
+    aten.sym_constrain_range.default, aten.sym_constrain_range_for_size.default,
+}
+
+
+def is_assert(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _ASSERTS
+
+
+def is_pure(node: fx.Node) -> bool:
+    """A call whose result depends on its inputs alone and that has no effect:
+    safe to remove when unused, to merge with a twin, to evaluate ahead of time."""
+    if node.op != "call_function" or node.target in _NONDETERMINISTIC or node.target in _ASSERTS:
+        return False
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        schema = t._schema
+        if schema.is_mutable or any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+            return False
+        if t.namespace == "aten" and t._opname.endswith("_") and not t._opname.startswith("_"):
+            return False  # in-place variants
+        if torch.Tag.nondeterministic_seeded in t.tags:
+            return False
+        return True
+    return t is operator.getitem or callable(t)
+
+
+def same_shape(a, b) -> bool:
+    """True when two (possibly symbolic) shapes are provably equal."""
+    if len(a) != len(b):
+        return False
+    return all(statically_known_true(x == y) if isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt) else x == y for x, y in zip(a, b))
+
+
+def val(node) -> object:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def replace_with(node: fx.Node, replacement) -> None:
+    """Route every use of ``node`` to ``replacement`` and erase ``node``."""
+    node.replace_all_uses_with(replacement)
+    node.graph.erase_node(node)

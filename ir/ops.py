@@ -1,0 +1,110 @@
+"""fxopt's own operators and the one table that knows how to lower them.
+
+An fxopt op is a ``torch.library`` custom op in the ``fxopt`` namespace with
+three parts, all declared in one call to :func:`define_op`:
+
+* the eager kernel (the Python function itself) that the eager backend runs,
+* a fake kernel that gives shape and dtype without computing (tracing, metadata),
+* an ONNX lowering, an onnxscript-traceable function that the ONNX Runtime
+  backend hands to ``torch.onnx.export(custom_translation_table=...)``.
+
+Passes create these ops; the backends consult :func:`onnx_translation_table`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from onnxscript import opset18 as op
+
+from .onnx_contrib import msft
+
+NAMESPACE = "fxopt"
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    overload: torch._ops.OpOverload
+    onnx: Callable | None
+    doc: str
+
+
+_REGISTRY: dict[str, OpDef] = {}
+
+
+def define_op(name: str, *, fake: Callable, onnx: Callable | None = None):
+    """Decorator: register ``fn`` as the eager kernel of ``fxopt::name``."""
+
+    def wrap(fn: Callable) -> torch._ops.OpOverload:
+        if name in _REGISTRY:
+            raise ValueError(f"fxopt op {name!r} is already defined")
+        custom = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(fn)
+        custom.register_fake(fake)
+        overload = getattr(getattr(torch.ops, NAMESPACE), name).default
+        _REGISTRY[name] = OpDef(name, overload, onnx, (fn.__doc__ or "").strip())
+        return overload
+
+    return wrap
+
+
+def is_fxopt_op(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == NAMESPACE
+
+
+def registered_ops() -> dict[str, OpDef]:
+    return dict(_REGISTRY)
+
+
+def onnx_translation_table() -> dict[torch._ops.OpOverload, Callable]:
+    return {d.overload: d.onnx for d in _REGISTRY.values() if d.onnx is not None}
+
+
+# --------------------------------------------------------------------------
+# linear + bias + activation
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda t: t,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def _linear_act_fake(x, weight, bias, activation):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_act_onnx(x, weight, bias=None, activation: str = "none"):
+    # The transpose of a constant weight is folded into the initializer by the
+    # exporter's optimizer, leaving a plain MatMul that MLAS runs.
+    y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    if activation == "gelu" and bias is not None:
+        return msft.BiasGelu(y, bias)
+    if activation == "gelu_tanh":
+        return msft.FastGelu(y, bias) if bias is not None else msft.FastGelu(y)
+    if bias is not None:
+        y = op.Add(y, bias)
+    if activation == "relu":
+        return op.Relu(y)
+    if activation == "gelu":
+        return op.Mul(op.Mul(y, op.CastLike(0.5, y)), op.Add(op.CastLike(1.0, y), op.Erf(op.Mul(y, op.CastLike(0.7071067811865476, y)))))
+    if activation == "silu":
+        return op.Mul(y, op.Sigmoid(y))
+    return y
+
+
+@define_op("linear_act", fake=_linear_act_fake, onnx=_linear_act_onnx)
+def linear_act(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> torch.Tensor:
+    """``activation(x @ weight.T + bias)`` in one op; activation is one of
+    none, relu, gelu (exact), gelu_tanh, silu. Lowers to MatMul + com.microsoft
+    BiasGelu / FastGelu on ONNX Runtime."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fxopt::linear_act: unknown activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[activation](F.linear(x, weight, bias))

@@ -1,0 +1,60 @@
+"""Comparing a model's outputs with a reference: the one numeric check that the
+pass manager, the CLI, the benchmarks and the tests all use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.utils._pytree as pytree
+
+
+def output_tensors(outputs) -> list[torch.Tensor]:
+    leaves = pytree.tree_leaves(outputs)
+    return [torch.as_tensor(x) for x in leaves if isinstance(x, torch.Tensor) or hasattr(x, "__array__")]
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs_err: float
+    scale: float  # max |reference|, so that tolerances are relative to the output's size
+    cosine: float
+
+    def within(self, tol: float) -> bool:
+        return self.max_abs_err <= tol * max(self.scale, 1e-12)
+
+    def as_dict(self) -> dict:
+        return {"max_abs_err": self.max_abs_err, "scale": self.scale, "cosine": self.cosine}
+
+
+class ParityError(AssertionError):
+    pass
+
+
+def compare(reference, actual) -> Parity:
+    """Max abs error, reference scale and cosine similarity over all tensor
+    outputs (floats compared in float64; structures must agree)."""
+    ref, out = output_tensors(reference), output_tensors(actual)
+    if len(ref) != len(out):
+        raise ParityError(f"output count differs: reference has {len(ref)} tensors, result has {len(out)}")
+    err, scale, flat_r, flat_o = 0.0, 0.0, [], []
+    for i, (r, o) in enumerate(zip(ref, out)):
+        if tuple(r.shape) != tuple(o.shape):
+            raise ParityError(f"output {i}: shape {tuple(o.shape)} differs from reference {tuple(r.shape)}")
+        r64, o64 = r.detach().to(torch.float64).flatten(), o.detach().to(torch.float64).flatten()
+        if r64.numel():
+            err = max(err, (r64 - o64).abs().max().item())
+            scale = max(scale, r64.abs().max().item())
+        flat_r.append(r64)
+        flat_o.append(o64)
+    a, b = torch.cat(flat_r), torch.cat(flat_o)
+    denom = a.norm() * b.norm()
+    cosine = float((a @ b) / denom) if denom > 0 else float(torch.equal(a, b))
+    return Parity(err, scale, cosine)
+
+
+def assert_parity(reference, actual, tol: float = 1e-4) -> Parity:
+    p = compare(reference, actual)
+    if not p.within(tol):
+        raise ParityError(f"max abs error {p.max_abs_err:.3g} exceeds {tol:g} x output scale {p.scale:.3g}")
+    return p

@@ -1,0 +1,222 @@
+"""The pass base class, its typed options and its result.
+
+A pass is a small class registered by name::
+
+    @register_pass("strip-dropout")
+    class StripDropout(Pass):
+        '''Replaces inference-time dropout by its input.'''
+        keep_training_dropout = Option(False, help="leave dropout(train=True) alone")
+
+        def run(self, graph):
+            removed = 0
+            for node in self.walk(graph, target=torch.ops.aten.dropout.default):
+                ...
+            return PassResult(changed=removed > 0, stats={"removed": removed})
+
+Options are validated when the pass is constructed, so a pipeline with a bad
+option fails before any pass runs. Ordering and preconditions are declared as
+class attributes and checked by the pass manager up front:
+
+* ``runs_after`` / ``runs_before``: pass names that, when present in the same
+  pipeline, must come earlier / later;
+* ``requires`` / ``ensures``: graph properties (strings) a pass needs / establishes;
+* ``needs``: inputs the pass takes from the run's context (e.g. ``calibration_data``).
+
+Passes edit ``graph.fx`` in place and never write into an existing constant
+tensor (graphs share constants with their copies); new constants go through
+``graph.add_constant``. Shape metadata of new nodes is filled in by the manager.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import torch.fx as fx
+
+_MISSING = object()
+
+
+class OptionError(ValueError):
+    pass
+
+
+class Option:
+    """A typed pass option with a default, optional choices and a check."""
+
+    def __init__(self, default: Any = _MISSING, type: type | tuple | None = None, *, choices=None, check=None, help: str = ""):
+        if type is None:
+            if default is _MISSING or default is None:
+                raise TypeError("an Option whose default is None or missing needs an explicit type")
+            type = builtins.type(default)
+        self.default = default
+        self.type = type
+        self.choices = tuple(choices) if choices is not None else None
+        self.check = check
+        self.help = help
+        self.name = "?"
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+    def type_name(self) -> str:
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        return " | ".join(t.__name__ for t in types) + (" | None" if self.default is None else "")
+
+    def validate(self, owner: str, value: Any) -> Any:
+        where = f"pass {owner!r}: option {self.name!r}"
+        if value is None and self.default is None:
+            return None
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if tuple in types and isinstance(value, list):
+            value = tuple(value)
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            raise OptionError(f"{where} expects {self.type_name()}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise OptionError(f"{where} must be one of {list(self.choices)}, got {value!r}")
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                raise OptionError(f"{where}: {problem} (got {value!r})")
+        return value
+
+
+@dataclass
+class PassResult:
+    changed: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class PassError(RuntimeError):
+    """A pass failed; names the pass and, where known, the node."""
+
+    def __init__(self, message: str, *, pass_name: str | None = None, node: fx.Node | None = None):
+        self.pass_name = pass_name
+        self.node = node
+        self.reason = message
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        parts = []
+        if self.pass_name:
+            parts.append(f"pass {self.pass_name!r} failed")
+        if self.node is not None:
+            parts.append(f"at node {self.node.name!r} ({self.node.format_node()})")
+        prefix = " ".join(parts)
+        return f"{prefix}: {self.reason}" if prefix else self.reason
+
+
+@dataclass
+class PassContext:
+    """Inputs a run provides to passes that declare them in ``needs``."""
+
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.inputs[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.inputs.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return self.inputs.get(key) is not None
+
+
+class Pass:
+    name: ClassVar[str] = ""
+    options: ClassVar[dict[str, Option]] = {}
+    runs_after: ClassVar[tuple[str, ...]] = ()
+    runs_before: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()
+    ensures: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[tuple[str, ...]] = ()
+    # Relative error (x output scale) a pass may add; lossy passes raise it.
+    numerics_tolerance: ClassVar[float] = 1e-4
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        opts = dict(getattr(cls, "options", {}))
+        for key, value in list(vars(cls).items()):
+            if isinstance(value, Option):
+                value.name = key
+                opts[key] = value
+        cls.options = opts
+
+    def __init__(self, **options: Any):
+        label = self.name or type(self).__name__
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            bad = unknown[0]
+            hint = difflib.get_close_matches(bad, self.options, n=1)
+            valid = ", ".join(self.options) or "none"
+            raise OptionError(
+                f"pass {label!r} has no option {bad!r}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; valid options: {valid}"
+            )
+        for key, opt in self.options.items():
+            if key in options:
+                value = opt.validate(label, options[key])
+            elif opt.required:
+                raise OptionError(f"pass {label!r}: option {key!r} is required")
+            else:
+                value = opt.default
+            setattr(self, key, value)
+        self.validate_options()
+        self.context = PassContext()
+        self.current_node: fx.Node | None = None
+
+    def validate_options(self) -> None:
+        """Checks that involve several options; raise OptionError."""
+
+    # -- running ---------------------------------------------------------------
+    def run(self, graph) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError(f"pass {self.name!r} does not implement run()")
+
+    def __call__(self, graph) -> PassResult:
+        return self.run(graph)
+
+    def walk(self, graph, *, op: str | None = None, target=None) -> Iterator[fx.Node]:
+        """Iterate over a snapshot of the graph's nodes (safe while rewriting),
+        remembering the current node so that a failure can name it."""
+        targets = None if target is None else (set(target) if isinstance(target, (set, tuple, list, frozenset)) else {target})
+        for node in list(graph.fx.nodes):
+            if node.graph is not graph.fx:  # erased by an earlier step of this walk
+                continue
+            if op is not None and node.op != op:
+                continue
+            if targets is not None and node.target not in targets:
+                continue
+            self.current_node = node
+            yield node
+        self.current_node = None
+
+    def fail(self, message: str, node: fx.Node | None = None) -> PassError:
+        return PassError(message, pass_name=self.name, node=node if node is not None else self.current_node)
+
+    # -- description -------------------------------------------------------------
+    def option_values(self, *, only_changed: bool = True) -> dict[str, Any]:
+        return {
+            k: getattr(self, k)
+            for k, opt in self.options.items()
+            if not only_changed or opt.required or getattr(self, k) != opt.default
+        }
+
+    def __str__(self) -> str:
+        from .pipeline import format_pass
+
+        return format_pass(self)
+
+    __repr__ = __str__
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.option_values(only_changed=False) == other.option_values(only_changed=False)
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.name))

@@ -1,0 +1,173 @@
+"""``canonicalize``: one form for each thing, and nothing inference does not need."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ..ir.nodes import is_assert, is_pure, same_shape, val
+from .base import Option, Pass, PassResult
+from .registry import register_pass
+
+aten = torch.ops.aten
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_SAME_VALUE = {aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default}
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device, aten.type_as.default}
+
+
+def _is_2d_transpose(node: fx.Node) -> bool:
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        return True
+    if node.target == aten.transpose.int:
+        dims = {d % 2 for d in node.args[1:3]}
+        return len(val(node).shape) == 2 and dims == {0, 1}
+    if node.target == aten.permute.default:
+        return list(node.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0])
+    return False
+
+
+@register_pass("canonicalize")
+class Canonicalize(Pass):
+    """Rewrites the graph into fxopt's canonical inference form.
+
+    Matches and produces:
+
+    * ``addmm(b, x, W)``, ``mm(x, W)``, ``matmul(x, W)`` with a constant 2-D
+      ``W`` (or a transpose of one) -> ``linear(x, W^T, b)``; when ``x`` was
+      flattened by a view and the result is viewed back (GPT-2's Conv1D), the
+      views are dropped and ``linear`` takes the N-d input;
+    * ``dropout(x, train=False)``, ``alias``/``detach``, casts to the dtype and
+      device ``x`` already has, and views, reshapes, expands and full slices that
+      keep the shape -> ``x``;
+    * runtime asserts (``_assert_tensor_metadata``, ``_assert_scalar``,
+      ``sym_constrain_range*``) -> removed.
+
+    Refuses: matmuls whose weight is not a constant (a graph input stays a
+    matmul), ``addmm`` with alpha/beta other than 1, and dropout in training mode.
+    """
+
+    keep_asserts = Option(False, help="leave runtime asserts in the graph")
+    linear = Option(True, help="rewrite matmul/addmm/mm with a constant weight into linear")
+
+    ensures = ("canonical-linear",)
+
+    def run(self, graph) -> PassResult:
+        counts: dict[str, int] = {}
+        rules: list[tuple[str, Callable]] = [("identity", self._identity)]
+        if self.linear:
+            rules.append(("linear", self._to_linear))
+        if not self.keep_asserts:
+            rules.append(("assert", self._drop_assert))
+        for node in self.walk(graph, op="call_function"):
+            for rule_name, rule in rules:
+                if rule(graph, node):
+                    counts[rule_name] = counts.get(rule_name, 0) + 1
+                    break
+        if self.linear:
+            graph.refresh_meta()  # shapes of the new linear nodes
+            for node in self.walk(graph, op="call_function", target=aten.linear.default):
+                if self._absorb_flatten(graph, node):
+                    counts["flatten-absorbed"] = counts.get("flatten-absorbed", 0) + 1
+        return PassResult(bool(counts), {"rewritten": counts, "linear_ops": sum(1 for n in graph.fx.nodes if n.target == aten.linear.default)})
+
+    # -- rules: each returns True when it rewrote ``node`` -------------------------------
+    def _drop_assert(self, graph, node) -> bool:
+        if is_assert(node) and not node.users:
+            graph.fx.erase_node(node)
+            return True
+        return False
+
+    def _identity(self, graph, node) -> bool:
+        t, args = node.target, node.args
+        source = args[0] if args and isinstance(args[0], fx.Node) else None
+        if source is None:
+            return False
+        out, inp = val(node), val(source)
+        if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
+            return False
+        keep = False
+        if t == aten.dropout.default:
+            keep = not (len(args) > 2 and args[2]) or (len(args) > 1 and args[1] == 0)
+        elif t in _SAME_VALUE:
+            keep = True
+        elif t in _CASTS:
+            keep = out.dtype == inp.dtype and out.device == inp.device and not node.kwargs.get("memory_format")
+        elif t in _VIEWS or t == aten.expand.default:
+            keep = same_shape(out.shape, inp.shape)
+        elif t == aten.slice.Tensor:
+            start = args[2] if len(args) > 2 else node.kwargs.get("start", 0)
+            step = args[4] if len(args) > 4 else node.kwargs.get("step", 1)
+            keep = start in (0, None) and step == 1 and same_shape(out.shape, inp.shape)
+        if keep and all(is_pure(u) or u.op == "output" for u in node.users):
+            node.replace_all_uses_with(source)
+            graph.fx.erase_node(node)
+            return True
+        return False
+
+    def _constant_weight(self, graph, node) -> tuple[fx.Node, bool] | None:
+        """``(get_attr node, is_transposed)`` when ``node`` is a constant 2-D
+        matrix or a 2-D transpose of one."""
+        if graph.constant(node) is not None and graph.constant(node).dim() == 2:
+            return node, False
+        if isinstance(node, fx.Node) and node.op == "call_function" and node.target in _TRANSPOSES and _is_2d_transpose(node):
+            base = node.args[0]
+            if graph.constant(base) is not None and graph.constant(base).dim() == 2:
+                return base, True
+        return None
+
+    def _to_linear(self, graph, node) -> bool:
+        t = node.target
+        if t == aten.addmm.default:
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                return False
+            bias, x, w = node.args[:3]
+        elif t == aten.mm.default or t == aten.matmul.default:
+            x, w = node.args[:2]
+            bias = None
+        else:
+            return False
+        found = self._constant_weight(graph, w)
+        if found is None:
+            return False
+        if isinstance(bias, fx.Node) and (not isinstance(val(bias), torch.Tensor) or val(bias).dim() != 1):
+            return False
+        base, transposed = found
+        if t == aten.matmul.default and val(x).dim() < 1:
+            return False
+        if transposed:
+            weight = base  # W^T of a transposed constant is the constant itself
+        else:
+            tensor = graph.constant(base)
+            weight = graph.add_constant(tensor.t().contiguous(), f"{base.target}_t")
+        with graph.fx.inserting_before(node):
+            new = graph.fx.call_function(aten.linear.default, (x, weight, bias))
+        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        node.replace_all_uses_with(new)
+        graph.fx.erase_node(node)
+        return True
+
+    def _absorb_flatten(self, graph, node) -> bool:
+        """view(x, [-1, K]) -> linear -> view(.., [*x.shape[:-1], N])  ==>  linear(x)."""
+        flat = node.args[0]
+        if not (isinstance(flat, fx.Node) and flat.target in _VIEWS and len(node.users) == 1):
+            return False
+        (back,) = node.users
+        if back.target not in _VIEWS:
+            return False
+        x = flat.args[0]
+        x_val, out_val, back_val = val(x), val(node), val(back)
+        if not all(isinstance(v, torch.Tensor) for v in (x_val, out_val, back_val)) or x_val.dim() < 2:
+            return False
+        want = (*x_val.shape[:-1], out_val.shape[-1])
+        if not same_shape(back_val.shape, want) or not same_shape(x_val.shape[-1:], val(flat).shape[-1:]):
+            return False
+        node.replace_input_with(flat, x)
+        back.replace_all_uses_with(node)
+        graph.fx.erase_node(back)
+        if not flat.users:
+            graph.fx.erase_node(flat)
+        node.meta.pop("val", None)
+        return True
