@@ -147,6 +147,11 @@ class Canonicalize(Pass):
         new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
         node.replace_all_uses_with(new)
         graph.fx.erase_node(node)
+        # Drop the old weight read (and its transpose) now, so the copy made
+        # above does not sit beside the original until dce runs.
+        for stale in dict.fromkeys((w, base)):
+            if isinstance(stale, fx.Node) and stale.graph is graph.fx and not stale.users:
+                graph.fx.erase_node(stale)
         return True
 
     def _absorb_flatten(self, graph, node) -> bool:

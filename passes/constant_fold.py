@@ -45,14 +45,17 @@ class ConstantFold(Pass):
             if not isinstance(result, torch.Tensor):
                 skipped += 1
                 continue
-            grown = result.untyped_storage().nbytes() > self._input_bytes(graph, node)
-            if grown and result.untyped_storage().nbytes() > self.max_bytes:
+            # Logical size, not storage: an expanded view is cheap in eager
+            # but is written out in full by an exporter.
+            size = result.numel() * result.element_size()
+            grown = size > self._input_bytes(graph, node)
+            if grown and size > self.max_bytes:
                 skipped += 1
                 continue
             attr = graph.add_constant(result, f"folded_{node.name}")
             node.replace_all_uses_with(attr)
             folded += 1
-            bytes_added += result.untyped_storage().nbytes() if grown else 0
+            bytes_added += size if grown else 0
         self.current_node = None
         # The folded subgraphs are now dead; remove them right away.
         removed = 0
@@ -60,7 +63,7 @@ class ConstantFold(Pass):
             if node in constant and not node.users:
                 graph.fx.erase_node(node)
                 removed += 1
-        return PassResult(folded > 0, {"folded": folded, "skipped": skipped, "nodes_removed": removed})
+        return PassResult(folded > 0, {"folded": folded, "skipped": skipped, "nodes_removed": removed, "bytes_added": bytes_added})
 
     @staticmethod
     def _inputs_constant(node: fx.Node, constant: set[fx.Node]) -> bool:

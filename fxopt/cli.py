@@ -1,0 +1,232 @@
+"""The ``fxopt`` command line: ``optimize``, ``passes``, ``show``. A thin layer
+over the Python API (trace -> PassManager -> compile)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+EXIT_ERROR = 1
+
+
+class CliError(Exception):
+    pass
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 150)
+
+
+def _load(model: str, dynamic: bool):
+    from .ir.trace import split_inputs, trace
+    from .models import MissingModelError, load_model
+
+    try:
+        spec = load_model(model)
+    except (ValueError, MissingModelError) as e:
+        raise CliError(str(e)) from e
+    graph = trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes if dynamic else None, name=spec.name)
+    return spec, graph, split_inputs(spec.example_inputs)
+
+
+def _median_ms(fn, args, kwargs, repeats: int, warmup: int = 2) -> float:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(*args, **kwargs)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(*args, **kwargs)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+class _Progress:
+    """A pass-manager instrument that shows a progress bar while passes run."""
+
+    def __new__(cls, total: int, console):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from .passes import Instrument
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), console=console, transient=True)
+        task = progress.add_task("passes", total=total)
+
+        class Hook(Instrument):
+            def before_pass(self, p, graph):
+                progress.update(task, description=f"running {p}")
+
+            def after_pass(self, p, graph, record):
+                progress.advance(task)
+
+        hook = Hook()
+        hook.progress = progress
+        return hook
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_optimize(a) -> int:
+    from rich.table import Table
+
+    from .backends import compile as compile_graph
+    from .ir.parity import compare
+    from .passes import PassManager
+
+    console = _console()
+    pm = PassManager(a.pipeline, check_numerics=a.check_numerics, dump_dir=a.dump_ir)  # bad pipelines fail here, before tracing
+    spec, graph, (args, kwargs) = _load(a.model, a.dynamic)
+    spec.model.eval()
+    with torch.inference_mode():
+        reference = spec.model(*args, **kwargs)
+    # The reference is timed before any optimized variant runs, so that ONNX
+    # Runtime's spinning worker threads cannot tax its timing.
+    ref_ms = _median_ms(spec.model, args, kwargs, a.repeats)
+    progress = _Progress(len(pm._flat(pm.items)), console)
+    pm.instruments.append(progress)
+    with progress.progress:
+        result = pm.run(graph)
+    options = {}
+    if a.backend == "onnxruntime" and a.threads:
+        options["intra_op_threads"] = a.threads
+    compiled = compile_graph(result.graph, a.backend, **options)
+    parity = compare(reference, compiled(*args, **kwargs))
+    opt_ms = _median_ms(compiled, args, kwargs, a.repeats)
+    artifact = compiled.artifact_bytes()
+    if a.out:
+        out = compiled.save(a.out)
+        artifact = sum(p.stat().st_size for p in out.parent.glob(out.name + "*"))
+
+    table = Table(title=f"{spec.name}: {pm}  ->  {a.backend}")
+    for col in ("pass", "ms", "changed", "nodes", "param bytes", "stats"):
+        table.add_column(col, justify="right" if col in ("ms", "nodes", "param bytes") else "left")
+    for r in result.records:
+        stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list)))[:60]
+        table.add_row(r.name, f"{r.ms:.1f}", "yes" if r.changed else "no", f"{r.nodes_before} -> {r.nodes_after}",
+                      f"{_bytes(r.param_bytes_before)} -> {_bytes(r.param_bytes_after)}", stats)
+    console.print(table)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    console.print(
+        f"nodes {graph.num_nodes()} -> {result.graph.num_nodes()}, params {_bytes(graph.param_bytes())} -> "
+        f"{_bytes(result.graph.param_bytes())}, artifact {_bytes(artifact)}\n"
+        f"max abs err {parity.max_abs_err:.3g} (output scale {parity.scale:.3g}), cosine {parity.cosine:.6f}\n"
+        f"latency (median of {a.repeats}): reference {ref_ms:.2f} ms, optimized {opt_ms:.2f} ms"
+    )
+    if a.report:
+        report = {
+            "model": spec.name, "pipeline": str(pm), "backend": a.backend, "dynamic": a.dynamic,
+            "nodes_before": graph.num_nodes(), "nodes_after": result.graph.num_nodes(),
+            "param_bytes_before": graph.param_bytes(), "param_bytes_after": result.graph.param_bytes(),
+            "artifact_bytes": artifact, "max_abs_err": parity.max_abs_err, "output_scale": parity.scale,
+            "cosine": parity.cosine, "latency_ms": {"reference": ref_ms, "optimized": opt_ms, "repeats": a.repeats},
+            "passes": [{"name": r.name, "ms": r.ms, "changed": r.changed, "nodes_before": r.nodes_before,
+                        "nodes_after": r.nodes_after, "param_bytes_before": r.param_bytes_before,
+                        "param_bytes_after": r.param_bytes_after, "stats": r.stats} for r in result.records],
+            "warnings": result.warnings,
+        }
+        Path(a.report).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+def cmd_passes(a) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .passes import REGISTRY
+
+    described = REGISTRY.describe()
+    if a.json:
+        print(json.dumps(described, indent=2, default=str))
+        return 0
+    table = Table(title="registered passes")
+    for col in ("pass", "what it does", "options"):
+        table.add_column(col)
+    for d in described:
+        opts = "\n".join(f"{k}: {o['type']} = {o['default']!r}" for k, o in d["options"].items())
+        table.add_row(d["name"], d["summary"], opts)
+    Console().print(table)
+    return 0
+
+
+def cmd_show(a) -> int:
+    from .passes import PassManager
+
+    pm = PassManager(a.pipeline) if a.pipeline else None
+    _, graph, _ = _load(a.model, a.dynamic)
+    if pm is not None:
+        graph = pm.run(graph).graph
+    print(graph)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxopt", description="Graph optimization for LLM inference.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    o = sub.add_parser("optimize", help="trace MODEL, run a pipeline, lower to a backend, compare and time")
+    o.add_argument("model", help="built-in name (tiny-gpt, gpt2, llama, bert, minilm, ...) or package.module:factory")
+    o.add_argument("--pipeline", default="canonicalize,dce,constant-fold,cse", help="pass pipeline text")
+    o.add_argument("--backend", choices=("eager", "onnxruntime"), default="eager")
+    o.add_argument("--out", help="save the compiled model here (.onnx for onnxruntime, .pt2 for eager)")
+    o.add_argument("--report", help="write a JSON report here")
+    o.add_argument("--dynamic", action="store_true", help="trace with the model's dynamic batch/sequence dims")
+    o.add_argument("--dump-ir", help="write the IR before/after each pass into this folder")
+    o.add_argument("--check-numerics", action="store_true", help="compare outputs after every pass")
+    o.add_argument("--repeats", type=int, default=10, help="timed runs per variant (median reported)")
+    o.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    o.set_defaults(func=cmd_optimize)
+
+    ps = sub.add_parser("passes", help="list registered passes and their options")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=cmd_passes)
+
+    s = sub.add_parser("show", help="print the text IR of MODEL (after --pipeline, if given)")
+    s.add_argument("model")
+    s.add_argument("--pipeline")
+    s.add_argument("--dynamic", action="store_true")
+    s.set_defaults(func=cmd_show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        # torch's pytree and exporter deprecation notices are not the user's concern.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("fxopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        message = str(e).strip() or type(e).__name__
+        if not isinstance(e, CliError):
+            message = f"{message}" if ":" in message.splitlines()[0] else f"{type(e).__name__}: {message}"
+        print(f"fxopt: error: {message}", file=sys.stderr)
+        print("(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

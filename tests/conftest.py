@@ -1,0 +1,39 @@
+import functools
+import warnings
+
+import pytest
+import torch
+
+import fxopt
+from fxopt.ir.trace import split_inputs
+from fxopt.models import BUILTIN, MissingModelError
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+BASE_PIPELINE = "canonicalize,dce,constant-fold,cse"
+
+
+@functools.lru_cache(maxsize=None)
+def model_spec(name: str):
+    """Built-in model specs, built once per session (minilm needs its package)."""
+    try:
+        return BUILTIN[name]()
+    except MissingModelError as e:
+        pytest.fail(f"{name}: {e}")
+
+
+def reference(spec, inputs=None):
+    args, kwargs = split_inputs(spec.example_inputs if inputs is None else inputs)
+    with torch.no_grad():
+        return spec.model(*args, **kwargs)
+
+
+def run(model, inputs):
+    args, kwargs = split_inputs(inputs)
+    return model(*args, **kwargs)
+
+
+@pytest.fixture
+def mlp_graph():
+    spec = model_spec("mlp")
+    return fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name="mlp")

@@ -1,0 +1,171 @@
+"""canonicalize, dce, constant-fold and cse: each before/after, a case where it
+must not fire, and parity with the original."""
+
+import pytest
+import torch
+from torch.export import Dim
+
+import fxopt
+from conftest import model_spec, reference, run
+
+aten = torch.ops.aten
+
+
+def targets(graph):
+    return [n.target for n in graph.fx.nodes if n.op == "call_function"]
+
+
+def optimize(graph, pipeline):
+    result = fxopt.PassManager(pipeline).run(graph)
+    return result.graph, result.records[-1]
+
+
+class Matmuls(torch.nn.Module):
+    """The linear forms a traced model shows: addmm, mm, matmul, and a transposed weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(8, 16))  # [K, N], used as x @ W (Conv1D style)
+        self.b1 = torch.nn.Parameter(torch.randn(16))
+        self.w2 = torch.nn.Parameter(torch.randn(16, 16))
+        self.w3 = torch.nn.Parameter(torch.randn(4, 16))  # [N, K], used through .t()
+
+    def forward(self, x, w_in):
+        h = torch.addmm(self.b1, x.view(-1, 8), self.w1).view(x.shape[0], x.shape[1], 16)
+        h = torch.matmul(h, self.w2)
+        h = torch.mm(h.view(-1, 16), self.w3.t())
+        return h + torch.matmul(h, w_in).sum()  # w_in is a graph input: must stay a matmul
+
+
+def test_canonicalize_turns_constant_matmuls_into_linear():
+    x, w_in = torch.randn(2, 3, 8), torch.randn(4, 4)
+    model = Matmuls()
+    graph = fxopt.trace(model, (x, w_in), dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, None))
+    assert aten.addmm.default in targets(graph)
+    out, record = optimize(graph, "canonicalize")
+    t = targets(out)
+    assert t.count(aten.linear.default) == 3
+    assert aten.addmm.default not in t and aten.mm.default not in t
+    assert t.count(aten.matmul.default) == 1  # the graph-input weight is left alone
+    assert record.stats["rewritten"]["linear"] == 3 and record.stats["rewritten"]["flatten-absorbed"] == 1
+    # the transposed parameter is used as is, w1 is stored transposed once
+    linears = [n for n in out.fx.nodes if n.target == aten.linear.default]
+    assert out.constant(linears[-1].args[1]) is model.w3
+    x2, w2 = torch.randn(5, 2, 8), torch.randn(4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x2, w2), model(x2, w2))
+
+
+def test_canonicalize_drops_dropout_asserts_and_identity_views():
+    spec = model_spec("gpt2-tiny")
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    before = targets(graph)
+    assert aten.dropout.default in before and aten._assert_tensor_metadata.default in before
+    out, record = optimize(graph, "canonicalize")
+    after = targets(out)
+    assert aten.dropout.default not in after and aten._assert_tensor_metadata.default not in after
+    assert aten.addmm.default not in after and after.count(aten.linear.default) == 9
+    for inputs in [spec.example_inputs, *spec.other_inputs]:
+        assert fxopt.compare(reference(spec, inputs), run(out, inputs)).within(1e-5)
+
+
+def test_canonicalize_keeps_training_dropout():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.aten.dropout(x, 0.5, True)
+
+    graph = fxopt.trace(M(), (torch.randn(4),))
+    out, record = optimize(graph, "canonicalize")
+    assert aten.dropout.default in targets(out) and not record.changed
+
+
+def test_dce_removes_dead_pure_nodes_but_keeps_effects():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.randn(100))
+
+        def forward(self, x):
+            dead = x.sin() + self.unused.sum()  # noqa: F841 - dead on purpose
+            torch._assert_async((x.abs() >= 0).all(), "kept: an assert has an effect")
+            return x.cos()
+
+    graph = fxopt.trace(M(), (torch.randn(3),))
+    bytes_before = graph.param_bytes()
+    out, record = optimize(graph, "dce")
+    assert aten.sin.default not in targets(out) and aten.cos.default in targets(out)
+    assert aten._assert_async.msg in targets(out)
+    assert record.stats["removed"] >= 3 and out.param_bytes() < bytes_before
+    out, _ = optimize(graph, "canonicalize,dce")  # canonicalize drops runtime asserts on purpose
+    assert targets(out) == [aten.cos.default]
+
+
+def test_constant_fold_precomputes_constant_subgraphs_and_keeps_dynamic_ones():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(6, 4))
+            self.s = torch.nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            w = self.w * self.s[:, None].exp()  # constant: folds into one weight
+            pos = torch.arange(x.shape[1])  # depends on a dynamic size: stays
+            return torch.nn.functional.linear(x, w) + pos[:, None]
+
+    x = torch.randn(2, 5, 4)
+    model = M()
+    graph = fxopt.trace(model, (x,), dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},))
+    out, record = optimize(graph, "constant-fold")
+    assert record.stats["folded"] == 1
+    t = targets(out)
+    assert aten.exp.default not in t and aten.mul.Tensor not in t
+    assert aten.arange.default in t or aten.arange.start in t
+    x2 = torch.randn(3, 7, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x2), model(x2))
+
+
+def test_constant_fold_refuses_to_materialize_large_expands():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = torch.nn.Parameter(torch.randn(1, 256))
+
+        def forward(self, x):
+            return x + self.b.expand(1024, 256)
+
+    graph = fxopt.trace(M(), (torch.randn(1024, 256),))
+    out, record = optimize(graph, "constant-fold(max_bytes=4096)")
+    assert not record.changed and record.stats["skipped"] == 1
+    out, record = optimize(graph, "constant-fold(max_bytes=10000000)")
+    assert record.stats["folded"] == 1
+
+
+def test_cse_merges_duplicates_but_not_random_ops():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            a = x.exp() + x.exp()
+            r = torch.rand_like(x) + torch.rand_like(x)
+            return a, (r * 0) + x.exp() * 2
+
+    x = torch.randn(4)
+    graph = fxopt.trace(M(), (x,))
+    out, record = optimize(graph, "cse")
+    t = targets(out)
+    assert t.count(aten.exp.default) == 1
+    assert t.count(aten.rand_like.default) == 2
+    assert record.stats["merged"] == 2
+    a, b = out(x)
+    torch.testing.assert_close(a, 2 * x.exp())
+    torch.testing.assert_close(b, 2 * x.exp())
+
+
+def test_cse_merges_tied_weights():
+    spec = model_spec("tiny-gpt")  # the LM head is tied to the token embedding
+    graph = fxopt.trace(spec.model, spec.example_inputs)
+    reads = [n for n in graph.fx.nodes if n.op == "get_attr"]
+    tensors = {id(graph.constant(n)) for n in reads}
+    out, record = optimize(graph, "cse")
+    assert len([n for n in out.fx.nodes if n.op == "get_attr"]) == len(tensors)
+    assert out.param_bytes() == graph.param_bytes()
+    assert fxopt.compare(reference(spec), run(out, spec.example_inputs)).max_abs_err == 0

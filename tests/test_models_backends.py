@@ -1,0 +1,91 @@
+"""Every built-in model x backend x static/dynamic shapes: trace, run the base
+pipeline, and match the original model within 1e-4 x the output's scale."""
+
+import onnx
+import pytest
+
+import fxopt
+from conftest import BASE_PIPELINE, model_spec, reference, run
+
+MODELS = ["mlp", "tiny-gpt", "gpt2-tiny", "llama-tiny", "bert-tiny", "minilm"]
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("name", MODELS)
+def test_base_pipeline_matches_original_on_both_backends(name, dynamic):
+    spec = model_spec(name)
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes if dynamic else None, name=name)
+    result = fxopt.PassManager(BASE_PIPELINE).run(graph)
+    assert result.graph.num_nodes() <= graph.num_nodes()
+    if dynamic:
+        assert any(result.graph.symbolic_dims().values()), "dynamic dimensions were lost"
+    for backend in ("eager", "onnxruntime"):
+        compiled = fxopt.compile(result.graph, backend)
+        parity = fxopt.compare(reference(spec), run(compiled, spec.example_inputs))
+        assert parity.within(TOL), f"{name}/{backend}: {parity}"
+        if dynamic:
+            for other in spec.other_inputs:
+                parity = fxopt.compare(reference(spec, other), run(compiled, other))
+                assert parity.within(TOL), f"{name}/{backend} on other shapes: {parity}"
+
+
+def test_output_structure_is_the_models_own():
+    spec = model_spec("gpt2-tiny")
+    graph = fxopt.trace(spec.model, spec.example_inputs)
+    out_ref = reference(spec)
+    for backend in ("eager", "onnxruntime"):
+        out = run(fxopt.compile(graph, backend), spec.example_inputs)
+        assert type(out) is type(out_ref) and list(out.keys()) == list(out_ref.keys())
+    tiny = model_spec("tiny-gpt")
+    out = run(fxopt.compile(fxopt.trace(tiny.model, tiny.example_inputs), "onnxruntime"), tiny.example_inputs)
+    assert isinstance(out, tuple) and len(out) == 3
+
+
+def test_export_onnx_keeps_dynamic_axes_and_passes_checker(tmp_path):
+    spec = model_spec("bert-tiny")
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    path = fxopt.export_onnx(graph, tmp_path / "bert.onnx")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        assert dims[0].dim_param and dims[1].dim_param, f"{inp.name} lost its dynamic axes"
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path))
+    other = spec.other_inputs[0]
+    out = sess.run(None, {k: v.numpy() for k, v in other.items()})
+    assert fxopt.compare(reference(spec, other).last_hidden_state, out[0].__array__()).within(TOL)
+
+
+def test_onnxruntime_session_options_and_save(tmp_path):
+    spec = model_spec("mlp")
+    graph = fxopt.trace(spec.model, spec.example_inputs)
+    compiled = fxopt.compile(graph, "onnxruntime", intra_op_threads=1, graph_optimization_level="basic", allow_spinning=False)
+    assert compiled.session.get_providers() == ["CPUExecutionProvider"]
+    assert fxopt.compare(reference(spec), run(compiled, spec.example_inputs)).within(TOL)
+    path = compiled.save(tmp_path / "mlp.onnx")
+    onnx.checker.check_model(str(path))
+    with pytest.raises(fxopt.BackendError, match="graph_optimization_level"):
+        fxopt.compile(graph, "onnxruntime", graph_optimization_level="max")
+    with pytest.raises(fxopt.BackendError, match="not available"):
+        fxopt.compile(graph, "onnxruntime", providers=["NoSuchExecutionProvider"])
+    with pytest.raises(fxopt.BackendError, match="unknown backend 'tvm'"):
+        fxopt.compile(graph, "tvm")
+
+
+def test_eager_backend_save_loads_back(tmp_path):
+    spec = model_spec("tiny-gpt")
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    compiled = fxopt.compile(fxopt.PassManager(BASE_PIPELINE).run(graph).graph, "eager")
+    path = compiled.save(tmp_path / "tiny.pt2")
+    loaded = fxopt.load(path)
+    assert fxopt.compare(reference(spec, spec.other_inputs[0]), run(loaded, spec.other_inputs[0])).within(TOL)
+
+
+def test_eager_backend_with_torch_compile():
+    spec = model_spec("mlp")
+    graph = fxopt.trace(spec.model, spec.example_inputs)
+    compiled = fxopt.compile(graph, "eager", torch_compile=True)
+    assert fxopt.compare(reference(spec), run(compiled, spec.example_inputs)).within(TOL)
