@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets everything up (.venv, fxopt, test dependencies) and runs the test suite.
+# Extra arguments go to pytest. pytest's "no tests ran" (exit 5) is a failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh dev || exit 1
+. .venv/bin/activate
+python -m pytest -q -p no:cacheprovider "$@"
+code=$?
+if [ "$code" -eq 5 ]; then
+  echo "scripts/test.sh: pytest collected no tests; failing" >&2
+  exit 1
+fi
+exit "$code"

@@ -1,0 +1,100 @@
+"""The fxopt command line, run the way a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from fxopt.cli import main
+
+TESTS = Path(__file__).parent
+ENV = {**os.environ, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def fxopt_cmd(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fxopt.cli", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+REPORT_KEYS = {"model", "pipeline", "backend", "nodes_before", "nodes_after", "param_bytes_before", "param_bytes_after",
+               "artifact_bytes", "max_abs_err", "cosine", "latency_ms", "passes"}
+
+
+@pytest.mark.parametrize("backend,suffix", [("onnxruntime", "onnx"), ("eager", "pt2")])
+def test_optimize_writes_report_and_artifact(tmp_path, backend, suffix, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    report, out = tmp_path / "r.json", tmp_path / f"model.{suffix}"
+    code = main(["optimize", "tiny-gpt", "--pipeline", "canonicalize,dce,constant-fold,cse", "--backend", backend,
+                 "--dynamic", "--out", str(out), "--report", str(report), "--repeats", "3"])
+    assert code == 0
+    r = json.loads(report.read_text())
+    assert REPORT_KEYS <= set(r)
+    assert r["model"] == "tiny-gpt" and r["backend"] == backend and r["pipeline"] == "canonicalize,dce,constant-fold,cse"
+    assert r["max_abs_err"] <= 1e-4 * r["output_scale"] and r["cosine"] > 0.99999
+    assert r["nodes_after"] < r["nodes_before"]
+    assert [p["name"] for p in r["passes"]] == ["canonicalize", "dce", "constant-fold", "cse"]
+    assert all({"ms", "changed", "stats"} <= set(p) for p in r["passes"])
+    assert r["latency_ms"]["reference"] > 0 and r["latency_ms"]["optimized"] > 0
+    assert out.exists() and r["artifact_bytes"] >= out.stat().st_size > 0
+    if backend == "onnxruntime":
+        onnx.checker.check_model(str(out))
+
+
+def test_optimize_a_user_factory(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    report = tmp_path / "r.json"
+    assert main(["optimize", "user_models:small_mlp", "--backend", "onnxruntime", "--report", str(report), "--repeats", "2"]) == 0
+    r = json.loads(report.read_text())
+    assert r["model"] == "small_mlp" and r["max_abs_err"] <= 1e-4 * r["output_scale"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["optimize", "no-such-model"], "unknown model 'no-such-model'; built-in models: tiny-gpt"),
+    (["optimize", "tiny-gpt", "--pipeline", "canonicalize,dcee"], "unknown pass 'dcee' (did you mean 'dce'?)"),
+    (["optimize", "tiny-gpt", "--pipeline", "cse(merge_tied=3)"], "option 'merge_tied' expects bool"),
+    (["optimize", "user_models:untraceable"], "torch.export could not trace"),
+    (["optimize", "user_models:not_a_model"], "must return (model, example_inputs"),
+])
+def test_errors_print_one_clear_message_and_exit_nonzero(args, message):
+    proc = fxopt_cmd(*args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("fxopt: error:") == 1
+
+
+def test_debug_flag_shows_the_traceback():
+    proc = fxopt_cmd("--debug", "optimize", "no-such-model")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_passes_lists_every_registered_pass(capsys):
+    assert main(["passes", "--json"]) == 0
+    listed = {d["name"]: d for d in json.loads(capsys.readouterr().out)}
+    assert {"canonicalize", "dce", "constant-fold", "cse"} <= set(listed)
+    assert listed["constant-fold"]["options"]["max_bytes"]["default"] == 1 << 20
+    assert main(["passes"]) == 0
+    assert "canonicalize" in capsys.readouterr().out
+
+
+def test_show_prints_the_ir_before_and_after_a_pipeline(capsys):
+    assert main(["show", "gpt2-tiny"]) == 0
+    before = capsys.readouterr().out
+    assert main(["show", "gpt2-tiny", "--pipeline", "canonicalize,dce"]) == 0
+    after = capsys.readouterr().out
+    assert "aten.addmm" in before and "aten.addmm" not in after and "aten.linear" in after
+    assert after.startswith("graph gpt2-tiny(%input_ids: i64[2, 16])")
+
+
+def test_main_job_gpt2_small_on_onnxruntime(tmp_path):
+    """The README's main job: GPT-2 small (124M) through the base pipeline on ONNX Runtime."""
+    report = tmp_path / "r.json"
+    assert main(["optimize", "gpt2", "--pipeline", "canonicalize,dce,constant-fold,cse", "--backend", "onnxruntime",
+                 "--report", str(report), "--repeats", "2"]) == 0
+    r = json.loads(report.read_text())
+    assert r["max_abs_err"] <= 1e-4 * r["output_scale"]
+    assert r["param_bytes_after"] <= r["param_bytes_before"]
+    assert all(p["param_bytes_after"] <= p["param_bytes_before"] * 1.01 for p in r["passes"])

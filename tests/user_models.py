@@ -1,0 +1,23 @@
+"""Model factories a user could point the CLI at (``user_models:small_mlp``)."""
+
+import torch
+from torch.export import Dim
+
+
+def small_mlp():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 4))
+    return model.eval(), (torch.randn(3, 16),), ({0: Dim.DYNAMIC},)
+
+
+def not_a_model():
+    return 42
+
+
+class Untraceable(torch.nn.Module):
+    def forward(self, x):
+        return x + 1 if x.sum() > 0 else x - 1
+
+
+def untraceable():
+    return Untraceable(), (torch.randn(3),)
