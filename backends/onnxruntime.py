@@ -129,14 +129,18 @@ class OnnxRuntimeModel(CompiledModel):
             self.session = ort.InferenceSession(path, options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # Inputs are fed by name: ONNX inputs carry the names of the exported
+        # program's user inputs, which follow the order of the flattened inputs.
+        self._user_inputs = list(self.program.exported_program.graph_signature.user_inputs)
+        unknown = sorted(set(self.input_names) - set(self._user_inputs))
+        if unknown:
+            raise BackendError(f"ONNX inputs {unknown} match no model input ({self._user_inputs})")
         if len(self.output_names) != graph.num_outputs():
             raise BackendError(f"ONNX model has {len(self.output_names)} outputs, the graph {graph.num_outputs()}")
 
     def __call__(self, *args, **kwargs):
-        leaves = [x for x in self.graph.flatten_inputs(*args, **kwargs) if isinstance(x, torch.Tensor)]
-        if len(leaves) != len(self.input_names):
-            raise BackendError(f"ONNX model takes {len(self.input_names)} tensors ({self.input_names}), got {len(leaves)}")
-        feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, leaves)}
+        by_name = dict(zip(self._user_inputs, self.graph.flatten_inputs(*args, **kwargs)))
+        feed = {name: by_name[name].detach().cpu().contiguous().numpy() for name in self.input_names}
         outputs = self.session.run(self.output_names, feed)
         return self.graph.unflatten_outputs([torch.from_numpy(np.asarray(o)) for o in outputs])
 

@@ -50,28 +50,24 @@ def _median_ms(fn, args, kwargs, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-class _Progress:
-    """A pass-manager instrument that shows a progress bar while passes run."""
+def _progress_instrument(total: int, console):
+    """A rich progress bar, and the pass-manager instrument that drives it."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    def __new__(cls, total: int, console):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from .passes import Instrument
 
-        from .passes import Instrument
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=console, transient=True)
+    task = progress.add_task("passes", total=total)
 
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), console=console, transient=True)
-        task = progress.add_task("passes", total=total)
+    class ShowProgress(Instrument):
+        def before_pass(self, p, graph):
+            progress.update(task, description=f"running {p}")
 
-        class Hook(Instrument):
-            def before_pass(self, p, graph):
-                progress.update(task, description=f"running {p}")
+        def after_pass(self, p, graph, record):
+            progress.advance(task)
 
-            def after_pass(self, p, graph, record):
-                progress.advance(task)
-
-        hook = Hook()
-        hook.progress = progress
-        return hook
+    return progress, ShowProgress()
 
 
 def _bytes(n: int) -> str:
@@ -98,9 +94,9 @@ def cmd_optimize(a) -> int:
     # The reference is timed before any optimized variant runs, so that ONNX
     # Runtime's spinning worker threads cannot tax its timing.
     ref_ms = _median_ms(spec.model, args, kwargs, a.repeats)
-    progress = _Progress(len(pm._flat(pm.items)), console)
-    pm.instruments.append(progress)
-    with progress.progress:
+    progress, hook = _progress_instrument(len(pm.passes()), console)
+    pm.instruments.append(hook)
+    with progress:
         result = pm.run(graph)
     options = {}
     if a.backend == "onnxruntime" and a.threads:

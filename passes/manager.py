@@ -115,7 +115,8 @@ class PassManager:
         instruments: Sequence[Instrument] = (),
         **context: Any,
     ):
-        self.items: list[Item] = parse_pipeline(passes, registry or REGISTRY) if isinstance(passes, str) else list(passes)
+        self.registry = registry or REGISTRY
+        self.items: list[Item] = parse_pipeline(passes, self.registry) if isinstance(passes, str) else list(passes)
         for item in self._flat(self.items):
             if not isinstance(item, Pass):
                 raise TypeError(f"PassManager takes Pass instances or pipeline text, got {item!r}")
@@ -133,6 +134,10 @@ class PassManager:
 
     def __str__(self) -> str:
         return format_pipeline(self.items)
+
+    def passes(self) -> list[Pass]:
+        """The passes in pipeline order, fixed-point groups flattened."""
+        return self._flat(self.items)
 
     @staticmethod
     def _flat(items: Sequence[Item]) -> list[Pass]:
@@ -157,7 +162,7 @@ class PassManager:
                     raise PipelineError(f"pass {p.name!r} must run before {other!r}, but the pipeline {self} runs {other!r} earlier")
             for prop in p.requires:
                 if prop not in have:
-                    providers = sorted(c.name for c in REGISTRY if prop in c.ensures)
+                    providers = sorted(c.name for c in self.registry if prop in c.ensures)
                     raise PipelineError(
                         f"pass {p.name!r} requires {prop!r}, which no earlier pass ensures"
                         + (f"; run one of {providers} before it" if providers else "")
