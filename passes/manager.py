@@ -216,6 +216,7 @@ class PassManager:
     def _run_pass(self, p: Pass, work: Graph, state: "_RunState", records: list[PassRecord]) -> bool:
         p.context = state.context
         nodes_before, bytes_before = work.num_nodes(), work.param_bytes()
+        existing = set(work.fx.nodes)
         for inst in state.instruments:
             inst.before_pass(p, work)
         start = time.perf_counter()
@@ -246,6 +247,9 @@ class PassManager:
         finally:
             p.current_node = None
         work.properties |= set(p.ensures)
+        for node in work.fx.nodes:  # provenance: which pass made each node
+            if node not in existing:
+                node.meta.setdefault("created_by", str(p))
         record = PassRecord(str(p), ms, bool(result.changed), nodes_before, work.num_nodes(), bytes_before, work.param_bytes(), dict(result.stats))
         if state.numerics is not None:
             state.tolerance = max(state.tolerance, p.numerics_tolerance)

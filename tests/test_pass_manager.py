@@ -207,6 +207,8 @@ def test_records_time_nodes_bytes_and_stats(graph):
     assert first.nodes_after == first.nodes_before + 2 and first.ms >= 0
     assert first.param_bytes_before == first.param_bytes_after == graph.param_bytes()
     assert result.pipeline == "scale-outputs,dce"
+    made = [n for n in result.graph.fx.nodes if n.meta.get("created_by") == "scale-outputs"]
+    assert len(made) == 2 and all(n.target == aten.mul.Tensor for n in made)
 
 
 def test_ir_dump_before_and_after_each_pass(graph, tmp_path):
