@@ -63,3 +63,29 @@ declare(
     [_Param("Y", "T")],
     [("T", _FLOATS, "")],
 )
+declare(
+    "MatMulNBits",
+    [
+        _Param("A", "T1"), _Param("B", "T2"), _Param("scales", "T1"), _optional("zero_points", "T3"),
+        _optional("g_idx", "T4"), _optional("bias", "T1"),
+    ],
+    [_Param("Y", "T1")],
+    [
+        ("T1", _FLOATS, ""), ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
+        ("T3", ["tensor(uint8)", "tensor(int32)", *_FLOATS], ""), ("T4", ["tensor(int32)"], ""),
+    ],
+    [
+        _Attr("K", _AttrType.INT, "input feature dimension"), _Attr("N", _AttrType.INT, "output feature dimension"),
+        _Attr("bits", _AttrType.INT, "bits per weight"), _Attr("block_size", _AttrType.INT, "quantization block size"),
+        _Attr("accuracy_level", _AttrType.INT, "minimum accuracy of A: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8", required=False),
+    ],
+)
+declare(
+    "MatMulIntegerToFloat",
+    [
+        _Param("A", "T1"), _Param("B", "T2"), _Param("a_scale", "T3"), _Param("b_scale", "T3"),
+        _optional("a_zero_point", "T1"), _optional("b_zero_point", "T2"), _optional("bias", "T3"),
+    ],
+    [_Param("Y", "T3")],
+    [("T1", ["tensor(int8)", "tensor(uint8)"], ""), ("T2", ["tensor(int8)", "tensor(uint8)"], ""), ("T3", _FLOATS, "")],
+)

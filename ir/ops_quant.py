@@ -1,0 +1,123 @@
+"""Quantized linear ops: eager CPU kernels and ONNX Runtime lowerings.
+
+Kernel choices were measured on this project's CPU (AVX2, no VNNI; GPT-2
+shapes and a 4096x4096 linear, batch 1 and 128, ratios to fp32 ``F.linear``):
+
+* dynamic W8A8: fbgemm's prepacked ``quantized::linear_dynamic`` 0.12-0.6x;
+  ``torch._int_mm`` 2-29x (no fast int8 GEMM without VNNI), so it is not used.
+  Without VNNI the u8 x s8 multiply-add saturates int16 when activations use
+  all 8 bits (measured 10% output error for fbgemm and for ONNX Runtime's
+  DynamicQuantizeMatMul), so activations are quantized per tensor to 7 bits
+  (``reduce_range``), as torch.ao does on x86.
+* weight-only int8/int4: no fused eager kernel is faster than fp32 here
+  (``_weight_int8pack_mm`` 3-46x, ``_weight_int4pack_mm_for_cpu`` slower
+  still), so the eager kernel unpacks and dequantizes the weight on every call
+  and runs ``F.linear``: correct, but slower than fp32 (it reads the small
+  weight and writes a float copy). The fast path is ONNX Runtime's
+  MatMulNBits (0.5-0.7x of MLAS fp32 on one GPT-2 layer at batch 1 with
+  accuracy level 4).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from onnxscript import opset18 as op
+
+from .onnx_contrib import msft
+from .ops import define_op
+from .quant import nbits_dequantize
+
+# -- weight-only: MatMulNBits ----------------------------------------------------
+
+
+def _linear_nbits_fake(x, B, scales, zero_points, bias, K, N, bits, block_size, accuracy_level):
+    return x.new_empty((*x.shape[:-1], N))
+
+
+def _linear_nbits_onnx(x, B, scales, zero_points=None, bias=None, K: int = 0, N: int = 0, bits: int = 4,
+                       block_size: int = 128, accuracy_level: int = 0):
+    y = msft.MatMulNBits(x, B, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
+    return y if bias is None else op.Add(y, bias)
+
+
+@define_op("linear_nbits", fake=_linear_nbits_fake, onnx=_linear_nbits_onnx)
+def linear_nbits(
+    x: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, bias: torch.Tensor | None,
+    K: int, N: int, bits: int, block_size: int, accuracy_level: int,
+) -> torch.Tensor:
+    """Weight-only quantized linear ``x @ W.T + bias`` with ``W`` stored in
+    ONNX Runtime's MatMulNBits form (4 or 8 bits, blocks along K; see
+    :mod:`fxopt.ir.quant`). Lowers to ``com.microsoft::MatMulNBits``;
+    ``accuracy_level`` 4 lets ONNX Runtime quantize ``x`` to int8 inside the
+    kernel. Eager dequantizes and runs ``F.linear`` (always exact)."""
+    w = nbits_dequantize(B, scales, zero_points, K, N, bits, block_size)
+    return F.linear(x, w.to(x.dtype), bias)
+
+
+# -- dynamic W8A8 ------------------------------------------------------------------
+
+ACT_QMAX = 127  # 7-bit activations: see the module docstring
+
+# fbgemm's packed weights are not tensors; they live here, keyed by the int8
+# weight tensor's identity, so the graph itself keeps plain tensors (it still
+# re-exports and saves) and each weight is packed once per process.
+_PACKED: dict[int, tuple[weakref.ref, int, object]] = {}
+
+
+def _packed(w_q: torch.Tensor, w_scale: torch.Tensor):
+    key = id(w_q)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0]() is w_q and hit[1] == w_q._version:
+        return hit[2]
+    n = w_q.shape[0]
+    qw = torch._make_per_channel_quantized_tensor(w_q, w_scale.to(torch.float64), torch.zeros(n, dtype=torch.int64), 0)
+    packed = torch.ops.quantized.linear_prepack(qw, None)
+    _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), w_q._version, packed)
+    return packed
+
+
+def act_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor activation scale and zero point (range widened to hold 0)."""
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = torch.clamp((hi - lo) / ACT_QMAX, min=torch.finfo(torch.float32).eps)
+    zp = torch.clamp(torch.round(-lo / scale), 0, ACT_QMAX)
+    return scale, zp
+
+
+def linear_dynamic_reference(x, w_q, w_scale, bias):
+    """What ``linear_dynamic_int8`` computes, in float: the definition tests compare with."""
+    scale, zp = act_qparams(x)
+    xq = (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+    return F.linear(xq, w_q.to(torch.float32) * w_scale[:, None], bias)
+
+
+def _linear_dynamic_fake(x, w_q, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+def _linear_dynamic_onnx(x, w_q, w_scale, bias=None):
+    zero = op.CastLike(0.0, x)
+    lo = op.Min(op.ReduceMin(x, keepdims=0), zero)
+    hi = op.Max(op.ReduceMax(x, keepdims=0), zero)
+    scale = op.Max(op.Div(op.Sub(hi, lo), op.CastLike(float(ACT_QMAX), x)), op.CastLike(1.1920928955078125e-07, x))
+    zp = op.Cast(op.Clip(op.Round(op.Div(op.Neg(lo), scale)), zero, op.CastLike(float(ACT_QMAX), x)), to=2)  # uint8
+    xq = op.QuantizeLinear(x, scale, zp)
+    # The transpose of the constant weight is folded into the initializer.
+    return msft.MatMulIntegerToFloat(xq, op.Transpose(w_q, perm=[1, 0]), scale, w_scale, zp, None, bias)
+
+
+@define_op("linear_dynamic_int8", fake=_linear_dynamic_fake, onnx=_linear_dynamic_onnx)
+def linear_dynamic_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dynamic W8A8 linear: ``w_q`` int8 ``[N, K]`` with per-output-channel
+    ``w_scale [N]`` (symmetric); ``x`` is quantized at run time per tensor to
+    7-bit unsigned with a zero point (see :func:`linear_dynamic_reference`).
+    Eager runs fbgemm's prepacked dynamic linear; ONNX lowers to
+    QuantizeLinear + ``com.microsoft::MatMulIntegerToFloat``."""
+    if x.dtype != torch.float32:
+        return linear_dynamic_int8(x.float(), w_q, w_scale, None if bias is None else bias.float()).to(x.dtype)
+    y = torch.ops.quantized.linear_dynamic(x.contiguous(), _packed(w_q, w_scale), True)
+    return y if bias is None else y + bias
