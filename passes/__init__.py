@@ -8,6 +8,7 @@ from .manager import Instrument, IRDump, NumericsError, PassManager, PassRecord,
 
 # Built-in passes register themselves on import.
 from . import canonicalize, constant_fold, cse, dce  # noqa: E402,F401
+from . import smoothquant  # noqa: E402,F401
 
 __all__ = [
     "Pass", "Option", "OptionError", "PassResult", "PassError", "PassContext", "register_pass",

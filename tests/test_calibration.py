@@ -13,7 +13,7 @@ from fxopt.passes.calibration import (
     collect_linear_stats,
     linear_nodes,
 )
-from tests.conftest import BASE_PIPELINE, model_spec
+from conftest import BASE_PIPELINE, model_spec
 
 
 def test_minmax_observer_keeps_extremes_and_zero():
