@@ -7,8 +7,8 @@ from .pipeline import FixedPoint, PipelineError, format_pipeline, parse_pipeline
 from .manager import Instrument, IRDump, NumericsError, PassManager, PassRecord, PipelineResult
 
 # Built-in passes register themselves on import.
-from . import canonicalize, constant_fold, cse, dce  # noqa: E402,F401
-from . import smoothquant  # noqa: E402,F401
+from . import canonicalize, constant_fold, cse, dce, quantize  # noqa: E402,F401
+from . import smoothquant, quant_methods  # noqa: E402,F401
 
 __all__ = [
     "Pass", "Option", "OptionError", "PassResult", "PassError", "PassContext", "register_pass",

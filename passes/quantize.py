@@ -1,0 +1,505 @@
+"""``quantize``: int8 / int4 (any width 2..8) quantization of linear layers and,
+optionally, embeddings.
+
+Extension points (small tables, one entry per mode / method):
+
+* ``MODES[name] = Mode(lower, needs_calibration=False, check=None)``
+  - ``lower(pass_, graph, layer, qt, act_scale) -> fx.Node``: builds the
+    quantized replacement of ``layer.node`` (an ``aten.linear``) before it and
+    returns the node that stands for its output. ``layer`` is a :class:`Layer`
+    (node, name, x, weight tensor, bias node, its :class:`LayerConfig`);
+    ``qt`` the :class:`~fxopt.ir.quant.QuantizedTensor` the method returned;
+    ``act_scale`` an optional ``[K]`` tensor the activation must be divided by
+    (use :func:`scaled_input`).
+  - ``check(cfg) -> str | None``: why this mode cannot take a layer config.
+* ``METHODS[name] = Method(quantize, needs_calibration=False, collect=None)``
+  - ``quantize(weight [N, K] float, cfg: LayerConfig, stats) ->
+    (QuantizedTensor, act_scale [K] | None)``: ``stats`` is what ``collect``
+    returned for this layer (None without calibration). When ``act_scale`` is
+    given, ``qt`` must quantize ``weight * act_scale`` (the activation is divided
+    by it, so the product is unchanged).
+  - ``collect(pass_, graph, layers, calibration_data) -> {layer name: stats}``.
+
+A mode or method that needs calibration makes the pass require the
+``calibration_data`` input (a list of example inputs, each like the model's
+``example_inputs``), read as ``self.context["calibration_data"]``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from ..ir.quant import QuantConfig, QuantizationError, QuantizedTensor, nbits_block_size, quantize, relative_error, sqnr_db, to_nbits
+from .base import Option, OptionError, Pass, PassResult
+from .registry import register_pass
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """The options that decide how one layer is quantized (after overrides)."""
+
+    bits: int
+    scheme: str
+    granularity: str
+    group_size: int
+    mode: str
+    method: str
+    accuracy_level: int
+
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(self.bits, self.scheme, self.granularity, self.group_size)
+
+
+@dataclass
+class Layer:
+    node: fx.Node  # aten.linear(x, weight, bias) or aten.embedding(weight, ids)
+    name: str
+    kind: str  # "linear" | "embedding"
+    weight_node: fx.Node
+    weight: torch.Tensor
+    cfg: LayerConfig | None = None
+
+    @property
+    def x(self) -> fx.Node:
+        return self.node.args[0]
+
+    @property
+    def bias(self) -> fx.Node | None:
+        return self.node.args[2] if len(self.node.args) > 2 else None
+
+
+@dataclass(frozen=True)
+class Mode:
+    lower: Callable[..., fx.Node]
+    needs_calibration: bool = False
+    check: Callable[[LayerConfig], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    quantize: Callable[..., tuple[QuantizedTensor, torch.Tensor | None]]
+    needs_calibration: bool = False
+    collect: Callable[..., dict[str, Any]] | None = None
+
+
+# -- shared lowering helpers ------------------------------------------------------
+
+def _call(graph, target, args, name: str) -> fx.Node:
+    node = graph.fx.call_function(target, args)
+    node.meta["quantized_layer"] = name
+    return node
+
+
+def scaled_input(graph, layer: Layer, act_scale: torch.Tensor | None) -> fx.Node:
+    """``x / act_scale`` (as a multiply by the reciprocal), or ``x``."""
+    if act_scale is None:
+        return layer.x
+    inv = graph.add_constant((1.0 / act_scale).to(torch.float32), f"{layer.name}.act_inv_scale")
+    return _call(graph, aten.mul.Tensor, (layer.x, inv), layer.name)
+
+
+def dequantized_weight(graph, layer: Layer, qt: QuantizedTensor) -> fx.Node:
+    """Graph nodes computing ``qt.dequantize()`` from the integer codes: the
+    portable form for widths without a fused kernel."""
+    n, k = qt.shape
+    groups = qt.scale.shape[1]
+    name = layer.name
+    q = graph.add_constant(qt.q, f"{name}.qweight")
+    w = _call(graph, aten._to_copy.default, (q,), name)
+    w.kwargs = {"dtype": torch.float32}
+    w = _call(graph, aten.view.default, (w, [n, groups, k // groups]), name)
+    if qt.zero_point is not None:
+        zp = graph.add_constant(qt.zero_point.to(torch.float32).unsqueeze(-1), f"{name}.zero_point")
+        w = _call(graph, aten.sub.Tensor, (w, zp), name)
+    scale = graph.add_constant(qt.scale.unsqueeze(-1), f"{name}.scale")
+    w = _call(graph, aten.mul.Tensor, (w, scale), name)
+    return _call(graph, aten.view.default, (w, [n, k]), name)
+
+
+def _lower_weight_only(p: "Quantize", graph, layer: Layer, qt: QuantizedTensor, act_scale) -> fx.Node:
+    x = scaled_input(graph, layer, act_scale)
+    block = nbits_block_size(qt) if qt.bits in (4, 8) else 0
+    if not block:
+        w = dequantized_weight(graph, layer, qt)
+        return _call(graph, aten.linear.default, (x, w, layer.bias), layer.name)
+    nb = to_nbits(qt, block)
+    B = graph.add_constant(nb.B, f"{layer.name}.qweight")
+    scales = graph.add_constant(nb.scales, f"{layer.name}.scales")
+    zps = None if nb.zero_points is None else graph.add_constant(nb.zero_points, f"{layer.name}.zero_points")
+    args = (x, B, scales, zps, layer.bias, nb.k, nb.n, nb.bits, nb.block_size, layer.cfg.accuracy_level)
+    return _call(graph, torch.ops.fxopt.linear_nbits.default, args, layer.name)
+
+
+def _lower_dynamic(p: "Quantize", graph, layer: Layer, qt: QuantizedTensor, act_scale) -> fx.Node:
+    x = scaled_input(graph, layer, act_scale)
+    n = qt.shape[0]
+    w = graph.add_constant(qt.q, f"{layer.name}.qweight")
+    scale = graph.add_constant(qt.scale.expand(n, 1).reshape(n).contiguous(), f"{layer.name}.scale")
+    return _call(graph, torch.ops.fxopt.linear_dynamic_int8.default, (x, w, scale, layer.bias), layer.name)
+
+
+def _check_dynamic(cfg: LayerConfig) -> str | None:
+    if cfg.bits != 8 or cfg.scheme != "sym" or cfg.granularity == "group":
+        return (f"mode 'dynamic' runs int8 x int8 kernels: it needs bits=8, scheme='sym' and granularity "
+                f"'channel' or 'tensor' (got bits={cfg.bits}, scheme={cfg.scheme!r}, granularity={cfg.granularity!r})")
+    return None
+
+
+def _rtn(weight: torch.Tensor, cfg: LayerConfig, stats) -> tuple[QuantizedTensor, None]:
+    """Round-to-nearest with the reference quantizer."""
+    return quantize(weight, cfg.quant_config()), None
+
+
+MODES: dict[str, Mode] = {
+    "weight-only": Mode(_lower_weight_only),
+    "dynamic": Mode(_lower_dynamic, check=_check_dynamic),
+}
+METHODS: dict[str, Method] = {"rtn": Method(_rtn)}
+KNOWN_MODES = ("weight-only", "dynamic", "static")
+KNOWN_METHODS = ("rtn", "awq", "gptq")
+
+_OVERRIDABLE = ("bits", "scheme", "granularity", "group_size", "mode", "method", "accuracy_level")
+_LM_HEAD = re.compile(r"(^|[._])(lm_head|head|output|classifier)$")
+
+
+def _regex_problem(v) -> str | None:
+    try:
+        re.compile(v)
+    except re.error as e:
+        return f"invalid regular expression: {e}"
+    return None
+
+
+def _overrides_problem(v) -> str | None:
+    for item in v:
+        if not isinstance(item, str) or ":" not in item:
+            return f"each override is 'regex:key=value[;key=value]', got {item!r}"
+    return None
+
+
+def _numerics_tolerance(bits: int) -> float:
+    # Output error grows with the weight error (~2^-bits of the range) and depth.
+    return min(1.0, 16.0 * 2.0**-bits)
+
+
+@register_pass("quantize")
+class Quantize(Pass):
+    """Quantizes the weights of ``aten.linear`` layers (and, with
+    ``quantize_embeddings``, ``aten.embedding`` tables).
+
+    Matches: ``linear(x, W, b)`` with a constant 2-D ``W`` (after ``canonicalize``,
+    every linear form a traced model shows); layer names come from
+    ``nn_module_stack`` (e.g. ``transformer.h.0.attn.c_attn``), else the node name.
+
+    Produces, per mode:
+
+    * ``weight-only``, 4 or 8 bits: ``fxopt.linear_nbits`` (MatMulNBits form,
+      block = group size; per-channel and per-tensor scales are repeated over
+      power-of-two blocks); other widths, or group sizes MatMulNBits cannot
+      take: integer codes dequantized by ``aten`` ops feeding ``aten.linear``;
+      embeddings: integer rows gathered and dequantized by ``aten`` ops;
+    * ``dynamic`` (W8A8, bits=8, sym, channel or tensor): ``fxopt.linear_dynamic_int8``.
+
+    Refuses (leaves float, counted in stats): weights that are not constants,
+    layers outside ``include``/inside ``exclude``, smaller than ``min_size``
+    elements, the LM head with ``skip_lm_head``, and with ``guard`` layers whose
+    quantized eager kernel is not faster than the float one.
+    Errors: a filter or override that matches no layer; a group size that does
+    not divide a selected layer's K; a mode or method that is not available.
+    """
+
+    bits = Option(8, int, check=lambda v: None if 2 <= v <= 8 else "bits must be from 2 to 8", help="weight bits (2..8)")
+    scheme = Option(None, str, choices=("asym", "sym"), help="asym (min-max, zero point) or sym; default: asym, sym for dynamic")
+    granularity = Option(None, str, choices=("tensor", "channel", "group"),
+                         help="scale granularity; default: channel for 8 bits, group below")
+    group_size = Option(128, int, check=lambda v: None if v >= 1 else "must be >= 1", help="input columns per scale (granularity=group)")
+    mode = Option("weight-only", str, choices=KNOWN_MODES, help="weight-only | dynamic (W8A8) | static")
+    method = Option("rtn", str, choices=KNOWN_METHODS, help="rtn | awq | gptq")
+    include = Option(None, str, check=_regex_problem, help="regex: only layers whose name matches (re.search)")
+    exclude = Option(None, str, check=_regex_problem, help="regex: skip layers whose name matches")
+    min_size = Option(0, int, check=lambda v: None if v >= 0 else "must be >= 0", help="skip weights with fewer elements")
+    skip_lm_head = Option(True, help="leave the LM head (output projection or tied embedding) in float")
+    quantize_embeddings = Option(False, help="quantize embedding tables too (weight-only, per row)")
+    overrides = Option((), tuple, check=_overrides_problem,
+                       help="per-layer options: ['regex:bits=8;group_size=32', ...]; the first matching entry wins")
+    accuracy_level = Option(4, int, choices=(0, 1, 2, 3, 4), help="MatMulNBits accuracy level (4: int8 compute)")
+    guard = Option(False, help="time each quantized layer against float on the eager backend; keep float where it does not pay")
+    guard_tokens = Option(1, int, check=lambda v: None if v >= 1 else "must be >= 1", help="rows of the input the guard times with")
+
+    runs_after = ("canonicalize",)
+    requires = ("canonical-linear",)
+
+    # -- options --------------------------------------------------------------------
+    def validate_options(self) -> None:
+        self._overrides = [self._parse_override(item) for item in self.overrides]
+        configs = [self._base_config()] + [replace(self._base_config(), **kv) for _, kv in self._overrides]
+        for cfg in configs:
+            self._check_config(cfg)
+        self.numerics_tolerance = max(_numerics_tolerance(c.bits) for c in configs)
+        if any(c.mode == "dynamic" for c in configs):
+            self.numerics_tolerance = max(self.numerics_tolerance, _numerics_tolerance(7))
+
+    def _default(self, key: str, bits: int, mode: str):
+        if key == "scheme":
+            return self.scheme or ("sym" if mode == "dynamic" else "asym")
+        return self.granularity or ("channel" if bits == 8 or mode == "dynamic" else "group")
+
+    def _base_config(self) -> LayerConfig:
+        return LayerConfig(self.bits, self._default("scheme", self.bits, self.mode), self._default("granularity", self.bits, self.mode),
+                           self.group_size, self.mode, self.method, self.accuracy_level)
+
+    def _parse_override(self, item: str) -> tuple[re.Pattern, dict]:
+        pattern, _, body = item.partition(":")
+        where = f"pass 'quantize': option 'overrides' entry {item!r}"
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise OptionError(f"{where}: invalid regular expression: {e}") from None
+        values: dict[str, Any] = {}
+        for part in filter(None, (s.strip() for s in body.split(";"))):
+            key, eq, raw = part.partition("=")
+            key = key.strip()
+            if not eq or key not in _OVERRIDABLE:
+                raise OptionError(f"{where}: expected key=value with key one of {list(_OVERRIDABLE)}, got {part!r}")
+            opt = self.options[key]
+            value: Any = raw.strip()
+            if opt.type is int:
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise OptionError(f"{where}: {key} must be an integer, got {raw!r}") from None
+            opt.validate(self.name, value)
+            values[key] = value
+        if not values:
+            raise OptionError(f"{where}: no key=value settings after the ':'")
+        bits, mode = values.get("bits", self.bits), values.get("mode", self.mode)
+        # Defaults that depend on bits/mode follow the override, unless given.
+        values.setdefault("scheme", self.scheme or ("sym" if mode == "dynamic" else "asym"))
+        values.setdefault("granularity", self.granularity or ("channel" if bits == 8 or mode == "dynamic" else "group"))
+        return regex, values
+
+    def _check_config(self, cfg: LayerConfig) -> None:
+        if cfg.mode not in MODES:
+            raise OptionError(f"pass 'quantize': mode {cfg.mode!r} is not available yet (available: {sorted(MODES)})")
+        if cfg.method not in METHODS:
+            raise OptionError(f"pass 'quantize': method {cfg.method!r} is not available yet (available: {sorted(METHODS)})")
+        check = MODES[cfg.mode].check
+        problem = check(cfg) if check else None
+        if problem:
+            raise OptionError(f"pass 'quantize': {problem}")
+
+    def required_inputs(self) -> tuple[str, ...]:
+        configs = [self._base_config()] + [replace(self._base_config(), **kv) for _, kv in self._overrides]
+        needs = any(MODES[c.mode].needs_calibration or METHODS[c.method].needs_calibration for c in configs)
+        return ("calibration_data",) if needs else ()
+
+    # -- selection --------------------------------------------------------------------
+    @staticmethod
+    def layer_name(node: fx.Node) -> str:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            path = list(stack.values())[-1][0]
+            if path:
+                return path
+        return node.name
+
+    def _candidates(self, graph) -> tuple[list[Layer], dict[str, int]]:
+        skipped: dict[str, int] = {}
+        layers: list[Layer] = []
+        targets = [aten.linear.default] + ([aten.embedding.default] if self.quantize_embeddings else [])
+        embedding_weights = {id(graph.constant(n.args[0])) for n in graph.fx.nodes if n.target == aten.embedding.default and graph.constant(n.args[0]) is not None}
+        for node in self.walk(graph, op="call_function", target=targets):
+            kind = "linear" if node.target == aten.linear.default else "embedding"
+            wnode = node.args[1] if kind == "linear" else node.args[0]
+            weight = graph.constant(wnode)
+            if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+                skipped["weight-not-constant"] = skipped.get("weight-not-constant", 0) + 1
+                continue
+            layer = Layer(node, self.layer_name(node), kind, wnode, weight)
+            if kind == "linear" and self.skip_lm_head and (_LM_HEAD.search(layer.name) or id(weight) in embedding_weights):
+                skipped["lm-head"] = skipped.get("lm-head", 0) + 1
+                continue
+            if kind == "embedding" and self.skip_lm_head and any(
+                    n.target == aten.linear.default and graph.constant(n.args[1]) is weight for n in graph.fx.nodes):
+                skipped["tied-lm-head"] = skipped.get("tied-lm-head", 0) + 1
+                continue
+            layers.append(layer)
+        return layers, skipped
+
+    def _select(self, layers: list[Layer], skipped: dict[str, int]) -> list[Layer]:
+        names = [l.name for l in layers]
+        for label, pattern in (("include", self.include), ("exclude", self.exclude)):
+            if pattern is not None and not any(re.search(pattern, n) for n in names):
+                raise self.fail(f"option {label}={pattern!r} matches no layer; layers: {names}")
+        for (regex, _), text in zip(self._overrides, self.overrides):
+            if not any(regex.search(n) for n in names):
+                raise self.fail(f"override {text!r} matches no layer; layers: {names}")
+        selected = []
+        for layer in layers:
+            reason = None
+            if self.include is not None and not re.search(self.include, layer.name):
+                reason = "not-included"
+            elif self.exclude is not None and re.search(self.exclude, layer.name):
+                reason = "excluded"
+            elif layer.weight.numel() < self.min_size:
+                reason = "below-min-size"
+            if reason:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                continue
+            cfg = self._base_config()
+            for regex, values in self._overrides:
+                if regex.search(layer.name):
+                    cfg = replace(cfg, **values)
+                    break
+            if layer.kind == "embedding":
+                cfg = replace(cfg, mode="weight-only", granularity="channel" if cfg.granularity == "group" else cfg.granularity)
+            layer.cfg = cfg
+            selected.append(layer)
+        return selected
+
+    # -- running ----------------------------------------------------------------------
+    def run(self, graph) -> PassResult:
+        layers, skipped = self._candidates(graph)
+        selected = self._select(layers, skipped)
+        # Check every selected layer before the first edit.
+        for layer in selected:
+            self.current_node = layer.node
+            try:
+                layer.cfg.quant_config().num_groups(layer.weight.shape[1])
+            except QuantizationError as e:
+                raise self.fail(f"layer {layer.name!r} (weight {tuple(layer.weight.shape)}): {e}") from None
+        self.current_node = None
+        stats = self._collect_stats(graph, selected)
+        per_layer: dict[str, dict] = {}
+        bytes_saved = 0
+        for layer in selected:
+            self.current_node = layer.node
+            record = self._quantize_layer(graph, layer, stats.get(layer.name))
+            per_layer[layer.name] = record
+            bytes_saved += record.get("bytes_saved", 0)
+        self.current_node = None
+        quantized = sum(1 for r in per_layer.values() if not r.get("kept_float"))
+        kept = {n: r["kept_float"] for n, r in per_layer.items() if r.get("kept_float")}
+        out = {"quantized": quantized, "skipped": skipped, "bytes_saved": bytes_saved, "layers": per_layer}
+        if self.guard:
+            out["kept_float_by_guard"] = kept
+        sqnrs = [r["sqnr_db"] for r in per_layer.values() if not r.get("kept_float") and math.isfinite(r["sqnr_db"])]
+        if sqnrs:
+            out["min_sqnr_db"] = round(min(sqnrs), 2)
+        return PassResult(quantized > 0, out)
+
+    def _collect_stats(self, graph, selected: list[Layer]) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        for method_name in sorted({l.cfg.method for l in selected}):
+            method = METHODS[method_name]
+            if method.collect is not None:
+                group = [l for l in selected if l.cfg.method == method_name]
+                stats.update(method.collect(self, graph, group, self.context.get("calibration_data")))
+        return stats
+
+    def _quantize_layer(self, graph, layer: Layer, layer_stats) -> dict:
+        cfg = layer.cfg
+        qt, act_scale = METHODS[cfg.method].quantize(layer.weight, cfg, layer_stats)
+        effective = qt.dequantize() if act_scale is None else qt.dequantize() / act_scale.to(torch.float32)
+        record = {
+            "bits": cfg.bits, "scheme": cfg.scheme, "granularity": cfg.granularity, "mode": cfg.mode, "method": cfg.method,
+            "sqnr_db": round(sqnr_db(layer.weight, effective), 2), "rel_err": relative_error(layer.weight, effective),
+        }
+        with graph.fx.inserting_before(layer.node):
+            if layer.kind == "embedding":
+                new = self._lower_embedding(graph, layer, qt)
+            else:
+                new = MODES[cfg.mode].lower(self, graph, layer, qt, act_scale)
+        if self.guard and layer.kind == "linear":
+            float_ms, quant_ms = self._time_layer(graph, layer, new)
+            record.update(float_ms=round(float_ms, 4), quant_ms=round(quant_ms, 4))
+            if quant_ms >= float_ms:
+                self._erase_chain(graph, new, stop=layer.node)
+                record["kept_float"] = f"eager quantized {quant_ms:.3f} ms >= float {float_ms:.3f} ms"
+                return record
+        new.meta.update({k: v for k, v in layer.node.meta.items() if k != "val"})
+        new.meta["quantized_layer"] = layer.name
+        layer.node.replace_all_uses_with(new)
+        graph.fx.erase_node(layer.node)
+        before = layer.weight.numel() * layer.weight.element_size()
+        record["bytes_saved"] = before - qt.nbytes() if not layer.weight_node.users else 0
+        if not layer.weight_node.users:
+            graph.fx.erase_node(layer.weight_node)
+        return record
+
+    def _lower_embedding(self, graph, layer: Layer, qt: QuantizedTensor) -> fx.Node:
+        """Gather integer rows and their scales, dequantize the gathered rows."""
+        n, k = qt.shape
+        name, ids = layer.name, layer.node.args[1]
+        q = graph.add_constant(qt.q, f"{name}.qweight")
+        rows = _call(graph, aten.embedding.default, (q, ids), name)
+        rows = _call(graph, aten._to_copy.default, (rows,), name)
+        rows.kwargs = {"dtype": torch.float32}
+        scale = qt.scale.expand(n, 1).contiguous()
+        if qt.zero_point is not None:
+            zp = graph.add_constant(qt.zero_point.expand(n, 1).to(torch.float32).contiguous(), f"{name}.zero_point")
+            rows = _call(graph, aten.sub.Tensor, (rows, _call(graph, aten.embedding.default, (zp, ids), name)), name)
+        s = graph.add_constant(scale, f"{name}.scale")
+        return _call(graph, aten.mul.Tensor, (rows, _call(graph, aten.embedding.default, (s, ids), name)), name)
+
+    # -- guard ------------------------------------------------------------------------
+    def _time_layer(self, graph, layer: Layer, new: fx.Node) -> tuple[float, float]:
+        """Median eager time of the float linear and of the nodes replacing it,
+        on a random input of ``guard_tokens`` rows."""
+        k = layer.weight.shape[1]
+        x = torch.randn(self.guard_tokens, k)
+        bias = graph.constant(layer.bias) if layer.bias is not None else None
+        env: dict[fx.Node, Any] = {layer.x: x}
+
+        def evaluate(node):
+            if not isinstance(node, fx.Node):
+                return node
+            if node not in env:
+                if node.op == "get_attr":
+                    env[node] = graph.constant(node)
+                else:
+                    args = fx.node.map_arg(node.args, evaluate)
+                    kwargs = fx.node.map_arg(node.kwargs, evaluate)
+                    env[node] = node.target(*args, **kwargs)
+            return env[node]
+
+        def run_quant():
+            env.clear()
+            env[layer.x] = x
+            return evaluate(new)
+
+        return _median_ms(lambda: torch.nn.functional.linear(x, layer.weight, bias)), _median_ms(run_quant)
+
+    @staticmethod
+    def _erase_chain(graph, node: fx.Node, stop: fx.Node) -> None:
+        """Erase ``node`` and the now-unused nodes it was built from."""
+        work = [node]
+        while work:
+            n = work.pop()
+            if n.users or n is stop or n.op == "placeholder" or n.graph is not graph.fx:
+                continue
+            inputs = [a for a in n.all_input_nodes]
+            graph.fx.erase_node(n)
+            work.extend(inputs)
+
+
+def _median_ms(fn: Callable, repeat: int = 15) -> float:
+    with torch.inference_mode():
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
