@@ -235,6 +235,10 @@ class Quantize(Pass):
     accuracy_level = Option(4, int, choices=(0, 1, 2, 3, 4), help="MatMulNBits accuracy level (4: int8 compute)")
     guard = Option(False, help="time each quantized layer against float on the eager backend; keep float where it does not pay")
     guard_tokens = Option(1, int, check=lambda v: None if v >= 1 else "must be >= 1", help="rows of the input the guard times with")
+    observer = Option("minmax", str, choices=("minmax", "percentile", "moving-average"),
+                      help="mode=static: how calibration sets each activation range (passes/calibration.py)")
+    percentile = Option(99.99, float, check=lambda v: None if 50 < v <= 100 else "must be in (50, 100]",
+                        help="observer=percentile: the percentile kept")
 
     runs_after = ("canonicalize",)
     requires = ("canonical-linear",)
@@ -246,12 +250,12 @@ class Quantize(Pass):
         for cfg in configs:
             self._check_config(cfg)
         self.numerics_tolerance = max(_numerics_tolerance(c.bits) for c in configs)
-        if any(c.mode == "dynamic" for c in configs):
+        if any(c.mode in ("dynamic", "static") for c in configs):
             self.numerics_tolerance = max(self.numerics_tolerance, _numerics_tolerance(7))
 
     def _default(self, key: str, bits: int, mode: str):
         if key == "scheme":
-            return self.scheme or ("sym" if mode == "dynamic" else "asym")
+            return self.scheme or ("sym" if mode in ("dynamic", "static") else "asym")
         return self.granularity or ("channel" if bits == 8 or mode == "dynamic" else "group")
 
     def _base_config(self) -> LayerConfig:
@@ -284,7 +288,7 @@ class Quantize(Pass):
             raise OptionError(f"{where}: no key=value settings after the ':'")
         bits, mode = values.get("bits", self.bits), values.get("mode", self.mode)
         # Defaults that depend on bits/mode follow the override, unless given.
-        values.setdefault("scheme", self.scheme or ("sym" if mode == "dynamic" else "asym"))
+        values.setdefault("scheme", self.scheme or ("sym" if mode in ("dynamic", "static") else "asym"))
         values.setdefault("granularity", self.granularity or ("channel" if bits == 8 or mode == "dynamic" else "group"))
         return regex, values
 
