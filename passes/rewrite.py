@@ -1,0 +1,766 @@
+"""The pattern-rewrite engine: every fusion, and users' custom passes, are
+``(pattern, replacement)`` pairs written as plain Python over tensors.
+
+Writing a rewrite::
+
+    import torch
+    from fxopt.passes import register_pass
+    from fxopt.passes.rewrite import Pattern, RewritePass, is_constant
+
+    def linear_relu(x, w, b):
+        return torch.relu(torch.nn.functional.linear(x, w, b))
+
+    def fused(x, w, b):
+        return torch.ops.fxopt.linear_act(x, w, b, "relu")
+
+    @register_pass("fuse-linear-relu")
+    class FuseLinearRelu(RewritePass):
+        '''linear(x, W, b) -> relu  ==>  fxopt.linear_act(x, W, b, "relu").'''
+        patterns = [Pattern("linear-relu", linear_relu, fused, where={"w": is_constant},
+                            inputs={"x": (2, 8), "w": (16, 8), "b": (16,)})]
+
+How it works and what it promises:
+
+* **Tracing.** The pattern and the replacement are traced with
+  :func:`fxopt.trace` (torch.export, non-strict) exactly like a model, then
+  cleaned by ``canonicalize`` (identity views/casts and asserts dropped) and
+  ``dce``, so they hold the op set a canonicalized model graph holds. Tracing
+  happens once, lazily, and is cached on the :class:`Pattern`. Example tensors
+  are float32 of shape ``(8, 8)`` unless ``inputs={"name": shape | tensor}``
+  says otherwise; shapes only need to make the function run.
+* **Wildcards.** Every tensor parameter of the pattern function matches any
+  graph value; the same parameter used twice must bind the same value.
+* **Scalar captures.** A parameter annotated ``float`` or ``int`` is a
+  captured scalar: it is traced with a sentinel value (floats get unique
+  sentinels, ints the example value given in ``inputs`` or a large prime) and
+  every literal argument equal to the sentinel matches any literal, whose value
+  is captured (and substituted into a traced replacement). Other literals
+  (``0.5``, ``[-1]``, ``keepdim=True``) must be equal. Do no Python arithmetic
+  on a capture inside the pattern, or its sentinel is lost.
+* **Predicates.** ``where={"w": is_constant, "eps": lambda v: v < 1e-3}``: a
+  predicate per parameter, called with the bound ``fx.Node`` (tensors) or the
+  captured value (scalars) while matching, so a failure is reported at the
+  node it concerns. ``check=lambda m: ...`` sees the whole :class:`Match`
+  (shapes, constants, several bindings at once).
+* **Commutative ops.** ``add`` and ``mul`` (alpha 1) match either operand order.
+* **Several outputs.** A pattern may return a tuple; every output is matched
+  (the first anchors the search) and the replacement returns as many values.
+* **Replacement forms.** ``replacement=fn`` (traced, same parameter names, any
+  subset) or ``build=callback(match, graph) -> node | tuple[node] | None`` for
+  what tracing cannot express (new constants such as concatenated weights,
+  ``graph.add_constant``); returning ``None`` declines the match.
+* **Safety.** All matches are found first, then accepted in graph order. A match
+  is skipped (and counted, with the reason) when it overlaps an accepted one
+  (``overlap``), when an intermediate value it would remove is used outside it
+  (``escaping``), when ``check`` rejects it (``check``), when the builder
+  declines (``declined``), or when no position in the graph can hold the
+  replacement (``placement``).
+* **Stats.** :func:`rewrite` returns per-pattern ``found`` / ``rewritten`` /
+  ``skipped`` (reason -> count) and, when a pattern found nothing although its
+  anchor op occurs in the graph, ``nearest_miss``: which pattern node failed to
+  match which graph node, and why (:func:`explain` gives the same text on
+  demand).
+
+No module names are involved anywhere: matching is on the graph's ops alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..ir.nodes import val
+from .base import Pass, PassResult
+
+aten = torch.ops.aten
+
+COMMUTATIVE = {aten.add.Tensor, aten.mul.Tensor, aten.add.Scalar, aten.mul.Scalar}
+_ALPHA_OPS = {aten.add.Tensor, aten.add.Scalar}
+DEFAULT_SHAPE = (8, 8)
+
+
+class PatternError(ValueError):
+    """A pattern or replacement that cannot be traced or does not fit its pattern."""
+
+
+# --------------------------------------------------------------------------
+# predicates (for ``where=``): each takes the bound fx.Node
+
+def is_constant(node) -> bool:
+    """The value is a constant of the graph (a ``get_attr`` read: a weight)."""
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def is_not_constant(node) -> bool:
+    return isinstance(node, fx.Node) and node.op != "get_attr"
+
+
+def has_rank(*ranks: int) -> Callable:
+    def pred(node) -> bool:
+        v = val(node)
+        return isinstance(v, torch.Tensor) and v.dim() in ranks
+
+    pred.__name__ = f"has_rank{ranks}"
+    return pred
+
+
+def has_dtype(*dtypes: torch.dtype) -> Callable:
+    def pred(node) -> bool:
+        v = val(node)
+        return isinstance(v, torch.Tensor) and v.dtype in dtypes
+
+    pred.__name__ = f"has_dtype{tuple(str(d).replace('torch.', '') for d in dtypes)}"
+    return pred
+
+
+def all_of(*preds: Callable) -> Callable:
+    def pred(x) -> bool:
+        return all(p(x) for p in preds)
+
+    pred.__name__ = " and ".join(getattr(p, "__name__", "predicate") for p in preds)
+    return pred
+
+
+# --------------------------------------------------------------------------
+# traced functions
+
+@dataclass(frozen=True)
+class _Capture:
+    name: str
+
+
+class _FnModule(torch.nn.Module):
+    def __init__(self, fn: Callable, tensor_names: list[str], scalars: dict[str, Any]):
+        super().__init__()
+        self.fn, self.tensor_names, self.scalars = fn, tensor_names, scalars
+
+    def forward(self, *tensors):
+        return self.fn(**dict(zip(self.tensor_names, tensors)), **self.scalars)
+
+
+@dataclass
+class _Traced:
+    graph: Any  # fxopt Graph
+    params: dict[str, fx.Node]  # tensor parameter -> placeholder
+    outputs: list  # output nodes (or placeholders / literals)
+    nodes: list[fx.Node]  # computing nodes, in order
+
+
+def _scalar_kind(param: inspect.Parameter) -> type | None:
+    ann = param.annotation
+    if ann in (float, "float"):
+        return float
+    if ann in (int, "int"):
+        return int
+    return None
+
+
+def _signature(fn: Callable, what: str) -> tuple[list[str], dict[str, type]]:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError) as e:
+        raise PatternError(f"{what}: cannot read the signature of {fn!r}: {e}") from e
+    tensors, scalars = [], {}
+    for name, p in sig.parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise PatternError(f"{what}: *args/**kwargs are not supported in patterns ({name})")
+        kind = _scalar_kind(p)
+        if kind is None:
+            tensors.append(name)
+        else:
+            scalars[name] = kind
+    return tensors, scalars
+
+
+def _replace_literals(value, table: dict):
+    """Sentinel literals -> captures (or captures -> values), through lists."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_replace_literals(v, table) for v in value)
+    if isinstance(value, (bool, fx.Node)) or not isinstance(value, (int, float, _Capture)):
+        return value
+    key = (type(value), value)
+    return table.get(key, value)
+
+
+def _trace_fn(fn: Callable, what: str, inputs: dict[str, Any], sentinels: dict[str, Any]) -> _Traced:
+    from ..ir.trace import trace
+    from .canonicalize import Canonicalize
+    from .dce import DeadCodeElimination
+
+    tensor_names, scalar_kinds = _signature(fn, what)
+    examples = []
+    for name in tensor_names:
+        spec = inputs.get(name, DEFAULT_SHAPE)
+        examples.append(spec if isinstance(spec, torch.Tensor) else torch.randn(*spec))
+    scalars = {name: sentinels[name] for name in scalar_kinds}
+    try:
+        graph = trace(_FnModule(fn, tensor_names, scalars), tuple(examples), name=what)
+        Canonicalize(linear=False)(graph)
+        DeadCodeElimination()(graph)
+        graph.recompile()
+    except Exception as e:
+        raise PatternError(f"{what}: tracing {getattr(fn, '__name__', fn)!r} failed: {type(e).__name__}: {e}") from e
+    table = {(type(v), v): _Capture(k) for k, v in scalars.items()}
+    for node in graph.fx.nodes:
+        if node.op == "call_function":
+            node.args = _replace_literals(node.args, table)
+            node.kwargs = _replace_literals(node.kwargs, table)
+    phs = graph.placeholders()
+    (out,) = [n for n in graph.fx.nodes if n.op == "output"]
+    outs = out.args[0]
+    outputs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    nodes = [n for n in graph.fx.nodes if n.op in ("call_function", "get_attr")]
+    return _Traced(graph, dict(zip(tensor_names, phs)), outputs, nodes)
+
+
+# --------------------------------------------------------------------------
+# patterns and matches
+
+@dataclass(eq=False)
+class Pattern:
+    """One rewrite rule: ``pattern`` (traced) -> ``replacement`` (traced) or ``build`` (callback).
+
+    ``where``: parameter -> predicate; ``check``: predicate on the whole
+    :class:`Match`; ``inputs``: parameter -> example shape, tensor, or (for an
+    int capture) example value used for tracing.
+    """
+
+    name: str
+    pattern: Callable
+    replacement: Callable | None = None
+    build: Callable | None = None
+    where: dict[str, Callable] = field(default_factory=dict)
+    check: Callable | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if (self.replacement is None) == (self.build is None):
+            raise PatternError(f"pattern {self.name!r}: give exactly one of replacement= (traced) or build= (callback)")
+        tensors, scalars = _signature(self.pattern, f"pattern {self.name!r}")
+        unknown = sorted(set(self.where) - set(tensors) - set(scalars))
+        if unknown:
+            raise PatternError(f"pattern {self.name!r}: where= names {unknown}, which are not parameters of the pattern ({tensors + list(scalars)})")
+        self._scalar_kinds = scalars
+        self._traced: _Traced | None = None
+        self._replacement: _Traced | None = None
+
+    def sentinels(self) -> dict[str, Any]:
+        out = {}
+        for i, (name, kind) in enumerate(self._scalar_kinds.items()):
+            if kind is float:
+                out[name] = 0.000123456789 + i * 1.0e-9
+            else:
+                out[name] = int(self.inputs.get(name, 7919 + 104729 * i))
+        return out
+
+    @property
+    def traced(self) -> _Traced:
+        if self._traced is None:
+            t = _trace_fn(self.pattern, f"pattern {self.name!r}", self.inputs, self.sentinels())
+            bad = [o for o in t.outputs if not (isinstance(o, fx.Node) and o.op == "call_function")]
+            if bad:
+                raise PatternError(f"pattern {self.name!r}: every output must be computed by an op, not an input or literal ({bad})")
+            self._traced = t
+        return self._traced
+
+    @property
+    def replacement_traced(self) -> _Traced:
+        if self._replacement is None:
+            what = f"replacement of pattern {self.name!r}"
+            tensors, scalars = _signature(self.replacement, what)
+            extra = [n for n in [*tensors, *scalars] if n not in self.traced.params and n not in self._scalar_kinds]
+            if extra:
+                raise PatternError(f"{what}: parameters {extra} are not parameters of the pattern")
+            # The replacement is traced on tensors shaped like the pattern's.
+            inputs = {}
+            for n in tensors:
+                v = val(self.traced.params[n])
+                inputs[n] = torch.zeros(v.shape, dtype=v.dtype).normal_() if v.dtype.is_floating_point else torch.zeros(v.shape, dtype=v.dtype)
+            t = _trace_fn(self.replacement, what, inputs, self.sentinels())
+            if len(t.outputs) != len(self.traced.outputs):
+                raise PatternError(f"{what} returns {len(t.outputs)} values but the pattern returns {len(self.traced.outputs)}")
+            self._replacement = t
+        return self._replacement
+
+    @property
+    def anchor_target(self):
+        return self.traced.outputs[0].target
+
+    def __repr__(self) -> str:
+        return f"Pattern({self.name!r})"
+
+
+@dataclass
+class Match:
+    """One occurrence of a pattern: ``match["x"]`` is what parameter ``x`` bound
+    (an ``fx.Node`` for tensors, the literal for scalar captures)."""
+
+    pattern: Pattern
+    graph: Any
+    nodes: dict[fx.Node, fx.Node]  # pattern node -> graph node (computing nodes)
+    bindings: dict[str, Any]
+    outputs: list[fx.Node]
+
+    def __getitem__(self, name: str):
+        return self.bindings[name]
+
+    def constant(self, name: str) -> torch.Tensor | None:
+        """The tensor behind a parameter bound to a graph constant, else None."""
+        return self.graph.constant(self.bindings[name])
+
+    def val(self, name: str):
+        """Shape/dtype metadata (a fake tensor) of a bound tensor parameter."""
+        return val(self.bindings[name])
+
+    @property
+    def anchor(self) -> fx.Node:
+        return self.outputs[0]
+
+    def matched_nodes(self) -> set[fx.Node]:
+        return set(self.nodes.values())
+
+
+@dataclass
+class _Miss:
+    progress: int = -1
+    anchor: fx.Node | None = None
+    pattern_node: Any = None
+    graph_node: Any = None
+    reason: str = ""
+
+
+def _describe(x) -> str:
+    if isinstance(x, fx.Node):
+        t = x.target
+        what = getattr(t, "__name__", str(t)) if x.op == "call_function" else x.op
+        if isinstance(t, torch._ops.OpOverload):
+            what = f"{t.namespace}.{t._opname}.{t._overloadname}"
+        return f"%{x.name} ({what})"
+    return repr(x)
+
+
+def _all_args(node: fx.Node) -> list:
+    """Positional view of a call's arguments with schema defaults filled in, so
+    that ``mean(x, [-1], True)`` and ``mean(x, dim=[-1], keepdim=True)`` compare equal."""
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload):
+        return list(node.args) + [node.kwargs[k] for k in sorted(node.kwargs)]
+    out = []
+    for i, a in enumerate(t._schema.arguments):
+        if i < len(node.args):
+            out.append(node.args[i])
+        elif a.name in node.kwargs:
+            out.append(node.kwargs[a.name])
+        elif a.has_default_value():
+            out.append(a.default_value)
+        else:
+            out.append(None)
+    return out
+
+
+def _literal_equal(p, g) -> bool:
+    if isinstance(g, fx.Node):
+        return False
+    numbers = (int, float)
+    if isinstance(p, numbers) and isinstance(g, numbers) and not isinstance(p, bool) and not isinstance(g, bool):
+        return p == g
+    return type(p) is type(g) and p == g
+
+
+class _Matcher:
+    """Backtracking match of one pattern against one graph, recording the
+    furthest failure for :func:`explain`."""
+
+    def __init__(self, pattern: Pattern, graph):
+        self.pattern = pattern
+        self.graph = graph
+        self.t = pattern.traced
+        self.param_of = {ph: name for name, ph in self.t.params.items()}
+        self.miss = _Miss()
+        self.by_target: dict[Any, list[fx.Node]] = {}
+        for n in graph.fx.nodes:
+            if n.op == "call_function":
+                self.by_target.setdefault(n.target, []).append(n)
+        self._anchor: fx.Node | None = None
+
+    def _fail(self, state, p, g, reason: str) -> None:
+        progress = len(state[0])
+        if progress > self.miss.progress:
+            self.miss = _Miss(progress, self._anchor, p, g, reason)
+
+    def _predicate(self, state, name: str, value, p, g) -> bool:
+        pred = self.pattern.where.get(name)
+        if pred is None:
+            return True
+        try:
+            ok = bool(pred(value))
+        except Exception as e:  # a predicate that cannot judge this value declines it
+            ok, why = False, f"{type(e).__name__}: {e}"
+        else:
+            why = ""
+        if not ok:
+            self._fail(state, p, g, f"where[{name!r}] ({getattr(pred, '__name__', 'predicate')}) rejected {_describe(value)}{' ' + why if why else ''}")
+        return ok
+
+    # state: (pattern node -> graph node, capture name -> value)
+    def match_value(self, p, g, state, at=None) -> Iterator[tuple]:
+        """``at``: (pattern node, graph node, argument index) whose argument this is."""
+        mapping, caps = state
+        if isinstance(p, fx.Node):
+            if p.op == "placeholder":
+                name = self.param_of[p]
+                if not isinstance(g, fx.Node):
+                    self._fail(state, p, g, f"parameter {name!r} expects a graph value, found the literal {g!r}")
+                    return
+                if p in mapping:
+                    if mapping[p] is g:
+                        yield state
+                    else:
+                        self._fail(state, p, g, f"parameter {name!r} is already bound to {_describe(mapping[p])}")
+                    return
+                if g in self._computing_targets(mapping):
+                    self._fail(state, p, g, f"parameter {name!r} would bind a node inside the match")
+                    return
+                if self._predicate(state, name, g, p, g):
+                    yield ({**mapping, p: g}, caps)
+                return
+            yield from self.match_node(p, g, state)
+            return
+        if isinstance(p, _Capture):
+            if isinstance(g, fx.Node) or isinstance(g, bool) or not isinstance(g, (int, float)):
+                self._arg_fail(state, at, f"scalar {p.name!r} expects a literal number, found {_describe(g)}")
+                return
+            if p.name in caps:
+                if caps[p.name] == g:
+                    yield state
+                else:
+                    self._arg_fail(state, at, f"scalar {p.name!r} is already captured as {caps[p.name]!r}, found {g!r}")
+                return
+            if self._predicate(state, p.name, g, *(at[:2] if at else (None, g))):
+                yield (mapping, {**caps, p.name: g})
+            return
+        if isinstance(p, (list, tuple)):
+            if not isinstance(g, (list, tuple)) or len(g) != len(p):
+                self._arg_fail(state, at, f"expected a list like {p!r}, found {_describe(g)}")
+                return
+            yield from self.match_seq(list(p), list(g), state, at)
+            return
+        if not _literal_equal(p, g):
+            self._arg_fail(state, at, f"literal {p!r} expected, found {_describe(g)}")
+            return
+        yield state
+
+    def match_seq(self, ps: list, gs: list, state, at=None, first: int = 0) -> Iterator[tuple]:
+        if not ps:
+            yield state
+            return
+        here = (at[0], at[1], first) if at and at[2] is None else at
+        for s in self.match_value(ps[0], gs[0], state, here):
+            yield from self.match_seq(ps[1:], gs[1:], s, at, first + 1)
+
+    def _arg_fail(self, state, at, reason: str) -> None:
+        if at is None:
+            self._fail(state, None, None, reason)
+        else:
+            p, g, i = at
+            self._fail(state, p, g, f"argument {i}: {reason}" if i is not None else reason)
+
+    @staticmethod
+    def _computing_targets(mapping) -> set:
+        return {g for p, g in mapping.items() if p.op != "placeholder"}
+
+    def match_node(self, p: fx.Node, g, state) -> Iterator[tuple]:
+        mapping, caps = state
+        if p in mapping:
+            if mapping[p] is g:
+                yield state
+            else:
+                self._fail(state, p, g, f"pattern node %{p.name} is already matched to {_describe(mapping[p])}")
+            return
+        if not isinstance(g, fx.Node) or g.op != p.op or g.target != p.target:
+            self._fail(state, p, g, f"expected {_describe(p).split(' ', 1)[1].strip('()')}, found {_describe(g)}")
+            return
+        if g in mapping.values():
+            self._fail(state, p, g, f"{_describe(g)} is already matched to another pattern node")
+            return
+        if p.op == "get_attr":  # a constant the pattern itself creates: values must agree
+            if not torch.equal(self.t.graph.constant(p), self.graph.constant(g)):
+                self._fail(state, p, g, "constant differs from the pattern's")
+                return
+            yield ({**mapping, p: g}, caps)
+            return
+        pa, ga = _all_args(p), _all_args(g)
+        if len(pa) != len(ga):
+            self._fail(state, p, g, f"{len(ga)} arguments, the pattern has {len(pa)}")
+            return
+        state = ({**mapping, p: g}, caps)
+        orders = [pa]
+        if p.target in COMMUTATIVE and len(pa) >= 2 and (p.target not in _ALPHA_OPS or pa[2] == 1):
+            orders.append([pa[1], pa[0], *pa[2:]])
+        for args in orders:
+            yield from self.match_seq(args, ga, state, (p, g, None))
+
+    def matches(self) -> Iterator[Match]:
+        outs = self.t.outputs
+        for anchor in self.by_target.get(outs[0].target, []):
+            self._anchor = anchor
+            for state in self.match_node(outs[0], anchor, ({}, {})):
+                yield from self._rest(outs[1:], state, anchor)
+
+    def _rest(self, outs, state, anchor) -> Iterator[Match]:
+        if not outs:
+            mapping, caps = state
+            bindings = {name: mapping[ph] for name, ph in self.t.params.items() if ph in mapping}
+            bindings.update(caps)
+            nodes = {p: g for p, g in mapping.items() if p.op != "placeholder"}
+            yield Match(self.pattern, self.graph, nodes, bindings, [mapping[o] for o in self.t.outputs])
+            return
+        p = outs[0]
+        if p in state[0]:
+            yield from self._rest(outs[1:], state, anchor)
+            return
+        for g in self.by_target.get(p.target, []):
+            for s in self.match_node(p, g, state):
+                yield from self._rest(outs[1:], s, anchor)
+
+
+def find_matches(pattern: Pattern, graph) -> list[Match]:
+    """Every occurrence of ``pattern`` in ``graph`` (overlapping ones included),
+    one per anchor node, in graph order."""
+    return _find(pattern, graph)[0]
+
+
+def _find(pattern: Pattern, graph) -> tuple[list[Match], _Matcher]:
+    matcher = _Matcher(pattern, graph)
+    found, seen = [], set()
+    for m in matcher.matches():
+        key = tuple(m.outputs)
+        if key in seen:  # a commutative op can match the same nodes twice
+            continue
+        seen.add(key)
+        found.append(m)
+    return found, matcher
+
+
+def explain(pattern: Pattern, graph) -> str:
+    """Why ``pattern`` does not match ``graph``: its nearest miss, or that
+    the anchor op never occurs, or how many matches there are."""
+    found, matcher = _find(pattern, graph)
+    if found:
+        return f"pattern {pattern.name!r} matches {len(found)} time(s), first at {_describe(found[0].anchor)}"
+    return _miss_text(pattern, matcher)
+
+
+def _miss_text(pattern: Pattern, matcher: _Matcher) -> str:
+    target = pattern.anchor_target
+    anchors = matcher.by_target.get(target, [])
+    name = _describe(pattern.traced.outputs[0]).split(" ", 1)[1].strip("()")
+    if not anchors:
+        return f"pattern {pattern.name!r}: the anchor op {name} does not occur in the graph"
+    m = matcher.miss
+    total = len(pattern.traced.nodes) + len(pattern.traced.params)
+    where = f"pattern node %{m.pattern_node.name}" if isinstance(m.pattern_node, fx.Node) else "an argument"
+    return (
+        f"pattern {pattern.name!r}: no match among {len(anchors)} {name} node(s); nearest miss at anchor "
+        f"{_describe(m.anchor)}: {where} vs graph {_describe(m.graph_node)}: {m.reason} "
+        f"({m.progress} of {total} pattern values matched)"
+    )
+
+
+# --------------------------------------------------------------------------
+# rewriting
+
+@dataclass
+class PatternStats:
+    found: int = 0
+    rewritten: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)  # first few skip reasons, with node names
+    nearest_miss: str | None = None
+
+    def skip(self, kind: str, detail: str) -> None:
+        self.skipped[kind] = self.skipped.get(kind, 0) + 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{kind}: {detail}")
+
+    def as_dict(self) -> dict:
+        out = {"found": self.found, "rewritten": self.rewritten, "skipped": dict(self.skipped)}
+        if self.examples:
+            out["skip_reasons"] = list(self.examples)
+        if self.nearest_miss:
+            out["nearest_miss"] = self.nearest_miss
+        return out
+
+
+@dataclass
+class RewriteResult:
+    stats: dict[str, PatternStats]
+
+    @property
+    def rewritten(self) -> int:
+        return sum(s.rewritten for s in self.stats.values())
+
+    @property
+    def changed(self) -> bool:
+        return self.rewritten > 0
+
+    def as_dict(self) -> dict:
+        return {name: s.as_dict() for name, s in self.stats.items()}
+
+
+def _escaping(m: Match) -> str | None:
+    inside = m.matched_nodes()
+    outputs = set(m.outputs)
+    for g in inside - outputs:
+        for user in g.users:
+            if user not in inside:
+                return f"{_describe(g)} is also used by {_describe(user)}"
+    return None
+
+
+def _insert_point(graph, m: Match, order: dict[fx.Node, int]) -> fx.Node | None:
+    """A node before which the replacement can go: after every bound input,
+    before every outside user of the outputs; None when there is none."""
+    inside = m.matched_nodes()
+    inputs = [b for b in m.bindings.values() if isinstance(b, fx.Node)]
+    last_input = max((order[n] for n in inputs), default=-1)
+    users = [u for o in m.outputs for u in o.users if u not in inside]
+    first_matched = min(inside, key=order.__getitem__)
+    if order[first_matched] > last_input:
+        return first_matched
+    first_user = min(users, key=order.__getitem__, default=None)
+    if first_user is None or order[first_user] <= last_input:
+        return None
+    return first_user
+
+
+def _emit_traced(graph, m: Match, t: _Traced) -> list:
+    env: dict[fx.Node, Any] = {ph: m.bindings[name] for name, ph in t.params.items()}
+    table = {_Capture(k): m.bindings[k] for k in m.pattern._scalar_kinds}
+
+    def sub(value):
+        if isinstance(value, (list, tuple)):
+            return type(value)(sub(v) for v in value)
+        if isinstance(value, _Capture):
+            return table[value]
+        return value
+
+    for node in t.graph.fx.nodes:
+        if node.op == "get_attr":
+            env[node] = graph.add_constant(t.graph.constant(node), node.target)
+        elif node.op == "call_function":
+            args = sub(fx.node.map_arg(node.args, env.__getitem__))
+            kwargs = sub(fx.node.map_arg(node.kwargs, env.__getitem__))
+            env[node] = graph.fx.call_function(node.target, args, kwargs)
+    return [env[o] if isinstance(o, fx.Node) else o for o in t.outputs]
+
+
+def _apply(graph, m: Match, at: fx.Node, p: Pass | None) -> list | None:
+    with graph.fx.inserting_before(at):
+        if m.pattern.build is not None:
+            out = m.pattern.build(m, graph)
+            if out is None:
+                return None
+            out = list(out) if isinstance(out, (tuple, list)) else [out]
+        else:
+            out = _emit_traced(graph, m, m.pattern.replacement_traced)
+    if len(out) != len(m.outputs):
+        msg = f"pattern {m.pattern.name!r}: the replacement gave {len(out)} values for {len(m.outputs)} outputs"
+        raise p.fail(msg, m.anchor) if p is not None else PatternError(msg)
+    for old, new in zip(m.outputs, out):
+        if isinstance(new, fx.Node):
+            for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+                if key in old.meta:
+                    new.meta.setdefault(key, old.meta[key])
+        old.replace_all_uses_with(new)
+    # Erase the matched nodes users-first; a node still used (a shared
+    # constant read, say) stays for dce.
+    for g in sorted(m.matched_nodes(), key=_order_key(graph), reverse=True):
+        if not g.users:
+            graph.fx.erase_node(g)
+    return out
+
+
+def _order_key(graph):
+    order = {n: i for i, n in enumerate(graph.fx.nodes)}
+    return order.__getitem__
+
+
+def rewrite(graph, patterns: Sequence[Pattern], *, pass_: Pass | None = None) -> RewriteResult:
+    """Apply each pattern in turn to ``graph`` (an fxopt Graph), in place.
+
+    For each pattern: find all matches, accept them in graph order unless
+    they are unsafe (see the module docstring), rewrite the accepted ones.
+    Returns per-pattern :class:`PatternStats`.
+    """
+    stats: dict[str, PatternStats] = {}
+    for pattern in patterns:
+        if pattern.name in stats:
+            raise PatternError(f"two patterns are named {pattern.name!r}; names key the stats")
+        st = stats[pattern.name] = PatternStats()
+        found, matcher = _find(pattern, graph)
+        st.found = len(found)
+        if not found:
+            if matcher.by_target.get(pattern.anchor_target):
+                st.nearest_miss = _miss_text(pattern, matcher)
+            continue
+        claimed: set[fx.Node] = set()
+        accepted: list[Match] = []
+        for m in found:
+            if m.matched_nodes() & claimed:
+                st.skip("overlap", f"at {_describe(m.anchor)}")
+                continue
+            why = _escaping(m)
+            if why:
+                st.skip("escaping", why)
+                continue
+            if pattern.check is not None and not pattern.check(m):
+                st.skip("check", f"check rejected the match at {_describe(m.anchor)}")
+                continue
+            claimed |= m.matched_nodes()
+            accepted.append(m)
+        replaced: dict[fx.Node, Any] = {}
+        for m in accepted:
+            # An earlier rewrite may have replaced a value this match reads.
+            m.bindings = {k: replaced.get(v, v) if isinstance(v, fx.Node) else v for k, v in m.bindings.items()}
+            order = {n: i for i, n in enumerate(graph.fx.nodes)}
+            at = _insert_point(graph, m, order)
+            if at is None:
+                st.skip("placement", f"no position between the inputs and the users of {_describe(m.anchor)}")
+                continue
+            if pass_ is not None:
+                pass_.current_node = m.anchor
+            anchor_text = _describe(m.anchor)
+            out = _apply(graph, m, at, pass_)
+            if out is None:
+                st.skip("declined", f"the builder declined the match at {anchor_text}")
+                continue
+            replaced.update(zip(m.outputs, out))
+            st.rewritten += 1
+        if st.rewritten:
+            graph.refresh_meta()  # later patterns' predicates may read shapes of new nodes
+    return RewriteResult(stats)
+
+
+class RewritePass(Pass):
+    """Base of passes made of :class:`Pattern` s: set ``patterns`` (or override
+    :meth:`active_patterns` to pick them from options) and write a docstring.
+    Stats: ``rewritten`` (total) and one entry per pattern."""
+
+    patterns: ClassVar[Sequence[Pattern]] = ()
+
+    def active_patterns(self) -> Sequence[Pattern]:
+        return self.patterns
+
+    def run(self, graph) -> PassResult:
+        try:
+            result = rewrite(graph, self.active_patterns(), pass_=self)
+        except PatternError as e:
+            raise self.fail(str(e)) from e
+        return PassResult(result.changed, {"rewritten": result.rewritten, **result.as_dict()})

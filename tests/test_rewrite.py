@@ -1,0 +1,254 @@
+"""The pattern-rewrite engine (fxopt.passes.rewrite): each test is a small
+model, a pattern written as plain Python, and what the engine must do with it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxopt
+from fxopt.passes import PassManager, register_pass
+from fxopt.passes.registry import PassRegistry
+from fxopt.passes.rewrite import (
+    Pattern, PatternError, RewritePass, explain, find_matches, has_rank, is_constant, rewrite,
+)
+
+aten = torch.ops.aten
+
+
+def traced(module, *inputs):
+    g = fxopt.trace(module.eval(), inputs)
+    return PassManager("canonicalize,dce").run(g).graph
+
+
+def rewritten(graph, patterns):
+    g = graph.copy()
+    result = rewrite(g, patterns)
+    g.recompile()
+    g.refresh_meta_all()
+    g.verify()
+    return g, result
+
+
+def targets(graph):
+    return [n.target for n in graph.fx.nodes if n.op == "call_function"]
+
+
+def assert_same_outputs(graph, new, *inputs, backends=("eager",)):
+    ref = graph(*inputs)
+    for backend in backends:
+        out = fxopt.compile(new, backend)(*inputs)
+        assert fxopt.compare(ref, out).within(1e-5), backend
+
+
+# --- patterns used below ------------------------------------------------------------------
+
+def linear_gelu(x, w, b):
+    return F.gelu(F.linear(x, w, b))
+
+
+def linear_gelu_fused(x, w, b):
+    return torch.ops.fxopt.linear_act(x, w, b, "gelu")
+
+
+LINEAR_SHAPES = {"x": (2, 8), "w": (16, 8), "b": (16,)}
+LINEAR_GELU = Pattern("linear-gelu", linear_gelu, linear_gelu_fused, where={"w": is_constant}, inputs=LINEAR_SHAPES)
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x)))
+
+
+def test_wildcards_and_a_predicate_rewrite_a_model_on_both_backends():
+    graph = traced(MLP(), torch.randn(3, 8))
+    new, result = rewritten(graph, [LINEAR_GELU])
+    assert result.as_dict()["linear-gelu"] == {"found": 1, "rewritten": 1, "skipped": {}}
+    assert aten.gelu.default not in targets(new) and torch.ops.fxopt.linear_act.default in targets(new)
+    assert_same_outputs(graph, new, torch.randn(3, 8), backends=("eager", "onnxruntime"))
+
+
+class WeightAsInput(torch.nn.Module):
+    def forward(self, x, w, b):
+        return F.gelu(F.linear(x, w, b))
+
+
+def test_predicate_refuses_and_the_nearest_miss_says_why():
+    graph = traced(WeightAsInput(), torch.randn(3, 8), torch.randn(16, 8), torch.randn(16))
+    new, result = rewritten(graph, [LINEAR_GELU])
+    stats = result.stats["linear-gelu"]
+    assert (stats.found, stats.rewritten) == (0, 0)
+    assert targets(new) == targets(graph)
+    # The anchor (gelu) occurs, so the engine explains which check failed where.
+    assert "nearest miss at anchor %gelu" in stats.nearest_miss
+    assert "where['w'] (is_constant) rejected %w (placeholder)" in stats.nearest_miss
+    assert explain(LINEAR_GELU, graph) == stats.nearest_miss
+
+
+def test_nearest_miss_names_the_pattern_node_and_graph_node_that_differ():
+    def linear_tanh_gelu(x, w, b):
+        return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+    p = Pattern("linear-gelu-tanh", linear_tanh_gelu, linear_gelu_fused, inputs=LINEAR_SHAPES)
+    text = explain(p, traced(MLP(), torch.randn(3, 8)))
+    assert "no match among 1 aten.gelu.default node(s)" in text
+    assert "pattern node %gelu vs graph %gelu (aten.gelu.default): argument 1: literal 'tanh' expected, found 'none'" in text
+    absent = Pattern("relu", lambda x: torch.relu(x), lambda x: x)
+    assert "the anchor op aten.relu.default does not occur" in explain(absent, traced(MLP(), torch.randn(3, 8)))
+
+
+class RMSNorm(torch.nn.Module):
+    """Writes the weight product both ways round, and two epsilons."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = torch.nn.Parameter(torch.rand(8) + 0.5), torch.nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w1
+        return self.w2 * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+
+def rms(x, w, eps: float):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rms_explicit(x, w, eps: float):
+    return (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * w
+
+
+def test_commutative_ops_and_captured_scalars():
+    graph = traced(RMSNorm(), torch.randn(2, 3, 8))
+    p = Pattern("rms", rms, rms_explicit, inputs={"x": (2, 8), "w": (8,)})
+    matches = find_matches(p, graph)
+    # mul(w, n) and mul(n, w) both match; each norm keeps its own epsilon.
+    assert sorted(m["eps"] for m in matches) == [1e-6, 1e-5]
+    assert all(is_constant(m["w"]) for m in matches)
+    new, result = rewritten(graph, [p])
+    assert result.stats["rms"].rewritten == 2
+    eps_used = sorted(n.args[1] for n in new.fx.nodes if n.target == aten.add.Tensor)
+    assert eps_used == [1e-6, 1e-5]
+    assert_same_outputs(graph, new, torch.randn(2, 3, 8), backends=("eager", "onnxruntime"))
+
+
+def test_predicate_on_a_scalar_capture():
+    graph = traced(RMSNorm(), torch.randn(2, 3, 8))
+    p = Pattern("rms-small-eps", rms, rms_explicit, where={"eps": lambda v: v < 3e-6}, inputs={"x": (2, 8), "w": (8,)})
+    new, result = rewritten(graph, [p])
+    assert (result.stats["rms-small-eps"].found, result.stats["rms-small-eps"].rewritten) == (1, 1)
+
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(8, 6), torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.q(x).relu(), self.k(x).sigmoid()
+
+
+def two_linears(x, w1, b1, w2, b2):
+    return F.linear(x, w1, b1), F.linear(x, w2, b2)
+
+
+def merge_two(match, graph):
+    """Concatenates the two weights into new constants: tracing cannot do that."""
+    w1, w2 = match.constant("w1"), match.constant("w2")
+    b1, b2 = match.constant("b1"), match.constant("b2")
+    w = graph.add_constant(torch.cat([w1, w2]), "merged_weight")
+    b = graph.add_constant(torch.cat([b1, b2]), "merged_bias")
+    y = graph.fx.call_function(aten.linear.default, (match["x"], w, b))
+    parts = graph.fx.call_function(aten.split_with_sizes.default, (y, [w1.shape[0], w2.shape[0]], -1))
+    return tuple(graph.fx.call_function(__import__("operator").getitem, (parts, i)) for i in range(2))
+
+
+def test_multi_output_pattern_with_a_constant_computing_replacement():
+    graph = traced(TwoHeads(), torch.randn(3, 8))
+    p = Pattern(
+        "two-linears", two_linears, build=merge_two,
+        where={"w1": is_constant, "w2": is_constant},
+        check=lambda m: m["w1"] is not m["w2"],
+        inputs={"x": (2, 8), "w1": (6, 8), "b1": (6,), "w2": (10, 8), "b2": (10,)},
+    )
+    new, result = rewritten(graph, [p])
+    # (q, k) and (k, q) are both occurrences; the second overlaps the first.
+    assert result.as_dict()["two-linears"]["rewritten"] == 1
+    assert result.stats["two-linears"].skipped == {"overlap": 1}
+    assert targets(new).count(aten.linear.default) == 1
+    assert new.constant(next(n for n in new.fx.nodes if n.target == "merged_weight")).shape == (16, 8)
+    assert_same_outputs(graph, new, torch.randn(3, 8), backends=("eager", "onnxruntime"))
+
+
+class ReluChain(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(torch.relu(torch.relu(x)))
+
+
+def test_overlapping_matches_are_skipped():
+    graph = traced(ReluChain(), torch.randn(4))
+    p = Pattern("double-relu", lambda x: torch.relu(torch.relu(x)), lambda x: torch.relu(x))
+    new, result = rewritten(graph, [p])
+    assert result.as_dict()["double-relu"]["found"] == 2
+    assert result.stats["double-relu"].rewritten == 1
+    assert result.stats["double-relu"].skipped == {"overlap": 1}
+    assert targets(new).count(aten.relu.default) == 2
+    assert_same_outputs(graph, new, torch.randn(4))
+
+
+class LinearUsedTwice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        h = self.a(x)
+        return F.gelu(h) + h
+
+
+def test_a_match_whose_intermediate_escapes_is_skipped():
+    graph = traced(LinearUsedTwice(), torch.randn(3, 8))
+    new, result = rewritten(graph, [LINEAR_GELU])
+    stats = result.stats["linear-gelu"]
+    assert (stats.found, stats.rewritten, stats.skipped) == (1, 0, {"escaping": 1})
+    assert "%linear (aten.linear.default) is also used by %add" in stats.examples[0]
+    assert targets(new) == targets(graph)
+
+
+def test_a_custom_rewrite_pass_runs_from_pipeline_text_and_reports_stats():
+    registry = PassRegistry()
+
+    @register_pass("fuse-linear-gelu", registry=registry)
+    class FuseLinearGelu(RewritePass):
+        """linear(x, W, b) -> gelu  ==>  fxopt.linear_act(x, W, b, 'gelu')."""
+
+        patterns = [LINEAR_GELU]
+
+    graph = traced(MLP(), torch.randn(3, 8))
+    result = PassManager("fuse-linear-gelu", registry=registry, check_numerics=True).run(graph)
+    stats = result.records[0].stats
+    assert stats["rewritten"] == 1 and stats["linear-gelu"]["found"] == 1
+    assert all(n.meta.get("created_by") == "fuse-linear-gelu" for n in result.graph.fx.nodes if n.target == torch.ops.fxopt.linear_act.default)
+
+
+def test_bad_patterns_fail_clearly():
+    with pytest.raises(PatternError, match=r"where= names \['weight'\], which are not parameters"):
+        Pattern("p", linear_gelu, linear_gelu_fused, where={"weight": is_constant})
+    with pytest.raises(PatternError, match="exactly one of replacement="):
+        Pattern("p", linear_gelu)
+    bad = Pattern("p", linear_gelu, lambda x, w, b: (F.linear(x, w, b), F.linear(x, w, b)), inputs=LINEAR_SHAPES)
+    graph = traced(MLP(), torch.randn(3, 8))
+    with pytest.raises(PatternError, match="returns 2 values but the pattern returns 1"):
+        rewrite(graph.copy(), [bad])
+    unshaped = Pattern("p", linear_gelu, linear_gelu_fused, inputs={"w": (16, 4)})  # x (8, 8) cannot meet w
+    with pytest.raises(PatternError, match="pattern 'p': tracing 'linear_gelu' failed"):
+        unshaped.traced
+
+
+def test_predicates_see_shapes():
+    graph = traced(MLP(), torch.randn(2, 3, 8))
+    p = Pattern("linear-gelu-2d", linear_gelu, linear_gelu_fused, where={"x": has_rank(2)}, inputs=LINEAR_SHAPES)
+    assert find_matches(p, graph) == []
+    assert "where['x'] (has_rank(2,)) rejected %x" in explain(p, graph)
