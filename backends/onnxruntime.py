@@ -35,8 +35,10 @@ def _quiet_exporter():
             logging.getLogger(n).setLevel(level)
 
 
-def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True):
-    """Re-export the graph and convert it to an ``torch.onnx.ONNXProgram``."""
+def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True, disable_lowerings=()):
+    """Re-export the graph and convert it to an ``torch.onnx.ONNXProgram``;
+    ``disable_lowerings`` names groups of aten lowerings to leave to the
+    exporter (``fxopt.ir.ops.onnx_lowering_groups()``, e.g. "contrib-attention")."""
     ep = graph.to_exported_program()
     kwargs = {"opset_version": opset} if opset else {}
     try:
@@ -44,7 +46,7 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
             return torch.onnx.export(
                 ep,
                 dynamo=True,
-                custom_translation_table=onnx_translation_table(),
+                custom_translation_table=onnx_translation_table(disable_lowerings),
                 optimize=optimize,
                 verbose=False,
                 **kwargs,
@@ -55,12 +57,12 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
         raise BackendError(f"ONNX export of {graph.name} failed: {summary}") from e
 
 
-def export_onnx(graph: Graph, path: str | Path, *, opset: int | None = None, check: bool = True) -> Path:
+def export_onnx(graph: Graph, path: str | Path, *, opset: int | None = None, check: bool = True, disable_lowerings=()) -> Path:
     """Write ``graph`` as an ONNX model (weights beside it when over 2 GB) that
     ``onnx.checker`` accepts; dynamic dimensions stay symbolic."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program = export_onnx_program(graph, opset=opset)
+    program = export_onnx_program(graph, opset=opset, disable_lowerings=disable_lowerings)
     program.save(str(path))
     if check:
         onnx.checker.check_model(str(path))
@@ -100,13 +102,14 @@ class OnnxRuntimeModel(CompiledModel):
     ``graph_optimization_level`` (disable|basic|extended|all), ``providers``
     (default: CUDA when present, then CPU), ``allow_spinning`` (ONNX Runtime's
     worker threads spin after a run; turn it off when other work shares the
-    cores), ``opset``."""
+    cores), ``opset``, ``disable_lowerings`` (groups of aten lowerings to
+    leave to the exporter, e.g. ``["contrib-attention"]``)."""
 
     backend = "onnxruntime"
 
     def __init__(self, graph: Graph, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  graph_optimization_level: str = "all", providers: list[str] | None = None,
-                 allow_spinning: bool = True, opset: int | None = None):
+                 allow_spinning: bool = True, opset: int | None = None, disable_lowerings=()):
         import onnxruntime as ort
 
         self.graph = graph
@@ -115,7 +118,7 @@ class OnnxRuntimeModel(CompiledModel):
         if missing:
             raise BackendError(f"execution provider(s) {missing} not available; available: {ort.get_available_providers()}")
         options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
-        self.program = export_onnx_program(graph, opset=opset)
+        self.program = export_onnx_program(graph, opset=opset, disable_lowerings=tuple(disable_lowerings))
         proto = self.program.model_proto
         self._tmp = None
         if proto.ByteSize() < (1 << 31) - (1 << 20):

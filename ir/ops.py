@@ -59,8 +59,30 @@ def registered_ops() -> dict[str, OpDef]:
     return dict(_REGISTRY)
 
 
-def onnx_translation_table() -> dict[torch._ops.OpOverload, Callable]:
-    return {d.overload: d.onnx for d in _REGISTRY.values() if d.onnx is not None}
+# Lowerings of aten ops that replace the exporter's generic ones (e.g. SDPA ->
+# com.microsoft.MultiHeadAttention), by group name so a backend can turn one off.
+_ATEN_LOWERINGS: dict[torch._ops.OpOverload, tuple[str, Callable]] = {}
+
+
+def register_onnx_lowering(overload: torch._ops.OpOverload, fn: Callable, *, group: str) -> None:
+    """Lower ``overload`` (an aten op) with ``fn`` instead of the exporter's default."""
+    if overload in _ATEN_LOWERINGS:
+        raise ValueError(f"{overload} already has an ONNX lowering ({_ATEN_LOWERINGS[overload][0]})")
+    _ATEN_LOWERINGS[overload] = (group, fn)
+
+
+def onnx_lowering_groups() -> list[str]:
+    return sorted({g for g, _ in _ATEN_LOWERINGS.values()})
+
+
+def onnx_translation_table(disable: tuple[str, ...] | list[str] = ()) -> dict[torch._ops.OpOverload, Callable]:
+    """fxopt ops' lowerings plus the aten lowerings whose group is not in ``disable``."""
+    unknown = sorted(set(disable) - set(onnx_lowering_groups()))
+    if unknown:
+        raise ValueError(f"unknown ONNX lowering group(s) {unknown}; known: {onnx_lowering_groups()}")
+    table = {ov: fn for ov, (g, fn) in _ATEN_LOWERINGS.items() if g not in disable}
+    table.update({d.overload: d.onnx for d in _REGISTRY.values() if d.onnx is not None})
+    return table
 
 
 # --------------------------------------------------------------------------
