@@ -212,6 +212,8 @@ def _trace_fn(fn: Callable, what: str, inputs: dict[str, Any], sentinels: dict[s
             node.args = _replace_literals(node.args, table)
             node.kwargs = _replace_literals(node.kwargs, table)
     phs = graph.placeholders()
+    for name, ph in zip(tensor_names, phs):
+        ph._rename(name)  # so that explanations name the parameter
     (out,) = [n for n in graph.fx.nodes if n.op == "output"]
     outs = out.args[0]
     outputs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
@@ -531,8 +533,8 @@ class _Matcher:
 
 
 def find_matches(pattern: Pattern, graph) -> list[Match]:
-    """Every occurrence of ``pattern`` in ``graph`` (overlapping ones included),
-    one per anchor node, in graph order."""
+    """Every occurrence of ``pattern`` in ``graph`` (overlapping ones included;
+    one per set of matched nodes), in graph order of the anchors."""
     return _find(pattern, graph)[0]
 
 
@@ -540,8 +542,11 @@ def _find(pattern: Pattern, graph) -> tuple[list[Match], _Matcher]:
     matcher = _Matcher(pattern, graph)
     found, seen = [], set()
     for m in matcher.matches():
-        key = tuple(m.outputs)
-        if key in seen:  # a commutative op can match the same nodes twice
+        # The same nodes matched in another role (commutative operands, the
+        # outputs of a symmetric pattern permuted) are one occurrence: keep the
+        # first, whose anchors come in graph order.
+        key = frozenset(m.matched_nodes())
+        if key in seen:
             continue
         seen.add(key)
         found.append(m)
