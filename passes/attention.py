@@ -287,7 +287,7 @@ class _IndexAlgebra:
     ``r{j}``, so broadcasting needs no bookkeeping; a dimension of size 1 never
     depends on its position (the symbol is substituted by 0).
 
-    Models ``arange``, unsqueeze/expand/view-to-same-size, ``slice``,
+    Models ``arange``, ``tril``/``triu``, unsqueeze/expand/view-to-same-size, ``slice``,
     ``index.Tensor``, ``diff``, ``cumsum`` of zeros, arithmetic, comparisons,
     boolean logic, ``where``, casts and constants; anything else (a graph
     input, a data-dependent op) makes the mask opaque, so it is never called causal.
@@ -443,6 +443,12 @@ class _IndexAlgebra:
             if sympy.simplify(first - inner.xreplace({rj: 0})) != 0:
                 raise _Opaque("diff whose first element differs from the rest")
             return inner
+        if t in (aten.tril.default, aten.triu.default):
+            x, d = A(0), self.value(args[1] if len(args) > 1 else 0)
+            keep = sympy.Le(self.r(0) - self.r(1), d) if t == aten.tril.default else sympy.Ge(self.r(0) - self.r(1), d)
+            if val(n).dtype == torch.bool:
+                return sympy.And(_as_bool(x), keep)
+            return sympy.Piecewise((x, keep), (0, True))
         if t == aten.cumsum.default:
             x = A(0)
             if x in (sympy.false, sympy.Integer(0)):

@@ -1,0 +1,224 @@
+"""fuse-attention: written-out attention -> scaled_dot_product_attention, and its
+ONNX Runtime lowering to com.microsoft.MultiHeadAttention."""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.export import Dim
+
+import fxopt
+from fxopt.ir.trace import split_inputs
+from fxopt.models import bert, gpt2, llama, tiny_gpt
+from fxopt.passes import OptionError, PassManager, PipelineError
+from fxopt.passes.attention import FuseAttention
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+PIPELINE = "canonicalize,dce,constant-fold,cse,fuse-attention,dce"
+
+
+def fuse(spec, pipeline=PIPELINE):
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    result = PassManager(pipeline, check_numerics=True).run(graph)
+    stats = next(r.stats for r in result.records if r.name.startswith("fuse-attention"))
+    return result.graph, stats
+
+
+def sdpa_nodes(graph):
+    return [n for n in graph.fx.nodes if n.target == SDPA]
+
+
+def assert_parity_on_backends(spec, graph, backends=("eager", "onnxruntime"), tol=1e-4, **options):
+    """The fused graph matches the original model on every backend, on the
+    traced inputs and on inputs of other sizes (dynamic dims stay dynamic)."""
+    for inputs in [spec.example_inputs, *spec.other_inputs]:
+        args, kwargs = split_inputs(inputs)
+        with torch.no_grad():
+            ref = spec.model(*args, **kwargs)
+        for backend in backends:
+            out = fxopt.compile(graph, backend, **(options if backend == "onnxruntime" else {}))(*args, **kwargs)
+            parity = fxopt.compare(ref, out)
+            assert parity.within(tol), (backend, parity)
+
+
+# -- the models: match counts, causal proof, parity -------------------------------------------
+
+
+def test_gpt2_eager_attention_is_fused_and_proved_causal():
+    # transformers 5 builds GPT-2's causal mask from position ids (index/le/cumsum);
+    # the symbolic evaluation reduces it to "key <= query", so the mask is dropped.
+    spec = gpt2("tiny", attn_implementation="eager")
+    graph, stats = fuse(spec)
+    assert (stats["fused"], stats["causal"], stats["masked"], stats["misses"]) == (2, 2, 0, {})
+    assert all(n.kwargs["is_causal"] and n.kwargs["attn_mask"] is None for n in sdpa_nodes(graph))
+    assert not any(n.target == aten.softmax.int for n in graph.fx.nodes)
+    assert_parity_on_backends(spec, graph)
+
+
+def test_bert_padding_mask_stays_an_attn_mask():
+    spec = bert("tiny", attn_implementation="eager")
+    graph, stats = fuse(spec)
+    assert (stats["fused"], stats["causal"], stats["masked"]) == (2, 0, 2)
+    assert all(not n.kwargs["is_causal"] and n.kwargs["attn_mask"] is not None for n in sdpa_nodes(graph))
+    assert_parity_on_backends(spec, graph)
+
+
+def test_tiny_gpt_kv_cache_offset_mask_is_not_plain_causal():
+    # query i sits at absolute position past + i: causal with an offset, so it stays a mask
+    spec = tiny_gpt()
+    graph, stats = fuse(spec)
+    assert (stats["fused"], stats["causal"], stats["masked"]) == (2, 0, 2)
+    assert_parity_on_backends(spec, graph)
+
+
+def test_llama_gqa_eager_attention_keeps_repeat_kv():
+    spec = llama("tiny", attn_implementation="eager")
+    graph, stats = fuse(spec)
+    assert (stats["fused"], stats["causal"], stats["gqa"]) == (2, 2, 2)
+    assert_parity_on_backends(spec, graph)
+
+
+def test_sdpa_models_have_nothing_to_fuse_and_say_so():
+    spec = gpt2("tiny")  # transformers' default implementation already exports SDPA
+    graph, stats = fuse(spec)
+    assert (stats["fused"], stats["softmax"], stats["sdpa_present"]) == (0, 0, 2)
+
+
+# -- small models: before / after, near misses ---------------------------------------------------
+
+
+class Attention(torch.nn.Module):
+    """One attention head group written out; ``mask`` picks how the mask is built."""
+
+    def __init__(self, mask: str = "tril", scale_on: str = "scores", heads: int = 2, dim: int = 16):
+        super().__init__()
+        self.mask, self.scale_on, self.heads, self.dim = mask, scale_on, heads, dim
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, pad=None):
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
+        hd = d // self.heads
+        if self.scale_on == "q":
+            scores = (q * hd**-0.5) @ k.transpose(-1, -2)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+        if self.mask == "tril":
+            keep = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        elif self.mask == "tril+1":  # sees one future token: not causal
+            keep = torch.ones(s, s, dtype=torch.bool, device=x.device).tril(diagonal=1)
+            scores = scores.masked_fill(~keep, float("-inf"))
+        elif self.mask == "arange":
+            pos = torch.arange(s, device=x.device)
+            scores = scores + torch.where(pos[None, :] <= pos[:, None], 0.0, torch.finfo(x.dtype).min)
+        elif self.mask == "input":
+            scores = scores + pad[:, None, None, :]
+        probs = F.softmax(scores, dim=-1)
+        out = probs @ v
+        out = out.transpose(1, 2).reshape(b, s, d)
+        return (out, probs) if self.mask == "return-probs" else out
+
+
+def small(mask="tril", scale_on="scores"):
+    torch.manual_seed(0)
+    model = Attention(mask, scale_on).eval()
+    x = torch.randn(2, 6, 16)
+    if mask == "input":
+        pad = torch.zeros(2, 6)
+        pad[0, 4:] = -1e9
+        inputs = (x, pad)
+        dyn = ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, {0: Dim.DYNAMIC, 1: Dim.DYNAMIC})
+        other = [(torch.randn(3, 9, 16), torch.zeros(3, 9))]
+    else:
+        inputs, dyn, other = (x,), ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},), [(torch.randn(3, 9, 16),)]
+    return fxopt.models.ModelSpec(model, inputs, dyn, f"attention-{mask}", other)
+
+
+@pytest.mark.parametrize("mask", ["tril", "arange"])
+def test_causal_masks_written_two_ways_become_is_causal(mask):
+    spec = small(mask)
+    graph, stats = fuse(spec)
+    (node,) = sdpa_nodes(graph)
+    assert stats["causal"] == 1 and node.kwargs["is_causal"] and node.kwargs["attn_mask"] is None
+    assert node.kwargs["scale"] == pytest.approx(1 / math.sqrt(8))
+    assert_parity_on_backends(spec, graph, backends=("eager", "onnxruntime") if mask == "tril" else ("eager",))
+
+
+def test_tril_with_offset_is_not_made_causal():
+    spec = small("tril+1")
+    graph, stats = fuse(spec)
+    (node,) = sdpa_nodes(graph)
+    assert stats["masked"] == 1 and not node.kwargs["is_causal"] and node.kwargs["attn_mask"] is not None
+    assert_parity_on_backends(spec, graph, backends=("eager",))
+
+
+def test_mask_from_an_input_and_scale_on_q():
+    spec = small("input", scale_on="q")
+    graph, stats = fuse(spec)
+    (node,) = sdpa_nodes(graph)
+    assert stats["masked"] == 1 and node.kwargs["scale"] == pytest.approx(8**-0.5)
+    assert_parity_on_backends(spec, graph, backends=("eager",))
+
+
+def test_causal_option_off_keeps_the_mask():
+    spec = small("tril")
+    graph, stats = fuse(spec, PIPELINE.replace("fuse-attention", "fuse-attention(causal=false)"))
+    assert (stats["causal"], stats["masked"]) == (0, 1)
+    assert_parity_on_backends(spec, graph, backends=("eager",))
+
+
+def test_probabilities_used_outside_are_not_fused_and_the_miss_is_explained():
+    spec = small("return-probs")
+    graph, stats = fuse(spec)
+    assert stats["fused"] == 0 and not sdpa_nodes(graph)
+    (reason,) = stats["misses"].values()
+    assert "used 2 times" in reason
+
+
+def test_softmax_over_another_dim_is_a_miss():
+    class NotAttention(torch.nn.Module):
+        def forward(self, a, b):
+            return F.softmax(a @ b, dim=1) @ b
+
+    x = torch.randn(2, 2, 4, 4)
+    graph = fxopt.trace(NotAttention(), (x, x))
+    result = PassManager("fuse-attention").run(graph)
+    assert result.records[0].stats["misses"] == {"softmax": "softmax over dim 1, not the last"}
+
+
+def test_bad_option_is_named():
+    with pytest.raises(PipelineError, match="option 'min_seq': must be >= 1"):
+        PassManager("fuse-attention(min_seq=0)")
+    with pytest.raises(OptionError, match="min_seq"):
+        FuseAttention(min_seq=0)
+
+
+# -- ONNX Runtime lowering ---------------------------------------------------------------------
+
+
+def onnx_ops(graph, **options):
+    proto = fxopt.backends.onnxruntime.export_onnx_program(graph, **options).model_proto
+    onnx.checker.check_model(proto)
+    return [(n.domain, n.op_type) for n in proto.graph.node]
+
+
+def test_onnx_model_uses_multihead_attention_and_can_opt_out():
+    spec = bert("tiny", attn_implementation="eager")
+    graph, _ = fuse(spec)
+    ops = onnx_ops(graph)
+    assert ops.count(("com.microsoft", "MultiHeadAttention")) == 2
+    assert ("", "Softmax") not in ops
+    plain = onnx_ops(graph, disable_lowerings=["contrib-attention"])
+    assert ("com.microsoft", "MultiHeadAttention") not in plain and ("", "Softmax") in plain
+    assert_parity_on_backends(spec, graph, backends=("onnxruntime",), disable_lowerings=["contrib-attention"])
+
+
+def test_unknown_lowering_group_is_an_error():
+    with pytest.raises(ValueError, match="unknown ONNX lowering group"):
+        fxopt.ir.ops.onnx_translation_table(["contrib-atention"])
