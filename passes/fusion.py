@@ -15,7 +15,6 @@ import operator
 from typing import Callable, Sequence
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 
 from ..ir.nodes import same_shape, val

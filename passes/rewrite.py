@@ -67,8 +67,6 @@ No module names are involved anywhere: matching is on the graph's ops alone.
 from __future__ import annotations
 
 import inspect
-import itertools
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
@@ -527,9 +525,17 @@ class _Matcher:
         if p in state[0]:
             yield from self._rest(outs[1:], state, anchor)
             return
-        for g in self.by_target.get(p.target, []):
+        for g in self._candidates(p, state[0]):
             for s in self.match_node(p, g, state):
                 yield from self._rest(outs[1:], s, anchor)
+
+    def _candidates(self, p: fx.Node, mapping) -> list[fx.Node]:
+        """Graph nodes that could match a further output ``p``: users of a value
+        one of its inputs already bound (cheap), else every node of its op."""
+        for arg in p.all_input_nodes:
+            if arg in mapping:
+                return [u for u in mapping[arg].users if u.target == p.target]
+        return self.by_target.get(p.target, [])
 
 
 def find_matches(pattern: Pattern, graph) -> list[Match]:

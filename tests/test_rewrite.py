@@ -1,6 +1,8 @@
 """The pattern-rewrite engine (fxopt.passes.rewrite): each test is a small
 model, a pattern written as plain Python, and what the engine must do with it."""
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,7 +164,7 @@ def merge_two(match, graph):
     b = graph.add_constant(torch.cat([b1, b2]), "merged_bias")
     y = graph.fx.call_function(aten.linear.default, (match["x"], w, b))
     parts = graph.fx.call_function(aten.split_with_sizes.default, (y, [w1.shape[0], w2.shape[0]], -1))
-    return tuple(graph.fx.call_function(__import__("operator").getitem, (parts, i)) for i in range(2))
+    return tuple(graph.fx.call_function(operator.getitem, (parts, i)) for i in range(2))
 
 
 def test_multi_output_pattern_with_a_constant_computing_replacement():
