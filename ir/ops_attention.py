@@ -21,7 +21,6 @@ import math
 import torch
 from onnxscript import opset18 as op
 from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention as _generic_sdpa
-from onnx.defs import OpSchema
 
 from .onnx_contrib import _FLOATS, _Attr, _AttrType, _optional, _Param, declare, msft
 from .ops import register_onnx_lowering

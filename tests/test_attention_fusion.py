@@ -222,3 +222,15 @@ def test_onnx_model_uses_multihead_attention_and_can_opt_out():
 def test_unknown_lowering_group_is_an_error():
     with pytest.raises(ValueError, match="unknown ONNX lowering group"):
         fxopt.ir.ops.onnx_translation_table(["contrib-atention"])
+
+
+def test_sdpa_the_contrib_op_cannot_express_falls_back_to_the_generic_lowering():
+    class GroupedCausal(torch.nn.Module):
+        def forward(self, q, k, v):  # 4 query heads over 2 KV heads, queries fewer than keys
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8)
+    graph = fxopt.trace(GroupedCausal(), (q, k, k))
+    assert ("com.microsoft", "MultiHeadAttention") not in onnx_ops(graph)
+    out = fxopt.compile(graph, "onnxruntime")(q, k, k)
+    assert fxopt.compare(GroupedCausal()(q, k, k), out).within(1e-5)
