@@ -20,6 +20,7 @@ shapes and a 4096x4096 linear, batch 1 and 128, ratios to fp32 ``F.linear``):
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -73,8 +74,10 @@ def _packed(w_q: torch.Tensor, w_scale: torch.Tensor):
     if hit is not None and hit[0]() is w_q and hit[1] == w_q._version:
         return hit[2]
     n = w_q.shape[0]
-    qw = torch._make_per_channel_quantized_tensor(w_q, w_scale.to(torch.float64), torch.zeros(n, dtype=torch.int64), 0)
-    packed = torch.ops.quantized.linear_prepack(qw, None)
+    with warnings.catch_warnings():  # quantized dtypes are deprecated; fbgemm's packing still takes them
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(w_q, w_scale.to(torch.float64), torch.zeros(n, dtype=torch.int64), 0)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
     _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), w_q._version, packed)
     return packed
 

@@ -1,0 +1,258 @@
+"""Quantized GPT-2 small (124M, random weights) at batch 1: prefill of 128
+tokens and a one-token forward, as ratios to eager fp32 measured in the same run.
+
+Each variant runs in its own subprocess, one after the other, so ONNX Runtime's
+spinning worker threads (or PyTorch's) never tax another variant's timing. The
+ONNX Runtime peers start from fxopt's own fp32 export of the canonicalized graph.
+
+    python benchmarks/quant_speed.py            # full run
+    python benchmarks/quant_speed.py --quick    # fewer repetitions
+
+Writes ``benchmarks/results/quant_speed.md`` and ``quant_speed.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {"prefill-128": 128, "one-token": 1}
+
+# name -> (label, backend, description)
+VARIANTS = {
+    "eager-fp32": ("eager fp32", "eager"),
+    "torchao-dynamic-int8": ("torch.ao quantize_dynamic int8 (Conv1D -> Linear by hand)", "eager"),
+    "ort-fp32": ("ONNX Runtime fp32", "onnxruntime"),
+    "ort-quantize-dynamic-int8": ("ONNX Runtime quantize_dynamic int8, per-tensor", "onnxruntime"),
+    "ort-matmulnbits-int4": ("ONNX Runtime MatMulNBitsQuantizer int4, block 128, accuracy level 4", "onnxruntime"),
+    "fxopt-int8-eager": ("fxopt W8A8 dynamic int8, eager (fbgemm)", "eager"),
+    "fxopt-int8-ort": ("fxopt W8A8 dynamic int8, ONNX Runtime (MatMulIntegerToFloat)", "onnxruntime"),
+    "fxopt-w8-ort": ("fxopt weight-only int8, ONNX Runtime (MatMulNBits, acc. level 4)", "onnxruntime"),
+    "fxopt-int4-eager": ("fxopt weight-only int4 g128, eager (dequantize + F.linear)", "eager"),
+    "fxopt-int4-ort": ("fxopt weight-only int4 g128, ONNX Runtime (MatMulNBits, acc. level 4)", "onnxruntime"),
+}
+FXOPT_PIPELINES = {
+    "fxopt-int8": "canonicalize,quantize(mode=dynamic,skip_lm_head=false)",
+    "fxopt-w8": "canonicalize,quantize(bits=8,scheme=sym,skip_lm_head=false)",
+    "fxopt-int4": "canonicalize,quantize(bits=4,group_size=128,skip_lm_head=false)",
+}
+
+
+def _inputs(seq: int):
+    import torch
+
+    return {"input_ids": torch.randint(0, 50257, (1, seq), generator=torch.Generator().manual_seed(seq))}
+
+
+def _gpt2_graph():
+    import fxopt
+    from fxopt.models import gpt2
+
+    spec = gpt2()
+    return spec, fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name="gpt2")
+
+
+def _ort_session(path: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def _ort_runner(path: str):
+    sess = _ort_session(path)
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(inputs):
+        return sess.run(None, {n: inputs[n].numpy() for n in names})
+
+    return run
+
+
+def _conv1d_to_linear(model):
+    """torch.ao quantize_dynamic only knows nn.Linear; GPT-2 uses Conv1D."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                lin = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1])
+                lin.weight.data = child.weight.data.t().contiguous()
+                lin.bias.data = child.bias.data
+                setattr(module, child_name, lin)
+    return model
+
+
+def build(variant: str, fp32_onnx: str, workdir: str):
+    """Return (callable(inputs), note)."""
+    import torch
+
+    import fxopt
+
+    if variant == "eager-fp32":
+        spec, _ = _gpt2_graph()
+        return (lambda inp: spec.model(**inp)), ""
+    if variant == "torchao-dynamic-int8":
+        spec, _ = _gpt2_graph()
+        model = _conv1d_to_linear(spec.model)
+        q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        n = sum(1 for m in q.modules() if type(m).__name__ == "Linear" and "quantized" in type(m).__module__)
+        return (lambda inp: q(**inp)), f"{n} linears quantized"
+    if variant == "ort-fp32":
+        return _ort_runner(fp32_onnx), ""
+    if variant == "ort-quantize-dynamic-int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        out = os.path.join(workdir, "dyn.onnx")
+        quantize_dynamic(fp32_onnx, out, weight_type=QuantType.QInt8, per_channel=False)
+        import onnx
+
+        ops = [n.op_type for n in onnx.load(out, load_external_data=False).graph.node]
+        return _ort_runner(out), f"{sum(o in ('MatMulInteger', 'DynamicQuantizeMatMul') for o in ops)} int8 matmuls"
+    if variant == "ort-matmulnbits-int4":
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        model = onnx.load(fp32_onnx)
+        qz = MatMulNBitsQuantizer(model, bits=4, block_size=128, is_symmetric=False, accuracy_level=4)
+        qz.process()
+        out = os.path.join(workdir, "nbits.onnx")
+        qz.model.save_model_to_file(out, use_external_data_format=False)
+        ops = [n.op_type for n in onnx.load(out).graph.node]
+        left = sum(o in ("MatMul", "Gemm") for o in ops)
+        return _ort_runner(out), f"{ops.count('MatMulNBits')} MatMulNBits, {left} float MatMul/Gemm left"
+    base, _, backend = variant.rpartition("-")
+    _, graph = _gpt2_graph()
+    result = fxopt.PassManager(FXOPT_PIPELINES[base]).run(graph)
+    stats = result.records[-1].stats
+    note = f"{stats['quantized']} layers quantized, min SQNR {stats.get('min_sqnr_db')} dB"
+    if backend == "eager":
+        compiled = fxopt.compile(result.graph, "eager")
+        return (lambda inp: compiled(**inp)), note
+    path = os.path.join(workdir, f"{variant}.onnx")
+    fxopt.export_onnx(result.graph, path)
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    note += f"; {ops.count('MatMulNBits')} MatMulNBits, {ops.count('MatMulIntegerToFloat')} MatMulIntegerToFloat"
+    return _ort_runner(path), note
+
+
+def measure(variant: str, fp32_onnx: str, repeat: int) -> dict:
+    import torch
+
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as workdir:
+        fn, note = build(variant, fp32_onnx, workdir)
+        out = {"variant": variant, "note": note}
+        with torch.inference_mode():
+            for shape, seq in SHAPES.items():
+                inputs = _inputs(seq)
+                for _ in range(3):
+                    fn(inputs)
+                times = []
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    fn(inputs)
+                    times.append((time.perf_counter() - start) * 1e3)
+                out[shape] = statistics.median(times)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    ap.add_argument("--_onnx", help=argparse.SUPPRESS)
+    ap.add_argument("--_repeat", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        print("RESULT " + json.dumps(measure(args._child, args._onnx, args._repeat)))
+        return
+    repeat = 10 if args.quick else 40
+    variants = args.variants.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_onnx = os.path.join(tmp, "gpt2_fp32.onnx")
+        warnings.filterwarnings("ignore")
+        import fxopt
+
+        _, graph = _gpt2_graph()
+        fxopt.export_onnx(fxopt.PassManager("canonicalize").run(graph).graph, fp32_onnx)
+        del graph
+        for v in variants:
+            cmd = [sys.executable, __file__, "--_child", v, "--_onnx", fp32_onnx, "--_repeat", str(repeat)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                rows.append({"variant": v, "note": "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]})
+            else:
+                rows.append(json.loads(line[7:]))
+            print(f"{v}: {rows[-1]}", file=sys.stderr)
+    base = next((r for r in rows if r["variant"] == "eager-fp32" and "one-token" in r), None)
+    lines = [
+        "| variant | prefill 128 (ms) | ratio | one-token (ms) | ratio | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = []
+        for shape in SHAPES:
+            if shape in r:
+                ratio = f"{r[shape] / base[shape]:.2f}" if base else "-"
+                cells += [f"{r[shape]:.2f}", ratio]
+            else:
+                cells += ["-", "-"]
+        lines.append(f"| {VARIANTS[r['variant']][0]} | " + " | ".join(cells) + f" | {r['note']} |")
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    header = (
+        "# Quantized GPT-2 small (124M, random weights), batch 1\n\n"
+        f"`python benchmarks/quant_speed.py{' --quick' if args.quick else ''}`; median of {repeat} warm runs per shape, "
+        "each variant in its own subprocess; ratios against eager fp32 in the same run (below 1 is faster). "
+        f"Machine: {os.cpu_count()} cores, shared with other jobs while measured, so figures are noisy.\n\n"
+        "Goals (issue 3): one-token fxopt int8 <= 0.20 and int4 <= 0.15; prefill-128 fxopt int8 <= 0.30.\n\n"
+    )
+    (RESULTS / "quant_speed.md").write_text(header + table + "\n")
+    _plot(rows, base)
+
+
+def _plot(rows, base) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    if base is None:
+        return
+    done = [r for r in rows if "one-token" in r]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.4
+    for i, shape in enumerate(SHAPES):
+        ax.barh([j + i * width for j in range(len(done))], [r[shape] / base[shape] for r in done], width, label=shape)
+    ax.set_yticks([j + width / 2 for j in range(len(done))], [r["variant"] for r in done])
+    ax.axvline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("time / eager fp32 (lower is faster)")
+    ax.set_title("GPT-2 small, batch 1")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quant_speed.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
