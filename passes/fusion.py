@@ -283,8 +283,10 @@ _RESIDUAL = [
 
 @register_pass("fuse-norm")
 class FuseNorm(RewritePass):
-    """Turns normalizations written out in primitive ops into one op, then
-    fuses a residual add into the norm that reads it.
+    """Fuses normalizations written out in primitive ops, and residual adds into norms.
+
+    Turns a norm written out in primitive ops into one op, then fuses the
+    residual add that feeds a norm into it.
 
     Matches and produces:
 

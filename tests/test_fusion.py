@@ -193,3 +193,16 @@ def test_a_linear_whose_output_is_also_used_elsewhere_is_not_fused():
     graph = traced(LinearGeluShared(), torch.randn(2, 8))
     stats = PassManager("fuse-linear-act").run(graph).records[0].stats["linear+gelu"]
     assert (stats["found"], stats["rewritten"], stats["skipped"]) == (1, 0, {"escaping": 1})
+
+
+def test_fusions_compose_with_weight_quantization():
+    # Merged Q/K/V and gate/up are quantized as one matrix each; norms still fuse.
+    graph = base_graph("llama-tiny")
+    result = PassManager("merge-linears,quantize(bits=4,group_size=32),fuse-norm,dce").run(graph)
+    fused = result.graph
+    out_features = {n.args[6] for n in fused.fx.nodes if n.target == fx_ops.linear_nbits.default}
+    assert {64 + 32 + 32, 128 + 128} <= out_features
+    assert rewritten_counts(result.records[2].stats) == EXPECTED["llama-tiny"]["fuse-norm"]
+    spec = model_spec("llama-tiny")
+    args, kwargs = split_inputs(spec.example_inputs)
+    assert fxopt.compare(graph(*args, **kwargs), fused(*args, **kwargs)).cosine > 0.99
