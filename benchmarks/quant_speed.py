@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+THREADS = os.cpu_count() or 1  # for PyTorch and ONNX Runtime alike (--threads)
 SHAPES = {"prefill-128": 128, "one-token": 1}
 
 # name -> (label, backend, description)
@@ -65,6 +66,7 @@ def _ort_session(path: str):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
@@ -171,13 +173,19 @@ def measure(variant: str, fp32_onnx: str, repeat: int) -> dict:
 
 
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--threads", type=int, default=THREADS, help="threads for every variant (default: all cores)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_onnx", help=argparse.SUPPRESS)
     ap.add_argument("--_repeat", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    THREADS = args.threads
+    import torch
+
+    torch.set_num_threads(THREADS)
     if args._child:
         print("RESULT " + json.dumps(measure(args._child, args._onnx, args._repeat)))
         return
@@ -193,7 +201,7 @@ def main() -> None:
         fxopt.export_onnx(fxopt.PassManager("canonicalize").run(graph).graph, fp32_onnx)
         del graph
         for v in variants:
-            cmd = [sys.executable, __file__, "--_child", v, "--_onnx", fp32_onnx, "--_repeat", str(repeat)]
+            cmd = [sys.executable, __file__, "--_child", v, "--_onnx", fp32_onnx, "--_repeat", str(repeat), "--threads", str(THREADS)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
@@ -220,9 +228,9 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     header = (
         "# Quantized GPT-2 small (124M, random weights), batch 1\n\n"
-        f"`python benchmarks/quant_speed.py{' --quick' if args.quick else ''}`; median of {repeat} warm runs per shape, "
+        f"`python benchmarks/quant_speed.py{' --quick' if args.quick else ''} --threads {THREADS}`; median of {repeat} warm runs per shape, "
         "each variant in its own subprocess; ratios against eager fp32 in the same run (below 1 is faster). "
-        f"Machine: {os.cpu_count()} cores, shared with other jobs while measured, so figures are noisy.\n\n"
+        f"{THREADS} thread(s) for every variant. Machine: {os.cpu_count()} cores, shared with other jobs while measured, so figures are noisy.\n\n"
         "Goals (issue 3): one-token fxopt int8 <= 0.20 and int4 <= 0.15; prefill-128 fxopt int8 <= 0.30.\n\n"
     )
     (RESULTS / "quant_speed.md").write_text(header + table + "\n")

@@ -1,0 +1,271 @@
+"""The ``quantize`` pass: every scheme x mode x backend on small models, checked
+tightly against a float model built from the same dequantized weights and
+loosely against the original; saving, ONNX export, bad options, and cases where
+the pass must not fire."""
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxopt
+from fxopt.ir.ops_quant import linear_dynamic_reference
+from fxopt.ir.quant import QuantConfig, quantize
+from fxopt.passes import OptionError, PassError, PipelineError
+from fxopt.passes.quantize import METHODS, MODES, Quantize
+from conftest import model_spec, reference, run
+
+aten = torch.ops.aten
+FX_NBITS = torch.ops.fxopt.linear_nbits.default
+FX_DYNAMIC = torch.ops.fxopt.linear_dynamic_int8.default
+
+
+def traced(name):
+    spec = model_spec(name)
+    return spec, fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+
+
+def quantized(name, options):
+    spec, graph = traced(name)
+    canon = fxopt.PassManager("canonicalize").run(graph).graph
+    result = fxopt.PassManager([Quantize(**options)]).run(canon)
+    return spec, canon, result.graph, result.records[-1].stats
+
+
+def dequantized_reference(canon, stats):
+    """The canonical float graph with each quantized layer's weight replaced by
+    its dequantized form, computed independently with the reference quantizer."""
+    ref = canon.copy()
+    for node in list(ref.fx.nodes):
+        if node.target != aten.linear.default:
+            continue
+        rec = stats["layers"].get(Quantize.layer_name(node))
+        if rec is None or rec.get("kept_float"):
+            continue
+        w = ref.constant(node.args[1])
+        qt = quantize(w, QuantConfig(rec["bits"], rec["scheme"], rec["granularity"], GROUP))
+        with ref.fx.inserting_before(node):
+            node.replace_input_with(node.args[1], ref.add_constant(qt.dequantize(), "deq"))
+    ref.recompile()
+    return ref
+
+
+GROUP = 32
+# (model, options, loose tolerance vs the original as a fraction of the output scale)
+CASES = [
+    ("tiny-gpt", dict(bits=4, scheme="asym", granularity="group", group_size=GROUP), 0.15),
+    ("tiny-gpt", dict(bits=8, scheme="sym", granularity="channel"), 0.02),
+    ("gpt2-tiny", dict(bits=4, scheme="sym", granularity="group", group_size=GROUP), 0.15),
+    ("gpt2-tiny", dict(bits=8, scheme="asym", granularity="tensor"), 0.02),
+    ("llama-tiny", dict(bits=4, scheme="asym", granularity="channel"), 0.3),
+    ("llama-tiny", dict(bits=3, scheme="sym", granularity="group", group_size=GROUP), 0.5),
+]
+
+
+@pytest.mark.parametrize("name,options,loose", CASES, ids=lambda v: v if isinstance(v, str) else None)
+def test_weight_only_matches_dequantized_reference_on_both_backends(name, options, loose):
+    spec, canon, q, stats = quantized(name, {**options, "accuracy_level": 0})
+    n_linear = sum(1 for n in canon.fx.nodes if n.target == aten.linear.default)
+    assert stats["quantized"] == n_linear - stats["skipped"].get("lm-head", 0) > 0
+    fused = sum(1 for n in q.fx.nodes if n.target == FX_NBITS)
+    assert fused == (stats["quantized"] if options["bits"] in (4, 8) else 0)  # 3 bits: dequantize form
+    expected = run(dequantized_reference(canon, stats), spec.example_inputs)
+    original = reference(spec)
+    eager = run(fxopt.compile(q, "eager"), spec.example_inputs)
+    assert fxopt.compare(expected, eager).within(1e-5)
+    ort = run(fxopt.compile(q, "onnxruntime"), spec.example_inputs)
+    assert fxopt.compare(expected, ort).within(1e-4)
+    assert fxopt.compare(original, eager).within(loose)
+    # Dynamic dimensions survive: other shapes run too.
+    other = spec.other_inputs[0]
+    assert fxopt.compare(run(dequantized_reference(canon, stats), other), run(q, other)).within(1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt", "gpt2-tiny", "llama-tiny"])
+def test_dynamic_w8a8_on_both_backends(name):
+    spec, canon, q, stats = quantized(name, dict(mode="dynamic"))
+    assert sum(1 for n in q.fx.nodes if n.target == FX_DYNAMIC) == stats["quantized"] > 0
+    eager = run(fxopt.compile(q, "eager"), spec.example_inputs)
+    ort = run(fxopt.compile(q, "onnxruntime"), spec.example_inputs)
+    # Both backends compute the same integer arithmetic.
+    assert fxopt.compare(eager, ort).within(1e-4)
+    # Against float with the same int8 weights: only activation rounding (7 bits) differs.
+    expected = run(dequantized_reference(canon, stats), spec.example_inputs)
+    assert fxopt.compare(expected, eager).within(0.03)
+    assert fxopt.compare(reference(spec), eager).cosine > 0.999
+
+
+def test_dynamic_op_matches_its_definition():
+    x, w = torch.randn(2, 5, 64) * 3 + 1, torch.randn(48, 64)
+    qt = quantize(w, QuantConfig(8, "sym", "channel"))
+    bias = torch.randn(48)
+    got = torch.ops.fxopt.linear_dynamic_int8(x, qt.q, qt.scale.view(-1), bias)
+    want = linear_dynamic_reference(x, qt.q, qt.scale.view(-1), bias)
+    assert fxopt.compare(want, got).within(1e-5)
+
+
+def test_accuracy_level_4_lets_onnx_runtime_quantize_activations():
+    spec, canon, q, stats = quantized("mlp", dict(bits=4, group_size=GROUP, accuracy_level=4))
+    expected = run(dequantized_reference(canon, stats), spec.example_inputs)
+    parity = fxopt.compare(expected, run(fxopt.compile(q, "onnxruntime"), spec.example_inputs))
+    assert parity.within(0.02) and not parity.within(1e-6)
+
+
+def test_quantized_model_saves_loads_and_exports_with_matmulnbits(tmp_path):
+    spec, canon, q, stats = quantized("gpt2-tiny", dict(bits=4, group_size=GROUP))
+    q.save(tmp_path / "q.pt2")
+    loaded = fxopt.load(tmp_path / "q.pt2")
+    assert fxopt.compare(run(q, spec.example_inputs), run(loaded, spec.example_inputs)).within(1e-6)
+    path = fxopt.export_onnx(loaded, tmp_path / "q.onnx")
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("MatMulNBits") == stats["quantized"] == 8
+    assert "MatMulNBits" in [n.op_type for n in onnx.load(path).graph.node if n.domain == "com.microsoft"]
+
+
+def test_dynamic_model_saves_and_exports_with_integer_matmuls(tmp_path):
+    spec, canon, q, stats = quantized("tiny-gpt", dict(mode="dynamic"))
+    q.save(tmp_path / "q.pt2")
+    loaded = fxopt.load(tmp_path / "q.pt2")
+    assert fxopt.compare(run(q, spec.example_inputs), run(loaded, spec.example_inputs)).within(1e-6)
+    ops = [n.op_type for n in onnx.load(fxopt.export_onnx(loaded, tmp_path / "q.onnx")).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == stats["quantized"] == 12
+
+
+class WideMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(256, 512)
+        self.down = torch.nn.Linear(512, 256)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+def test_int4_export_is_under_a_third_of_fp32(tmp_path):
+    torch.manual_seed(0)
+    graph = fxopt.trace(WideMLP().eval(), (torch.randn(2, 256),))
+    fp32 = fxopt.export_onnx(fxopt.PassManager("canonicalize").run(graph).graph, tmp_path / "fp32.onnx").stat().st_size
+    q = fxopt.PassManager("canonicalize,quantize(bits=4,group_size=64)").run(graph)
+    int4 = fxopt.export_onnx(q.graph, tmp_path / "int4.onnx").stat().st_size
+    assert int4 <= 0.3 * fp32
+    assert q.records[-1].stats["bytes_saved"] > 0.7 * (256 * 512 * 2 * 4)
+
+
+def test_stats_report_error_and_bytes_per_layer():
+    _, _, _, stats = quantized("tiny-gpt", dict(bits=4, group_size=GROUP))
+    layer = stats["layers"]["blocks.0.q"]
+    assert layer["bits"] == 4 and 15 < layer["sqnr_db"] < 40 and 0 < layer["rel_err"] < 0.2
+    assert layer["bytes_saved"] == 64 * 64 * 4 - (64 * 64 // 2 + 64 * 2 * 4 + 64 * 2 // 2)
+    assert stats["bytes_saved"] == sum(r["bytes_saved"] for r in stats["layers"].values())
+    assert stats["skipped"] == {"lm-head": 1}  # the head is tied to the embedding
+
+
+def test_pipeline_text_selection_and_overrides():
+    spec, graph = traced("tiny-gpt")
+    text = "canonicalize,quantize(bits=4,group_size=32,include='blocks\\.0\\.',exclude='proj',overrides=['up$:bits=8'])"
+    result = fxopt.PassManager(text, check_numerics=True).run(graph)
+    stats = result.records[-1].stats
+    assert sorted(stats["layers"]) == ["blocks.0.down", "blocks.0.k", "blocks.0.q", "blocks.0.up", "blocks.0.v"]
+    assert stats["layers"]["blocks.0.up"]["bits"] == 8 and stats["layers"]["blocks.0.up"]["granularity"] == "channel"
+    assert stats["layers"]["blocks.0.q"]["bits"] == 4
+    assert stats["skipped"] == {"lm-head": 1, "not-included": 6, "excluded": 1}
+    # min_size and the LM head switch
+    _, _, _, s2 = quantized("tiny-gpt", dict(bits=8, min_size=64 * 96, skip_lm_head=False))
+    assert sorted(s2["layers"]) == ["blocks.0.down", "blocks.0.up", "blocks.1.down", "blocks.1.up", "head"]
+    assert s2["skipped"] == {"below-min-size": 8}
+
+
+def test_embeddings_quantized_weight_only():
+    spec, canon, q, stats = quantized("llama-tiny", dict(bits=8, quantize_embeddings=True))
+    assert stats["layers"]["model.embed_tokens"]["granularity"] == "channel"
+    tables = [q.constant(n.args[0]) for n in q.fx.nodes if n.target == aten.embedding.default]
+    assert [t.dtype for t in tables if t.shape[1] == 64] == [torch.uint8]  # the [vocab, hidden] table is integer now
+    assert stats["bytes_saved"] > 256 * 64 * 3
+    original = reference(spec)
+    assert fxopt.compare(original, run(q, spec.example_inputs)).within(0.02)
+    assert fxopt.compare(original, run(fxopt.compile(q, "onnxruntime"), spec.example_inputs)).within(0.03)
+
+
+def test_guard_times_layers_and_keeps_float_where_quantizing_does_not_pay():
+    spec, canon, q, stats = quantized("gpt2-tiny", dict(mode="dynamic", guard=True))
+    assert all("float_ms" in r and "quant_ms" in r for r in stats["layers"].values())
+    kept = stats["kept_float_by_guard"]
+    assert all((r["quant_ms"] >= r["float_ms"]) == (name in kept) for name, r in stats["layers"].items())
+    assert sum(1 for n in q.fx.nodes if n.target == FX_DYNAMIC) == stats["quantized"] == 8 - len(kept)
+    assert sum(1 for n in q.fx.nodes if n.target == aten.linear.default) == len(kept) + 1  # + the LM head
+    assert fxopt.compare(reference(spec), run(q, spec.example_inputs)).cosine > 0.999
+
+
+# -- bad options: clear errors, graph untouched ----------------------------------------
+
+@pytest.mark.parametrize("options,message", [
+    (dict(bits=1), "option 'bits': bits must be from 2 to 8"),
+    (dict(scheme="nf4"), "option 'scheme' must be one of"),
+    (dict(mode="dynamic", bits=4), "mode 'dynamic' runs int8 x int8 kernels"),
+    (dict(include="(unclosed"), "invalid regular expression"),
+    (dict(overrides=["attn"]), "each override is 'regex:key=value"),
+    (dict(overrides=["attn:bitz=4"]), "expected key=value with key one of"),
+    (dict(overrides=["attn:bits=12"]), "bits must be from 2 to 8"),
+])
+def test_bad_options_fail_at_construction(options, message):
+    with pytest.raises(OptionError, match=message):
+        Quantize(**options)
+
+
+def test_modes_and_methods_not_yet_available_fail_clearly():
+    for key, value, table in (("mode", "static", MODES), ("method", "awq", METHODS), ("method", "gptq", METHODS)):
+        if value in table:  # plugged in: then it needs calibration data
+            spec, graph = traced("mlp")
+            with pytest.raises(PipelineError, match="needs input 'calibration_data'"):
+                fxopt.PassManager(f"canonicalize,quantize({key}={value})").run(graph)
+        else:
+            with pytest.raises(OptionError, match=f"{key} '{value}' is not available yet"):
+                Quantize(**{key: value})
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(bits=4, group_size=48), "layer 'blocks.0.q' .*group size 48 does not divide the input dimension K=64"),
+    (dict(include="no_such_layer"), "include='no_such_layer' matches no layer"),
+    (dict(exclude="no_such_layer"), "exclude='no_such_layer' matches no layer"),
+    (dict(overrides=["nothing:bits=4"]), "override 'nothing:bits=4' matches no layer"),
+])
+def test_run_time_errors_name_the_problem_and_leave_the_graph_untouched(options, message):
+    _, graph = traced("tiny-gpt")
+    canon = fxopt.PassManager("canonicalize").run(graph).graph
+    before = str(canon)
+    with pytest.raises(PassError, match=message):
+        Quantize(**options).run(canon)
+    assert str(canon) == before
+    with pytest.raises(PassError, match="pass 'quantize"):
+        fxopt.PassManager([Quantize(**options)]).run(canon)
+
+
+def test_quantize_requires_canonicalize_first():
+    _, graph = traced("mlp")
+    with pytest.raises(PipelineError, match="requires 'canonical-linear'"):
+        fxopt.PassManager("quantize").run(graph)
+
+
+# -- where the pass must not fire ----------------------------------------------------------
+
+class WeightAsInput(torch.nn.Module):
+    def forward(self, x, w):
+        return F.linear(x, w) + x @ w.t()
+
+
+def test_linear_whose_weight_is_a_graph_input_is_left_alone():
+    graph = fxopt.trace(WeightAsInput(), (torch.randn(3, 8), torch.randn(8, 8)))
+    canon = fxopt.PassManager("canonicalize").run(graph).graph
+    result = fxopt.PassManager([Quantize(bits=4, group_size=8)]).run(canon)
+    record = result.records[-1]
+    assert not record.changed and record.stats["quantized"] == 0
+    assert record.stats["skipped"] == {"weight-not-constant": 1}
+    assert str(result.graph) == str(canon)
+
+
+def test_include_one_layer_quantizes_only_that_layer():
+    spec, canon, q, stats = quantized("tiny-gpt", dict(bits=8, include=r"^blocks\.1\.v$"))
+    assert list(stats["layers"]) == ["blocks.1.v"] and stats["quantized"] == 1
+    (node,) = [n for n in q.fx.nodes if n.target == FX_NBITS]
+    assert node.meta["quantized_layer"] == "blocks.1.v"
+    assert sum(1 for n in q.fx.nodes if n.target == aten.linear.default) == 12
