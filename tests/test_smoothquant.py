@@ -115,3 +115,18 @@ def test_needs_calibration_data_and_valid_alpha():
         # ordering is declared: smoothing after canonicalize, before quantize
         fxopt.PassManager("smooth-quant", calibration_data=[spec.example_inputs]).run(
             fxopt.trace(spec.model, spec.example_inputs))
+
+
+def test_unfoldable_inputs_are_scaled_by_an_explicit_multiply_when_asked():
+    # mlp: no norm anywhere; unfoldable=scale smooths every linear with one multiply per input
+    spec = model_spec("mlp")
+    graph = _graph(spec)
+    muls_before = sum(1 for n in graph.fx.nodes if n.target == aten.mul.Tensor)
+    result = fxopt.PassManager("smooth-quant(alpha=0.5,unfoldable=scale)", check_numerics=True,
+                               calibration_data=[(torch.randn(16, 32),)]).run(graph)
+    stats = result.records[0].stats
+    assert stats["smoothed"] == 3 and stats["inputs_scaled"] == 3 and not stats["refused"]
+    assert sum(1 for n in result.graph.fx.nodes if n.target == aten.mul.Tensor) == muls_before + 3
+    for backend in ("eager", "onnxruntime"):
+        out = run(fxopt.compile(result.graph, backend), spec.example_inputs)
+        assert fxopt.compare(reference(spec), out).within(1e-5), backend
