@@ -3,6 +3,7 @@ near-misses they must leave alone; parity on eager and ONNX Runtime."""
 
 import functools
 
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,14 +30,29 @@ def count(graph, target):
     return sum(1 for n in graph.fx.nodes if n.target == target)
 
 
+def onnx_op_types(graph, tmp_path):
+    path = fxopt.export_onnx(graph, tmp_path / "model.onnx")
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
 def assert_parity_on_both_backends(before, after, inputs_list, tol=1e-4):
+    """Returns the ONNX Runtime model's op types."""
     for backend in ("eager", "onnxruntime"):
         compiled = fxopt.compile(after, backend)
         for inputs in inputs_list:
             args, kwargs = split_inputs(inputs)
             parity = fxopt.compare(before(*args, **kwargs), compiled(*args, **kwargs))
             assert parity.within(tol), (backend, parity)
+    return {node.op_type for node in compiled.program.model_proto.graph.node}
 
+
+# ORT's fused kernels that each model's fused graph must lower to.
+ORT_OPS = {
+    "tiny-gpt": {"SkipLayerNormalization", "FastGelu"},
+    "gpt2-tiny": {"SkipLayerNormalization", "FastGelu"},
+    "bert-tiny": {"SkipLayerNormalization", "BiasGelu"},
+    "llama-tiny": {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"},
+}
 
 # Per model: what each fusion finds (pattern -> rewritten) and the ops left.
 EXPECTED = {
@@ -77,7 +93,8 @@ def test_fusions_on_the_test_models(name):
     norms = sum(EXPECTED[name]["fuse-norm"].values()) - EXPECTED[name]["fuse-norm"].get("add+rms-norm", 0)
     assert count(fused, fx_ops.add_layer_norm.default) + count(fused, fx_ops.rms_norm.default) + count(fused, fx_ops.add_rms_norm.default) == norms
     spec = model_spec(name)
-    assert_parity_on_both_backends(graph, fused, [spec.example_inputs, *spec.other_inputs[:1]])
+    onnx_ops = assert_parity_on_both_backends(graph, fused, [spec.example_inputs, *spec.other_inputs[:1]])
+    assert ORT_OPS[name] <= onnx_ops
 
 
 def test_embedding_add_with_a_broadcast_operand_is_not_fused():
@@ -146,7 +163,7 @@ class Norms(torch.nn.Module):
         return h + odd
 
 
-def test_norms_are_fused_and_each_keeps_its_epsilon():
+def test_norms_are_fused_and_each_keeps_its_epsilon(tmp_path):
     x, r = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     graph = traced(Norms(), x, r)
     result = PassManager("fuse-norm", check_numerics=True).run(graph)
@@ -155,6 +172,7 @@ def test_norms_are_fused_and_each_keeps_its_epsilon():
     assert [n.args[4] for n in fused.fx.nodes if n.target == aten.layer_norm.default] == [1e-3]
     assert count(fused, aten.rsqrt.default) == 1  # the norm over dim 1 is left alone
     assert_parity_on_both_backends(graph, fused, [(x, r)])
+    assert {"SimplifiedLayerNormalization", "LayerNormalization"} <= onnx_op_types(fused, tmp_path)
 
 
 class Residual(torch.nn.Module):
@@ -169,12 +187,13 @@ class Residual(torch.nn.Module):
         return s, n
 
 
-def test_residual_add_and_rms_norm_become_one_op_with_both_outputs():
+def test_residual_add_and_rms_norm_become_one_op_with_both_outputs(tmp_path):
     x, y = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     graph = traced(Residual(), x, y)
     fused = PassManager("fuse-norm").run(graph).graph
     assert count(fused, fx_ops.add_rms_norm.default) == 1 and count(fused, aten.add.Tensor) == 0
     assert_parity_on_both_backends(graph, fused, [(x, y)])
+    assert "SkipSimplifiedLayerNormalization" in onnx_op_types(fused, tmp_path)
     unfused = PassManager("fuse-norm(residual=false)").run(graph).graph
     assert count(unfused, fx_ops.rms_norm.default) == 1 and count(unfused, fx_ops.add_rms_norm.default) == 0
 
