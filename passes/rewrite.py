@@ -187,11 +187,14 @@ def _replace_literals(value, table: dict):
 
 
 def _trace_fn(fn: Callable, what: str, inputs: dict[str, Any], sentinels: dict[str, Any]) -> _Traced:
+    """Trace ``fn``; its parameters named in ``sentinels`` are scalar captures."""
     from ..ir.trace import trace
     from .canonicalize import Canonicalize
     from .dce import DeadCodeElimination
 
-    tensor_names, scalar_kinds = _signature(fn, what)
+    tensors, scalar_kinds = _signature(fn, what)
+    tensor_names = [n for n in [*tensors, *scalar_kinds] if n not in sentinels]
+    scalar_kinds = [n for n in [*tensors, *scalar_kinds] if n in sentinels]
     examples = []
     for name in tensor_names:
         spec = inputs.get(name, DEFAULT_SHAPE)
@@ -209,6 +212,18 @@ def _trace_fn(fn: Callable, what: str, inputs: dict[str, Any], sentinels: dict[s
         if node.op == "call_function":
             node.args = _replace_literals(node.args, table)
             node.kwargs = _replace_literals(node.kwargs, table)
+    found: set[str] = set()
+    for node in graph.fx.nodes:
+        fx.node.map_aggregate((node.args, node.kwargs), lambda a: found.add(a.name) if isinstance(a, _Capture) else None)
+    lost = sorted(set(scalars) - found)
+    if lost:
+        # Python arithmetic on a capture bakes a number derived from its
+        # sentinel into the graph, which would then never match (or, in a
+        # replacement, be written into the model).
+        raise PatternError(
+            f"{what}: scalar parameter(s) {lost} do not reach an op as they are (unused, or changed by Python "
+            f"arithmetic); pass them to ops unchanged, or compute with them in a build= callback"
+        )
     phs = graph.placeholders()
     for name, ph in zip(tensor_names, phs):
         ph._rename(name)  # so that explanations name the parameter
@@ -274,15 +289,16 @@ class Pattern:
         if self._replacement is None:
             what = f"replacement of pattern {self.name!r}"
             tensors, scalars = _signature(self.replacement, what)
-            extra = [n for n in [*tensors, *scalars] if n not in self.traced.params and n not in self._scalar_kinds]
+            names = [*tensors, *scalars]
+            extra = [n for n in names if n not in self.traced.params and n not in self._scalar_kinds]
             if extra:
                 raise PatternError(f"{what}: parameters {extra} are not parameters of the pattern")
-            # The replacement is traced on tensors shaped like the pattern's.
+            # Parameters keep the pattern's kinds; tensors are traced shaped like the pattern's.
             inputs = {}
-            for n in tensors:
+            for n in (n for n in names if n in self.traced.params):
                 v = val(self.traced.params[n])
                 inputs[n] = torch.zeros(v.shape, dtype=v.dtype).normal_() if v.dtype.is_floating_point else torch.zeros(v.shape, dtype=v.dtype)
-            t = _trace_fn(self.replacement, what, inputs, self.sentinels())
+            t = _trace_fn(self.replacement, what, inputs, {k: v for k, v in self.sentinels().items() if k in names})
             if len(t.outputs) != len(self.traced.outputs):
                 raise PatternError(f"{what} returns {len(t.outputs)} values but the pattern returns {len(self.traced.outputs)}")
             self._replacement = t

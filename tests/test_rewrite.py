@@ -243,6 +243,9 @@ def test_bad_patterns_fail_clearly():
     graph = traced(MLP(), torch.randn(3, 8))
     with pytest.raises(PatternError, match="returns 2 values but the pattern returns 1"):
         rewrite(graph.copy(), [bad])
+    doubled = Pattern("p", rms, lambda x, w, eps: rms_explicit(x, w, eps * 2), inputs={"x": (2, 8), "w": (8,)})
+    with pytest.raises(PatternError, match=r"scalar parameter\(s\) \['eps'\] do not reach an op as they are"):
+        doubled.replacement_traced
     unshaped = Pattern("p", linear_gelu, linear_gelu_fused, inputs={"w": (16, 4)})  # x (8, 8) cannot meet w
     with pytest.raises(PatternError, match="pattern 'p': tracing 'linear_gelu' failed"):
         unshaped.traced
