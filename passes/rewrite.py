@@ -35,8 +35,9 @@ How it works and what it promises:
   sentinels, ints the example value given in ``inputs`` or a large prime) and
   every literal argument equal to the sentinel matches any literal, whose value
   is captured (and substituted into a traced replacement). Other literals
-  (``0.5``, ``[-1]``, ``keepdim=True``) must be equal. Do no Python arithmetic
-  on a capture inside the pattern, or its sentinel is lost.
+  (``0.5``, ``[-1]``, ``keepdim=True``) must be equal. A capture must reach
+  an op unchanged: Python arithmetic on it is refused with a PatternError (do
+  such arithmetic in a ``build=`` callback, which reads ``match["eps"]``).
 * **Predicates.** ``where={"w": is_constant, "eps": lambda v: v < 1e-3}``: a
   predicate per parameter, called with the bound ``fx.Node`` (tensors) or the
   captured value (scalars) while matching, so a failure is reported at the
@@ -49,6 +50,8 @@ How it works and what it promises:
   subset) or ``build=callback(match, graph) -> node | tuple[node] | None`` for
   what tracing cannot express (new constants such as concatenated weights,
   ``graph.add_constant``); returning ``None`` declines the match.
+* **Occurrences.** One per set of matched nodes (the same nodes matched in
+  another role, e.g. the outputs of a symmetric pattern permuted, count once).
 * **Safety.** All matches are found first, then accepted in graph order. A match
   is skipped (and counted, with the reason) when it overlaps an accepted one
   (``overlap``), when an intermediate value it would remove is used outside it
