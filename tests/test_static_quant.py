@@ -84,8 +84,11 @@ def test_static_quantization_on_both_backends(name, pipeline, tmp_path):
         assert p_loose.cosine > 0.995 and p_loose.within(0.1), f"{backend} vs original: {p_loose}"
     path = fxopt.export_onnx(q, tmp_path / f"{name}.onnx")
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert ops.count("QuantizeLinear") == len(statics), ops
-    assert ops.count("DequantizeLinear") == 2 * len(statics)
+    # linears reading the same input with the same calibrated grid (q/k/v) share one QuantizeLinear
+    # after the exporter's common-subexpression elimination; every weight keeps its DequantizeLinear.
+    activations = {(n.args[0], n.args[4], n.args[5]) for n in statics}
+    assert ops.count("QuantizeLinear") == len(activations) < len(statics) + (name == "mlp"), ops
+    assert ops.count("DequantizeLinear") == len(activations) + len(statics)
 
 
 def test_static_mode_needs_calibration_data_and_int8_sym_weights():
