@@ -132,18 +132,23 @@ class OnnxRuntimeModel(CompiledModel):
             self.session = ort.InferenceSession(path, options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        # Inputs are fed by name: ONNX inputs carry the names of the exported
-        # program's user inputs, which follow the order of the flattened inputs.
-        self._user_inputs = list(self.program.exported_program.graph_signature.user_inputs)
-        unknown = sorted(set(self.input_names) - set(self._user_inputs))
-        if unknown:
-            raise BackendError(f"ONNX inputs {unknown} match no model input ({self._user_inputs})")
+        # ONNX inputs are the tensor inputs in flattened order (the exporter may
+        # rename one, e.g. an input that is also an output becomes "<name>_orig");
+        # non-tensor inputs were specialized into the model as constants.
+        example = graph.flatten_inputs(*graph.example_args, **graph.example_kwargs)
+        self._tensor_positions = [i for i, leaf in enumerate(example) if isinstance(leaf, torch.Tensor)]
+        self._constants = {i: leaf for i, leaf in enumerate(example) if not isinstance(leaf, torch.Tensor)}
+        if len(self._tensor_positions) != len(self.input_names):
+            raise BackendError(f"ONNX model takes {len(self.input_names)} inputs {self.input_names}, the graph {len(self._tensor_positions)} tensors")
         if len(self.output_names) != graph.num_outputs():
             raise BackendError(f"ONNX model has {len(self.output_names)} outputs, the graph {graph.num_outputs()}")
 
     def __call__(self, *args, **kwargs):
-        by_name = dict(zip(self._user_inputs, self.graph.flatten_inputs(*args, **kwargs)))
-        feed = {name: by_name[name].detach().cpu().contiguous().numpy() for name in self.input_names}
+        leaves = self.graph.flatten_inputs(*args, **kwargs)
+        for i, traced in self._constants.items():
+            if leaves[i] != traced:
+                raise BackendError(f"input #{i} was {traced!r} when traced and the ONNX model is specialized to it; got {leaves[i]!r}")
+        feed = {name: leaves[i].detach().cpu().contiguous().numpy() for name, i in zip(self.input_names, self._tensor_positions)}
         outputs = self.session.run(self.output_names, feed)
         return self.graph.unflatten_outputs([torch.from_numpy(np.asarray(o)) for o in outputs])
 

@@ -4,7 +4,10 @@ over the Python API (trace -> PassManager -> compile)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import logging
 import statistics
 import sys
 import time
@@ -26,7 +29,7 @@ def _console():
     return Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 150)
 
 
-def _load(model: str, dynamic: bool):
+def _load(model: str, dynamic: bool, debug: bool = False):
     from .ir.trace import split_inputs, trace
     from .models import MissingModelError, load_model
 
@@ -34,8 +37,26 @@ def _load(model: str, dynamic: bool):
         spec = load_model(model)
     except (ValueError, MissingModelError) as e:
         raise CliError(str(e)) from e
-    graph = trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes if dynamic else None, name=spec.name)
+    # torch.export prints the failing graph's code on stderr; the TraceError says what failed.
+    noise = io.StringIO()
+    with contextlib.redirect_stderr(noise) if not debug else contextlib.nullcontext():
+        graph = trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes if dynamic else None, name=spec.name)
     return spec, graph, split_inputs(spec.example_inputs)
+
+
+def _import_plugins(a) -> None:
+    """Import modules that register passes: those named by --plugin, and the
+    module of a ``package.module:factory`` model (its passes may be used)."""
+    import importlib
+
+    modules = list(a.plugin or [])
+    if ":" in a.model:
+        modules.append(a.model.partition(":")[0])
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise CliError(f"cannot import plugin module {name!r}: {e}") from e
 
 
 def _median_ms(fn, args, kwargs, repeats: int, warmup: int = 2) -> float:
@@ -86,8 +107,11 @@ def cmd_optimize(a) -> int:
     from .passes import PassManager
 
     console = _console()
+    if a.report:
+        Path(a.report).parent.mkdir(parents=True, exist_ok=True)
+    _import_plugins(a)
     pm = PassManager(a.pipeline, check_numerics=a.check_numerics, dump_dir=a.dump_ir)  # bad pipelines fail here, before tracing
-    spec, graph, (args, kwargs) = _load(a.model, a.dynamic)
+    spec, graph, (args, kwargs) = _load(a.model, a.dynamic, a.debug)
     spec.model.eval()
     with torch.inference_mode():
         reference = spec.model(*args, **kwargs)
@@ -164,12 +188,20 @@ def cmd_passes(a) -> int:
 def cmd_show(a) -> int:
     from .passes import PassManager
 
+    _import_plugins(a)
     pm = PassManager(a.pipeline) if a.pipeline else None
-    _, graph, _ = _load(a.model, a.dynamic)
+    _, graph, _ = _load(a.model, a.dynamic, a.debug)
     if pm is not None:
         graph = pm.run(graph).graph
     print(graph)
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dynamic", action="store_true", help="trace with the model's dynamic batch/sequence dims")
     o.add_argument("--dump-ir", help="write the IR before/after each pass into this folder")
     o.add_argument("--check-numerics", action="store_true", help="compare outputs after every pass")
-    o.add_argument("--repeats", type=int, default=10, help="timed runs per variant (median reported)")
+    o.add_argument("--repeats", type=_positive, default=10, help="timed runs per variant (median reported)")
     o.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    o.add_argument("--plugin", action="append", help="import this module first (it may register passes); repeatable")
     o.set_defaults(func=cmd_optimize)
 
     ps = sub.add_parser("passes", help="list registered passes and their options")
@@ -198,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--pipeline")
     s.add_argument("--dynamic", action="store_true")
+    s.add_argument("--plugin", action="append", help="import this module first (it may register passes)")
     s.set_defaults(func=cmd_show)
     return p
 
@@ -208,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         # torch's pytree and exporter deprecation notices are not the user's concern.
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # torch.export logs the failing graph's code at error level; the one-line
+        # message below says what failed, --debug shows everything.
+        torch._logging.set_logs(all=logging.CRITICAL)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 import torch.utils._pytree as pytree
 
@@ -21,6 +23,7 @@ class Parity:
     cosine: float
 
     def within(self, tol: float) -> bool:
+        # NaN compares False: a result with NaNs where the reference has none never passes.
         return self.max_abs_err <= tol * max(self.scale, 1e-12)
 
     def as_dict(self) -> dict:
@@ -41,13 +44,20 @@ def compare(reference, actual) -> Parity:
     for i, (r, o) in enumerate(zip(ref, out)):
         if tuple(r.shape) != tuple(o.shape):
             raise ParityError(f"output {i}: shape {tuple(o.shape)} differs from reference {tuple(r.shape)}")
+        if r.dtype != o.dtype and not (r.is_floating_point() and o.is_floating_point()):
+            raise ParityError(f"output {i}: dtype {o.dtype} differs from reference {r.dtype}")
         r64, o64 = r.detach().to(torch.float64).flatten(), o.detach().to(torch.float64).flatten()
         if r64.numel():
-            err = max(err, (r64 - o64).abs().max().item())
-            scale = max(scale, r64.abs().max().item())
+            both_nan = r64.isnan() & o64.isnan()
+            diff = torch.where(both_nan, 0.0, (r64 - o64).abs())
+            e = diff.max().item()
+            err = e if math.isnan(e) or math.isnan(err) else max(err, e)
+            scale = max(scale, torch.nan_to_num(r64.abs(), nan=0.0, posinf=0.0).max().item())
         flat_r.append(r64)
         flat_o.append(o64)
     a, b = torch.cat(flat_r), torch.cat(flat_o)
+    if math.isnan(err):
+        return Parity(err, scale, float("nan"))
     denom = a.norm() * b.norm()
     cosine = float((a @ b) / denom) if denom > 0 else float(torch.equal(a, b))
     return Parity(err, scale, cosine)

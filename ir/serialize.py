@@ -33,7 +33,7 @@ def load(path):
     if not extra["fxopt.json"]:
         raise ValueError(f"{path} is a torch.export archive but not one saved by fxopt (no fxopt.json)")
     info = json.loads(extra["fxopt.json"])
-    inputs = torch.load(io.BytesIO(base64.b64decode(extra["fxopt_inputs.b64"])), weights_only=False)
+    inputs = torch.load(io.BytesIO(base64.b64decode(extra["fxopt_inputs.b64"])), weights_only=True)
     graph = graph_from_exported_program(ep, inputs["args"], inputs["kwargs"], name=info.get("name", "model"))
     graph.properties = set(info.get("properties", ()))
     return graph

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .graph import Graph
+from .verify import VerificationError
 
 
 class TraceError(RuntimeError):
@@ -45,12 +46,28 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = 
     try:
         with torch.no_grad():
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            # Functionalize (an empty decomposition table keeps linear, sdpa,
+            # layer_norm... whole): in-place ops would make constant folding and
+            # CSE unsafe, since a shared or folded tensor could be written into.
+            ep = ep.run_decompositions({})
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TraceError(f"torch.export could not trace {name}: {type(e).__name__}: {first}") from e
+        raise TraceError(f"torch.export could not trace {name}: {type(e).__name__}: {_summary(e)}") from e
     finally:
         model.train(was_training)
-    return graph_from_exported_program(ep, args, kwargs, name=name)
+    try:
+        return graph_from_exported_program(ep, args, kwargs, name=name)
+    except VerificationError as e:
+        raise TraceError(f"{name} traced, but its graph is outside fxopt's IR: {e}") from e
+
+
+def _summary(e: BaseException, max_lines: int = 12) -> str:
+    """torch.export's message without the long graph dumps, but with the lines that say how to fix it."""
+    noise = ("TORCH_LOGS", "TORCHDYNAMO", "For more", "For C++", "docs.google", "For extended logs")
+    lines = [line for line in str(e).strip().splitlines() if line.strip() and not any(n in line for n in noise)]
+    if not lines:
+        return type(e).__name__
+    text = "\n  ".join(lines[:max_lines])
+    return text + (f"\n  ... ({len(lines) - max_lines} more lines; rerun with --debug or catch TraceError for all)" if len(lines) > max_lines else "")
 
 
 def graph_from_exported_program(ep: torch.export.ExportedProgram, args: tuple, kwargs: dict, name: str = "model") -> Graph:

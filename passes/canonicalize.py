@@ -39,7 +39,7 @@ class Canonicalize(Pass):
       ``W`` (or a transpose of one) -> ``linear(x, W^T, b)``; when ``x`` was
       flattened by a view and the result is viewed back (GPT-2's Conv1D), the
       views are dropped and ``linear`` takes the N-d input;
-    * ``dropout(x, train=False)``, ``alias``/``detach``, casts to the dtype and
+    * ``dropout(x, train=False)``, ``clone`` (layout kept), ``alias``/``detach``, casts to the dtype and
       device ``x`` already has, and views, reshapes, expands and full slices that
       keep the shape -> ``x``;
     * runtime asserts (``_assert_tensor_metadata``, ``_assert_scalar``,
@@ -56,6 +56,7 @@ class Canonicalize(Pass):
 
     def run(self, graph) -> PassResult:
         counts: dict[str, int] = {}
+        self._transposed: dict[str, fx.Node] = {}  # one W^T copy per weight, however many matmuls read it
         rules: list[tuple[str, Callable]] = [("identity", self._identity)]
         if self.linear:
             rules.append(("linear", self._to_linear))
@@ -93,6 +94,10 @@ class Canonicalize(Pass):
             keep = not (len(args) > 2 and args[2]) or (len(args) > 1 and args[1] == 0)
         elif t in _SAME_VALUE:
             keep = True
+        elif t == aten.clone.default:
+            # The traced graph is functional, so a copy is only a copy (eval
+            # dropout becomes one); a clone that changes the layout stays.
+            keep = node.kwargs.get("memory_format") in (None, torch.preserve_format)
         elif t in _CASTS:
             keep = out.dtype == inp.dtype and out.device == inp.device and not node.kwargs.get("memory_format")
         elif t in _VIEWS or t == aten.expand.default:
@@ -139,9 +144,12 @@ class Canonicalize(Pass):
             return False
         if transposed:
             weight = base  # W^T of a transposed constant is the constant itself
+        elif base.target in self._transposed:
+            weight = self._transposed[base.target]
         else:
             tensor = graph.constant(base)
             weight = graph.add_constant(tensor.t().contiguous(), f"{base.target}_t")
+            self._transposed[base.target] = weight
         with graph.fx.inserting_before(node):
             new = graph.fx.call_function(aten.linear.default, (x, weight, bias))
         new.meta.update({k: v for k, v in node.meta.items() if k != "val"})

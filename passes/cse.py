@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch
+import math
+
 import torch.fx as fx
 
 from ..ir.nodes import is_pure
@@ -18,8 +19,8 @@ def _key(value, rep: dict):
         return (type(value).__name__, tuple(_key(v, rep) for v in value))
     if isinstance(value, dict):
         return ("dict", tuple(sorted((k, _key(v, rep)) for k, v in value.items())))
-    if isinstance(value, float) and value != value:
-        return ("nan",)
+    if isinstance(value, float):
+        return ("float", "nan") if value != value else ("float", value, math.copysign(1.0, value))
     if isinstance(value, slice):
         return ("slice", _key(value.start, rep), _key(value.stop, rep), _key(value.step, rep))
     return (type(value).__name__, value)

@@ -15,6 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import torch
+import torch.fx
+import torch.utils._pytree
+
 from ..ir.graph import Graph
 from ..ir.parity import compare
 from .base import Pass, PassContext, PassError, PassResult
@@ -188,7 +192,7 @@ class PassManager:
         if self.dump_dir is not None:
             instruments.append(IRDump(self.dump_dir, str(self)))
         work = graph.copy()
-        state = _RunState(ctx, instruments)
+        state = _RunState(ctx, instruments, output_signature(graph))
         if self.check_numerics:
             inputs = self.numerics_inputs or [(graph.example_args, graph.example_kwargs)]
             state.numerics = [(a, k, graph(*a, **k)) for a, k in inputs]
@@ -233,6 +237,11 @@ class PassManager:
                 work.refresh_meta()
             if self.verify:
                 work.verify()
+                now = output_signature(work)
+                if now != state.outputs:
+                    changed = next(i for i, (a, b) in enumerate(zip(now, state.outputs)) if a != b) if len(now) == len(state.outputs) else "count"
+                    raise PassError(f"changed the model's outputs (output {changed}: {state.outputs[changed] if changed != 'count' else len(state.outputs)} -> "
+                                    f"{now[changed] if changed != 'count' else len(now)})", pass_name=str(p))
         except Exception as e:
             err = e if isinstance(e, PassError) and e.pass_name else PassError(
                 str(e) if isinstance(e, PassError) else f"{type(e).__name__}: {e}",
@@ -274,9 +283,19 @@ class PassManager:
         return record.changed
 
 
+def output_signature(graph: Graph) -> list[str]:
+    """Dtype and (symbolic) shape of each output: what no pass may change."""
+    from ..ir.printer import format_value
+
+    out = next(n for n in reversed(graph.fx.nodes) if n.op == "output")
+    leaves = torch.utils._pytree.tree_leaves(out.args[0])
+    return [format_value(n.meta.get("val")) if isinstance(n, torch.fx.Node) else repr(n) for n in leaves]
+
+
 @dataclass
 class _RunState:
     context: PassContext
     instruments: list[Instrument]
+    outputs: list[str]
     numerics: list | None = None
     tolerance: float = 1e-4

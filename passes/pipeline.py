@@ -55,7 +55,7 @@ Item = Union[Pass, FixedPoint]
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
-      | (?P<num>[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?(?![A-Za-z_\-]))
+      | (?P<num>(?:[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|[-+]inf)(?![A-Za-z0-9_\-]))
       | (?P<name>[A-Za-z_][A-Za-z0-9_.\-]*)
       | (?P<punct>[(),=\[\]])
     )""",
@@ -105,6 +105,8 @@ class _Parser:
             if closing and kind == "name" and self.i + 1 < len(self.tokens) and self.tokens[self.i + 1][1] == "=":
                 self.take()
                 self.take("punct", "=")
+                if value in group_opts:
+                    raise PipelineError(f"option {value!r} given twice", self.text, pos)
                 group_opts[value] = (self.value(), pos)
             else:
                 items.append(self.item())
@@ -124,7 +126,7 @@ class _Parser:
                 raise PipelineError(f"{FIXED_POINT}(...) needs at least one pass", self.text, pos)
             group = FixedPoint(items)
             for key, (value, vpos) in opts.items():
-                if key != "max_iterations" or not isinstance(value, int) or value < 1:
+                if key != "max_iterations" or not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise PipelineError(f"{FIXED_POINT} takes only max_iterations=<positive int>, got {key}={value!r}", self.text, vpos)
                 group.max_iterations = value
             return group
@@ -157,10 +159,11 @@ class _Parser:
             return re.sub(r"\\([\\'\"])", r"\1", tok[1:-1])
         if kind == "num":
             self.take()
-            return float(tok) if any(c in tok for c in ".eE") else int(tok)
+            return float(tok) if any(c in tok for c in ".eEn") else int(tok)
         if kind == "name":
             self.take()
-            return {"true": True, "false": False, "none": None}.get(tok.lower(), tok)
+            words = {"true": True, "false": False, "none": None, "inf": float("inf"), "nan": float("nan")}
+            return words.get(tok.lower(), tok)
         if tok == "[":
             self.take()
             values = []
@@ -195,12 +198,14 @@ def format_value(value: Any) -> str:
         return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return {"inf": "inf", "-inf": "-inf"}.get(repr(value), "nan")
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(format_value(v) for v in value) + "]"
     s = str(value)
-    if _BARE.match(s) and s.lower() not in ("true", "false", "none"):
+    if _BARE.match(s) and s.lower() not in ("true", "false", "none", "inf", "nan"):
         return s
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 

@@ -43,12 +43,14 @@ def test_optimize_writes_report_and_artifact(tmp_path, backend, suffix, monkeypa
         onnx.checker.check_model(str(out))
 
 
-def test_optimize_a_user_factory(tmp_path, monkeypatch):
+def test_optimize_a_user_factory_with_the_users_own_pass(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
-    report = tmp_path / "r.json"
-    assert main(["optimize", "user_models:small_mlp", "--backend", "onnxruntime", "--report", str(report), "--repeats", "2"]) == 0
+    report = tmp_path / "sub" / "r.json"
+    assert main(["optimize", "user_models:small_mlp", "--pipeline", "canonicalize,user-noop,dce", "--backend", "onnxruntime",
+                 "--report", str(report), "--repeats", "2"]) == 0
     r = json.loads(report.read_text())
     assert r["model"] == "small_mlp" and r["max_abs_err"] <= 1e-4 * r["output_scale"]
+    assert r["passes"][1]["name"] == "user-noop" and r["passes"][1]["stats"]["seen_nodes"] > 0
 
 
 @pytest.mark.parametrize("args,message", [
@@ -57,6 +59,7 @@ def test_optimize_a_user_factory(tmp_path, monkeypatch):
     (["optimize", "tiny-gpt", "--pipeline", "cse(merge_tied=3)"], "option 'merge_tied' expects bool"),
     (["optimize", "user_models:untraceable"], "torch.export could not trace"),
     (["optimize", "user_models:not_a_model"], "must return (model, example_inputs"),
+    (["optimize", "tiny-gpt", "--plugin", "no_such_plugin_module"], "cannot import plugin module 'no_such_plugin_module'"),
 ])
 def test_errors_print_one_clear_message_and_exit_nonzero(args, message):
     proc = fxopt_cmd(*args)
@@ -64,6 +67,7 @@ def test_errors_print_one_clear_message_and_exit_nonzero(args, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("fxopt: error:") == 1
+    assert len(proc.stderr.strip().splitlines()) <= 16, proc.stderr
 
 
 def test_debug_flag_shows_the_traceback():

@@ -21,3 +21,14 @@ class Untraceable(torch.nn.Module):
 
 def untraceable():
     return Untraceable(), (torch.randn(3),)
+
+
+from fxopt.passes import Pass, PassResult, register_pass  # noqa: E402
+
+
+@register_pass("user-noop")
+class UserNoop(Pass):
+    """A user's pass living beside the user's model factory."""
+
+    def run(self, graph):
+        return PassResult(False, {"seen_nodes": graph.num_nodes()})

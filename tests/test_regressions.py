@@ -1,0 +1,122 @@
+"""Bugs found in review, each pinned by the smallest model that showed it."""
+
+import math
+
+import pytest
+import torch
+
+import fxopt
+from fxopt.passes import Pass, PassError, PassManager, PassResult, parse_pipeline
+from fxopt.passes.registry import PassRegistry
+
+BASE = "canonicalize,dce,constant-fold,cse"
+
+
+class InPlace(torch.nn.Module):
+    """In-place writes into fresh tensors (T5's relative-position buckets do this)."""
+
+    def forward(self, x):
+        buckets = torch.zeros(4)
+        buckets += 1  # constant-folding this into a shared buffer would grow it every call
+        a, b = x.clone(), x.clone()
+        a.add_(1)  # CSE must not merge the two clones
+        c = torch.full((4, 4), 2.0).triu_()  # an in-place op on a constant-only value
+        return a + b + buckets + c.sum(0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_in_place_ops_survive_folding_and_cse_across_calls(backend):
+    model, x = InPlace(), torch.randn(4)
+    compiled = fxopt.compile(PassManager(BASE).run(fxopt.trace(model, (x,))).graph, backend)
+    for _ in range(3):
+        assert fxopt.compare(model(x), compiled(x)).max_abs_err < 1e-6
+
+
+def test_nan_outputs_never_pass_parity():
+    ref = torch.ones(3)
+    assert not fxopt.compare(ref, torch.tensor([1.0, float("nan"), 1.0])).within(1e-4)
+    assert math.isnan(fxopt.compare(ref, torch.full((3,), float("nan"))).max_abs_err)
+    assert fxopt.compare(torch.tensor([float("nan")]), torch.tensor([float("nan")])).within(1e-4)
+
+
+def test_canonicalize_makes_one_transposed_copy_per_shared_weight():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(64, 64))
+
+        def forward(self, x):
+            return x @ self.w + (x * 2) @ self.w + (x * 3) @ self.w
+
+    model, x = Shared(), torch.randn(2, 64)
+    graph = fxopt.trace(model, (x,))
+    out = PassManager(BASE).run(graph).graph
+    assert out.param_bytes() == graph.param_bytes()
+    assert sum(n.target == torch.ops.aten.linear.default for n in out.fx.nodes) == 3
+    torch.testing.assert_close(out(x), model(x))
+
+
+def test_onnxruntime_handles_an_input_that_is_also_an_output():
+    class PassThrough(torch.nn.Module):
+        def forward(self, x, y):
+            return x + 1, y
+
+    x, y = torch.randn(2), torch.randn(3)
+    compiled = fxopt.compile(PassManager(BASE).run(fxopt.trace(PassThrough(), (x, y))).graph, "onnxruntime")
+    a, b = compiled(x, y)
+    torch.testing.assert_close(a, x + 1)
+    torch.testing.assert_close(b, y)
+
+
+def test_onnxruntime_refuses_a_changed_non_tensor_input():
+    class Scale(torch.nn.Module):
+        def forward(self, x, n: int):
+            return x * n
+
+    compiled = fxopt.compile(fxopt.trace(Scale(), (torch.randn(2), 2)), "onnxruntime")
+    torch.testing.assert_close(compiled(torch.ones(2), 2), torch.full((2,), 2.0))
+    with pytest.raises(fxopt.BackendError, match="input #1 was 2 when traced"):
+        compiled(torch.ones(2), 5)
+
+
+def test_a_pass_that_changes_the_outputs_interface_is_refused():
+    reg = PassRegistry()
+
+    class ToHalf(Pass):
+        """Casts the output to float16: the model's interface changes."""
+
+        def run(self, graph):
+            out = next(n for n in graph.fx.nodes if n.op == "output")
+            (value,) = out.args[0]
+            with graph.fx.inserting_before(out):
+                half = graph.fx.call_function(torch.ops.aten._to_copy.default, (value,), {"dtype": torch.float16})
+            out.args = ((half,),)
+            return PassResult(True)
+
+    reg.register(ToHalf, "to-half")
+    graph = fxopt.trace(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+    with pytest.raises(PassError, match="pass 'to-half' failed: changed the model's outputs \\(output 0: f32\\[2, 4\\] -> f16\\[2, 4\\]\\)"):
+        PassManager("to-half", registry=reg).run(graph)
+
+
+def test_pipeline_round_trips_infinite_and_nan_floats():
+    reg = PassRegistry()
+
+    class Tol(Pass):
+        """Holds a float option."""
+
+        limit = fxopt.Option(1.0)
+
+        def run(self, graph):
+            return PassResult(False)
+
+    reg.register(Tol, "tol")
+    for value in (float("inf"), float("-inf")):
+        (p,) = parse_pipeline(str(Tol(limit=value)), reg)
+        assert p.limit == value
+    (p,) = parse_pipeline(str(Tol(limit=float("nan"))), reg)
+    assert math.isnan(p.limit)
+    with pytest.raises(fxopt.PipelineError, match="max_iterations"):
+        parse_pipeline("fixed-point(tol,max_iterations=true)", reg)
+    with pytest.raises(fxopt.PipelineError, match="given twice"):
+        parse_pipeline("fixed-point(tol,max_iterations=2,max_iterations=3)", reg)
