@@ -13,6 +13,8 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert len(blocks) >= 2
     monkeypatch.chdir(tmp_path)
     namespace = {"fxopt": fxopt}
+    for name in ("fuse-swish", "fold-double-neg"):  # the example file may have registered them
+        fxopt.REGISTRY.unregister(name)
     registered = set(fxopt.REGISTRY.names())
     try:
         for block in blocks:
