@@ -14,6 +14,14 @@ their statistics from :func:`fxopt.passes.calibration.collect_linear_stats`.
 * ``quantize(bits=4, method=gptq)``: quantizes ``W`` column by column and
   spreads each column's rounding error over the columns not yet quantized,
   weighted by the inverse Hessian ``(X^T X)^-1`` (Frantar et al., GPTQ, 2023).
+
+Evidence (``benchmarks/quant_accuracy.py``, W4 group 32): on the real
+all-MiniLM-L6-v2 both lift the mean embedding cosine from 0.974 (RTN, the same
+as ONNX Runtime's MatMulNBitsQuantizer) to 0.984 (AWQ 0.9843, GPTQ 0.9837);
+on the random-weight Llama GPTQ is clearly better (0.984 vs AWQ 0.976, RTN
+0.975). GPTQ costs more calibration time (a Python loop over columns).
+Static W8A8 on MiniLM needs SmoothQuant with ``unfoldable=scale`` and
+``alpha=0.75`` to reach 0.995 mean cosine; its worst sentence stays at 0.963.
 """
 
 from __future__ import annotations
