@@ -176,6 +176,7 @@ def main() -> None:
     global THREADS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--output", default="quant_speed", help="results/<output>.md and .png")
     ap.add_argument("--threads", type=int, default=THREADS, help="threads for every variant (default: all cores)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -228,16 +229,16 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     header = (
         "# Quantized GPT-2 small (124M, random weights), batch 1\n\n"
-        f"`python benchmarks/quant_speed.py{' --quick' if args.quick else ''} --threads {THREADS}`; median of {repeat} warm runs per shape, "
+        f"`python benchmarks/quant_speed.py{' --quick' if args.quick else ''} --threads {THREADS} --variants {args.variants}`; median of {repeat} warm runs per shape, "
         "each variant in its own subprocess; ratios against eager fp32 in the same run (below 1 is faster). "
         f"{THREADS} thread(s) for every variant. Machine: {os.cpu_count()} cores, shared with other jobs while measured, so figures are noisy.\n\n"
         "Goals (issue 3): one-token fxopt int8 <= 0.20 and int4 <= 0.15; prefill-128 fxopt int8 <= 0.30.\n\n"
     )
-    (RESULTS / "quant_speed.md").write_text(header + table + "\n")
-    _plot(rows, base)
+    (RESULTS / f"{args.output}.md").write_text(header + table + "\n")
+    _plot(rows, base, RESULTS / f"{args.output}.png")
 
 
-def _plot(rows, base) -> None:
+def _plot(rows, base, path) -> None:
     try:
         import matplotlib
 
@@ -259,7 +260,7 @@ def _plot(rows, base) -> None:
     ax.set_title("GPT-2 small, batch 1")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "quant_speed.png", dpi=100)
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

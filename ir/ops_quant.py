@@ -62,14 +62,16 @@ def linear_nbits(
 
 ACT_QMAX = 127  # 7-bit activations: see the module docstring
 
-# fbgemm's packed weights are not tensors; they live here, keyed by the int8
-# weight tensor's identity, so the graph itself keeps plain tensors (it still
-# re-exports and saves) and each weight is packed once per process.
-_PACKED: dict[int, tuple[weakref.ref, int, object]] = {}
+# fbgemm's packed weights are not tensors; they live here, keyed by the
+# identity of the int8 weight and bias tensors, so the graph itself keeps plain
+# tensors (it still re-exports and saves) and each weight is packed once per
+# process. The bias goes into the packed weight, so fbgemm adds it in the GEMM
+# epilogue (as torch.ao's dynamic linear does).
+_PACKED: dict[tuple[int, int], tuple[weakref.ref, int, object]] = {}
 
 
-def _packed(w_q: torch.Tensor, w_scale: torch.Tensor):
-    key = id(w_q)
+def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None):
+    key = (id(w_q), id(bias))
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is w_q and hit[1] == w_q._version:
         return hit[2]
@@ -77,7 +79,7 @@ def _packed(w_q: torch.Tensor, w_scale: torch.Tensor):
     with warnings.catch_warnings():  # quantized dtypes are deprecated; fbgemm's packing still takes them
         warnings.simplefilter("ignore", UserWarning)
         qw = torch._make_per_channel_quantized_tensor(w_q, w_scale.to(torch.float64), torch.zeros(n, dtype=torch.int64), 0)
-        packed = torch.ops.quantized.linear_prepack(qw, None)
+        packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float().contiguous())
     _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), w_q._version, packed)
     return packed
 
@@ -122,5 +124,4 @@ def linear_dynamic_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tenso
     QuantizeLinear + ``com.microsoft::MatMulIntegerToFloat``."""
     if x.dtype != torch.float32:
         return linear_dynamic_int8(x.float(), w_q, w_scale, None if bias is None else bias.float()).to(x.dtype)
-    y = torch.ops.quantized.linear_dynamic(x.contiguous(), _packed(w_q, w_scale), True)
-    return y if bias is None else y + bias
+    return torch.ops.quantized.linear_dynamic(x.contiguous(), _packed(w_q, w_scale, bias), True)
