@@ -52,7 +52,7 @@ SDPA = aten.scaled_dot_product_attention.default
 _SOFTMAX = {aten.softmax.int, aten._softmax.default}
 _MATMUL = {aten.matmul.default, aten.bmm.default}
 _SAME_DTYPE_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default}
-_REPEAT_KV = {aten.expand.default, aten.reshape.default, aten.view.default, aten.unsqueeze.default, aten.clone.default}
+_REPEAT_KV = {aten.expand.default, aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.unsqueeze.default, aten.clone.default}
 
 
 class Miss(Exception):
