@@ -19,9 +19,10 @@ class ConstantFold(Pass):
     nodes a non-constant node uses). Produces: a new buffer read by ``get_attr``;
     a folded view of a parameter keeps sharing its storage.
     Refuses: random and in-place ops, anything that touches a symbolic size (so
-    dynamic shapes stay dynamic), non-tensor results, and results larger than
-    ``max_bytes`` that are larger than the constants they come from (an
-    ``expand`` or ``arange`` grown to full size costs memory for nothing).
+    dynamic shapes stay dynamic), non-tensor results, results larger than the
+    constants they read (an ``expand`` grown to full size, or a dequantized
+    low-bit weight, would cost memory for nothing), and results computed from
+    literals alone that are larger than ``max_bytes``.
     """
 
     max_bytes = Option(1 << 20, int, check=lambda v: None if v >= 0 else "must be >= 0",
@@ -48,8 +49,12 @@ class ConstantFold(Pass):
             # Logical size, not storage: an expanded view is cheap in eager
             # but is written out in full by an exporter.
             size = result.numel() * result.element_size()
-            grown = size > self._input_bytes(graph, node)
-            if grown and size > self.max_bytes:
+            inputs = self._input_bytes(graph, node)
+            grown = size > inputs
+            # Growing past the constants it reads undoes compression (a
+            # dequantized int4 weight folded back to float); growing from
+            # literals alone (a mask from arange) is allowed up to max_bytes.
+            if grown and (inputs > 0 or size > self.max_bytes):
                 skipped += 1
                 continue
             attr = graph.add_constant(result, f"folded_{node.name}")
