@@ -12,30 +12,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
+from fxopt.ir.timing import median_ms as _median_ms
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def median_ms(fn, repeat):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return _median_ms(fn, repeat=repeat)
 
 
 def session(nodes, inits, k, threads):

@@ -8,9 +8,7 @@ import contextlib
 import io
 import json
 import logging
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -59,16 +57,10 @@ def _import_plugins(a) -> None:
             raise CliError(f"cannot import plugin module {name!r}: {e}") from e
 
 
-def _median_ms(fn, args, kwargs, repeats: int, warmup: int = 2) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn(*args, **kwargs)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(*args, **kwargs)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _median_ms(fn, args, kwargs, repeats: int) -> float:
+    from .ir.timing import median_ms
+
+    return median_ms(lambda: fn(*args, **kwargs), repeat=repeats, warmup=2)
 
 
 def _progress_instrument(total: int, console):

@@ -25,7 +25,6 @@ def save(graph, path) -> None:
 
 
 def load(path):
-    from .graph import Graph
     from .trace import graph_from_exported_program
 
     extra = {"fxopt.json": "", "fxopt_inputs.b64": ""}

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
+from ..ir.timing import median_ms
 from ..ir.quant import QuantConfig, QuantizationError, QuantizedTensor, nbits_block_size, quantize, relative_error, sqnr_db, to_nbits
 from .base import Option, OptionError, Pass, PassResult
 from .registry import register_pass
@@ -482,7 +481,7 @@ class Quantize(Pass):
             env[layer.x] = x
             return evaluate(new)
 
-        return _median_ms(lambda: torch.nn.functional.linear(x, layer.weight, bias)), _median_ms(run_quant)
+        return median_ms(lambda: torch.nn.functional.linear(x, layer.weight, bias)), median_ms(run_quant)
 
     @staticmethod
     def _erase_chain(graph, node: fx.Node, stop: fx.Node) -> None:
@@ -495,15 +494,3 @@ class Quantize(Pass):
             inputs = [a for a in n.all_input_nodes]
             graph.fx.erase_node(n)
             work.extend(inputs)
-
-
-def _median_ms(fn: Callable, repeat: int = 15) -> float:
-    with torch.inference_mode():
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
