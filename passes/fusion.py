@@ -115,7 +115,7 @@ def _merge(names: Sequence[str], bias: bool) -> Callable:
     def build(m: Match, graph):
         weights = [m.constant(f"w{i}") for i in range(len(names))]
         sizes = [w.shape[0] for w in weights]
-        w = graph.add_constant(torch.cat(weights), "merged_" + m[f"w0"].target)
+        w = graph.add_constant(torch.cat(weights), "merged_" + m["w0"].target)
         b = None
         if bias:
             b = graph.add_constant(torch.cat([m.constant(f"b{i}") for i in range(len(names))]), "merged_" + m["b0"].target)

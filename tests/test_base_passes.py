@@ -1,7 +1,6 @@
 """canonicalize, dce, constant-fold and cse: each before/after, a case where it
 must not fire, and parity with the original."""
 
-import pytest
 import torch
 from torch.export import Dim
 
