@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..ir.graph import Graph
+from ..ir.targets import register_target
 from .base import BackendError, CompiledModel
 from .eager import EagerModel
 from .onnxruntime import OnnxRuntimeModel, export_onnx, export_onnx_program
@@ -26,5 +27,21 @@ def compile(graph: Graph, backend: str = "eager", **options) -> CompiledModel:
     except TypeError as e:
         raise BackendError(f"backend {backend!r}: {e}") from e
 
+
+def _measuring_compile(backend: str):
+    """How a pass measures on ``backend``: torch's thread count, and ONNX Runtime's
+    threads not left spinning to tax whatever runs next."""
+    import torch
+
+    def compile_for_measuring(graph: Graph):
+        if backend == "onnxruntime":
+            return compile(graph, backend, intra_op_threads=torch.get_num_threads(), inter_op_threads=1, allow_spinning=False)
+        return compile(graph, backend)
+
+    return compile_for_measuring
+
+
+for _name in BACKENDS:
+    register_target(_name, _measuring_compile(_name))
 
 __all__ = ["compile", "export_onnx", "export_onnx_program", "BACKENDS", "BackendError", "CompiledModel", "EagerModel", "OnnxRuntimeModel"]

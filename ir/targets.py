@@ -1,0 +1,27 @@
+"""The backends a pass may measure on, without importing them.
+
+Passes never import backends (the data flow is model -> IR -> passes ->
+backend), yet a pass such as ``quantize(guard=true)`` must time a layer on the
+backend the model will run on. Backends register a compile function here when
+they are imported (``import fxopt`` does that); passes look it up by name.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+_TARGETS: dict[str, Callable] = {}
+
+
+def register_target(name: str, compile_fn: Callable) -> None:
+    """``compile_fn(graph) -> callable`` that runs ``graph`` on backend ``name``
+    the way a measurement should (threads as torch's, nothing left spinning)."""
+    _TARGETS[name] = compile_fn
+
+
+def target(name: str) -> Callable:
+    try:
+        return _TARGETS[name]
+    except KeyError:
+        raise KeyError(f"no backend {name!r} registered for measuring (registered: {sorted(_TARGETS)}); "
+                       "import fxopt (or fxopt.backends) first") from None
