@@ -1,20 +1,27 @@
 """``fuse-attention``: written-out attention -> ``aten.scaled_dot_product_attention``.
 
-Matches (anchored on each ``softmax`` over the last dimension)::
+One pattern on the rewrite engine (:mod:`.rewrite`), anchored on the value
+matmul, whose spots may each be written in several *forms* (the tables below)::
 
-    q ──────────────┐
-    k ─ transpose ─ matmul ─ [mul|div by scale] ─ [add mask | masked_fill] ─ softmax ─ [cast] ─ matmul ─ out
-                                                                                       v ─────┘
+    out    = matmul(probs, v)
+    probs  = sm | sm.to(own dtype)                                    _PROBS
+    sm     = softmax(scores, last dim)  [dtype= its own | _softmax]   _SOFTMAX_FORMS
+    scores = s | s + mask | s.masked_fill(blocked, -inf) | where(blocked, -inf, s)   _MASKS
+    s      = q @ kt | (q @ kt) * c | (q @ kt) / c                     _SCALES
+    q      = q | q * c | q / c          kt = kt0 | kt0 * c | kt0 / c
+    kt0    = k.transpose(-2, -1) | k.permute(0, 1, 3, 2) | kt0 (a key given transposed)
 
 as GPT-2's and BERT's eager attention (Hugging Face, ``attn_implementation="eager"``),
 Llama's eager attention (after ``repeat_kv``) and fxopt's ``tiny_gpt`` write it.
-Tolerated variants: the scale multiplied or divided, applied to the scores or to
-``q`` / ``k`` before the first matmul, a python number or a 0-d constant; no
-scale; the key given already transposed or transposed by ``permute``; an
-additive float mask, a boolean ``masked_fill(-inf)`` or ``where`` mask; a cast of
-the probabilities to their own dtype.
+A scale ``c`` is a python number or a one-element constant (the engine's float
+capture takes both); ``-inf`` may be any fill <= -1e30, as a number or a
+one-element constant; ``add`` takes the mask on either side. Predicates check what
+is not structural: q, k, v 4-D, the softmax over the last dim, the transpose
+over the last two dims, the fill very negative; the check: no dtype change in
+the softmax or the cast, the query at least ``min_seq`` long.
 
-Produces ``scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=s)``.
+Produces ``scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=s)``
+(``s`` the product of every scale found, 1 when none).
 ``is_causal=True`` is set only when the mask is *proved* causal from the graph:
 the mask's backward slice is evaluated symbolically (:class:`_IndexAlgebra`: index
 tensors as sympy expressions over the output position) and must reduce to
@@ -22,11 +29,14 @@ tensors as sympy expressions over the output position) and must reduce to
 a mask read from an input, or a causal mask with a KV-cache offset (query ``i``
 at absolute position ``past + i``) stays an explicit ``attn_mask``.
 
-Refuses, and says why in ``stats["misses"]`` (node name -> first reason):
+Refuses, and says why in ``stats["misses"]`` (softmax node name -> reason; the
+engine's nearest miss, or why a found match was skipped):
 softmax not over the last dimension or with a dtype change; scores that are not
 a 4-D ``q @ k^T``; a scale that is not a constant; intermediate values used
 outside the subgraph (e.g. attention weights returned as an output); a mask
-added before the scale; dropout still present in training mode.
+added before the scale; dropout still present in training mode. When nothing
+fuses although softmaxes exist, ``stats["nearest_miss"]`` is the engine's
+explanation.
 
 GQA: ``repeat_kv`` (expand + reshape of k and v) is left in front of the fused
 op, so the result is exact for any layout; ``stats["gqa"]`` counts such matches.
@@ -34,9 +44,9 @@ op, so the result is exact for any layout; ``stats["gqa"]`` counts such matches.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
-from dataclasses import dataclass
 
 import sympy
 import torch
@@ -45,56 +55,164 @@ import torch.fx as fx
 from ..ir.nodes import same_shape, val
 from .base import Option, Pass, PassResult
 from .registry import register_pass
+from .rewrite import Match, Pattern, Reject, nearest_misses, rewrite
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
 _SOFTMAX = {aten.softmax.int, aten._softmax.default}
-_MATMUL = {aten.matmul.default, aten.bmm.default}
-_SAME_DTYPE_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default}
 _REPEAT_KV = {aten.expand.default, aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.unsqueeze.default, aten.clone.default}
 
 
-class Miss(Exception):
-    """A pattern node that did not match; the message says which and why."""
+def _attention(probs, v):
+    return torch.matmul(probs, v)
 
 
-@dataclass
-class AttentionMatch:
-    softmax: fx.Node
-    out: fx.Node  # the second matmul, replaced by the fused op
-    q: fx.Node
-    k: fx.Node  # [B, N, T, H], not transposed
-    k_transposed: bool  # True when ``k`` is still [.., H, T] and needs a transpose
-    v: fx.Node
-    scale: float
-    mask: fx.Node | None  # additive float mask or boolean "attend" mask
-    mask_kind: str  # none | additive | blocked-fill (masked_fill / where(m, -inf, s))
-    fill: float | None
-    internal: list[fx.Node]  # nodes of the subgraph that only the subgraph uses
+# -- the forms of each spot ---------------------------------------------------------------
+
+def _cast(sm, probs_dtype: torch.dtype):
+    return sm.to(probs_dtype)
 
 
-def _scalar(graph, arg) -> float | None:
-    """A python number, or the value of a 0-d / one-element constant."""
-    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
-        return float(arg)
-    t = graph.constant(arg) if isinstance(arg, fx.Node) else None
-    if t is not None and t.numel() == 1:
-        return float(t.reshape(()).item())
-    return None
+_PROBS = {"cast": _cast, "plain": "sm"}
 
 
-def _is_last_two_transpose(node: fx.Node) -> bool:
-    v = val(node)
-    if not isinstance(v, torch.Tensor):
-        return False
-    r = v.dim()
-    if node.target == aten.transpose.int:
-        return {d % r for d in node.args[1:3]} == {r - 1, r - 2}
-    if node.target == aten.permute.default:
-        perm = [d % r for d in node.args[1]]
-        return perm == list(range(r - 2)) + [r - 1, r - 2]
-    return False
+def _softmax(scores, dim: int):
+    return torch.softmax(scores, dim)
+
+
+def _softmax_dtype(scores, dim: int, softmax_dtype: torch.dtype):
+    return torch.softmax(scores, dim, dtype=softmax_dtype)
+
+
+def _softmax_aten(scores, dim: int):
+    return torch.ops.aten._softmax(scores, dim, False)
+
+
+_SOFTMAX_FORMS = {"softmax": _softmax, "softmax-dtype": _softmax_dtype, "_softmax": _softmax_aten}
+
+
+def _additive(s, mask):
+    return s + mask
+
+
+def _masked_fill(s, blocked, fill: float):
+    return s.masked_fill(blocked, fill)
+
+
+def _masked_fill_tensor(s, blocked, fill_t):
+    return s.masked_fill(blocked, fill_t)
+
+
+def _where(s, blocked, fill_t):
+    return torch.where(blocked, fill_t, s)
+
+
+_MASKS = {"additive": _additive, "masked_fill": _masked_fill, "masked_fill-tensor": _masked_fill_tensor,
+          "where": _where, "none": "s"}
+
+
+def _scaled_mul(q, kt, s_scale: float):
+    return torch.matmul(q, kt) * s_scale
+
+
+def _scaled_div(q, kt, s_scale: float):
+    return torch.matmul(q, kt) / s_scale
+
+
+def _unscaled(q, kt):
+    return torch.matmul(q, kt)
+
+
+_SCALES = {"mul": _scaled_mul, "div": _scaled_div, "none": _unscaled}
+
+
+def _q_mul(q, q_scale: float):
+    return q * q_scale
+
+
+def _q_div(q, q_scale: float):
+    return q / q_scale
+
+
+def _k_mul(kt0, k_scale: float):
+    return kt0 * k_scale
+
+
+def _k_div(kt0, k_scale: float):
+    return kt0 / k_scale
+
+
+def _transpose(k, d0: int, d1: int):
+    return k.transpose(d0, d1)
+
+
+def _permute(k, p0: int, p1: int, p2: int, p3: int):
+    return k.permute(p0, p1, p2, p3)
+
+
+_KEYS = {"transpose": _transpose, "permute": _permute, "given": "kt0"}
+
+
+# -- predicates: what is not structural ----------------------------------------------------
+
+def _require(ok: bool, reason: str) -> bool:
+    if not ok:
+        raise Reject(reason)
+    return True
+
+
+def _four_d(what: str):
+    def pred(node) -> bool:
+        v = val(node)
+        return _require(isinstance(v, torch.Tensor) and v.dim() == 4, f"{what} ({getattr(node, 'name', node)}) is not 4-D")
+
+    pred.__name__ = f"{what} is 4-D"
+    return pred
+
+
+def _very_negative(f: float) -> bool:
+    return f == -math.inf or f <= -1e30
+
+
+def _fill_constant(node) -> bool:
+    """A fill given as a tensor: a one-element constant, very negative."""
+    t = None
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        t = operator.attrgetter(node.target)(node.graph.owning_module)
+    _require(isinstance(t, torch.Tensor) and t.numel() == 1, f"masked with {_name(node)}, not a one-element constant")
+    return _require(_very_negative(float(t.reshape(()).item())), f"masked with {_name(node)} = {float(t.reshape(()).item())!r}, not -inf or a very negative number")
+
+
+def _name(node) -> str:
+    return getattr(node, "name", repr(node))
+
+
+def _dim(position: int):
+    return lambda d: _require(d % 4 == position, f"permute puts dim {d} at {position}: not a swap of the last two")
+
+
+_WHERE = {
+    "q": _four_d("q"), "v": _four_d("v"), "k": _four_d("k"), "kt0": _four_d("k^T"),
+    "dim": lambda d: _require(d in (-1, 3), f"softmax over dim {d}, not the last"),
+    "d0": lambda d: _require(d % 4 in (2, 3), f"transpose of dim {d}, not of the last two"),
+    "d1": lambda d: _require(d % 4 in (2, 3), f"transpose of dim {d}, not of the last two"),
+    **{f"p{i}": _dim(i if i < 2 else 5 - i) for i in range(4)},
+    "fill_t": _fill_constant,
+    "fill": lambda f: _require(_very_negative(f), f"masked_fill with {f!r}, not -inf or a very negative number"),
+}
+
+_INPUTS = {"probs": (2, 2, 4, 4), "v": (2, 2, 4, 8), "sm": (2, 2, 4, 4), "scores": (2, 2, 4, 4), "s": (2, 2, 4, 4),
+           "mask": (2, 2, 4, 4), "blocked": torch.zeros(2, 2, 4, 4, dtype=torch.bool), "fill_t": torch.tensor(-1e9),
+           "q": (2, 2, 4, 8), "kt": (2, 2, 8, 4), "kt0": (2, 2, 8, 4), "k": (2, 2, 4, 8),
+           "dim": -1, "d0": -2, "d1": -1, "p0": 0, "p1": 1, "p2": 3, "p3": 2}
+
+_ATTENTION = Pattern(
+    "attention", _attention, build=lambda m, graph: None, where=_WHERE, inputs=_INPUTS,
+    alternatives={"probs": _PROBS, "sm": _SOFTMAX_FORMS, "scores": _MASKS, "s": _SCALES,
+                  "q": {"mul": _q_mul, "div": _q_div, "given": "q"},
+                  "kt": {"mul": _k_mul, "div": _k_div, "plain": "kt0"}, "kt0": _KEYS},
+)
 
 
 @register_pass("fuse-attention")
@@ -108,159 +226,89 @@ class FuseAttention(Pass):
     runs_after = ("canonicalize",)
 
     def run(self, graph) -> PassResult:
-        stats = {"fused": 0, "causal": 0, "masked": 0, "unmasked": 0, "gqa": 0, "softmax": 0, "misses": {},
+        softmaxes = sum(1 for n in graph.fx.nodes if n.op == "call_function" and n.target in _SOFTMAX)
+        stats = {"fused": 0, "causal": 0, "masked": 0, "unmasked": 0, "gqa": 0, "softmax": softmaxes, "misses": {},
                  # attention the model already wrote as SDPA (Hugging Face's default implementation)
                  "sdpa_present": sum(1 for n in graph.fx.nodes if n.target == SDPA)}
-        for sm in self.walk(graph, op="call_function", target=_SOFTMAX):
-            stats["softmax"] += 1
-            try:
-                m = self._match(graph, sm)
-            except Miss as why:
-                stats["misses"][sm.name] = str(why)
-                continue
-            kind = self._rewrite(graph, m)
-            stats["fused"] += 1
+        if not softmaxes:
+            return PassResult(False, stats)
+        kinds: list[str] = []
+        pattern = _ATTENTION.variant(check=self._check, build=functools.partial(self._build, kinds))
+        st = rewrite(graph, [pattern], pass_=self).stats[pattern.name]
+        stats["fused"] = st.rewritten
+        for kind in kinds:
             stats[kind] += 1
-            if _via_repeat_kv(m.k) or _via_repeat_kv(m.v):
-                stats["gqa"] += 1
-        return PassResult(stats["fused"] > 0, stats)
+        stats["misses"] = self._misses(graph, pattern, st)
+        if st.nearest_miss:
+            stats["nearest_miss"] = st.nearest_miss
+        return PassResult(st.rewritten > 0, stats)
 
-    # -- matching ------------------------------------------------------------------
-    def _match(self, graph, sm: fx.Node) -> AttentionMatch:
-        internal = [sm]
-        x = sm.args[0]
-        dim = sm.args[1] if len(sm.args) > 1 else sm.kwargs.get("dim")
-        sv = val(sm)
-        if not isinstance(sv, torch.Tensor) or sv.dim() != 4:
-            raise Miss(f"softmax output is not 4-D ({getattr(sv, 'shape', None)})")
-        if dim % 4 != 3:
-            raise Miss(f"softmax over dim {dim}, not the last")
-        if sm.target == aten._softmax.default and sm.args[2]:
-            raise Miss("softmax computed in half precision into float (half_to_float)")
-        if sm.target == aten.softmax.int and len(sm.args) > 2 and sm.args[2] not in (None, sv.dtype):
-            raise Miss("softmax changes dtype")
+    def _check(self, m: Match) -> bool:
+        dtype = m.val("q").dtype
+        for cap, what in (("softmax_dtype", "softmax changes dtype"), ("probs_dtype", "the probabilities are cast to another dtype")):
+            if cap in m:
+                _require(m[cap] == dtype, f"{what} ({str(dtype).replace('torch.', '')} -> {str(m[cap]).replace('torch.', '')})")
+        if "d0" in m:
+            _require(m["d0"] % 4 != m["d1"] % 4, f"transpose({m['d0']}, {m['d1']}) swaps nothing")
+        out = val(m.anchor)
+        _require(isinstance(out, torch.Tensor) and out.dim() == 4, "the attention output is not 4-D (a mask broadcasts it up)")
+        lq = m.val("q").shape[-2]
+        _require(not (isinstance(lq, int) and lq < self.min_seq), f"query length {lq} below min_seq={self.min_seq}")
+        return True
 
-        # probabilities -> [cast] -> matmul(p, v)
-        p = sm
-        while len(p.users) == 1:
-            (u,) = p.users
-            if u.target in _SAME_DTYPE_CASTS and val(u) is not None and val(u).dtype == sv.dtype:
-                internal.append(u)
-                p = u
-                continue
-            if u.target == aten.dropout.default:
-                raise Miss("dropout between softmax and the value matmul (run canonicalize; train mode is not fused)")
-            break
-        if len(p.users) != 1:
-            raise Miss(f"attention probabilities {p.name} are used {len(p.users)} times (e.g. returned as an output)")
-        (out,) = p.users
-        if out.target not in _MATMUL or out.args[0] is not p:
-            raise Miss(f"softmax result feeds {out.target}, not matmul(probs, v)")
-        v = out.args[1]
-
-        # scores: [mask] <- [scale] <- matmul(q, kT)
-        mask, kind, fill = None, "none", None
-        s = x
-        if s.op == "call_function" and s.target in (aten.add.Tensor,) and len(s.users) == 1:
-            a, b = s.args[:2]
-            if isinstance(a, fx.Node) and self._scores_like(a):
-                s, mask = a, b
-            elif isinstance(b, fx.Node) and self._scores_like(b):
-                s, mask = b, a
-            else:
-                raise Miss("an add feeds softmax but neither operand is the scores")
-            if not isinstance(mask, fx.Node):
-                raise Miss(f"scalar {mask!r} added to the scores")
-            kind = "additive"
-            internal.append(x)
-        elif s.op == "call_function" and s.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) and len(s.users) == 1:
-            fill = _scalar(graph, s.args[2])
-            if fill is None or not (fill == -math.inf or fill <= -1e30):
-                raise Miss(f"masked_fill with {s.args[2]!r}, not -inf or a very negative number")
-            internal.append(s)
-            s, mask, kind = s.args[0], s.args[1], "blocked"
-        elif s.op == "call_function" and s.target == aten.where.self and len(s.users) == 1:
-            fill = _scalar(graph, s.args[1])
-            if fill is None or not (fill == -math.inf or fill <= -1e30):
-                raise Miss("where(mask, x, scores) with x not -inf or a very negative number")
-            internal.append(s)
-            s, mask, kind = s.args[2], s.args[0], "blocked"
-
-        scale = 1.0
-        if s.op == "call_function" and s.target in (aten.mul.Tensor, aten.div.Tensor) and len(s.users) == 1:
-            c = _scalar(graph, s.args[1])
-            if c is None and s.target == aten.mul.Tensor:
-                c = _scalar(graph, s.args[0])
-                base = s.args[1]
-            else:
-                base = s.args[0]
-            if c is None:
-                raise Miss(f"scores scaled by a non-constant ({s.name})")
-            scale = c if s.target == aten.mul.Tensor else 1.0 / c
-            internal.append(s)
-            s = base
-        if s.op != "call_function" or s.target not in _MATMUL:
-            raise Miss(f"softmax input is not (scaled, masked) q @ k^T: found {s.target if s.op == 'call_function' else s.op} {s.name}")
-        if len(s.users) != 1:
-            raise Miss(f"scores {s.name} are used outside the attention")
-        internal.append(s)
-        q, kt = s.args[:2]
-        q, scale = self._peel_scale(graph, q, scale, internal)
-        kt, scale = self._peel_scale(graph, kt, scale, internal)
-        for name, t in (("q", q), ("k^T", kt), ("v", v)):
-            tv = val(t)
-            if not isinstance(tv, torch.Tensor) or tv.dim() != 4:
-                raise Miss(f"{name} ({getattr(t, 'name', t)}) is not 4-D")
-        if val(q).shape[-2] is not None and isinstance(val(q).shape[-2], int) and val(q).shape[-2] < self.min_seq:
-            raise Miss(f"query length {val(q).shape[-2]} below min_seq={self.min_seq}")
-        if _is_last_two_transpose(kt) and len(kt.users) == 1:
-            internal.append(kt)
-            k, transposed = kt.args[0], False
-        else:
-            k, transposed = kt, True
-        return AttentionMatch(sm, out, q, k, transposed, v, scale, mask, kind, fill, internal)
-
-    def _scores_like(self, node: fx.Node) -> bool:
-        return node.op == "call_function" and (node.target in _MATMUL or node.target in (aten.mul.Tensor, aten.div.Tensor))
-
-    def _peel_scale(self, graph, t, scale: float, internal: list) -> tuple:
-        """q * c or q / c feeding the first matmul (scale applied before q @ k^T)."""
-        if isinstance(t, fx.Node) and t.op == "call_function" and t.target in (aten.mul.Tensor, aten.div.Tensor) and len(t.users) == 1:
-            c = _scalar(graph, t.args[1])
-            if c is not None:
-                internal.append(t)
-                return t.args[0], scale * (c if t.target == aten.mul.Tensor else 1.0 / c)
-        return t, scale
-
-    # -- rewriting -------------------------------------------------------------------
-    def _rewrite(self, graph, m: AttentionMatch) -> str:
+    def _build(self, kinds: list, m: Match, graph):
         g = graph.fx
+        scale = 1.0
+        for cap, spot in (("s_scale", "s"), ("q_scale", "q"), ("k_scale", "kt")):
+            if cap in m:
+                scale = scale * m[cap] if m.chosen[spot] == "mul" else scale / m[cap]
+        if "k" in m:
+            k, sk = m["k"], val(m["k"]).shape[-2]
+        else:  # the key was given transposed
+            k, sk = g.call_function(aten.transpose.int, (m["kt0"], -2, -1)), val(m["kt0"]).shape[-1]
+        mask, blocked, fill = None, False, None
+        if "mask" in m:
+            mask = m["mask"]
+        elif "blocked" in m:
+            mask, blocked = m["blocked"], True
+            fill = m["fill"] if "fill" in m else float(m.constant("fill_t").reshape(()).item())
         causal = False
-        mask = m.mask
         if mask is not None and self.causal:
-            sq, sk = val(m.out).shape[-2], val(m.k).shape[-1 if m.k_transposed else -2]
-            if same_shape([sq], [sk]) and is_causal_mask(graph, mask, blocked=(m.mask_kind == "blocked"), fill=m.fill):
+            sq = val(m.anchor).shape[-2]
+            if same_shape([sq], [sk]) and is_causal_mask(graph, mask, blocked=blocked, fill=fill):
                 causal, mask = True, None
-        with g.inserting_before(m.out):
-            k = m.k
-            if m.k_transposed:
-                k = g.call_function(aten.transpose.int, (m.k, -2, -1))
-            if mask is not None and m.mask_kind == "blocked":
-                if m.fill == -math.inf:
-                    mask = g.call_function(aten.logical_not.default, (mask,))
-                else:  # a finite fill replaces the score; as a bias it dominates it the same way
-                    mask = g.call_function(aten.where.ScalarOther, (mask, m.fill, 0.0))
-                    mask = g.call_function(aten.to.dtype, (mask, val(m.softmax).dtype))
-            kwargs = {"scale": m.scale}
-            fused = g.call_function(SDPA, (m.q, k, m.v), {"attn_mask": mask, "dropout_p": 0.0, "is_causal": causal, **kwargs})
-        fused.meta.update({key: v for key, v in m.out.meta.items() if key not in ("val",)})
-        m.out.replace_all_uses_with(fused)
-        g.erase_node(m.out)
-        for node in reversed(m.internal):  # sources last: users were erased first
-            if node.graph is g and not node.users:
-                g.erase_node(node)
-        graph.refresh_meta()
-        return "causal" if causal else ("masked" if mask is not None else "unmasked")
+        if mask is not None and blocked:
+            if fill == -math.inf:
+                mask = g.call_function(aten.logical_not.default, (mask,))
+            else:  # a finite fill replaces the score; as a bias it dominates it the same way
+                mask = g.call_function(aten.where.ScalarOther, (mask, fill, 0.0))
+                mask = g.call_function(aten.to.dtype, (mask, val(m.anchor).dtype))
+        fused = g.call_function(SDPA, (m["q"], k, m["v"]), {"attn_mask": mask, "dropout_p": 0.0, "is_causal": causal, "scale": scale})
+        kinds.append("causal" if causal else ("masked" if mask is not None else "unmasked"))
+        if _via_repeat_kv(m["k"] if "k" in m else m["kt0"]) or _via_repeat_kv(m["v"]):
+            kinds.append("gqa")
+        return fused
+
+    @staticmethod
+    def _misses(graph, pattern: Pattern, st) -> dict[str, str]:
+        """softmax node name -> why the attention around it was not fused."""
+        left = [n for n in graph.fx.nodes if n.op == "call_function" and n.target in _SOFTMAX]
+        reasons: dict[fx.Node, str] = {}
+        for _, detail, m in st.skips:
+            for n in m.matched_nodes():
+                if n.target in _SOFTMAX:
+                    reasons.setdefault(n, detail)
+        pending = [n for n in left if n not in reasons]
+        if pending:
+            misses = nearest_misses(pattern, graph)
+            for sm in pending:
+                near = [mi for mi in misses if sm in mi.matched or mi.graph_node is sm]
+                if near:
+                    reasons[sm] = max(near, key=lambda mi: mi.progress).reason
+                else:
+                    users = ", ".join(f"{u.name} ({getattr(u.target, '__name__', u.target)})" for u in sm.users) or "nothing"
+                    reasons[sm] = f"softmax result feeds {users}, not matmul(probs, v)"
+        return {n.name: reasons[n] for n in left}
 
 
 def _via_repeat_kv(node) -> bool:

@@ -256,3 +256,121 @@ def test_predicates_see_shapes():
     p = Pattern("linear-gelu-2d", linear_gelu, linear_gelu_fused, where={"x": has_rank(2)}, inputs=LINEAR_SHAPES)
     assert find_matches(p, graph) == []
     assert "where['x'] (has_rank(2,)) rejected %x" in explain(p, graph)
+
+
+# --- alternatives: the forms of one spot -------------------------------------------------
+
+def _scaled(x, c: float):
+    return x * c
+
+
+def _shifted(x, b):
+    return x + b
+
+
+def relu_of(h):
+    return torch.relu(h)
+
+
+def clamp_build(chosen: list):
+    """Rebuilds the form that matched, then clamps: the builder reads ``m.chosen``."""
+
+    def build(m, graph):
+        chosen.append(m.chosen["h"])
+        x = m["x"]
+        if m.chosen["h"] == "scaled":
+            x = graph.fx.call_function(aten.mul.Tensor, (x, m["c"]))
+        elif m.chosen["h"] == "shifted":
+            x = graph.fx.call_function(aten.add.Tensor, (x, m["b"]))
+        return graph.fx.call_function(aten.clamp_min.default, (x, 0.0))
+
+    return build
+
+
+def relu_forms(chosen, **kw):
+    return Pattern("relu-forms", relu_of, build=clamp_build(chosen),
+                   alternatives={"h": {"scaled": _scaled, "shifted": _shifted, "plain": "x"}}, **kw)
+
+
+class ThreeRelus(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("c", torch.tensor(3.0))  # a one-element constant: a float capture takes it
+
+    def forward(self, x, y):
+        return torch.relu(x * 2.0) + torch.relu(y + x) + torch.relu(x * self.c) + torch.relu(x)
+
+
+def test_alternatives_match_each_form_and_the_builder_sees_which():
+    graph = traced(ThreeRelus(), torch.randn(3, 8), torch.randn(3, 8))
+    chosen = []
+    new, result = rewritten(graph, [relu_forms(chosen)])
+    assert result.as_dict()["relu-forms"] == {"found": 4, "rewritten": 4, "skipped": {}}
+    assert sorted(chosen) == ["plain", "scaled", "scaled", "shifted"]
+    assert aten.relu.default not in targets(new)
+    assert sorted(n.args[1] for n in new.fx.nodes if n.target == aten.mul.Tensor) == [2.0, 3.0]
+    assert_same_outputs(graph, new, torch.randn(3, 8), torch.randn(3, 8), backends=("eager", "onnxruntime"))
+
+
+class SharedSum(torch.nn.Module):
+    def forward(self, x, y):
+        h = x + y
+        return torch.relu(h), h * 2
+
+
+def test_one_occurrence_per_anchor_the_first_safe_form_wins():
+    # "shifted" would remove x + y, which is used outside: the plain form is taken instead.
+    graph = traced(SharedSum(), torch.randn(3, 8), torch.randn(3, 8))
+    chosen = []
+    new, result = rewritten(graph, [relu_forms(chosen)])
+    assert result.as_dict()["relu-forms"] == {"found": 1, "rewritten": 1, "skipped": {}}
+    assert chosen == ["plain"]
+    assert_same_outputs(graph, new, torch.randn(3, 8), torch.randn(3, 8), backends=("eager", "onnxruntime"))
+
+
+def test_alternatives_that_make_no_sense_are_refused():
+    with pytest.raises(PatternError, match=r"alternatives= names \['y'\], which are not tensor parameters"):
+        Pattern("p", relu_of, build=clamp_build([]), alternatives={"y": {"plain": "x"}})
+    loop = Pattern("p", relu_of, build=clamp_build([]), alternatives={"h": {"a": "x"}, "x": {"b": "h"}})
+    with pytest.raises(PatternError, match="in a cycle"):
+        loop.traced_alternatives
+    # a traced replacement reads parameters that not every form binds
+    p = Pattern("p", relu_of, lambda x, c: torch.clamp_min(x * c, 0.0), alternatives={"h": {"scaled": _scaled, "plain": "x"}})
+    with pytest.raises(PatternError, match=r"the replacement reads \['c'\], which this match did not bind"):
+        rewrite(traced(ThreeRelus(), torch.randn(3, 8), torch.randn(3, 8)).copy(), [p])
+
+
+def test_reject_gives_the_reason_in_the_nearest_miss_and_the_skip():
+    from fxopt.passes.rewrite import Reject, nearest_misses
+
+    def small_scale(c):
+        if c > 2.5:
+            raise Reject(f"scale {c} is too large")
+        return True
+
+    graph = traced(ThreeRelus(), torch.randn(3, 8), torch.randn(3, 8))
+    p = Pattern("relu-scaled", relu_of, build=clamp_build([]), where={"c": small_scale}, alternatives={"h": {"scaled": _scaled}})
+    misses = nearest_misses(p, graph)
+    assert any(mi.reason == "scale 3.0 is too large" for mi in misses)
+    assert len(misses) == 3  # every relu but relu(x * 2.0), each with its own furthest failure
+
+    def refuse(m):
+        raise Reject("not today")
+
+    new, result = rewritten(graph, [p.variant(check=refuse)])
+    st = result.stats["relu-scaled"]
+    assert (st.found, st.rewritten, st.skipped) == (1, 0, {"check": 1}) and st.examples == ["check: not today"]
+    assert p.variant(check=refuse).traced is p.traced  # a variant shares the traces
+
+
+class CastRelu(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(x.to(torch.float64))
+
+
+def test_dtype_capture():
+    def cast_relu(x, dt: torch.dtype):
+        return torch.relu(x.to(dt))
+
+    (m,) = find_matches(Pattern("cast-relu", cast_relu, build=lambda m, g: None), traced(CastRelu(), torch.randn(3, 8)))
+    assert m["dt"] == torch.float64
