@@ -40,6 +40,12 @@ explanation.
 
 GQA: ``repeat_kv`` (expand + reshape of k and v) is left in front of the fused
 op, so the result is exact for any layout; ``stats["gqa"]`` counts such matches.
+
+No hand-written matching is left: the pass's options reach the pattern through
+``Pattern.variant`` (``min_seq`` in the check, ``causal`` in the builder), and
+the causal proof runs in the builder, which decides between ``is_causal`` and an
+explicit mask. The cast form is ``_to_copy`` as torch.export writes it; ``bmm``
+is not a form (it is 3-D, and attention here is 4-D).
 """
 
 from __future__ import annotations

@@ -234,3 +234,70 @@ def test_sdpa_the_contrib_op_cannot_express_falls_back_to_the_generic_lowering()
     assert ("com.microsoft", "MultiHeadAttention") not in onnx_ops(graph)
     out = fxopt.compile(graph, "onnxruntime")(q, k, k)
     assert fxopt.compare(GroupedCausal()(q, k, k), out).within(1e-5)
+
+
+# -- on the rewrite engine: the same counts as the hand-written matcher had, the forms ----------
+
+# What the hand-written matcher fused (measured before the port): static shapes fold
+# the masks into constants, which cannot be proved causal, so they stay masks.
+COUNTS = {
+    ("gpt2-tiny", False): (2, 0, 2, 0), ("gpt2-tiny", True): (2, 2, 0, 0),
+    ("bert-tiny", False): (2, 0, 2, 0), ("bert-tiny", True): (2, 0, 2, 0),
+    ("llama-tiny", False): (2, 0, 2, 2), ("llama-tiny", True): (2, 2, 0, 2),
+    ("tiny-gpt", False): (2, 0, 2, 0), ("tiny-gpt", True): (2, 0, 2, 0),
+}
+MODELS = {
+    "gpt2-tiny": lambda: gpt2("tiny", attn_implementation="eager"),
+    "bert-tiny": lambda: bert("tiny", attn_implementation="eager"),
+    "llama-tiny": lambda: llama("tiny", attn_implementation="eager"),
+    "tiny-gpt": tiny_gpt,
+}
+
+
+@pytest.mark.parametrize("name,dynamic", list(COUNTS))
+def test_fused_counts_are_unchanged(name, dynamic):
+    spec = MODELS[name]()
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes if dynamic else None)
+    stats = PassManager(PIPELINE).run(graph).records[4].stats
+    assert (stats["fused"], stats["causal"], stats["masked"], stats["gqa"]) == COUNTS[(name, dynamic)]
+    assert stats["misses"] == {} and stats["softmax"] == 2
+
+
+class Forms(torch.nn.Module):
+    """Key permuted and scaled by a one-element constant, a where(-inf tensor) mask, softmax with dtype=."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.register_buffer("scale", torch.tensor(8**-0.5))
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, 2, 8).transpose(1, 2) for t in self.qkv(x).split(d, -1))
+        scores = q @ (k.permute(0, 1, 3, 2) * self.scale)
+        blocked = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+        scores = torch.where(blocked, torch.tensor(float("-inf")), scores)
+        probs = torch.softmax(scores, -1, dtype=torch.float32)
+        return (probs @ v).transpose(1, 2).reshape(b, s, d)
+
+
+def test_forms_permuted_key_constant_scale_where_mask():
+    torch.manual_seed(0)
+    spec = fxopt.models.ModelSpec(Forms().eval(), (torch.randn(2, 6, 16),), ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},), "forms",
+                                  [(torch.randn(3, 9, 16),)])
+    graph, stats = fuse(spec)
+    (node,) = sdpa_nodes(graph)
+    assert (stats["fused"], stats["causal"]) == (1, 1) and node.kwargs["is_causal"]
+    assert node.kwargs["scale"] == pytest.approx(8**-0.5)
+    assert_parity_on_backends(spec, graph)
+
+
+def test_nothing_fused_gives_the_engines_nearest_miss():
+    class NotAttention(torch.nn.Module):
+        def forward(self, a, b):
+            return F.softmax(a @ b, dim=1) @ b
+
+    x = torch.randn(2, 2, 4, 4)
+    stats = PassManager("fuse-attention").run(fxopt.trace(NotAttention(), (x, x))).records[0].stats
+    assert stats["nearest_miss"].startswith("pattern 'attention': no match among 2 aten.matmul.default node(s)")
+    assert "pattern node %softmax vs graph %softmax (aten.softmax.int): softmax over dim 1, not the last" in stats["nearest_miss"]
