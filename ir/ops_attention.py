@@ -1,6 +1,6 @@
-"""ONNX Runtime lowering of fused attention.
+"""Attention ops and their ONNX Runtime lowerings.
 
-``aten.scaled_dot_product_attention`` (what ``fuse-attention`` produces, and what
+**Generic SDPA.** ``aten.scaled_dot_product_attention`` (what ``fuse-attention`` produces, and what
 Hugging Face's SDPA attention exports as) becomes ONNX Runtime's
 ``com.microsoft.MultiHeadAttention``: one kernel for ``softmax(q k^T * s + bias) v``
 with the causal mask (``unidirectional``) built in, instead of the MatMul,
@@ -12,6 +12,21 @@ Falls back to the generic lowering (onnxscript's torchlib) when the lowering
 would not be exact: heads or head size not static, dropout, a key with fewer
 heads than the query (GQA without repeat_kv), a causal flag with queries and keys
 of different lengths, or inputs that are not 4-D.
+
+**Whole attention blocks** (made by ``pack-attention``, passes/attention_packed.py):
+
+* ``fxopt::packed_attention(x, weight, bias, mask, num_heads, causal, scale,
+  mask_filter_value)``: the packed QKV projection, the head split, attention and
+  the head merge in one op, ``[B, S, Din] -> [B, S, D]``. Lowers to com.microsoft
+  ``Attention``, which runs the QKV GEMM itself on prepacked weights and writes
+  BSNH output, so no Split, Transpose or Reshape is left around it. Measured at
+  GPT-2-small size (1x128, 12 heads) and MiniLM size (32x43, with mask) on 2
+  threads, one layer: Attention 16.2 / 47.5 ms, MatMul + Split +
+  MultiHeadAttention(bias) 17.8 / 49.5 ms, the generic lowering 19.7 ms.
+* ``fxopt::group_query_attention(q, k, v, num_heads, kv_num_heads, scale)``:
+  causal grouped-query attention on ``[B, S, heads * H]`` tensors, kv head ``j``
+  shared by query heads ``j * N/kvN ..``; lowers to com.microsoft
+  ``GroupQueryAttention`` (prefill: no past, ``seqlens_k = S - 1``).
 """
 
 from __future__ import annotations
@@ -23,7 +38,7 @@ from onnxscript import opset18 as op
 from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention as _generic_sdpa
 
 from .onnx_contrib import _FLOATS, _Attr, _AttrType, _optional, _Param, declare, msft
-from .ops import register_onnx_lowering
+from .ops import define_op, register_onnx_lowering
 
 declare(
     "MultiHeadAttention",
@@ -87,3 +102,118 @@ def sdpa_to_multihead_attention(query, key, value, attn_mask=None, dropout_p: fl
 
 
 register_onnx_lowering(torch.ops.aten.scaled_dot_product_attention.default, sdpa_to_multihead_attention, group="contrib-attention")
+
+
+# --------------------------------------------------------------------------
+# packed QKV attention -> com.microsoft.Attention
+
+declare(
+    "Attention",
+    [_Param("input", "T"), _Param("weights", "T"), _optional("bias", "T"), _optional("mask_index", "M")],
+    [_Param("output", "T")],  # not ``present``: only the KV-cache form has it
+    [("T", _FLOATS, ""), ("M", ["tensor(int32)"], "")],
+    [
+        _Attr("num_heads", _AttrType.INT, "number of attention heads", required=True),
+        _Attr("unidirectional", _AttrType.INT, "1: causal", required=False),
+        _Attr("scale", _AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
+        _Attr("mask_filter_value", _AttrType.FLOAT, "added to masked scores", required=False),
+    ],
+)
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2).flatten(-2)
+
+
+def _packed_attention_fake(x, weight, bias, mask, num_heads, causal, scale, mask_filter_value):
+    return x.new_empty((*x.shape[:-1], weight.shape[0] // 3))
+
+
+def _packed_attention_onnx(x, weight, bias, mask=None, num_heads: int = 1, causal: bool = False, scale: float = 1.0,
+                           mask_filter_value: float = -10000.0):
+    # Attention reads the weight as [Din, 3D]; the transpose of the constant is
+    # folded into the initializer by the exporter's optimizer.
+    w = op.Transpose(weight, perm=[1, 0])
+    attrs = dict(num_heads=num_heads, unidirectional=1 if causal else 0, scale=float(scale))
+    if mask is None:
+        return msft.Attention(x, w, bias, **attrs)
+    # ORT attends where mask > 0; torch's bool(mask) is mask != 0.
+    attend = op.Cast(op.Not(op.Equal(mask, op.CastLike(0, mask))), to=6)  # INT32
+    return msft.Attention(x, w, bias, attend, mask_filter_value=float(mask_filter_value), **attrs)
+
+
+@define_op("packed_attention", fake=_packed_attention_fake, onnx=_packed_attention_onnx)
+def packed_attention(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None, num_heads: int, causal: bool,
+    scale: float, mask_filter_value: float,
+) -> torch.Tensor:
+    """Self-attention from one packed projection: ``q, k, v = split(linear(x,
+    weight, bias), 3)``, each split into ``num_heads`` heads, ``softmax(q k^T *
+    scale + m) v`` with the heads merged back, ``[B, S, Din] -> [B, S, D]``.
+    ``m``: causal (``causal``) and/or a key-padding mask ``[B, S]`` (key ``j`` of
+    row ``b`` is masked where ``mask[b, j] == 0``; masked scores get
+    ``mask_filter_value`` added). Lowers to com.microsoft Attention."""
+    if weight.shape[0] % 3 or weight.shape[0] // 3 % num_heads:
+        raise ValueError(f"fxopt::packed_attention: weight rows {weight.shape[0]} are not 3 x num_heads ({num_heads}) x head size")
+    q, k, v = (_split_heads(t, num_heads) for t in torch.nn.functional.linear(x, weight, bias).chunk(3, -1))
+    bias_mask = None
+    if mask is not None:
+        zero = torch.zeros((), dtype=q.dtype)
+        bias_mask = torch.where(mask[:, None, None, :] != 0, zero, torch.full((), mask_filter_value, dtype=q.dtype))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias_mask, is_causal=causal, scale=scale)
+    return _merge_heads(out)
+
+
+# --------------------------------------------------------------------------
+# grouped-query attention -> com.microsoft.GroupQueryAttention
+
+declare(
+    "GroupQueryAttention",
+    [
+        _Param("query", "T"), _optional("key", "T"), _optional("value", "T"), _optional("past_key", "T"),
+        _optional("past_value", "T"), _Param("seqlens_k", "M"), _Param("total_sequence_length", "M"),
+    ],
+    [_Param("output", "T")],  # not present_key / present_value: no cache is kept here
+    [("T", _FLOATS, ""), ("M", ["tensor(int32)"], "")],
+    [
+        _Attr("num_heads", _AttrType.INT, "number of query heads", required=True),
+        _Attr("kv_num_heads", _AttrType.INT, "number of key/value heads", required=True),
+        _Attr("scale", _AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
+    ],
+)
+
+
+def _gqa_fake(q, k, v, num_heads, kv_num_heads, scale):
+    return torch.empty_like(q)
+
+
+def _gqa_onnx(q, k, v, num_heads: int = 1, kv_num_heads: int = 1, scale: float = 1.0):
+    # Prefill without a cache: every row holds all S keys, so the last valid
+    # key index (seqlens_k) is S - 1 for each row and the total length is S.
+    seq = op.Shape(q, start=1, end=2)
+    total = op.Cast(seq, to=6)  # INT32
+    seqlens = op.Expand(op.Sub(total, op.CastLike(1, total)), op.Shape(q, start=0, end=1))
+    return msft.GroupQueryAttention(
+        q, k, v, None, None, seqlens, op.Squeeze(total),
+        num_heads=num_heads, kv_num_heads=kv_num_heads, scale=float(scale),
+    )
+
+
+@define_op("group_query_attention", fake=_gqa_fake, onnx=_gqa_onnx)
+def group_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, kv_num_heads: int, scale: float
+) -> torch.Tensor:
+    """Causal grouped-query attention on ``[B, S, heads * H]`` tensors: ``q``
+    has ``num_heads`` heads, ``k`` and ``v`` have ``kv_num_heads``, and query
+    head ``i`` reads kv head ``i // (num_heads // kv_num_heads)``. Returns ``[B,
+    S, num_heads * H]``. Lowers to com.microsoft GroupQueryAttention."""
+    if num_heads % kv_num_heads:
+        raise ValueError(f"fxopt::group_query_attention: num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}")
+    rep = num_heads // kv_num_heads
+    qh = _split_heads(q, num_heads)
+    kh, vh = (_split_heads(t, kv_num_heads).repeat_interleave(rep, 1) for t in (k, v))
+    return _merge_heads(torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale))

@@ -11,6 +11,7 @@ from . import canonicalize, constant_fold, cse, dce, quantize  # noqa: E402,F401
 from . import smoothquant, quant_methods  # noqa: E402,F401
 from . import attention  # noqa: E402,F401
 from . import fusion  # noqa: E402,F401
+from . import attention_packed  # noqa: E402,F401
 
 __all__ = [
     "Pass", "Option", "OptionError", "PassResult", "PassError", "PassContext", "register_pass",

@@ -1,0 +1,213 @@
+"""pack-attention: whole attention blocks -> fxopt.packed_attention (com.microsoft
+Attention) and fxopt.group_query_attention (com.microsoft GroupQueryAttention)."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.export import Dim
+
+import fxopt
+from fxopt.ir.trace import split_inputs
+from fxopt.models import ModelSpec, bert, gpt2, llama, tiny_gpt
+from fxopt.passes import PassManager
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+PACKED = torch.ops.fxopt.packed_attention.default
+GQA = torch.ops.fxopt.group_query_attention.default
+BASE = "canonicalize,dce,constant-fold,cse"
+PIPELINE = f"{BASE},fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce"
+
+
+def pack(spec, pipeline=PIPELINE, dynamic=True):
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes if dynamic else None)
+    result = PassManager(pipeline, check_numerics=True).run(graph)
+    stats = next((r.stats for r in result.records if r.name.startswith("pack-attention")), None)
+    return result.graph, stats
+
+
+def count(graph, target) -> int:
+    return sum(n.target == target for n in graph.fx.nodes)
+
+
+def assert_parity(spec, graph, inputs=None, tol=1e-4):
+    """Matches the original model on eager and ONNX Runtime."""
+    for example in inputs or [spec.example_inputs, *spec.other_inputs]:
+        args, kwargs = split_inputs(example)
+        with torch.no_grad():
+            ref = spec.model(*args, **kwargs)
+        for backend in ("eager", "onnxruntime"):
+            parity = fxopt.compare(ref, fxopt.compile(graph, backend)(*args, **kwargs))
+            assert parity.within(tol), (backend, parity)
+
+
+def onnx_ops(graph, tmp_path) -> list[tuple[str, str]]:
+    """(domain, op) of every node; Transpose only counts when it moves an
+    activation (ONNX Runtime folds one of an initializer at load time)."""
+    path = fxopt.export_onnx(graph, tmp_path / "model.onnx")
+    model = onnx.load(str(path))
+    weights = {i.name for i in model.graph.initializer}
+    nodes = [*model.graph.node, *(n for f in model.functions for n in f.node)]
+    return [(n.domain, n.op_type) for n in nodes if not (n.op_type == "Transpose" and n.input[0] in weights)]
+
+
+# -- the models: before / after ---------------------------------------------------------------
+
+
+def test_gpt2_causal_attention_becomes_one_attention_op(tmp_path):
+    spec = gpt2("tiny", attn_implementation="eager")
+    before, _ = pack(spec, pipeline=PIPELINE.replace("pack-attention,", ""))
+    graph, stats = pack(spec)
+    assert (count(before, SDPA), count(before, aten.transpose.int)) == (2, 8)
+    assert (stats["packed"], stats["causal"], stats["refused"]) == (2, 2, {})
+    # the QKV linear, split, head split/merge and SDPA are all inside the op
+    assert (count(graph, PACKED), count(graph, SDPA), count(graph, aten.transpose.int), count(graph, aten.split.Tensor)) == (2, 0, 0, 0)
+    assert all(n.args[5] is True and n.args[3] is None for n in graph.fx.nodes if n.target == PACKED)
+    assert_parity(spec, graph)  # traced inputs and another batch/length: dynamic shapes
+    ops = onnx_ops(graph, tmp_path)
+    assert ops.count(("com.microsoft", "Attention")) == 2
+    assert ("com.microsoft", "MultiHeadAttention") not in ops and ("", "Transpose") not in ops
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_static_shapes_folded_causal_mask(name):
+    # traced without dynamic dims, constant-fold turns the causal mask into a
+    # constant: it is recognised from its values
+    spec = {"gpt2": gpt2, "llama": llama}[name]("tiny", attn_implementation="eager")
+    graph, stats = pack(spec, dynamic=False)
+    assert (stats["packed"] + stats["gqa"], stats["refused"]) == (2, {})
+    assert_parity(spec, graph, inputs=[spec.example_inputs])
+
+
+def test_bert_key_padding_mask_becomes_the_mask_input(tmp_path):
+    spec = bert("tiny", attn_implementation="eager")
+    graph, stats = pack(spec)
+    assert (stats["packed"], stats["masked"], stats["refused"]) == (2, 2, {})
+    nodes = [n for n in graph.fx.nodes if n.target == PACKED]
+    # HF indexes the [B, T] mask with arange(batch of input_ids): the op reads mask[:B, :T]
+    assert all(n.args[5] is False and n.args[3] is not None for n in nodes)
+    assert all(n.args[7] == torch.finfo(torch.float32).min for n in nodes)  # HF's fill, kept exactly
+    assert not any(n.target == aten.where.ScalarOther and n.users for n in graph.fx.nodes)
+    assert spec.example_inputs["attention_mask"].min() == 0  # padding is exercised
+    assert_parity(spec, graph)
+    assert onnx_ops(graph, tmp_path).count(("com.microsoft", "Attention")) == 2
+
+
+def test_bert_fully_padded_row_matches():
+    # every key of a row masked: HF spreads attention evenly; so must the kernel
+    spec = bert("tiny", attn_implementation="eager")
+    graph, _ = pack(spec)
+    inputs = {k: v.clone() for k, v in spec.example_inputs.items()}
+    inputs["attention_mask"][0] = 0
+    assert_parity(spec, graph, inputs=[inputs])
+
+
+def test_llama_gqa_drops_repeat_kv(tmp_path):
+    spec = llama("tiny", attn_implementation="eager")
+    before, _ = pack(spec, pipeline=PIPELINE.replace("pack-attention,", ""))
+    graph, stats = pack(spec)
+    assert (count(before, SDPA), count(before, aten.expand.default)) == (2, 4)  # repeat_kv of k and v
+    assert (stats["gqa"], stats["packed"], stats["refused"]) == (2, 0, {})
+    assert (count(graph, GQA), count(graph, SDPA), count(graph, aten.expand.default)) == (2, 0, 0)
+    heads = [(n.args[3], n.args[4]) for n in graph.fx.nodes if n.target == GQA]
+    assert heads == [(4, 2), (4, 2)]
+    assert_parity(spec, graph)
+    ops = onnx_ops(graph, tmp_path)
+    assert ops.count(("com.microsoft", "GroupQueryAttention")) == 2
+
+
+# -- must not fire ------------------------------------------------------------------------------
+
+
+class Block(torch.nn.Module):
+    """An attention block written with SDPA; ``kind`` picks what makes it unusual."""
+
+    def __init__(self, kind: str, heads: int = 2, dim: int = 16):
+        super().__init__()
+        self.kind, self.heads = kind, heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.q, self.k, self.v = (torch.nn.Linear(dim, dim) for _ in range(3))
+
+    def forward(self, x, bias):
+        b, s, d = x.shape
+        if self.kind == "separate":  # q, k, v from three linears (no merge-linears)
+            parts = self.q(x), self.k(x), self.v(x)
+        else:
+            parts = self.qkv(x).split(d, -1)
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in parts)
+        if self.kind == "float-bias":  # an arbitrary float bias, e.g. ALiBi or relative positions
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        elif self.kind == "causal+bias":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False) + F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(b, s, d)
+
+
+def block(kind: str) -> ModelSpec:
+    torch.manual_seed(0)
+    x, bias = torch.randn(2, 6, 16), torch.randn(2, 1, 6, 6)
+    dyn = ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC})
+    return ModelSpec(Block(kind).eval(), (x, bias), dyn, f"block-{kind}", [(torch.randn(3, 9, 16), torch.randn(3, 1, 9, 9))])
+
+
+def test_arbitrary_float_mask_is_refused_with_the_reason():
+    spec = block("float-bias")
+    graph, stats = pack(spec)
+    assert (stats["packed"], count(graph, SDPA)) == (0, 1)
+    (reason,) = stats["refused"].values()
+    assert "arbitrary float mask" in reason
+    assert_parity(spec, graph)
+
+
+def test_qkv_from_separate_linears_is_refused_without_merge_linears():
+    spec = block("separate")
+    graph, stats = pack(spec, pipeline=f"{BASE},pack-attention,dce")
+    assert stats["packed"] == 0 and "not parts of one split" in next(iter(stats["refused"].values()))
+    # with merge-linears first, the three become one packed projection
+    graph, stats = pack(spec, pipeline=f"{BASE},merge-linears,pack-attention,dce")
+    assert (stats["packed"], count(graph, PACKED)) == (1, 1)
+    assert_parity(spec, graph)
+
+
+def test_shared_projection_is_refused():
+    # two SDPAs read the same q/k/v: packing one would run the projection twice
+    spec = block("causal+bias")
+    graph, stats = pack(spec)
+    assert stats["packed"] == 0 and len(stats["refused"]) == 2
+    assert all("also used by" in r for r in stats["refused"].values())
+    assert_parity(spec, graph)
+
+
+def test_kv_cache_offset_mask_is_refused():
+    spec = tiny_gpt()  # query i sits at past + i: an explicit mask, not a padding mask
+    graph, stats = pack(spec)
+    assert (stats["packed"], stats["gqa"]) == (0, 0) and len(stats["refused"]) == 2
+    assert_parity(spec, graph)
+
+
+def test_options_switch_each_form_off():
+    graph, stats = pack(llama("tiny", attn_implementation="eager"), pipeline=PIPELINE.replace("pack-attention", "pack-attention(gqa=false)"))
+    assert stats["gqa"] == 0 and all("gqa=false" in r for r in stats["refused"].values())
+    graph, stats = pack(gpt2("tiny", attn_implementation="eager"), pipeline=PIPELINE.replace("pack-attention", "pack-attention(packed=false)"))
+    assert stats["packed"] == 0 and count(graph, SDPA) == 2
+
+
+# -- the ops ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_attention_kernel_matches_the_composition(causal):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 5, 16), torch.randn(48, 16), torch.randn(48)
+    mask = None if causal else torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    q, k, v = (t.view(2, 5, 4, 4).transpose(1, 2) for t in F.linear(x, w, b).split(16, -1))
+    bias = None if mask is None else torch.where(mask[:, None, None, :].bool(), 0.0, -1e9)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, scale=0.3).transpose(1, 2).reshape(2, 5, 16)
+    out = torch.ops.fxopt.packed_attention(x, w, b, mask, 4, causal, 0.3, -1e9)
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="num_heads"):
+        torch.ops.fxopt.packed_attention(x, w, b, None, 5, causal, 0.3, -1e9)
