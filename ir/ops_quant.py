@@ -3,12 +3,30 @@
 Kernel choices were measured on this project's CPU (AVX2, no VNNI; GPT-2
 shapes and a 4096x4096 linear, batch 1 and 128, ratios to fp32 ``F.linear``):
 
-* dynamic W8A8: fbgemm's prepacked ``quantized::linear_dynamic`` 0.12-0.6x;
-  ``torch._int_mm`` 2-29x (no fast int8 GEMM without VNNI), so it is not used.
-  Without VNNI the u8 x s8 multiply-add saturates int16 when activations use
+* dynamic W8A8, per-tensor activations (``linear_dynamic_int8``): fbgemm's
+  prepacked ``quantized::linear_dynamic`` 0.12-0.6x; ``torch._int_mm`` 2-29x
+  (no fast int8 GEMM without VNNI), so it is not used. Without VNNI the
+  u8 x s8 multiply-add (``vpmaddubsw``) saturates int16 when activations use
   all 8 bits (measured 10% output error for fbgemm and for ONNX Runtime's
-  DynamicQuantizeMatMul), so activations are quantized per tensor to 7 bits
-  (``reduce_range``), as torch.ao does on x86.
+  DynamicQuantizeMatMul; 20-50% on adversarial codes), so these activations
+  are quantized per tensor to 7 bits (``reduce_range``), as torch.ao does on x86.
+* dynamic W8A8, per-token activations (``linear_dynamic_int8_per_token``):
+  full 8-bit asymmetric codes, one scale and zero point per row. ONNX
+  Runtime's MatMulIntegerToFloat with *uint8* weights (int8 codes + 128,
+  zero point 128) runs MLAS's U8U8 kernel, which widens to int16 and uses
+  ``vpmaddwd``: exact on every code (tested on all-255 x all-extreme
+  inputs), 1.15-1.9x the time of the saturating U8S8 kernel and still
+  0.26-0.76x of fp32 MatMul (384x1536, 768x3072 and 3072x768; 1 and 128
+  rows; one thread, shared machine). S8S8 (symmetric activations) is exact
+  too but runs a slow generic kernel (5-70x U8S8); symmetric per-token codes
+  were also less accurate (MiniLM min cosine 0.986 against 0.995). MLAS
+  refuses a per-row activation zero point, so the GEMM runs with zero point
+  0 and ``scale[m] * zp[m] * rowsum(W_deq)[n]`` is subtracted afterwards
+  (exact algebra). Eager has no per-token int8 kernel (fbgemm's is per
+  tensor and saturates; ``torch._int_mm`` is slower than fp32 here), so it
+  rounds the activation onto the same integer grid in float and runs
+  ``F.linear`` with a cached dequantized float copy of the weight: the
+  scheme's numbers at about fp32 speed, 4 bytes per weight more.
 * weight-only int8/int4: no fused eager kernel is faster than fp32 here
   (``_weight_int8pack_mm`` 3-46x, ``_weight_int4pack_mm_for_cpu`` slower
   still), so the eager kernel unpacks and dequantizes the weight on every call
@@ -125,3 +143,99 @@ def linear_dynamic_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tenso
     if x.dtype != torch.float32:
         return linear_dynamic_int8(x.float(), w_q, w_scale, None if bias is None else bias.float()).to(x.dtype)
     return torch.ops.quantized.linear_dynamic(x.contiguous(), _packed(w_q, w_scale, bias), True)
+
+
+# -- dynamic W8A8, per-token activations ---------------------------------------------
+
+TOKEN_QMAX = 255  # full 8-bit codes: the U8U8 kernel does not saturate
+W_ZERO_POINT = 128  # int8 weight codes stored as uint8 (+128) for the U8U8 kernel
+
+# Dequantized float weights for the eager per-token kernel, keyed like _PACKED.
+_DEQUANTIZED: dict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _dequantized(w_u8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    key = (id(w_u8), id(w_scale))
+    hit = _DEQUANTIZED.get(key)
+    if hit is not None and hit[0]() is w_u8 and hit[1] == w_u8._version + w_scale._version:
+        return hit[2]
+    w = (w_u8.to(torch.float32) - W_ZERO_POINT) * w_scale.to(torch.float32)[:, None]
+    _DEQUANTIZED[key] = (weakref.ref(w_u8, lambda _r, k=key: _DEQUANTIZED.pop(k, None)), w_u8._version + w_scale._version, w)
+    return w
+
+
+def token_act_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (last axis) scale and zero point ``[..., 1]`` mapping each
+    row's range, widened to hold 0, onto ``0..255``."""
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    scale = torch.clamp((hi - lo) / TOKEN_QMAX, min=torch.finfo(torch.float32).eps)
+    zp = torch.clamp(torch.round(-lo / scale), 0, TOKEN_QMAX)
+    return scale, zp
+
+
+def _token_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(x / scale) + zp, 0, TOKEN_QMAX)
+
+
+def weight_to_uint8(w_q: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 weight codes as the uint8 codes (zero point 128) the
+    per-token op stores."""
+    return (w_q.to(torch.int16) + W_ZERO_POINT).to(torch.uint8)
+
+
+def linear_dynamic_per_token_reference(x, w_q, w_scale, bias):
+    """What ``linear_dynamic_int8_per_token`` computes, in float, from the
+    symmetric int8 weight codes ``w_q [N, K]`` and ``w_scale [N]``: the
+    definition tests compare with."""
+    scale, zp = token_act_qparams(x)
+    xq = (_token_codes(x, scale, zp) - zp) * scale
+    return F.linear(xq, w_q.to(torch.float32) * w_scale[:, None], bias)
+
+
+def _linear_per_token_fake(x, w_u8, w_scale, w_rowsum, bias):
+    return x.new_empty((*x.shape[:-1], w_u8.shape[0]))
+
+
+def _linear_per_token_onnx(x, w_u8, w_scale, w_rowsum, bias=None):
+    zero = op.CastLike(0.0, x)
+    qmax = op.CastLike(float(TOKEN_QMAX), x)
+    last = op.Constant(value_ints=[-1])
+    lo = op.Min(op.ReduceMin(x, last, keepdims=1), zero)
+    hi = op.Max(op.ReduceMax(x, last, keepdims=1), zero)
+    scale = op.Max(op.Div(op.Sub(hi, lo), qmax), op.CastLike(1.1920928955078125e-07, x))
+    zp = op.Clip(op.Round(op.Div(op.Neg(lo), scale)), zero, qmax)
+    # Round, like torch.round, rounds halves to even: the codes match eager's.
+    xq = op.Cast(op.Clip(op.Add(op.Round(op.Div(x, scale)), zp), zero, qmax), to=2)  # uint8
+    w_zp = op.Cast(op.Constant(value_int=W_ZERO_POINT), to=2)
+    # a_scale [..., 1] times b_scale [N] scales each row; the transpose of the
+    # constant weight is folded into the initializer. The bias is added
+    # separately: with a non-scalar a_scale, ONNX Runtime (1.32) multiplies its
+    # bias input by a_scale too.
+    y = msft.MatMulIntegerToFloat(xq, op.Transpose(w_u8, perm=[1, 0]), scale, w_scale, None, w_zp)
+    y = op.Sub(y, op.Mul(op.Mul(scale, zp), w_rowsum))
+    return y if bias is None else op.Add(y, bias)
+
+
+@define_op("linear_dynamic_int8_per_token", fake=_linear_per_token_fake, onnx=_linear_per_token_onnx)
+def linear_dynamic_int8_per_token(
+    x: torch.Tensor, w_u8: torch.Tensor, w_scale: torch.Tensor, w_rowsum: torch.Tensor, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Dynamic W8A8 linear with per-token activations: ``x`` is quantized at
+    run time to 8-bit unsigned codes with one scale and zero point per row
+    (:func:`token_act_qparams`); the weight is symmetric int8 per output
+    channel, stored as ``w_u8 = w_q + 128`` (uint8 ``[N, K]``) with
+    ``w_scale [N]``; ``w_rowsum [N]`` is the dequantized weight's row sum
+    (it removes the activation zero point after the GEMM on ONNX Runtime).
+    Definition: :func:`linear_dynamic_per_token_reference`. ONNX lowers to the
+    row quantization + ``com.microsoft::MatMulIntegerToFloat`` (U8U8) + the
+    zero-point correction; eager runs the same grid in float (see the module
+    docstring)."""
+    if x.dtype != torch.float32:
+        out = linear_dynamic_int8_per_token(x.float(), w_u8, w_scale, w_rowsum, None if bias is None else bias.float())
+        return out.to(x.dtype)
+    scale, zp = token_act_qparams(x)
+    # clamp(round(x / s) + zp, 0, 255) - zp in one clamp: zp is an integer, so
+    # the codes are the reference's, with two passes over x fewer.
+    xq = torch.clamp(torch.round(x / scale), min=-zp, max=TOKEN_QMAX - zp).mul_(scale)
+    return F.linear(xq, _dequantized(w_u8, w_scale), bias)

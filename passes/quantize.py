@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from ..ir.ops_quant import weight_to_uint8
 from ..ir.timing import median_ms
 from ..ir.quant import QuantConfig, QuantizationError, QuantizedTensor, nbits_block_size, quantize, relative_error, sqnr_db, to_nbits
 from .base import Option, OptionError, Pass, PassResult
@@ -54,6 +55,7 @@ class LayerConfig:
     mode: str
     method: str
     accuracy_level: int
+    act_granularity: str = "token"  # mode=dynamic: activation scales per row or per tensor
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(self.bits, self.scheme, self.granularity, self.group_size)
@@ -142,9 +144,17 @@ def _lower_weight_only(p: "Quantize", graph, layer: Layer, qt: QuantizedTensor, 
 def _lower_dynamic(p: "Quantize", graph, layer: Layer, qt: QuantizedTensor, act_scale) -> fx.Node:
     x = scaled_input(graph, layer, act_scale)
     n = qt.shape[0]
-    w = graph.add_constant(qt.q, f"{layer.name}.qweight")
-    scale = graph.add_constant(qt.scale.expand(n, 1).reshape(n).contiguous(), f"{layer.name}.scale")
-    return _call(graph, torch.ops.fxopt.linear_dynamic_int8.default, (x, w, scale, layer.bias), layer.name)
+    w_scale = qt.scale.expand(n, 1).reshape(n).contiguous()
+    scale = graph.add_constant(w_scale, f"{layer.name}.scale")
+    if layer.cfg.act_granularity == "tensor":
+        w = graph.add_constant(qt.q, f"{layer.name}.qweight")
+        return _call(graph, torch.ops.fxopt.linear_dynamic_int8.default, (x, w, scale, layer.bias), layer.name)
+    # Per token: uint8 weight codes for ONNX Runtime's exact U8U8 kernel, and the
+    # dequantized row sums that take the activation zero point out afterwards.
+    w = graph.add_constant(weight_to_uint8(qt.q), f"{layer.name}.qweight")
+    rowsum = (qt.q.to(torch.float64).sum(dim=1) * w_scale.to(torch.float64)).to(torch.float32)
+    rowsum = graph.add_constant(rowsum, f"{layer.name}.rowsum")
+    return _call(graph, torch.ops.fxopt.linear_dynamic_int8_per_token.default, (x, w, scale, rowsum, layer.bias), layer.name)
 
 
 def _check_dynamic(cfg: LayerConfig) -> str | None:
@@ -167,7 +177,7 @@ METHODS: dict[str, Method] = {"rtn": Method(_rtn)}
 KNOWN_MODES = ("weight-only", "dynamic", "static")
 KNOWN_METHODS = ("rtn", "awq", "gptq")
 
-_OVERRIDABLE = ("bits", "scheme", "granularity", "group_size", "mode", "method", "accuracy_level")
+_OVERRIDABLE = ("bits", "scheme", "granularity", "group_size", "mode", "method", "accuracy_level", "act_granularity")
 _LM_HEAD = re.compile(r"(^|[._])(lm_head|head|output|classifier)$")
 
 
@@ -207,7 +217,12 @@ class Quantize(Pass):
       power-of-two blocks); other widths, or group sizes MatMulNBits cannot
       take: integer codes dequantized by ``aten`` ops feeding ``aten.linear``;
       embeddings: integer rows gathered and dequantized by ``aten`` ops;
-    * ``dynamic`` (W8A8, bits=8, sym, channel or tensor): ``fxopt.linear_dynamic_int8``.
+    * ``dynamic`` (W8A8, bits=8, sym, channel or tensor):
+      ``act_granularity=token`` (default) ``fxopt.linear_dynamic_int8_per_token``
+      (8-bit activation codes, a scale and zero point per row, computed at run
+      time); ``act_granularity=tensor`` ``fxopt.linear_dynamic_int8`` (7-bit
+      codes, one scale per call: fbgemm's fast eager kernel, far less accurate:
+      MiniLM mean/min embedding cosine 0.974/0.89 against 0.999/0.995 per token).
 
     Refuses (leaves float, counted in stats): weights that are not constants,
     layers outside ``include``/inside ``exclude``, smaller than ``min_size``
@@ -232,6 +247,8 @@ class Quantize(Pass):
     overrides = Option((), tuple, check=_overrides_problem,
                        help="per-layer options: ['regex:bits=8;group_size=32', ...]; the first matching entry wins")
     accuracy_level = Option(4, int, choices=(0, 1, 2, 3, 4), help="MatMulNBits accuracy level (4: int8 compute)")
+    act_granularity = Option(None, str, choices=("token", "tensor"),
+                             help="mode=dynamic: activation scales per token (8-bit, default) or per tensor (7-bit, fbgemm on eager)")
     guard = Option(False, help="time each quantized layer against float on the eager backend; keep float where it does not pay")
     guard_tokens = Option(1, int, check=lambda v: None if v >= 1 else "must be >= 1", help="rows of the input the guard times with")
     observer = Option("minmax", str, choices=("minmax", "percentile", "moving-average"),
@@ -246,6 +263,9 @@ class Quantize(Pass):
     def validate_options(self) -> None:
         self._overrides = [self._parse_override(item) for item in self.overrides]
         configs = [self._base_config()] + [replace(self._base_config(), **kv) for _, kv in self._overrides]
+        if self.act_granularity is not None and not any(c.mode == "dynamic" for c in configs):
+            raise OptionError(f"pass 'quantize': option 'act_granularity={self.act_granularity}' applies to mode=dynamic only "
+                              f"(mode={self.mode!r}; static activations use calibrated per-tensor ranges)")
         for cfg in configs:
             self._check_config(cfg)
         self.numerics_tolerance = max(_numerics_tolerance(c.bits) for c in configs)
@@ -259,7 +279,7 @@ class Quantize(Pass):
 
     def _base_config(self) -> LayerConfig:
         return LayerConfig(self.bits, self._default("scheme", self.bits, self.mode), self._default("granularity", self.bits, self.mode),
-                           self.group_size, self.mode, self.method, self.accuracy_level)
+                           self.group_size, self.mode, self.method, self.accuracy_level, self.act_granularity or "token")
 
     def _parse_override(self, item: str) -> tuple[re.Pattern, dict]:
         pattern, _, body = item.partition(":")
@@ -418,6 +438,8 @@ class Quantize(Pass):
             "bits": cfg.bits, "scheme": cfg.scheme, "granularity": cfg.granularity, "mode": cfg.mode, "method": cfg.method,
             "sqnr_db": round(sqnr_db(layer.weight, effective), 2), "rel_err": relative_error(layer.weight, effective),
         }
+        if cfg.mode == "dynamic" and layer.kind == "linear":
+            record["act_granularity"] = cfg.act_granularity
         with graph.fx.inserting_before(layer.node):
             if layer.kind == "embedding":
                 new = self._lower_embedding(graph, layer, qt)

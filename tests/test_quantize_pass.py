@@ -83,7 +83,8 @@ def test_weight_only_matches_dequantized_reference_on_both_backends(name, option
 
 @pytest.mark.parametrize("name", ["tiny-gpt", "gpt2-tiny", "llama-tiny"])
 def test_dynamic_w8a8_on_both_backends(name):
-    spec, canon, q, stats = quantized(name, dict(mode="dynamic"))
+    # Per-tensor activations (fbgemm); the per-token default: tests/test_quant_per_token.py
+    spec, canon, q, stats = quantized(name, dict(mode="dynamic", act_granularity="tensor"))
     assert sum(1 for n in q.fx.nodes if n.target == FX_DYNAMIC) == stats["quantized"] > 0
     eager = run(fxopt.compile(q, "eager"), spec.example_inputs)
     ort = run(fxopt.compile(q, "onnxruntime"), spec.example_inputs)
@@ -187,7 +188,7 @@ def test_embeddings_quantized_weight_only():
 
 
 def test_guard_times_layers_and_keeps_float_where_quantizing_does_not_pay():
-    spec, canon, q, stats = quantized("gpt2-tiny", dict(mode="dynamic", guard=True))
+    spec, canon, q, stats = quantized("gpt2-tiny", dict(mode="dynamic", act_granularity="tensor", guard=True))
     assert all("float_ms" in r and "quant_ms" in r for r in stats["layers"].values())
     kept = stats["kept_float_by_guard"]
     assert all((r["quant_ms"] >= r["float_ms"]) == (name in kept) for name, r in stats["layers"].items())
