@@ -35,14 +35,17 @@ VARIANTS = {
     "ort-fp32": ("ONNX Runtime fp32", "onnxruntime"),
     "ort-quantize-dynamic-int8": ("ONNX Runtime quantize_dynamic int8, per-tensor", "onnxruntime"),
     "ort-matmulnbits-int4": ("ONNX Runtime MatMulNBitsQuantizer int4, block 128, accuracy level 4", "onnxruntime"),
-    "fxopt-int8-eager": ("fxopt W8A8 dynamic int8, eager (fbgemm)", "eager"),
-    "fxopt-int8-ort": ("fxopt W8A8 dynamic int8, ONNX Runtime (MatMulIntegerToFloat)", "onnxruntime"),
+    "fxopt-int8-eager": ("fxopt W8A8 dynamic int8, per-tensor 7-bit act., eager (fbgemm)", "eager"),
+    "fxopt-int8-ort": ("fxopt W8A8 dynamic int8, per-tensor 7-bit act., ONNX Runtime (MatMulIntegerToFloat)", "onnxruntime"),
+    "fxopt-int8tok-eager": ("fxopt W8A8 dynamic int8, per-token 8-bit act., eager (int8 grid in float + F.linear)", "eager"),
+    "fxopt-int8tok-ort": ("fxopt W8A8 dynamic int8, per-token 8-bit act., ONNX Runtime (MatMulIntegerToFloat U8U8)", "onnxruntime"),
     "fxopt-w8-ort": ("fxopt weight-only int8, ONNX Runtime (MatMulNBits, acc. level 4)", "onnxruntime"),
     "fxopt-int4-eager": ("fxopt weight-only int4 g128, eager (dequantize + F.linear)", "eager"),
     "fxopt-int4-ort": ("fxopt weight-only int4 g128, ONNX Runtime (MatMulNBits, acc. level 4)", "onnxruntime"),
 }
 FXOPT_PIPELINES = {
-    "fxopt-int8": "canonicalize,quantize(mode=dynamic,skip_lm_head=false)",
+    "fxopt-int8": "canonicalize,quantize(mode=dynamic,act_granularity=tensor,skip_lm_head=false)",
+    "fxopt-int8tok": "canonicalize,quantize(mode=dynamic,act_granularity=token,skip_lm_head=false)",
     "fxopt-w8": "canonicalize,quantize(bits=8,scheme=sym,skip_lm_head=false)",
     "fxopt-int4": "canonicalize,quantize(bits=4,group_size=128,skip_lm_head=false)",
 }
