@@ -36,7 +36,7 @@ from fxopt.passes import REGISTRY, PassManager
 
 RESULTS = Path(__file__).parent / "results"
 BASE = "canonicalize,dce,constant-fold,cse"
-FUSIONS = [p for p in ("fuse-attention", "merge-linears", "fuse-linear-act", "fuse-norm") if p in REGISTRY]
+FUSIONS = [p for p in ("fuse-attention", "merge-linears", "pack-attention", "fuse-linear-act", "fuse-norm") if p in REGISTRY]
 GOALS = {"gpt2": 0.60, "gpt2-sdpa": 0.60, "minilm": 0.70}
 
 
