@@ -30,7 +30,8 @@ boolean mask, a mask together with ``is_causal``, dropout, q/k/v that are not
 the three equal parts of one linear with a constant weight, intermediate values
 used elsewhere (the projection would run twice), non-static heads or head size,
 GQA with a mask or without ``is_causal``, queries and keys of different
-lengths (a KV cache with past).
+lengths (a KV cache with past), a QKV projection that ``quantize`` replaced
+(``pack-attention`` runs after ``quantize`` so the projection stays quantized).
 """
 
 from __future__ import annotations
@@ -313,7 +314,9 @@ class PackAttention(Pass):
 
     packed = Option(True, help="lower packed-QKV attention to fxopt.packed_attention")
     gqa = Option(True, help="lower grouped-query attention to fxopt.group_query_attention")
-    runs_after = ("fuse-attention", "merge-linears")
+    # After quantize: a quantized QKV projection is kept (and its attention
+    # refused) rather than left in float inside the packed op.
+    runs_after = ("fuse-attention", "merge-linears", "quantize")
     requires = ("canonical-linear",)
 
     def run(self, graph) -> PassResult:

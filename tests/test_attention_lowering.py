@@ -189,6 +189,15 @@ def test_kv_cache_offset_mask_is_refused():
     assert_parity(spec, graph)
 
 
+def test_quantized_projection_stays_quantized():
+    # pack-attention runs after quantize, which keeps the QKV weight quantized
+    with pytest.raises(Exception, match="must run after 'quantize'"):
+        PassManager(f"{BASE},merge-linears,pack-attention,quantize(bits=4,group_size=32)").check()
+    spec = gpt2("tiny", attn_implementation="eager")
+    graph, stats = pack(spec, pipeline=f"{BASE},fuse-attention,merge-linears,quantize(bits=4,group_size=32),pack-attention,dce")
+    assert stats["packed"] == 0 and all("is not a linear" in r for r in stats["refused"].values())
+
+
 def test_options_switch_each_form_off():
     graph, stats = pack(llama("tiny", attn_implementation="eager"), pipeline=PIPELINE.replace("pack-attention", "pack-attention(gqa=false)"))
     assert stats["gqa"] == 0 and all("gqa=false" in r for r in stats["refused"].values())
