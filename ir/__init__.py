@@ -6,6 +6,7 @@ from . import ops_quant  # noqa: F401  quantized linear ops
 from . import ops_quant_static  # noqa: F401  static W8A8 linear
 from . import ops_quant_embedding  # noqa: F401  4/8-bit embedding tables
 from . import ops_fused  # noqa: F401  rms_norm, add_rms_norm, add_layer_norm
+from . import ops_quant_fused  # noqa: F401  quantized linear + activation
 from . import ops_attention  # noqa: F401  SDPA -> com.microsoft attention lowering
 from .graph import Graph
 from .meta import MetaError, propagate_meta

@@ -58,8 +58,10 @@ def _linear_nbits_fake(x, B, scales, zero_points, bias, K, N, bits, block_size, 
 
 def _linear_nbits_onnx(x, B, scales, zero_points=None, bias=None, K: int = 0, N: int = 0, bits: int = 4,
                        block_size: int = 128, accuracy_level: int = 0):
-    y = msft.MatMulNBits(x, B, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
-    return y if bias is None else op.Add(y, bias)
+    # MatMulNBits adds the bias itself (its optional input 5, after g_idx),
+    # so no separate Add pass over the output.
+    return msft.MatMulNBits(x, B, scales, zero_points, None, bias, K=K, N=N, bits=bits, block_size=block_size,
+                            accuracy_level=accuracy_level)
 
 
 @define_op("linear_nbits", fake=_linear_nbits_fake, onnx=_linear_nbits_onnx)

@@ -1,7 +1,8 @@
 """The non-attention fusions of transformer inference, each a few
 ``(pattern, replacement)`` pairs on the rewrite engine (:mod:`.rewrite`).
 
-* ``fuse-linear-act``: linear + bias + activation -> ``fxopt.linear_act``;
+* ``fuse-linear-act``: linear + bias + activation -> ``fxopt.linear_act``, and a
+  quantized linear + activation -> its fused form (``fxopt.linear_nbits_act``, ...);
 * ``merge-linears``: linears sharing one input (Q/K/V, gate/up) -> one linear + split;
 * ``fuse-norm``: RMSNorm / LayerNorm written out in primitive ops -> one norm
   op, and residual add + norm -> ``fxopt.add_rms_norm`` / ``fxopt.add_layer_norm``.
@@ -12,15 +13,16 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..ir.nodes import same_shape, val
-from .base import Option
+from .base import Option, PassResult
 from .registry import register_pass
-from .rewrite import Match, Pattern, RewritePass, is_constant
+from .rewrite import Match, Pattern, PatternError, RewritePass, RewriteResult, _all_args, is_constant, rewrite
 
 aten = torch.ops.aten
 fxopt_ops = torch.ops.fxopt
@@ -43,61 +45,157 @@ ACTIVATION_FORMS: dict[str, list[Callable]] = {
     "relu": [torch.relu],
 }
 
-# Linear-like ops that fuse with an activation: name -> (pattern for ``y =
-# op(x, w, b)``, replacement given the activation name, example shapes).
-# A quantized linear joins by adding an entry here.
+# An op each activation's forms contain, to skip the patterns of activations
+# a graph lacks (tracing a pattern costs about a second).
+_ACTIVATION_OPS = {
+    "gelu": {aten.gelu.default}, "gelu_tanh": {aten.gelu.default, aten.tanh.default},
+    "silu": {aten.silu.default}, "relu": {aten.relu.default},
+}
+
+# Linear-like ops that fuse with an activation, float and quantized. Each
+# variant is one op with some optional arguments present or absent (a pattern
+# parameter cannot bind ``None``): ``layout`` names the op's arguments in order,
+# ``None`` where the variant passes None, and ``fused`` is the op that takes the
+# same arguments plus the activation's name. A quantized linear joins by adding
+# its variants here.
+
+
+@dataclass(frozen=True)
+class _LinearVariant:
+    target: Any  # the linear-like op (an OpOverload)
+    fused: Any  # the fused op: same arguments + activation
+    layout: tuple[str | None, ...]
+    weight: str  # the parameter that must be a constant
+    ints: tuple[str, ...] = ()  # parameters that are int attributes (captured)
+    shapes: dict = field(default_factory=dict)
+
+    def signature(self) -> inspect.Signature:
+        P = inspect.Parameter
+        return inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD, annotation=int if n in self.ints else P.empty)
+                                  for n in self.layout if n is not None])
+
+    def call(self, **params):
+        return self.target(*(params[n] if n is not None else None for n in self.layout))
+
+    def occurs_at(self, node) -> bool:
+        """``node`` calls this variant (same op, the same optional arguments given)."""
+        if node.op != "call_function" or node.target != self.target:
+            return False
+        args = _all_args(node)
+        return all((a is None) == (n is None) for a, n in zip(args, self.layout))
+
+
+def _nbits_layout(zp: bool, bias: bool) -> tuple:
+    return ("x", "B", "scales", "zp" if zp else None, "b" if bias else None, "K", "N", "bits", "block_size", "accuracy_level")
+
+
+# Example inputs that the ops' kernels accept (the engine may run a pattern
+# eagerly), with distinct int attributes so that each captures its own literal.
 _LINEAR_SHAPES = {"x": (2, 8), "w": (16, 8), "b": (16,)}
+_NBITS_SHAPES = {"x": (2, 64), "B": torch.zeros(16, 2, 16, dtype=torch.uint8), "scales": torch.rand(16, 2),
+                 "zp": torch.zeros(16, 1, dtype=torch.uint8), "b": (16,),
+                 "K": 64, "N": 16, "bits": 4, "block_size": 32, "accuracy_level": 1}
+_INT8_SHAPES = {"x": (2, 8), "w_q": torch.ones(16, 8, dtype=torch.int8), "w_scale": torch.rand(16) + 0.1, "b": (16,)}
+_TOKEN_SHAPES = {"x": (2, 8), "w_u8": torch.ones(16, 8, dtype=torch.uint8), "w_scale": torch.rand(16) + 0.1,
+                 "w_rowsum": (16,), "b": (16,)}
+_NBITS_INTS = ("K", "N", "bits", "block_size", "accuracy_level")
 
 
-def _linear_variants() -> dict[str, tuple[Callable, Callable, dict, dict]]:
-    def with_bias(x, w, b):
-        return F.linear(x, w, b)
-
-    def no_bias(x, w):
-        return F.linear(x, w)
-
-    def fused_with_bias(act):
-        return lambda x, w, b: fxopt_ops.linear_act(x, w, b, act)
-
-    def fused_no_bias(act):
-        return lambda x, w: fxopt_ops.linear_act(x, w, None, act)
-
-    return {
-        "linear": (with_bias, fused_with_bias, _LINEAR_SHAPES, {"w": is_constant}),
-        "linear-nobias": (no_bias, fused_no_bias, _LINEAR_SHAPES, {"w": is_constant}),
+def _linear_variants() -> dict[str, _LinearVariant]:
+    out = {
+        "linear": _LinearVariant(aten.linear.default, fxopt_ops.linear_act.default, ("x", "w", "b"), "w", shapes=_LINEAR_SHAPES),
+        "linear-nobias": _LinearVariant(aten.linear.default, fxopt_ops.linear_act.default, ("x", "w", None), "w", shapes=_LINEAR_SHAPES),
+        "dynamic-int8": _LinearVariant(fxopt_ops.linear_dynamic_int8.default, fxopt_ops.linear_dynamic_int8_act.default,
+                                       ("x", "w_q", "w_scale", "b"), "w_q", shapes=_INT8_SHAPES),
+        "dynamic-int8-nobias": _LinearVariant(fxopt_ops.linear_dynamic_int8.default, fxopt_ops.linear_dynamic_int8_act.default,
+                                              ("x", "w_q", "w_scale", None), "w_q", shapes=_INT8_SHAPES),
+        "dynamic-int8-per-token": _LinearVariant(
+            fxopt_ops.linear_dynamic_int8_per_token.default, fxopt_ops.linear_dynamic_int8_per_token_act.default,
+            ("x", "w_u8", "w_scale", "w_rowsum", "b"), "w_u8", shapes=_TOKEN_SHAPES),
+        "dynamic-int8-per-token-nobias": _LinearVariant(
+            fxopt_ops.linear_dynamic_int8_per_token.default, fxopt_ops.linear_dynamic_int8_per_token_act.default,
+            ("x", "w_u8", "w_scale", "w_rowsum", None), "w_u8", shapes=_TOKEN_SHAPES),
     }
+    for zp in (True, False):
+        for bias in (True, False):
+            name = "nbits" + ("" if zp else "-nozp") + ("" if bias else "-nobias")
+            out[name] = _LinearVariant(fxopt_ops.linear_nbits.default, fxopt_ops.linear_nbits_act.default,
+                                       _nbits_layout(zp, bias), "B", _NBITS_INTS, _NBITS_SHAPES)
+    return out
 
 
-def _linear_act_patterns() -> dict[str, list[Pattern]]:
-    out: dict[str, list[Pattern]] = {}
+_VARIANTS = _linear_variants()
+# Graph meta the fused node takes from the linear it absorbs (not from the
+# activation), so a fused layer keeps the linear's module name.
+_LAYER_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "quantized_layer")
+
+
+def _fuse_into(v: _LinearVariant, act: str) -> Callable:
+    def build(m: Match, graph):
+        (linear,) = [g for g in m.nodes.values() if g.target == v.target]
+        args = tuple(m[n] if n is not None else None for n in v.layout)
+        node = graph.fx.call_function(v.fused, (*args, act))
+        node.meta.update({k: linear.meta[k] for k in _LAYER_META if k in linear.meta})
+        return node
+
+    return build
+
+
+def _linear_act_patterns() -> dict[str, list[tuple[_LinearVariant, Pattern]]]:
+    out: dict[str, list[tuple[_LinearVariant, Pattern]]] = {}
     for act, forms in ACTIVATION_FORMS.items():
-        for lin_name, (linear, fused, shapes, where) in _linear_variants().items():
+        for lin_name, v in _VARIANTS.items():
             for i, form in enumerate(forms):
-                def pattern(_linear=linear, _form=form, **params):
-                    return _form(_linear(**params))
+                def pattern(_v=v, _form=form, **params):
+                    return _form(_v.call(**params))
 
-                # The engine reads the parameters from the signature: the linear's.
-                pattern.__signature__ = inspect.signature(linear)
+                # The engine reads the parameters from the signature: the op's.
+                pattern.__signature__ = v.signature()
                 name = f"{lin_name}+{act}" + (f"#{i}" if i else "")
-                out.setdefault(act, []).append(Pattern(name, pattern, fused(act), where=dict(where), inputs=shapes))
+                p = Pattern(name, pattern, build=_fuse_into(v, act), where={v.weight: is_constant}, inputs=v.shapes)
+                out.setdefault(act, []).append((v, p))
     return out
 
 
 _LINEAR_ACT = _linear_act_patterns()
 
 
+def linear_act_patterns(activations: Sequence[str], graph=None) -> list[Pattern]:
+    """The fusion patterns for ``activations``; given a graph, only those whose
+    linear variant occurs in it (each pattern is traced on first use, ~1 s)."""
+    present = list(_VARIANTS.values())
+    if graph is not None:
+        present = [v for v in present if any(v.occurs_at(n) for n in graph.fx.nodes)]
+        targets = {n.target for n in graph.fx.nodes}
+        activations = [a for a in activations if _ACTIVATION_OPS[a] & targets]
+    return [p for act in activations for v, p in _LINEAR_ACT[act] if v in present]
+
+
+def fuse_linear_act(graph, activations: Sequence[str] = tuple(ACTIVATION_FORMS), pass_=None) -> RewriteResult:
+    """Runs the ``fuse-linear-act`` rewrite on ``graph`` in place."""
+    return rewrite(graph, linear_act_patterns(activations, graph), pass_=pass_)
+
+
 @register_pass("fuse-linear-act")
 class FuseLinearAct(RewritePass):
-    """Fuses a linear layer with the activation that follows it.
+    """Fuses a linear layer, float or quantized, with the activation that follows it.
 
-    Matches ``act(linear(x, W, b))`` (bias optional, ``W`` a constant) for
-    act in GELU (exact), GELU-tanh (``gelu(approximate="tanh")`` or written
-    out as transformers' ``gelu_new``), SiLU and ReLU.
+    Matches ``act(L(x, W, b))`` (bias optional, ``W`` a constant) for act in
+    GELU (exact), GELU-tanh (``gelu(approximate="tanh")`` or written out as
+    transformers' ``gelu_new``), SiLU and ReLU, and L one of ``aten.linear``,
+    ``fxopt.linear_nbits`` (weight-only 4/8 bits, with or without zero points),
+    ``fxopt.linear_dynamic_int8`` and ``fxopt.linear_dynamic_int8_per_token``
+    (W8A8).
     Produces ``fxopt.linear_act(x, W, b, act)`` (ONNX Runtime: MatMul +
-    BiasGelu / FastGelu).
+    BiasGelu / FastGelu), or the quantized op's ``*_act`` form with the same
+    arguments and ``act`` (:mod:`fxopt.ir.ops_quant_fused`: MatMulNBits /
+    MatMulIntegerToFloat with their bias, then Gelu / FastGelu / QuickGelu /
+    Relu); the fused node keeps the linear's module name.
     Refuses: weights that are graph inputs, linears whose output is used by
-    anything other than the activation, activations in ``activations`` not
-    listed.
+    anything other than the activation, activations not listed in
+    ``activations``, and quantized linears of other forms (static W8A8, the
+    dequantize-then-linear form of widths other than 4 and 8: its weight is
+    computed, not a constant).
     """
 
     activations = Option(tuple(ACTIVATION_FORMS), tuple, check=lambda v: None if set(v) <= set(ACTIVATION_FORMS) else f"unknown activation; valid: {sorted(ACTIVATION_FORMS)}",
@@ -105,7 +203,67 @@ class FuseLinearAct(RewritePass):
     requires = ("canonical-linear",)
 
     def active_patterns(self) -> Sequence[Pattern]:
-        return [p for act in self.activations for p in _LINEAR_ACT[act]]
+        return linear_act_patterns(self.activations)
+
+    def run(self, graph) -> PassResult:
+        try:
+            result = fuse_linear_act(graph, self.activations, pass_=self)
+        except PatternError as e:
+            raise self.fail(str(e)) from e
+        return PassResult(result.changed, {"rewritten": result.rewritten, **result.as_dict()})
+
+
+# The inverse, for ``quantize``: ``fxopt.linear_act`` back into ``aten.linear``
+# and the activation, so that the linear can be quantized and then re-fused.
+_ATEN_ACTIVATION = {  # the op each activation's first form in ACTIVATION_FORMS traces to
+    "gelu": (aten.gelu.default, {}),
+    "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),
+    "silu": (aten.silu.default, {}),
+    "relu": (aten.relu.default, {}),
+}
+
+
+def _split_build(act: str, bias: bool) -> Callable:
+    def build(m: Match, graph):
+        fused = m.anchor
+        y = graph.fx.call_function(aten.linear.default, (m["x"], m["w"], m["b"] if bias else None))
+        y.meta.update({k: fused.meta[k] for k in _LAYER_META if k in fused.meta})
+        target, kwargs = _ATEN_ACTIVATION[act]
+        return graph.fx.call_function(target, (y,), dict(kwargs))
+
+    return build
+
+
+def _split_patterns() -> dict[str, list[Pattern]]:
+    out: dict[str, list[Pattern]] = {}
+    for act in ACTIVATION_FORMS:
+        def fused(x, w, b, _act=act):
+            return fxopt_ops.linear_act(x, w, b, _act)
+
+        def fused_nobias(x, w, _act=act):
+            return fxopt_ops.linear_act(x, w, None, _act)
+
+        for f in (fused, fused_nobias):  # _act is bound here, not a pattern parameter
+            f.__signature__ = inspect.signature(f).replace(parameters=[
+                q for q in inspect.signature(f).parameters.values() if q.name != "_act"])
+        out[act] = [
+            Pattern(f"split-linear+{act}", fused, build=_split_build(act, True), where={"w": is_constant}, inputs=_LINEAR_SHAPES),
+            Pattern(f"split-linear-nobias+{act}", fused_nobias, build=_split_build(act, False), where={"w": is_constant},
+                    inputs=_LINEAR_SHAPES),
+        ]
+    return out
+
+
+_SPLIT = _split_patterns()
+
+
+def split_linear_act(graph, pass_=None) -> list[str]:
+    """``fxopt.linear_act(x, W, b, act)`` with a constant ``W`` -> ``act(aten.linear(x, W, b))``
+    in place; returns the activations it split (re-fuse them with :func:`fuse_linear_act`)."""
+    acts = sorted({n.args[3] for n in graph.fx.nodes if n.target == fxopt_ops.linear_act.default})
+    patterns = [p for act in acts for p in _SPLIT[act]]
+    result = rewrite(graph, patterns, pass_=pass_)
+    return sorted({act for act in acts if any(result.stats[p.name].rewritten for p in _SPLIT[act])})
 
 
 # --------------------------------------------------------------------------
@@ -120,10 +278,27 @@ def _merge(names: Sequence[str], bias: bool) -> Callable:
         if bias:
             b = graph.add_constant(torch.cat([m.constant(f"b{i}") for i in range(len(names))]), "merged_" + m["b0"].target)
         y = graph.fx.call_function(aten.linear.default, (m["x"], w, b))
+        y.meta["nn_module_stack"] = _merged_module_stack([m.outputs[i] for i in range(len(names))])
         parts = graph.fx.call_function(aten.split_with_sizes.default, (y, sizes, -1))
         return tuple(graph.fx.call_function(operator.getitem, (parts, i)) for i in range(len(sizes)))
 
     return build
+
+
+def _merged_module_stack(linears: Sequence) -> dict:
+    """The first linear's module stack, its innermost module renamed after all
+    parts: ``a.b.q_proj`` + ``a.b.k_proj`` -> ``a.b.q_proj+k_proj``."""
+    stacks = [l.meta.get("nn_module_stack") or {} for l in linears]
+    paths = [list(st.values())[-1][0] if st else l.name for st, l in zip(stacks, linears)]
+    prefix = paths[0].rpartition(".")[0]
+    if all(p.rpartition(".")[0] == prefix for p in paths):
+        merged = (prefix + "." if prefix else "") + "+".join(p.rpartition(".")[2] for p in paths)
+    else:
+        merged = "+".join(paths)
+    stack = dict(stacks[0])
+    key = list(stack)[-1] if stack else "merged"
+    stack[key] = (merged, stack[key][1] if key in stack else "torch.nn.modules.linear.Linear")
+    return stack
 
 
 def _mergeable(n: int, bias: bool) -> Callable:
@@ -168,12 +343,14 @@ class MergeLinears(RewritePass):
     projections; gate and up of a SwiGLU MLP).
     Produces ``linear(x, cat(W_i), cat(b_i))`` and a ``split_with_sizes``
     whose parts replace the old outputs.
+    The merged linear is named after its parts (``model.layers.0.self_attn.q_proj+k_proj+v_proj``),
+    so ``quantize`` quantizes and reports it as one layer under that name.
     Refuses: a weight or bias that is a graph input, mixed dtypes, linears
     with and without bias together. Runs before ``fuse-linear-act`` (a fused
-    linear no longer merges).
+    linear no longer merges) and before ``quantize`` (a quantized one neither).
     """
 
-    runs_before = ("fuse-linear-act",)
+    runs_before = ("fuse-linear-act", "quantize")
     requires = ("canonical-linear",)
     patterns = _merge_patterns()
 

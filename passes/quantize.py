@@ -39,6 +39,7 @@ from ..ir.ops_quant import weight_to_uint8
 from ..ir.timing import median_ms
 from ..ir.quant import QuantConfig, QuantizationError, QuantizedTensor, nbits_block_size, quantize, relative_error, sqnr_db, to_nbits
 from .base import Option, OptionError, Pass, PassResult
+from .fusion import fuse_linear_act, split_linear_act
 from .registry import register_pass
 
 aten = torch.ops.aten
@@ -209,6 +210,9 @@ class Quantize(Pass):
     Matches: ``linear(x, W, b)`` with a constant 2-D ``W`` (after ``canonicalize``,
     every linear form a traced model shows); layer names come from
     ``nn_module_stack`` (e.g. ``transformer.h.0.attn.c_attn``), else the node name.
+    An ``fxopt.linear_act`` (``fuse-linear-act`` ran first) is quantized as its
+    linear and fused again with its activation (``fxopt.linear_nbits_act``,
+    ``fxopt.linear_dynamic_int8*_act``; float where the layer is not selected).
 
     Produces, per mode:
 
@@ -392,6 +396,20 @@ class Quantize(Pass):
 
     # -- running ----------------------------------------------------------------------
     def run(self, graph) -> PassResult:
+        # A linear already fused with its activation (fuse-linear-act) is split,
+        # quantized as a linear and fused again, on the fusion pass's own patterns.
+        split = split_linear_act(graph, pass_=self)
+        again = None
+        try:
+            result = self._run(graph)
+        finally:
+            if split:
+                again = fuse_linear_act(graph, split, pass_=self)
+        if again is not None:
+            result.stats["activations_fused_again"] = again.rewritten
+        return result
+
+    def _run(self, graph) -> PassResult:
         layers, skipped = self._candidates(graph)
         selected = self._select(layers, skipped)
         # Check every selected layer before the first edit.
