@@ -377,6 +377,7 @@ class Pattern:
         self._scalar_kinds = scalars
         self._traced: _Traced | None = None
         self._alts: dict[str, list[tuple[str, _Traced | str]]] | None = None
+        self._traced_forms: dict[tuple[str, str], _Traced] = {}
         self._replacement: _Traced | None = None
 
     def variant(self, **changes) -> "Pattern":
@@ -391,7 +392,7 @@ class Pattern:
         if "replacement" in changes and "build" not in changes:
             changes["build"] = None
         new = dataclasses.replace(self, **changes)
-        new._traced, new._alts = self.traced, self.traced_alternatives
+        new._traced, new._alts, new._traced_forms = self.traced, self.traced_alternatives, self._traced_forms
         if new.replacement is self.replacement:
             new._replacement = self._replacement
         return new
@@ -434,13 +435,14 @@ class Pattern:
     def traced_alternatives(self) -> dict[str, list[tuple[str, "_Traced | str"]]]:
         """parameter -> [(form name, traced form, or the parameter name it stands for)]."""
         if self._alts is None:
+            self.traced  # traces the forms too
             alts: dict[str, list] = {}
             for param, forms in self.alternatives.items():
                 alts[param] = []
                 for form_name, form in forms.items():
                     if not isinstance(form, str):
                         what = f"pattern {self.name!r}, alternative {param}={form_name}"
-                        t = self.traced and self._traced_forms[(param, form_name)]
+                        t = self._traced_forms[(param, form_name)]
                         if len(t.outputs) != 1:
                             raise PatternError(f"{what}: an alternative returns one value, this one {len(t.outputs)}")
                         out = t.outputs[0]
@@ -453,18 +455,15 @@ class Pattern:
                     alts[param].append((form_name, form))
             # A spot that stands for another parameter, which stands for the first...
             # would never consume a graph node: refuse such cycles up front.
+            def visit(name: str, path: tuple) -> None:
+                for _, form in alts.get(name, []):
+                    if isinstance(form, str) and form != name:
+                        if form in path:
+                            raise PatternError(f"pattern {self.name!r}: alternatives stand for each other in a cycle through {sorted(path)}")
+                        visit(form, (*path, form))
+
             for start in alts:
-                seen, cur = {start}, start
-                while True:
-                    nxt = [f for _, f in alts.get(cur, []) if isinstance(f, str) and f != cur]
-                    if not nxt:
-                        break
-                    if len(nxt) > 1 or nxt[0] in seen:
-                        if nxt[0] in seen:
-                            raise PatternError(f"pattern {self.name!r}: alternatives stand for each other in a cycle through {sorted(seen)}")
-                        break
-                    seen.add(nxt[0])
-                    cur = nxt[0]
+                visit(start, (start,))
             self._alts = alts
         return self._alts
 
