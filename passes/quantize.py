@@ -36,7 +36,9 @@ import torch
 import torch.fx as fx
 
 from ..ir.ops_quant import weight_to_uint8
+from ..ir.targets import target
 from ..ir.timing import median_ms
+from ..ir.trace import trace
 from ..ir.quant import QuantConfig, QuantizationError, QuantizedTensor, nbits_block_size, quantize, relative_error, sqnr_db, to_nbits
 from .base import Option, OptionError, Pass, PassResult
 from .fusion import fuse_linear_act, split_linear_act
@@ -202,6 +204,33 @@ def _numerics_tolerance(bits: int) -> float:
     return min(1.0, 16.0 * 2.0**-bits)
 
 
+def _cut_out(graph, x: fx.Node, out: fx.Node) -> tuple[torch.nn.Module, fx.Graph]:
+    """The nodes computing ``out`` from ``x`` and constants, as a (root, graph)
+    pair for ``fx.GraphModule``: ``x`` becomes the only input."""
+    needed, work = set(), [out]
+    while work:
+        n = work.pop()
+        if n in needed or n is x:
+            continue
+        if n.op == "placeholder":
+            raise ValueError(f"{out.name} depends on graph input {n.name}, not only on {x.name}")
+        needed.add(n)
+        work.extend(n.all_input_nodes)
+    root, cut = torch.nn.Module(), fx.Graph()
+    env = {x: cut.placeholder("x")}
+    for n in graph.fx.nodes:
+        if n not in needed:
+            continue
+        if n.op == "get_attr":
+            name = f"c{len(env)}"
+            root.register_buffer(name, graph.constant(n))
+            env[n] = cut.get_attr(name)
+        else:
+            env[n] = cut.node_copy(n, lambda a: env[a])
+    cut.output(env[out])
+    return root, cut
+
+
 @register_pass("quantize")
 class Quantize(Pass):
     """Quantizes the weights of ``aten.linear`` layers (and, with
@@ -220,7 +249,9 @@ class Quantize(Pass):
       block = group size; per-channel and per-tensor scales are repeated over
       power-of-two blocks); other widths, or group sizes MatMulNBits cannot
       take: integer codes dequantized by ``aten`` ops feeding ``aten.linear``;
-      embeddings: integer rows gathered and dequantized by ``aten`` ops;
+      embeddings: ``fxopt.embedding_nbits`` (4 or 8 bits: packed rows, only the
+      gathered ones dequantized; GatherBlockQuantized on ONNX Runtime), other
+      widths integer rows gathered and dequantized by ``aten`` ops;
     * ``dynamic`` (W8A8, bits=8, sym, channel or tensor):
       ``act_granularity=token`` (default) ``fxopt.linear_dynamic_int8_per_token``
       (8-bit activation codes, a scale and zero point per row, computed at run
@@ -231,7 +262,8 @@ class Quantize(Pass):
     Refuses (leaves float, counted in stats): weights that are not constants,
     layers outside ``include``/inside ``exclude``, smaller than ``min_size``
     elements, the LM head with ``skip_lm_head``, and with ``guard`` layers whose
-    quantized eager kernel is not faster than the float one.
+    quantized kernel is not faster than the float one on ``guard_backend``
+    (each distinct layer shape timed once; the times are in the layer's stats).
     Errors: a filter or override that matches no layer; a group size that does
     not divide a selected layer's K; a mode or method that is not available.
     """
@@ -247,13 +279,14 @@ class Quantize(Pass):
     exclude = Option(None, str, check=_regex_problem, help="regex: skip layers whose name matches")
     min_size = Option(0, int, check=lambda v: None if v >= 0 else "must be >= 0", help="skip weights with fewer elements")
     skip_lm_head = Option(True, help="leave the LM head (output projection or tied embedding) in float")
-    quantize_embeddings = Option(False, help="quantize embedding tables too (weight-only, per row)")
+    quantize_embeddings = Option(False, help="quantize embedding tables too (weight-only, groups along the embedding dimension)")
     overrides = Option((), tuple, check=_overrides_problem,
                        help="per-layer options: ['regex:bits=8;group_size=32', ...]; the first matching entry wins")
     accuracy_level = Option(4, int, choices=(0, 1, 2, 3, 4), help="MatMulNBits accuracy level (4: int8 compute)")
     act_granularity = Option(None, str, choices=("token", "tensor"),
                              help="mode=dynamic: activation scales per token (8-bit, default) or per tensor (7-bit, fbgemm on eager)")
-    guard = Option(False, help="time each quantized layer against float on the eager backend; keep float where it does not pay")
+    guard = Option(False, help="time each quantized layer against float on guard_backend; keep float where it does not pay")
+    guard_backend = Option("eager", str, choices=("eager", "onnxruntime"), help="the backend the guard times layers on")
     guard_tokens = Option(1, int, check=lambda v: None if v >= 1 else "must be >= 1", help="rows of the input the guard times with")
     observer = Option("minmax", str, choices=("minmax", "percentile", "moving-average"),
                       help="mode=static: how calibration sets each activation range (passes/calibration.py)")
@@ -388,14 +421,15 @@ class Quantize(Pass):
                 if regex.search(layer.name):
                     cfg = replace(cfg, **values)
                     break
-            if layer.kind == "embedding":
-                cfg = replace(cfg, mode="weight-only", granularity="channel" if cfg.granularity == "group" else cfg.granularity)
+            if layer.kind == "embedding":  # lookups have no activation to quantize
+                cfg = replace(cfg, mode="weight-only", method="rtn")
             layer.cfg = cfg
             selected.append(layer)
         return selected
 
     # -- running ----------------------------------------------------------------------
     def run(self, graph) -> PassResult:
+        self._guard_times: dict[tuple, tuple[float, float]] = {}
         # A linear already fused with its activation (fuse-linear-act) is split,
         # quantized as a linear and fused again, on the fusion pass's own patterns.
         split = split_linear_act(graph, pass_=self)
@@ -468,7 +502,7 @@ class Quantize(Pass):
             record.update(float_ms=round(float_ms, 4), quant_ms=round(quant_ms, 4))
             if quant_ms >= float_ms:
                 self._erase_chain(graph, new, stop=layer.node)
-                record["kept_float"] = f"eager quantized {quant_ms:.3f} ms >= float {float_ms:.3f} ms"
+                record["kept_float"] = f"{self.guard_backend}: quantized {quant_ms:.3f} ms >= float {float_ms:.3f} ms"
                 return record
         new.meta.update({k: v for k, v in layer.node.meta.items() if k != "val"})
         new.meta["quantized_layer"] = layer.name
@@ -481,47 +515,53 @@ class Quantize(Pass):
         return record
 
     def _lower_embedding(self, graph, layer: Layer, qt: QuantizedTensor) -> fx.Node:
-        """Gather integer rows and their scales, dequantize the gathered rows."""
+        """4 or 8 bits with a block ONNX Runtime accepts: ``fxopt.embedding_nbits``
+        (packed rows, GatherBlockQuantized); other widths: gather integer rows
+        and their scales with ``aten`` ops, dequantize the gathered rows."""
         n, k = qt.shape
+        block = nbits_block_size(qt) if qt.bits in (4, 8) else 0
+        if block:
+            nb = to_nbits(qt, block)
+            B = graph.add_constant(nb.B, f"{layer.name}.qweight")
+            scales = graph.add_constant(nb.scales, f"{layer.name}.scales")
+            zps = None if nb.zero_points is None else graph.add_constant(nb.zero_points, f"{layer.name}.zero_points")
+            args = (layer.node.args[1], B, scales, zps, nb.k, nb.n, nb.bits, nb.block_size)
+            return _call(graph, torch.ops.fxopt.embedding_nbits.default, args, layer.name)
         name, ids = layer.name, layer.node.args[1]
+        groups = qt.scale.shape[-1]
+
+        def per_row(table: torch.Tensor, what: str) -> fx.Node:
+            """Gather a [N, groups] table's rows: [..., groups, 1]."""
+            t = graph.add_constant(table.to(torch.float32).expand(n, groups).contiguous(), f"{name}.{what}")
+            return _call(graph, aten.unsqueeze.default, (_call(graph, aten.embedding.default, (t, ids), name), -1), name)
+
         q = graph.add_constant(qt.q, f"{name}.qweight")
         rows = _call(graph, aten.embedding.default, (q, ids), name)
         rows = _call(graph, aten._to_copy.default, (rows,), name)
         rows.kwargs = {"dtype": torch.float32}
-        scale = qt.scale.expand(n, 1).contiguous()
+        rows = _call(graph, aten.unflatten.int, (rows, -1, [groups, k // groups]), name)
         if qt.zero_point is not None:
-            zp = graph.add_constant(qt.zero_point.expand(n, 1).to(torch.float32).contiguous(), f"{name}.zero_point")
-            rows = _call(graph, aten.sub.Tensor, (rows, _call(graph, aten.embedding.default, (zp, ids), name)), name)
-        s = graph.add_constant(scale, f"{name}.scale")
-        return _call(graph, aten.mul.Tensor, (rows, _call(graph, aten.embedding.default, (s, ids), name)), name)
+            rows = _call(graph, aten.sub.Tensor, (rows, per_row(qt.zero_point, "zero_point")), name)
+        rows = _call(graph, aten.mul.Tensor, (rows, per_row(qt.scale, "scale")), name)
+        return _call(graph, aten.flatten.using_ints, (rows, -2, -1), name)
 
     # -- guard ------------------------------------------------------------------------
     def _time_layer(self, graph, layer: Layer, new: fx.Node) -> tuple[float, float]:
-        """Median eager time of the float linear and of the nodes replacing it,
-        on a random input of ``guard_tokens`` rows."""
-        k = layer.weight.shape[1]
-        x = torch.randn(self.guard_tokens, k)
-        bias = graph.constant(layer.bias) if layer.bias is not None else None
-        env: dict[fx.Node, Any] = {layer.x: x}
-
-        def evaluate(node):
-            if not isinstance(node, fx.Node):
-                return node
-            if node not in env:
-                if node.op == "get_attr":
-                    env[node] = graph.constant(node)
-                else:
-                    args = fx.node.map_arg(node.args, evaluate)
-                    kwargs = fx.node.map_arg(node.kwargs, evaluate)
-                    env[node] = node.target(*args, **kwargs)
-            return env[node]
-
-        def run_quant():
-            env.clear()
-            env[layer.x] = x
-            return evaluate(new)
-
-        return median_ms(lambda: torch.nn.functional.linear(x, layer.weight, bias)), median_ms(run_quant)
+        """Median time of the float linear and of the nodes replacing it on the
+        ``guard_backend``, each cut out of the graph as a one-input model and run
+        on a random input of ``guard_tokens`` rows. Layers alike in shape and
+        config are timed once per run."""
+        key = (tuple(layer.weight.shape), layer.bias is not None, layer.cfg, self.guard_tokens, self.guard_backend)
+        if key not in self._guard_times:
+            compile_for = target(self.guard_backend)
+            x = torch.randn(self.guard_tokens, layer.weight.shape[1])
+            times = []
+            for out in (layer.node, new):
+                module = fx.GraphModule(*_cut_out(graph, layer.x, out))
+                model = compile_for(trace(module, (x,), name=f"{layer.name}-guard"))
+                times.append(median_ms(lambda: model(x)))
+            self._guard_times[key] = tuple(times)
+        return self._guard_times[key]
 
     @staticmethod
     def _erase_chain(graph, node: fx.Node, stop: fx.Node) -> None:

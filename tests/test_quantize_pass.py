@@ -176,17 +176,6 @@ def test_pipeline_text_selection_and_overrides():
     assert s2["skipped"] == {"below-min-size": 8}
 
 
-def test_embeddings_quantized_weight_only():
-    spec, canon, q, stats = quantized("llama-tiny", dict(bits=8, quantize_embeddings=True))
-    assert stats["layers"]["model.embed_tokens"]["granularity"] == "channel"
-    tables = [q.constant(n.args[0]) for n in q.fx.nodes if n.target == aten.embedding.default]
-    assert [t.dtype for t in tables if t.shape[1] == 64] == [torch.uint8]  # the [vocab, hidden] table is integer now
-    assert stats["bytes_saved"] > 256 * 64 * 3
-    original = reference(spec)
-    assert fxopt.compare(original, run(q, spec.example_inputs)).within(0.02)
-    assert fxopt.compare(original, run(fxopt.compile(q, "onnxruntime"), spec.example_inputs)).within(0.03)
-
-
 def test_guard_times_layers_and_keeps_float_where_quantizing_does_not_pay():
     spec, canon, q, stats = quantized("gpt2-tiny", dict(mode="dynamic", act_granularity="tensor", guard=True))
     assert all("float_ms" in r and "quant_ms" in r for r in stats["layers"].values())
