@@ -42,12 +42,21 @@ VARIANTS = {
     "fxopt-w8-ort": ("fxopt weight-only int8, ONNX Runtime (MatMulNBits, acc. level 4)", "onnxruntime"),
     "fxopt-int4-eager": ("fxopt weight-only int4 g128, eager (dequantize + F.linear)", "eager"),
     "fxopt-int4-ort": ("fxopt weight-only int4 g128, ONNX Runtime (MatMulNBits, acc. level 4)", "onnxruntime"),
+    "fxopt-fused-int8-ort": ("fxopt fused + W8A8 dynamic int8, per-tensor 7-bit act., ONNX Runtime", "onnxruntime"),
+    "fxopt-fused-int8tok-ort": ("fxopt fused + W8A8 dynamic int8, per-token 8-bit act., ONNX Runtime", "onnxruntime"),
+    "fxopt-fused-int4-ort": ("fxopt fused + weight-only int4 g128, ONNX Runtime (MatMulNBits, acc. level 4)", "onnxruntime"),
 }
+# "Fused + quantized": the README's recommended order (merge before quantize, so
+# Q/K/V would be quantized as one matrix; quantize before fuse-linear-act).
+FUSED = "canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,{quantize},fuse-linear-act,fuse-norm,dce"
 FXOPT_PIPELINES = {
     "fxopt-int8": "canonicalize,quantize(mode=dynamic,act_granularity=tensor,skip_lm_head=false)",
     "fxopt-int8tok": "canonicalize,quantize(mode=dynamic,act_granularity=token,skip_lm_head=false)",
     "fxopt-w8": "canonicalize,quantize(bits=8,scheme=sym,skip_lm_head=false)",
     "fxopt-int4": "canonicalize,quantize(bits=4,group_size=128,skip_lm_head=false)",
+    "fxopt-fused-int8": FUSED.format(quantize="quantize(mode=dynamic,act_granularity=tensor,skip_lm_head=false)"),
+    "fxopt-fused-int8tok": FUSED.format(quantize="quantize(mode=dynamic,act_granularity=token,skip_lm_head=false)"),
+    "fxopt-fused-int4": FUSED.format(quantize="quantize(bits=4,group_size=128,skip_lm_head=false)"),
 }
 
 
@@ -140,8 +149,11 @@ def build(variant: str, fp32_onnx: str, workdir: str):
     base, _, backend = variant.rpartition("-")
     _, graph = _gpt2_graph()
     result = fxopt.PassManager(FXOPT_PIPELINES[base]).run(graph)
-    stats = result.records[-1].stats
+    stats = next(r.stats for r in result.records if r.name.startswith("quantize"))
     note = f"{stats['quantized']} layers quantized, min SQNR {stats.get('min_sqnr_db')} dB"
+    fused = {r.name: r.stats.get("rewritten", r.stats.get("fused")) for r in result.records if r.name.startswith(("fuse", "merge"))}
+    if fused:
+        note += "; " + ", ".join(f"{k} {v}" for k, v in fused.items())
     if backend == "eager":
         compiled = fxopt.compile(result.graph, "eager")
         return (lambda inp: compiled(**inp)), note
@@ -151,6 +163,8 @@ def build(variant: str, fp32_onnx: str, workdir: str):
 
     ops = [n.op_type for n in onnx.load(path).graph.node]
     note += f"; {ops.count('MatMulNBits')} MatMulNBits, {ops.count('MatMulIntegerToFloat')} MatMulIntegerToFloat"
+    if fused:
+        note += ", " + ", ".join(f"{ops.count(o)} {o}" for o in ("MultiHeadAttention", "FastGelu", "SkipLayerNormalization") if o in ops)
     return _ort_runner(path), note
 
 
