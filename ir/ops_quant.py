@@ -26,7 +26,18 @@ shapes and a 4096x4096 linear, batch 1 and 128, ratios to fp32 ``F.linear``):
   tensor and saturates; ``torch._int_mm`` is slower than fp32 here), so it
   rounds the activation onto the same integer grid in float and runs
   ``F.linear`` with a cached dequantized float copy of the weight: the
-  scheme's numbers at about fp32 speed, 4 bytes per weight more.
+  scheme's numbers at about fp32 speed, 4 bytes per weight more. Measured
+  and not taken: fbgemm's kernel made per token (each row mapped onto
+  [0, 1] so that its per-tensor range is every row's own, the map undone on
+  the output with a rank-1 term and the bias). Without saturation one side
+  must be 7-bit: 8-bit activations with weights requantized to |w| <= 63,
+  or ``reduce_range`` with 8-bit weights. MiniLM (eager) then gave mean /
+  min cosine 0.9968 / 0.9852 and 0.9966 / 0.9866 (float grid: 0.9989 /
+  0.9954; goal min 0.99), and one GPT-2 layer ran at 0.40-1.2x fp32 against
+  torch.ao's 0.28-0.62x (one thread, loaded machine): neither goal met, so
+  eager per-token stays accurate and about as fast as fp32, slower than
+  torch.ao's per-tensor ``quantize_dynamic``; ``act_granularity=tensor``
+  is eager's fast path.
 * weight-only int8/int4: no fused eager kernel is faster than fp32 here
   (``_weight_int8pack_mm`` 3-46x, ``_weight_int4pack_mm_for_cpu`` slower
   still), so the eager kernel unpacks and dequantizes the weight on every call
@@ -231,8 +242,9 @@ def linear_dynamic_int8_per_token(
     (it removes the activation zero point after the GEMM on ONNX Runtime).
     Definition: :func:`linear_dynamic_per_token_reference`. ONNX lowers to the
     row quantization + ``com.microsoft::MatMulIntegerToFloat`` (U8U8) + the
-    zero-point correction; eager runs the same grid in float (see the module
-    docstring)."""
+    zero-point correction; eager runs the same grid in float, about as fast as
+    fp32 and slower than torch.ao's per-tensor ``quantize_dynamic`` (a fast
+    fbgemm variant lost too much accuracy: see the module docstring)."""
     if x.dtype != torch.float32:
         out = linear_dynamic_int8_per_token(x.float(), w_u8, w_scale, w_rowsum, None if bias is None else bias.float())
         return out.to(x.dtype)
