@@ -32,6 +32,11 @@ used elsewhere (the projection would run twice), non-static heads or head size,
 GQA with a mask or without ``is_causal``, queries and keys of different
 lengths (a KV cache with past), a QKV projection that ``quantize`` replaced
 (``pack-attention`` runs after ``quantize`` so the projection stays quantized).
+
+Why a graph walk and not the rewrite engine (:mod:`.rewrite`): the head split
+and merge are views whose shape lists hold symbolic sizes (``[B, S, N, H]``
+with dynamic ``B``, ``S``), which the engine compares as literals, and the
+key-padding proof follows a chain of varying length back to the input mask.
 """
 
 from __future__ import annotations
