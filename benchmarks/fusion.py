@@ -120,18 +120,22 @@ def first_output(out):
     return out
 
 
-def linears_alone(graph):
+def linears_alone(graph, args, kwargs):
     """A callable running only the graph's linears (fp32 F.linear, each on a
-    random input of its traced shape): the time no fp32 fusion can go below,
-    since fusing removes the other ops but not these GEMMs."""
+    random input of the shape it gets from the benchmark inputs): the time no
+    fp32 fusion can go below, since fusing removes the other ops but not these GEMMs."""
     import torch.nn.functional as F
 
     calls = []
-    for node in graph.fx.nodes:
-        if node.target == torch.ops.aten.linear.default:
-            x = torch.randn(tuple(int(d) for d in node.args[0].meta["val"].shape))
-            b = graph.constant(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
-            calls.append((x, graph.constant(node.args[1]), b))
+
+    class Recorder(torch.fx.Interpreter):
+        def call_function(self, target, a, kw):
+            if target == torch.ops.aten.linear.default:
+                calls.append((torch.randn(a[0].shape), a[1], a[2] if len(a) > 2 else None))
+            return super().call_function(target, a, kw)
+
+    with torch.no_grad():
+        Recorder(graph.module).run(*graph.flatten_inputs(*args, **kwargs))
 
     def run():
         with torch.no_grad():
@@ -193,7 +197,7 @@ def run_model(spec, inputs, model_type, peer_args, reps, threads, workdir):
         tb = traceback.extract_tb(e.__traceback__)[-1]
         failed.append(dict(variant=label, note=f"failed: {type(e).__name__}: {str(e)[:80]} ({Path(tb.filename).name}:{tb.lineno})"))
 
-    built.append(dict(variant=FLOOR_ROW, fn=linears_alone(unfused.graph), err=None,
+    built.append(dict(variant=FLOOR_ROW, fn=linears_alone(unfused.graph, args, kwargs), err=None,
                       note="every linear of the graph on a random input of its shape, nothing else"))
     for b in built:  # warm-up
         b["fn"]()
