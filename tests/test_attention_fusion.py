@@ -36,12 +36,13 @@ def sdpa_nodes(graph):
 def assert_parity_on_backends(spec, graph, backends=("eager", "onnxruntime"), tol=1e-4, **options):
     """The fused graph matches the original model on every backend, on the
     traced inputs and on inputs of other sizes (dynamic dims stay dynamic)."""
+    models = {b: fxopt.compile(graph, b, **(options if b == "onnxruntime" else {})) for b in backends}
     for inputs in [spec.example_inputs, *spec.other_inputs]:
         args, kwargs = split_inputs(inputs)
         with torch.no_grad():
             ref = spec.model(*args, **kwargs)
-        for backend in backends:
-            out = fxopt.compile(graph, backend, **(options if backend == "onnxruntime" else {}))(*args, **kwargs)
+        for backend, model in models.items():
+            out = model(*args, **kwargs)
             parity = fxopt.compare(ref, out)
             assert parity.within(tol), (backend, parity)
 

@@ -35,12 +35,13 @@ def count(graph, target) -> int:
 
 def assert_parity(spec, graph, inputs=None, tol=1e-4):
     """Matches the original model on eager and ONNX Runtime."""
+    models = {backend: fxopt.compile(graph, backend) for backend in ("eager", "onnxruntime")}
     for example in inputs or [spec.example_inputs, *spec.other_inputs]:
         args, kwargs = split_inputs(example)
         with torch.no_grad():
             ref = spec.model(*args, **kwargs)
-        for backend in ("eager", "onnxruntime"):
-            parity = fxopt.compare(ref, fxopt.compile(graph, backend)(*args, **kwargs))
+        for backend, model in models.items():
+            parity = fxopt.compare(ref, model(*args, **kwargs))
             assert parity.within(tol), (backend, parity)
 
 
