@@ -60,3 +60,21 @@ def replace_with(node: fx.Node, replacement) -> None:
     """Route every use of ``node`` to ``replacement`` and erase ``node``."""
     node.replace_all_uses_with(replacement)
     node.graph.erase_node(node)
+
+
+def call_args(node: fx.Node) -> list:
+    """Positional view of a call's arguments with schema defaults filled in, so
+    that ``mean(x, [-1], True)`` and ``mean(x, dim=[-1], keepdim=True)`` compare
+    equal; calls without a schema give their args then their kwargs by name."""
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload):
+        return list(node.args) + [node.kwargs[k] for k in sorted(node.kwargs)]
+    out = []
+    for i, a in enumerate(t._schema.arguments):
+        if i < len(node.args):
+            out.append(node.args[i])
+        elif a.name in node.kwargs:
+            out.append(node.kwargs[a.name])
+        else:
+            out.append(a.default_value if a.has_default_value() else None)
+    return out

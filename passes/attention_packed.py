@@ -47,7 +47,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..ir.nodes import is_pure, same_shape, val
+from ..ir.nodes import call_args, is_pure, same_shape, val
 from .base import Option, Pass, PassResult
 from .registry import register_pass
 
@@ -63,18 +63,7 @@ class Refuse(Exception):
     """The block cannot be lowered exactly; the message says why."""
 
 
-def _args(node: fx.Node) -> list:
-    """Positional arguments with schema defaults filled in."""
-    t = node.target
-    out = []
-    for i, a in enumerate(t._schema.arguments):
-        if i < len(node.args):
-            out.append(node.args[i])
-        elif a.name in node.kwargs:
-            out.append(node.kwargs[a.name])
-        else:
-            out.append(a.default_value if a.has_default_value() else None)
-    return out
+_args = call_args
 
 
 def _is(node, targets) -> bool:

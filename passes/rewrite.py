@@ -97,7 +97,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 import torch.fx as fx
 
-from ..ir.nodes import val
+from ..ir.nodes import call_args, val
 from .base import Pass, PassResult
 
 aten = torch.ops.aten
@@ -566,23 +566,7 @@ def _describe(x) -> str:
     return repr(x)
 
 
-def _all_args(node: fx.Node) -> list:
-    """Positional view of a call's arguments with schema defaults filled in, so
-    that ``mean(x, [-1], True)`` and ``mean(x, dim=[-1], keepdim=True)`` compare equal."""
-    t = node.target
-    if not isinstance(t, torch._ops.OpOverload):
-        return list(node.args) + [node.kwargs[k] for k in sorted(node.kwargs)]
-    out = []
-    for i, a in enumerate(t._schema.arguments):
-        if i < len(node.args):
-            out.append(node.args[i])
-        elif a.name in node.kwargs:
-            out.append(node.kwargs[a.name])
-        elif a.has_default_value():
-            out.append(a.default_value)
-        else:
-            out.append(None)
-    return out
+_all_args = call_args  # the matcher compares calls by their full positional view
 
 
 def _literal_equal(p, g) -> bool:

@@ -7,6 +7,7 @@ import torch
 import fxopt
 from fxopt.ir.trace import split_inputs
 from fxopt.models import BUILTIN, MissingModelError
+from fxopt.passes import PassManager
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -20,6 +21,18 @@ def model_spec(name: str):
         return BUILTIN[name]()
     except MissingModelError as e:
         pytest.fail(f"{name}: {e}")
+
+
+@functools.lru_cache(maxsize=None)
+def base_graph(name: str):
+    """A built-in model traced and run through the base pipeline, once per session."""
+    spec = model_spec(name)
+    g = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+    return PassManager(BASE_PIPELINE).run(g).graph
+
+
+def count(graph, target) -> int:
+    return sum(1 for n in graph.fx.nodes if n.target == target)
 
 
 def reference(spec, inputs=None):

@@ -1,8 +1,6 @@
 """The non-attention fusions (fxopt.passes.fusion) on the test models and on
 near-misses they must leave alone; parity on eager and ONNX Runtime."""
 
-import functools
-
 import onnx
 import pytest
 import torch
@@ -12,22 +10,12 @@ import fxopt
 from fxopt.ir.trace import split_inputs
 from fxopt.passes import OptionError, PassManager
 from fxopt.passes.fusion import FuseLinearAct
-from conftest import BASE_PIPELINE, model_spec
+from conftest import base_graph, count, model_spec
 
 aten = torch.ops.aten
 fx_ops = torch.ops.fxopt
 FUSIONS = "merge-linears,fuse-linear-act,fuse-norm"
 
-
-@functools.lru_cache(maxsize=None)
-def base_graph(name):
-    spec = model_spec(name)
-    g = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
-    return PassManager(BASE_PIPELINE).run(g).graph
-
-
-def count(graph, target):
-    return sum(1 for n in graph.fx.nodes if n.target == target)
 
 
 def onnx_op_types(graph, tmp_path):

@@ -3,8 +3,6 @@ whichever of ``quantize`` and ``fuse-linear-act`` runs first; merged Q/K/V and
 gate/up linears are quantized as one layer; parity with the original model on
 eager and ONNX Runtime, and the fused ONNX Runtime kernels in the export."""
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 import fxopt
 from fxopt.passes import PassManager, PipelineError
 from fxopt.passes.fusion import _ACTIVATION_OPS, _LINEAR_ACT, _VARIANTS
-from conftest import BASE_PIPELINE, model_spec, reference, run
+from conftest import base_graph, count, model_spec, reference, run
 
 aten = torch.ops.aten
 fx_ops = torch.ops.fxopt
@@ -35,16 +33,6 @@ EXPECTED = {
     "llama-tiny": (8, 0),  # Q/K/V and gate/up merged: SiLU then follows a split, not a linear
 }
 
-
-@functools.lru_cache(maxsize=None)
-def base_graph(name):
-    spec = model_spec(name)
-    g = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
-    return PassManager(BASE_PIPELINE).run(g).graph
-
-
-def count(graph, target):
-    return sum(1 for n in graph.fx.nodes if n.target == target)
 
 
 def quantize_record(result):
