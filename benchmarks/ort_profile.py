@@ -1,0 +1,63 @@
+"""Where ONNX Runtime spends its time on fxopt's fused graph: kernel time per op
+type from ONNX Runtime's profiler (2 threads, spinning off, 6 runs after one
+warm-up), for the models and fused pipeline of ``benchmarks/fusion.py``.
+
+    python benchmarks/ort_profile.py gpt2      # or minilm, llama, bert
+
+The README's "MatMul is N% of ONNX Runtime's kernel time" comes from here.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fusion  # noqa: E402  the benchmark's models and pipeline
+
+import fxopt  # noqa: E402
+from fxopt.backends.onnxruntime import _session_options, export_onnx_program  # noqa: E402
+from fxopt.ir.trace import split_inputs  # noqa: E402
+from fxopt.passes import PassManager  # noqa: E402
+
+RUNS = 6
+
+
+def main(name: str, threads: int = 2) -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    spec, inputs, *_ = fusion.models([name])[0]
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    fused = PassManager(",".join([fusion.BASE, *fusion.FUSIONS, "dce"])).run(graph).graph
+    options = _session_options(threads, 1, "all", False)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / name)
+    session = ort.InferenceSession(export_onnx_program(fused).model_proto.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    args, kwargs = split_inputs(inputs)
+    tensors = [x for x in fused.flatten_inputs(*args, **kwargs) if isinstance(x, torch.Tensor)]
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), tensors)}
+    session.run(None, feed)
+    for _ in range(RUNS):
+        session.run(None, feed)
+    events = json.load(open(session.end_profiling()))
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            total[e["args"]["op_name"]] += e["dur"]
+            count[e["args"]["op_name"]] += 1
+    all_us = sum(total.values())
+    print(f"| op | ms per run | share | nodes |  ({name}, fused, {threads} threads)\n|---|---|---|---|")
+    for op, us in total.most_common():
+        print(f"| {op} | {us / (RUNS + 1) / 1e3:.2f} | {100 * us / all_us:.1f}% | {count[op] // (RUNS + 1)} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "gpt2")
