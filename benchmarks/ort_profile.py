@@ -3,6 +3,7 @@ type from ONNX Runtime's profiler (2 threads, spinning off, 6 runs after one
 warm-up), for the models and fused pipeline of ``benchmarks/fusion.py``.
 
     python benchmarks/ort_profile.py gpt2      # or minilm, llama, bert
+    python benchmarks/ort_profile.py gpt2 --pipeline "canonicalize,quantize(mode=dynamic)"
 
 The README's "MatMul is N% of ONNX Runtime's kernel time" comes from here.
 """
@@ -30,12 +31,12 @@ from fxopt.passes import PassManager  # noqa: E402
 RUNS = 6
 
 
-def main(name: str, threads: int = 2) -> None:
+def main(name: str, pipeline: str | None = None, threads: int = 2) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     spec, inputs, *_ = fusion.models([name])[0]
     graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
-    fused = PassManager(",".join([fusion.BASE, *fusion.FUSIONS, "dce"])).run(graph).graph
+    fused = PassManager(pipeline or ",".join([fusion.BASE, *fusion.FUSIONS, "dce"])).run(graph).graph
     options = _session_options(threads, 1, "all", False)
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / name)
@@ -54,10 +55,17 @@ def main(name: str, threads: int = 2) -> None:
             total[e["args"]["op_name"]] += e["dur"]
             count[e["args"]["op_name"]] += 1
     all_us = sum(total.values())
-    print(f"| op | ms per run | share | nodes |  ({name}, fused, {threads} threads)\n|---|---|---|---|")
+    print(f"| op | ms per run | share | nodes |  ({name}, {pipeline or 'fused'}, {threads} threads)\n|---|---|---|---|")
     for op, us in total.most_common():
         print(f"| {op} | {us / (RUNS + 1) / 1e3:.2f} | {100 * us / all_us:.1f}% | {count[op] // (RUNS + 1)} |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "gpt2")
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default="gpt2", choices=["gpt2", "gpt2-sdpa", "minilm", "llama", "bert"])
+    ap.add_argument("--pipeline", help="fxopt pipeline to profile (default: the fusion benchmark's fused pipeline)")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    main(a.model, a.pipeline, a.threads)

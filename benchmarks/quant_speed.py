@@ -1,9 +1,12 @@
 """Quantized GPT-2 small (124M, random weights) at batch 1: prefill of 128
 tokens and a one-token forward, as ratios to eager fp32 measured in the same run.
 
-Each variant runs in its own subprocess, one after the other, so ONNX Runtime's
-spinning worker threads (or PyTorch's) never tax another variant's timing. The
-ONNX Runtime peers start from fxopt's own fp32 export of the canonicalized graph.
+Each variant runs in its own subprocess, one after the other, so no variant's
+threads tax another's timing; inside it the variant is timed in pairs with
+eager fp32 (ONNX Runtime sessions do not spin), and each ratio is the median of
+the pairs' ratios, so the machine's speed drifting during the run cancels out.
+The ONNX Runtime peers start from fxopt's own fp32 export of the canonicalized
+graph.
 
     python benchmarks/quant_speed.py            # full run
     python benchmarks/quant_speed.py --quick    # fewer repetitions
@@ -169,23 +172,32 @@ def build(variant: str, fp32_onnx: str, workdir: str):
 
 
 def measure(variant: str, fp32_onnx: str, repeat: int) -> dict:
+    """Time ``variant`` against eager fp32 in pairs: each repetition runs the
+    baseline once and the variant once, and the ratio is the median of the
+    pairs' ratios, so a machine whose speed drifts during the run (a shared VM)
+    moves both sides of every ratio alike."""
     import torch
 
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as workdir:
         fn, note = build(variant, fp32_onnx, workdir)
+        baseline = fn if variant == "eager-fp32" else build("eager-fp32", fp32_onnx, workdir)[0]
         out = {"variant": variant, "note": note}
         with torch.inference_mode():
             for shape, seq in SHAPES.items():
                 inputs = _inputs(seq)
                 for _ in range(3):
                     fn(inputs)
-                times = []
+                    baseline(inputs)
+                times, base_times = [], []
                 for _ in range(repeat):
-                    start = time.perf_counter()
-                    fn(inputs)
-                    times.append((time.perf_counter() - start) * 1e3)
+                    for f, into in ((baseline, base_times), (fn, times)):
+                        start = time.perf_counter()
+                        f(inputs)
+                        into.append((time.perf_counter() - start) * 1e3)
                 out[shape] = statistics.median(times)
+                out[shape + "/base"] = statistics.median(base_times)
+                out[shape + "/ratio"] = statistics.median(t / b for t, b in zip(times, base_times))
     return out
 
 
@@ -227,7 +239,6 @@ def main() -> None:
             else:
                 rows.append(json.loads(line[7:]))
             print(f"{v}: {rows[-1]}", file=sys.stderr)
-    base = next((r for r in rows if r["variant"] == "eager-fp32" and "one-token" in r), None)
     lines = [
         "| variant | prefill 128 (ms) | ratio | one-token (ms) | ratio | notes |",
         "|---|---|---|---|---|---|",
@@ -236,8 +247,7 @@ def main() -> None:
         cells = []
         for shape in SHAPES:
             if shape in r:
-                ratio = f"{r[shape] / base[shape]:.2f}" if base else "-"
-                cells += [f"{r[shape]:.2f}", ratio]
+                cells += [f"{r[shape]:.2f}", f"{r[shape + '/ratio']:.2f}"]
             else:
                 cells += ["-", "-"]
         lines.append(f"| {VARIANTS[r['variant']][0]} | " + " | ".join(cells) + f" | {r['note']} |")
@@ -247,15 +257,16 @@ def main() -> None:
     header = (
         "# Quantized GPT-2 small (124M, random weights), batch 1\n\n"
         f"`python benchmarks/quant_speed.py{' --quick' if args.quick else ''} --threads {THREADS} --variants {args.variants}`; median of {repeat} warm runs per shape, "
-        "each variant in its own subprocess; ratios against eager fp32 in the same run (below 1 is faster). "
-        f"{THREADS} thread(s) for every variant. Machine: {os.cpu_count()} cores, shared with other jobs while measured, so figures are noisy.\n\n"
+        "each variant in its own subprocess, timed in pairs with eager fp32 in that subprocess; a ratio is the median "
+        "of the pairs' ratios (below 1 is faster), so the machine's drift between variants cancels. "
+        f"{THREADS} thread(s) for every variant. Machine: {os.cpu_count()} cores.\n\n"
         "Goals (issue 3): one-token fxopt int8 <= 0.20 and int4 <= 0.15; prefill-128 fxopt int8 <= 0.30.\n\n"
     )
     (RESULTS / f"{args.output}.md").write_text(header + table + "\n")
-    _plot(rows, base, RESULTS / f"{args.output}.png")
+    _plot(rows, RESULTS / f"{args.output}.png")
 
 
-def _plot(rows, base, path) -> None:
+def _plot(rows, path) -> None:
     try:
         import matplotlib
 
@@ -264,13 +275,11 @@ def _plot(rows, base, path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
-    if base is None:
-        return
     done = [r for r in rows if "one-token" in r]
     fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.4
     for i, shape in enumerate(SHAPES):
-        ax.barh([j + i * width for j in range(len(done))], [r[shape] / base[shape] for r in done], width, label=shape)
+        ax.barh([j + i * width for j in range(len(done))], [r[shape + "/ratio"] for r in done], width, label=shape)
     ax.set_yticks([j + width / 2 for j in range(len(done))], [r["variant"] for r in done])
     ax.axvline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("time / eager fp32 (lower is faster)")

@@ -1,0 +1,94 @@
+"""ONNX Runtime CPU kernels that fxopt's lowering chooses between, timed alone:
+a fused com.microsoft op against the standard ops it replaces, on the shapes of
+the benchmark models (2 threads, spinning off, median of 200 runs).
+
+    python benchmarks/ort_kernels.py
+
+The ONNX lowering of ``fxopt.add_layer_norm`` (ir/ops_fused.py) follows this
+table: ONNX Runtime 1.32's SkipLayerNormalization ran 3-4x slower than Add +
+LayerNormalization on more than a few rows here.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+SHAPES = [(1, 768), (128, 256), (128, 768), (1376, 384)]  # one token; Llama; GPT-2 prefill; MiniLM 32x43
+GELU_SHAPES = [(1, 3072), (128, 3072), (1376, 1536)]
+
+
+def _session(nodes, inputs, initializers):
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    model = helper.make_model(helper.make_graph(nodes, "g", ins, out, initializers),
+                              opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _time_us(session, feed, runs=200):
+    for _ in range(10):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def norm_variants(h):
+    g = numpy_helper.from_array(np.ones(h, np.float32), "g")
+    b = numpy_helper.from_array(np.zeros(h, np.float32), "b")
+    n = helper.make_node
+    # Both forms also return the sum: the residual stream goes on.
+    return {
+        "Add + LayerNormalization": ([n("Add", ["x", "r"], ["s"]), n("LayerNormalization", ["s", "g", "b"], ["ln"], axis=-1, epsilon=1e-5),
+                                      n("Add", ["ln", "s"], ["y"])], [g, b]),
+        "SkipLayerNormalization": ([n("SkipLayerNormalization", ["x", "r", "g", "b"], ["ln", "", "", "s"], domain="com.microsoft", epsilon=1e-5),
+                                    n("Add", ["ln", "s"], ["y"])], [g, b]),
+        "Add + SimplifiedLayerNormalization": ([n("Add", ["x", "r"], ["s"]), n("SimplifiedLayerNormalization", ["s", "g"], ["ln"], axis=-1, epsilon=1e-5),
+                                                n("Add", ["ln", "s"], ["y"])], [g]),
+        "SkipSimplifiedLayerNormalization": ([n("SkipSimplifiedLayerNormalization", ["x", "r", "g"], ["ln", "", "", "s"], domain="com.microsoft", epsilon=1e-5),
+                                              n("Add", ["ln", "s"], ["y"])], [g]),
+    }
+
+
+def gelu_variants(h):
+    b = numpy_helper.from_array(np.random.default_rng(0).standard_normal(h).astype(np.float32), "b")
+    n = helper.make_node
+    return {
+        "Add + Gelu (erf)": ([n("Add", ["x", "b"], ["s"]), n("Gelu", ["s"], ["y"])], [b]),
+        "BiasGelu": ([n("BiasGelu", ["x", "b"], ["y"], domain="com.microsoft")], [b]),
+        "Add + Gelu (tanh)": ([n("Add", ["x", "b"], ["s"]), n("Gelu", ["s"], ["y"], approximate="tanh")], [b]),
+        "FastGelu": ([n("FastGelu", ["x", "b"], ["y"], domain="com.microsoft")], [b]),
+    }
+
+
+def table(title, shapes, variants, inputs):
+    rng = np.random.default_rng(0)
+    names = list(variants(shapes[0][1]))
+    print(f"\n{title}\n\n| rows x width | " + " | ".join(f"{v} (us)" for v in names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for rows, width in shapes:
+        feed = {i: rng.standard_normal((1, rows, width)).astype(np.float32) for i in inputs}
+        cells = [f"{_time_us(_session(nodes, inputs, inits), feed):.0f}" for nodes, inits in variants(width).values()]
+        print(f"| {rows} x {width} | " + " | ".join(cells) + " |")
+
+
+def main():
+    print(f"ONNX Runtime {ort.__version__}, CPU, 2 threads, median of 200 runs")
+    table("Residual add + norm", SHAPES, norm_variants, ["x", "r"])
+    table("Bias + GELU", GELU_SHAPES, gelu_variants, ["x"])
+
+
+if __name__ == "__main__":
+    main()
