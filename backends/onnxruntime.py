@@ -90,6 +90,23 @@ def _session_options(intra_op_threads, inter_op_threads, graph_optimization_leve
     return so
 
 
+# ONNX Runtime's own graph transformers that fxopt turns off: SkipLayerNormFusion
+# folds Add + LayerNormalization back into SkipLayerNormalization (and Add +
+# SimplifiedLayerNormalization into SkipSimplifiedLayerNormalization), which
+# measured 1.5-4x slower on CPU from 128 rows (ir/ops_fused.py,
+# benchmarks/ort_kernels.py).
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
+def new_session(model, options, providers=("CPUExecutionProvider",)):
+    """An ``onnxruntime.InferenceSession`` on ``model`` (bytes or a path) with
+    :data:`DISABLED_OPTIMIZERS` off: every fxopt session (backend, benchmarks)
+    is made here."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model, options, providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS))
+
+
 def default_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -123,13 +140,13 @@ class OnnxRuntimeModel(CompiledModel):
         self._tmp = None
         if proto.ByteSize() < (1 << 31) - (1 << 20):
             self._bytes = proto.SerializeToString()
-            self.session = ort.InferenceSession(self._bytes, options, providers=providers)
+            self.session = new_session(self._bytes, options, providers)
         else:  # protobuf cannot hold it in one message: go through a file with external data
             self._bytes = None
             self._tmp = tempfile.TemporaryDirectory(prefix="fxopt-ort-")
             path = os.path.join(self._tmp.name, "model.onnx")
             self.program.save(path)
-            self.session = ort.InferenceSession(path, options, providers=providers)
+            self.session = new_session(path, options, providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # ONNX inputs are the tensor inputs in flattened order (the exporter may

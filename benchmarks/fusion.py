@@ -85,12 +85,9 @@ def models(names) -> list[tuple[ModelSpec, dict, str, dict]]:
 
 
 def ort_session(path_or_bytes, threads):
-    import onnxruntime as ort
+    from fxopt.backends.onnxruntime import _session_options, new_session
 
-    from fxopt.backends.onnxruntime import _session_options
-
-    so = _session_options(threads, 1, "all", False)
-    return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"])
+    return new_session(path_or_bytes, _session_options(threads, 1, "all", False))
 
 
 def peer(spec, inputs, model_type, peer_args, threads, workdir):

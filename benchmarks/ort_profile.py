@@ -17,14 +17,13 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fusion  # noqa: E402  the benchmark's models and pipeline
 
 import fxopt  # noqa: E402
-from fxopt.backends.onnxruntime import _session_options, export_onnx_program  # noqa: E402
+from fxopt.backends.onnxruntime import _session_options, export_onnx_program, new_session  # noqa: E402
 from fxopt.ir.trace import split_inputs  # noqa: E402
 from fxopt.passes import PassManager  # noqa: E402
 
@@ -40,8 +39,7 @@ def main(name: str, pipeline: str | None = None, threads: int = 2) -> None:
     options = _session_options(threads, 1, "all", False)
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / name)
-    session = ort.InferenceSession(export_onnx_program(fused).model_proto.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = new_session(export_onnx_program(fused).model_proto.SerializeToString(), options)
     args, kwargs = split_inputs(inputs)
     tensors = [x for x in fused.flatten_inputs(*args, **kwargs) if isinstance(x, torch.Tensor)]
     feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), tensors)}

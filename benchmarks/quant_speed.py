@@ -78,12 +78,9 @@ def _gpt2_graph():
 
 
 def _ort_session(path: str):
-    import onnxruntime as ort
+    from fxopt.backends.onnxruntime import _session_options, new_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return new_session(path, _session_options(THREADS, None, "all", False))
 
 
 def _ort_runner(path: str):

@@ -230,3 +230,27 @@ def test_fusions_compose_with_weight_quantization():
     spec = model_spec("llama-tiny")
     args, kwargs = split_inputs(spec.example_inputs)
     assert fxopt.compare(graph(*args, **kwargs), fused(*args, **kwargs)).cosine > 0.99
+
+
+def test_onnx_runtime_sessions_keep_add_and_layer_norm_apart(tmp_path):
+    # ONNX Runtime would fold Add + LayerNormalization into its slower
+    # SkipLayerNormalization (ir/ops_fused.py); fxopt's sessions turn that off.
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fxopt.backends.onnxruntime import _session_options, new_session
+
+    nodes = [helper.make_node("Add", ["x", "r"], ["s"]), helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1)]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8]) for n in ("x", "r", "y")]
+    weights = [numpy_helper.from_array(torch.ones(8).numpy(), "g"), numpy_helper.from_array(torch.zeros(8).numpy(), "b")]
+    model = helper.make_model(helper.make_graph(nodes, "g", io[:2], io[2:], weights), opset_imports=[helper.make_opsetid("", 17)])
+
+    def optimized_ops(make):
+        options = _session_options(1, 1, "all", False)
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        make(model.SerializeToString(), options)
+        return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+    assert "SkipLayerNormalization" in optimized_ops(lambda m, o: ort.InferenceSession(m, o, providers=["CPUExecutionProvider"]))
+    assert optimized_ops(new_session) == {"Add", "LayerNormalization"}
