@@ -100,7 +100,7 @@ def linear_dynamic_int8_act(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, activation: str
 ) -> torch.Tensor:
     """``activation(linear_dynamic_int8(...))``: a dynamic W8A8 linear (bias in
-    fbgemm's epilogue) and its activation. Lowers to QuantizeLinear +
+    fbgemm's epilogue) and its activation. Lowers to DynamicQuantizeLinear +
     com.microsoft MatMulIntegerToFloat (with bias) and Gelu / FastGelu /
     QuickGelu / Relu."""
     act = _activation("linear_dynamic_int8_act", activation)

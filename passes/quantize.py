@@ -61,6 +61,10 @@ class LayerConfig:
     act_granularity: str = "token"  # mode=dynamic: activation scales per row or per tensor
 
     def quant_config(self) -> QuantConfig:
+        if self.mode == "dynamic" and self.act_granularity == "tensor":
+            # int8 codes within +-63 next to 8-bit activations: the int8 kernels
+            # of CPUs without VNNI saturate otherwise (ir/ops_quant.py).
+            return QuantConfig(7, self.scheme, self.granularity, self.group_size)
         return QuantConfig(self.bits, self.scheme, self.granularity, self.group_size)
 
 

@@ -152,7 +152,11 @@ def test_act_granularity_tensor_keeps_the_fbgemm_op_and_overrides_mix_them():
     assert sum(1 for n in q.fx.nodes if n.target == FX_TENSOR) == len(mlp) == 4
     assert sum(1 for n in q.fx.nodes if n.target == FX_TOKEN) == 4
     eager = run(fxopt.compile(q, "eager"), spec.example_inputs)
-    assert fxopt.compare(eager, run(fxopt.compile(q, "onnxruntime"), spec.example_inputs)).within(1e-4)
+    # Codes are computed at run time: the backends' float ops differ in the
+    # last bit, which can move an activation across a rounding boundary of the
+    # next layer (one code: ~1e-3 here), so not bit-for-bit.
+    parity = fxopt.compare(eager, run(fxopt.compile(q, "onnxruntime"), spec.example_inputs))
+    assert parity.within(5e-3) and parity.cosine > 0.99999, parity
 
 
 def test_weight_only_model_does_not_get_the_per_token_op():

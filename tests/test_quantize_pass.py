@@ -98,11 +98,31 @@ def test_dynamic_w8a8_on_both_backends(name):
 
 def test_dynamic_op_matches_its_definition():
     x, w = torch.randn(2, 5, 64) * 3 + 1, torch.randn(48, 64)
-    qt = quantize(w, QuantConfig(8, "sym", "channel"))
+    qt = quantize(w, QuantConfig(7, "sym", "channel"))  # codes within +-63, as the pass stores them
     bias = torch.randn(48)
     got = torch.ops.fxopt.linear_dynamic_int8(x, qt.q, qt.scale.view(-1), bias)
     want = linear_dynamic_reference(x, qt.q, qt.scale.view(-1), bias)
     assert fxopt.compare(want, got).within(1e-5)
+
+
+def test_dynamic_op_refuses_weight_codes_that_would_saturate_the_kernel():
+    # 8-bit activations x full-range int8 weights overflow the int16 pair sums
+    # of the int8 kernels on CPUs without VNNI.
+    qt = quantize(torch.randn(48, 64), QuantConfig(8, "sym", "channel"))
+    with pytest.raises(ValueError, match="codes within \\+-63"):
+        torch.ops.fxopt.linear_dynamic_int8(torch.randn(3, 64), qt.q, qt.scale.view(-1), None)
+
+
+def test_dynamic_per_tensor_layers_store_codes_within_63_on_both_backends():
+    spec, canon, q, stats = quantized("gpt2-tiny", dict(mode="dynamic", act_granularity="tensor"))
+    weights = [n.args[1] for n in q.fx.nodes if n.target == FX_DYNAMIC]
+    assert len(weights) == 8
+    for w in weights:
+        codes = getattr(q.module, w.target)
+        assert codes.dtype == torch.int8 and int(codes.abs().max()) == 63
+    ort = run(fxopt.compile(q, "onnxruntime"), spec.example_inputs)
+    assert fxopt.compare(run(fxopt.compile(q, "eager"), spec.example_inputs), ort).within(5e-3)
+    assert fxopt.compare(reference(spec), ort).cosine > 0.999
 
 
 def test_accuracy_level_4_lets_onnx_runtime_quantize_activations():
