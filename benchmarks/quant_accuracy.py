@@ -38,7 +38,7 @@ BASE = "canonicalize,dce,constant-fold,cse"
 W8A8 = [
     ("fxopt W8A8 dynamic, per-token 8-bit act. (default; per-channel int8 W)", "quantize(mode=dynamic)"),
     ("fxopt W8A8 dynamic, per-token + SmoothQuant(0.5)", "smooth-quant(alpha=0.5),quantize(mode=dynamic)"),
-    ("fxopt W8A8 dynamic, per-tensor 7-bit act.", "quantize(mode=dynamic,act_granularity=tensor)"),
+    ("fxopt W8A8 dynamic, per-tensor act. (8-bit act., 7-bit weight codes)", "quantize(mode=dynamic,act_granularity=tensor)"),
     ("fxopt W8A8 dynamic, per-tensor + SmoothQuant(0.5)", "smooth-quant(alpha=0.5),quantize(mode=dynamic,act_granularity=tensor)"),
     ("fxopt W8A8 static, min-max observer", "quantize(mode=static)"),
     ("fxopt W8A8 static, percentile 99.99 observer", "quantize(mode=static,observer=percentile)"),

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Sets everything up (.venv, fxopt, test dependencies) and runs the test suite.
 # Extra arguments go to pytest. pytest's "no tests ran" (exit 5) is a failure.
+# Tests run in FXOPT_TEST_WORKERS pytest-xdist workers (default 2, one per core
+# of the CI machine; each worker's PyTorch then uses one thread: tests/conftest.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh dev || exit 1
 . .venv/bin/activate
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider -n "${FXOPT_TEST_WORKERS:-2}" "$@"
 code=$?
 if [ "$code" -eq 5 ]; then
   echo "scripts/test.sh: pytest collected no tests; failing" >&2

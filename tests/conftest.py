@@ -1,4 +1,5 @@
 import functools
+import os
 import warnings
 
 import pytest
@@ -10,6 +11,11 @@ from fxopt.models import BUILTIN, MissingModelError
 from fxopt.passes import PassManager
 
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the cores (scripts/test.sh runs one per core): one
+    # PyTorch thread each keeps them from oversubscribing the machine.
+    torch.set_num_threads(1)
 
 BASE_PIPELINE = "canonicalize,dce,constant-fold,cse"
 
