@@ -93,7 +93,7 @@ def _session_options(intra_op_threads, inter_op_threads, graph_optimization_leve
 # ONNX Runtime's own graph transformers that fxopt turns off: SkipLayerNormFusion
 # folds Add + LayerNormalization back into SkipLayerNormalization (and Add +
 # SimplifiedLayerNormalization into SkipSimplifiedLayerNormalization), which
-# measured 1.5-4x slower on CPU from 128 rows (ir/ops_fused.py,
+# measured up to 4x slower on CPU from 128 rows (ir/ops_fused.py,
 # benchmarks/ort_kernels.py).
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 

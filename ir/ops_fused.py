@@ -13,10 +13,12 @@ version of the ONNX domain). The residual forms lower to ``Add`` followed by
 ``LayerNormalization`` / ``SimplifiedLayerNormalization``, not to the
 ``com.microsoft`` SkipLayerNormalization / SkipSimplifiedLayerNormalization
 fused kernels: on this CPU (ONNX Runtime 1.32, 2 threads,
-``python benchmarks/ort_kernels.py``) SkipLayerNormalization took 1.8-4x the
-time of Add + LayerNormalization from 128 rows up (410 vs 158 us at 128 x 768,
-2244 vs 558 us at 1376 x 384) and SkipSimplifiedLayerNormalization up to 1.5x,
-with a tie at one row. The fused ops stay in the graph: one op is what a
+``python benchmarks/ort_kernels.py``, benchmarks/results/ort_kernels.md)
+SkipLayerNormalization took 1.4-4x the time of Add + LayerNormalization from
+128 rows up (410 vs 151 us at 128 x 768, 2074 vs 534 us at 1376 x 384) and
+SkipSimplifiedLayerNormalization up to 1.35x; at one row the fused kernels
+were as fast or slightly faster (a one-token decode step loses a few us per
+norm). The fused ops stay in the graph: one op is what a
 backend with a faster fused kernel would take.
 """
 
