@@ -6,7 +6,8 @@ the benchmark models (2 threads, spinning off, median of 200 runs).
 
 The ONNX lowering of ``fxopt.add_layer_norm`` (ir/ops_fused.py) follows this
 table: ONNX Runtime 1.32's SkipLayerNormalization ran up to 4x slower than Add +
-LayerNormalization on more than a few rows here.
+LayerNormalization on more than a few rows here. The GEMM table shows how
+much an int8 GEMM gains over fp32 on this CPU (AVX2, no VNNI).
 """
 
 from __future__ import annotations
@@ -75,6 +76,30 @@ def gelu_variants(h):
     }
 
 
+GEMM_SHAPES = [(1, 768, 3072), (128, 768, 3072), (1376, 384, 1536)]  # rows x in x out
+
+
+def gemm_table():
+    """fp32 MatMul against the int8 form fxopt's per-tensor W8A8 lowers to
+    (DynamicQuantizeLinear + MatMulIntegerToFloat, weight codes within +-63)."""
+    rng = np.random.default_rng(0)
+    n = helper.make_node
+    print("\nGEMM (weight constant, prepacked by ONNX Runtime)\n")
+    print("| rows x in x out | fp32 MatMul (us) | GMAC/s | DynamicQuantizeLinear + MatMulIntegerToFloat (us) | GMAC/s |")
+    print("|---|---|---|---|---|")
+    for m, k, nout in GEMM_SHAPES:
+        w = numpy_helper.from_array(rng.standard_normal((k, nout)).astype(np.float32), "w")
+        wq = numpy_helper.from_array(rng.integers(-63, 64, (k, nout)).astype(np.int8), "wq")
+        ws = numpy_helper.from_array(np.full(nout, 0.01, np.float32), "ws")
+        feed = {"x": rng.standard_normal((1, m, k)).astype(np.float32)}
+        fp32 = _time_us(_session([n("MatMul", ["x", "w"], ["y"])], ["x"], [w]), feed)
+        int8 = _time_us(_session([n("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+                                  n("MatMulIntegerToFloat", ["q", "wq", "s", "ws", "z"], ["y"], domain="com.microsoft")],
+                                 ["x"], [wq, ws]), feed)
+        macs = m * k * nout / 1e3  # per us -> GMAC/s
+        print(f"| {m} x {k} x {nout} | {fp32:.0f} | {macs / fp32:.0f} | {int8:.0f} | {macs / int8:.0f} |")
+
+
 def table(title, shapes, variants, inputs):
     rng = np.random.default_rng(0)
     names = list(variants(shapes[0][1]))
@@ -90,6 +115,7 @@ def main():
     print(f"ONNX Runtime {ort.__version__}, CPU, 2 threads, median of 200 runs")
     table("Residual add + norm", SHAPES, norm_variants, ["x", "r"])
     table("Bias + GELU", GELU_SHAPES, gelu_variants, ["x"])
+    gemm_table()
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ version of the ONNX domain). The residual forms lower to ``Add`` followed by
 ``com.microsoft`` SkipLayerNormalization / SkipSimplifiedLayerNormalization
 fused kernels: on this CPU (ONNX Runtime 1.32, 2 threads,
 ``python benchmarks/ort_kernels.py``, benchmarks/results/ort_kernels.md)
-SkipLayerNormalization took 1.4-4x the time of Add + LayerNormalization from
-128 rows up (410 vs 151 us at 128 x 768, 2074 vs 534 us at 1376 x 384) and
-SkipSimplifiedLayerNormalization up to 1.35x; at one row the fused kernels
+SkipLayerNormalization took 1.9-4x the time of Add + LayerNormalization from
+128 rows up (416 vs 123 us at 128 x 768, 1972 vs 514 us at 1376 x 384) and
+SkipSimplifiedLayerNormalization up to 1.3x; at one row the fused kernels
 were as fast or slightly faster (a one-token decode step loses a few us per
 norm). The fused ops stay in the graph: one op is what a
 backend with a faster fused kernel would take.
