@@ -43,7 +43,7 @@ FUSIONS = [p for p in ("fuse-attention", "merge-linears", "pack-attention", "fus
 FUSED_W8A8 = ",".join([BASE, *(p for p in FUSIONS if p not in ("fuse-linear-act", "pack-attention")), "quantize(mode=dynamic)", "fuse-linear-act", "dce"])
 GOALS = {"gpt2": 0.60, "gpt2-sdpa": 0.60, "minilm": 0.70}
 GOAL_ROW = "fxopt ORT, fused + pack-attention (Attention / GroupQueryAttention)"
-FLOOR_ROW = "the linears alone, eager fp32 (GEMM share of eager)"
+LINEARS_ROW = "the linears alone, eager fp32 (GEMM share of eager)"
 
 
 def _tokens(vocab, batch, seq, mask):
@@ -195,7 +195,7 @@ def run_model(spec, inputs, model_type, peer_args, reps, threads, workdir):
         tb = traceback.extract_tb(e.__traceback__)[-1]
         failed.append(dict(variant=label, note=f"failed: {type(e).__name__}: {str(e)[:80]} ({Path(tb.filename).name}:{tb.lineno})"))
 
-    built.append(dict(variant=FLOOR_ROW, fn=linears_alone(unfused.graph, args, kwargs), err=None,
+    built.append(dict(variant=LINEARS_ROW, fn=linears_alone(unfused.graph, args, kwargs), err=None,
                       note="every linear of the graph on a random input of its shape, nothing else"))
     for b in built:  # warm-up
         b["fn"]()
