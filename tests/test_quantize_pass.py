@@ -90,19 +90,29 @@ def test_dynamic_w8a8_on_both_backends(name):
     ort = run(fxopt.compile(q, "onnxruntime"), spec.example_inputs)
     # Both backends compute the same integer arithmetic.
     assert fxopt.compare(eager, ort).within(1e-4)
-    # Against float with the same int8 weights: only activation rounding (7 bits) differs.
+    # Against float with the same int8 weights: only activation rounding (8 bits) differs.
     expected = run(dequantized_reference(canon, stats), spec.example_inputs)
     assert fxopt.compare(expected, eager).within(0.03)
     assert fxopt.compare(reference(spec), eager).cosine > 0.999
 
 
-def test_dynamic_op_matches_its_definition():
+class DynamicLinear(torch.nn.Module):
+    def __init__(self, w_q, w_scale, bias):
+        super().__init__()
+        self.w_q, self.w_scale, self.bias = w_q, w_scale, bias
+
+    def forward(self, x):
+        return torch.ops.fxopt.linear_dynamic_int8(x, self.w_q, self.w_scale, self.bias)
+
+
+def test_dynamic_op_matches_its_definition_on_both_backends():
     x, w = torch.randn(2, 5, 64) * 3 + 1, torch.randn(48, 64)
     qt = quantize(w, QuantConfig(7, "sym", "channel"))  # codes within +-63, as the pass stores them
     bias = torch.randn(48)
-    got = torch.ops.fxopt.linear_dynamic_int8(x, qt.q, qt.scale.view(-1), bias)
     want = linear_dynamic_reference(x, qt.q, qt.scale.view(-1), bias)
-    assert fxopt.compare(want, got).within(1e-5)
+    graph = fxopt.trace(DynamicLinear(qt.q, qt.scale.view(-1), bias), (x,))
+    for backend in ("eager", "onnxruntime"):  # fbgemm; DynamicQuantizeLinear + MatMulIntegerToFloat
+        assert fxopt.compare(want, fxopt.compile(graph, backend)(x)).within(1e-5), backend
 
 
 def test_dynamic_op_refuses_weight_codes_that_would_saturate_the_kernel():
