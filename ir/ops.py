@@ -13,6 +13,7 @@ Passes create these ops; the backends consult :func:`onnx_translation_table`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,8 +37,36 @@ class OpDef:
 _REGISTRY: dict[str, OpDef] = {}
 
 
-def define_op(name: str, *, fake: Callable, onnx: Callable | None = None):
-    """Decorator: register ``fn`` as the eager kernel of ``fxopt::name``."""
+def _is_other_float(value) -> bool:
+    """A symbolic ONNX value of a floating type other than float32."""
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and dtype.is_floating_point() and int(dtype) != 1  # 1: FLOAT
+
+
+def float32_lowering(fn: Callable) -> Callable:
+    """An ONNX lowering whose kernels take float32 only (DynamicQuantizeLinear,
+    MatMulIntegerToFloat, MatMulNBits with float32 scales), made to take a
+    float16 / bfloat16 / double model too: such inputs are cast to float32 and
+    the result back to the type of the first input, as the eager kernels do.
+    A float32 graph gets no Cast."""
+
+    @functools.wraps(fn)
+    def lowering(x, *args, **kwargs):
+        if not _is_other_float(x):
+            return fn(x, *args, **kwargs)
+
+        def to_float(a):
+            return op.Cast(a, to=1) if _is_other_float(a) else a
+
+        out = fn(to_float(x), *map(to_float, args), **{k: to_float(v) for k, v in kwargs.items()})
+        return op.Cast(out, to=int(x.dtype))
+
+    return lowering
+
+
+def define_op(name: str, *, fake: Callable, onnx: Callable | None = None, onnx_float32: bool = False):
+    """Decorator: register ``fn`` as the eager kernel of ``fxopt::name``;
+    ``onnx_float32``: the lowering runs in float32 (:func:`float32_lowering`)."""
 
     def wrap(fn: Callable) -> torch._ops.OpOverload:
         if name in _REGISTRY:
@@ -45,7 +74,8 @@ def define_op(name: str, *, fake: Callable, onnx: Callable | None = None):
         custom = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(fn)
         custom.register_fake(fake)
         overload = getattr(getattr(torch.ops, NAMESPACE), name).default
-        _REGISTRY[name] = OpDef(name, overload, onnx, (fn.__doc__ or "").strip())
+        lowering = float32_lowering(onnx) if onnx is not None and onnx_float32 else onnx
+        _REGISTRY[name] = OpDef(name, overload, lowering, (fn.__doc__ or "").strip())
         return overload
 
     return wrap

@@ -83,7 +83,7 @@ def _linear_nbits_onnx(x, B, scales, zero_points=None, bias=None, K: int = 0, N:
                             accuracy_level=accuracy_level)
 
 
-@define_op("linear_nbits", fake=_linear_nbits_fake, onnx=_linear_nbits_onnx)
+@define_op("linear_nbits", fake=_linear_nbits_fake, onnx=_linear_nbits_onnx, onnx_float32=True)
 def linear_nbits(
     x: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, bias: torch.Tensor | None,
     K: int, N: int, bits: int, block_size: int, accuracy_level: int,
@@ -161,7 +161,7 @@ def _linear_dynamic_onnx(x, w_q, w_scale, bias=None):
     return msft.MatMulIntegerToFloat(xq, op.Transpose(w_q, perm=[1, 0]), scale, w_scale, zp, None, bias)
 
 
-@define_op("linear_dynamic_int8", fake=_linear_dynamic_fake, onnx=_linear_dynamic_onnx)
+@define_op("linear_dynamic_int8", fake=_linear_dynamic_fake, onnx=_linear_dynamic_onnx, onnx_float32=True)
 def linear_dynamic_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Dynamic W8A8 linear: ``w_q`` int8 ``[N, K]`` codes within +-63 with
     per-output-channel ``w_scale [N]`` (symmetric); ``x`` is quantized at run
@@ -246,7 +246,7 @@ def _linear_per_token_onnx(x, w_u8, w_scale, w_rowsum, bias=None):
     return y if bias is None else op.Add(y, bias)
 
 
-@define_op("linear_dynamic_int8_per_token", fake=_linear_per_token_fake, onnx=_linear_per_token_onnx)
+@define_op("linear_dynamic_int8_per_token", fake=_linear_per_token_fake, onnx=_linear_per_token_onnx, onnx_float32=True)
 def linear_dynamic_int8_per_token(
     x: torch.Tensor, w_u8: torch.Tensor, w_scale: torch.Tensor, w_rowsum: torch.Tensor, bias: torch.Tensor | None,
 ) -> torch.Tensor:

@@ -73,7 +73,7 @@ def _linear_nbits_act_onnx(x, B, scales, zero_points=None, bias=None, K: int = 0
     return activation_onnx(y, activation)
 
 
-@define_op("linear_nbits_act", fake=_linear_nbits_act_fake, onnx=_linear_nbits_act_onnx)
+@define_op("linear_nbits_act", fake=_linear_nbits_act_fake, onnx=_linear_nbits_act_onnx, onnx_float32=True)
 def linear_nbits_act(
     x: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, bias: torch.Tensor | None,
     K: int, N: int, bits: int, block_size: int, accuracy_level: int, activation: str,
@@ -95,7 +95,7 @@ def _linear_dynamic_int8_act_onnx(x, w_q, w_scale, bias=None, activation: str = 
     return activation_onnx(_linear_dynamic_onnx(x, w_q, w_scale, bias), activation)
 
 
-@define_op("linear_dynamic_int8_act", fake=_linear_dynamic_int8_act_fake, onnx=_linear_dynamic_int8_act_onnx)
+@define_op("linear_dynamic_int8_act", fake=_linear_dynamic_int8_act_fake, onnx=_linear_dynamic_int8_act_onnx, onnx_float32=True)
 def linear_dynamic_int8_act(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, activation: str
 ) -> torch.Tensor:
@@ -117,7 +117,7 @@ def _linear_per_token_act_onnx(x, w_u8, w_scale, w_rowsum, bias=None, activation
     return activation_onnx(_linear_per_token_onnx(x, w_u8, w_scale, w_rowsum, bias), activation)
 
 
-@define_op("linear_dynamic_int8_per_token_act", fake=_linear_per_token_act_fake, onnx=_linear_per_token_act_onnx)
+@define_op("linear_dynamic_int8_per_token_act", fake=_linear_per_token_act_fake, onnx=_linear_per_token_act_onnx, onnx_float32=True)
 def linear_dynamic_int8_per_token_act(
     x: torch.Tensor, w_u8: torch.Tensor, w_scale: torch.Tensor, w_rowsum: torch.Tensor, bias: torch.Tensor | None,
     activation: str,

@@ -70,7 +70,7 @@ def _linear_static_onnx(x, w_q, w_scale, bias=None, x_scale: float = 1.0, x_zero
     return y if bias is None else op.Add(y, bias)
 
 
-@define_op("linear_static_int8", fake=_linear_static_fake, onnx=_linear_static_onnx)
+@define_op("linear_static_int8", fake=_linear_static_fake, onnx=_linear_static_onnx, onnx_float32=True)
 def linear_static_int8(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, x_scale: float, x_zero_point: int
 ) -> torch.Tensor:
