@@ -112,7 +112,8 @@ def scaled_input(graph, layer: Layer, act_scale: torch.Tensor | None) -> fx.Node
     """``x / act_scale`` (as a multiply by the reciprocal), or ``x``."""
     if act_scale is None:
         return layer.x
-    inv = graph.add_constant((1.0 / act_scale).to(torch.float32), f"{layer.name}.act_inv_scale")
+    # In the layer's dtype: a float32 factor would promote a float16 model's activations.
+    inv = graph.add_constant((1.0 / act_scale.to(torch.float32)).to(layer.weight.dtype), f"{layer.name}.act_inv_scale")
     return _call(graph, aten.mul.Tensor, (layer.x, inv), layer.name)
 
 
@@ -131,7 +132,11 @@ def dequantized_weight(graph, layer: Layer, qt: QuantizedTensor) -> fx.Node:
         w = _call(graph, aten.sub.Tensor, (w, zp), name)
     scale = graph.add_constant(qt.scale.unsqueeze(-1), f"{name}.scale")
     w = _call(graph, aten.mul.Tensor, (w, scale), name)
-    return _call(graph, aten.view.default, (w, [n, k]), name)
+    w = _call(graph, aten.view.default, (w, [n, k]), name)
+    if layer.weight.dtype != torch.float32:  # dequantized in float32, used in the layer's dtype
+        w = _call(graph, aten._to_copy.default, (w,), name)
+        w.kwargs = {"dtype": layer.weight.dtype}
+    return w
 
 
 def _lower_weight_only(p: "Quantize", graph, layer: Layer, qt: QuantizedTensor, act_scale) -> fx.Node:
@@ -527,7 +532,8 @@ class Quantize(Pass):
         if block:
             nb = to_nbits(qt, block)
             B = graph.add_constant(nb.B, f"{layer.name}.qweight")
-            scales = graph.add_constant(nb.scales, f"{layer.name}.scales")
+            # The op returns rows of its scales' dtype: the table's (float16 stays float16).
+            scales = graph.add_constant(nb.scales.to(layer.weight.dtype), f"{layer.name}.scales")
             zps = None if nb.zero_points is None else graph.add_constant(nb.zero_points, f"{layer.name}.zero_points")
             args = (layer.node.args[1], B, scales, zps, nb.k, nb.n, nb.bits, nb.block_size)
             return _call(graph, torch.ops.fxopt.embedding_nbits.default, args, layer.name)
@@ -547,7 +553,11 @@ class Quantize(Pass):
         if qt.zero_point is not None:
             rows = _call(graph, aten.sub.Tensor, (rows, per_row(qt.zero_point, "zero_point")), name)
         rows = _call(graph, aten.mul.Tensor, (rows, per_row(qt.scale, "scale")), name)
-        return _call(graph, aten.flatten.using_ints, (rows, -2, -1), name)
+        rows = _call(graph, aten.flatten.using_ints, (rows, -2, -1), name)
+        if layer.weight.dtype != torch.float32:  # dequantized in float32, returned in the table's dtype
+            rows = _call(graph, aten._to_copy.default, (rows,), name)
+            rows.kwargs = {"dtype": layer.weight.dtype}
+        return rows
 
     # -- guard ------------------------------------------------------------------------
     def _time_layer(self, graph, layer: Layer, new: fx.Node) -> tuple[float, float]:
