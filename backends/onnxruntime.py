@@ -114,6 +114,18 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def _session_error(graph: Graph, providers, error: Exception) -> str:
+    """ONNX Runtime's refusal, with the one cause a user can act on named:
+    its CPU provider has almost no bfloat16 kernels (Add, Mul, ... are missing)."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    message = f"ONNX Runtime could not load {graph.name} ({', '.join(providers)}): {first}"
+    if torch.bfloat16 in graph.dtypes() and "CUDAExecutionProvider" not in providers:
+        message += ("; the graph computes in bfloat16, which ONNX Runtime's CPU provider does not run: "
+                    "convert the model to float32 or float16 before tracing, or export it with "
+                    "fxopt.export_onnx for a provider that has bfloat16 kernels")
+    return message
+
+
 class OnnxRuntimeModel(CompiledModel):
     """Options: ``intra_op_threads``, ``inter_op_threads``,
     ``graph_optimization_level`` (disable|basic|extended|all), ``providers``
@@ -140,13 +152,16 @@ class OnnxRuntimeModel(CompiledModel):
         self._tmp = None
         if proto.ByteSize() < (1 << 31) - (1 << 20):
             self._bytes = proto.SerializeToString()
-            self.session = new_session(self._bytes, options, providers)
+            source = self._bytes
         else:  # protobuf cannot hold it in one message: go through a file with external data
             self._bytes = None
             self._tmp = tempfile.TemporaryDirectory(prefix="fxopt-ort-")
-            path = os.path.join(self._tmp.name, "model.onnx")
-            self.program.save(path)
-            self.session = new_session(path, options, providers)
+            source = os.path.join(self._tmp.name, "model.onnx")
+            self.program.save(source)
+        try:
+            self.session = new_session(source, options, providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendError(_session_error(graph, providers, e)) from e
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # ONNX inputs are the tensor inputs in flattened order (the exporter may

@@ -133,6 +133,11 @@ class Graph:
                 removed.append(name)
         return removed
 
+    def dtypes(self) -> set[torch.dtype]:
+        """Dtypes of the tensors the graph's nodes produce (from their metadata)."""
+        vals = (n.meta.get("val") for n in self.fx.nodes)
+        return {v.dtype for val in vals for v in (val if isinstance(val, (tuple, list)) else [val]) if isinstance(v, torch.Tensor)}
+
     def param_bytes(self) -> int:
         """Bytes of the distinct storages behind the tensors the graph reads
         (tied weights count once)."""
