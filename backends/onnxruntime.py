@@ -35,11 +35,41 @@ def _quiet_exporter():
             logging.getLogger(n).setLevel(level)
 
 
+_STRIDE_CHANGING = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.t.default}
+
+
+def _contiguous_before_views(graph: Graph) -> Graph:
+    """A copy of ``graph`` with a contiguous ``aten.clone`` between each
+    transpose / permute and an ``aten.view`` of its result.
+
+    ONNX has no strides (the clone becomes an Identity the exporter drops),
+    but the exporter's decompositions do: a traced view may rely on the
+    strides of the kernel before the transpose (T5's attention views SDPA's
+    output after a transpose, valid for the CPU kernel's [B, S, H, D] layout),
+    and the decomposed SDPA's contiguous output cannot be viewed that way;
+    plain ``torch.onnx.export`` fails on such models."""
+    risky = [n for n in graph.fx.nodes if n.target == torch.ops.aten.view.default
+             and isinstance(n.args[0], torch.fx.Node) and n.args[0].target in _STRIDE_CHANGING]
+    if not risky:
+        return graph
+    graph = graph.copy()
+    for node in list(graph.fx.nodes):
+        if node.target == torch.ops.aten.view.default and isinstance(node.args[0], torch.fx.Node) \
+                and node.args[0].target in _STRIDE_CHANGING:
+            with graph.fx.inserting_before(node):
+                clone = graph.fx.call_function(torch.ops.aten.clone.default, (node.args[0],),
+                                               {"memory_format": torch.contiguous_format})
+            clone.meta = dict(node.args[0].meta)
+            node.replace_input_with(node.args[0], clone)
+    graph.recompile()
+    return graph
+
+
 def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True, disable_lowerings=()):
     """Re-export the graph and convert it to an ``torch.onnx.ONNXProgram``;
     ``disable_lowerings`` names groups of aten lowerings to leave to the
     exporter (``fxopt.ir.ops.onnx_lowering_groups()``, e.g. "contrib-attention")."""
-    ep = graph.to_exported_program()
+    ep = _contiguous_before_views(graph).to_exported_program()
     kwargs = {"opset_version": opset} if opset else {}
     try:
         with _quiet_exporter():
