@@ -51,7 +51,11 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = 
             # CSE unsafe, since a shared or folded tensor could be written into.
             ep = ep.run_decompositions({})
     except Exception as e:
-        raise TraceError(f"torch.export could not trace {name}: {type(e).__name__}: {_summary(e)}") from e
+        hint = ""
+        if "Cache'> in output" in str(e):
+            hint = ("\n  hint: the model returns a Hugging Face KV cache object, which torch.export cannot flatten; "
+                    "trace it with use_cache=False (model.config.use_cache = False, or use_cache=False in the inputs)")
+        raise TraceError(f"torch.export could not trace {name}: {type(e).__name__}: {_summary(e)}{hint}") from e
     finally:
         model.train(was_training)
     try:

@@ -461,7 +461,8 @@ class Quantize(Pass):
             try:
                 layer.cfg.quant_config().num_groups(layer.weight.shape[1])
             except QuantizationError as e:
-                raise self.fail(f"layer {layer.name!r} (weight {tuple(layer.weight.shape)}): {e}") from None
+                raise self.fail(f"layer {layer.name!r} (weight {tuple(layer.weight.shape)}): {e}; leave the layer out "
+                                f"(exclude=..., min_size=...) or give it its own group size (overrides=...)") from None
         self.current_node = None
         stats = self._collect_stats(graph, selected)
         per_layer: dict[str, dict] = {}
