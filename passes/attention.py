@@ -6,13 +6,19 @@ matmul, whose spots may each be written in several *forms* (the tables below)::
     out    = matmul(probs, v)
     probs  = sm | sm.to(own dtype)                                    _PROBS
     sm     = softmax(scores, last dim)  [dtype= its own | _softmax]   _SOFTMAX_FORMS
-    scores = s | s + mask | s.masked_fill(blocked, -inf) | where(blocked, -inf, s)   _MASKS
+    scores = s | s + mask | s + bias + mask | s.masked_fill(blocked, -inf)
+           | where(blocked, -inf, s)                                     _MASKS
     s      = q @ kt | (q @ kt) * c | (q @ kt) / c                     _SCALES
     q      = q | q * c | q / c          kt = kt0 | kt0 * c | kt0 / c
     kt0    = k.transpose(-2, -1) | k.permute(0, 1, 3, 2) | kt0 (a key given transposed)
 
 as GPT-2's and BERT's eager attention (Hugging Face, ``attn_implementation="eager"``),
-Llama's eager attention (after ``repeat_kv``) and fxopt's ``tiny_gpt`` write it.
+Llama's eager attention (after ``repeat_kv``), MPNet's (a relative position bias,
+then the padding mask: both become one additive ``attn_mask``) and fxopt's
+``tiny_gpt`` write it. (Also checked, SDPA form or eager: OPT, Mistral, Qwen2/3,
+Phi-3, Gemma, GPT-NeoX, GPT-J, Falcon, GPT-BigCode, DistilBERT, RoBERTa, ELECTRA,
+ALBERT, ViT, CLIP text; not fused, with the reason in ``misses``: BLOOM's ALiBi
+and DeBERTa's disentangled attention, written with 3-D ``baddbmm``/``bmm``.)
 A scale ``c`` is a python number or a one-element constant (the engine's float
 capture takes both); ``-inf`` may be any fill <= -1e30, as a number or a
 one-element constant; ``add`` takes the mask on either side. Predicates check what
@@ -102,6 +108,11 @@ def _additive(s, mask):
     return s + mask
 
 
+def _additive_bias(s, bias, mask):
+    # a position bias and then the mask (MPNet's relative attention bias, T5-style)
+    return s + bias + mask
+
+
 def _masked_fill(s, blocked, fill: float):
     return s.masked_fill(blocked, fill)
 
@@ -114,7 +125,7 @@ def _where(s, blocked, fill_t):
     return torch.where(blocked, fill_t, s)
 
 
-_MASKS = {"additive": _additive, "masked_fill": _masked_fill, "masked_fill-tensor": _masked_fill_tensor,
+_MASKS = {"additive": _additive, "additive-bias": _additive_bias, "masked_fill": _masked_fill, "masked_fill-tensor": _masked_fill_tensor,
           "where": _where, "none": "s"}
 
 
@@ -209,7 +220,7 @@ _WHERE = {
 }
 
 _INPUTS = {"probs": (2, 2, 4, 4), "v": (2, 2, 4, 8), "sm": (2, 2, 4, 4), "scores": (2, 2, 4, 4), "s": (2, 2, 4, 4),
-           "mask": (2, 2, 4, 4), "blocked": torch.zeros(2, 2, 4, 4, dtype=torch.bool), "fill_t": torch.tensor(-1e9),
+           "mask": (2, 2, 4, 4), "bias": (2, 2, 4, 4), "blocked": torch.zeros(2, 2, 4, 4, dtype=torch.bool), "fill_t": torch.tensor(-1e9),
            "q": (2, 2, 4, 8), "kt": (2, 2, 8, 4), "kt0": (2, 2, 8, 4), "k": (2, 2, 4, 8),
            "dim": -1, "d0": -2, "d1": -1, "p0": 0, "p1": 1, "p2": 3, "p3": 2}
 
@@ -278,8 +289,10 @@ class FuseAttention(Pass):
         elif "blocked" in m:
             mask, blocked = m["blocked"], True
             fill = m["fill"] if "fill" in m else float(m.constant("fill_t").reshape(()).item())
+        if "bias" in m:  # one additive mask: the bias plus the mask (a biased mask is never just causal)
+            mask = g.call_function(aten.add.Tensor, (m["bias"], mask))
         causal = False
-        if mask is not None and self.causal:
+        if mask is not None and "bias" not in m and self.causal:
             sq = val(m.anchor).shape[-2]
             if same_shape([sq], [sk]) and is_causal_mask(graph, mask, blocked=blocked, fill=fill):
                 causal, mask = True, None

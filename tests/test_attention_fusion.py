@@ -100,6 +100,7 @@ class Attention(torch.nn.Module):
         super().__init__()
         self.mask, self.scale_on, self.heads, self.dim = mask, scale_on, heads, dim
         self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.rel_bias = torch.nn.Embedding(9, heads)  # per-head bias by clamped relative distance (T5, MPNet)
 
     def forward(self, x, pad=None):
         b, s, d = x.shape
@@ -120,6 +121,10 @@ class Attention(torch.nn.Module):
             scores = scores + torch.where(pos[None, :] <= pos[:, None], 0.0, torch.finfo(x.dtype).min)
         elif self.mask == "input":
             scores = scores + pad[:, None, None, :]
+        elif self.mask == "bias+input":
+            pos = torch.arange(s, device=x.device)
+            rel = (pos[None, :] - pos[:, None]).clamp(-4, 4) + 4
+            scores = scores + self.rel_bias(rel).permute(2, 0, 1)[None] + pad[:, None, None, :]
         probs = F.softmax(scores, dim=-1)
         out = probs @ v
         out = out.transpose(1, 2).reshape(b, s, d)
@@ -130,7 +135,7 @@ def small(mask="tril", scale_on="scores"):
     torch.manual_seed(0)
     model = Attention(mask, scale_on).eval()
     x = torch.randn(2, 6, 16)
-    if mask == "input":
+    if mask in ("input", "bias+input"):
         pad = torch.zeros(2, 6)
         pad[0, 4:] = -1e9
         inputs = (x, pad)
@@ -262,6 +267,16 @@ def test_fused_counts_are_unchanged(name, dynamic):
     stats = PassManager(PIPELINE).run(graph).records[4].stats
     assert (stats["fused"], stats["causal"], stats["masked"], stats["gqa"]) == COUNTS[(name, dynamic)]
     assert stats["misses"] == {} and stats["softmax"] == 2
+
+
+def test_position_bias_and_padding_mask_become_one_float_mask():
+    spec = small("bias+input")
+    graph, stats = fuse(spec)
+    (node,) = sdpa_nodes(graph)
+    assert (stats["fused"], stats["masked"], stats["causal"]) == (1, 1, 0) and not node.kwargs["is_causal"]
+    mask = node.kwargs["attn_mask"]
+    assert mask.target == torch.ops.aten.add.Tensor  # bias + padding, one additive mask
+    assert_parity_on_backends(spec, graph)
 
 
 class Forms(torch.nn.Module):
