@@ -18,7 +18,8 @@ then the padding mask: both become one additive ``attn_mask``) and fxopt's
 ``tiny_gpt`` write it. (Also checked, SDPA form or eager: OPT, Mistral, Qwen2/3,
 Phi-3, Gemma, GPT-NeoX, GPT-J, Falcon, GPT-BigCode, DistilBERT, RoBERTa, ELECTRA,
 ALBERT, ViT, CLIP text; not fused, with the reason in ``misses``: BLOOM's ALiBi
-and DeBERTa's disentangled attention, written with 3-D ``baddbmm``/``bmm``.)
+attention (3-D ``baddbmm``/``bmm``) and DeBERTa's disentangled attention (the
+probabilities reshaped before the value matmul).)
 A scale ``c`` is a python number or a one-element constant (the engine's float
 capture takes both); ``-inf`` may be any fill <= -1e30, as a number or a
 one-element constant; ``add`` takes the mask on either side. Predicates check what
