@@ -1,0 +1,171 @@
+"""Architecture sweep: Hugging Face models beyond the built-ins (tiny configs,
+random weights) through fxopt's fusion and quantization pipelines on both
+backends. Prints, per model and pipeline, the fxopt / SDPA ops the graph ends
+with and the worst relative error against the original model over the traced
+inputs and one other shape.
+
+    python benchmarks/architectures.py                   # every model, eager attention
+    python benchmarks/architectures.py --sdpa opt qwen2  # transformers' default attention
+
+This checks correctness and coverage, not speed; tests/test_architectures.py
+runs four of these models in the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import warnings
+
+import torch
+from torch.export import Dim
+
+import fxopt
+from fxopt.models import ModelSpec, _hf
+
+BASE = "canonicalize,dce,constant-fold,cse"
+PIPELINES = {
+    "fused": BASE + ",fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce",
+    "W8A8 token": BASE + ",quantize(mode=dynamic)",
+    "fused + W8A8 tensor": BASE + ",fuse-attention,merge-linears,quantize(mode=dynamic,act_granularity=tensor),fuse-linear-act,fuse-norm,dce",
+    "int4 g32": BASE + ",quantize(bits=4,group_size=32)",
+}
+# Relative error a pipeline may show on random weights before the table flags it.
+TOLERANCE = {"fused": 1e-4, "W8A8 token": 0.05, "fused + W8A8 tensor": 0.05, "int4 g32": 0.25}
+LAYERS = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
+DECODER = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=128, use_cache=False, **LAYERS)
+
+
+def _config_model(config: str, model: str, name: str, mask: bool, **kw):
+    def build(attn: str | None):
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = getattr(transformers, config)(**kw)
+        if attn:
+            cfg._attn_implementation = attn
+        return _hf(getattr(transformers, model)(cfg), cfg.vocab_size, name, mask=mask)
+    return build
+
+
+def _vit(attn):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=32, patch_size=8)
+    if attn:
+        cfg._attn_implementation = attn
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    return ModelSpec(transformers.ViTModel(cfg, add_pooling_layer=False).eval(), inputs,
+                     {"pixel_values": {0: Dim.DYNAMIC}}, "vit", [{"pixel_values": torch.randn(3, 3, 32, 32)}])
+
+
+MODELS = {
+    "opt": _config_model("OPTConfig", "OPTForCausalLM", "opt", False, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64,
+                         max_position_embeddings=128, use_cache=False, **LAYERS),
+    "mistral": _config_model("MistralConfig", "MistralForCausalLM", "mistral", False, num_key_value_heads=2, **DECODER),
+    "qwen2": _config_model("Qwen2Config", "Qwen2ForCausalLM", "qwen2", False, num_key_value_heads=2, **DECODER),
+    "qwen3": _config_model("Qwen3Config", "Qwen3ForCausalLM", "qwen3", False, num_key_value_heads=2, head_dim=16, **DECODER),
+    "phi3": _config_model("Phi3Config", "Phi3ForCausalLM", "phi3", False, num_key_value_heads=4, pad_token_id=0, **DECODER),
+    "gemma": _config_model("GemmaConfig", "GemmaForCausalLM", "gemma", False, num_key_value_heads=1, head_dim=16, **DECODER),
+    "gpt-neox": _config_model("GPTNeoXConfig", "GPTNeoXForCausalLM", "gpt-neox", False, **DECODER),
+    "gpt-j": _config_model("GPTJConfig", "GPTJForCausalLM", "gpt-j", False, n_embd=64, n_layer=2, n_head=4, vocab_size=256,
+                           n_positions=128, rotary_dim=8, use_cache=False, bos_token_id=0, eos_token_id=0),
+    "falcon": _config_model("FalconConfig", "FalconForCausalLM", "falcon", False, hidden_size=64, use_cache=False, **LAYERS),
+    "bloom": _config_model("BloomConfig", "BloomForCausalLM", "bloom", False, hidden_size=64, n_layer=2, n_head=4,
+                           vocab_size=256, use_cache=False),
+    "gpt-bigcode": _config_model("GPTBigCodeConfig", "GPTBigCodeForCausalLM", "gpt-bigcode", False, n_embd=64, n_layer=2,
+                                 n_head=4, vocab_size=256, n_positions=128, use_cache=False),
+    "distilbert": _config_model("DistilBertConfig", "DistilBertModel", "distilbert", True, dim=64, hidden_dim=128,
+                                n_layers=2, n_heads=4, vocab_size=256, max_position_embeddings=128),
+    "roberta": _config_model("RobertaConfig", "RobertaModel", "roberta", True, hidden_size=64, intermediate_size=128,
+                             max_position_embeddings=130, pad_token_id=1, **LAYERS),
+    "albert": _config_model("AlbertConfig", "AlbertModel", "albert", True, hidden_size=64, intermediate_size=128,
+                            embedding_size=32, max_position_embeddings=128, **LAYERS),
+    "mpnet": _config_model("MPNetConfig", "MPNetModel", "mpnet", True, hidden_size=64, intermediate_size=128,
+                           max_position_embeddings=130, **LAYERS),
+    "deberta-v2": _config_model("DebertaV2Config", "DebertaV2Model", "deberta-v2", True, hidden_size=64,
+                                intermediate_size=128, max_position_embeddings=128, **LAYERS),
+    "t5-encoder": _config_model("T5Config", "T5EncoderModel", "t5-encoder", True, d_model=64, d_ff=128, num_layers=2,
+                                num_heads=4, d_kv=16, vocab_size=256),
+    "clip-text": _config_model("CLIPTextConfig", "CLIPTextModel", "clip-text", True, hidden_size=64, intermediate_size=128,
+                               max_position_embeddings=32, **LAYERS),
+    "vit": _vit,
+}
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for x in out for t in _tensors(x)] if isinstance(out, (list, tuple)) else []
+
+
+def _ops(graph) -> str:
+    counts = collections.Counter(
+        n.target._opname for n in graph.fx.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+        and (n.target.namespace == "fxopt" or n.target._opname in ("scaled_dot_product_attention", "softmax", "_softmax")))
+    return ", ".join(f"{op} {k}" for op, k in sorted(counts.items())) or "-"
+
+
+def _worst_error(spec, compiled) -> float:
+    worst = 0.0
+    for inputs in (spec.example_inputs, *spec.other_inputs):
+        with torch.no_grad():
+            ref = _tensors(spec.model(**inputs))
+        out = _tensors(compiled(**inputs))
+        if len(out) != len(ref):
+            raise AssertionError(f"{len(out)} outputs, the model {len(ref)}")
+        worst = max([worst] + [((o.float() - r.float()).norm() / r.float().norm().clamp(min=1e-12)).item() for o, r in zip(out, ref)])
+    return worst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", default=list(MODELS), help=f"default: all ({', '.join(MODELS)})")
+    ap.add_argument("--sdpa", action="store_true", help="transformers' default attention instead of eager")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    failures = 0
+    print(f"attention: {'SDPA (default)' if args.sdpa else 'eager'}; error: worst relative error vs the original\n")
+    print("| model | pipeline | fxopt / attention ops after | eager | onnxruntime |\n|---|---|---|---|---|")
+    for name in args.models:
+        spec = MODELS[name](None if args.sdpa else "eager")
+        try:
+            graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+        except Exception as e:
+            print(f"| {name} | trace | {type(e).__name__}: {str(e).splitlines()[0][:120]} | | |")
+            failures += 1
+            continue
+        for label, pipeline in PIPELINES.items():
+            try:
+                result = fxopt.PassManager(pipeline).run(graph).graph
+            except Exception as e:
+                print(f"| {name} | {label} | {type(e).__name__}: {str(e).splitlines()[0][:120]} | | |")
+                failures += 1
+                continue
+            cells = []
+            for backend in ("eager", "onnxruntime"):
+                try:
+                    err = _worst_error(spec, fxopt.compile(result, backend=backend))
+                    ok = err < TOLERANCE[label]
+                    cells.append(f"{err:.1e}" + ("" if ok else " **over**"))
+                    failures += not ok
+                except Exception as e:
+                    cells.append(f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                    failures += 1
+            print(f"| {name} | {label} | {_ops(result)} | {cells[0]} | {cells[1]} |", flush=True)
+    print(f"\n{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
