@@ -124,7 +124,9 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "silu": F.silu,
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # CLIP's QuickGELU
 }
+QUICK_GELU_ALPHA = 1.702
 
 
 def _linear_act_fake(x, weight, bias, activation):
@@ -147,6 +149,8 @@ def _linear_act_onnx(x, weight, bias=None, activation: str = "none"):
         return op.Mul(op.Mul(y, op.CastLike(0.5, y)), op.Add(op.CastLike(1.0, y), op.Erf(op.Mul(y, op.CastLike(0.7071067811865476, y)))))
     if activation == "silu":
         return op.Mul(y, op.Sigmoid(y))
+    if activation == "quick_gelu":
+        return msft.QuickGelu(y, alpha=QUICK_GELU_ALPHA)
     return y
 
 
@@ -155,8 +159,8 @@ def linear_act(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
 ) -> torch.Tensor:
     """``activation(x @ weight.T + bias)`` in one op; activation is one of
-    none, relu, gelu (exact), gelu_tanh, silu. Lowers to MatMul + com.microsoft
-    BiasGelu / FastGelu on ONNX Runtime."""
+    none, relu, gelu (exact), gelu_tanh, silu, quick_gelu (``t * sigmoid(1.702 t)``).
+    Lowers to MatMul + com.microsoft BiasGelu / FastGelu / QuickGelu on ONNX Runtime."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"fxopt::linear_act: unknown activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[activation](F.linear(x, weight, bias))

@@ -30,7 +30,7 @@ import torch
 from onnxscript import opset18 as op
 
 from .onnx_contrib import _FLOATS, _Attr, _AttrType, _Param, declare, msft
-from .ops import ACTIVATIONS, define_op
+from .ops import ACTIVATIONS, QUICK_GELU_ALPHA, define_op
 from .ops_quant import _linear_dynamic_onnx, _linear_nbits_onnx, _linear_per_token_onnx
 
 declare("Gelu", [_Param("X", "T")], [_Param("Y", "T")], [("T", _FLOATS, "")])
@@ -55,6 +55,8 @@ def activation_onnx(y, activation: str):
         return msft.FastGelu(y)
     if activation == "silu":
         return msft.QuickGelu(y, alpha=1.0)
+    if activation == "quick_gelu":
+        return msft.QuickGelu(y, alpha=QUICK_GELU_ALPHA)
     if activation == "relu":
         return op.Relu(y)
     raise ValueError(f"no ONNX lowering for activation {activation!r}")

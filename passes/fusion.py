@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir.nodes import same_shape, val
+from ..ir.ops import QUICK_GELU_ALPHA
 from .base import Option, PassResult
 from .registry import register_pass
 from .rewrite import Match, Pattern, PatternError, RewritePass, RewriteResult, _all_args, is_constant, rewrite
@@ -43,13 +44,14 @@ ACTIVATION_FORMS: dict[str, list[Callable]] = {
     "gelu_tanh": [lambda y: F.gelu(y, approximate="tanh"), _gelu_tanh_written_out],
     "silu": [F.silu],
     "relu": [torch.relu],
+    "quick_gelu": [lambda y: y * torch.sigmoid(1.702 * y)],  # CLIP's QuickGELUActivation
 }
 
 # An op each activation's forms contain, to skip the patterns of activations
 # a graph lacks (tracing a pattern costs about a second).
 _ACTIVATION_OPS = {
     "gelu": {aten.gelu.default}, "gelu_tanh": {aten.gelu.default, aten.tanh.default},
-    "silu": {aten.silu.default}, "relu": {aten.relu.default},
+    "silu": {aten.silu.default}, "relu": {aten.relu.default}, "quick_gelu": {aten.sigmoid.default},
 }
 
 # Linear-like ops that fuse with an activation, float and quantized. Each
@@ -182,7 +184,8 @@ class FuseLinearAct(RewritePass):
 
     Matches ``act(L(x, W, b))`` (bias optional, ``W`` a constant) for act in
     GELU (exact), GELU-tanh (``gelu(approximate="tanh")`` or written out as
-    transformers' ``gelu_new``), SiLU and ReLU, and L one of ``aten.linear``,
+    transformers' ``gelu_new``), SiLU, ReLU and QuickGELU (CLIP's ``y * sigmoid(1.702 y)``),
+    and L one of ``aten.linear``,
     ``fxopt.linear_nbits`` (weight-only 4/8 bits, with or without zero points),
     ``fxopt.linear_dynamic_int8`` and ``fxopt.linear_dynamic_int8_per_token``
     (W8A8).
@@ -220,6 +223,7 @@ _ATEN_ACTIVATION = {  # the op each activation's first form in ACTIVATION_FORMS 
     "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),
     "silu": (aten.silu.default, {}),
     "relu": (aten.relu.default, {}),
+    "quick_gelu": None,  # y * sigmoid(1.702 * y): three ops, built in _split_build
 }
 
 
@@ -228,6 +232,9 @@ def _split_build(act: str, bias: bool) -> Callable:
         fused = m.anchor
         y = graph.fx.call_function(aten.linear.default, (m["x"], m["w"], m["b"] if bias else None))
         y.meta.update({k: fused.meta[k] for k in _LAYER_META if k in fused.meta})
+        if act == "quick_gelu":
+            scaled = graph.fx.call_function(aten.mul.Tensor, (y, QUICK_GELU_ALPHA))
+            return graph.fx.call_function(aten.mul.Tensor, (y, graph.fx.call_function(aten.sigmoid.default, (scaled,))))
         target, kwargs = _ATEN_ACTIVATION[act]
         return graph.fx.call_function(target, (y,), dict(kwargs))
 

@@ -122,6 +122,39 @@ def test_linear_act_honours_its_activation_list_and_rejects_unknown_names():
         FuseLinearAct(activations=("tanh",))
 
 
+class SigmoidGatedMLP(torch.nn.Module):
+    """``h * sigmoid(alpha * h)`` after a linear: CLIP's QuickGELU at alpha = 1.702."""
+
+    def __init__(self, alpha):
+        super().__init__()
+        self.alpha, self.up, self.down = alpha, torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(h * torch.sigmoid(self.alpha * h))
+
+
+def test_quick_gelu_fuses_with_its_linear_on_both_backends_and_quantized():
+    torch.manual_seed(0)
+    model, x = SigmoidGatedMLP(1.702).eval(), torch.randn(3, 16)
+    graph = traced(model, x)
+    fused = PassManager("fuse-linear-act").run(graph)
+    assert rewritten_counts(fused.records[0].stats) == {"linear+quick_gelu": 1}
+    (node,) = [n for n in fused.graph.fx.nodes if n.target == fx_ops.linear_act.default]
+    assert node.args[3] == "quick_gelu" and count(fused.graph, aten.sigmoid.default) == 0
+    assert "QuickGelu" in assert_parity_on_both_backends(model, fused.graph, [(x,)])
+    # quantize splits the fused op, quantizes the linear and fuses it again
+    quantized = PassManager("quantize(mode=dynamic,act_granularity=tensor,min_size=0)").run(fused.graph).graph
+    assert count(quantized, fx_ops.linear_dynamic_int8_act.default) == 1
+    assert "QuickGelu" in assert_parity_on_both_backends(model, quantized, [(x,)], tol=0.05)
+
+
+def test_a_sigmoid_gate_with_another_slope_is_not_quick_gelu():
+    graph = traced(SigmoidGatedMLP(1.5), torch.randn(3, 16))
+    result = PassManager("fuse-linear-act").run(graph)
+    assert result.records[0].stats["rewritten"] == 0 and count(result.graph, aten.sigmoid.default) == 1
+
+
 # --- near-misses ------------------------------------------------------------------------
 
 def traced(module, *inputs):
