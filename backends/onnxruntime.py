@@ -38,6 +38,11 @@ def _quiet_exporter():
 _STRIDE_CHANGING = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.t.default}
 
 
+def _views_a_transpose(node: torch.fx.Node) -> bool:
+    return (node.target == torch.ops.aten.view.default and isinstance(node.args[0], torch.fx.Node)
+            and node.args[0].target in _STRIDE_CHANGING)
+
+
 def _contiguous_before_views(graph: Graph) -> Graph:
     """A copy of ``graph`` with a contiguous ``aten.clone`` between each
     transpose / permute and an ``aten.view`` of its result.
@@ -48,19 +53,15 @@ def _contiguous_before_views(graph: Graph) -> Graph:
     output after a transpose, valid for the CPU kernel's [B, S, H, D] layout),
     and the decomposed SDPA's contiguous output cannot be viewed that way;
     plain ``torch.onnx.export`` fails on such models."""
-    risky = [n for n in graph.fx.nodes if n.target == torch.ops.aten.view.default
-             and isinstance(n.args[0], torch.fx.Node) and n.args[0].target in _STRIDE_CHANGING]
-    if not risky:
+    if not any(_views_a_transpose(n) for n in graph.fx.nodes):
         return graph
     graph = graph.copy()
-    for node in list(graph.fx.nodes):
-        if node.target == torch.ops.aten.view.default and isinstance(node.args[0], torch.fx.Node) \
-                and node.args[0].target in _STRIDE_CHANGING:
-            with graph.fx.inserting_before(node):
-                clone = graph.fx.call_function(torch.ops.aten.clone.default, (node.args[0],),
-                                               {"memory_format": torch.contiguous_format})
-            clone.meta = dict(node.args[0].meta)
-            node.replace_input_with(node.args[0], clone)
+    for node in [n for n in graph.fx.nodes if _views_a_transpose(n)]:
+        with graph.fx.inserting_before(node):
+            clone = graph.fx.call_function(torch.ops.aten.clone.default, (node.args[0],),
+                                           {"memory_format": torch.contiguous_format})
+        clone.meta = dict(node.args[0].meta)
+        node.replace_input_with(node.args[0], clone)
     graph.recompile()
     return graph
 

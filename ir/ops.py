@@ -118,15 +118,16 @@ def onnx_translation_table(disable: tuple[str, ...] | list[str] = ()) -> dict[to
 # --------------------------------------------------------------------------
 # linear + bias + activation
 
+QUICK_GELU_ALPHA = 1.702  # CLIP's QuickGELU: t * sigmoid(1.702 t)
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "none": lambda t: t,
     "relu": torch.relu,
     "gelu": F.gelu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "silu": F.silu,
-    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # CLIP's QuickGELU
+    "quick_gelu": lambda t: t * torch.sigmoid(QUICK_GELU_ALPHA * t),
 }
-QUICK_GELU_ALPHA = 1.702
 
 
 def _linear_act_fake(x, weight, bias, activation):

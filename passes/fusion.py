@@ -44,7 +44,7 @@ ACTIVATION_FORMS: dict[str, list[Callable]] = {
     "gelu_tanh": [lambda y: F.gelu(y, approximate="tanh"), _gelu_tanh_written_out],
     "silu": [F.silu],
     "relu": [torch.relu],
-    "quick_gelu": [lambda y: y * torch.sigmoid(1.702 * y)],  # CLIP's QuickGELUActivation
+    "quick_gelu": [lambda y: y * torch.sigmoid(QUICK_GELU_ALPHA * y)],  # CLIP's QuickGELUActivation
 }
 
 # An op each activation's forms contain, to skip the patterns of activations
