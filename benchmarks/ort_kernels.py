@@ -80,24 +80,37 @@ GEMM_SHAPES = [(1, 768, 3072), (128, 768, 3072), (1376, 384, 1536)]  # rows x in
 
 
 def gemm_table():
-    """fp32 MatMul against the int8 form fxopt's per-tensor W8A8 lowers to
-    (DynamicQuantizeLinear + MatMulIntegerToFloat, weight codes within +-63)."""
+    """fp32 MatMul against the int8 forms ONNX Runtime offers: U8S8 (what
+    fxopt's per-tensor W8A8 lowers to: DynamicQuantizeLinear +
+    MatMulIntegerToFloat, weight codes within +-63), U8U8 (uint8 weights with
+    zero point 128: per-token W8A8's kernel) and 8-bit MatMulNBits (block 128,
+    accuracy level 4: int8 compute)."""
     rng = np.random.default_rng(0)
     n = helper.make_node
-    print("\nGEMM (weight constant, prepacked by ONNX Runtime)\n")
-    print("| rows x in x out | fp32 MatMul (us) | GMAC/s | DynamicQuantizeLinear + MatMulIntegerToFloat (us) | GMAC/s |")
+    print("\nGEMM (weight constant, prepacked by ONNX Runtime), us and GMAC/s\n")
+    print("| rows x in x out | fp32 MatMul | U8S8 MatMulIntegerToFloat | U8U8 MatMulIntegerToFloat | MatMulNBits 8-bit b128 |")
     print("|---|---|---|---|---|")
     for m, k, nout in GEMM_SHAPES:
         w = numpy_helper.from_array(rng.standard_normal((k, nout)).astype(np.float32), "w")
         wq = numpy_helper.from_array(rng.integers(-63, 64, (k, nout)).astype(np.int8), "wq")
+        wu = numpy_helper.from_array(rng.integers(0, 256, (k, nout)).astype(np.uint8), "wu")
+        wz = numpy_helper.from_array(np.full(nout, 128, np.uint8), "wz")
         ws = numpy_helper.from_array(np.full(nout, 0.01, np.float32), "ws")
+        packed = numpy_helper.from_array(rng.integers(0, 256, (nout, k // 128, 128)).astype(np.uint8), "pb")
+        nb_scales = numpy_helper.from_array(np.full(nout * (k // 128), 0.01, np.float32), "sc")
+        quantize = n("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])
         feed = {"x": rng.standard_normal((1, m, k)).astype(np.float32)}
-        fp32 = _time_us(_session([n("MatMul", ["x", "w"], ["y"])], ["x"], [w]), feed)
-        int8 = _time_us(_session([n("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
-                                  n("MatMulIntegerToFloat", ["q", "wq", "s", "ws", "z"], ["y"], domain="com.microsoft")],
-                                 ["x"], [wq, ws]), feed)
+        times = [
+            _time_us(_session([n("MatMul", ["x", "w"], ["y"])], ["x"], [w]), feed),
+            _time_us(_session([quantize, n("MatMulIntegerToFloat", ["q", "wq", "s", "ws", "z"], ["y"], domain="com.microsoft")],
+                              ["x"], [wq, ws]), feed),
+            _time_us(_session([quantize, n("MatMulIntegerToFloat", ["q", "wu", "s", "ws", "z", "wz"], ["y"], domain="com.microsoft")],
+                              ["x"], [wu, ws, wz]), feed),
+            _time_us(_session([n("MatMulNBits", ["x", "pb", "sc"], ["y"], domain="com.microsoft", K=k, N=nout, bits=8,
+                                 block_size=128, accuracy_level=4)], ["x"], [packed, nb_scales]), feed),
+        ]
         macs = m * k * nout / 1e3  # per us -> GMAC/s
-        print(f"| {m} x {k} x {nout} | {fp32:.0f} | {macs / fp32:.0f} | {int8:.0f} | {macs / int8:.0f} |")
+        print(f"| {m} x {k} x {nout} | " + " | ".join(f"{t:.0f} ({macs / t:.0f})" for t in times) + " |")
 
 
 def table(title, shapes, variants, inputs):
