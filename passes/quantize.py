@@ -108,6 +108,13 @@ def _call(graph, target, args, name: str) -> fx.Node:
     return node
 
 
+def _cast(graph, node: fx.Node, dtype: torch.dtype, name: str) -> fx.Node:
+    """``node.to(dtype)`` as torch.export writes it."""
+    cast = _call(graph, aten._to_copy.default, (node,), name)
+    cast.kwargs = {"dtype": dtype}
+    return cast
+
+
 def scaled_input(graph, layer: Layer, act_scale: torch.Tensor | None) -> fx.Node:
     """``x / act_scale`` (as a multiply by the reciprocal), or ``x``."""
     if act_scale is None:
@@ -124,8 +131,7 @@ def dequantized_weight(graph, layer: Layer, qt: QuantizedTensor) -> fx.Node:
     groups = qt.scale.shape[1]
     name = layer.name
     q = graph.add_constant(qt.q, f"{name}.qweight")
-    w = _call(graph, aten._to_copy.default, (q,), name)
-    w.kwargs = {"dtype": torch.float32}
+    w = _cast(graph, q, torch.float32, name)
     w = _call(graph, aten.view.default, (w, [n, groups, k // groups]), name)
     if qt.zero_point is not None:
         zp = graph.add_constant(qt.zero_point.to(torch.float32).unsqueeze(-1), f"{name}.zero_point")
@@ -134,8 +140,7 @@ def dequantized_weight(graph, layer: Layer, qt: QuantizedTensor) -> fx.Node:
     w = _call(graph, aten.mul.Tensor, (w, scale), name)
     w = _call(graph, aten.view.default, (w, [n, k]), name)
     if layer.weight.dtype != torch.float32:  # dequantized in float32, used in the layer's dtype
-        w = _call(graph, aten._to_copy.default, (w,), name)
-        w.kwargs = {"dtype": layer.weight.dtype}
+        w = _cast(graph, w, layer.weight.dtype, name)
     return w
 
 
@@ -548,16 +553,14 @@ class Quantize(Pass):
 
         q = graph.add_constant(qt.q, f"{name}.qweight")
         rows = _call(graph, aten.embedding.default, (q, ids), name)
-        rows = _call(graph, aten._to_copy.default, (rows,), name)
-        rows.kwargs = {"dtype": torch.float32}
+        rows = _cast(graph, rows, torch.float32, name)
         rows = _call(graph, aten.unflatten.int, (rows, -1, [groups, k // groups]), name)
         if qt.zero_point is not None:
             rows = _call(graph, aten.sub.Tensor, (rows, per_row(qt.zero_point, "zero_point")), name)
         rows = _call(graph, aten.mul.Tensor, (rows, per_row(qt.scale, "scale")), name)
         rows = _call(graph, aten.flatten.using_ints, (rows, -2, -1), name)
         if layer.weight.dtype != torch.float32:  # dequantized in float32, returned in the table's dtype
-            rows = _call(graph, aten._to_copy.default, (rows,), name)
-            rows.kwargs = {"dtype": layer.weight.dtype}
+            rows = _cast(graph, rows, layer.weight.dtype, name)
         return rows
 
     # -- guard ------------------------------------------------------------------------
