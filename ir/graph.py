@@ -11,12 +11,24 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """A cheap digest of a tensor's values: up to 64 evenly spaced elements.
+    Equal tensors share it; ``torch.equal`` settles the rest."""
+    flat = t.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 64)][:64]
+    return tuple(sample.tolist())
+
+
+# Prefixes torch.export gives the inputs it lifts from parameters, buffers and constants.
+_LIFTED_PREFIXES = ("p_", "b_", "c_")
 
 
 class Graph:
@@ -98,9 +110,15 @@ class Graph:
         """Register ``tensor`` as a buffer under a fresh name and return a
         ``get_attr`` node for it, placed before the first computing node."""
         base = "".join(c if c.isalnum() else "_" for c in name_hint).strip("_") or "const"
+        # torch.export names the input of attribute "w" "b_w" (p_ for parameters,
+        # c_ for constants), and the ONNX exporter drops one of two tensors when
+        # such an input name equals another attribute's name: avoid both ways.
+        taken = {n.replace(".", "_") for n in self.tensor_attributes()}
+        lifted = {p + n for n in taken for p in _LIFTED_PREFIXES}
         for i in itertools.count():
             name = base if i == 0 else f"{base}_{i}"
-            if not hasattr(self.module, name):
+            clash = name in lifted or any(p + name in taken for p in _LIFTED_PREFIXES)
+            if not hasattr(self.module, name) and not clash:
                 break
         self.module.register_buffer(name, tensor.detach(), persistent=True)
         first = next(n for n in self.fx.nodes if n.op != "placeholder")
@@ -118,6 +136,30 @@ class Graph:
             if isinstance(value, torch.Tensor) and not name.startswith("_"):
                 named.setdefault(name, value)
         return named
+
+    def merge_equal_constants(self, nodes: Iterable[fx.Node], firsts: dict | None = None) -> list[fx.Node]:
+        """Make the ``get_attr`` nodes among ``nodes`` whose tensors are equal
+        (dtype, shape and values) read the first of them; return the nodes
+        merged away. ``firsts`` carries the kept nodes from one call to the next.
+        Attributes left unread are for the pass manager to prune."""
+        firsts = {} if firsts is None else firsts
+        removed = []
+        for node in nodes:
+            t = self.constant(node)
+            if t is None:
+                continue
+            key = (t.dtype, tuple(t.shape), _fingerprint(t))
+            kept = firsts.setdefault(key, [])
+            same = next((f for f in kept if f is not node and torch.equal(self.constant(f), t)), None)
+            if same is None:
+                if node not in kept:
+                    kept.append(node)
+                continue
+            # get_attr nodes all sit before the first computing node, so ``same`` dominates every user.
+            node.replace_all_uses_with(same)
+            self.fx.erase_node(node)
+            removed.append(node)
+        return removed
 
     def prune_unreferenced_attributes(self) -> list[str]:
         """Delete tensor attributes no ``get_attr`` node reads; return their names."""

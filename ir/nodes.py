@@ -45,6 +45,18 @@ def is_pure(node: fx.Node) -> bool:
     return t is operator.getitem or callable(t)
 
 
+def module_path(node: fx.Node) -> str:
+    """The path of the innermost module that called ``node`` (torch.export's
+    ``nn_module_stack``, e.g. ``transformer.h.0.attn.c_attn``); the node's own
+    name for ops of the top-level module, which have no path."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        if path:
+            return path
+    return node.name
+
+
 def same_shape(a, b) -> bool:
     """True when two (possibly symbolic) shapes are provably equal."""
     if len(a) != len(b):

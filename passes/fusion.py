@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ir.nodes import same_shape, val
+from ..ir.nodes import module_path, same_shape, val
 from ..ir.ops import QUICK_GELU_ALPHA
 from .base import Option, PassResult
 from .registry import register_pass
@@ -296,7 +296,7 @@ def _merged_module_stack(linears: Sequence) -> dict:
     """The first linear's module stack, its innermost module renamed after all
     parts: ``a.b.q_proj`` + ``a.b.k_proj`` -> ``a.b.q_proj+k_proj``."""
     stacks = [l.meta.get("nn_module_stack") or {} for l in linears]
-    paths = [list(st.values())[-1][0] if st else l.name for st, l in zip(stacks, linears)]
+    paths = [module_path(l) for l in linears]
     prefix = paths[0].rpartition(".")[0]
     if all(p.rpartition(".")[0] == prefix for p in paths):
         merged = (prefix + "." if prefix else "") + "+".join(p.rpartition(".")[2] for p in paths)

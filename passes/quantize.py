@@ -27,6 +27,7 @@ A mode or method that needs calibration makes the pass require the
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from ..ir.nodes import module_path
 from ..ir.ops_quant import weight_to_uint8
 from ..ir.targets import target
 from ..ir.timing import median_ms
@@ -174,6 +176,10 @@ def _lower_dynamic(p: "Quantize", graph, layer: Layer, qt: QuantizedTensor, act_
     return _call(graph, torch.ops.fxopt.linear_dynamic_int8_per_token.default, (x, w, scale, rowsum, layer.bias), layer.name)
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _check_dynamic(cfg: LayerConfig) -> str | None:
     if cfg.bits != 8 or cfg.scheme != "sym" or cfg.granularity == "group":
         return (f"mode 'dynamic' runs int8 x int8 kernels: it needs bits=8, scheme='sym' and granularity "
@@ -269,9 +275,16 @@ class Quantize(Pass):
     * ``dynamic`` (W8A8, bits=8, sym, channel or tensor):
       ``act_granularity=token`` (default) ``fxopt.linear_dynamic_int8_per_token``
       (8-bit activation codes, a scale and zero point per row, computed at run
-      time); ``act_granularity=tensor`` ``fxopt.linear_dynamic_int8`` (7-bit
-      codes, one scale per call: fbgemm's fast eager kernel, far less accurate:
-      MiniLM mean/min embedding cosine 0.974/0.89 against 0.999/0.995 per token).
+      time); ``act_granularity=tensor`` ``fxopt.linear_dynamic_int8`` (8-bit
+      activation codes with one scale per call, weight codes within +-63 so the
+      non-VNNI u8 x s8 kernels cannot saturate: fbgemm eager, DynamicQuantizeLinear
+      + MatMulIntegerToFloat on ONNX Runtime; faster, less accurate: MiniLM
+      mean/min embedding cosine 0.992/0.971 against 0.999/0.995 per token).
+
+    Stats: per layer (a module called twice also reports ``name#2``) the error
+    (SQNR, relative) and ``bytes_saved``, the change in stored bytes that call
+    made; equal codes and scales (a weight read by several calls) are stored
+    once and counted in ``shared_constants``.
 
     Refuses (leaves float, counted in stats): weights that are not constants,
     layers outside ``include``/inside ``exclude``, smaller than ``min_size``
@@ -298,7 +311,7 @@ class Quantize(Pass):
                        help="per-layer options: ['regex:bits=8;group_size=32', ...]; the first matching entry wins")
     accuracy_level = Option(4, int, choices=(0, 1, 2, 3, 4), help="MatMulNBits accuracy level (4: int8 compute)")
     act_granularity = Option(None, str, choices=("token", "tensor"),
-                             help="mode=dynamic: activation scales per token (8-bit, default) or per tensor (7-bit, fbgemm on eager)")
+                             help="mode=dynamic: activation scales per token (8-bit, default) or per tensor (weight codes within +-63, fbgemm on eager)")
     guard = Option(False, help="time each quantized layer against float on guard_backend; keep float where it does not pay")
     guard_backend = Option("eager", str, choices=("eager", "onnxruntime"), help="the backend the guard times layers on")
     guard_tokens = Option(1, int, check=lambda v: None if v >= 1 else "must be >= 1", help="rows of the input the guard times with")
@@ -380,12 +393,7 @@ class Quantize(Pass):
     # -- selection --------------------------------------------------------------------
     @staticmethod
     def layer_name(node: fx.Node) -> str:
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            path = list(stack.values())[-1][0]
-            if path:
-                return path
-        return node.name
+        return module_path(node)
 
     def _candidates(self, graph) -> tuple[list[Layer], dict[str, int]]:
         skipped: dict[str, int] = {}
@@ -472,15 +480,21 @@ class Quantize(Pass):
         stats = self._collect_stats(graph, selected)
         per_layer: dict[str, dict] = {}
         bytes_saved = 0
+        self._constants_kept: dict = {}
+        self._constants_shared = 0
         for layer in selected:
             self.current_node = layer.node
             record = self._quantize_layer(graph, layer, stats.get(layer.name))
-            per_layer[layer.name] = record
+            # A module called more than once (shared layers) reports each call.
+            key = next(k for i in itertools.count(1) for k in [layer.name if i == 1 else f"{layer.name}#{i}"] if k not in per_layer)
+            per_layer[key] = record
             bytes_saved += record.get("bytes_saved", 0)
         self.current_node = None
         quantized = sum(1 for r in per_layer.values() if not r.get("kept_float"))
         kept = {n: r["kept_float"] for n, r in per_layer.items() if r.get("kept_float")}
         out = {"quantized": quantized, "skipped": skipped, "bytes_saved": bytes_saved, "layers": per_layer}
+        if self._constants_shared:
+            out["shared_constants"] = self._constants_shared
         if self.guard:
             out["kept_float_by_guard"] = kept
         sqnrs = [r["sqnr_db"] for r in per_layer.values() if not r.get("kept_float") and math.isfinite(r["sqnr_db"])]
@@ -507,6 +521,7 @@ class Quantize(Pass):
         }
         if cfg.mode == "dynamic" and layer.kind == "linear":
             record["act_granularity"] = cfg.act_granularity
+        attrs_before = {n for n in graph.fx.nodes if n.op == "get_attr"}
         with graph.fx.inserting_before(layer.node):
             if layer.kind == "embedding":
                 new = self._lower_embedding(graph, layer, qt)
@@ -523,8 +538,14 @@ class Quantize(Pass):
         new.meta["quantized_layer"] = layer.name
         layer.node.replace_all_uses_with(new)
         graph.fx.erase_node(layer.node)
-        before = layer.weight.numel() * layer.weight.element_size()
-        record["bytes_saved"] = before - qt.nbytes() if not layer.weight_node.users else 0
+        # A weight read by several linears (a layer called twice, a tied weight) is
+        # quantized once per call: keep one copy of equal codes and scales.
+        added = [n for n in graph.fx.nodes if n.op == "get_attr" and n not in attrs_before]
+        merged = graph.merge_equal_constants(added, self._constants_kept)
+        self._constants_shared += len(merged)
+        stored = sum(_nbytes(graph.constant(n)) for n in added if n not in merged)
+        freed = 0 if layer.weight_node.users else _nbytes(layer.weight)
+        record["bytes_saved"] = freed - stored  # what this call changed in the stored bytes
         if not layer.weight_node.users:
             graph.fx.erase_node(layer.weight_node)
         return record

@@ -83,6 +83,37 @@ def test_copy_is_independent_but_shares_constants():
     assert twin.get_attr("layers.0.weight") is graph.get_attr("layers.0.weight")
 
 
+def test_add_constant_avoids_names_torch_export_would_lift_onto_another():
+    # torch.export lifts attribute "w" as input "b_w": a new "b_w" (or, the other
+    # way round, a new "w" beside "b_w") would make two tensors share one name.
+    graph = fxopt.trace(model_spec("mlp").model, model_spec("mlp").example_inputs)
+    first = graph.add_constant(torch.zeros(2), "w")
+    second = graph.add_constant(torch.ones(2), "b_w")
+    third = graph.add_constant(torch.ones(3), "qweight")
+    fourth = graph.add_constant(torch.ones(3), "b_qweight")
+    assert first.target == "w" and second.target != "b_w"
+    assert third.target == "qweight" and fourth.target != "b_qweight"
+    later = graph.add_constant(torch.ones(2), "p_layers_0_weight")  # lifted name of parameter layers.0.weight
+    assert later.target != "p_layers_0_weight"
+
+
+def test_merge_equal_constants_keeps_one_of_equal_tensors():
+    graph = fxopt.trace(model_spec("mlp").model, model_spec("mlp").example_inputs)
+    a = graph.add_constant(torch.arange(6.0).reshape(2, 3), "a")
+    b = graph.add_constant(torch.arange(6.0).reshape(2, 3), "b")  # equal values, other storage
+    c = graph.add_constant(torch.arange(6.0).reshape(3, 2), "c")  # same values, other shape
+    d = graph.add_constant(torch.arange(6).reshape(2, 3), "d")  # other dtype
+    users = [graph.fx.call_function(torch.ops.aten.clone.default, (n,)) for n in (a, b, c, d)]
+    assert graph.merge_equal_constants([a, b, c, d]) == [b]
+    assert [u.args[0] for u in users] == [a, a, c, d]
+    assert b not in set(graph.fx.nodes)
+    # Kept nodes carry over to a later call.
+    kept: dict = {}
+    graph.merge_equal_constants([a], kept)
+    e = graph.add_constant(torch.arange(6.0).reshape(2, 3), "e")
+    assert graph.merge_equal_constants([e], kept) == [e]
+
+
 def test_save_and_load_roundtrip_with_an_fxopt_op(tmp_path):
     class M(torch.nn.Module):
         def __init__(self):

@@ -289,3 +289,61 @@ def test_include_one_layer_quantizes_only_that_layer():
     (node,) = [n for n in q.fx.nodes if n.target == FX_NBITS]
     assert node.meta["quantized_layer"] == "blocks.1.v"
     assert sum(1 for n in q.fx.nodes if n.target == aten.linear.default) == 12
+
+
+class SharedLayer(torch.nn.Module):
+    """One linear applied four times (ALBERT shares its layers this way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        for _ in range(4):
+            x = torch.tanh(self.a(x))
+        return x
+
+
+@pytest.mark.parametrize("options", [dict(mode="dynamic"), dict(bits=4, group_size=32), dict(bits=3, group_size=32)],
+                         ids=["w8a8", "int4", "int3-portable"])
+def test_a_layer_called_four_times_keeps_one_quantized_copy(options):
+    torch.manual_seed(0)
+    model, x = SharedLayer().eval(), torch.randn(2, 8, 64)
+    canon = fxopt.PassManager("canonicalize").run(fxopt.trace(model, (x,))).graph
+    result = fxopt.PassManager([Quantize(**options)]).run(canon)
+    record, q = result.records[-1], result.graph
+    assert list(record.stats["layers"]) == ["a", "a#2", "a#3", "a#4"]
+    # One copy of the codes and scales, read by all four calls (four copies of
+    # 4096 codes would hold more than half the float weight's 16 KiB).
+    assert record.stats["shared_constants"] > 0
+    assert record.param_bytes_after < 64 * 64 * 4 // 2
+    assert record.param_bytes_before - record.param_bytes_after == record.stats["bytes_saved"]
+    assert [r["bytes_saved"] < 0 for r in record.stats["layers"].values()] == [True, False, False, False]
+    expected = model(x)
+    for backend in ("eager", "onnxruntime"):
+        assert fxopt.compare(expected, fxopt.compile(q, backend)(x)).within(0.3 if options.get("bits", 8) < 8 else 0.03)
+
+
+class MergedTopLevelMatmuls(torch.nn.Module):
+    """Two top-level matmuls that merge-linears joins next to a linear named ``b``:
+    the merged layer's codes were once named ``qweight``, which torch.export
+    lifts as ``b_qweight``, the name of ``b``'s codes, and the ONNX file lost one."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = torch.nn.Linear(32, 32)
+        self.W = torch.nn.Parameter(torch.randn(32, 32) / 6)
+        self.V = torch.nn.Parameter(torch.randn(32, 32) / 6)
+
+    def forward(self, x):
+        return self.b(x) + x @ self.W + x @ self.V
+
+
+def test_merged_top_level_layers_are_named_and_export_beside_a_layer_named_b():
+    torch.manual_seed(0)
+    model, x = MergedTopLevelMatmuls().eval(), torch.randn(2, 4, 32)
+    pipeline = "canonicalize,merge-linears,quantize(mode=dynamic,act_granularity=tensor),dce"
+    result = fxopt.PassManager(pipeline).run(fxopt.trace(model, (x,)))
+    assert sorted(result.records[2].stats["layers"]) == ["b", "linear_default+linear_default_1"]
+    for backend in ("eager", "onnxruntime"):
+        assert fxopt.compare(model(x), fxopt.compile(result.graph, backend)(x)).within(0.03)
