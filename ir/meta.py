@@ -8,8 +8,11 @@ mode, so symbolic (dynamic) dimensions flow through new nodes too.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -38,6 +41,30 @@ class MetaError(RuntimeError):
         self.node = node
 
 
+@contextlib.contextmanager
+def shape_env_rollback(graph):
+    """Undo what the block taught the graph's ShapeEnv if it raises.
+
+    A graph and its copies share one ShapeEnv, so a pass that specializes a
+    dynamic dimension (evaluating a symbolic size as an int) changes the
+    shapes of the original graph too; a failed pipeline must not."""
+    env = fake_mode_of(graph).shape_env
+    if env is None:
+        yield
+        return
+    saved = (dict(env.replacements), dict(env.var_to_range), set(env.divisible), len(env.guards))
+    try:
+        yield
+    except BaseException:
+        env.replacements, env.var_to_range, env.divisible = dict(saved[0]), dict(saved[1]), set(saved[2])
+        del env.guards[saved[3]:]
+        # Invalidate the ShapeEnv's caches of simplified expressions.
+        env._replacements_version_counter += 1
+        env._version_counter += 1
+        env._prev_cache_key = env._get_key()
+        raise
+
+
 def propagate_meta(graph, *, recompute: bool = False) -> int:
     """Fill ``meta["val"]`` where it is missing (or everywhere, with
     ``recompute``); return how many nodes were filled."""
@@ -61,7 +88,10 @@ def propagate_meta(graph, *, recompute: bool = False) -> int:
             elif node.op == "call_function":
                 args = fx.node.map_arg(node.args, val)
                 kwargs = fx.node.map_arg(node.kwargs, val)
-                with mode, torch.no_grad():
+                # The Python dispatcher lets composite ops (aten.pad, ...) decompose
+                # on symbolic sizes; without it the fake kernel reads each size as an
+                # int and specializes the graph's dynamic dimensions.
+                with mode, torch.no_grad(), enable_python_dispatcher():
                     node.meta["val"] = node.target(*args, **kwargs)
             else:
                 raise RuntimeError(f"op kind {node.op!r} is not part of fxopt's IR")

@@ -20,6 +20,7 @@ import torch.fx
 import torch.utils._pytree
 
 from ..ir.graph import Graph
+from ..ir.meta import shape_env_rollback
 from ..ir.parity import compare
 from .base import Pass, PassContext, PassError, PassResult
 from .pipeline import FixedPoint, Item, PipelineError, format_pipeline, parse_pipeline
@@ -199,8 +200,9 @@ class PassManager:
             state.tolerance = self.tolerance
         records: list[PassRecord] = []
         warnings: list[str] = []
-        for item in self.items:
-            self._run_item(item, work, state, records, warnings)
+        with shape_env_rollback(graph):
+            for item in self.items:
+                self._run_item(item, work, state, records, warnings)
         return PipelineResult(work, str(self), records, warnings)
 
     def _run_item(self, item: Item, work: Graph, state: "_RunState", records, warnings) -> bool:

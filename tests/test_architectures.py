@@ -3,7 +3,9 @@ fusion pipeline and fused W8A8 run on each, on both backends, and match the
 original. Each brings a form the built-ins do not: T5 (RMSNorm without a mean,
 relative position bias, a view of SDPA's output that plain
 ``torch.onnx.export`` cannot decompose), OPT (scaled Q projection, ReLU MLP),
-Qwen2 (eager GQA attention with biased QKV), ViT (image patches, no tokens)."""
+Qwen2 (eager GQA attention with biased QKV), ViT (image patches, no tokens),
+MobileBERT (trigram embedding through ``aten.pad``, whose fake kernel once
+specialized the dynamic dimensions when shapes were recomputed)."""
 
 import collections
 
@@ -41,6 +43,13 @@ def qwen2_eager():
     return _hf(transformers.Qwen2ForCausalLM(cfg), 256, "qwen2", mask=False)
 
 
+def mobilebert():
+    cfg = transformers.MobileBertConfig(hidden_size=64, intermediate_size=64, embedding_size=32, intra_bottleneck_size=32,
+                                        true_hidden_size=32, num_feedforward_networks=2, max_position_embeddings=128, **SMALL)
+    cfg._attn_implementation = "eager"
+    return _hf(transformers.MobileBertModel(cfg), 256, "mobilebert", mask=True)
+
+
 def vit():
     cfg = transformers.ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  image_size=32, patch_size=8)
@@ -55,6 +64,7 @@ MODELS = {
     "opt": (opt, {"add_layer_norm": 1, "linear_act": 2}),
     "qwen2": (qwen2_eager, {"group_query_attention": 2, "add_rms_norm": 4}),
     "vit": (vit, {"add_layer_norm": 4, "linear_act": 2}),
+    "mobilebert": (mobilebert, {"linear_act": 4}),
 }
 
 

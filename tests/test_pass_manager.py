@@ -174,6 +174,28 @@ def test_failing_pass_names_pass_and_node_and_leaves_graph_untouched(graph):
     torch.testing.assert_close(graph(x), model_spec("mlp").model(x))
 
 
+@register_pass("specialize", registry=REG)
+class Specialize(Pass):
+    """Reads the batch dimension as an int: torch pins the dynamic size to the traced one."""
+
+    def run(self, graph):
+        int(graph.placeholders()[0].meta["val"].shape[0])
+        return PassResult(True)
+
+
+def test_a_pass_that_pins_a_dynamic_dimension_fails_and_the_graph_stays_dynamic():
+    spec = model_spec("tiny-gpt")
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    before = str(graph)
+    assert "s" in str(graph.placeholders()[0].meta["val"].shape[0])
+    with pytest.raises(PassError, match="pass 'specialize' failed: changed the model's outputs"):
+        PassManager("specialize", registry=REG).run(graph)
+    # The graph and its copies share one ShapeEnv: the pinned size is rolled back.
+    assert str(graph) == before
+    result = PassManager("dce", registry=REG).run(graph)
+    assert str(result.graph.placeholders()[0].meta["val"].shape[0]) == str(graph.placeholders()[0].meta["val"].shape[0])
+
+
 def test_verification_failure_after_a_pass_names_the_pass(graph):
     @register_pass("bad-op", registry=REG)
     class BadOp(Pass):
