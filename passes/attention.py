@@ -32,7 +32,9 @@ Produces ``scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scal
 ``is_causal=True`` is set only when the mask is *proved* causal from the graph:
 the mask's backward slice is evaluated symbolically (:class:`_IndexAlgebra`: index
 tensors as sympy expressions over the output position) and must reduce to
-"key position <= query position" with as many queries as keys. A padding mask,
+"key position <= query position" with as many queries as keys (a constant
+table, minGPT's ``tril(ones(N, N))`` sliced to the length, counts when it holds
+one value on and below the diagonal and another above). A padding mask,
 a mask read from an input, or a causal mask with a KV-cache offset (query ``i``
 at absolute position ``past + i``) stays an explicit ``attn_mask``.
 
@@ -357,7 +359,8 @@ class _IndexAlgebra:
 
     Models ``arange``, ``tril``/``triu``, unsqueeze/expand/view-to-same-size, ``slice``,
     ``index.Tensor``, ``diff``, ``cumsum`` of zeros, arithmetic, comparisons,
-    boolean logic, ``where``, casts and constants; anything else (a graph
+    boolean logic, ``where``, casts, scalar constants and two-valued triangular
+    tables (:meth:`_triangle`); anything else (a graph
     input, a data-dependent op) makes the mask opaque, so it is never called causal.
     """
 
@@ -401,6 +404,23 @@ class _IndexAlgebra:
                       key=lambda s: -int(s.name[1:]) * (1 if by > 0 else -1))
         return expr.xreplace({s: self.r(int(s.name[1:]) + by) for s in syms})
 
+    def _triangle(self, name: str, t: torch.Tensor):
+        """A constant mask table (minGPT / nanoGPT register ``tril(ones(N, N))``):
+        one value where column <= row and another elsewhere, as an expression."""
+        if t.dim() < 2 or any(size != 1 for size in t.shape[:-2]):
+            raise _Opaque(f"constant {name} is not a 2-D table")
+        table = t.reshape(t.shape[-2:])
+        lower = torch.ones(table.shape, dtype=torch.bool).tril()
+        on, off = table[lower].unique(), table[~lower].unique()
+        if on.numel() != 1 or off.numel() > 1:
+            raise _Opaque(f"constant {name} is not one value on and below the diagonal and one above")
+        keep = sympy.Le(self.r(0) - self.r(1), 0)
+        if off.numel() == 0:  # a single column
+            return self.value(on.item())
+        if t.dtype == torch.bool:
+            return keep if bool(on) and not bool(off) else (sympy.Not(keep) if bool(off) and not bool(on) else self.value(bool(on)))
+        return sympy.Piecewise((self.value(on.item()), keep), (self.value(off.item()), True))
+
     def _eval(self, n: fx.Node):
         if isinstance(val(n), torch.SymInt):
             return val(n).node.expr
@@ -408,7 +428,9 @@ class _IndexAlgebra:
             t = self.graph.constant(n)
             if t is not None and t.numel() == 1:
                 return self.value(t.reshape(()).item())
-            raise _Opaque(f"constant {n.name} is not a scalar")
+            if t is not None:
+                return self._triangle(n.name, t)
+            raise _Opaque(f"{n.name} is not a tensor constant")
         if n.op != "call_function":
             raise _Opaque(f"{n.op} {n.name}")
         t, args = n.target, n.args
@@ -433,7 +455,7 @@ class _IndexAlgebra:
         rel = {aten.le: sympy.Le, aten.lt: sympy.Lt, aten.ge: sympy.Ge, aten.gt: sympy.Gt, aten.eq: sympy.Eq, aten.ne: sympy.Ne}
         for packet, fn in rel.items():
             if t in (packet.Tensor, packet.Scalar):
-                return fn(A(0), A(1))
+                return _compare(fn, A(0), A(1))
         if t in (aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default, aten.mul.Tensor):
             return sympy.And(_as_bool(A(0)), _as_bool(A(1)))
         if t in (aten.__or__.Tensor, aten.bitwise_or.Tensor, aten.logical_or.default):
@@ -447,7 +469,7 @@ class _IndexAlgebra:
             x = A(0)
             dtype = val(n).dtype
             if dtype == torch.bool and not isinstance(x, sympy.logic.boolalg.Boolean):
-                return sympy.Ne(x, 0)
+                return _compare(sympy.Ne, x, 0)
             if dtype != torch.bool and isinstance(x, sympy.logic.boolalg.Boolean):
                 return sympy.Piecewise((1, x), (0, True))
             return x
@@ -523,6 +545,17 @@ class _IndexAlgebra:
                 return sympy.Integer(0)
             raise _Opaque("cumsum of a non-zero value")
         raise _Opaque(f"op {t} ({n.name})")
+
+
+def _compare(fn, a, b):
+    """``fn(a, b)``, taken inside a two-valued Piecewise with number pieces
+    compared to a number (``tril(ones) == 0`` is the condition's negation)."""
+    if isinstance(a, sympy.Piecewise) and len(a.args) == 2 and a.args[1][1] == sympy.true and sympy.sympify(b).is_number:
+        (x, cond), (y, _) = a.args
+        if x.is_number and y.is_number:
+            on, off = bool(fn(x, b)), bool(fn(y, b))
+            return cond if on and not off else sympy.Not(cond) if off and not on else sympy.sympify(on)
+    return fn(a, b)
 
 
 def _as_bool(e):

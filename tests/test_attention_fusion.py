@@ -101,6 +101,11 @@ class Attention(torch.nn.Module):
         self.mask, self.scale_on, self.heads, self.dim = mask, scale_on, heads, dim
         self.qkv = torch.nn.Linear(dim, 3 * dim)
         self.rel_bias = torch.nn.Embedding(9, heads)  # per-head bias by clamped relative distance (T5, MPNet)
+        # minGPT / nanoGPT keep the causal mask as a table and slice it to the length.
+        table = torch.ones(16, 16).tril(diagonal=1 if mask == "buffer+1" else 0)
+        if mask == "buffer-additive":
+            table = torch.zeros(16, 16).masked_fill(table == 0, float("-inf"))
+        self.register_buffer("table", table.view(1, 1, 16, 16))
 
     def forward(self, x, pad=None):
         b, s, d = x.shape
@@ -119,6 +124,10 @@ class Attention(torch.nn.Module):
         elif self.mask == "arange":
             pos = torch.arange(s, device=x.device)
             scores = scores + torch.where(pos[None, :] <= pos[:, None], 0.0, torch.finfo(x.dtype).min)
+        elif self.mask in ("buffer", "buffer+1"):
+            scores = scores.masked_fill(self.table[:, :, :s, :s] == 0, float("-inf"))
+        elif self.mask == "buffer-additive":
+            scores = scores + self.table[:, :, :s, :s]
         elif self.mask == "input":
             scores = scores + pad[:, None, None, :]
         elif self.mask == "bias+input":
@@ -146,18 +155,19 @@ def small(mask="tril", scale_on="scores"):
     return fxopt.models.ModelSpec(model, inputs, dyn, f"attention-{mask}", other)
 
 
-@pytest.mark.parametrize("mask", ["tril", "arange"])
-def test_causal_masks_written_two_ways_become_is_causal(mask):
+@pytest.mark.parametrize("mask", ["tril", "arange", "buffer", "buffer-additive"])
+def test_causal_masks_written_four_ways_become_is_causal(mask):
     spec = small(mask)
     graph, stats = fuse(spec)
     (node,) = sdpa_nodes(graph)
     assert stats["causal"] == 1 and node.kwargs["is_causal"] and node.kwargs["attn_mask"] is None
     assert node.kwargs["scale"] == pytest.approx(1 / math.sqrt(8))
-    assert_parity_on_backends(spec, graph, backends=("eager", "onnxruntime") if mask == "tril" else ("eager",))
+    assert_parity_on_backends(spec, graph, backends=("eager", "onnxruntime") if mask in ("tril", "buffer") else ("eager",))
 
 
-def test_tril_with_offset_is_not_made_causal():
-    spec = small("tril+1")
+@pytest.mark.parametrize("mask", ["tril+1", "buffer+1"])
+def test_tril_with_offset_is_not_made_causal(mask):
+    spec = small(mask)  # each query sees one future token
     graph, stats = fuse(spec)
     (node,) = sdpa_nodes(graph)
     assert stats["masked"] == 1 and not node.kwargs["is_causal"] and node.kwargs["attn_mask"] is not None
