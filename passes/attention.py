@@ -414,11 +414,11 @@ class _IndexAlgebra:
         on, off = table[lower].unique(), table[~lower].unique()
         if on.numel() != 1 or off.numel() > 1:
             raise _Opaque(f"constant {name} is not one value on and below the diagonal and one above")
-        keep = sympy.Le(self.r(0) - self.r(1), 0)
-        if off.numel() == 0:  # a single column
+        if off.numel() == 0 or on.item() == off.item():  # one value throughout
             return self.value(on.item())
+        keep = sympy.Le(self.r(0) - self.r(1), 0)  # column (key) <= row (query)
         if t.dtype == torch.bool:
-            return keep if bool(on) and not bool(off) else (sympy.Not(keep) if bool(off) and not bool(on) else self.value(bool(on)))
+            return keep if on.item() else sympy.Not(keep)
         return sympy.Piecewise((self.value(on.item()), keep), (self.value(off.item()), True))
 
     def _eval(self, n: fx.Node):
