@@ -8,7 +8,7 @@ inputs and one other shape.
     python benchmarks/architectures.py --sdpa opt qwen2  # transformers' default attention
 
 This checks correctness and coverage, not speed; tests/test_architectures.py
-runs four of these models in the test suite.
+runs five of these models in the test suite.
 """
 
 from __future__ import annotations
@@ -93,6 +93,27 @@ MODELS = {
     "clip-text": _config_model("CLIPTextConfig", "CLIPTextModel", "clip-text", True, hidden_size=64, intermediate_size=128,
                                max_position_embeddings=32, **LAYERS),
     "vit": _vit,
+    "gemma2": _config_model("Gemma2Config", "Gemma2ForCausalLM", "gemma2", False, num_key_value_heads=2, head_dim=16,
+                            attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=8, **DECODER),
+    "gemma3": _config_model("Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3", False, num_key_value_heads=2, head_dim=16,
+                            sliding_window=8, **DECODER),
+    "phi": _config_model("PhiConfig", "PhiForCausalLM", "phi", False, partial_rotary_factor=0.5, **DECODER),
+    "stablelm": _config_model("StableLmConfig", "StableLmForCausalLM", "stablelm", False, num_key_value_heads=2, **DECODER),
+    "cohere": _config_model("CohereConfig", "CohereForCausalLM", "cohere", False, num_key_value_heads=2, **DECODER),
+    "olmo": _config_model("OlmoConfig", "OlmoForCausalLM", "olmo", False, **DECODER),
+    "starcoder2": _config_model("Starcoder2Config", "Starcoder2ForCausalLM", "starcoder2", False, num_key_value_heads=2, **DECODER),
+    "granite": _config_model("GraniteConfig", "GraniteForCausalLM", "granite", False, num_key_value_heads=2,
+                             attention_multiplier=0.3, residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=4.0,
+                             **DECODER),
+    "xglm": _config_model("XGLMConfig", "XGLMForCausalLM", "xglm", False, d_model=64, ffn_dim=128, num_layers=2,
+                          attention_heads=4, vocab_size=256, max_position_embeddings=128, use_cache=False),
+    "mpt": _config_model("MptConfig", "MptForCausalLM", "mpt", False, d_model=64, n_heads=4, n_layers=2, vocab_size=256,
+                         max_seq_len=128, use_cache=False),
+    "electra": _config_model("ElectraConfig", "ElectraModel", "electra", True, hidden_size=64, intermediate_size=128,
+                             embedding_size=32, max_position_embeddings=128, **LAYERS),
+    "mobilebert": _config_model("MobileBertConfig", "MobileBertModel", "mobilebert", True, hidden_size=64,
+                                intermediate_size=64, embedding_size=32, intra_bottleneck_size=32, true_hidden_size=32,
+                                num_feedforward_networks=2, max_position_embeddings=128, **LAYERS),
 }
 
 
