@@ -27,7 +27,6 @@ A mode or method that needs calibration makes the pass require the
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from dataclasses import dataclass, replace
@@ -486,7 +485,10 @@ class Quantize(Pass):
             self.current_node = layer.node
             record = self._quantize_layer(graph, layer, stats.get(layer.name))
             # A module called more than once (shared layers) reports each call.
-            key = next(k for i in itertools.count(1) for k in [layer.name if i == 1 else f"{layer.name}#{i}"] if k not in per_layer)
+            key, calls = layer.name, 1
+            while key in per_layer:
+                calls += 1
+                key = f"{layer.name}#{calls}"
             per_layer[key] = record
             bytes_saved += record.get("bytes_saved", 0)
         self.current_node = None
