@@ -12,6 +12,7 @@ from . import smoothquant, quant_methods  # noqa: E402,F401
 from . import attention  # noqa: E402,F401
 from . import fusion  # noqa: E402,F401
 from . import attention_packed  # noqa: E402,F401
+from . import padding  # noqa: E402,F401
 
 __all__ = [
     "Pass", "Option", "OptionError", "PassResult", "PassError", "PassContext", "register_pass",

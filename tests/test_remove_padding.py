@@ -1,0 +1,147 @@
+"""remove-padding: an encoder's linears, norms and activations on its real
+tokens only; attention and outputs see the padded layout again."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from torch.export import Dim
+
+import fxopt
+from fxopt.models import SentenceEmbedder, bert, gpt2
+from fxopt.passes import PassManager, PipelineError
+
+fxopt_ops = torch.ops.fxopt
+FUSED = "canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,fuse-linear-act,fuse-norm"
+
+
+def padded_batch(lengths, seq, vocab=256, seed=0):
+    """Token ids with right padding: row i has lengths[i] real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (len(lengths), seq), generator=g)
+    mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def embedder():
+    """A tiny BERT + masked mean pooling (sentence-transformers' recipe)."""
+    model = SentenceEmbedder(bert("tiny", attn_implementation="eager").model).eval()
+    inputs = padded_batch([16, 9, 3], 16)
+    dyn = {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in inputs}
+    return model, inputs, dyn
+
+
+def optimize(model, inputs, dyn, pipeline):
+    graph = fxopt.trace(model, inputs, dynamic_shapes=dyn)
+    result = PassManager(pipeline).run(graph)
+    return result.graph, next(r.stats for r in result.records if r.name.startswith("remove-padding"))
+
+
+def count(graph, target):
+    return sum(1 for n in graph.fx.nodes if n.target == target)
+
+
+BATCHES = [padded_batch([16, 9, 3], 16), padded_batch([5, 1, 12, 7, 2], 12, seed=1), padded_batch([6, 6], 6, seed=2)]
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_sentence_embedder_runs_its_layers_on_real_tokens(backend):
+    model, inputs, dyn = embedder()
+    graph, stats = optimize(model, inputs, dyn, FUSED + ",remove-padding,dce")
+    # 2 layers x (merged QKV, attention output, FFN up + GELU, FFN down)
+    assert (stats["attention"], stats["linears"]) == (2, 8)
+    assert count(graph, fxopt_ops.padding_index.default) == 1
+    # padded again for attention's q, k, v (3 per layer) and for the pooling sum
+    assert stats["pad"] == 2 * 3 + 1 == count(graph, fxopt_ops.pad.default)
+    compiled = fxopt.compile(graph, backend)
+    for batch in BATCHES:  # other batch sizes, lengths and paddings, no padding at all
+        with torch.no_grad():
+            ref = model(**batch)
+        parity = fxopt.compare(ref, compiled(**batch))
+        assert parity.max_abs_err < 1e-5, (batch["attention_mask"].sum(1).tolist(), parity)
+
+
+def test_onnx_graph_gathers_and_scatters_rows(tmp_path):
+    model, inputs, dyn = embedder()
+    graph, _ = optimize(model, inputs, dyn, FUSED + ",remove-padding,pack-attention,dce")
+    path = fxopt.export_onnx(graph, tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("NonZero") == 1 and ops.count("ScatterND") == 7 and "Gather" in ops
+    # pack-attention refuses: its op would run the QKV GEMM on the padded rows
+    assert ops.count("MultiHeadAttention") == 2 and "Attention" not in ops
+
+
+def test_pack_attention_before_remove_padding_is_an_ordering_error():
+    with pytest.raises(PipelineError, match="'remove-padding' must run before 'pack-attention'"):
+        PassManager(FUSED + ",pack-attention,remove-padding").check()
+
+
+def test_hidden_state_output_keeps_its_padded_rows_by_default():
+    spec = bert("tiny", attn_implementation="eager")  # returns last_hidden_state [B, S, D]
+    graph, stats = optimize(spec.model, spec.example_inputs, spec.dynamic_shapes, FUSED + ",remove-padding")
+    assert "padded rows are read" in stats["reason"]
+    assert count(graph, fxopt_ops.pad.default) == 0
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_padded_outputs_zero_gives_zero_rows_and_exact_real_rows(backend):
+    spec = bert("tiny", attn_implementation="eager")
+    graph, stats = optimize(spec.model, spec.example_inputs, spec.dynamic_shapes,
+                            FUSED + ",remove-padding(padded_outputs=zero),dce")
+    assert stats["linears"] == 8
+    compiled = fxopt.compile(graph, backend)
+    for batch in BATCHES:
+        with torch.no_grad():
+            ref = spec.model(**batch).last_hidden_state
+        out = compiled(**batch)
+        out = out.last_hidden_state if hasattr(out, "last_hidden_state") else torch.as_tensor(out[0])
+        real = batch["attention_mask"].bool()
+        assert (out[~real] == 0).all()
+        assert (out[real] - ref[real]).abs().max() < 1e-5
+
+
+def test_pooling_by_position_keeps_everything_padded():
+    """BERT's pooler reads token 0 of every row: remove-padding cannot prove it real."""
+    import transformers
+
+    cfg = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=256, attn_implementation="eager")
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = transformers.BertModel(cfg).eval()
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    inputs = padded_batch([16, 9, 3], 16)
+    graph, stats = optimize(Pooled().eval(), inputs, {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in inputs},
+                            FUSED + ",remove-padding(padded_outputs=zero)")
+    assert "padded rows are read" in stats["reason"] and count(graph, fxopt_ops.unpad.default) == 0
+
+
+def test_decoder_without_key_padding_mask_is_refused():
+    spec = gpt2("tiny", attn_implementation="eager")
+    graph, stats = optimize(spec.model, spec.example_inputs, spec.dynamic_shapes, FUSED + ",remove-padding")
+    assert "key-padding" in stats["reason"]
+    assert count(graph, fxopt_ops.padding_index.default) == 0
+
+
+def test_per_tensor_activation_scales_keep_the_layers_padded_per_token_ones_do_not():
+    model, inputs, dyn = embedder()
+    per_tensor = FUSED + ",quantize(mode=dynamic,act_granularity=tensor),remove-padding"
+    _, stats = optimize(model, inputs, dyn, per_tensor)
+    assert "padded rows are read" in stats["reason"]  # the scale sees padded rows
+
+    per_token = FUSED + ",quantize(mode=dynamic,act_granularity=token)"
+    graph = fxopt.trace(model, inputs, dynamic_shapes=dyn)
+    quantized = PassManager(per_token).run(graph).graph
+    unpadded = PassManager(per_token + ",remove-padding,dce").run(graph)
+    stats = next(r.stats for r in unpadded.records if r.name == "remove-padding")
+    assert stats["linears"] == 8
+    for backend in ("eager", "onnxruntime"):
+        want, got = fxopt.compile(quantized, backend), fxopt.compile(unpadded.graph, backend)
+        for batch in BATCHES[:2]:
+            assert fxopt.compare(want(**batch), got(**batch)).max_abs_err < 1e-5, backend
