@@ -98,3 +98,48 @@ CALIBRATION = [
 ]
 
 assert len(EVAL) >= 48 and not set(EVAL) & set(CALIBRATION)
+
+# A throughput batch as a sentence-embedding service sees one: 32 texts of
+# mixed length (queries, titles, sentences, a few long passages), padded to the
+# longest, 43 tokens as in issue 4's "batch 32 x 43". Disjoint from the two
+# lists above.
+BATCH = [
+    "cheap flights to lisbon",
+    "How do I reset my router?",
+    "Best pizza near the station",
+    "The meeting moved to Thursday afternoon.",
+    "Refund policy for damaged items",
+    "She won the regional chess tournament again this year.",
+    "Symptoms of vitamin D deficiency in adults",
+    "The library extends its opening hours during the exam period.",
+    "Why is the sky blue?",
+    "Install the package, then restart the service before running the migration script.",
+    "A gentle introduction to graph neural networks",
+    "The bakery on the corner sells sourdough bread every morning except Sundays.",
+    "Our quarterly report shows steady growth in subscriptions across every region, while hardware sales "
+    "declined slightly because of supply problems in the second half of the year, which the board expects "
+    "to ease by early next spring.",
+    "python list comprehension examples",
+    "The hikers reached the summit just before the storm rolled in over the ridge.",
+    "Tickets for the concert sold out within minutes.",
+    "Attention layers let every token look at every other token, which is why their cost grows "
+    "with the square of the sequence length.",
+    "Return the book by Friday.",
+    "Cats sleep up to sixteen hours a day.",
+    "The city council approved a new bike lane along the river, connecting the university campus "
+    "with the central train station.",
+    "How long should I boil an egg?",
+    "Fresh snow closed two mountain passes overnight.",
+    "Translate this paragraph into Spanish, please.",
+    "The museum's new wing houses a collection of early photographs and cameras.",
+    "Stock up on water before the heat wave.",
+    "Solar panels on the school roof now cover most of its electricity needs during the summer months.",
+    "weather tomorrow",
+    "The committee will publish its findings after reviewing all of the public comments it received.",
+    "Replace the filter every three months.",
+    "Two rescued owls were released back into the forest after months of care at the wildlife centre.",
+    "Is the pharmacy open on public holidays?",
+    "He repaired the old radio with parts from a flea market.",
+]
+
+assert len(BATCH) == 32 and not set(BATCH) & (set(EVAL) | set(CALIBRATION))
