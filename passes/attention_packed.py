@@ -238,13 +238,17 @@ def _describe_uncached(node, graph, seen) -> _Desc:
     raise Refuse(f"%{node.name} ({getattr(t, '__name__', t)}) is not part of a key-padding mask")
 
 
-def _key_padding_mask(mask: fx.Node, graph, batch, keys) -> tuple[fx.Node, float, bool]:
+def _key_padding_mask(mask: fx.Node, graph, batch, keys, *, boolean: bool = False) -> tuple[fx.Node, float, bool]:
     """``mask`` (an SDPA attn_mask) as ``(m, fill, sliced)`` where ``mask[b, h,
     q, k] == (0 if m[b, k] != 0 else fill)``, reading ``m[:batch, :keys]`` when
-    ``sliced``; raises :class:`Refuse` otherwise."""
+    ``sliced``; raises :class:`Refuse` otherwise. ``boolean``: a boolean mask
+    ``m[b, k] != 0`` is accepted too (fill -inf), for callers to whom a row
+    with every key masked does not matter (SDPA gives it NaN, the kernels 0)."""
     mv = val(mask)
     if mv.dtype == torch.bool:
-        raise Refuse("a boolean attn_mask (fully masked rows would differ)")
+        if not boolean:
+            raise Refuse("a boolean attn_mask (fully masked rows would differ)")
+        return _padding_source(_describe(mask, graph, {}), mask, batch, keys, -math.inf)
     if not _is(mask, {aten.where.ScalarOther, aten.where.Scalar, aten.where.self}):
         raise Refuse(f"attn_mask %{mask.name} is an arbitrary float mask, not where(padding, 0, fill)")
     cond, zero, fill = mask.args[:3]
@@ -259,7 +263,11 @@ def _key_padding_mask(mask: fx.Node, graph, batch, keys) -> tuple[fx.Node, float
 
     if number(zero) != 0.0 or number(fill) is None or not math.isfinite(number(fill)):
         raise Refuse(f"attn_mask %{mask.name} is not where(padding, 0, finite fill)")
-    d = _describe(cond, graph, {})
+    return _padding_source(_describe(cond, graph, {}), mask, batch, keys, number(fill))
+
+
+def _padding_source(d: _Desc, mask, batch, keys, fill: float) -> tuple[fx.Node, float, bool]:
+    """The 2-D input behind a described key-padding condition ``d``."""
     if d.kind != "pad" or len(d.dims) != 4 or d.dims[0] != "b" or d.dims[3] != "k" or "i" in d.dims:
         raise Refuse(f"attn_mask %{mask.name} is not a key-padding mask broadcast over heads and queries ({d.kind} {d.dims})")
     sv = val(d.src).shape
@@ -268,7 +276,7 @@ def _key_padding_mask(mask: fx.Node, graph, batch, keys) -> tuple[fx.Node, float
         raise Refuse(f"padding mask %{d.src.name} is read as {tuple(read)}, not [batch, keys] = [{batch}, {keys}]")
     # HF indexes the mask with arange(batch of input_ids), whose symbol may
     # differ from the mask's own batch symbol: that reads its first rows.
-    return d.src, number(fill), not same_shape(sv, (batch, keys))
+    return d.src, fill, not same_shape(sv, (batch, keys))
 
 
 def _constant_causal(graph, mask, q_len) -> bool:

@@ -262,10 +262,17 @@ class RemovePadding(Pass):
             attention, mask, lay = self._attention(graph)
         except Refuse as e:
             return PassResult(False, {"reason": str(e)})
+        self._readers: set[fx.Node] = set()  # ops that read padded rows of row-wise values
         region = self._region(graph, attention, mask, lay)
         if not any(n.target in _LINEARS for n in region):
-            return PassResult(False, {"reason": "no linear can run on the real tokens alone "
-                                                "(their padded rows are read: pooling by position, an output)",
+            readers = sorted(("output" if u.op == "output" else f"%{u.name} ({getattr(u.target, '__name__', u.target)})")
+                             for u in self._readers)
+            readers.sort(key=lambda r: r != "output")
+            return PassResult(False, {"reason": "no linear can run on the real tokens alone: their padded rows are read by ops "
+                                                "not known to be row-wise: "
+                                                + (", ".join(readers[:4]) or "nothing known")
+                                                + (" (padded_outputs=zero lets outputs' padded rows become 0)"
+                                                   if "output" in readers else ""),
                                       "attention": len(attention)})
         stats = self._rewrite(graph, region, mask, lay)
         stats["attention"] = len(attention)
@@ -284,7 +291,8 @@ class RemovePadding(Pass):
                         raise Refuse(f"%{node.name}: not a key-padding-masked, non-causal attention without dropout")
                     if not same_shape(qv.shape[2:3], kv.shape[2:3]):
                         raise Refuse(f"%{node.name}: queries and keys differ in length")
-                    m, fill, _sliced = _key_padding_mask(attn_mask, graph, kv.shape[0], kv.shape[2])
+                    # A boolean mask too: a row whose keys are all masked has no real query.
+                    m, fill, _sliced = _key_padding_mask(attn_mask, graph, kv.shape[0], kv.shape[2], boolean=True)
                     here = _Layout(qv.shape[0], qv.shape[2])
                 elif _is(node, {fxopt_ops.packed_attention.default}):
                     x, _w, _b, m, _heads, causal, _scale, fill = node.args[:8]
@@ -348,8 +356,11 @@ class RemovePadding(Pass):
                     region.update([n, *items])
                     unread.add(n)
                 continue
-            if all(ignores_padding(u, n) for u in users):
+            readers = [u for u in users if not ignores_padding(u, n)]
+            if not readers:
                 unread.add(n)
+            elif n in rules:  # what keeps it padded (attention only when its output is read in turn)
+                self._readers.update(u for u in readers if not (u in rules or _head_transpose(u) or u in attention))
             if n in rules and n.target is not operator.getitem and (n in unread or _zero_at_padding(n, mask, lay)):
                 region.add(n)
         return [n for n in nodes if n in region]
