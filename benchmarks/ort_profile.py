@@ -62,7 +62,7 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default="gpt2", choices=["gpt2", "gpt2-sdpa", "minilm", "llama", "bert"])
+    ap.add_argument("model", nargs="?", default="gpt2", choices=["gpt2", "gpt2-sdpa", "minilm", "minilm-padded", "llama", "bert"])
     ap.add_argument("--pipeline", help="fxopt pipeline to profile (default: the fusion benchmark's fused pipeline)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
