@@ -146,3 +146,18 @@ def test_per_tensor_activation_scales_keep_the_layers_padded_per_token_ones_do_n
         want, got = fxopt.compile(quantized, backend), fxopt.compile(unpadded.graph, backend)
         for batch in BATCHES[:2]:
             assert fxopt.compare(want(**batch), got(**batch)).max_abs_err < 1e-5, backend
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_static_shapes_with_the_mask_partly_constant_folded(attention):
+    """Traced without dynamic dims, constant-fold folds the mask's aranges and
+    its all-true part into constants; the padding proof reads through them."""
+    model, inputs, _ = embedder(attention)
+    graph, stats = optimize(model, inputs, None, FUSED + ",remove-padding,dce")
+    assert stats["linears"] == 8
+    compiled = {b: fxopt.compile(graph, b) for b in ("eager", "onnxruntime")}
+    for batch in (inputs, padded_batch([2, 16, 7], 16, seed=3)):  # same shape, other lengths
+        with torch.no_grad():
+            ref = model(**batch)
+        for backend, m in compiled.items():
+            assert fxopt.compare(ref, m(**batch)).max_abs_err < 1e-5, backend
