@@ -148,18 +148,22 @@ class _Desc:
     """What a mask-building value is, element by element.
 
     ``kind``: ``raw`` (the 2-D mask input's values), ``pad`` (``mask != 0``),
-    ``true`` (all true), ``ar`` (``arange(n)`` along one dim, values >= 0).
+    ``blocked`` (``mask == 0``), ``additive`` (0 where ``pad``, ``fill``
+    elsewhere), ``true`` (all true), ``ar`` (``arange(n)`` along one dim, values >= 0).
     ``dims``: per dim, ``b`` / ``k`` (indexes the mask's row / column), ``i``
     (the arange's own dim) or ``*`` (the value does not depend on it).
     """
 
-    def __init__(self, kind: str, dims: tuple, src: fx.Node | None = None, size=None, rows=None, cols=None):
-        self.kind, self.dims, self.src, self.size = kind, dims, src, size
+    def __init__(self, kind: str, dims: tuple, src: fx.Node | None = None, size=None, rows=None, cols=None, fill=None):
+        self.kind, self.dims, self.src, self.size, self.fill = kind, dims, src, size, fill
         # mask[arange(rows), arange(cols)] reads the first rows x cols of the mask
         self.rows, self.cols = rows, cols
 
     def with_dims(self, dims) -> "_Desc":
-        return _Desc(self.kind, tuple(dims), self.src, self.size, self.rows, self.cols)
+        return _Desc(self.kind, tuple(dims), self.src, self.size, self.rows, self.cols, self.fill)
+
+    def as_kind(self, kind: str) -> "_Desc":
+        return _Desc(kind, self.dims, self.src, self.size, self.rows, self.cols, self.fill)
 
 
 def _left_pad(dims: tuple, rank: int) -> tuple:
@@ -201,10 +205,18 @@ def _describe_uncached(node, graph, seen) -> _Desc:
         if src.kind == "ar" and not v.dtype.is_floating_point:
             return src
         raise Refuse(f"%{node.name} casts the mask to {v.dtype}")
-    if t == aten.ne.Scalar and a[1] == 0:
+    if t in (aten.ne.Scalar, aten.eq.Scalar) and a[1] == 0:
         src = _describe(a[0], graph, seen)
         if src.kind in ("raw", "pad"):
-            return _Desc("pad", src.dims, src.src, rows=src.rows, cols=src.cols)
+            return src.as_kind("pad" if t == aten.ne.Scalar else "blocked")
+    if t in (aten.logical_not.default, aten.bitwise_not.default):
+        src = _describe(a[0], graph, seen)
+        if src.kind in ("pad", "blocked"):
+            return src.as_kind("blocked" if src.kind == "pad" else "pad")
+    if t == aten.masked_fill.Scalar and _zeros(a[0], graph):  # zeros.masked_fill(mask == 0, fill)
+        cond = _describe(a[1], graph, seen)
+        if cond.kind == "blocked" and isinstance(a[2], (int, float)):
+            return _Desc("additive", _left_pad(cond.dims, v.dim()), cond.src, rows=cond.rows, cols=cond.cols, fill=float(a[2]))
     if t == aten.unsqueeze.default:
         src = _describe(a[0], graph, seen)
         dims = list(src.dims)
@@ -247,19 +259,36 @@ def _describe_uncached(node, graph, seen) -> _Desc:
     raise Refuse(f"%{node.name} ({getattr(t, '__name__', t)}) is not part of a key-padding mask")
 
 
-def _key_padding_mask(mask: fx.Node, graph, batch, keys, *, boolean: bool = False) -> tuple[fx.Node, float, bool]:
+def _zeros(node, graph) -> bool:
+    """A tensor of zeros: a constant, or zeros / new_zeros / zeros_like / full(0)."""
+    if _is(node, {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}):
+        return True
+    if _is(node, {aten.full.default}) and node.args[1] == 0:
+        return True
+    c = graph.constant(node) if isinstance(node, fx.Node) else None
+    return c is not None and not bool(c.any())
+
+
+def _key_padding_mask(mask: fx.Node, graph, batch, keys, *, fully_masked_ok: bool = False) -> tuple[fx.Node, float, bool]:
     """``mask`` (an SDPA attn_mask) as ``(m, fill, sliced)`` where ``mask[b, h,
     q, k] == (0 if m[b, k] != 0 else fill)``, reading ``m[:batch, :keys]`` when
-    ``sliced``; raises :class:`Refuse` otherwise. ``boolean``: a boolean mask
-    ``m[b, k] != 0`` is accepted too (fill -inf), for callers to whom a row
-    with every key masked does not matter (SDPA gives it NaN, the kernels 0)."""
+    ``sliced``; raises :class:`Refuse` otherwise. ``fully_masked_ok``: a
+    boolean mask ``m[b, k] != 0`` and a fill of -inf are accepted too, for
+    callers to whom a row with every key masked does not matter (SDPA gives
+    it NaN or the mean of the values, the kernels 0)."""
     mv = val(mask)
     if mv.dtype == torch.bool:
-        if not boolean:
+        if not fully_masked_ok:
             raise Refuse("a boolean attn_mask (fully masked rows would differ)")
         return _padding_source(_describe(mask, graph, {}), mask, batch, keys, -math.inf)
     if not _is(mask, {aten.where.ScalarOther, aten.where.Scalar, aten.where.self}):
-        raise Refuse(f"attn_mask %{mask.name} is an arbitrary float mask, not where(padding, 0, fill)")
+        try:
+            d = _describe(mask, graph, {})
+        except Refuse:
+            d = None
+        if d is None or d.kind != "additive" or math.isnan(d.fill) or (math.isinf(d.fill) and not fully_masked_ok):
+            raise Refuse(f"attn_mask %{mask.name} is an arbitrary float mask, not where(padding, 0, fill)")
+        return _padding_source(d.as_kind("pad"), mask, batch, keys, d.fill)
     cond, zero, fill = mask.args[:3]
 
     def number(x):

@@ -110,6 +110,9 @@ Builder = Callable[[fx.Graph, Callable], fx.Node]
 
 
 def _row_rule(node: fx.Node, lay: _Layout) -> Builder | None:
+    """How to compute ``node`` on ``[T, ...]`` rows, when its padded value is
+    row by row: each output row from the same input rows (and operands
+    constant over batch and sequence); None otherwise."""
     if node.op != "call_function" or not lay.padded(node):
         return None
     t = node.target
@@ -137,6 +140,8 @@ def _row_rule(node: fx.Node, lay: _Layout) -> Builder | None:
         d = _shift(a[1], rank)
         return None if d is None or not lay.padded(a[0], rank) else _same_op(node, {1: d})
     if t in _REDUCE:
+        if a[1] is None:  # over every dim
+            return None
         dims = a[1] if isinstance(a[1], (list, tuple)) else [a[1]]
         new = [_shift(d, val(a[0]).dim()) for d in dims] if dims else [None]
         if None in new or not lay.padded(a[0]):
@@ -292,7 +297,7 @@ class RemovePadding(Pass):
                     if not same_shape(qv.shape[2:3], kv.shape[2:3]):
                         raise Refuse(f"%{node.name}: queries and keys differ in length")
                     # A boolean mask too: a row whose keys are all masked has no real query.
-                    m, fill, _sliced = _key_padding_mask(attn_mask, graph, kv.shape[0], kv.shape[2], boolean=True)
+                    m, fill, _sliced = _key_padding_mask(attn_mask, graph, kv.shape[0], kv.shape[2], fully_masked_ok=True)
                     here = _Layout(qv.shape[0], qv.shape[2])
                 elif _is(node, {fxopt_ops.packed_attention.default}):
                     x, _w, _b, m, _heads, causal, _scale, fill = node.args[:8]
