@@ -190,11 +190,10 @@ def _describe_uncached(node, graph, seen) -> _Desc:
         c = graph.constant(node)
         if c is not None and c.dtype == torch.bool and bool(c.all()):
             return _Desc("true", ("*",) * c.dim())
-        long = [d for d, n in enumerate(c.shape)] if c is not None else []
-        long = [d for d in long if c.shape[d] > 1]
-        if c is not None and not c.dtype.is_floating_point and len(long) == 1 and bool(
-                (c.flatten() == torch.arange(c.numel(), dtype=c.dtype)).all()):
-            return _Desc("ar", tuple("i" if d == long[0] else "*" for d in range(c.dim())), size=c.shape[long[0]])
+        if c is not None and c.dtype in (torch.int32, torch.int64):
+            long = [d for d, n in enumerate(c.shape) if n > 1]
+            if len(long) == 1 and bool((c.flatten() == torch.arange(c.numel(), dtype=c.dtype)).all()):
+                return _Desc("ar", tuple("i" if d == long[0] else "*" for d in range(c.dim())), size=c.shape[long[0]])
     if node.op != "call_function":
         raise Refuse(f"mask reads %{node.name} ({node.op})")
     t, a = node.target, _args(node) if isinstance(node.target, torch._ops.OpOverload) else list(node.args)
