@@ -13,8 +13,10 @@ and produces ``fxopt.packed_attention(x, W, b, mask, N, causal, scale, fill)``
 (com.microsoft Attention: the QKV GEMM, the heads and attention in one kernel;
 no Split, Transpose or Reshape left around it). The attention must be causal
 (``is_causal``, GPT-2) or carry a *key-padding* mask (BERT, MiniLM): a mask
-proved, op by op, to be ``where(attention_mask[b, k] != 0, 0, fill)``
-broadcast over heads and queries, with ``attention_mask`` a 2-D graph value;
+proved, op by op, to be ``where(attention_mask[b, k] != 0, 0, fill)`` (or
+``zeros.masked_fill(attention_mask == 0, fill)``; aranges and all-true parts
+may be constants that constant-fold folded) broadcast over heads and queries,
+with ``attention_mask`` a 2-D graph value;
 ``fill`` is kept as the kernel's ``mask_filter_value``. A constant mask that is
 causal (static shapes, where constant-fold folded it) counts as ``is_causal``.
 

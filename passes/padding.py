@@ -1,8 +1,9 @@
 """``remove-padding``: an encoder's token-wise work done on its real tokens only.
 
 A batch of sentences is padded to its longest one, and every linear, norm and
-activation of an encoder computes the padded rows too (at batch 32 with
-lengths from 8 to 43 tokens, over half of the rows). Attention is the only op
+activation of an encoder computes the padded rows too (69% of the rows in
+``benchmarks/fusion.py``'s batch of 32 texts of 4 to 43 tokens: MiniLM on
+ONNX Runtime 0.87 -> 0.38 of eager fp32 with this pass). Attention is the only op
 that mixes tokens, and a key-padding mask already keeps padded keys out of it.
 The same idea as ONNX Runtime's packing mode (CUDA only) and PyTorch's
 nested-tensor fast path of ``nn.TransformerEncoder``, here on the graph.
@@ -10,6 +11,7 @@ nested-tensor fast path of ``nn.TransformerEncoder``, here on the graph.
 Matches: self-attentions under one key-padding mask ``m`` — ``scaled_dot_product_attention``
 (``fuse-attention``'s output) or ``fxopt.packed_attention`` whose mask is proved,
 op by op as ``pack-attention`` proves it, to be ``where(m[b, k] != 0, 0, fill)``
+(or ``zeros.masked_fill(m == 0, fill)``, or the boolean ``m != 0``)
 with ``m`` a 2-D graph input — and around them the *token-wise region*: every
 op whose ``[B, S, ...]`` value is computed row by row (pointwise ops with
 operands broadcast over rows, linears, norms, softmax and reductions over
