@@ -218,6 +218,8 @@ def _describe_uncached(node, graph, seen) -> _Desc:
         cond = _describe(a[1], graph, seen)
         if cond.kind == "blocked" and isinstance(a[2], (int, float)):
             return _Desc("additive", _left_pad(cond.dims, v.dim()), cond.src, rows=cond.rows, cols=cond.cols, fill=float(a[2]))
+    if t == aten.slice.Tensor and a[2] in (None, 0) and a[4] == 1 and same_shape(val(a[0]).shape, v.shape):
+        return _describe(a[0], graph, seen)  # x[:, None, None, :] keeps whole-dim slices
     if t == aten.unsqueeze.default:
         src = _describe(a[0], graph, seen)
         dims = list(src.dims)

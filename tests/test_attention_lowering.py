@@ -221,3 +221,33 @@ def test_packed_attention_kernel_matches_the_composition(causal):
     torch.testing.assert_close(out, ref)
     with pytest.raises(ValueError, match="num_heads"):
         torch.ops.fxopt.packed_attention(x, w, b, None, 5, causal, 0.3, -1e9)
+
+
+class MaskedFillBlock(torch.nn.Module):
+    """Attention with the padding bias written ``zeros.masked_fill(mask == 0, fill)``."""
+
+    def __init__(self, fill: float, heads: int = 2, dim: int = 16):
+        super().__init__()
+        self.fill, self.heads, self.qkv = fill, heads, torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, attention_mask):
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
+        bias = torch.zeros(attention_mask.shape, dtype=x.dtype).masked_fill(attention_mask == 0, self.fill)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :]).transpose(1, 2).reshape(b, s, d)
+
+
+@pytest.mark.parametrize("fill", [-1e9, float("-inf")])
+def test_masked_fill_padding_bias_is_a_key_padding_mask(fill):
+    torch.manual_seed(0)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    other = torch.tensor([[1] * 9, [1] * 2 + [0] * 7, [1] * 5 + [0] * 4])
+    dyn = ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, {0: Dim.DYNAMIC, 1: Dim.DYNAMIC})
+    spec = ModelSpec(MaskedFillBlock(fill).eval(), (torch.randn(2, 6, 16), mask), dyn, "masked-fill",
+                     [(torch.randn(3, 9, 16), other)])
+    graph, stats = pack(spec)
+    if fill == float("-inf"):  # the kernel's mask_filter_value must be finite
+        assert stats["packed"] == 0 and "arbitrary float mask" in next(iter(stats["refused"].values()))
+    else:
+        assert (stats["packed"], stats["masked"], count(graph, SDPA)) == (1, 1, 0)
+    assert_parity(spec, graph)
