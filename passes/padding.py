@@ -75,8 +75,10 @@ _ROW_LINEAR = {
 _UNARY = {aten._to_copy.default, aten.to.dtype, aten.alias.default, aten.detach.default,
           aten.contiguous.default, aten.dropout.default}
 _SOFTMAX = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default}
-_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction}
+_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+           aten.var.dim, aten.var.correction, aten.std.dim, aten.std.correction}
 _SPLIT = {aten.split.Tensor, aten.split_with_sizes.default}
+_EMBEDDINGS = {aten.embedding.default, fxopt_ops.embedding_nbits.default}
 _MIN_FILL = -1e4  # exp(-1e4) is 0 in float32: blocked keys weigh exactly 0
 
 
@@ -119,7 +121,7 @@ def _row_rule(node: fx.Node, lay: _Layout) -> Builder | None:
         return None
     t = node.target
     if t is operator.getitem:
-        return lambda g, f: g.call_function(operator.getitem, (f(node.args[0]), node.args[1]))
+        return _same_op(node, rows=[node.args[0]])
     if not isinstance(t, torch._ops.OpOverload):
         return None
     a = call_args(node)
@@ -129,18 +131,18 @@ def _row_rule(node: fx.Node, lay: _Layout) -> Builder | None:
         rows = a[:_ROW_LINEAR[t]]
         if rank < 3 or not all(lay.padded(x, rank) for x in rows) or any(lay.padded(x) for x in a[len(rows):]):
             return None
-        return _same_op(node)
+        return _same_op(node, rows=rows)
     if t == aten.layer_norm.default:
         if rank < 3 or not lay.padded(a[0], rank) or len(a[1]) > rank - 2 or any(lay.padded(x) for x in a[2:4]):
             return None
-        return _same_op(node)
+        return _same_op(node, rows=[a[0]])
     if t in _UNARY:
-        return _same_op(node) if lay.padded(a[0], rank) and (t != aten.dropout.default or not a[2]) else None
+        return _same_op(node, rows=[a[0]]) if lay.padded(a[0], rank) and (t != aten.dropout.default or not a[2]) else None
     if torch.Tag.pointwise in t.tags:
         return _pointwise(node, a, rank, lay)
     if t in _SOFTMAX:
         d = _shift(a[1], rank)
-        return None if d is None or not lay.padded(a[0], rank) else _same_op(node, {1: d})
+        return None if d is None or not lay.padded(a[0], rank) else _same_op(node, {1: d}, rows=[a[0]])
     if t in _REDUCE:
         if a[1] is None:  # over every dim
             return None
@@ -148,43 +150,46 @@ def _row_rule(node: fx.Node, lay: _Layout) -> Builder | None:
         new = [_shift(d, val(a[0]).dim()) for d in dims] if dims else [None]
         if None in new or not lay.padded(a[0]):
             return None
-        return _same_op(node, {1: new if isinstance(a[1], (list, tuple)) else new[0]})
+        return _same_op(node, {1: new if isinstance(a[1], (list, tuple)) else new[0]}, rows=[a[0]])
     if t in _VIEWS:
         rest = list(out.shape[2:])
         if not lay.padded(a[0]) or not all(isinstance(d, int) for d in rest):
             return None
-        return _same_op(node, {1: [-1, *rest]})
+        return _same_op(node, {1: [-1, *rest]}, rows=[a[0]])
     if t in _SPLIT:
         d = _shift(a[2], val(a[0]).dim())
-        return None if d is None or not lay.padded(a[0]) else _same_op(node, {2: d})
+        return None if d is None or not lay.padded(a[0]) else _same_op(node, {2: d}, rows=[a[0]])
     if t == aten.transpose.int:
         d0, d1 = _shift(a[1], rank), _shift(a[2], rank)
-        return None if d0 is None or d1 is None or not lay.padded(a[0]) else _same_op(node, {1: d0, 2: d1})
+        return None if d0 is None or d1 is None or not lay.padded(a[0]) else _same_op(node, {1: d0, 2: d1}, rows=[a[0]])
     if t == aten.permute.default:
         dims = [_dim(d, rank) for d in a[1]]
         if dims[:2] != [0, 1] or not lay.padded(a[0]):
             return None
-        return _same_op(node, {1: [0, *(d - 1 for d in dims[2:])]})
+        return _same_op(node, {1: [0, *(d - 1 for d in dims[2:])]}, rows=[a[0]])
     if t == aten.unsqueeze.default:
         d = _shift(a[1], rank)
-        return None if d is None or not lay.padded(a[0]) else _same_op(node, {1: d})
+        return None if d is None or not lay.padded(a[0]) else _same_op(node, {1: d}, rows=[a[0]])
     return None
 
 
-def _same_op(node, changes: dict | None = None) -> Builder:
-    """The op itself on the rows: padded operands replaced by their row form,
-    and the schema arguments at the positions in ``changes`` (dims, shapes)
-    replaced by the given values."""
+def _same_op(node, changes: dict | None = None, *, rows) -> Builder:
+    """The op itself on the rows: the operands in ``rows`` replaced by their
+    row form (through the builder's ``f``), and the schema arguments at the
+    positions in ``changes`` (dims, shapes) replaced by the given values.
+    ``build.rows`` lists the row operands."""
     args, kwargs = list(node.args), dict(node.kwargs)
-    schema = node.target._schema.arguments
     for i, v in (changes or {}).items():
         if i < len(args):
             args[i] = v
         else:
-            kwargs[schema[i].name] = v
+            kwargs[node.target._schema.arguments[i].name] = v
 
     def build(g: fx.Graph, f: Callable) -> fx.Node:
-        return g.call_function(node.target, tuple(fx.node.map_arg(args, f)), fx.node.map_arg(kwargs, f))
+        def row(x):
+            return f(x) if x in build.rows else x
+        return g.call_function(node.target, tuple(fx.node.map_arg(args, row)), fx.node.map_arg(kwargs, row))
+    build.rows = list(rows)
     return build
 
 
@@ -202,13 +207,14 @@ def _pointwise(node, args, rank, lay: _Layout) -> Builder | None:
             return None
         if len(shape) == rank:
             squeeze.append(x)
-    if not any(lay.padded(x, rank) for x in args):
+    rows = [x for x in args if isinstance(x, fx.Node) and lay.padded(x, rank)]
+    if not rows:
         return None
-
-    same = _same_op(node)
+    same = _same_op(node, rows=rows + squeeze)
 
     def build(g: fx.Graph, f: Callable) -> fx.Node:
         return same(g, lambda x: g.call_function(aten.squeeze.dim, (x, 0)) if x in squeeze else f(x))
+    build.rows = rows
     return build
 
 
@@ -217,7 +223,10 @@ def _zero_at_padding(node: fx.Node, mask: fx.Node, lay: _Layout) -> bool:
     and trailing unsqueezes: 0 on every padded row (``x`` finite)."""
     if not _is(node, {aten.mul.Tensor}):
         return False
+    rank = val(node).dim()
     for c in node.args[:2]:
+        if not lay.padded(c, rank):  # mask rows, not the mask broadcast along another dim
+            continue
         while isinstance(c, fx.Node) and c is not mask:
             if _is(c, _TO) or (_is(c, {aten.ne.Scalar, aten.gt.Scalar}) and c.args[1] == 0):
                 c = c.args[0]
@@ -331,7 +340,8 @@ class RemovePadding(Pass):
         a region op whose own padded rows are unread); a row-wise node joins the
         region when its padded rows are unread or zero anyway."""
         nodes = list(graph.fx.nodes)
-        rules = {n: r for n in nodes if (r := _row_rule(n, lay)) is not None}
+        moved = self._moved(nodes, attention, lay)
+        rules = {n: r for n in nodes if n not in moved and (r := _row_rule(n, lay)) is not None}
         region: set[fx.Node] = set()
         unread: set[fx.Node] = set()
         dead = _dead_nodes(graph)  # e.g. the scores matmul fuse-attention left for dce
@@ -346,7 +356,7 @@ class RemovePadding(Pass):
                 return True
             if _head_transpose(user) and lay.padded(v, 4):
                 return all(u in dead or (u in attention and _is(u, {SDPA}) and call_args(u)[3] is not user
-                                         and (u.args[0] is not user or heads_merged_unread(u))) for u in user.users)
+                                         and (call_args(u)[0] is not user or heads_merged_unread(u))) for u in user.users)
             if user in attention and _is(user, {fxopt_ops.packed_attention.default}):
                 return user.args[0] is v and user in unread
             return False
@@ -371,6 +381,33 @@ class RemovePadding(Pass):
             if n in rules and n.target is not operator.getitem and (n in unread or _zero_at_padding(n, mask, lay)):
                 region.add(n)
         return [n for n in nodes if n in region]
+
+    @staticmethod
+    def _moved(nodes, attention, lay) -> set[fx.Node]:
+        """Values shaped [B, S, ...] whose first two dims are not the batch's
+        tokens (with static shapes ``x.transpose(1, 2)`` is [B, D, S], which
+        looks [B, S, ...] when D == S): made by an op that may move dims
+        (transpose, matmul, ...), or row by row from such a value. Inputs,
+        constants, broadcasts, embeddings and attention's merged heads are
+        token rows."""
+        moved: set[fx.Node] = set()
+        for n in nodes:
+            if n.op != "call_function" or not lay.padded(n):
+                continue
+            rule = _row_rule(n, lay)
+            if rule is not None:
+                inputs = rule.rows
+            elif n in attention or (_head_transpose(n) and n.args[0] in attention):
+                inputs = []
+            elif n.target in _ROW_LINEAR or n.target in _EMBEDDINGS or n.target == aten.expand.default or (
+                    isinstance(n.target, torch._ops.OpOverload) and torch.Tag.pointwise in n.target.tags):
+                inputs = n.all_input_nodes  # row-aligned with its operands, if not row-wise
+            else:
+                moved.add(n)
+                continue
+            if any(x in moved for x in inputs):
+                moved.add(n)
+        return moved
 
     # -- rewrite --------------------------------------------------------------
     def _rewrite(self, graph, region, mask, lay) -> dict:
