@@ -78,7 +78,6 @@ _SOFTMAX = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten.
 _REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
            aten.var.dim, aten.var.correction, aten.std.dim, aten.std.correction}
 _SPLIT = {aten.split.Tensor, aten.split_with_sizes.default}
-_EMBEDDINGS = {aten.embedding.default, fxopt_ops.embedding_nbits.default}
 _MIN_FILL = -1e4  # exp(-1e4) is 0 in float32: blocked keys weigh exactly 0
 
 
@@ -386,26 +385,21 @@ class RemovePadding(Pass):
     def _moved(nodes, attention, lay) -> set[fx.Node]:
         """Values shaped [B, S, ...] whose first two dims are not the batch's
         tokens (with static shapes ``x.transpose(1, 2)`` is [B, D, S], which
-        looks [B, S, ...] when D == S): made by an op that may move dims
-        (transpose, matmul, ...), or row by row from such a value. Inputs,
-        constants, broadcasts, embeddings and attention's merged heads are
-        token rows."""
+        looks [B, S, ...] when D == S): made by a transpose / permute that moves
+        dim 0 or 1 or a view of a value not laid out [B, S, ...], or computed
+        from such a value. Attention's output with its heads merged back is
+        token rows again."""
         moved: set[fx.Node] = set()
         for n in nodes:
             if n.op != "call_function" or not lay.padded(n):
                 continue
-            rule = _row_rule(n, lay)
-            if rule is not None:
-                inputs = rule.rows
-            elif n in attention or (_head_transpose(n) and n.args[0] in attention):
-                inputs = []
-            elif n.target in _ROW_LINEAR or n.target in _EMBEDDINGS or n.target == aten.expand.default or (
-                    isinstance(n.target, torch._ops.OpOverload) and torch.Tag.pointwise in n.target.tags):
-                inputs = n.all_input_nodes  # row-aligned with its operands, if not row-wise
-            else:
-                moved.add(n)
+            if n in attention or (_head_transpose(n) and n.args[0] in attention):
                 continue
-            if any(x in moved for x in inputs):
+            t, rank = n.target, (val(n)[0] if isinstance(val(n), (tuple, list)) else val(n)).dim()
+            moves = ((t == aten.transpose.int and min(_dim(d, rank) for d in n.args[1:3]) < 2 and n.args[1] != n.args[2])
+                     or (t == aten.permute.default and [_dim(d, rank) for d in n.args[1]][:2] != [0, 1])
+                     or (t in _VIEWS and not lay.padded(n.args[0])))
+            if moves or any(x in moved for x in n.all_input_nodes):
                 moved.add(n)
         return moved
 
