@@ -239,7 +239,8 @@ def _zero_at_padding(node: fx.Node, mask: fx.Node, lay: _Layout) -> bool:
 
 
 def _strip_slices(x):
-    while _is(x, {aten.slice.Tensor}) and x.args[1] in (0, 1):
+    """The mask behind pack-attention's ``m[:B, :S]`` (slices from 0 of dims 0, 1)."""
+    while _is(x, {aten.slice.Tensor}) and x.args[1] in (0, 1) and (len(x.args) < 3 or x.args[2] in (None, 0)):
         x = x.args[0]
     return x
 
