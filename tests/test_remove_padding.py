@@ -255,3 +255,18 @@ def test_static_token_mixing_tensor_that_only_looks_padded_is_left_alone():
     batches = [padded_batch([16, 9, 3], 16, vocab=50)]
     stats = static_run(TinyEncoder("mix").eval(), FUSED + ",remove-padding(padded_outputs=zero),dce", batches)
     assert "reason" in stats
+
+
+def test_attention_already_packed_by_an_earlier_pipeline():
+    """pack-attention's op runs its QKV GEMM on padded rows; the rest moves."""
+    model, inputs, dyn = embedder()
+    packed = PassManager(FUSED + ",pack-attention,dce").run(fxopt.trace(model, inputs, dynamic_shapes=dyn)).graph
+    assert count(packed, fxopt_ops.packed_attention.default) == 2
+    result = PassManager("remove-padding,dce").run(packed)
+    stats = result.records[0].stats
+    assert (stats["attention"], stats["linears"]) == (2, 6)  # output, FFN up, FFN down per layer
+    for backend in ("eager", "onnxruntime"):
+        compiled = fxopt.compile(result.graph, backend)
+        for batch in BATCHES:
+            with torch.no_grad():
+                assert fxopt.compare(model(**batch), compiled(**batch)).max_abs_err < 1e-5, backend
