@@ -278,11 +278,10 @@ class RemovePadding(Pass):
             attention, mask, lay = self._attention(graph)
         except Refuse as e:
             return PassResult(False, {"reason": str(e)})
-        self._readers: set[fx.Node] = set()  # ops that read padded rows of row-wise values
-        region = self._region(graph, attention, mask, lay)
+        region, blockers = self._region(graph, attention, mask, lay)
         if not any(n.target in _LINEARS for n in region):
             readers = sorted(("output" if u.op == "output" else f"%{u.name} ({getattr(u.target, '__name__', u.target)})")
-                             for u in self._readers)
+                             for u in blockers)
             readers.sort(key=lambda r: r != "output")
             return PassResult(False, {"reason": "no linear can run on the real tokens alone: their padded rows are read by ops "
                                                 "not known to be row-wise: "
@@ -332,18 +331,20 @@ class RemovePadding(Pass):
             raise Refuse(why)
         return found, mask, lay
 
-    def _region(self, graph, attention, mask, lay) -> list[fx.Node]:
+    def _region(self, graph, attention, mask, lay) -> tuple[list[fx.Node], set[fx.Node]]:
         """The nodes to run on real rows, in graph order.
 
         Walks backwards: a padded value's padded rows are *unread* when every
         use ignores them (an output with padded_outputs=zero; attention;
         a region op whose own padded rows are unread); a row-wise node joins the
-        region when its padded rows are unread or zero anyway."""
+        region when its padded rows are unread or zero anyway. Also returns the
+        ops that keep row-wise values padded by reading their padded rows."""
         nodes = list(graph.fx.nodes)
         moved = self._moved(nodes, attention, lay)
         rules = {n: r for n in nodes if n not in moved and (r := _row_rule(n, lay)) is not None}
         region: set[fx.Node] = set()
         unread: set[fx.Node] = set()
+        blockers: set[fx.Node] = set()
         dead = _dead_nodes(graph)  # e.g. the scores matmul fuse-attention left for dce
 
         def heads_merged_unread(sdpa):  # a query's padded rows give padded rows
@@ -377,10 +378,10 @@ class RemovePadding(Pass):
             if not readers:
                 unread.add(n)
             elif n in rules:  # what keeps it padded (attention only when its output is read in turn)
-                self._readers.update(u for u in readers if not (u in rules or _head_transpose(u) or u in attention))
+                blockers.update(u for u in readers if not (u in rules or _head_transpose(u) or u in attention))
             if n in rules and n.target is not operator.getitem and (n in unread or _zero_at_padding(n, mask, lay)):
                 region.add(n)
-        return [n for n in nodes if n in region]
+        return [n for n in nodes if n in region], blockers
 
     @staticmethod
     def _moved(nodes, attention, lay) -> set[fx.Node]:
