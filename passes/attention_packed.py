@@ -20,6 +20,12 @@ with ``attention_mask`` a 2-D graph value;
 ``fill`` is kept as the kernel's ``mask_filter_value``. A constant mask that is
 causal (static shapes, where constant-fold folded it) counts as ``is_causal``.
 
+After ``quantize(mode=dynamic, act_granularity=tensor)`` the projection is an
+``fxopt.linear_dynamic_int8``; the block then becomes
+``fxopt.packed_attention_dynamic_int8(x, W_q, w_scale, b, ...)`` (com.microsoft
+QAttention: the int8 QKV GEMM writes the heads itself), so the projection stays
+int8.
+
 GQA (Llama): SDPA with ``is_causal`` and no mask whose key and value are
 ``repeat_kv`` of fewer heads (unsqueeze, expand, [clone], reshape), or that has
 ``enable_gqa``, becomes ``fxopt.group_query_attention`` on ``[B, S, heads*H]``
@@ -32,8 +38,10 @@ boolean mask, a mask together with ``is_causal``, dropout, q/k/v that are not
 the three equal parts of one linear with a constant weight, intermediate values
 used elsewhere (the projection would run twice), non-static heads or head size,
 GQA with a mask or without ``is_causal``, queries and keys of different
-lengths (a KV cache with past), a QKV projection that ``quantize`` replaced
-(``pack-attention`` runs after ``quantize`` so the projection stays quantized).
+lengths (a KV cache with past), a QKV projection that ``quantize`` replaced by
+anything but a per-tensor dynamic int8 linear (per-token scales, weight-only
+int4/int8, static: no ONNX Runtime attention kernel takes them; ``pack-attention``
+runs after ``quantize`` so such a projection stays quantized).
 
 Why a graph walk and not the rewrite engine (:mod:`.rewrite`): the head split
 and merge are views whose shape lists hold symbolic sizes (``[B, S, N, H]``
@@ -59,6 +67,7 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 _TO = {aten._to_copy.default, aten.to.dtype}
 _AND = {aten.__and__.Tensor, aten.logical_and.default, aten.bitwise_and.Tensor}
+LINEAR_INT8 = torch.ops.fxopt.linear_dynamic_int8.default
 
 
 class Refuse(Exception):
@@ -344,11 +353,13 @@ def _constant_causal(graph, mask, q_len) -> bool:
 class PackAttention(Pass):
     """Whole attention blocks -> ``fxopt.packed_attention`` / ``fxopt.group_query_attention``.
 
-    Matches: SDPA whose q, k, v are the head-split thirds of one linear with a
-    constant weight, causal or with a proved key-padding mask (``packed``);
+    Matches: SDPA whose q, k, v are the head-split thirds of one linear (float,
+    or per-tensor dynamic int8) with a constant weight, causal or with a proved
+    key-padding mask (``packed``);
     causal SDPA whose key/value have fewer heads behind repeat_kv or
     ``enable_gqa`` (``gqa``). Produces the fxopt ops (ONNX Runtime: com.microsoft
-    Attention, GroupQueryAttention); the head merge after SDPA is absorbed.
+    Attention / QAttention, GroupQueryAttention); the head merge after SDPA is
+    absorbed.
     Refuses (stats ``refused``: node -> reason) anything the kernels would not
     compute exactly: arbitrary float or boolean masks, mask plus causal, dropout,
     KV caches (queries and keys of different lengths), GQA with a mask, shared
@@ -357,13 +368,14 @@ class PackAttention(Pass):
 
     packed = Option(True, help="lower packed-QKV attention to fxopt.packed_attention")
     gqa = Option(True, help="lower grouped-query attention to fxopt.group_query_attention")
-    # After quantize: a quantized QKV projection is kept (and its attention
-    # refused) rather than left in float inside the packed op.
+    # After quantize: a per-tensor dynamic int8 QKV projection moves into the
+    # int8 packed op; any other quantized one is kept (its attention refused)
+    # rather than left in float inside the packed op.
     runs_after = ("fuse-attention", "merge-linears", "quantize")
     requires = ("canonical-linear",)
 
     def run(self, graph) -> PassResult:
-        stats = {"packed": 0, "gqa": 0, "causal": 0, "masked": 0, "refused": {}}
+        stats = {"packed": 0, "gqa": 0, "causal": 0, "masked": 0, "dynamic_int8": 0, "refused": {}}
         self._dead = _dead_nodes(graph)
         for node in self.walk(graph, target=SDPA):
             try:
@@ -424,11 +436,16 @@ class PackAttention(Pass):
         _only_user(qkv, split, dead)
         if _users(split, dead) != set(items):
             raise Refuse(f"%{split.name} has other users")
-        if not _is(qkv, {aten.linear.default}):
-            raise Refuse(f"%{qkv.name} is not a linear (q, k, v from one packed projection)")
-        x, w, b = (list(qkv.args) + [None])[:3]
-        wc = graph.constant(w)
-        if wc is None or wc.dim() != 2 or (b is not None and graph.constant(b) is None):
+        if _is(qkv, {aten.linear.default}):
+            x, w, b = (list(qkv.args) + [None])[:3]
+            weights, target = (w,), torch.ops.fxopt.packed_attention.default
+        elif _is(qkv, {LINEAR_INT8}):
+            x, w, w_scale, b = qkv.args
+            weights, target = (w, w_scale), torch.ops.fxopt.packed_attention_dynamic_int8.default
+        else:
+            raise Refuse(f"%{qkv.name} is not a linear or a per-tensor dynamic int8 linear (q, k, v from one packed projection)")
+        consts = [graph.constant(c) for c in weights]
+        if any(c is None for c in consts) or consts[0].dim() != 2 or (b is not None and graph.constant(b) is None):
             raise Refuse(f"%{qkv.name}: weight or bias is not a constant")
         if val(x).dim() != 3:
             raise Refuse(f"%{qkv.name}: input is not [B, S, D]")
@@ -443,12 +460,12 @@ class PackAttention(Pass):
             if sliced:
                 m = graph.fx.call_function(aten.slice.Tensor, (m, 0, 0, _size(graph, x, 0)))
                 m = graph.fx.call_function(aten.slice.Tensor, (m, 1, 0, _size(graph, x, 1)))
-            if b is None:
-                b = graph.add_constant(torch.zeros(wc.shape[0], dtype=wc.dtype), f"{w.target}_zero_bias")
-            out = graph.fx.call_function(
-                torch.ops.fxopt.packed_attention.default, (x, w, b, m, heads, bool(causal), scale, fill)
-            )
+            if b is None:  # both kernels take a bias; the float weight's dtype, or the int8 scales'
+                b = graph.add_constant(torch.zeros(consts[0].shape[0], dtype=consts[-1].dtype), f"{w.target}_zero_bias")
+            out = graph.fx.call_function(target, (x, *weights, b, m, heads, bool(causal), scale, fill))
             self._replace(graph, sdpa, merged, out, heads, head)
+        if len(weights) > 1:
+            stats["dynamic_int8"] += 1
         if causal:
             stats["causal"] += 1
         elif m is not None:

@@ -17,6 +17,8 @@ from fxopt.passes import PassManager
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 PACKED = torch.ops.fxopt.packed_attention.default
+PACKED_INT8 = torch.ops.fxopt.packed_attention_dynamic_int8.default
+LINEAR_INT8 = torch.ops.fxopt.linear_dynamic_int8.default
 GQA = torch.ops.fxopt.group_query_attention.default
 BASE = "canonicalize,dce,constant-fold,cse"
 PIPELINE = f"{BASE},fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce"
@@ -199,6 +201,39 @@ def test_quantized_projection_stays_quantized():
     assert stats["packed"] == 0 and all("is not a linear" in r for r in stats["refused"].values())
 
 
+W8A8 = "quantize(mode=dynamic,act_granularity=tensor)"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_dynamic_int8_projection_becomes_one_qattention(name, tmp_path):
+    # quantize, then pack-attention: the int8 QKV linear moves into the op
+    spec = {"gpt2": gpt2, "bert": bert}[name]("tiny", attn_implementation="eager")
+    quantized = f"{BASE},fuse-attention,merge-linears,{W8A8}"
+    before, _ = pack(spec, pipeline=f"{quantized},dce")
+    graph, stats = pack(spec, pipeline=f"{quantized},pack-attention,dce")
+    assert (stats["packed"], stats["dynamic_int8"], stats["causal" if name == "gpt2" else "masked"], stats["refused"]) == (2, 2, 2, {})
+    assert (count(graph, PACKED_INT8), count(graph, PACKED), count(graph, SDPA)) == (2, 0, 0)
+    assert count(graph, LINEAR_INT8) == count(before, LINEAR_INT8) - 2  # the QKV linears, and only those
+    # against the unpacked int8 graph (the same quantized weights): tight, on both backends
+    for example in [spec.example_inputs, *spec.other_inputs]:
+        args, kwargs = split_inputs(example)
+        for backend in ("eager", "onnxruntime"):
+            ref = fxopt.compile(before, backend)(*args, **kwargs)
+            assert fxopt.compare(ref, fxopt.compile(graph, backend)(*args, **kwargs)).within(1e-5), backend
+    assert_parity(spec, graph, tol=0.05)  # against the float original: W8A8's error
+    ops = onnx_ops(graph, tmp_path)
+    assert ops.count(("com.microsoft", "QAttention")) == 2
+    assert ("com.microsoft", "MultiHeadAttention") not in ops and ("", "Transpose") not in ops
+
+
+def test_per_token_int8_projection_is_refused():
+    # QAttention takes one activation scale: a per-token projection stays as it is
+    spec = gpt2("tiny", attn_implementation="eager")
+    graph, stats = pack(spec, pipeline=f"{BASE},fuse-attention,merge-linears,quantize(mode=dynamic,act_granularity=token),pack-attention,dce")
+    assert stats["packed"] == 0 and all("per-tensor dynamic int8" in r for r in stats["refused"].values())
+    assert count(graph, SDPA) == 2
+
+
 def test_options_switch_each_form_off():
     graph, stats = pack(llama("tiny", attn_implementation="eager"), pipeline=PIPELINE.replace("pack-attention", "pack-attention(gqa=false)"))
     assert stats["gqa"] == 0 and all("gqa=false" in r for r in stats["refused"].values())
@@ -221,6 +256,24 @@ def test_packed_attention_kernel_matches_the_composition(causal):
     torch.testing.assert_close(out, ref)
     with pytest.raises(ValueError, match="num_heads"):
         torch.ops.fxopt.packed_attention(x, w, b, None, 5, causal, 0.3, -1e9)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_attention_dynamic_int8_kernel_matches_the_composition(causal):
+    from fxopt.ir.ops_quant import linear_dynamic_reference
+
+    torch.manual_seed(0)
+    x, b = torch.randn(2, 5, 16), torch.randn(48)
+    w_q, w_scale = torch.randint(-63, 64, (48, 16), dtype=torch.int8), torch.rand(48) * 0.05 + 0.01
+    mask = None if causal else torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    qkv = linear_dynamic_reference(x, w_q, w_scale, b)
+    q, k, v = (t.view(2, 5, 4, 4).transpose(1, 2) for t in qkv.split(16, -1))
+    bias = None if mask is None else torch.where(mask[:, None, None, :].bool(), 0.0, -1e9)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, scale=0.3).transpose(1, 2).reshape(2, 5, 16)
+    out = torch.ops.fxopt.packed_attention_dynamic_int8(x, w_q, w_scale, b, mask, 4, causal, 0.3, -1e9)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="num_heads"):
+        torch.ops.fxopt.packed_attention_dynamic_int8(x, w_q, w_scale, b, None, 5, causal, 0.3, -1e9)
 
 
 class MaskedFillBlock(torch.nn.Module):
