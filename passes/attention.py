@@ -50,6 +50,12 @@ explanation.
 GQA: ``repeat_kv`` (expand + reshape of k and v) is left in front of the fused
 op, so the result is exact for any layout; ``stats["gqa"]`` counts such matches.
 
+Attention the model already wrote as SDPA (Hugging Face's default
+implementation: GPT-2, Llama and most decoders pass a boolean mask built from
+index comparisons) goes through the same causal proof: a mask proved causal, or a
+folded constant causal table, becomes ``is_causal=True`` without the mask
+(``stats["sdpa_made_causal"]``); any other mask is left as it is.
+
 No hand-written matching is left: the pass's options reach the pattern through
 ``Pattern.variant`` (``min_seq`` in the check, ``causal`` in the builder), and
 the causal proof runs in the builder, which decides between ``is_causal`` and an
@@ -67,7 +73,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..ir.nodes import same_shape, val
+from ..ir.nodes import call_args, same_shape, val
 from .base import Option, Pass, PassResult
 from .registry import register_pass
 from .rewrite import Match, Pattern, Reject, nearest_misses, rewrite
@@ -250,8 +256,9 @@ class FuseAttention(Pass):
         stats = {"fused": 0, "causal": 0, "masked": 0, "unmasked": 0, "gqa": 0, "softmax": softmaxes, "misses": {},
                  # attention the model already wrote as SDPA (Hugging Face's default implementation)
                  "sdpa_present": sum(1 for n in graph.fx.nodes if n.target == SDPA)}
+        stats["sdpa_made_causal"] = self._causal_sdpa(graph) if self.causal else 0
         if not softmaxes:
-            return PassResult(False, stats)
+            return PassResult(stats["sdpa_made_causal"] > 0, stats)
         kinds: list[str] = []
         pattern = _ATTENTION.variant(check=self._check, build=functools.partial(self._build, kinds))
         st = rewrite(graph, [pattern], pass_=self).stats[pattern.name]
@@ -261,7 +268,38 @@ class FuseAttention(Pass):
         stats["misses"] = self._misses(graph, pattern, st)
         if st.nearest_miss:
             stats["nearest_miss"] = st.nearest_miss
-        return PassResult(st.rewritten > 0, stats)
+        return PassResult(st.rewritten + stats["sdpa_made_causal"] > 0, stats)
+
+    @staticmethod
+    def _causal_sdpa(graph) -> int:
+        """SDPA the model already wrote (Hugging Face's default attention builds a
+        boolean mask and passes it) whose ``attn_mask`` is proved causal, by the
+        same proof as a fused match's or as a folded constant table: set
+        ``is_causal`` and drop the mask (``dce`` removes what built it). ONNX
+        Runtime's attention then runs unidirectional without a mask tensor, and
+        ``pack-attention`` can take the block."""
+        made = 0
+        for node in list(graph.fx.nodes):
+            if node.target != SDPA:
+                continue
+            q, k, v, mask, dropout, causal, scale, enable_gqa = call_args(node)
+            if mask is None or causal:
+                continue
+            sq, sk = val(q).shape[-2], val(k).shape[-2]
+            if not same_shape([sq], [sk]):
+                continue
+            if not (is_causal_mask(graph, mask) or is_constant_causal_mask(graph, mask, sq, blocked_max=-1e30)):
+                continue
+            kwargs = {"attn_mask": None, "dropout_p": dropout, "is_causal": True, "scale": scale}
+            if enable_gqa:
+                kwargs["enable_gqa"] = True
+            with graph.fx.inserting_before(node):
+                new = graph.fx.call_function(SDPA, (q, k, v), kwargs)
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            graph.fx.erase_node(node)
+            made += 1
+        return made
 
     def _check(self, m: Match) -> bool:
         dtype = m.val("q").dtype
@@ -589,6 +627,23 @@ def is_causal_mask(graph, mask: fx.Node, *, blocked: bool = False, fill: float |
             return False
     q, k = _IndexAlgebra.r(1), _IndexAlgebra.r(0)
     return _equivalent_le(sympy.simplify(allowed), k, q)
+
+
+def is_constant_causal_mask(graph, mask, q_len, *, blocked_max: float = -1e4) -> bool:
+    """A constant mask (static shapes: constant-fold folds the causal mask
+    before attention passes see it) that is causal: attend (0 / True) on and
+    below the diagonal, blocked (<= ``blocked_max`` or -inf / False) above.
+    Blocked scores then weigh exactly 0 (exp(-1e4) underflows float32), as
+    with ``is_causal``."""
+    c = graph.constant(mask) if isinstance(mask, fx.Node) else None
+    if c is None or c.dim() < 2 or not isinstance(q_len, int) or tuple(c.shape[-2:]) != (q_len, q_len):
+        return False
+    above = torch.ones(q_len, q_len, dtype=torch.bool).triu(1)
+    if c.dtype == torch.bool:
+        return bool((c == ~above).all())
+    if not c.dtype.is_floating_point:
+        return False
+    return bool((c.masked_select(~above.expand(c.shape)) == 0).all() and (c.masked_select(above.expand(c.shape)) <= blocked_max).all())
 
 
 def _zero_where(e) -> sympy.Basic | None:

@@ -58,6 +58,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.nodes import call_args, is_pure, same_shape, val
+from .attention import is_constant_causal_mask
 from .base import Option, Pass, PassResult
 from .registry import register_pass
 
@@ -329,23 +330,6 @@ def _padding_source(d: _Desc, mask, batch, keys, fill: float) -> tuple[fx.Node, 
     return d.src, fill, not same_shape(sv, (batch, keys))
 
 
-def _constant_causal(graph, mask, q_len) -> bool:
-    """A constant mask (static shapes: constant-fold folds the causal mask
-    before ``fuse-attention`` sees it) that is causal: attend (0 / True) on and
-    below the diagonal, blocked (<= -1e4 or -inf / False) above. Blocked
-    scores then weigh exactly 0 (exp(-1e4) underflows float32), as with
-    ``is_causal``."""
-    c = graph.constant(mask) if isinstance(mask, fx.Node) else None
-    if c is None or c.dim() < 2 or not isinstance(q_len, int) or tuple(c.shape[-2:]) != (q_len, q_len):
-        return False
-    above = torch.ones(q_len, q_len, dtype=torch.bool).triu(1)
-    if c.dtype == torch.bool:
-        return bool((c == ~above).all())
-    if not c.dtype.is_floating_point:
-        return False
-    return bool((c.masked_select(~above.expand(c.shape)) == 0).all() and (c.masked_select(above.expand(c.shape)) <= -1e4).all())
-
-
 # --------------------------------------------------------------------------
 # the pass
 
@@ -399,7 +383,7 @@ class PackAttention(Pass):
         if not same_shape(qv.shape[2:3], kv.shape[2:3]):
             raise Refuse(f"queries ({qv.shape[2]}) and keys ({kv.shape[2]}) differ in length (a KV cache)")
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(head)
-        if mask is not None and not causal and _constant_causal(graph, mask, qv.shape[2]):
+        if mask is not None and not causal and is_constant_causal_mask(graph, mask, qv.shape[2]):
             mask, causal = None, True
         k_src, v_src = _unrepeat(k), _unrepeat(v)
         kv_heads = val(k_src).shape[1]

@@ -90,6 +90,57 @@ def test_sdpa_models_have_nothing_to_fuse_and_say_so():
     assert (stats["fused"], stats["softmax"], stats["sdpa_present"]) == (0, 0, 2)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_default_sdpa_boolean_causal_mask_becomes_is_causal(name):
+    # transformers' default attention passes SDPA a boolean mask built from
+    # index comparisons: proved causal, it is dropped for is_causal
+    spec = {"gpt2": gpt2, "llama": llama}[name]("tiny")
+    before = PassManager("canonicalize,dce,constant-fold,cse").run(fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)).graph
+    assert all(n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None) is not None for n in sdpa_nodes(before))
+    graph, stats = fuse(spec)
+    assert (stats["fused"], stats["sdpa_made_causal"]) == (0, 2)
+    assert all(n.kwargs["is_causal"] and n.kwargs["attn_mask"] is None for n in sdpa_nodes(graph))
+    assert len(graph.fx.nodes) < len(before.fx.nodes)  # what built the mask is gone after dce
+    assert_parity_on_backends(spec, graph)
+
+
+class SdpaWithMask(torch.nn.Module):
+    """SDPA called with a mask the model builds itself (``mask`` picks it)."""
+
+    def __init__(self, mask: str, heads: int = 2, dim: int = 16):
+        super().__init__()
+        self.mask, self.heads, self.qkv = mask, heads, torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, keep=None):
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
+        pos = torch.arange(s, device=x.device)
+        if self.mask == "causal":
+            m = pos[None, :] <= pos[:, None]
+        elif self.mask == "one-ahead":  # each query sees one future key
+            m = pos[None, :] <= pos[:, None] + 1
+        else:  # causal and a key-padding input
+            m = (pos[None, :] <= pos[:, None])[None, None] & keep[:, None, None, :].bool()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).reshape(b, s, d)
+
+
+@pytest.mark.parametrize("mask, made_causal", [("causal", 1), ("one-ahead", 0), ("causal+padding", 0)])
+def test_sdpa_mask_is_made_causal_only_when_proved(mask, made_causal):
+    torch.manual_seed(0)
+    x, keep = torch.randn(2, 6, 16), torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    inputs, dyn = ((x, keep), ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},) * 2) if "padding" in mask else ((x,), ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},))
+    other = [(torch.randn(3, 9, 16), torch.ones(3, 9, dtype=torch.long))] if "padding" in mask else [(torch.randn(3, 9, 16),)]
+    spec = fxopt.models.ModelSpec(SdpaWithMask(mask).eval(), inputs, dyn, f"sdpa-{mask}", other)
+    graph, stats = fuse(spec)
+    (node,) = sdpa_nodes(graph)
+    assert stats["sdpa_made_causal"] == made_causal
+    assert node.kwargs.get("is_causal", False) == bool(made_causal)
+    assert_parity_on_backends(spec, graph)
+    if made_causal:  # the option turns it off
+        _, stats = fuse(spec, PIPELINE.replace("fuse-attention", "fuse-attention(causal=false)"))
+        assert stats["sdpa_made_causal"] == 0
+
+
 # -- small models: before / after, near misses ---------------------------------------------------
 
 

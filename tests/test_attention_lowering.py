@@ -75,6 +75,16 @@ def test_gpt2_causal_attention_becomes_one_attention_op(tmp_path):
     assert ("com.microsoft", "MultiHeadAttention") not in ops and ("", "Transpose") not in ops
 
 
+@pytest.mark.parametrize("name, form", [("gpt2", "packed"), ("llama", "gqa")])
+def test_default_sdpa_attention_is_packed(name, form):
+    # transformers' default attention: SDPA with a boolean causal mask, which
+    # fuse-attention proves causal, so pack-attention can take it
+    spec = {"gpt2": gpt2, "llama": llama}[name]("tiny")
+    graph, stats = pack(spec)
+    assert (stats[form], stats["refused"]) == (2, {})
+    assert_parity(spec, graph)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_static_shapes_folded_causal_mask(name):
     # traced without dynamic dims, constant-fold turns the causal mask into a

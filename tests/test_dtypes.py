@@ -17,6 +17,7 @@ from conftest import run
 PIPELINES = {
     "dynamic-token": "canonicalize,quantize(mode=dynamic)",
     "dynamic-tensor": "canonicalize,quantize(mode=dynamic,act_granularity=tensor)",
+    "dynamic-tensor-qattention": "canonicalize,fuse-attention,merge-linears,quantize(mode=dynamic,act_granularity=tensor),pack-attention",
     "int4-group": "canonicalize,quantize(bits=4,group_size=32,quantize_embeddings=true,skip_lm_head=false)",
     "int3-aten": "canonicalize,quantize(bits=3,group_size=32,quantize_embeddings=true)",
     "awq": "canonicalize,quantize(bits=4,group_size=32,method=awq)",
