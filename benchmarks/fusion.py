@@ -40,8 +40,13 @@ BASE = "canonicalize,dce,constant-fold,cse"
 FUSIONS = [p for p in ("fuse-attention", "merge-linears", "pack-attention", "fuse-linear-act", "fuse-norm") if p in REGISTRY]
 # Fused + W8A8 dynamic: merge-linears before quantize (Q/K/V quantized as one
 # matrix), quantize before fuse-linear-act (the README's recommended order).
-# (pack-attention must run after quantize, and would then find the QKV linear quantized: left out.)
-FUSED_W8A8 = ",".join([BASE, *(p for p in FUSIONS if p not in ("fuse-linear-act", "pack-attention")), "quantize(mode=dynamic)", "fuse-linear-act", "dce"])
+# pack-attention runs after quantize; it packs a per-tensor int8 QKV projection
+# (QAttention), not a per-token one, so it is in the per-tensor rows only.
+_PRE_QUANT = [BASE, *(p for p in FUSIONS if p not in ("fuse-linear-act", "pack-attention"))]
+FUSED_W8A8 = ",".join([*_PRE_QUANT, "quantize(mode=dynamic)", "fuse-linear-act", "dce"])
+_PER_TENSOR = "quantize(mode=dynamic,act_granularity=tensor)"
+FUSED_W8A8_TENSOR = ",".join([*_PRE_QUANT, _PER_TENSOR, "fuse-linear-act", "dce"])
+FUSED_W8A8_TENSOR_PACKED = ",".join([*_PRE_QUANT, _PER_TENSOR, "pack-attention", "fuse-linear-act", "dce"])
 # remove-padding replaces pack-attention (whose attention op would run the QKV
 # GEMM on padded rows); attention then lowers to MultiHeadAttention.
 REMOVE_PADDING = ",".join([BASE, *(p for p in FUSIONS if p != "pack-attention"), "remove-padding", "dce"])
@@ -185,6 +190,8 @@ def run_model(spec, inputs, model_type, peer_args, reps, threads, workdir):
         ("fxopt ORT, fused + MultiHeadAttention", no_pack, "onnxruntime", {}),
         (GOAL_ROW, fused.graph, "onnxruntime", {}),
         ("fxopt ORT, fused + W8A8 dynamic", FUSED_W8A8, "onnxruntime", {}),
+        ("fxopt ORT, fused + W8A8 per tensor (MultiHeadAttention)", FUSED_W8A8_TENSOR, "onnxruntime", {}),
+        ("fxopt ORT, fused + W8A8 per tensor + pack-attention (QAttention)", FUSED_W8A8_TENSOR_PACKED, "onnxruntime", {}),
     ]
     if "attention_mask" in inputs:  # an encoder batch: padding to remove
         variants += [("fxopt eager, fused + remove-padding", REMOVE_PADDING, "eager", {}),
