@@ -50,8 +50,9 @@ VARIANTS = {
     "fxopt-fused-int4-ort": ("fxopt fused + weight-only int4 g128, ONNX Runtime (MatMulNBits, acc. level 4)", "onnxruntime"),
 }
 # "Fused + quantized": the README's recommended order (merge before quantize, so
-# Q/K/V would be quantized as one matrix; quantize before fuse-linear-act).
-FUSED = "canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,{quantize},fuse-linear-act,fuse-norm,dce"
+# Q/K/V would be quantized as one matrix; quantize before pack-attention, which
+# packs a per-tensor int8 QKV projection into QAttention, and before fuse-linear-act).
+FUSED = "canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,{quantize},pack-attention,fuse-linear-act,fuse-norm,dce"
 FXOPT_PIPELINES = {
     "fxopt-int8": "canonicalize,quantize(mode=dynamic,act_granularity=tensor,skip_lm_head=false)",
     "fxopt-int8tok": "canonicalize,quantize(mode=dynamic,act_granularity=token,skip_lm_head=false)",
@@ -151,7 +152,8 @@ def build(variant: str, fp32_onnx: str, workdir: str):
     result = fxopt.PassManager(FXOPT_PIPELINES[base]).run(graph)
     stats = next(r.stats for r in result.records if r.name.startswith("quantize"))
     note = f"{stats['quantized']} layers quantized, min SQNR {stats.get('min_sqnr_db')} dB"
-    fused = {r.name: r.stats.get("rewritten", r.stats.get("fused")) for r in result.records if r.name.startswith(("fuse", "merge"))}
+    fused = {r.name: r.stats.get("rewritten", r.stats.get("fused", r.stats.get("packed")))
+             for r in result.records if r.name.startswith(("fuse", "merge", "pack"))}
     if fused:
         note += "; " + ", ".join(f"{k} {v}" for k, v in fused.items())
     if backend == "eager":
@@ -164,7 +166,7 @@ def build(variant: str, fp32_onnx: str, workdir: str):
     ops = [n.op_type for n in onnx.load(path).graph.node]
     note += f"; {ops.count('MatMulNBits')} MatMulNBits, {ops.count('MatMulIntegerToFloat')} MatMulIntegerToFloat"
     if fused:
-        note += ", " + ", ".join(f"{ops.count(o)} {o}" for o in ("MultiHeadAttention", "FastGelu", "SkipLayerNormalization") if o in ops)
+        note += ", " + ", ".join(f"{ops.count(o)} {o}" for o in ("MultiHeadAttention", "Attention", "QAttention", "FastGelu", "SkipLayerNormalization") if o in ops)
     return _ort_runner(path), note
 
 
