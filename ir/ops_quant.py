@@ -170,7 +170,10 @@ def linear_dynamic_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tenso
     linear; ONNX lowers to DynamicQuantizeLinear +
     ``com.microsoft::MatMulIntegerToFloat``."""
     if x.dtype != torch.float32:
-        return linear_dynamic_int8(x.float(), w_q, w_scale, None if bias is None else bias.float()).to(x.dtype)
+        # the bias as it is: the packed weight holds a float32 copy, cached
+        # under this tensor's identity (a fresh .float() each call would
+        # repack and cache the weight again on every call)
+        return linear_dynamic_int8(x.float(), w_q, w_scale, bias).to(x.dtype)
     return torch.ops.quantized.linear_dynamic(x.contiguous(), _packed(w_q, w_scale, bias, check_dynamic_weight), False)
 
 

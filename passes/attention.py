@@ -256,7 +256,7 @@ class FuseAttention(Pass):
         stats = {"fused": 0, "causal": 0, "masked": 0, "unmasked": 0, "gqa": 0, "softmax": softmaxes, "misses": {},
                  # attention the model already wrote as SDPA (Hugging Face's default implementation)
                  "sdpa_present": sum(1 for n in graph.fx.nodes if n.target == SDPA)}
-        stats["sdpa_made_causal"] = self._causal_sdpa(graph) if self.causal else 0
+        stats["sdpa_made_causal"] = self._causal_sdpa(graph, self.min_seq) if self.causal else 0
         if not softmaxes:
             return PassResult(stats["sdpa_made_causal"] > 0, stats)
         kinds: list[str] = []
@@ -271,7 +271,7 @@ class FuseAttention(Pass):
         return PassResult(st.rewritten + stats["sdpa_made_causal"] > 0, stats)
 
     @staticmethod
-    def _causal_sdpa(graph) -> int:
+    def _causal_sdpa(graph, min_seq: int) -> int:
         """SDPA the model already wrote (Hugging Face's default attention builds a
         boolean mask and passes it) whose ``attn_mask`` is proved causal, by the
         same proof as a fused match's or as a folded constant table: set
@@ -286,7 +286,7 @@ class FuseAttention(Pass):
             if mask is None or causal:
                 continue
             sq, sk = val(q).shape[-2], val(k).shape[-2]
-            if not same_shape([sq], [sk]):
+            if not same_shape([sq], [sk]) or (isinstance(sq, int) and sq < min_seq):
                 continue
             if not (is_causal_mask(graph, mask) or is_constant_causal_mask(graph, mask, sq, blocked_max=-1e30)):
                 continue

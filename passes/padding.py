@@ -315,6 +315,9 @@ class RemovePadding(Pass):
                         raise Refuse(f"%{node.name}: not key-padding-masked")
                     m = _strip_slices(m)
                     here = _Layout(*val(x).shape[:2])
+                elif _is(node, {fxopt_ops.packed_attention_dynamic_int8.default}):
+                    raise Refuse(f"%{node.name}: its per-tensor int8 QKV projection takes one activation scale over "
+                                 "every row, padded ones too (run remove-padding before quantize and pack-attention)")
                 else:
                     continue
                 if fill > _MIN_FILL:  # padded keys (zeros once padded back) must weigh exactly 0

@@ -136,9 +136,12 @@ def test_sdpa_mask_is_made_causal_only_when_proved(mask, made_causal):
     assert stats["sdpa_made_causal"] == made_causal
     assert node.kwargs.get("is_causal", False) == bool(made_causal)
     assert_parity_on_backends(spec, graph)
-    if made_causal:  # the option turns it off
+    if made_causal:  # the options turn it off: causal, and min_seq above a static traced length
         _, stats = fuse(spec, PIPELINE.replace("fuse-attention", "fuse-attention(causal=false)"))
         assert stats["sdpa_made_causal"] == 0
+        static = fxopt.models.ModelSpec(spec.model, inputs, None, spec.name)
+        assert fuse(static)[1]["sdpa_made_causal"] == 1
+        assert fuse(static, PIPELINE.replace("fuse-attention", "fuse-attention(min_seq=64)"))[1]["sdpa_made_causal"] == 0
 
 
 # -- small models: before / after, near misses ---------------------------------------------------

@@ -96,3 +96,17 @@ def test_bfloat16_model_runs_eager_and_onnx_runtime_says_why_not():
     assert out.dtype == torch.bfloat16 and rel(out, ref) < 0.05
     with pytest.raises(fxopt.BackendError, match="gpt2-bf16.*bfloat16.*float32 or float16"):
         fxopt.compile(quantized, backend="onnxruntime", providers=["CPUExecutionProvider"])
+
+
+def test_float16_dynamic_int8_linear_packs_its_weight_once():
+    # fbgemm's packed weight is cached under the bias tensor's identity: a
+    # float16 call must not pack (and keep) a new copy every time
+    from fxopt.ir.ops_quant import _PACKED
+
+    w_q, w_scale = torch.randint(-63, 64, (8, 4), dtype=torch.int8), torch.rand(8) * 0.05
+    bias, x = torch.randn(8).half(), torch.randn(3, 4).half()
+    first = torch.ops.fxopt.linear_dynamic_int8(x, w_q, w_scale, bias)
+    size = len(_PACKED)
+    for _ in range(5):
+        torch.testing.assert_close(torch.ops.fxopt.linear_dynamic_int8(x, w_q, w_scale, bias), first)
+    assert len(_PACKED) == size and first.dtype == torch.float16

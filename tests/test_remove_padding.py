@@ -135,6 +135,10 @@ def test_per_tensor_activation_scales_keep_the_layers_padded_per_token_ones_do_n
     per_tensor = FUSED + ",quantize(mode=dynamic,act_granularity=tensor),remove-padding"
     _, stats = optimize(model, inputs, dyn, per_tensor)
     assert "(linear_dynamic_int8" in stats["reason"]  # its scale sees padded rows
+    # the same once pack-attention (an earlier pipeline) moved the int8 QKV projection into the attention op
+    packed = PassManager(per_tensor.replace(",remove-padding", ",pack-attention")).run(fxopt.trace(model, inputs, dynamic_shapes=dyn))
+    stats = PassManager("remove-padding").run(packed.graph).records[-1].stats
+    assert "per-tensor int8 QKV projection" in stats["reason"]
 
     per_token = FUSED + ",quantize(mode=dynamic,act_granularity=token)"
     graph = fxopt.trace(model, inputs, dynamic_shapes=dyn)
