@@ -28,7 +28,7 @@ BASE = "canonicalize,dce,constant-fold,cse"
 PIPELINES = {
     "fused": BASE + ",fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce",
     "W8A8 token": BASE + ",quantize(mode=dynamic)",
-    "fused + W8A8 tensor": BASE + ",fuse-attention,merge-linears,quantize(mode=dynamic,act_granularity=tensor),fuse-linear-act,fuse-norm,dce",
+    "fused + W8A8 tensor": BASE + ",fuse-attention,merge-linears,quantize(mode=dynamic,act_granularity=tensor),pack-attention,fuse-linear-act,fuse-norm,dce",
     "int4 g32": BASE + ",quantize(bits=4,group_size=32)",
 }
 # Relative error a pipeline may show on random weights before the table flags it.
