@@ -448,7 +448,7 @@ class PackAttention(Pass):
                 b = graph.add_constant(torch.zeros(consts[0].shape[0], dtype=consts[-1].dtype), f"{w.target}_zero_bias")
             out = graph.fx.call_function(target, (x, *weights, b, m, heads, bool(causal), scale, fill))
             self._replace(graph, sdpa, merged, out, heads, head)
-        if len(weights) > 1:
+        if target == torch.ops.fxopt.packed_attention_dynamic_int8.default:
             stats["dynamic_int8"] += 1
         if causal:
             stats["causal"] += 1
