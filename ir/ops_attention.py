@@ -32,7 +32,7 @@ of different lengths, or inputs that are not 4-D.
   causal, 2 threads, one layer, median of 400 runs interleaved):
   DynamicQuantizeLinear + QAttention 2.80-3.12 ms, DynamicQuantizeMatMul +
   Split + Transposes + MultiHeadAttention 3.19-3.37 ms. Whole models: the
-  real MiniLM at batch 32 runs in 0.94 of the time, GPT-2 small in 0.97
+  real MiniLM at batch 32 runs in 0.95 of the time, GPT-2 small in 0.97
   (prefill 128) and 0.93 (one token) (``benchmarks/pack_attention_ab.py``;
   README, "Fusion and ONNX Runtime lowering").
 * ``fxopt::group_query_attention(q, k, v, num_heads, kv_num_heads, scale)``:
