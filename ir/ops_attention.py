@@ -13,6 +13,12 @@ would not be exact: heads or head size not static, dropout, a key with fewer
 heads than the query (GQA without repeat_kv), a causal flag with queries and keys
 of different lengths, or inputs that are not 4-D.
 
+Masks go in without ``-inf``: a query whose every key is masked (the padded
+rows of a left-padded decoder batch, or an all-padding sequence) gets weight 0
+from torch's SDPA, while ONNX Runtime's softmax over a row of ``-inf`` gives NaN,
+and the next layer's keys carry that NaN into every real token. Both lowerings
+therefore take the mask as a finite bias and zero those rows afterwards.
+
 **Whole attention blocks** (made by ``pack-attention``, passes/attention_packed.py):
 
 * ``fxopt::packed_attention(x, weight, bias, mask, num_heads, causal, scale,
@@ -88,20 +94,16 @@ def sdpa_to_multihead_attention(query, key, value, attn_mask=None, dropout_p: fl
         and not dropout_p
         and not (is_causal and not (isinstance(qs[2], int) and qs[2] == ks[2] or qs[2] is ks[2] or str(qs[2]) == str(ks[2])))
     )
+    bias = keeps_row = None
+    if attn_mask is not None:
+        bias, keeps_row = _finite_mask(attn_mask, query)
     if not ok:
-        return _generic_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        out = _generic_sdpa(query, key, value, bias, dropout_p, is_causal, scale, enable_gqa)
+        return out if keeps_row is None else op.Mul(out, keeps_row)
     heads, head = qs[1], qs[3]
     batch, q_len = op.Shape(query, start=0, end=1), op.Shape(query, start=2, end=3)
     q = op.Reshape(op.Transpose(query, perm=[0, 2, 1, 3]), op.Concat(batch, q_len, op.Constant(value_ints=[heads * head]), axis=0))
-    bias = None
-    if attn_mask is not None:
-        if attn_mask.dtype == 9:  # BOOL: True means attend
-            bias = op.Where(attn_mask, op.CastLike(0.0, query), op.CastLike(-math.inf, query))
-        else:
-            bias = op.CastLike(attn_mask, query)
-        rank = len(attn_mask.shape) if attn_mask.shape is not None else 4
-        if rank < 4:
-            bias = op.Unsqueeze(bias, op.Constant(value_ints=list(range(4 - rank))))
+    if bias is not None:
         # MultiHeadAttention wants the last two dims of the bias at full size
         seq = op.Concat(op.Constant(value_ints=[1, 1]), q_len, op.Shape(key, start=2, end=3), axis=0)
         bias = op.Expand(bias, seq)
@@ -111,7 +113,34 @@ def sdpa_to_multihead_attention(query, key, value, attn_mask=None, dropout_p: fl
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(head),
         unidirectional=1 if is_causal else 0,
     )
-    return op.Transpose(op.Reshape(out, op.Concat(batch, q_len, op.Constant(value_ints=[heads, head]), axis=0)), perm=[0, 2, 1, 3])
+    out = op.Transpose(op.Reshape(out, op.Concat(batch, q_len, op.Constant(value_ints=[heads, head]), axis=0)), perm=[0, 2, 1, 3])
+    return out if keeps_row is None else op.Mul(out, keeps_row)
+
+
+# Half the lowest finite value of each ONNX float type (FLOAT, FLOAT16,
+# BFLOAT16, DOUBLE): exp() of a score plus this is exactly 0, as for -inf, and
+# adding a score to it cannot overflow to -inf.
+_MASKED_SCORE = {1: -1.7014118e38, 10: -32752.0, 16: -1.6947657e38, 11: -8.98846567431158e307}
+
+
+def _finite_mask(attn_mask, query):
+    """An SDPA ``attn_mask`` (bool: True attends; float: added to the
+    scores) as a 4-D additive bias with no ``-inf``, and a 4-D ``[.., S, 1]``
+    factor, 0 on the query rows whose every key is masked and 1 elsewhere."""
+    masked = op.CastLike(_MASKED_SCORE.get(query.dtype, -32752.0), query)
+    last = op.Constant(value_ints=[-1])
+    if attn_mask.dtype == 9:  # BOOL
+        bias = op.Where(attn_mask, op.CastLike(0.0, query), masked)
+        keeps_row = op.ReduceMax(op.CastLike(attn_mask, query), last, keepdims=1)
+    else:
+        scores = op.CastLike(attn_mask, query)
+        bias = op.Max(scores, masked)
+        keeps_row = op.CastLike(op.Greater(op.ReduceMax(scores, last, keepdims=1), op.CastLike(-math.inf, query)), query)
+    rank = len(attn_mask.shape) if attn_mask.shape is not None else 4
+    if rank < 4:
+        lead = op.Constant(value_ints=list(range(4 - rank)))
+        bias, keeps_row = op.Unsqueeze(bias, lead), op.Unsqueeze(keeps_row, lead)
+    return bias, keeps_row
 
 
 register_onnx_lowering(torch.ops.aten.scaled_dot_product_attention.default, sdpa_to_multihead_attention, group="contrib-attention")

@@ -118,6 +118,62 @@ def test_bert_fully_padded_row_matches():
     assert_parity(spec, graph, inputs=[inputs])
 
 
+def left_padded(spec: ModelSpec) -> ModelSpec:
+    """The decoder spec traced with an ``attention_mask`` whose first row is
+    left-padded, as in batched generation: its padded queries see no key."""
+
+    def inputs(batch, seq, pad, seed):
+        ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[0, :pad] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+
+    dyn = {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in ("input_ids", "attention_mask")}
+    return ModelSpec(spec.model, inputs(2, 12, 5, 0), dyn, f"{spec.name}-left-padded", [inputs(3, 9, 8, 1)])
+
+
+@pytest.mark.parametrize("make", [llama, gpt2])
+@pytest.mark.parametrize("pipeline", [BASE, PIPELINE])
+def test_left_padded_batch_matches_on_every_row(make, pipeline):
+    # transformers' default attention, causal + padding as one boolean mask: the
+    # padded queries' rows are all False, where torch's SDPA returns 0. A -inf
+    # bias made ONNX Runtime's softmax NaN there, and the next layer's keys
+    # spread the NaN to every real token.
+    spec = left_padded(make("tiny"))
+    graph, _ = pack(spec, pipeline=pipeline)
+    assert count(graph, SDPA) == 2  # the padding keeps the mask (not provably causal)
+    assert_parity(spec, graph)
+
+
+class MaskedSDPA(torch.nn.Module):
+    def __init__(self, kv_heads: int = 2):
+        super().__init__()
+        self.kv_heads = kv_heads
+
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k[:, : self.kv_heads], v[:, : self.kv_heads], attn_mask=mask,
+                                              enable_gqa=self.kv_heads < q.shape[1])
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["multihead-attention", "generic-lowering"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_fully_masked_query_rows_give_zeros_on_onnxruntime(kind, kv_heads):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    allowed = torch.rand(2, 1, 5, 5) > 0.3
+    allowed[0, 0, 1] = False  # query 1 of batch 0 sees no key
+    allowed[1, 0, 3] = False
+    allowed[..., 0, 0] = True
+    mask = allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, -torch.inf)
+    model = MaskedSDPA(kv_heads).eval()
+    graph = fxopt.trace(model, (q, k, v, mask))
+    out = fxopt.compile(graph, "onnxruntime")(q, k, v, mask)
+    ref = model(q, k, v, mask)
+    assert ref[0, :, 1].abs().max() == 0 and ref[1, :, 3].abs().max() == 0  # torch: zeros there
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_llama_gqa_drops_repeat_kv(tmp_path):
     spec = llama("tiny", attn_implementation="eager")
     before, _ = pack(spec, pipeline=PIPELINE.replace("pack-attention,", ""))
