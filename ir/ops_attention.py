@@ -183,7 +183,9 @@ def _packed_attention_onnx(x, weight, bias, mask=None, num_heads: int = 1, causa
     attrs = dict(num_heads=num_heads, unidirectional=1 if causal else 0, scale=float(scale))
     if mask is None:
         return msft.Attention(x, w, bias, **attrs)
-    return msft.Attention(x, w, bias, _mask_index(mask), mask_filter_value=float(mask_filter_value), **attrs)
+    index, fill, keeps_row = _kernel_mask(mask, x, mask_filter_value)
+    out = msft.Attention(x, w, bias, index, mask_filter_value=fill, **attrs)
+    return out if keeps_row is None else op.Mul(out, keeps_row)
 
 
 @define_op("packed_attention", fake=_packed_attention_fake, onnx=_packed_attention_onnx)
@@ -196,7 +198,8 @@ def packed_attention(
     scale + m) v`` with the heads merged back, ``[B, S, Din] -> [B, S, D]``.
     ``m``: causal (``causal``) and/or a key-padding mask ``[B, S]`` (key ``j`` of
     row ``b`` is masked where ``mask[b, j] == 0``; masked scores get
-    ``mask_filter_value`` added). Lowers to com.microsoft Attention."""
+    ``mask_filter_value`` added; -inf, as a boolean mask, makes an all-padding
+    row 0). Lowers to com.microsoft Attention."""
     _check_qkv_rows("packed_attention", weight.shape[0], num_heads)
     return _attend(torch.nn.functional.linear(x, weight, bias), mask, num_heads, causal, scale, mask_filter_value)
 
@@ -217,9 +220,17 @@ def _attend(qkv, mask, num_heads, causal, scale, mask_filter_value):
     return _merge_heads(out)
 
 
-def _mask_index(mask):
+def _kernel_mask(mask, x, mask_filter_value: float):
+    """A ``[B, T]`` key-padding mask as the kernels' int32 ``mask_index``, their
+    finite ``mask_filter_value``, and, for a fill of -inf, the ``[B, 1, 1]``
+    factor that zeroes the rows of an all-padding sequence (torch's SDPA gives
+    0 there; the kernels' finite fill, the mean of the values); else None."""
     # ORT attends where mask > 0; torch's bool(mask) is mask != 0.
-    return op.Cast(op.Not(op.Equal(mask, op.CastLike(0, mask))), to=6)  # INT32
+    index = op.Cast(op.Not(op.Equal(mask, op.CastLike(0, mask))), to=6)  # INT32
+    if mask_filter_value > -math.inf:
+        return index, float(mask_filter_value), None
+    keeps_row = op.ReduceMax(op.CastLike(index, x), op.Constant(value_ints=[-1]), keepdims=1)
+    return index, _MASKED_SCORE.get(x.dtype, -32752.0), op.Unsqueeze(keeps_row, op.Constant(value_ints=[-1]))
 
 
 # --------------------------------------------------------------------------
@@ -257,8 +268,9 @@ def _packed_attention_int8_onnx(x, w_q, w_scale, bias, mask=None, num_heads: int
     attrs = dict(num_heads=num_heads, unidirectional=1 if causal else 0, scale=float(scale))
     if mask is None:
         return msft.QAttention(xq, w, bias, x_scale, w_scale, None, x_zp, **attrs)
-    return msft.QAttention(xq, w, bias, x_scale, w_scale, _mask_index(mask), x_zp,
-                           mask_filter_value=float(mask_filter_value), **attrs)
+    index, fill, keeps_row = _kernel_mask(mask, x, mask_filter_value)
+    out = msft.QAttention(xq, w, bias, x_scale, w_scale, index, x_zp, mask_filter_value=fill, **attrs)
+    return out if keeps_row is None else op.Mul(out, keeps_row)
 
 
 @define_op("packed_attention_dynamic_int8", fake=_packed_attention_int8_fake, onnx=_packed_attention_int8_onnx,

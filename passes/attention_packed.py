@@ -16,7 +16,8 @@ no Split, Transpose or Reshape left around it). The attention must be causal
 proved, op by op, to be ``where(attention_mask[b, k] != 0, 0, fill)`` (or
 ``zeros.masked_fill(attention_mask == 0, fill)``; aranges and all-true parts
 may be constants that constant-fold folded) broadcast over heads and queries,
-with ``attention_mask`` a 2-D graph value;
+with ``attention_mask`` a 2-D graph value, or the boolean ``attention_mask[b,
+k] != 0`` itself (transformers' default SDPA attention, ``fill = -inf``);
 ``fill`` is kept as the kernel's ``mask_filter_value``. A constant mask that is
 causal (static shapes, where constant-fold folded it) counts as ``is_causal``.
 
@@ -33,10 +34,11 @@ tensors (com.microsoft GroupQueryAttention); repeat_kv is dropped, and a
 ``view + transpose`` head split is read through instead of copied back.
 
 Refuses (the SDPA stays, for the generic MultiHeadAttention lowering; the
-reason is in ``stats["refused"]``, node name -> reason): an arbitrary float or
-boolean mask, a mask together with ``is_causal``, dropout, q/k/v that are not
-the three equal parts of one linear with a constant weight, intermediate values
-used elsewhere (the projection would run twice), non-static heads or head size,
+reason is in ``stats["refused"]``, node name -> reason): a float or boolean
+mask that is not a key-padding one, a mask together with ``is_causal``, dropout,
+q/k/v that are not the three equal parts of one linear with a constant weight,
+intermediate values used elsewhere (the projection would run twice), non-static
+heads or head size,
 GQA with a mask or without ``is_causal``, queries and keys of different
 lengths (a KV cache with past), a QKV projection that ``quantize`` replaced by
 anything but a per-tensor dynamic int8 linear (per-token scales, weight-only
@@ -282,24 +284,21 @@ def _zeros(node, graph) -> bool:
     return c is not None and not bool(c.any())
 
 
-def _key_padding_mask(mask: fx.Node, graph, batch, keys, *, fully_masked_ok: bool = False) -> tuple[fx.Node, float, bool]:
+def _key_padding_mask(mask: fx.Node, graph, batch, keys) -> tuple[fx.Node, float, bool]:
     """``mask`` (an SDPA attn_mask) as ``(m, fill, sliced)`` where ``mask[b, h,
     q, k] == (0 if m[b, k] != 0 else fill)``, reading ``m[:batch, :keys]`` when
-    ``sliced``; raises :class:`Refuse` otherwise. ``fully_masked_ok``: a
-    boolean mask ``m[b, k] != 0`` and a fill of -inf are accepted too, for
-    callers to whom a row with every key masked does not matter (SDPA gives
-    it NaN or the mean of the values, the kernels 0)."""
+    ``sliced``; raises :class:`Refuse` otherwise. A boolean mask ``m[b, k] !=
+    0`` gives ``fill = -inf``: a row whose every key is masked is then 0 (torch's
+    SDPA), where a finite fill gives the mean of the values."""
     mv = val(mask)
     if mv.dtype == torch.bool:
-        if not fully_masked_ok:
-            raise Refuse("a boolean attn_mask (fully masked rows would differ)")
         return _padding_source(_describe(mask, graph, {}), mask, batch, keys, -math.inf)
     if not _is(mask, {aten.where.ScalarOther, aten.where.Scalar, aten.where.self}):
         try:
             d = _describe(mask, graph, {})
         except Refuse:
             d = None
-        if d is None or d.kind != "additive" or math.isnan(d.fill) or (math.isinf(d.fill) and not fully_masked_ok):
+        if d is None or d.kind != "additive" or not d.fill < math.inf:
             raise Refuse(f"attn_mask %{mask.name} is an arbitrary float mask, not where(padding, 0, fill)")
         return _padding_source(d.as_kind("pad"), mask, batch, keys, d.fill)
     cond, zero, fill = mask.args[:3]
@@ -312,8 +311,8 @@ def _key_padding_mask(mask: fx.Node, graph, batch, keys, *, fully_masked_ok: boo
             return float(c.flatten()[0])
         return None
 
-    if number(zero) != 0.0 or number(fill) is None or not math.isfinite(number(fill)):
-        raise Refuse(f"attn_mask %{mask.name} is not where(padding, 0, finite fill)")
+    if number(zero) != 0.0 or number(fill) is None or not number(fill) < math.inf:
+        raise Refuse(f"attn_mask %{mask.name} is not where(padding, 0, fill) with fill finite or -inf")
     return _padding_source(_describe(cond, graph, {}), mask, batch, keys, number(fill))
 
 
@@ -345,7 +344,7 @@ class PackAttention(Pass):
     Attention / QAttention, GroupQueryAttention); the head merge after SDPA is
     absorbed.
     Refuses (stats ``refused``: node -> reason) anything the kernels would not
-    compute exactly: arbitrary float or boolean masks, mask plus causal, dropout,
+    compute exactly: masks other than key padding, mask plus causal, dropout,
     KV caches (queries and keys of different lengths), GQA with a mask, shared
     intermediates. See the module docstring.
     """

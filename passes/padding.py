@@ -306,8 +306,7 @@ class RemovePadding(Pass):
                         raise Refuse(f"%{node.name}: not a key-padding-masked, non-causal attention without dropout")
                     if not same_shape(qv.shape[2:3], kv.shape[2:3]):
                         raise Refuse(f"%{node.name}: queries and keys differ in length")
-                    # A boolean mask too: a row whose keys are all masked has no real query.
-                    m, fill, _sliced = _key_padding_mask(attn_mask, graph, kv.shape[0], kv.shape[2], fully_masked_ok=True)
+                    m, fill, _sliced = _key_padding_mask(attn_mask, graph, kv.shape[0], kv.shape[2])
                     here = _Layout(qv.shape[0], qv.shape[2])
                 elif _is(node, {fxopt_ops.packed_attention.default}):
                     x, _w, _b, m, _heads, causal, _scale, fill = node.args[:8]

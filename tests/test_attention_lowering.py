@@ -118,6 +118,22 @@ def test_bert_fully_padded_row_matches():
     assert_parity(spec, graph, inputs=[inputs])
 
 
+@pytest.mark.parametrize("quant", ["", "quantize(mode=dynamic,act_granularity=tensor),"], ids=["float", "int8"])
+def test_default_sdpa_boolean_padding_mask_is_packed(quant, tmp_path):
+    # transformers' default attention hands SDPA the boolean attention_mask[b, k] != 0:
+    # fill -inf, so an all-padding sequence gives 0 (torch), not the mean of the values
+    spec = bert("tiny")
+    graph, stats = pack(spec, pipeline=PIPELINE.replace("pack-attention,", quant + "pack-attention,"))
+    assert (stats["packed"], stats["masked"], stats["refused"]) == (2, 2, {})
+    target = PACKED_INT8 if quant else PACKED
+    assert [n.args[-1] for n in graph.fx.nodes if n.target == target] == [-torch.inf] * 2
+    all_padding = {k: v.clone() for k, v in spec.example_inputs.items()}
+    all_padding["attention_mask"][0] = 0
+    assert_parity(spec, graph, inputs=[spec.example_inputs, *spec.other_inputs, all_padding], tol=1e-4 if not quant else 5e-3)
+    kernel = ("com.microsoft", "QAttention" if quant else "Attention")
+    assert onnx_ops(graph, tmp_path).count(kernel) == 2
+
+
 def left_padded(spec: ModelSpec) -> ModelSpec:
     """The decoder spec traced with an ``attention_mask`` whose first row is
     left-padded, as in batched generation: its padded queries see no key."""
@@ -360,13 +376,12 @@ class MaskedFillBlock(torch.nn.Module):
 def test_masked_fill_padding_bias_is_a_key_padding_mask(fill):
     torch.manual_seed(0)
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
-    other = torch.tensor([[1] * 9, [1] * 2 + [0] * 7, [1] * 5 + [0] * 4])
+    other = torch.tensor([[1] * 9, [1] * 2 + [0] * 7, [0] * 9])  # the last row all padding
     dyn = ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, {0: Dim.DYNAMIC, 1: Dim.DYNAMIC})
     spec = ModelSpec(MaskedFillBlock(fill).eval(), (torch.randn(2, 6, 16), mask), dyn, "masked-fill",
                      [(torch.randn(3, 9, 16), other)])
     graph, stats = pack(spec)
-    if fill == float("-inf"):  # the kernel's mask_filter_value must be finite
-        assert stats["packed"] == 0 and "arbitrary float mask" in next(iter(stats["refused"].values()))
-    else:
-        assert (stats["packed"], stats["masked"], count(graph, SDPA)) == (1, 1, 0)
+    assert (stats["packed"], stats["masked"], count(graph, SDPA)) == (1, 1, 0)
+    # all padding: -1e9 spreads attention evenly, -inf gives 0 (torch's SDPA); the kernels follow
+    assert [n.args[-1] for n in graph.fx.nodes if n.target == PACKED] == [fill]
     assert_parity(spec, graph)
