@@ -29,6 +29,26 @@ def _is_2d_transpose(node: fx.Node) -> bool:
     return False
 
 
+def _scalar(graph, x) -> float | None:
+    """``x`` as a python float when it is a number or a one-element constant."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    c = graph.constant(x) if isinstance(x, fx.Node) else None
+    if c is not None and c.numel() == 1 and c.dtype.is_floating_point:
+        return float(c)
+    return None
+
+
+def _only_read_by(graph, param, user: fx.Node) -> bool:
+    """``param`` is a constant whose tensor no node but ``user`` reads."""
+    tensor = graph.constant(param)
+    if tensor is None:
+        return False
+    reads = [n for n in graph.fx.nodes if n.op == "get_attr" and n.target == param.target]
+    return all(set(n.users) <= {user} for n in reads) and not any(
+        t is tensor for name, t in graph.tensor_attributes().items() if name != param.target)
+
+
 @register_pass("canonicalize")
 class Canonicalize(Pass):
     """Rewrites the graph into fxopt's canonical inference form.
@@ -43,14 +63,20 @@ class Canonicalize(Pass):
       device ``x`` already has, and views, reshapes, expands and full slices that
       keep the shape -> ``x``;
     * runtime asserts (``_assert_tensor_metadata``, ``_assert_scalar``,
-      ``sym_constrain_range*``) -> removed.
+      ``sym_constrain_range*``) -> removed;
+    * ``linear(x, W, b) * c`` (or ``/ c``) with ``c`` a constant scalar ->
+      ``linear(x, W * c, b * c)`` (OPT scales its query projection's output so;
+      folded, that projection merges with K and V and its attention packs).
 
     Refuses: matmuls whose weight is not a constant (a graph input stays a
-    matmul), ``addmm`` with alpha/beta other than 1, and dropout in training mode.
+    matmul), ``addmm`` with alpha/beta other than 1, dropout in training mode,
+    and a scale fold whose weight or bias is read elsewhere too (tied: the fold
+    would keep a second copy).
     """
 
     keep_asserts = Option(False, help="leave runtime asserts in the graph")
     linear = Option(True, help="rewrite matmul/addmm/mm with a constant weight into linear")
+    fold_scale = Option(True, help="fold a constant scalar multiply/divide of a linear's output into its weight and bias")
 
     ensures = ("canonical-linear",)
 
@@ -72,6 +98,10 @@ class Canonicalize(Pass):
             for node in self.walk(graph, op="call_function", target=aten.linear.default):
                 if self._absorb_flatten(graph, node):
                     counts["flatten-absorbed"] = counts.get("flatten-absorbed", 0) + 1
+        if self.fold_scale:
+            for node in self.walk(graph, op="call_function", target=aten.linear.default):
+                if self._fold_scale(graph, node):
+                    counts["scale-folded"] = counts.get("scale-folded", 0) + 1
         return PassResult(bool(counts), {"rewritten": counts, "linear_ops": sum(1 for n in graph.fx.nodes if n.target == aten.linear.default)})
 
     # -- rules: each returns True when it rewrote ``node`` -------------------------------
@@ -160,6 +190,39 @@ class Canonicalize(Pass):
         for stale in dict.fromkeys((w, base)):
             if isinstance(stale, fx.Node) and stale.graph is graph.fx and not stale.users:
                 graph.fx.erase_node(stale)
+        return True
+
+    def _fold_scale(self, graph, node) -> bool:
+        """linear(x, W, b) * c  ==>  linear(x, W * c, b * c)."""
+        if len(node.users) != 1:
+            return False
+        (scaled,) = node.users
+        if scaled.target in (aten.mul.Tensor, aten.mul.Scalar) and len(scaled.args) == 2:
+            other = scaled.args[1] if scaled.args[0] is node else scaled.args[0]
+            invert = False
+        elif scaled.target in (aten.div.Tensor, aten.div.Scalar) and scaled.args[0] is node and not scaled.kwargs:
+            other, invert = scaled.args[1], True
+        else:
+            return False
+        c = _scalar(graph, other)
+        x, w, b = (list(node.args) + [None])[:3]
+        params = [p for p in (w, b) if p is not None]
+        out, res = val(node), val(scaled)
+        if c is None or (invert and c == 0) or not all(_only_read_by(graph, p, node) for p in params):
+            return False
+        if not (isinstance(res, torch.Tensor) and res.dtype == out.dtype and same_shape(res.shape, out.shape)):
+            return False
+        with graph.fx.inserting_before(node):
+            folded = [graph.add_constant(graph.constant(p) / c if invert else graph.constant(p) * c, f"{p.target}_scaled")
+                      for p in params]
+            new = graph.fx.call_function(aten.linear.default, (x, *folded))
+        new.meta.update({k: v for k, v in scaled.meta.items()})
+        scaled.replace_all_uses_with(new)
+        graph.fx.erase_node(scaled)
+        graph.fx.erase_node(node)
+        for p in params:
+            if not p.users:
+                graph.fx.erase_node(p)
         return True
 
     def _absorb_flatten(self, graph, node) -> bool:

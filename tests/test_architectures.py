@@ -61,7 +61,7 @@ def vit():
 # model -> (builder, fxopt ops the fusion pipeline must produce, at least this many each)
 MODELS = {
     "t5-encoder": (t5_encoder, {"add_rms_norm": 4, "linear_act": 2}),
-    "opt": (opt, {"add_layer_norm": 1, "linear_act": 2}),
+    "opt": (opt, {"add_layer_norm": 1, "linear_act": 2, "packed_attention": 2}),  # its query scale folded
     "qwen2": (qwen2_eager, {"group_query_attention": 2, "add_rms_norm": 4}),
     "vit": (vit, {"add_layer_norm": 4, "linear_act": 2}),
     "mobilebert": (mobilebert, {"linear_act": 4}),

@@ -79,6 +79,42 @@ def test_canonicalize_keeps_training_dropout():
     assert aten.native_dropout.default in targets(out) and not any(r.changed for r in fxopt.PassManager("canonicalize").run(graph).records)
 
 
+class ScaledProjections(torch.nn.Module):
+    """OPT's query: a linear's output times a constant; and two that must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
+        self.tied = torch.nn.Linear(8, 8)
+        self.tied_user = torch.nn.Linear(8, 8, bias=False)
+        self.tied_user.weight = self.tied.weight  # tied: folding would copy the weight
+
+    def forward(self, x):
+        q = self.q(x) * 0.125
+        k = self.k(x) / 4.0
+        tied = self.tied(x) * 0.5 + self.tied_user(x)
+        per_feature = self.v(x) * torch.arange(8.0)  # not a scalar
+        return q, k, tied, per_feature
+
+
+def test_canonicalize_folds_a_constant_scale_into_the_linear():
+    x = torch.randn(2, 5, 8)
+    model = ScaledProjections().eval()
+    graph = fxopt.trace(model, (x,), dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},))
+    out, record = optimize(graph, "canonicalize,dce")
+    assert fxopt.PassManager("canonicalize").run(graph).records[0].stats["rewritten"]["scale-folded"] == 2
+    t = targets(out)
+    assert t.count(aten.mul.Tensor) == 2 and aten.div.Tensor not in t  # the tied and the per-feature ones stay
+    q_linear = next(n for n in out.fx.nodes if n.target == aten.linear.default and n.users and
+                    next(iter(n.users)).op == "output")
+    torch.testing.assert_close(out.constant(q_linear.args[1]), model.q.weight * 0.125)
+    with torch.no_grad():
+        for inputs in (x, torch.randn(3, 7, 8)):
+            torch.testing.assert_close(out(inputs), model(inputs))
+    assert not any(r.stats["rewritten"].get("scale-folded") for r in
+                   fxopt.PassManager("canonicalize(fold_scale=false)").run(graph).records)
+
+
 def test_dce_removes_dead_pure_nodes_but_keeps_effects():
     class M(torch.nn.Module):
         def forward(self, x):
