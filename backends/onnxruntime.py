@@ -70,6 +70,11 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
     """Re-export the graph and convert it to an ``torch.onnx.ONNXProgram``;
     ``disable_lowerings`` names groups of aten lowerings to leave to the
     exporter (``fxopt.ir.ops.onnx_lowering_groups()``, e.g. "contrib-attention")."""
+    written = graph.written_attributes()
+    if written:
+        # The exporter would drop the writes: every run would start from the traced state.
+        raise BackendError(f"{graph.name} writes its buffer(s) {written} during forward (state kept between calls); "
+                           "an ONNX model keeps no state between runs: use the eager backend, or pass the state in and out as inputs and outputs")
     ep = _contiguous_before_views(graph).to_exported_program()
     kwargs = {"opset_version": opset} if opset else {}
     try:

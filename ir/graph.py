@@ -8,6 +8,7 @@ returns the model's own output structure (the pytree specs of torch.export).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import itertools
@@ -17,6 +18,15 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
+
+
+def _writes(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` writes into ``node`` in place (an argument its schema marks mutable)."""
+    schema = getattr(user.target, "_schema", None) if user.op == "call_function" else None
+    if schema is None:
+        return False
+    return any(arg.alias_info is not None and arg.alias_info.is_write and value is node
+               for arg, value in zip(schema.arguments, user.args))
 
 
 def _fingerprint(t: torch.Tensor) -> tuple:
@@ -99,12 +109,31 @@ class Graph:
         return obj
 
     def constant(self, node: fx.Node) -> torch.Tensor | None:
-        """The tensor a ``get_attr`` node reads, else None."""
-        if isinstance(node, fx.Node) and node.op == "get_attr":
+        """The tensor a ``get_attr`` node reads, else None; None too for a
+        buffer the graph writes (state such as a counter or a cache: each
+        call reads what the last one left, so no pass may take it as fixed)."""
+        if isinstance(node, fx.Node) and node.op == "get_attr" and not any(_writes(u, node) for u in node.users):
             value = self.get_attr(node.target)
             if isinstance(value, torch.Tensor):
                 return value
         return None
+
+    def written_attributes(self) -> list[str]:
+        """Buffers the graph writes in place (``model.count += 1``, a static
+        KV cache): torch.export keeps such writes as ``copy_`` into the buffer."""
+        return sorted({n.target for n in self.fx.nodes if n.op == "get_attr" and any(_writes(u, n) for u in n.users)})
+
+    @contextlib.contextmanager
+    def state_restored(self):
+        """Run the graph inside without keeping what it writes to its buffers
+        (numerics checks call it more than once on the same state)."""
+        saved = {name: self.get_attr(name).clone() for name in self.written_attributes()}
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    self.get_attr(name).copy_(value)
 
     def add_constant(self, tensor: torch.Tensor, name_hint: str = "const") -> fx.Node:
         """Register ``tensor`` as a buffer under a fresh name and return a

@@ -102,8 +102,10 @@ class PassManager:
     ``verify``: check the graph after each pass. ``dump_dir``: write the IR before and
     after each pass. ``check_numerics``: compare outputs with the input graph's after
     each pass (on ``numerics_inputs``, a list of ``(args, kwargs)``, or the graph's
-    example inputs) within ``tolerance`` x output scale, raised to a pass's own
-    ``numerics_tolerance`` once a lossy pass has run. Further keyword arguments are
+    example inputs) within ``tolerance`` x output scale (default: 1e-4, or 5e-3 / 4e-2
+    when an output is float16 / bfloat16, whose one rounding step is already
+    ~5e-4 / 4e-3), raised to a pass's own ``numerics_tolerance`` once a lossy
+    pass has run. Further keyword arguments are
     inputs that passes declare in ``needs`` (e.g. ``calibration_data=[...]``).
     """
 
@@ -116,7 +118,7 @@ class PassManager:
         dump_dir: str | Path | None = None,
         check_numerics: bool = False,
         numerics_inputs: Iterable[tuple[tuple, dict]] | None = None,
-        tolerance: float = 1e-4,
+        tolerance: float | None = None,
         instruments: Sequence[Instrument] = (),
         **context: Any,
     ):
@@ -196,8 +198,9 @@ class PassManager:
         state = _RunState(ctx, instruments, output_signature(graph))
         if self.check_numerics:
             inputs = self.numerics_inputs or [(graph.example_args, graph.example_kwargs)]
-            state.numerics = [(a, k, graph(*a, **k)) for a, k in inputs]
-            state.tolerance = self.tolerance
+            with graph.state_restored():
+                state.numerics = [(a, k, graph(*a, **k)) for a, k in inputs]
+            state.tolerance = self.tolerance if self.tolerance is not None else default_tolerance(graph)
         records: list[PassRecord] = []
         warnings: list[str] = []
         with shape_env_rollback(graph):
@@ -266,7 +269,8 @@ class PassManager:
             state.tolerance = max(state.tolerance, p.numerics_tolerance)
             worst = None
             for args, kwargs, ref in state.numerics:
-                parity = compare(ref, work(*args, **kwargs))
+                with work.state_restored():
+                    parity = compare(ref, work(*args, **kwargs))
                 if worst is None or parity.max_abs_err / max(parity.scale, 1e-12) > worst.max_abs_err / max(worst.scale, 1e-12):
                     worst = parity
             record.numerics = worst.as_dict()
@@ -283,6 +287,17 @@ class PassManager:
         for inst in state.instruments:
             inst.after_pass(p, work, record)
         return record.changed
+
+
+# Relative output error a float pass may cause, by the coarsest float dtype among the outputs.
+_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+def default_tolerance(graph: Graph) -> float:
+    out = next(n for n in reversed(graph.fx.nodes) if n.op == "output")
+    dtypes = {n.meta["val"].dtype for n in torch.utils._pytree.tree_leaves(out.args[0])
+              if isinstance(n, torch.fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)}
+    return max([1e-4, *(_TOLERANCE.get(d, 1e-4) for d in dtypes)])
 
 
 def output_signature(graph: Graph) -> list[str]:

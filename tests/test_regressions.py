@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.passes import Pass, PassError, PassManager, PassResult, parse_pipeline
+from fxopt.passes import NumericsError, Pass, PassError, PassManager, PassResult, parse_pipeline
 from fxopt.passes.registry import PassRegistry
 
 BASE = "canonicalize,dce,constant-fold,cse"
@@ -120,3 +120,43 @@ def test_pipeline_round_trips_infinite_and_nan_floats():
         parse_pipeline("fixed-point(tol,max_iterations=true)", reg)
     with pytest.raises(fxopt.PipelineError, match="given twice"):
         parse_pipeline("fixed-point(tol,max_iterations=2,max_iterations=3)", reg)
+
+
+class Counter(torch.nn.Module):
+    """State in a buffer (a call counter; a running average or a static KV cache alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        self.count += 1
+        return x * self.count
+
+
+def test_a_buffer_the_model_writes_is_state_not_a_constant():
+    # constant-fold froze count + 1 at its traced value (every call returned x * 1),
+    # and the ONNX export dropped the write without a word
+    graph = fxopt.trace(Counter(), (torch.ones(2),))
+    assert graph.written_attributes() == ["count"]
+    model = Counter()
+    # check_numerics runs the graphs more than once: each run starts from the same state
+    result = PassManager(BASE, check_numerics=True).run(graph)
+    assert any(n.target == torch.ops.aten.add.Tensor for n in result.graph.fx.nodes)  # not folded
+    compiled = fxopt.compile(result.graph, "eager")
+    assert [compiled(torch.ones(2))[0].item() for _ in range(3)] == [model(torch.ones(2))[0].item() for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(fxopt.BackendError, match=r"writes its buffer\(s\) \['count'\].*eager backend"):
+        fxopt.compile(result.graph, "onnxruntime")
+
+
+def test_check_numerics_tolerance_follows_the_output_dtype():
+    # float16 GPT-2's logits move by one float16 rounding step when a pass
+    # reorders an op: within 5e-3 of the scale, beyond float32's 1e-4
+    from fxopt.models import gpt2
+
+    spec = gpt2("tiny")
+    model = spec.model.half()
+    graph = fxopt.trace(model, spec.example_inputs)
+    assert PassManager(BASE, check_numerics=True).run(graph).records[-1].numerics is not None
+    with pytest.raises(NumericsError, match="drifted"):
+        PassManager(BASE + ",fuse-norm", check_numerics=True, tolerance=1e-7).run(graph)
