@@ -168,6 +168,7 @@ class Pass:
             else:
                 value = opt.default
             setattr(self, key, value)
+        self.given_options = frozenset(options)  # what the user set, for checks between options
         self.validate_options()
         self.context = PassContext()
         self.current_node: fx.Node | None = None

@@ -329,6 +329,10 @@ class Quantize(Pass):
         if self.act_granularity is not None and not any(c.mode == "dynamic" for c in configs):
             raise OptionError(f"pass 'quantize': option 'act_granularity={self.act_granularity}' applies to mode=dynamic only "
                               f"(mode={self.mode!r}; static activations use calibrated per-tensor ranges)")
+        if "group_size" in self.given_options and not any(c.granularity == "group" for c in configs):
+            raise OptionError(f"pass 'quantize': option 'group_size={self.group_size}' applies to granularity=group only, and this "
+                              f"pipeline quantizes with granularity={configs[0].granularity} (the default for "
+                              f"{'mode=dynamic' if self.mode == 'dynamic' else f'{self.bits} bits'}); add granularity=group or drop group_size")
         for cfg in configs:
             self._check_config(cfg)
         self.numerics_tolerance = max(_numerics_tolerance(c.bits) for c in configs)

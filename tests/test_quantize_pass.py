@@ -226,6 +226,9 @@ def test_guard_times_layers_and_keeps_float_where_quantizing_does_not_pay():
     (dict(overrides=["attn"]), "each override is 'regex:key=value"),
     (dict(overrides=["attn:bitz=4"]), "expected key=value with key one of"),
     (dict(overrides=["attn:bits=12"]), "bits must be from 2 to 8"),
+    # was accepted and ignored: per-channel weights came out
+    (dict(mode="dynamic", group_size=32), r"'group_size=32' applies to granularity=group only.*mode=dynamic"),
+    (dict(bits=8, group_size=64), r"'group_size=64' applies to granularity=group only.*8 bits"),
 ])
 def test_bad_options_fail_at_construction(options, message):
     with pytest.raises(OptionError, match=message):
