@@ -99,6 +99,10 @@ def cmd_optimize(a) -> int:
     from .passes import PassManager
 
     console = _console()
+    suffix = {"onnxruntime": ".onnx", "eager": ".pt2"}[a.backend]
+    if a.out and Path(a.out).suffix != suffix:
+        raise CliError(f"--out {a.out}: the {a.backend} backend saves a {suffix} file"
+                       + (" (a torch.export archive; --backend onnxruntime writes .onnx)" if a.backend == "eager" else ""))
     if a.report:
         Path(a.report).parent.mkdir(parents=True, exist_ok=True)
     _import_plugins(a)

@@ -60,6 +60,7 @@ def test_optimize_a_user_factory_with_the_users_own_pass(tmp_path, monkeypatch):
     (["optimize", "user_models:untraceable"], "torch.export could not trace"),
     (["optimize", "user_models:not_a_model"], "must return (model, example_inputs"),
     (["optimize", "tiny-gpt", "--plugin", "no_such_plugin_module"], "cannot import plugin module 'no_such_plugin_module'"),
+    (["optimize", "mlp", "--backend", "eager", "--out", "m.onnx"], "the eager backend saves a .pt2 file"),  # wrote a .pt2 named .onnx
 ])
 def test_errors_print_one_clear_message_and_exit_nonzero(args, message):
     proc = fxopt_cmd(*args)
