@@ -198,8 +198,10 @@ class PassManager:
         state = _RunState(ctx, instruments, output_signature(graph))
         if self.check_numerics:
             inputs = self.numerics_inputs or [(graph.example_args, graph.example_kwargs)]
-            with graph.state_restored():
-                state.numerics = [(a, k, graph(*a, **k)) for a, k in inputs]
+            state.numerics = []
+            for a, k in inputs:  # each from the same state, as the checks below run
+                with graph.state_restored():
+                    state.numerics.append((a, k, graph(*a, **k)))
             state.tolerance = self.tolerance if self.tolerance is not None else default_tolerance(graph)
         records: list[PassRecord] = []
         warnings: list[str] = []
