@@ -12,6 +12,17 @@ class BackendError(RuntimeError):
 class CompiledModel:
     backend: str = ""
 
+    @staticmethod
+    def graph_inputs(graph, args: tuple, kwargs: dict) -> list:
+        """The call's inputs as the graph's flat inputs, checked against the
+        traced structure, dtypes and ranks (a mismatch names the input)."""
+        try:
+            leaves = graph.flatten_inputs(*args, **kwargs)
+            graph.check_inputs(leaves)
+        except (TypeError, ValueError) as e:
+            raise BackendError(f"{graph.name}: {e}") from None
+        return leaves
+
     def __call__(self, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
 

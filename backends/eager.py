@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 
 from ..ir.graph import Graph
 from .base import CompiledModel
@@ -19,6 +20,10 @@ class EagerModel(CompiledModel):
         self._fn = torch.compile(module, **(compile_options or {})) if torch_compile else module
 
     def __call__(self, *args, **kwargs):
+        # Rebuilt in the traced structure, so that a model traced with keyword
+        # inputs can be called positionally too, as the original can.
+        leaves = self.graph_inputs(self.graph, args, kwargs)
+        args, kwargs = pytree.tree_unflatten(leaves, self.graph.fx._codegen.pytree_info.in_spec)
         with torch.inference_mode():
             return self._fn(*args, **kwargs)
 

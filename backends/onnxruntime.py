@@ -212,12 +212,17 @@ class OnnxRuntimeModel(CompiledModel):
             raise BackendError(f"ONNX model has {len(self.output_names)} outputs, the graph {graph.num_outputs()}")
 
     def __call__(self, *args, **kwargs):
-        leaves = self.graph.flatten_inputs(*args, **kwargs)
+        leaves = self.graph_inputs(self.graph, args, kwargs)
         for i, traced in self._constants.items():
             if leaves[i] != traced:
                 raise BackendError(f"input #{i} was {traced!r} when traced and the ONNX model is specialized to it; got {leaves[i]!r}")
         feed = {name: leaves[i].detach().cpu().contiguous().numpy() for name, i in zip(self.input_names, self._tensor_positions)}
-        outputs = self.session.run(self.output_names, feed)
+        try:
+            outputs = self.session.run(self.output_names, feed)
+        except Exception as e:  # onnxruntime's own types; its message names a node, not the input
+            shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
+            raise BackendError(f"{self.graph.name}: ONNX Runtime failed on inputs {shapes} (do their sizes agree as when "
+                               f"traced?): {str(e).strip().splitlines()[0][:300]}") from e
         return self.graph.unflatten_outputs([torch.from_numpy(np.asarray(o)) for o in outputs])
 
     def save(self, path) -> Path:

@@ -63,6 +63,18 @@ class Graph:
         with torch.no_grad():
             return self.module(*args, **kwargs)
 
+    def check_inputs(self, leaves: list) -> None:
+        """Each tensor among the flat inputs has the dtype and rank it was
+        traced with (a compiled model is specialized to both); raises
+        ValueError naming the input otherwise."""
+        for node, leaf in zip(self.placeholders(), leaves):
+            traced = node.meta.get("val")
+            if not (isinstance(traced, torch.Tensor) and isinstance(leaf, torch.Tensor)):
+                continue
+            if leaf.dtype != traced.dtype or leaf.dim() != traced.dim():
+                raise ValueError(f"input '{node.name}' is {leaf.dtype} with {leaf.dim()} dims; {self.name} was traced with "
+                                 f"{traced.dtype} with {traced.dim()} dims: convert it (e.g. .to({traced.dtype})) or trace with such an input")
+
     def flatten_inputs(self, *args, **kwargs) -> list:
         """The model's inputs as the flat list of graph inputs (the order
         torch.export and the ONNX model use); checks the structure matches."""

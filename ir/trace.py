@@ -55,6 +55,9 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = 
         if "Cache'> in output" in str(e):
             hint = ("\n  hint: the model returns a Hugging Face KV cache object, which torch.export cannot flatten; "
                     "trace it with use_cache=False (model.config.use_cache = False, or use_cache=False in the inputs)")
+        elif "0/1 specialized" in str(e):
+            hint = ("\n  hint: torch.export takes a size of 0 or 1 in the example inputs as fixed; trace with at least 2 "
+                    "along each dynamic dimension (e.g. batch 2), and the traced model still runs batch 1")
         raise TraceError(f"torch.export could not trace {name}: {type(e).__name__}: {_summary(e)}{hint}") from e
     finally:
         model.train(was_training)

@@ -89,3 +89,24 @@ def test_eager_backend_with_torch_compile():
     graph = fxopt.trace(spec.model, spec.example_inputs)
     compiled = fxopt.compile(graph, "eager", torch_compile=True)
     assert fxopt.compare(reference(spec), run(compiled, spec.example_inputs)).within(TOL)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_calls_the_traced_model_cannot_take_fail_naming_the_input(backend):
+    spec = model_spec("bert-tiny")
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    compiled = fxopt.compile(graph, backend)
+    ids, mask = spec.other_inputs[0]["input_ids"], spec.other_inputs[0]["attention_mask"]
+    # traced with keyword inputs, called positionally: fine, as for the original (eager used to refuse)
+    assert fxopt.compare(spec.model(ids, mask), compiled(ids, mask)).within(TOL)
+    with pytest.raises(fxopt.BackendError, match=r"input 'input_ids' is torch.int32 .* traced with torch.int64"):
+        compiled(input_ids=ids.int(), attention_mask=mask)
+    with pytest.raises((fxopt.BackendError, RuntimeError), match="attention_mask"):  # sizes that disagree
+        compiled(input_ids=ids, attention_mask=mask[:, :-2])
+
+
+def test_tracing_a_dynamic_dim_of_size_one_says_to_trace_with_two():
+    spec = model_spec("bert-tiny")
+    batch_one = {k: v[:1] for k, v in spec.example_inputs.items()}
+    with pytest.raises(fxopt.TraceError, match="trace with at least 2 along each dynamic dimension"):
+        fxopt.trace(spec.model, batch_one, dynamic_shapes=spec.dynamic_shapes)
