@@ -246,7 +246,7 @@ def main() -> None:
         cells = []
         for shape in SHAPES:
             if shape in r:
-                cells += [f"{r[shape]:.2f}", f"{r[shape + '/ratio']:.2f}"]
+                cells += [f"{r[shape]:.2f}", f"{r[shape + '/ratio']:.3f}"]
             else:
                 cells += ["-", "-"]
         lines.append(f"| {VARIANTS[r['variant']][0]} | " + " | ".join(cells) + f" | {r['note']} |")
