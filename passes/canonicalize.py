@@ -216,7 +216,7 @@ class Canonicalize(Pass):
             folded = [graph.add_constant(graph.constant(p) / c if invert else graph.constant(p) * c, f"{p.target}_scaled")
                       for p in params]
             new = graph.fx.call_function(aten.linear.default, (x, *folded))
-        new.meta.update({k: v for k, v in scaled.meta.items()})
+        new.meta.update(scaled.meta)
         scaled.replace_all_uses_with(new)
         graph.fx.erase_node(scaled)
         graph.fx.erase_node(node)
