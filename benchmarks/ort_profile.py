@@ -4,6 +4,7 @@ warm-up), for the models and fused pipeline of ``benchmarks/fusion.py``.
 
     python benchmarks/ort_profile.py gpt2      # or minilm, llama, bert
     python benchmarks/ort_profile.py gpt2 --pipeline "canonicalize,quantize(mode=dynamic)"
+    python benchmarks/ort_profile.py gpt2-sdpa --tokens 1   # a one-token forward
 
 The README's "MatMul is N% of ONNX Runtime's kernel time" comes from here.
 """
@@ -30,10 +31,12 @@ from fxopt.passes import PassManager  # noqa: E402
 RUNS = 6
 
 
-def main(name: str, pipeline: str | None = None, threads: int = 2) -> None:
+def main(name: str, pipeline: str | None = None, threads: int = 2, tokens: int | None = None) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     spec, inputs, *_ = fusion.models([name])[0]
+    if tokens:  # the first `tokens` positions of every sequence input
+        inputs = {k: v[:, :tokens] for k, v in inputs.items()}
     graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
     fused = PassManager(pipeline or ",".join([fusion.BASE, *fusion.FUSIONS, "dce"])).run(graph).graph
     options = _session_options(threads, 1, "all", False)
@@ -53,7 +56,7 @@ def main(name: str, pipeline: str | None = None, threads: int = 2) -> None:
             total[e["args"]["op_name"]] += e["dur"]
             count[e["args"]["op_name"]] += 1
     all_us = sum(total.values())
-    print(f"| op | ms per run | share | nodes |  ({name}, {pipeline or 'fused'}, {threads} threads)\n|---|---|---|---|")
+    print(f"| op | ms per run | share | nodes |  ({name}, {pipeline or 'fused'}, {threads} threads, {tokens or 'all'} tokens)\n|---|---|---|---|")
     for op, us in total.most_common():
         print(f"| {op} | {us / (RUNS + 1) / 1e3:.2f} | {100 * us / all_us:.1f}% | {count[op] // (RUNS + 1)} |")
 
@@ -65,5 +68,6 @@ if __name__ == "__main__":
     ap.add_argument("model", nargs="?", default="gpt2", choices=["gpt2", "gpt2-sdpa", "minilm", "minilm-padded", "llama", "bert"])
     ap.add_argument("--pipeline", help="fxopt pipeline to profile (default: the fusion benchmark's fused pipeline)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, help="profile only the first N tokens of each sequence (1: one-token forward)")
     a = ap.parse_args()
-    main(a.model, a.pipeline, a.threads)
+    main(a.model, a.pipeline, a.threads, a.tokens)

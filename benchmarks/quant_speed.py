@@ -64,6 +64,19 @@ FXOPT_PIPELINES = {
 }
 
 
+def _cpu_name() -> str:
+    """The CPU model and whether it has int8 dot-product instructions: the
+    ratios depend on both (the dev VMs have come as AVX2 EPYCs and as VNNI Xeons)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "CPU unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU unknown")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extras = [f for f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(extras) or 'no AVX2'})"
+
+
 def _inputs(seq: int):
     import torch
 
@@ -258,7 +271,7 @@ def main() -> None:
         f"`python benchmarks/quant_speed.py{' --quick' if args.quick else ''} --threads {THREADS} --variants {args.variants}`; median of {repeat} warm runs per shape, "
         "each variant in its own subprocess, timed in pairs with eager fp32 in that subprocess; a ratio is the median "
         "of the pairs' ratios (below 1 is faster), so the machine's drift between variants cancels. "
-        f"{THREADS} thread(s) for every variant. Machine: {os.cpu_count()} cores.\n\n"
+        f"{THREADS} thread(s) for every variant. Machine: {os.cpu_count()} cores, {_cpu_name()}.\n\n"
         "Goals (issue 3): one-token fxopt int8 <= 0.20 and int4 <= 0.15; prefill-128 fxopt int8 <= 0.30.\n\n"
     )
     (RESULTS / f"{args.output}.md").write_text(header + table + "\n")
