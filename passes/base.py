@@ -87,6 +87,16 @@ class Option:
         return value
 
 
+def did_you_mean(name: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ''. A name
+    that differs only in case or in ``_`` for ``-`` counts as closest: difflib
+    scores ``DCE`` too far from ``dce`` to suggest it."""
+    choices = list(choices)
+    key = name.lower().replace("_", "-")
+    hint = [c for c in choices if c.lower().replace("_", "-") == key] or difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
 @dataclass
 class PassResult:
     changed: bool
@@ -153,12 +163,8 @@ class Pass:
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             bad = unknown[0]
-            hint = difflib.get_close_matches(bad, self.options, n=1)
             valid = ", ".join(self.options) or "none"
-            raise OptionError(
-                f"pass {label!r} has no option {bad!r}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                + f"; valid options: {valid}"
+            raise OptionError(f"pass {label!r} has no option {bad!r}{did_you_mean(bad, self.options)}; valid options: {valid}"
             )
         for key, opt in self.options.items():
             if key in options:

@@ -4,10 +4,9 @@ overwrite)."""
 
 from __future__ import annotations
 
-import difflib
 from typing import Iterator
 
-from .base import Pass
+from .base import Pass, did_you_mean
 
 
 class UnknownPassError(KeyError):
@@ -38,10 +37,8 @@ class PassRegistry:
         try:
             return self._passes[name]
         except KeyError:
-            hint = difflib.get_close_matches(name, self._passes, n=1)
             raise UnknownPassError(
-                f"unknown pass {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                + f"; registered passes: {', '.join(sorted(self._passes))}"
+                f"unknown pass {name!r}{did_you_mean(name, self._passes)}; registered passes: {', '.join(sorted(self._passes))}"
             ) from None
 
     def create(self, name: str, **options) -> Pass:

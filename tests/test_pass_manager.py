@@ -135,6 +135,9 @@ def test_pipeline_values_parse_to_python_types():
 
 @pytest.mark.parametrize("text,message", [
     ("canonicalize,dcee", "unknown pass 'dcee' \\(did you mean 'dce'\\?\\); registered passes: "),
+    ("canonicalize,DCE", "unknown pass 'DCE' \\(did you mean 'dce'\\?\\)"),  # case: too far for difflib alone
+    ("constant_fold", "unknown pass 'constant_fold' \\(did you mean 'constant-fold'\\?\\)"),
+    ("cse(Merge-Tied=false)", "no option 'Merge-Tied' \\(did you mean 'merge_tied'\\?\\)"),
     ("cse(merge_tied=maybe)", "pass 'cse': option 'merge_tied' expects bool, got 'maybe'"),
     ("cse(bogus=1)", "pass 'cse' has no option 'bogus'"),
     ("cse(", "expected 'name' but found end of text"),
