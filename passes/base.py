@@ -164,8 +164,7 @@ class Pass:
         if unknown:
             bad = unknown[0]
             valid = ", ".join(self.options) or "none"
-            raise OptionError(f"pass {label!r} has no option {bad!r}{did_you_mean(bad, self.options)}; valid options: {valid}"
-            )
+            raise OptionError(f"pass {label!r} has no option {bad!r}{did_you_mean(bad, self.options)}; valid options: {valid}")
         for key, opt in self.options.items():
             if key in options:
                 value = opt.validate(label, options[key])
