@@ -111,10 +111,16 @@ DYNAMIC_W_QMAX = 63  # ... with weight codes within +-63: see the module docstri
 _PACKED: dict[tuple[int, int], tuple[weakref.ref, int, object]] = {}
 
 
+def _version(t: torch.Tensor) -> int:
+    """``t``'s in-place write counter; inference tensors (weights made inside
+    ``torch.inference_mode()``) keep none, and cannot be written outside it."""
+    return 0 if t.is_inference() else t._version
+
+
 def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, check=None):
     key = (id(w_q), id(bias))
     hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is w_q and hit[1] == w_q._version:
+    if hit is not None and hit[0]() is w_q and hit[1] == _version(w_q):
         return hit[2]
     if check is not None:
         check(w_q)
@@ -123,7 +129,7 @@ def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None 
         warnings.simplefilter("ignore", UserWarning)
         qw = torch._make_per_channel_quantized_tensor(w_q, w_scale.to(torch.float64), torch.zeros(n, dtype=torch.int64), 0)
         packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float().contiguous())
-    _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), w_q._version, packed)
+    _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), _version(w_q), packed)
     return packed
 
 
@@ -189,10 +195,10 @@ _DEQUANTIZED: dict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor]] = {}
 def _dequantized(w_u8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     key = (id(w_u8), id(w_scale))
     hit = _DEQUANTIZED.get(key)
-    if hit is not None and hit[0]() is w_u8 and hit[1] == w_u8._version + w_scale._version:
+    if hit is not None and hit[0]() is w_u8 and hit[1] == _version(w_u8) + _version(w_scale):
         return hit[2]
     w = (w_u8.to(torch.float32) - W_ZERO_POINT) * w_scale.to(torch.float32)[:, None]
-    _DEQUANTIZED[key] = (weakref.ref(w_u8, lambda _r, k=key: _DEQUANTIZED.pop(k, None)), w_u8._version + w_scale._version, w)
+    _DEQUANTIZED[key] = (weakref.ref(w_u8, lambda _r, k=key: _DEQUANTIZED.pop(k, None)), _version(w_u8) + _version(w_scale), w)
     return w
 
 

@@ -205,7 +205,10 @@ class PassManager:
             state.tolerance = self.tolerance if self.tolerance is not None else default_tolerance(graph)
         records: list[PassRecord] = []
         warnings: list[str] = []
-        with shape_env_rollback(graph):
+        # Inside a user's torch.inference_mode(), the constants passes make
+        # (quantized weights, merged matrices) would be inference tensors, which
+        # torch.export and in-place packing caches cannot take.
+        with shape_env_rollback(graph), torch.inference_mode(False):
             for item in self.items:
                 self._run_item(item, work, state, records, warnings)
         return PipelineResult(work, str(self), records, warnings)

@@ -181,3 +181,24 @@ def test_check_numerics_tolerance_follows_the_output_dtype():
     float_graph = fxopt.trace(gpt2("tiny").model, spec.example_inputs)
     with pytest.raises(NumericsError, match="drifted"):  # float32 outputs: 1e-4 by default
         PassManager("nudge", registry=reg, check_numerics=True).run(float_graph)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_the_whole_flow_runs_inside_inference_mode(backend):
+    """Users wrap inference in torch.inference_mode(); there torch.randn made
+    pattern-tracing inputs that torch.export refused (fuse-linear-act failed),
+    and quantized weights became inference tensors without a version counter."""
+    pipeline = ("canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,"
+                "quantize(mode=dynamic,act_granularity=tensor),pack-attention,fuse-linear-act,fuse-norm,dce")
+    with torch.inference_mode():
+        # built inside inference mode, so its weights are inference tensors too
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(approximate="tanh"),
+                                    torch.nn.LayerNorm(128), torch.nn.Linear(128, 64)).eval()
+        x = torch.randn(3, 64)
+        result = PassManager(pipeline).run(fxopt.trace(model, (x,)))
+        fused = [r for r in result.records if r.name == "fuse-linear-act"][0]
+        assert fused.stats["rewritten"] == 1
+        compiled = fxopt.compile(result.graph, backend)
+        expected = model(x)
+        for _ in range(2):  # the second call reuses the packed weight
+            assert fxopt.compare(expected, compiled(x)).within(0.05)
