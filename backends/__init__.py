@@ -29,13 +29,15 @@ def compile(graph: Graph, backend: str = "eager", **options) -> CompiledModel:
 
 
 def _measuring_compile(backend: str):
-    """How a pass measures on ``backend``: torch's thread count, and ONNX Runtime's
-    threads not left spinning to tax whatever runs next."""
+    """How a pass measures on ``backend``: torch's thread count and one
+    inter-op thread (ONNX Runtime's threads spin only during a run, see
+    ``_session_options``, so the float and quantized forms timed in turn do
+    not tax each other)."""
     import torch
 
     def compile_for_measuring(graph: Graph):
         if backend == "onnxruntime":
-            return compile(graph, backend, intra_op_threads=torch.get_num_threads(), inter_op_threads=1, allow_spinning=False)
+            return compile(graph, backend, intra_op_threads=torch.get_num_threads(), inter_op_threads=1)
         return compile(graph, backend)
 
     return compile_for_measuring
