@@ -249,6 +249,9 @@ class _ManyModule(torch.nn.Module):
         return counts
 
 
+# Passes run inside a user's torch.inference_mode() too, where torch.randn makes
+# inference tensors that torch.export refuses as inputs.
+@torch.inference_mode(False)
 def _trace_fns(calls: list[tuple[Callable, str, dict[str, Any]]], inputs: dict[str, Any]) -> list[_Traced]:
     """Trace several functions with one export (tracing is what costs: the
     forms of a pattern are traced together); each keeps its own placeholders,
@@ -258,27 +261,23 @@ def _trace_fns(calls: list[tuple[Callable, str, dict[str, Any]]], inputs: dict[s
     from .dce import DeadCodeElimination
 
     prepared, examples = [], []
-    # Passes run inside a user's torch.inference_mode() too, where torch.randn
-    # makes inference tensors that torch.export refuses as inputs.
-    with torch.inference_mode(False):
-        for fn, what, sentinels in calls:
-            tensors, scalar_kinds = _signature(fn, what)
-            tensor_names = [n for n in [*tensors, *scalar_kinds] if n not in sentinels]
-            scalar_names = [n for n in [*tensors, *scalar_kinds] if n in sentinels]
-            for name in tensor_names:
-                spec = inputs.get(name, DEFAULT_SHAPE)
-                # a copy per use: export would make one input of a tensor passed twice
-                examples.append(spec.clone() if isinstance(spec, torch.Tensor) else torch.randn(*spec))
-            prepared.append((fn, tensor_names, {name: sentinels[name] for name in scalar_names}))
+    for fn, what, sentinels in calls:
+        tensors, scalar_kinds = _signature(fn, what)
+        tensor_names = [n for n in [*tensors, *scalar_kinds] if n not in sentinels]
+        scalar_names = [n for n in [*tensors, *scalar_kinds] if n in sentinels]
+        for name in tensor_names:
+            spec = inputs.get(name, DEFAULT_SHAPE)
+            # a copy per use: export would make one input of a tensor passed twice
+            examples.append(spec.clone() if isinstance(spec, torch.Tensor) else torch.randn(*spec))
+        prepared.append((fn, tensor_names, {name: sentinels[name] for name in scalar_names}))
     whats = " / ".join(what for _, what, _ in calls)
     module = _ManyModule(prepared)
     try:
-        with torch.inference_mode(False):
-            counts = module.counts(examples)
-            graph = trace(module, tuple(examples), name=calls[0][1])
-            Canonicalize(linear=False)(graph)
-            DeadCodeElimination()(graph)
-            graph.recompile()
+        counts = module.counts(examples)
+        graph = trace(module, tuple(examples), name=calls[0][1])
+        Canonicalize(linear=False)(graph)
+        DeadCodeElimination()(graph)
+        graph.recompile()
     except Exception as e:
         names = ", ".join(repr(getattr(fn, "__name__", fn)) for fn, _, _ in calls)
         raise PatternError(f"{whats}: tracing {names} failed: {type(e).__name__}: {e}") from e
