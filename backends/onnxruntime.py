@@ -125,10 +125,11 @@ def _session_options(intra_op_threads, inter_op_threads, graph_optimization_leve
     so.add_session_config_entry("session.inter_op.allow_spinning", "1" if allow_spinning else "0")
     if allow_spinning:
         # Spinning between a run's kernels is what makes ONNX Runtime fast at
-        # batch 1 (GPT-2 one token: 4.1 ms spinning vs 6.0 ms not), but by
-        # default its threads go on spinning after Run returns and more than
-        # doubled the time of an eager model run next on the same cores.
-        # force_spinning_stop parks them as Run returns: the speed, not the tax.
+        # batch 1 (GPT-2 W8A8, one token: 4.3 ms spinning vs 6.6 ms not), but by
+        # default its threads go on spinning after Run returns and doubled the
+        # time of an eager model run next on the same cores (23 -> 49 ms).
+        # force_spinning_stop parks them as Run returns: the speed, not the tax
+        # (benchmarks/ort_spinning.py).
         so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
