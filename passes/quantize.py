@@ -242,7 +242,9 @@ def _cut_out(graph, x: fx.Node, out: fx.Node) -> tuple[torch.nn.Module, fx.Graph
             continue
         if n.op == "get_attr":
             name = f"c{len(env)}"
-            root.register_buffer(name, graph.constant(n))
+            constant = graph.constant(n)
+            # a weight made inside torch.inference_mode() cannot be traced outside it
+            root.register_buffer(name, constant.clone() if constant.is_inference() else constant)
             env[n] = cut.get_attr(name)
         else:
             env[n] = cut.node_copy(n, lambda a: env[a])

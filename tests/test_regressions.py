@@ -202,3 +202,6 @@ def test_the_whole_flow_runs_inside_inference_mode(backend):
         expected = model(x)
         for _ in range(2):  # the second call reuses the packed weight
             assert fxopt.compare(expected, compiled(x)).within(0.05)
+        # the guard re-traces each layer cut out of the graph, weights included
+        guarded = PassManager(f"canonicalize,quantize(guard=true,guard_backend={backend})").run(fxopt.trace(model, (x,)))
+        assert fxopt.compare(expected, fxopt.compile(guarded.graph, backend)(x)).within(0.05)
