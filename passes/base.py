@@ -20,7 +20,10 @@ class attributes and checked by the pass manager up front:
 * ``runs_after`` / ``runs_before``: pass names that, when present in the same
   pipeline, must come earlier / later;
 * ``requires`` / ``ensures``: graph properties (strings) a pass needs / establishes;
-* ``needs``: inputs the pass takes from the run's context (e.g. ``calibration_data``).
+* ``needs``: inputs the pass takes from the run's context (e.g. ``calibration_data``);
+* ``preserves``: analyses (:mod:`.analysis`) still valid after the pass changed
+  the graph; every other cached analysis is dropped. ``self.analysis(Kind, graph)``
+  reads one, computed once and shared by the passes of a run.
 
 Passes edit ``graph.fx`` in place and never write into an existing constant
 tensor (graphs share constants with their copies); new constants go through
@@ -35,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
 import torch.fx as fx
+
+from .analysis import Analysis, AnalysisManager
 
 _MISSING = object()
 
@@ -99,8 +104,12 @@ def did_you_mean(name: str, choices) -> str:
 
 @dataclass
 class PassResult:
+    """What a pass did. ``preserved``, when given, overrides the pass's
+    ``preserves`` for this run (analyses still valid although it changed the graph)."""
+
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    preserved: tuple[type[Analysis], ...] | None = None
 
 
 class PassError(RuntimeError):
@@ -146,6 +155,7 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     ensures: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[tuple[str, ...]] = ()
+    preserves: ClassVar[tuple[type[Analysis], ...]] = ()
     # Relative error (x output scale) a pass may add; lossy passes raise it.
     numerics_tolerance: ClassVar[float] = 1e-4
 
@@ -176,6 +186,7 @@ class Pass:
         self.given_options = frozenset(options)  # what the user set, for checks between options
         self.validate_options()
         self.context = PassContext()
+        self.analyses = AnalysisManager()  # the pass manager hands in the run's shared one
         self.current_node: fx.Node | None = None
 
     def validate_options(self) -> None:
@@ -187,6 +198,10 @@ class Pass:
 
     def __call__(self, graph) -> PassResult:
         return self.run(graph)
+
+    def analysis(self, kind: type[Analysis], graph):
+        """The result of analysis ``kind`` on ``graph``, cached across the passes of a run."""
+        return self.analyses.get(kind, graph)
 
     def walk(self, graph, *, op: str | None = None, target=None) -> Iterator[fx.Node]:
         """Iterate over a snapshot of the graph's nodes (safe while rewriting),

@@ -22,6 +22,7 @@ import torch.utils._pytree
 from ..ir.graph import Graph
 from ..ir.meta import shape_env_rollback
 from ..ir.parity import compare
+from .analysis import AnalysisManager
 from .base import Pass, PassContext, PassError, PassResult
 from .pipeline import FixedPoint, Item, PipelineError, format_pipeline, parse_pipeline
 from .registry import REGISTRY, PassRegistry
@@ -49,6 +50,8 @@ class PipelineResult:
     pipeline: str
     records: list[PassRecord]
     warnings: list[str] = field(default_factory=list)
+    # The run's analysis cache: what was computed, and how often (``analyses.computed``).
+    analyses: AnalysisManager = field(default_factory=AnalysisManager)
 
     def as_dict(self) -> dict:
         return {"pipeline": self.pipeline, "passes": [r.as_dict() for r in self.records], "warnings": self.warnings}
@@ -211,7 +214,7 @@ class PassManager:
         with shape_env_rollback(graph), torch.inference_mode(False):
             for item in self.items:
                 self._run_item(item, work, state, records, warnings)
-        return PipelineResult(work, str(self), records, warnings)
+        return PipelineResult(work, str(self), records, warnings, state.analyses)
 
     def _run_item(self, item: Item, work: Graph, state: "_RunState", records, warnings) -> bool:
         if isinstance(item, Pass):
@@ -229,6 +232,7 @@ class PassManager:
 
     def _run_pass(self, p: Pass, work: Graph, state: "_RunState", records: list[PassRecord]) -> bool:
         p.context = state.context
+        p.analyses = state.analyses
         nodes_before, bytes_before = work.num_nodes(), work.param_bytes()
         existing = set(work.fx.nodes)
         for inst in state.instruments:
@@ -239,6 +243,8 @@ class PassManager:
             ms = (time.perf_counter() - start) * 1e3
             if not isinstance(result, PassResult):
                 raise PassError(f"run() returned {type(result).__name__}, expected PassResult", pass_name=str(p))
+            if result.changed:
+                state.analyses.invalidate(work, p.preserves if result.preserved is None else result.preserved)
             work.recompile()
             work.prune_unreferenced_attributes()
             if result.changed:
@@ -319,5 +325,6 @@ class _RunState:
     context: PassContext
     instruments: list[Instrument]
     outputs: list[str]
+    analyses: AnalysisManager = field(default_factory=AnalysisManager)
     numerics: list | None = None
     tolerance: float = 1e-4

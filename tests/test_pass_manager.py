@@ -250,3 +250,61 @@ def test_fixed_point_repeats_until_nothing_changes(graph):
     assert [r.changed for r in result.records if r.name.startswith("countdown")] == [True, True, True, False]
     stuck = PassManager([FixedPoint([Countdown(times=100)], max_iterations=4)], registry=REG).run(graph)
     assert len(stuck.records) == 4 and "did not reach a fixed point" in stuck.warnings[0]
+
+
+# -- analyses: computed once per run, dropped by a pass that changes the graph ----------------
+from fxopt.passes import Analysis  # noqa: E402
+
+
+class GeluCount(Analysis):
+    """The number of gelu nodes: cheap, and visibly stale if a cache keeps it too long."""
+
+    def run(self, graph):
+        return sum(1 for n in graph.fx.nodes if n.target is aten.gelu.default)
+
+
+SEEN = []
+
+
+@register_pass("read-gelus", registry=REG)
+class ReadGelus(Pass):
+    """Reads the analysis and changes nothing: every cached result stays valid."""
+
+    def run(self, graph):
+        SEEN.append(self.analysis(GeluCount, graph))
+        return PassResult(False)
+
+
+@register_pass("drop-gelus", registry=REG)
+class DropGelus(Pass):
+    """Replaces each gelu by its input; ``keep`` claims GeluCount survives (a lie, to show the contract)."""
+
+    keep = Option(False)
+
+    def run(self, graph):
+        for gelu in self.walk(graph, target=aten.gelu.default):
+            gelu.replace_all_uses_with(gelu.args[0])
+            graph.fx.erase_node(gelu)
+        return PassResult(True, preserved=(GeluCount,) if self.keep else None)
+
+
+def test_an_analysis_is_computed_once_until_a_pass_changes_the_graph(mlp_graph):
+    SEEN.clear()
+    result = PassManager("read-gelus,read-gelus,drop-gelus,read-gelus", registry=REG).run(mlp_graph)
+    before = sum(1 for n in mlp_graph.fx.nodes if n.target is aten.gelu.default)
+    assert before > 0
+    assert SEEN == [before, before, 0]
+    assert result.analyses.computed == {"GeluCount": 2}
+
+
+def test_a_preserved_analysis_is_kept_across_a_changing_pass(mlp_graph):
+    SEEN.clear()
+    result = PassManager("read-gelus,drop-gelus(keep=true),read-gelus", registry=REG).run(mlp_graph)
+    assert SEEN[0] == SEEN[1] > 0  # kept, as the pass declared (here wrongly: the graph has none left)
+    assert result.analyses.computed == {"GeluCount": 1}
+
+
+def test_a_pass_run_alone_computes_its_analyses_itself(mlp_graph):
+    SEEN.clear()
+    ReadGelus().run(mlp_graph)
+    assert SEEN == [sum(1 for n in mlp_graph.fx.nodes if n.target is aten.gelu.default)]
