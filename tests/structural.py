@@ -32,7 +32,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 import fxopt
-from fxopt.ir.nodes import is_assert
+from fxopt.ir.nodes import call_args, is_assert
 
 
 class _Function(torch.nn.Module):
@@ -58,23 +58,6 @@ def _target(t) -> str:
     if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return str(t)
     return f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', repr(t))}".lstrip(".")
-
-
-def _normalized(node: fx.Node) -> tuple[tuple, dict]:
-    """An op's arguments in its schema's order, defaults filled in: ``sum(x, 0)``
-    and ``sum(x, 0, keepdim=False)`` are the same call."""
-    t = node.target
-    if not isinstance(t, torch._ops.OpOverload):
-        return node.args, node.kwargs
-    args = []
-    for i, a in enumerate(t._schema.arguments):
-        if i < len(node.args):
-            args.append(node.args[i])
-        elif a.name in node.kwargs:
-            args.append(node.kwargs[a.name])
-        else:
-            args.append(a.default_value if a.has_default_value() else None)
-    return tuple(args), {}
 
 
 def structure(graph: fxopt.Graph, *, ignore_asserts: bool = True) -> tuple[list[str], list[torch.Tensor]]:
@@ -118,10 +101,9 @@ def structure(graph: fxopt.Graph, *, ignore_asserts: bool = True) -> tuple[list[
                 stack.extend((a, False) for a in reversed([a for a in tree_leaves((n.args, n.kwargs)) if isinstance(a, fx.Node)]))
                 continue
             names[n] = f"%{len(lines)}"
-            args, kwargs = _normalized(n)
-            kwargs = "".join(f", {k}={ref(v)}" for k, v in kwargs.items())
-            args = ", ".join(ref(a) for a in args)
-            lines.append(f"{names[n]} = {_target(n.target)}({args}{kwargs})")
+            # in the schema's order with defaults filled in: sum(x, 0) is sum(x, 0, keepdim=False)
+            args = ", ".join(ref(a) for a in call_args(n))
+            lines.append(f"{names[n]} = {_target(n.target)}({args})")
 
     output = next(n for n in reversed(nodes) if n.op == "output")
     for leaf in tree_leaves(output.args[0]):
