@@ -59,39 +59,19 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..ir.nodes import call_args, is_pure, same_shape, val
-from .attention import is_constant_causal_mask
+from ..ir.nodes import VIEWS, call_args, dim_index, is_call, same_shape, val
+from .analyses import CausalMasks, KeyPaddingMasks, Liveness, NotKeyPadding
 from .base import Option, Pass, PassResult
 from .registry import register_pass
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
-_TO = {aten._to_copy.default, aten.to.dtype}
-_AND = {aten.__and__.Tensor, aten.logical_and.default, aten.bitwise_and.Tensor}
 LINEAR_INT8 = torch.ops.fxopt.linear_dynamic_int8.default
 
 
 class Refuse(Exception):
     """The block cannot be lowered exactly; the message says why."""
-
-
-_args = call_args
-
-
-def _is(node, targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
-
-def _dead_nodes(graph) -> set[fx.Node]:
-    """Pure nodes whose results reach nothing (what a later ``dce`` removes,
-    e.g. the scores matmul ``fuse-attention`` left): not users that count."""
-    dead: set[fx.Node] = set()
-    for node in reversed(list(graph.fx.nodes)):
-        if is_pure(node) and all(u in dead for u in node.users):
-            dead.add(node)
-    return dead
 
 
 def _users(node: fx.Node, dead: set) -> set[fx.Node]:
@@ -105,22 +85,18 @@ def _only_user(node: fx.Node, user: fx.Node, dead: set) -> None:
         raise Refuse(f"%{node.name} is also used by {others}")
 
 
-def _dim(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
-
-
 def _split_heads_of(t: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
     """``t = transpose(view(src, [B, S, n, H]), 1, 2)`` -> (src, view, transpose)."""
-    if _is(t, {aten.transpose.int}):
-        if sorted(_dim(d, 4) for d in t.args[1:3]) != [1, 2]:
+    if is_call(t, {aten.transpose.int}):
+        if sorted(dim_index(d, 4) for d in t.args[1:3]) != [1, 2]:
             raise Refuse(f"%{t.name} transposes dims {t.args[1:3]}, not the head and sequence dims")
-    elif _is(t, {aten.permute.default}):
-        if [_dim(d, 4) for d in t.args[1]] != [0, 2, 1, 3]:
+    elif is_call(t, {aten.permute.default}):
+        if [dim_index(d, 4) for d in t.args[1]] != [0, 2, 1, 3]:
             raise Refuse(f"%{t.name} permutes {t.args[1]}, not [0, 2, 1, 3]")
     else:
         raise Refuse(f"%{t.name} is not a head split (transpose of a [B, S, N, H] view)")
     v = t.args[0]
-    if not _is(v, _VIEWS):
+    if not is_call(v, VIEWS):
         raise Refuse(f"%{v.name} is not a view of [B, S, N*H] into heads")
     src = v.args[0]
     sv, vv = val(src), val(v)
@@ -136,14 +112,14 @@ def _merge_of(out: fx.Node, dead: set) -> fx.Node | None:
     if len(_users(out, dead)) != 1:
         return None
     (t,) = _users(out, dead)
-    if not (_is(t, {aten.transpose.int}) and sorted(_dim(d, 4) for d in t.args[1:3]) == [1, 2]) or len(_users(t, dead)) != 1:
+    if not (is_call(t, {aten.transpose.int}) and sorted(dim_index(d, 4) for d in t.args[1:3]) == [1, 2]) or len(_users(t, dead)) != 1:
         return None
     (nxt,) = _users(t, dead)
-    if _is(nxt, {aten.clone.default}):
+    if is_call(nxt, {aten.clone.default}):
         if len(_users(nxt, dead)) != 1:
             return None
         (nxt,) = _users(nxt, dead)
-    if not _is(nxt, _VIEWS):
+    if not is_call(nxt, VIEWS):
         return None
     o, m = val(out), val(nxt)
     if m.dim() != 3 or not same_shape(m.shape, (o.shape[0], o.shape[2], o.shape[1] * o.shape[3])):
@@ -153,180 +129,6 @@ def _merge_of(out: fx.Node, dead: set) -> fx.Node | None:
 
 def _static_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-# --------------------------------------------------------------------------
-# key-padding masks, proved op by op
-
-class _Desc:
-    """What a mask-building value is, element by element.
-
-    ``kind``: ``raw`` (the 2-D mask input's values), ``pad`` (``mask != 0``),
-    ``blocked`` (``mask == 0``), ``additive`` (0 where ``pad``, ``fill``
-    elsewhere), ``true`` (all true), ``ar`` (``arange(n)`` along one dim, values >= 0).
-    ``dims``: per dim, ``b`` / ``k`` (indexes the mask's row / column), ``i``
-    (the arange's own dim) or ``*`` (the value does not depend on it).
-    """
-
-    def __init__(self, kind: str, dims: tuple, src: fx.Node | None = None, size=None, rows=None, cols=None, fill=None):
-        self.kind, self.dims, self.src, self.size, self.fill = kind, dims, src, size, fill
-        # mask[arange(rows), arange(cols)] reads the first rows x cols of the mask
-        self.rows, self.cols = rows, cols
-
-    def with_dims(self, dims) -> "_Desc":
-        return _Desc(self.kind, tuple(dims), self.src, self.size, self.rows, self.cols, self.fill)
-
-    def as_kind(self, kind: str) -> "_Desc":
-        return _Desc(kind, self.dims, self.src, self.size, self.rows, self.cols, self.fill)
-
-
-def _left_pad(dims: tuple, rank: int) -> tuple:
-    return ("*",) * (rank - len(dims)) + tuple(dims)
-
-
-def _describe(node, graph, seen: dict) -> _Desc:
-    if node in seen:
-        return seen[node]
-    d = _describe_uncached(node, graph, seen)
-    seen[node] = d
-    return d
-
-
-def _describe_uncached(node, graph, seen) -> _Desc:
-    if not isinstance(node, fx.Node):
-        raise Refuse(f"literal {node!r} in the mask")
-    v = val(node)
-    if node.op == "placeholder":
-        if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.dtype.is_floating_point and not v.dtype.is_complex:
-            return _Desc("pad" if v.dtype == torch.bool else "raw", ("b", "k"), node)
-        raise Refuse(f"mask input %{node.name} is not a 2-D integer or boolean tensor")
-    if node.op == "get_attr":  # static shapes: constant-fold folded the aranges and "every position"
-        c = graph.constant(node)
-        if c is not None and c.dtype == torch.bool and bool(c.all()):
-            return _Desc("true", ("*",) * c.dim())
-        if c is not None and c.dtype in (torch.int32, torch.int64):
-            long = [d for d, n in enumerate(c.shape) if n > 1]
-            if len(long) == 1 and bool((c.flatten() == torch.arange(c.numel(), dtype=c.dtype)).all()):
-                return _Desc("ar", tuple("i" if d == long[0] else "*" for d in range(c.dim())), size=c.shape[long[0]])
-    if node.op != "call_function":
-        raise Refuse(f"mask reads %{node.name} ({node.op})")
-    t, a = node.target, _args(node) if isinstance(node.target, torch._ops.OpOverload) else list(node.args)
-    if t in _TO and a[0] is not None:
-        src = _describe(a[0], graph, seen)
-        if src.kind in ("raw", "pad") and v.dtype == torch.bool:
-            return _Desc("pad", src.dims, src.src, rows=src.rows, cols=src.cols)
-        if src.kind == "ar" and not v.dtype.is_floating_point:
-            return src
-        raise Refuse(f"%{node.name} casts the mask to {v.dtype}")
-    if t in (aten.ne.Scalar, aten.eq.Scalar) and a[1] == 0:
-        src = _describe(a[0], graph, seen)
-        if src.kind in ("raw", "pad"):
-            return src.as_kind("pad" if t == aten.ne.Scalar else "blocked")
-    if t in (aten.logical_not.default, aten.bitwise_not.default):
-        src = _describe(a[0], graph, seen)
-        if src.kind in ("pad", "blocked"):
-            return src.as_kind("blocked" if src.kind == "pad" else "pad")
-    if t == aten.masked_fill.Scalar and _zeros(a[0], graph):  # zeros.masked_fill(mask == 0, fill)
-        cond = _describe(a[1], graph, seen)
-        if cond.kind == "blocked" and isinstance(a[2], (int, float)):
-            return _Desc("additive", _left_pad(cond.dims, v.dim()), cond.src, rows=cond.rows, cols=cond.cols, fill=float(a[2]))
-    if t == aten.slice.Tensor and a[2] in (None, 0) and a[4] == 1 and same_shape(val(a[0]).shape, v.shape):
-        return _describe(a[0], graph, seen)  # x[:, None, None, :] keeps whole-dim slices
-    if t == aten.unsqueeze.default:
-        src = _describe(a[0], graph, seen)
-        dims = list(src.dims)
-        dims.insert(_dim(a[1], len(dims) + 1), "*")
-        return src.with_dims(dims)
-    if t == aten.expand.default:
-        src = _describe(a[0], graph, seen)
-        return src.with_dims(_left_pad(src.dims, len(a[1])))
-    if t in (aten.arange.default, aten.arange.start, aten.arange.start_step):
-        start, step = (0, 1) if t == aten.arange.default else (a[0], a[2] if t == aten.arange.start_step else 1)
-        if start != 0 or step != 1:
-            raise Refuse(f"%{node.name}: arange not from 0 by 1")
-        return _Desc("ar", ("i",), size=v.shape[0])
-    if t == aten.add.Tensor and _is(a[0], {aten.arange.default}) and a[1] == 0:
-        return _describe(a[0], graph, seen)
-    if t == aten.ge.Scalar and a[1] == 0 and _describe(a[0], graph, seen).kind == "ar":
-        return _Desc("true", ("*",) * v.dim())
-    if t in (aten.new_ones.default, aten.ones.default) and v.dtype == torch.bool:
-        return _Desc("true", ("*",) * v.dim())
-    if t in _AND:
-        x, y = _describe(a[0], graph, seen), _describe(a[1], graph, seen)
-        if x.kind == "true":
-            x, y = y, x
-        if y.kind == "true" and x.kind in ("pad", "true"):
-            return x.with_dims(_left_pad(x.dims, v.dim()))
-        raise Refuse(f"%{node.name} combines two masks")
-    if t == aten.index.Tensor:
-        src, idx = _describe(a[0], graph, seen), a[1]
-        if src.kind not in ("raw", "pad") or src.dims != ("b", "k") or len(idx) != 2 or any(i is None for i in idx):
-            raise Refuse(f"%{node.name} indexes the mask other than mask[arange(B), arange(T)]")
-        out, sizes = ["*"] * v.dim(), []
-        for which, i in zip(("b", "k"), idx):
-            d = _describe(i, graph, seen)
-            dims = _left_pad(d.dims, v.dim())
-            if d.kind != "ar" or dims.count("i") != 1:
-                raise Refuse(f"%{node.name}: index %{i.name} is not an arange")
-            out[dims.index("i")] = which
-            sizes.append(d.size)
-        return _Desc(src.kind, tuple(out), src.src, rows=sizes[0], cols=sizes[1])
-    raise Refuse(f"%{node.name} ({getattr(t, '__name__', t)}) is not part of a key-padding mask")
-
-
-def _zeros(node, graph) -> bool:
-    """A tensor of zeros: a constant, or zeros / new_zeros / zeros_like / full(0)."""
-    if _is(node, {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}):
-        return True
-    if _is(node, {aten.full.default}) and node.args[1] == 0:
-        return True
-    c = graph.constant(node) if isinstance(node, fx.Node) else None
-    return c is not None and not bool(c.any())
-
-
-def _key_padding_mask(mask: fx.Node, graph, batch, keys) -> tuple[fx.Node, float, bool]:
-    """``mask`` (an SDPA attn_mask) as ``(m, fill, sliced)`` where ``mask[b, h,
-    q, k] == (0 if m[b, k] != 0 else fill)``, reading ``m[:batch, :keys]`` when
-    ``sliced``; raises :class:`Refuse` otherwise. A boolean mask ``m[b, k] !=
-    0`` gives ``fill = -inf``: a row whose every key is masked is then 0 (torch's
-    SDPA), where a finite fill gives the mean of the values."""
-    mv = val(mask)
-    if mv.dtype == torch.bool:
-        return _padding_source(_describe(mask, graph, {}), mask, batch, keys, -math.inf)
-    if not _is(mask, {aten.where.ScalarOther, aten.where.Scalar, aten.where.self}):
-        try:
-            d = _describe(mask, graph, {})
-        except Refuse:
-            d = None
-        if d is None or d.kind != "additive" or not d.fill < math.inf:
-            raise Refuse(f"attn_mask %{mask.name} is an arbitrary float mask, not where(padding, 0, fill)")
-        return _padding_source(d.as_kind("pad"), mask, batch, keys, d.fill)
-    cond, zero, fill = mask.args[:3]
-
-    def number(x):
-        if isinstance(x, (int, float)) and not isinstance(x, bool):
-            return float(x)
-        c = graph.constant(x) if isinstance(x, fx.Node) else None
-        if c is not None and c.numel() >= 1 and bool((c == c.flatten()[0]).all()):
-            return float(c.flatten()[0])
-        return None
-
-    if number(zero) != 0.0 or number(fill) is None or not number(fill) < math.inf:
-        raise Refuse(f"attn_mask %{mask.name} is not where(padding, 0, fill) with fill finite or -inf")
-    return _padding_source(_describe(cond, graph, {}), mask, batch, keys, number(fill))
-
-
-def _padding_source(d: _Desc, mask, batch, keys, fill: float) -> tuple[fx.Node, float, bool]:
-    """The 2-D input behind a described key-padding condition ``d``."""
-    if d.kind != "pad" or len(d.dims) != 4 or d.dims[0] != "b" or d.dims[3] != "k" or "i" in d.dims:
-        raise Refuse(f"attn_mask %{mask.name} is not a key-padding mask broadcast over heads and queries ({d.kind} {d.dims})")
-    sv = val(d.src).shape
-    read = (sv[0] if d.rows is None else d.rows, sv[1] if d.cols is None else d.cols)
-    if not same_shape(read, (batch, keys)):
-        raise Refuse(f"padding mask %{d.src.name} is read as {tuple(read)}, not [batch, keys] = [{batch}, {keys}]")
-    # HF indexes the mask with arange(batch of input_ids), whose symbol may
-    # differ from the mask's own batch symbol: that reads its first rows.
-    return d.src, fill, not same_shape(sv, (batch, keys))
 
 
 # --------------------------------------------------------------------------
@@ -359,7 +161,7 @@ class PackAttention(Pass):
 
     def run(self, graph) -> PassResult:
         stats = {"packed": 0, "gqa": 0, "causal": 0, "masked": 0, "dynamic_int8": 0, "refused": {}}
-        self._dead = _dead_nodes(graph)
+        self._dead = self.analysis(Liveness, graph).dead
         for node in self.walk(graph, target=SDPA):
             try:
                 kind = self._lower(graph, node, stats)
@@ -370,7 +172,7 @@ class PackAttention(Pass):
         return PassResult(stats["packed"] + stats["gqa"] > 0, stats)
 
     def _lower(self, graph, sdpa: fx.Node, stats) -> str:
-        q, k, v, mask, dropout, causal, scale, enable_gqa = _args(sdpa)
+        q, k, v, mask, dropout, causal, scale, enable_gqa = call_args(sdpa)
         if dropout:
             raise Refuse("dropout")
         qv, kv, vv = val(q), val(k), val(v)
@@ -382,7 +184,7 @@ class PackAttention(Pass):
         if not same_shape(qv.shape[2:3], kv.shape[2:3]):
             raise Refuse(f"queries ({qv.shape[2]}) and keys ({kv.shape[2]}) differ in length (a KV cache)")
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(head)
-        if mask is not None and not causal and is_constant_causal_mask(graph, mask, qv.shape[2]):
+        if mask is not None and not causal and self.analysis(CausalMasks, graph).is_constant_causal(mask, qv.shape[2]):
             mask, causal = None, True
         k_src, v_src = _unrepeat(k), _unrepeat(v)
         kv_heads = val(k_src).shape[1]
@@ -408,21 +210,21 @@ class PackAttention(Pass):
         if not all(i.target is operator.getitem for i in items) or len({i.args[0] for i in items}) != 1:
             raise Refuse("q, k, v are not parts of one split")
         split = items[0].args[0]
-        if [i.args[1] for i in items] != [0, 1, 2] or not _is(split, _SPLITS):
+        if [i.args[1] for i in items] != [0, 1, 2] or not is_call(split, _SPLITS):
             raise Refuse("q, k, v are not parts 0, 1, 2 of one split")
         width = heads * head
         sizes = split.args[1] if split.target == aten.split_with_sizes.default else [split.args[1]] * 3
         dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
         qkv = split.args[0]
-        if list(sizes) != [width] * 3 or val(qkv).dim() != 3 or _dim(dim, 3) != 2 or val(qkv).shape[2] != 3 * width:
+        if list(sizes) != [width] * 3 or val(qkv).dim() != 3 or dim_index(dim, 3) != 2 or val(qkv).shape[2] != 3 * width:
             raise Refuse(f"%{split.name} does not cut the last dim into three parts of {width}")
         _only_user(qkv, split, dead)
         if _users(split, dead) != set(items):
             raise Refuse(f"%{split.name} has other users")
-        if _is(qkv, {aten.linear.default}):
+        if is_call(qkv, {aten.linear.default}):
             x, w, b = (list(qkv.args) + [None])[:3]
             weights, target = (w,), torch.ops.fxopt.packed_attention.default
-        elif _is(qkv, {LINEAR_INT8}):
+        elif is_call(qkv, {LINEAR_INT8}):
             x, w, w_scale, b = qkv.args
             weights, target = (w, w_scale), torch.ops.fxopt.packed_attention_dynamic_int8.default
         else:
@@ -437,7 +239,11 @@ class PackAttention(Pass):
             if causal:
                 raise Refuse("is_causal together with an attn_mask")
             xv = val(x)
-            m, fill, sliced = _key_padding_mask(mask, graph, xv.shape[0], xv.shape[1])
+            try:
+                kp = self.analysis(KeyPaddingMasks, graph).prove(mask, xv.shape[0], xv.shape[1])
+            except NotKeyPadding as e:
+                raise Refuse(str(e)) from None
+            m, fill, sliced = kp.source, kp.fill, kp.sliced
         merged = _merge_of(sdpa, dead)
         with graph.fx.inserting_before(merged or sdpa):
             if sliced:
@@ -495,17 +301,17 @@ def _unrepeat(t: fx.Node) -> fx.Node:
     """The kv tensor before ``repeat_kv`` (unsqueeze(2), expand, [clone],
     reshape to [B, N, T, H]); ``t`` itself when it is not repeated."""
     r = t
-    if not _is(r, _VIEWS):
+    if not is_call(r, VIEWS):
         return t
     e = r.args[0]
-    if _is(e, {aten.clone.default}):
+    if is_call(e, {aten.clone.default}):
         e = e.args[0]
-    if not _is(e, {aten.expand.default}) or not _is(e.args[0], {aten.unsqueeze.default}):
+    if not is_call(e, {aten.expand.default}) or not is_call(e.args[0], {aten.unsqueeze.default}):
         return t
     u = e.args[0]
     src = u.args[0]
     sv, ev, rv = val(src), val(e), val(r)
-    if _dim(u.args[1], 5) != 2 or sv.dim() != 4 or ev.dim() != 5 or rv.dim() != 4:
+    if dim_index(u.args[1], 5) != 2 or sv.dim() != 4 or ev.dim() != 5 or rv.dim() != 4:
         return t
     if not (same_shape(ev.shape[:2], sv.shape[:2]) and same_shape(ev.shape[3:], sv.shape[2:])
             and same_shape(rv.shape, (sv.shape[0], sv.shape[1] * ev.shape[2], sv.shape[2], sv.shape[3]))):
