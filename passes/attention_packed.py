@@ -45,10 +45,19 @@ anything but a per-tensor dynamic int8 linear (per-token scales, weight-only
 int4/int8, static: no ONNX Runtime attention kernel takes them; ``pack-attention``
 runs after ``quantize`` so such a projection stays quantized).
 
-Why a graph walk and not the rewrite engine (:mod:`.rewrite`): the head split
-and merge are views whose shape lists hold symbolic sizes (``[B, S, N, H]``
-with dynamic ``B``, ``S``), which the engine compares as literals, and the
-key-padding proof follows a chain of varying length back to the input mask.
+How it matches: the pieces of the block are patterns on the rewrite engine
+(:mod:`.rewrite`): the head split (``view`` with :class:`~.rewrite.Size`
+wildcards for the symbolic ``[B, S, N, H]``, then ``transpose`` or
+``permute``), the QKV split into three parts, the head merge after SDPA and
+transformers' ``repeat_kv``, each with a check on shapes, asked about one node
+with :func:`~.rewrite.match_at`. The pass itself decides about the block: it
+starts from each SDPA (whose mask, causality and dropout decide the kernel),
+reads the projection's op (one node: which kernel takes it), checks through
+the :class:`~.analyses.Liveness` analysis that no piece is used elsewhere, and
+asks the :mod:`mask analyses <.analyses.masks>` whether a mask is key padding
+or a folded causal table. The block is not one pattern: its three head splits,
+optional merge and the mask and GQA choices would be dozens of traced
+variants, and the replacement depends on proofs about the mask.
 """
 
 from __future__ import annotations
@@ -63,10 +72,10 @@ from ..ir.nodes import VIEWS, call_args, dim_index, is_call, same_shape, val
 from .analyses import CausalMasks, KeyPaddingMasks, Liveness, NotKeyPadding
 from .base import Option, Pass, PassResult
 from .registry import register_pass
+from .rewrite import Match, Pattern, Reject, Size, explain_at, match_at
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
-_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 LINEAR_INT8 = torch.ops.fxopt.linear_dynamic_int8.default
 
 
@@ -85,46 +94,149 @@ def _only_user(node: fx.Node, user: fx.Node, dead: set) -> None:
         raise Refuse(f"%{node.name} is also used by {others}")
 
 
-def _split_heads_of(t: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
-    """``t = transpose(view(src, [B, S, n, H]), 1, 2)`` -> (src, view, transpose)."""
-    if is_call(t, {aten.transpose.int}):
-        if sorted(dim_index(d, 4) for d in t.args[1:3]) != [1, 2]:
-            raise Refuse(f"%{t.name} transposes dims {t.args[1:3]}, not the head and sequence dims")
-    elif is_call(t, {aten.permute.default}):
-        if [dim_index(d, 4) for d in t.args[1]] != [0, 2, 1, 3]:
-            raise Refuse(f"%{t.name} permutes {t.args[1]}, not [0, 2, 1, 3]")
-    else:
-        raise Refuse(f"%{t.name} is not a head split (transpose of a [B, S, N, H] view)")
-    v = t.args[0]
-    if not is_call(v, VIEWS):
-        raise Refuse(f"%{v.name} is not a view of [B, S, N*H] into heads")
-    src = v.args[0]
-    sv, vv = val(src), val(v)
-    if not (isinstance(sv, torch.Tensor) and sv.dim() == 3 and vv.dim() == 4 and same_shape(vv.shape[:2], sv.shape[:2])
-            and isinstance(vv.shape[2], int) and isinstance(vv.shape[3], int) and vv.shape[2] * vv.shape[3] == sv.shape[2]):
-        raise Refuse(f"%{v.name} is not a [B, S, N*H] -> [B, S, N, H] view")
-    return src, v, t
+# --------------------------------------------------------------------------
+# the pieces of an attention block, as patterns on the rewrite engine. Sizes
+# of views are symbolic with a dynamic batch or sequence (Size wildcards);
+# example sizes differ from every dim literal of the same function, so that
+# tracing captures only the sizes.
+
+def _require(ok: bool, reason: str) -> bool:
+    if not ok:
+        raise Reject(reason)
+    return True
 
 
-def _merge_of(out: fx.Node, dead: set) -> fx.Node | None:
+def _heads_transpose(src, b: Size, s: Size, n: Size, h: Size, d0: int, d1: int):
+    return src.view(b, s, n, h).transpose(d0, d1)
+
+
+def _heads_permute(src, b: Size, s: Size, n: Size, h: Size, p0: int, p1: int, p2: int, p3: int):
+    return src.view(b, s, n, h).permute(p0, p1, p2, p3)
+
+
+def _heads_fit(m: Match) -> bool:
+    """``[B, S, N*H] -> [B, S, N, H]`` with static ``N``, ``H``."""
+    view = m.anchor.args[0]
+    sv, vv = val(m["src"]), val(view)
+    return _require(isinstance(sv, torch.Tensor) and sv.dim() == 3 and vv.dim() == 4 and same_shape(vv.shape[:2], sv.shape[:2])
+                    and _static_int(vv.shape[2]) and _static_int(vv.shape[3]) and vv.shape[2] * vv.shape[3] == sv.shape[2],
+                    f"%{view.name} is not a [B, S, N*H] -> [B, S, N, H] view")
+
+
+_HEAD_DIMS = lambda d: _require(dim_index(d, 4) in (1, 2), f"transpose of dim {d}, not of the head and sequence dims")
+_HEADS_SHAPES = {"src": (4, 5, 42), "b": 4, "s": 5, "n": 6, "h": 7, "d0": 1, "d1": 2, "p0": 0, "p1": 2, "p2": 1, "p3": 3}
+_HEAD_SPLITS = {  # by the op that moves the heads
+    aten.transpose.int: Pattern("heads-transpose", _heads_transpose, build=lambda m, g: None, inputs=_HEADS_SHAPES, op_classes=[VIEWS],
+            where={"d0": _HEAD_DIMS, "d1": _HEAD_DIMS},
+            check=lambda m: _require(m["d0"] % 4 != m["d1"] % 4, "transpose swaps nothing") and _heads_fit(m)),
+    aten.permute.default: Pattern("heads-permute", _heads_permute, build=lambda m, g: None, inputs=_HEADS_SHAPES, op_classes=[VIEWS],
+            where={f"p{i}": (lambda i: lambda d: _require(dim_index(d, 4) == (0, 2, 1, 3)[i], "not a permute(0, 2, 1, 3)"))(i)
+                   for i in range(4)},
+            check=_heads_fit),
+}
+
+
+def _merge(moved, b: Size, s: Size, d: Size):
+    return moved.view(b, s, d)
+
+
+def _moved(out, e0: int, e1: int):
+    return out.transpose(e0, e1)
+
+
+def _moved_contiguous(out, e0: int, e1: int):
+    return out.transpose(e0, e1).contiguous()
+
+
+def _merge_fits(m: Match) -> bool:
+    o, merged = val(m["out"]), val(m.anchor)
+    _require(sorted(dim_index(d, 4) for d in (m["e0"], m["e1"])) == [1, 2], "transpose of other dims than heads and sequence")
+    return _require(merged.dim() == 3 and same_shape(merged.shape, (o.shape[0], o.shape[2], o.shape[1] * o.shape[3])),
+                    f"%{m.anchor.name} is not [B, S, N*H]")
+
+
+_HEAD_MERGE = Pattern(
+    "heads-merge", _merge, build=lambda m, g: None, op_classes=[VIEWS], check=_merge_fits,
+    inputs={"moved": (2, 3, 4, 5), "out": (2, 4, 3, 5), "b": 2, "s": 3, "d": 20, "e0": 1, "e1": 2},
+    alternatives={"moved": {"contiguous": _moved_contiguous, "plain": _moved}})
+
+
+def _qkv_split(qkv, d: int, dim: int):
+    return tuple(qkv.split(d, dim))
+
+
+def _qkv_split_sizes(qkv, d: int, dim: int):
+    return tuple(torch.split(qkv, [d, d, d], dim))
+
+
+_QKV_SHAPES = {"qkv": (2, 3, 12), "d": 4, "dim": -1}
+_QKV_SPLITS = {  # by the split op
+    aten.split.Tensor: Pattern("qkv-split", _qkv_split, build=lambda m, g: None, inputs=_QKV_SHAPES),
+    aten.split_with_sizes.default: Pattern("qkv-split-sizes", _qkv_split_sizes, build=lambda m, g: None, inputs=_QKV_SHAPES),
+}
+
+
+def _repeated(rep, b: Size, nr: Size, t: Size, h: Size):  # transformers' repeat_kv
+    return rep.view(b, nr, t, h)
+
+
+def _expand(src, u: int, b: Size, n: Size, r: Size, t: Size, h: Size):
+    return src.unsqueeze(u).expand(b, n, r, t, h)
+
+
+def _expand_clone(src, u: int, b: Size, n: Size, r: Size, t: Size, h: Size):
+    return src.unsqueeze(u).expand(b, n, r, t, h).clone()
+
+
+def _expand_contiguous(src, u: int, b: Size, n: Size, r: Size, t: Size, h: Size):
+    return src.unsqueeze(u).expand(b, n, r, t, h).contiguous()
+
+
+def _repeat_fits(m: Match) -> bool:
+    sv, rv = val(m["src"]), val(m.anchor)
+    _require(dim_index(m["u"], 5) == 2 and sv.dim() == 4 and rv.dim() == 4, "not an unsqueeze of dim 2 of a 4-D value")
+    ev = val(m.anchor.args[0]) if m.chosen["rep"] == "plain" else val(m.anchor.args[0].args[0])
+    return _require(same_shape(ev.shape[:2], sv.shape[:2]) and same_shape(ev.shape[3:], sv.shape[2:])
+                    and same_shape(rv.shape, (sv.shape[0], sv.shape[1] * ev.shape[2], sv.shape[2], sv.shape[3])),
+                    "the reshape does not fold the repeats into the heads")
+
+
+_REPEAT_KV = Pattern(
+    "repeat-kv", _repeated, build=lambda m, g: None, op_classes=[VIEWS], check=_repeat_fits,
+    inputs={"rep": (3, 35, 11, 13), "src": (3, 5, 11, 13), "u": 2, "b": 3, "n": 5, "r": 7, "t": 11, "h": 13, "nr": 35},
+    alternatives={"rep": {"plain": _expand, "clone": _expand_clone, "contiguous": _expand_contiguous}})
+
+
+def _head_split(graph, t: fx.Node) -> Match:
+    """``t = transpose(view(src, [B, S, n, H]), 1, 2)`` (or permute), as a match
+    binding ``src``; raises :class:`Refuse` with the engine's reason."""
+    pattern = _HEAD_SPLITS.get(t.target) if isinstance(t, fx.Node) else None
+    if pattern is None:
+        raise Refuse(f"%{getattr(t, 'name', t)} is not a head split (transpose of a [B, S, N, H] view)")
+    m = match_at(pattern, t, graph)
+    if m is None:
+        raise Refuse(f"%{t.name} is not a head split (transpose of a [B, S, N, H] view): {explain_at(pattern, t, graph)}")
+    return m
+
+
+def _merge_of(graph, out: fx.Node, dead: set) -> fx.Node | None:
     """The node that holds ``out`` with its heads merged back to [B, S, N*H]
     (transpose(1, 2), optional contiguous clone, view), or None."""
-    if len(_users(out, dead)) != 1:
-        return None
-    (t,) = _users(out, dead)
-    if not (is_call(t, {aten.transpose.int}) and sorted(dim_index(d, 4) for d in t.args[1:3]) == [1, 2]) or len(_users(t, dead)) != 1:
-        return None
-    (nxt,) = _users(t, dead)
-    if is_call(nxt, {aten.clone.default}):
-        if len(_users(nxt, dead)) != 1:
-            return None
-        (nxt,) = _users(nxt, dead)
-    if not is_call(nxt, VIEWS):
-        return None
-    o, m = val(out), val(nxt)
-    if m.dim() != 3 or not same_shape(m.shape, (o.shape[0], o.shape[2], o.shape[1] * o.shape[3])):
-        return None
-    return nxt
+    chain = [out]
+    while len(chain) < 4 and len(_users(chain[-1], dead)) == 1:
+        (nxt,) = _users(chain[-1], dead)
+        chain.append(nxt)
+        if nxt.target in _HEAD_MERGE.anchor_ops:
+            m = match_at(_HEAD_MERGE, nxt, graph)
+            return nxt if m is not None and m["out"] is out else None
+    return None
+
+
+def _unrepeat(graph, t: fx.Node) -> fx.Node:
+    """The kv tensor before ``repeat_kv`` (unsqueeze(2), expand, [clone],
+    reshape to [B, N, T, H]); ``t`` itself when it is not repeated."""
+    m = match_at(_REPEAT_KV, t, graph)
+    return m["src"] if m is not None else t
 
 
 def _static_int(x) -> bool:
@@ -186,7 +298,7 @@ class PackAttention(Pass):
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(head)
         if mask is not None and not causal and self.analysis(CausalMasks, graph).is_constant_causal(mask, qv.shape[2]):
             mask, causal = None, True
-        k_src, v_src = _unrepeat(k), _unrepeat(v)
+        k_src, v_src = _unrepeat(graph, k), _unrepeat(graph, v)
         kv_heads = val(k_src).shape[1]
         if kv_heads != heads or val(v_src).shape[1] != heads:
             if not self.gqa:
@@ -200,27 +312,31 @@ class PackAttention(Pass):
 
     # -- packed QKV ---------------------------------------------------------------
     def _lower_packed(self, graph, sdpa, q, k, v, mask, causal, scale, heads, head, stats) -> str:
-        parts = [_split_heads_of(t) for t in (q, k, v)]
         dead = self._dead
-        for src, view, tr in parts:
-            _only_user(tr, sdpa, dead)
-            _only_user(view, tr, dead)
-            _only_user(src, view, dead)
-        items = [p[0] for p in parts]
+        items = []
+        for t in (q, k, v):
+            hm = _head_split(graph, t)
+            view = t.args[0]
+            _only_user(t, sdpa, dead)
+            _only_user(view, t, dead)
+            _only_user(hm["src"], view, dead)
+            items.append(hm["src"])
         if not all(i.target is operator.getitem for i in items) or len({i.args[0] for i in items}) != 1:
             raise Refuse("q, k, v are not parts of one split")
         split = items[0].args[0]
-        if [i.args[1] for i in items] != [0, 1, 2] or not is_call(split, _SPLITS):
-            raise Refuse("q, k, v are not parts 0, 1, 2 of one split")
+        pattern = _QKV_SPLITS.get(getattr(split, "target", None))
+        sm = match_at(pattern, items[0], graph) if pattern is not None else None
+        if sm is None or sm.outputs != items:
+            why = f": {explain_at(pattern, items[0], graph)}" if pattern is not None and sm is None else ""
+            raise Refuse(f"q, k, v are not parts 0, 1, 2 of one split{why}")
         width = heads * head
-        sizes = split.args[1] if split.target == aten.split_with_sizes.default else [split.args[1]] * 3
-        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-        qkv = split.args[0]
-        if list(sizes) != [width] * 3 or val(qkv).dim() != 3 or dim_index(dim, 3) != 2 or val(qkv).shape[2] != 3 * width:
+        qkv = sm["qkv"]
+        if sm["d"] != width or val(qkv).dim() != 3 or dim_index(sm["dim"], 3) != 2 or val(qkv).shape[2] != 3 * width:
             raise Refuse(f"%{split.name} does not cut the last dim into three parts of {width}")
         _only_user(qkv, split, dead)
         if _users(split, dead) != set(items):
             raise Refuse(f"%{split.name} has other users")
+        # the projection is one node: its op says which kernel takes it
         if is_call(qkv, {aten.linear.default}):
             x, w, b = (list(qkv.args) + [None])[:3]
             weights, target = (w,), torch.ops.fxopt.packed_attention.default
@@ -244,7 +360,7 @@ class PackAttention(Pass):
             except NotKeyPadding as e:
                 raise Refuse(str(e)) from None
             m, fill, sliced = kp.source, kp.fill, kp.sliced
-        merged = _merge_of(sdpa, dead)
+        merged = _merge_of(graph, sdpa, dead)
         with graph.fx.inserting_before(merged or sdpa):
             if sliced:
                 m = graph.fx.call_function(aten.slice.Tensor, (m, 0, 0, _size(graph, x, 0)))
@@ -269,7 +385,7 @@ class PackAttention(Pass):
         heads, kv_heads, head = qv.shape[1], kv.shape[1], qv.shape[3]
         if not (_static_int(kv_heads) and heads % kv_heads == 0) or val(v_src).shape[1] != kv_heads:
             raise Refuse(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
-        merged = _merge_of(sdpa, self._dead)
+        merged = _merge_of(graph, sdpa, self._dead)
         with graph.fx.inserting_before(merged or sdpa):
             qs, ks, vs = (_to_bsd(graph, t) for t in (q, k_src, v_src))
             out = graph.fx.call_function(torch.ops.fxopt.group_query_attention.default, (qs, ks, vs, heads, kv_heads, scale))
@@ -297,34 +413,11 @@ class PackAttention(Pass):
             graph.fx.erase_node(sdpa)
 
 
-def _unrepeat(t: fx.Node) -> fx.Node:
-    """The kv tensor before ``repeat_kv`` (unsqueeze(2), expand, [clone],
-    reshape to [B, N, T, H]); ``t`` itself when it is not repeated."""
-    r = t
-    if not is_call(r, VIEWS):
-        return t
-    e = r.args[0]
-    if is_call(e, {aten.clone.default}):
-        e = e.args[0]
-    if not is_call(e, {aten.expand.default}) or not is_call(e.args[0], {aten.unsqueeze.default}):
-        return t
-    u = e.args[0]
-    src = u.args[0]
-    sv, ev, rv = val(src), val(e), val(r)
-    if dim_index(u.args[1], 5) != 2 or sv.dim() != 4 or ev.dim() != 5 or rv.dim() != 4:
-        return t
-    if not (same_shape(ev.shape[:2], sv.shape[:2]) and same_shape(ev.shape[3:], sv.shape[2:])
-            and same_shape(rv.shape, (sv.shape[0], sv.shape[1] * ev.shape[2], sv.shape[2], sv.shape[3]))):
-        return t
-    return src
-
-
 def _to_bsd(graph, t: fx.Node) -> fx.Node:
     """``t`` [B, n, S, H] as [B, S, n*H]: read through a head split when there is
     one (no copy), else transpose and reshape."""
     try:
-        src, _view, _tr = _split_heads_of(t)
-        return src
+        return _head_split(graph, t)["src"]
     except Refuse:
         pass
     tv = val(t)

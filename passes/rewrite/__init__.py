@@ -101,7 +101,7 @@ How it works and what it promises:
   the graph starts a new walk for the patterns after it). :func:`rewrite` and
   :class:`RewritePass` use it.
 * **Asking about one node.** :func:`match_at` matches a pattern with its first
-  output at a given node (a pass deciding about a larger structure asks
+  output at a given node (:func:`explain_at` says why not) (a pass deciding about a larger structure asks
   whether a value is a head split, say); :func:`function` builds a pattern
   function whose parameters depend on a setting (n linears need n weights).
 
@@ -113,13 +113,15 @@ Layout: :mod:`.trace` (signatures, captures, sizes, tracing), :mod:`.pattern`
 """
 
 from .driver import PatternSet, PatternStats, RewritePass, RewriteResult, rewrite
-from .match import COMMUTATIVE, GraphIndex, Match, Matcher, NearMiss, describe, explain, find_matches, match_at, nearest_misses
+from .match import (
+    COMMUTATIVE, GraphIndex, Match, Matcher, NearMiss, describe, explain, explain_at, find_matches, match_at, nearest_misses,
+)
 from .pattern import Pattern, Reject, all_of, has_dtype, has_rank, is_constant, is_not_constant
 from .trace import DEFAULT_CLEANUP, DEFAULT_SHAPE, PatternError, Size, function
 
 __all__ = [
     "Pattern", "PatternError", "Reject", "Size", "function", "DEFAULT_CLEANUP", "DEFAULT_SHAPE",
     "is_constant", "is_not_constant", "has_rank", "has_dtype", "all_of",
-    "Match", "NearMiss", "Matcher", "GraphIndex", "COMMUTATIVE", "describe", "find_matches", "match_at",
+    "Match", "NearMiss", "Matcher", "GraphIndex", "COMMUTATIVE", "describe", "find_matches", "match_at", "explain_at",
     "nearest_misses", "explain", "PatternSet", "PatternStats", "RewriteResult", "rewrite", "RewritePass",
 ]

@@ -368,12 +368,42 @@ def find_matches(pattern: Pattern, graph) -> list[Match]:
 
 
 def match_at(pattern: Pattern, node: fx.Node, graph, index: GraphIndex | None = None) -> Match | None:
-    """The first match of ``pattern`` whose first output is ``node``, or None:
-    for a pass that asks whether one value is written in a given form (a head
-    split, a head merge) while deciding about a larger structure."""
+    """The first match of ``pattern`` whose first output is ``node`` and that
+    its ``check`` accepts, or None: for a pass that asks whether one value is
+    written in a given form (a head split, a head merge) while deciding about
+    a larger structure. :func:`explain_at` says why not."""
+    return _at(pattern, node, graph, index)[0]
+
+
+def explain_at(pattern: Pattern, node: fx.Node, graph) -> str:
+    """Why ``pattern`` does not match with its first output at ``node``: the
+    furthest it got there, or the check's reason; '' when it matches."""
+    m, why = _at(pattern, node, graph, None)
+    return "" if m is not None else why
+
+
+def _at(pattern: Pattern, node, graph, index) -> tuple[Match | None, str]:
     if not (isinstance(node, fx.Node) and node.op == "call_function"):
-        return None
-    return next(Matcher(pattern, graph, index).matches_at(node), None)
+        return None, f"{describe(node)} is not an op"
+    matcher = Matcher(pattern, graph, index)
+    why = ""
+    for m in matcher.matches_at(node):
+        if pattern.check is None:
+            return m, ""
+        try:
+            if pattern.check(m):
+                return m, ""
+            why = why or f"check rejected the match at {describe(node)}"
+        except Reject as e:
+            why = why or str(e)
+    if not why:
+        miss = matcher.by_anchor.get(node)
+        if miss is None:
+            why = f"{describe(node)} is not the pattern's anchor op"
+        else:
+            where = f"pattern node %{miss.pattern_node.name}" if isinstance(miss.pattern_node, fx.Node) else "an argument"
+            why = f"{where} vs graph {describe(miss.graph_node)}: {miss.reason}"
+    return None, why
 
 
 def occurrences(matches) -> list[Match]:
