@@ -10,7 +10,7 @@ nested-tensor fast path of ``nn.TransformerEncoder``, here on the graph.
 
 Matches: self-attentions under one key-padding mask ``m`` — ``scaled_dot_product_attention``
 (``fuse-attention``'s output) or ``fxopt.packed_attention`` whose mask is proved,
-op by op as ``pack-attention`` proves it, to be ``where(m[b, k] != 0, 0, fill)``
+op by op (the ``KeyPaddingMasks`` analysis, :mod:`.analyses.masks`), to be ``where(m[b, k] != 0, 0, fill)``
 (or ``zeros.masked_fill(m == 0, fill)``, or the boolean ``m != 0``)
 with ``m`` a 2-D graph input — and around them the *token-wise region*: every
 op whose ``[B, S, ...]`` value is computed row by row (pointwise ops with
@@ -32,6 +32,14 @@ by attention as padded keys (the mask weighs them exactly 0) or padded queries
 zeros is exact. ``padded_outputs=zero`` also lets outputs' padded rows become 0
 (a model returning ``last_hidden_state`` whose caller pools with the mask);
 by default they stay exact, which leaves such a model padded.
+
+How it matches: attention is found by its op and its mask by the analysis;
+the region is a data-flow analysis over a table of row-wise rules
+(:func:`_row_rule`), walked backwards from the outputs, not a pattern: which
+ops join depends on who reads their padded rows, over any number of ops.
+The small chains it also reads (the mask behind casts and unsqueezes in
+``hidden * mask``, the ``m[:B, :S]`` slices ``pack-attention`` adds) have no
+fixed length, which the rewrite engine's patterns cannot say.
 
 Refuses (no change; ``stats["reason"]``): no attention with a key-padding mask
 (a decoder, or ``fuse-attention`` has not run), causal attention, masks that are

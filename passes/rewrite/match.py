@@ -246,10 +246,8 @@ class Matcher:
             self._fail(state, key, g, f"parameter {name!r} expects a graph value, found the literal {g!r}")
             return
         if key in mapping:
-            if mapping[key] is g:
+            if self._same_binding(state, key, g, f"parameter {name!r} is already bound to"):
                 yield state
-            else:
-                self._fail(state, key, g, f"parameter {name!r} is already bound to {describe(mapping[key])}")
             return
         if g in self._computing_targets(mapping):
             self._fail(state, key, g, f"parameter {name!r} would bind a node inside the match")
@@ -272,6 +270,13 @@ class Matcher:
             p, g, i = at
             self._fail(state, p, g, f"argument {i}: {reason}" if i is not None else reason)
 
+    def _same_binding(self, state, key, g, already: str) -> bool:
+        """``key`` is bound already: to ``g`` (True), or to another node (the failure recorded)."""
+        if state[0][key] is g:
+            return True
+        self._fail(state, key, g, f"{already} {describe(state[0][key])}")
+        return False
+
     @staticmethod
     def _computing_targets(mapping) -> set:
         return {g for p, g in mapping.items() if p.op != "placeholder"}
@@ -279,10 +284,8 @@ class Matcher:
     def match_node(self, p: fx.Node, g, state) -> Iterator[tuple]:
         mapping, caps = state
         if p in mapping:
-            if mapping[p] is g:
+            if self._same_binding(state, p, g, f"pattern node %{p.name} is already matched to"):
                 yield state
-            else:
-                self._fail(state, p, g, f"pattern node %{p.name} is already matched to {describe(mapping[p])}")
             return
         if not isinstance(g, fx.Node) or g.op != p.op or g.target not in self.pattern.same_ops(p.target):
             self._fail(state, p, g, f"expected {describe(p).split(' ', 1)[1].strip('()')}, found {describe(g)}")
