@@ -1,5 +1,5 @@
 """Static W8A8 linear: int8 weights and int8 activations whose scale and zero
-point were fixed by calibration (:mod:`fxopt.passes.calibration`).
+point were fixed by calibration (:mod:`fxopt.passes.quantize.calibration`).
 
 Activations use the same unsigned 7-bit grid as dynamic W8A8
 (:data:`fxopt.ir.ops_quant.ACT_QMAX`, ``reduce_range``: on CPUs without VNNI
