@@ -184,10 +184,6 @@ def _expand(src, u: int, b: Size, n: Size, r: Size, t: Size, h: Size):
     return src.unsqueeze(u).expand(b, n, r, t, h)
 
 
-def _expand_clone(src, u: int, b: Size, n: Size, r: Size, t: Size, h: Size):
-    return src.unsqueeze(u).expand(b, n, r, t, h).clone()
-
-
 def _expand_contiguous(src, u: int, b: Size, n: Size, r: Size, t: Size, h: Size):
     return src.unsqueeze(u).expand(b, n, r, t, h).contiguous()
 
@@ -203,8 +199,8 @@ def _repeat_fits(m: Match) -> bool:
 
 _REPEAT_KV = Pattern(
     "repeat-kv", _repeated, build=lambda m, g: None, op_classes=[VIEWS], check=_repeat_fits,
-    inputs={"rep": (3, 35, 11, 13), "src": (3, 5, 11, 13), "u": 2, "b": 3, "n": 5, "r": 7, "t": 11, "h": 13, "nr": 35},
-    alternatives={"rep": {"plain": _expand, "clone": _expand_clone, "contiguous": _expand_contiguous}})
+    inputs={"rep": (3, 5, 7, 11, 13), "src": (3, 5, 11, 13), "u": 2, "b": 3, "n": 5, "r": 7, "t": 11, "h": 13, "nr": 35},
+    alternatives={"rep": {"plain": _expand, "contiguous": _expand_contiguous}})  # a plain clone is canonicalized away
 
 
 def _head_split(graph, t: fx.Node) -> Match:
@@ -235,7 +231,7 @@ def _merge_of(graph, out: fx.Node, dead: set) -> fx.Node | None:
 def _unrepeat(graph, t: fx.Node) -> fx.Node:
     """The kv tensor before ``repeat_kv`` (unsqueeze(2), expand, [clone],
     reshape to [B, N, T, H]); ``t`` itself when it is not repeated."""
-    m = match_at(_REPEAT_KV, t, graph)
+    m = match_at(_REPEAT_KV, t, graph) if is_call(t, VIEWS) else None  # (the pattern is traced on first use)
     return m["src"] if m is not None else t
 
 
@@ -270,6 +266,8 @@ class PackAttention(Pass):
     # rather than left in float inside the packed op.
     runs_after = ("fuse-attention", "merge-linears", "quantize")
     requires = ("canonical-linear",)
+    # facts about a mask are facts about its value, which packing attention keeps
+    preserves = (CausalMasks, KeyPaddingMasks)
 
     def run(self, graph) -> PassResult:
         stats = {"packed": 0, "gqa": 0, "causal": 0, "masked": 0, "dynamic_int8": 0, "refused": {}}
