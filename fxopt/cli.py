@@ -156,7 +156,8 @@ def cmd_optimize(a) -> int:
         raise CliError(f"pass {needs[0]!r} needs calibration data: give --calibration FILE.txt (one text per line, "
                        f"tokenized with the model's tokenizer) or --calibration package.module:factory "
                        f"(returns a list of model inputs)")
-    spec, graph, (args, kwargs) = _load(a.model, a.dynamic, a.debug)
+    # Calibration texts come in their own lengths: trace with the model's dynamic dims.
+    spec, graph, (args, kwargs) = _load(a.model, a.dynamic or bool(needs), a.debug)
     context = {"calibration_data": _calibration_inputs(a.calibration, spec, a.calibration_batch)} if needs else {}
     spec.model.eval()
     with torch.inference_mode():
@@ -183,7 +184,8 @@ def cmd_optimize(a) -> int:
     for col in ("pass", "ms", "changed", "nodes", "param bytes", "stats"):
         table.add_column(col, justify="right" if col in ("ms", "nodes", "param bytes") else "left")
     for r in result.records:
-        stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list)))[:60]
+        items = [f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list))]
+        stats = ", ".join(items[:next((i for i in range(len(items)) if len(", ".join(items[:i + 1])) > 60), len(items))])
         table.add_row(r.name, f"{r.ms:.1f}", "yes" if r.changed else "no", f"{r.nodes_before} -> {r.nodes_after}",
                       f"{_bytes(r.param_bytes_before)} -> {_bytes(r.param_bytes_after)}", stats)
     console.print(table)
@@ -197,7 +199,7 @@ def cmd_optimize(a) -> int:
     )
     if a.report:
         report = {
-            "model": spec.name, "pipeline": str(pm), "backend": a.backend, "dynamic": a.dynamic,
+            "model": spec.name, "pipeline": str(pm), "backend": a.backend, "dynamic": a.dynamic or bool(needs),
             "nodes_before": graph.num_nodes(), "nodes_after": result.graph.num_nodes(),
             "param_bytes_before": graph.param_bytes(), "param_bytes_after": result.graph.param_bytes(),
             "artifact_bytes": artifact, "max_abs_err": parity.max_abs_err, "output_scale": parity.scale,
@@ -287,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--plugin", action="append", help="import this module first (it may register passes); repeatable")
     o.add_argument("--calibration", metavar="FILE|module:factory",
                    help="calibration inputs for static W8A8, SmoothQuant, AWQ and GPTQ: a text file (one text per line, "
-                        "tokenized with the model's tokenizer) or package.module:factory returning a list of model inputs")
+                        "tokenized with the model's tokenizer) or package.module:factory returning a list of model inputs; "
+                        "the model is then traced with its dynamic dimensions")
     o.add_argument("--calibration-batch", type=_positive, default=8, help="lines of the text file per calibration input")
     o.set_defaults(func=cmd_optimize)
 

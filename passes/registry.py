@@ -76,7 +76,9 @@ def summary(doc: str) -> str:
     """The first sentence of a docstring's first paragraph, on one line."""
     paragraph = " ".join(line.strip() for line in doc.strip().split("\n\n")[0].splitlines())
     match = re.search(r"[.!?](?=\s+[A-Z(`])", paragraph)
-    return paragraph[:match.end()] if match else paragraph
+    sentence = paragraph[:match.end()] if match else paragraph
+    # A paragraph that introduces a code block ("... to quantize::") ends the sentence there.
+    return sentence[:-2].rstrip() + "." if sentence.endswith("::") else sentence
 
 
 REGISTRY = PassRegistry()
