@@ -167,8 +167,12 @@ def cmd_optimize(a) -> int:
     ref_ms = _median_ms(spec.model, args, kwargs, a.repeats)
     progress, hook = _progress_instrument(len(pm.passes()), console)
     pm.instruments.append(hook)
+    def report(items, description):
+        items = list(items)
+        return progress.track(items, total=len(items), description=f"  {description}")
+
     with progress:
-        result = pm.run(graph, **context)
+        result = pm.run(graph, progress=report, **context)
     options = {}
     if a.backend == "onnxruntime" and a.threads:
         options["intra_op_threads"] = a.threads

@@ -50,7 +50,7 @@ def _static_ranges(p, graph) -> dict[str, tuple[float, float]]:
     data = p.context.get("calibration_data")
     observer = getattr(p, "observer", "minmax")
     options = {"percentile": getattr(p, "percentile", 99.99)} if observer == "percentile" else {}
-    stats = collect_linear_stats(graph, data, observer=observer, **options)
+    stats = collect_linear_stats(graph, data, observer=observer, progress=p.progress, **options)
     ranges = {name: s.observer.range() for name, s in stats.items()}
     setattr(p, _STATIC_CACHE, (graph.fx, ranges))
     return ranges
@@ -82,12 +82,12 @@ AWQ_ROWS = 512  # calibration rows kept per layer for the search
 
 
 def _collect_rows(p, graph, layers, data) -> dict[str, Any]:
-    stats = collect_linear_stats(graph, data, [l.node for l in layers], keep_rows=AWQ_ROWS)
+    stats = collect_linear_stats(graph, data, [l.node for l in layers], keep_rows=AWQ_ROWS, progress=p.progress)
     return {l.name: stats[l.node.name] for l in layers}
 
 
 def _collect_hessian(p, graph, layers, data) -> dict[str, Any]:
-    stats = collect_linear_stats(graph, data, [l.node for l in layers], hessian=True)
+    stats = collect_linear_stats(graph, data, [l.node for l in layers], hessian=True, progress=p.progress)
     return {l.name: stats[l.node.name] for l in layers}
 
 

@@ -500,7 +500,7 @@ class Quantize(Pass):
         bytes_saved = 0
         self._constants_kept: dict = {}
         self._constants_shared = 0
-        for layer in selected:
+        for layer in self.progress(selected, "quantizing layers"):
             self.current_node = layer.node
             record = self._quantize_layer(graph, layer, stats.get(layer.name))
             # A module called more than once (shared layers) reports each call.
