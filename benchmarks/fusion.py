@@ -272,15 +272,16 @@ def plot(rows, path):
 
     models_ = list(dict.fromkeys(r["model"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(14, 4.8))
     width = 0.8 / len(variants)
+    colors = plt.get_cmap("tab20").colors
     for i, v in enumerate(variants):
         ys = [next((r["ratio"] or 0 for r in rows if r["model"] == m and r["variant"] == v), 0) for m in models_]
-        ax.bar([j + i * width for j in range(len(models_))], ys, width, label=v)
+        ax.bar([j + i * width for j in range(len(models_))], ys, width, label=v, color=colors[i % len(colors)])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models_))], models_)
     ax.axhline(1.0, color="k", lw=0.5)
     ax.set_ylabel("time / eager fp32 (lower is better; 0 = failed)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

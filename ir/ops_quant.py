@@ -25,7 +25,7 @@ shapes and a 4096x4096 linear, batch 1 and 128, ratios to fp32 ``F.linear``):
   ``vpmaddwd``: exact on every code (tested on all-255 x all-extreme
   inputs), 1.15-1.9x the time of the saturating U8S8 kernel and still
   0.26-0.76x of fp32 MatMul (384x1536, 768x3072 and 3072x768; 1 and 128
-  rows; one thread, shared machine). S8S8 (symmetric activations) is exact
+  rows; one thread, other jobs on the cores). S8S8 (symmetric activations) is exact
   too but runs a slow generic kernel (5-70x U8S8); symmetric per-token codes
   were also less accurate (MiniLM min cosine 0.986 against 0.995). MLAS
   refuses a per-row activation zero point, so the GEMM runs with zero point
@@ -42,7 +42,7 @@ shapes and a 4096x4096 linear, batch 1 and 128, ratios to fp32 ``F.linear``):
   or ``reduce_range`` with 8-bit weights. MiniLM (eager) then gave mean /
   min cosine 0.9968 / 0.9852 and 0.9966 / 0.9866 (float grid: 0.9989 /
   0.9954; goal min 0.99), and one GPT-2 layer ran at 0.40-1.2x fp32 against
-  torch.ao's 0.28-0.62x (one thread, loaded machine): neither goal met, so
+  torch.ao's 0.28-0.62x (one thread, other jobs on the cores): neither goal met, so
   eager per-token stays accurate and about as fast as fp32, slower than
   torch.ao's per-tensor ``quantize_dynamic``; ``act_granularity=tensor``
   is eager's fast path.
