@@ -6,7 +6,7 @@ fxopt's default: spin during a run and park when it returns
 
 For each setting: the session's one-token run alternating with eager fp32's
 (the session's time and eager's time right after it: the tax), and the session
-alone, warm (median of 30 back-to-back runs after 10), one token and prefill 128.
+alone, warm (median of 30 back-to-back runs after 10), a one-token forward (no KV cache) and prefill 128.
 
     python benchmarks/ort_spinning.py                 # fused W8A8 per tensor
     python benchmarks/ort_spinning.py --quantize int4 # fused int4 g128
@@ -91,8 +91,8 @@ def main() -> None:
                              warm["one token"], warm["prefill 128"]))
                 del sess
                 time.sleep(1)  # let the last setting's threads settle
-    lines = ["| session | alternating: ONNX Runtime one token (ms) | eager fp32 right after (ms) "
-             "| alone, warm: one token (ms) | prefill 128 (ms) |", "|---|---|---|---|---|"]
+    lines = ["| session | alternating: ONNX Runtime one-token forward (ms) | eager fp32 right after (ms) "
+             "| alone, warm: one-token forward (ms) | prefill 128 (ms) |", "|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} |" for r in rows]
     table = "\n".join(lines)
     print(table)

@@ -2,7 +2,7 @@
 ``pack-attention``, both sessions in one process, timed interleaved (2
 threads, spinning off), so the machine's drift falls on both alike. A ratio is
 the median of the rounds' packed / unpacked times. Models: GPT-2 small
-(transformers' default attention; prefill 128 and one token) or the real
+(transformers' default attention; prefill 128 and a one-token forward without a KV cache) or the real
 MiniLM batches of ``benchmarks/fusion.py`` (32 x 41, and 32 x 43 padded).
 
     python benchmarks/pack_attention_ab.py                # GPT-2, int8 (W8A8 per tensor: QAttention)

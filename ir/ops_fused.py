@@ -17,7 +17,7 @@ fused kernels: on this CPU (ONNX Runtime 1.32, 2 threads,
 SkipLayerNormalization took 1.4-4x the time of Add + LayerNormalization from
 128 rows up (two runs; latest 428 vs 172 us at 128 x 768, 2197 vs 620 us at 1376 x 384) and
 SkipSimplifiedLayerNormalization up to 1.3x; at one row the fused kernels
-were as fast or slightly faster (a one-token decode step loses a few us per
+were as fast or slightly faster (a one-token forward loses a few us per
 norm). The fused ops stay in the graph: one op is what a
 backend with a faster fused kernel would take.
 """
