@@ -303,7 +303,7 @@ def main() -> None:
         "other model's block. A ratio is the median of the blocks' ratios (below 1 is faster; in brackets the blocks' "
         "interquartile range), so the machine's drift cancels. ONNX Runtime sessions spin during a run and park their threads when it returns. "
         f"{THREADS} thread(s) for every variant. Machine: {os.cpu_count()} cores, {_cpu_name()}.\n\n"
-        "Goals (issue 3, warm): one-token fxopt int8 <= 0.20 and int4 <= 0.15; prefill-128 fxopt int8 <= 0.30.\n\n"
+        "Goals (warm): one-token fxopt int8 <= 0.20 and int4 <= 0.15; prefill-128 fxopt int8 <= 0.30.\n\n"
     )
     (RESULTS / f"{args.output}.md").write_text(header + table + "\n")
     _plot(rows, RESULTS / f"{args.output}.png")

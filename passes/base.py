@@ -221,6 +221,13 @@ class Pass:
             yield node
         self.current_node = None
 
+    def progress(self, items, description: str):
+        """``items``, reported step by step to the run's ``progress`` input
+        when one is given (the CLI draws a bar with it): a long step (calibration,
+        GPTQ, the measured guard) says how far it is without printing itself."""
+        report = self.context.get("progress")
+        return report(items, f"{self.name}: {description}") if report is not None else items
+
     def fail(self, message: str, node: fx.Node | None = None) -> PassError:
         return PassError(message, pass_name=self.name, node=node if node is not None else self.current_node)
 
