@@ -423,6 +423,14 @@ class Quantize(Pass):
             layers.append(layer)
         return layers, skipped
 
+    def select(self, graph) -> tuple[list[Layer], dict[str, int]]:
+        """The layers this pass's filters (include, exclude, min_size,
+        skip_lm_head, quantize_embeddings) select, and why the others were
+        skipped (reason -> count). Other passes that take the same filters
+        (``prune``) select their layers with it."""
+        layers, skipped = self._candidates(graph)
+        return self._select(layers, skipped), skipped
+
     def _select(self, layers: list[Layer], skipped: dict[str, int]) -> list[Layer]:
         names = [l.name for l in layers]
         for label, pattern in (("include", self.include), ("exclude", self.exclude)):
