@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .base import Option, OptionError, Pass, PassError, PassResult
-from .quantize import Layer, Quantize
+from .base import Option, PassResult
+from .layers import Layer, LayerFilterOptions
 from .registry import register_pass
 
 aten = torch.ops.aten
@@ -61,7 +61,7 @@ def decode(indices: torch.Tensor, codebook: torch.Tensor, granularity: str, grou
 
 
 @register_pass("cluster")
-class Cluster(Pass):
+class Cluster(LayerFilterOptions):
     """Replaces the weights of ``aten.linear`` layers by k-means codebooks.
 
     Matches: the layers ``quantize`` would select with the same filters
@@ -87,10 +87,6 @@ class Cluster(Pass):
     granularity = Option("channel", str, choices=("tensor", "channel", "group"), help="a codebook per tensor, output row or group")
     group_size = Option(128, int, check=lambda v: None if v >= 1 else "must be >= 1", help="columns per codebook (granularity=group)")
     iterations = Option(20, int, check=lambda v: None if v >= 1 else "must be >= 1", help="k-means (Lloyd) iterations")
-    include = Option(None, str, help="regex: only layers whose name matches (re.search)")
-    exclude = Option(None, str, help="regex: skip layers whose name matches")
-    min_size = Option(0, int, check=lambda v: None if v >= 0 else "must be >= 0", help="skip weights with fewer elements")
-    skip_lm_head = Option(True, help="leave the LM head (output projection or tied embedding) in float")
 
     runs_after = ("canonicalize", "prune", "shrink", "constant-fold")
     runs_before = ("quantize",)
@@ -98,16 +94,10 @@ class Cluster(Pass):
 
     def validate_options(self) -> None:
         self.numerics_tolerance = min(1.0, 16.0 * 2.0**-self.bits)
-        try:  # quantize's layer filters, checked here as quantize checks them
-            self._selector = Quantize(include=self.include, exclude=self.exclude, min_size=self.min_size, skip_lm_head=self.skip_lm_head)
-        except OptionError as e:
-            raise OptionError(str(e).replace("pass 'quantize'", "pass 'cluster'")) from None
 
     def run(self, graph) -> PassResult:
-        try:
-            layers, skipped = self._selector.select(graph)
-        except PassError as e:
-            raise self.fail(e.reason, e.node) from None
+        selection = self.select_layers(graph)
+        layers, skipped = selection.selected, selection.skipped
         if self.granularity == "group":
             for layer in layers:
                 if layer.weight.shape[1] % self.group_size:

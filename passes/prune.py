@@ -32,11 +32,11 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from .base import Option, OptionError, Pass, PassError, PassResult
-from .calibration import LinearStats, collect_linear_stats
+from .base import Option, OptionError, PassResult
 from .fusion import fuse_linear_act, split_linear_act
-from .quant_methods import GPTQ_DAMP, inverse_hessian_factor
-from .quantize import Layer, Quantize
+from .layers import Layer, LayerFilterOptions
+from .quantize.calibration import LinearStats, collect_linear_stats
+from .quantize.methods import GPTQ_DAMP, inverse_hessian_factor
 from .registry import register_pass
 
 aten = torch.ops.aten
@@ -214,7 +214,7 @@ def _pattern_problem(v) -> str | None:
 # -- the pass ------------------------------------------------------------------------
 
 @register_pass("prune")
-class Prune(Pass):
+class Prune(LayerFilterOptions):
     """Sets weights of ``aten.linear`` layers (and, with ``embeddings``,
     ``aten.embedding`` tables) to exactly zero.
 
@@ -247,10 +247,6 @@ class Prune(Pass):
     pattern = Option("unstructured", str, check=_pattern_problem, help="unstructured | N:M (N kept of every M input channels: 2:4, 4:8)")
     threshold = Option("layer", str, choices=("layer", "global"),
                        help="unstructured: compare scores within each layer (Wanda: each output row) or across all selected layers")
-    include = Option(None, str, help="regex: only layers whose name matches (re.search)")
-    exclude = Option(None, str, help="regex: skip layers whose name matches")
-    min_size = Option(0, int, check=lambda v: None if v >= 0 else "must be >= 0", help="skip weights with fewer elements")
-    skip_lm_head = Option(True, help="leave the LM head (output projection or tied embedding) dense")
     embeddings = Option(False, help="prune embedding tables too (by magnitude)")
     block_size = Option(SPARSEGPT_BLOCK, int, check=lambda v: None if v >= 1 else "must be >= 1",
                         help="sparsegpt: columns whose mask is chosen together")
@@ -264,11 +260,6 @@ class Prune(Pass):
 
     def validate_options(self) -> None:
         self.nm = parse_pattern(self.pattern)
-        try:  # quantize's layer filters, checked here as quantize checks them
-            self._selector = Quantize(include=self.include, exclude=self.exclude, min_size=self.min_size,
-                                      skip_lm_head=self.skip_lm_head, quantize_embeddings=self.embeddings)
-        except OptionError as e:
-            raise OptionError(str(e).replace("pass 'quantize'", "pass 'prune'")) from None
         if self.nm and "ratio" in self.given_options:
             raise OptionError(f"pass 'prune': option 'ratio' applies to pattern=unstructured; pattern {self.pattern} "
                               f"removes {self.nm[1] - self.nm[0]} of every {self.nm[1]}")
@@ -294,14 +285,9 @@ class Prune(Pass):
             if split:
                 fuse_linear_act(graph, split, pass_=self)
 
-    def _select(self, graph) -> tuple[list[Layer], dict[str, int]]:
-        try:
-            return self._selector.select(graph)
-        except PassError as e:
-            raise self.fail(e.reason, e.node) from None
-
     def _run(self, graph) -> PassResult:
-        selected, skipped = self._select(graph)
+        selection = self.select_layers(graph, ("linear", "embedding") if self.embeddings else ("linear",))
+        selected, skipped = selection.selected, selection.skipped
         groups: dict[int, WeightGroup] = {}
         for layer in selected:
             groups.setdefault(id(layer.weight), WeightGroup([])).layers.append(layer)

@@ -9,20 +9,13 @@ import re
 import torch
 import torch.fx as fx
 
-from .base import Option, OptionError, Pass, PassResult
-from .calibration import collect_linear_stats
+from .base import Option, Pass, PassResult
 from .channels import ChannelAnalysis, ChannelGroup, Span
+from .layers import regex_problem
+from .quantize.calibration import collect_linear_stats
 from .registry import register_pass
 
 aten = torch.ops.aten
-
-
-def _regex_problem(v) -> str | None:
-    try:
-        re.compile(v)
-    except re.error as e:
-        return f"invalid regular expression: {e}"
-    return None
 
 
 @register_pass("shrink")
@@ -60,8 +53,8 @@ class Shrink(Pass):
                    help="fraction of each group's channels removed")
     importance = Option("magnitude", str, choices=("magnitude", "activation"), help="magnitude | activation (calibrated)")
     multiple_of = Option(1, int, check=lambda v: None if v >= 1 else "must be >= 1", help="keep a multiple of this many channels")
-    include = Option(None, str, check=_regex_problem, help="regex: only groups whose name matches (re.search)")
-    exclude = Option(None, str, check=_regex_problem, help="regex: skip groups whose name matches")
+    include = Option(None, str, check=regex_problem, help="regex: only groups whose name matches (re.search)")
+    exclude = Option(None, str, check=regex_problem, help="regex: skip groups whose name matches")
 
     runs_after = ("canonicalize", "prune")
     runs_before = ("quantize", "merge-linears", "fuse-linear-act", "share-weights")
