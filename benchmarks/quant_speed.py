@@ -409,12 +409,19 @@ def main() -> None:
             else:
                 rows.append(json.loads(line[7:]))
             print(f"{v}: {rows[-1]}", file=sys.stderr)
+            # Written after every variant, so that a long run stopped early keeps what it measured.
+            _write(rows, variants, args.quick, repeat)
+    print(_table(rows))
+
+
+def _write(rows: list[dict], variants: list[str], quick: bool, repeat: int) -> None:
     table = _table(rows)
-    print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/quant_speed.py" + (" --quick" if args.quick else "") + f" --threads {THREADS}"
+    command = "python benchmarks/quant_speed.py" + (" --quick" if quick else "") + f" --threads {THREADS}"
     if variants != list(VARIANTS):
         command += f" --variants {','.join(variants)}"
+    if len(rows) < len(variants):
+        command += f" (stopped after {len(rows)} of {len(variants)} variants)"
     scale = next((r["one-token/scale"] for r in rows if "one-token/scale" in r), None)
     fp32_ms = {shape: statistics.median(r[f"{shape}/warm/base"] for r in rows if f"{shape}/warm/base" in r)
                for shape in SHAPES if any(f"{shape}/warm/base" in r for r in rows)}
