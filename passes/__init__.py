@@ -9,7 +9,6 @@ from .manager import Instrument, IRDump, NumericsError, PassManager, PassRecord,
 
 # Built-in passes register themselves on import.
 from . import canonicalize, constant_fold, cse, dce, quantize  # noqa: E402,F401
-from . import smoothquant, quant_methods  # noqa: E402,F401
 from . import attention  # noqa: E402,F401
 from . import fusion  # noqa: E402,F401
 from . import attention_packed  # noqa: E402,F401

@@ -197,7 +197,10 @@ class Pass:
         raise NotImplementedError(f"pass {self.name!r} does not implement run()")
 
     def __call__(self, graph) -> PassResult:
-        return self.run(graph)
+        result = self.run(graph)
+        if isinstance(result, PassResult) and result.changed:  # as the pass manager does after each pass
+            self.analyses.invalidate(graph, self.preserves if result.preserved is None else result.preserved)
+        return result
 
     def analysis(self, kind: type[Analysis], graph):
         """The result of analysis ``kind`` on ``graph``, cached across the passes of a run."""

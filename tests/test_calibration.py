@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.passes.calibration import (
+from fxopt.passes.quantize.calibration import (
     CalibrationError,
     MinMaxObserver,
     MovingAverageObserver,

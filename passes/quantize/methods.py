@@ -1,27 +1,20 @@
-"""Calibrated quantization for the ``quantize`` pass: the ``static`` mode
-(W8A8 with calibrated activation ranges) and the ``awq`` and ``gptq``
-methods (activation-aware weight quantization). Each plugs into the pass's
-tables (``MODES`` / ``METHODS`` in :mod:`fxopt.passes.quantize`); all take
-their statistics from :func:`fxopt.passes.calibration.collect_linear_stats`.
+"""Methods: how a weight's integer codes are chosen. Each registers in
+:data:`~fxopt.passes.quantize.registry.METHODS`; the calibrated ones take
+their statistics from :func:`~fxopt.passes.quantize.calibration.collect_linear_stats`.
 
-* ``quantize(mode=static, observer=minmax|percentile|moving-average)``:
-  ``fxopt.linear_static_int8`` with the activation's scale and zero point
-  fixed from the calibration set.
-* ``quantize(bits=4, method=awq)``: per input channel ``s = mean|X|^a``, ``a``
-  searched on a grid to minimise the layer's output error on calibration
-  activations; quantizes ``W * s`` and divides the input by ``s``
+* ``rtn``: round-to-nearest with the reference quantizer
+  (:func:`fxopt.ir.quant.quantize`).
+* ``awq`` (``quantize(bits=4, method=awq)``): per input channel ``s =
+  mean|X|^a``, ``a`` searched on a grid to minimise the layer's output error on
+  calibration activations; quantizes ``W * s`` and divides the input by ``s``
   (Lin et al., AWQ, 2024).
-* ``quantize(bits=4, method=gptq)``: quantizes ``W`` column by column and
-  spreads each column's rounding error over the columns not yet quantized,
-  weighted by the inverse Hessian ``(X^T X)^-1`` (Frantar et al., GPTQ, 2023).
+* ``gptq`` (``quantize(bits=4, method=gptq)``): quantizes ``W`` column by
+  column and spreads each column's rounding error over the columns not yet
+  quantized, weighted by the inverse Hessian ``(X^T X)^-1`` (Frantar et al.,
+  GPTQ, 2023).
 
-Evidence (``benchmarks/quant_accuracy.py``, W4 group 32): on the real
-all-MiniLM-L6-v2 both lift the mean embedding cosine from 0.974 (RTN, the same
-as ONNX Runtime's MatMulNBitsQuantizer) to 0.984 (AWQ 0.9843, GPTQ 0.9837);
-on the random-weight Llama GPTQ is clearly better (0.984 vs AWQ 0.976, RTN
-0.975). GPTQ costs more calibration time (a Python loop over columns).
-Static W8A8 on MiniLM needs SmoothQuant with ``unfoldable=scale`` and
-``alpha=0.75`` to reach 0.995 mean cosine; its worst sentence stays at 0.963.
+Their accuracy against RTN (``python benchmarks/quant_accuracy.py``) is in
+docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -30,49 +23,15 @@ from typing import Any
 
 import torch
 
-from ..ir.ops_quant_static import static_act_qparams
-from ..ir.quant import QuantConfig, QuantizedTensor, quantize
+from ...ir.quant import QuantConfig, QuantizedTensor, quantize
 from .calibration import collect_linear_stats
-from .quantize import METHODS, MODES, Method, Mode, scaled_input, _call
-
-# -- static W8A8 -------------------------------------------------------------------
-
-_STATIC_CACHE = "_static_ranges"
+from .registry import register_method
 
 
-def _static_ranges(p, graph) -> dict[str, tuple[float, float]]:
-    """Calibrated input range of every linear of ``graph``, by node name,
-    computed once per run (before the first layer is rewritten, on the float
-    graph) and kept on the pass for the rest of that run."""
-    cached = getattr(p, _STATIC_CACHE, None)
-    if cached is not None and cached[0] is graph.fx:
-        return cached[1]
-    data = p.context.get("calibration_data")
-    observer = getattr(p, "observer", "minmax")
-    options = {"percentile": getattr(p, "percentile", 99.99)} if observer == "percentile" else {}
-    stats = collect_linear_stats(graph, data, observer=observer, **options)
-    ranges = {name: s.observer.range() for name, s in stats.items()}
-    setattr(p, _STATIC_CACHE, (graph.fx, ranges))
-    return ranges
-
-
-def _lower_static(p, graph, layer, qt: QuantizedTensor, act_scale) -> Any:
-    lo, hi = _static_ranges(p, graph)[layer.node.name]
-    x_scale, x_zp = static_act_qparams(lo, hi)
-    n = qt.shape[0]
-    w = graph.add_constant(qt.q, f"{layer.name}.qweight")
-    scale = graph.add_constant(qt.scale.expand(n, 1).reshape(n).contiguous(), f"{layer.name}.scale")
-    x = scaled_input(graph, layer, act_scale)
-    return _call(graph, torch.ops.fxopt.linear_static_int8.default, (x, w, scale, layer.bias, x_scale, x_zp), layer.name)
-
-
-def _check_static(cfg) -> str | None:
-    if cfg.bits != 8 or cfg.scheme != "sym" or cfg.granularity == "group":
-        return (f"mode 'static' runs int8 x int8 kernels: it needs bits=8, scheme='sym' and granularity "
-                f"'channel' or 'tensor' (got bits={cfg.bits}, scheme={cfg.scheme!r}, granularity={cfg.granularity!r})")
-    if cfg.method != "rtn":
-        return f"mode 'static' calibrates the activation as the model computes it; use method 'rtn' (got {cfg.method!r})"
-    return None
+@register_method("rtn")
+def rtn(weight: torch.Tensor, cfg, stats) -> tuple[QuantizedTensor, None]:
+    """Round-to-nearest with the reference quantizer."""
+    return quantize(weight, cfg.quant_config()), None
 
 
 # -- AWQ ----------------------------------------------------------------------------
@@ -118,7 +77,8 @@ def awq_search(weight: torch.Tensor, x: torch.Tensor, config: QuantConfig, grid:
     return qt, s, alpha, errors
 
 
-def _awq(weight: torch.Tensor, cfg, stats) -> tuple[QuantizedTensor, torch.Tensor | None]:
+@register_method("awq", needs_calibration=True, collect=_collect_rows)
+def awq(weight: torch.Tensor, cfg, stats) -> tuple[QuantizedTensor, torch.Tensor | None]:
     qt, s, alpha, _ = awq_search(weight, stats.sample(), cfg.quant_config())
     return qt, (None if alpha == 0 else s)
 
@@ -180,10 +140,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
     return QuantizedTensor(Q.to(qdtype), scales, zps, config.bits, config.scheme, config.granularity, gs)
 
 
-def _gptq(weight: torch.Tensor, cfg, stats) -> tuple[QuantizedTensor, None]:
+@register_method("gptq", needs_calibration=True, collect=_collect_hessian)
+def gptq(weight: torch.Tensor, cfg, stats) -> tuple[QuantizedTensor, None]:
     return gptq_quantize(weight, stats.hessian, cfg.quant_config()), None
-
-
-MODES["static"] = Mode(_lower_static, needs_calibration=True, check=_check_static)
-METHODS["awq"] = Method(_awq, needs_calibration=True, collect=_collect_rows)
-METHODS["gptq"] = Method(_gptq, needs_calibration=True, collect=_collect_hessian)

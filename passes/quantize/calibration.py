@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from ..ir.trace import split_inputs
+from ...ir.trace import split_inputs
 
 aten = torch.ops.aten
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..ir.nodes import val
-from .base import Option, Pass, PassResult
+from ...ir.nodes import val
+from ..base import Option, Pass, PassResult
 from .calibration import collect_linear_stats, is_linear
-from .registry import register_pass
+from ..registry import register_pass
 
 aten = torch.ops.aten
 
