@@ -14,6 +14,7 @@ import inspect
 import itertools
 from typing import Any, Iterable, Iterator
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
@@ -57,36 +58,31 @@ class Graph:
         self.name = name
         # Facts passes established (``Pass.ensures``) and later passes may require.
         self.properties: set[str] = set()
+        # Symbol name ("s43") -> the name of its dimension ("batch"), from the
+        # user's named ``Dim``s; ONNX files call dynamic dimensions by it.
+        self.dim_names: dict[str, str] = {}
 
     # -- running -------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         with torch.no_grad():
             return self.module(*args, **kwargs)
 
+    def interface(self):
+        """How this graph is called and what it returns (:class:`~fxopt.ir.interface.Interface`)."""
+        from .interface import Interface
+
+        return Interface.from_graph(self)
+
     def check_inputs(self, leaves: list) -> None:
         """Each tensor among the flat inputs has the dtype and rank it was
         traced with (a compiled model is specialized to both); raises
         ValueError naming the input otherwise."""
-        for node, leaf in zip(self.placeholders(), leaves):
-            traced = node.meta.get("val")
-            if not (isinstance(traced, torch.Tensor) and isinstance(leaf, torch.Tensor)):
-                continue
-            if leaf.dtype != traced.dtype or leaf.dim() != traced.dim():
-                raise ValueError(f"input '{node.name}' is {leaf.dtype} with {leaf.dim()} dims; {self.name} was traced with "
-                                 f"{traced.dtype} with {traced.dim()} dims: convert it (e.g. .to({traced.dtype})) or trace with such an input")
+        self.interface().check_inputs(leaves)
 
     def flatten_inputs(self, *args, **kwargs) -> list:
         """The model's inputs as the flat list of graph inputs (the order
         torch.export and the ONNX model use); checks the structure matches."""
-        info = self.fx._codegen.pytree_info
-        bound = inspect.signature(self.module.forward).bind(*args, **kwargs)
-        args_spec, kwargs_spec = info.in_spec.children()
-        positional = tuple(bound.arguments[n] for n in info.orig_args[: args_spec.num_children])
-        keywords = {k: bound.arguments[k] for k in (kwargs_spec.context or [])}
-        leaves, spec = pytree.tree_flatten((positional, keywords))
-        if spec != info.in_spec:
-            raise ValueError(f"inputs do not have the structure the model was traced with:\n  got {spec}\n  expected {info.in_spec}")
-        return leaves
+        return self.interface().flatten_inputs(*args, **kwargs)
 
     def unflatten_outputs(self, flat: list):
         """Rebuild the model's output structure (tuple, dict, ModelOutput) from flat outputs."""
@@ -242,22 +238,45 @@ class Graph:
         module = fx.GraphModule(self.module, new_fx, class_name=type(self.module).__name__)
         new = Graph(module, self.example_args, self.example_kwargs, self.name)
         new.properties = set(self.properties)
+        new.dim_names = dict(self.dim_names)
         return new
 
     # -- shapes and re-export -----------------------------------------------
-    def dynamic_shapes(self) -> dict[str, Any] | None:
+    def dynamic_shapes(self, *, named: bool = True) -> dict[str, Any] | None:
         """The torch.export ``dynamic_shapes`` spec read off the placeholders:
-        every dimension that is symbolic in the graph stays dynamic."""
+        every dimension that is symbolic in the graph stays dynamic. With
+        ``named``, one ``Dim`` per symbol, so inputs that share a dimension
+        in the graph (the batch of ``input_ids`` and ``attention_mask``)
+        share it in the re-exported program and in ONNX files, under the
+        user's name for it (``dim_names``) or ``<input>_dim<axis>``."""
+        from .meta import fake_mode_of
+
         leaves, spec = pytree.tree_flatten((self.example_args, self.example_kwargs))
         phs = self.placeholders()
         if len(leaves) != len(phs):
             raise RuntimeError(f"graph has {len(phs)} inputs but the example inputs flatten to {len(leaves)}")
+        env = fake_mode_of(self).shape_env if named else None
+        dims_of: dict[str, Any] = {}
+
+        def dim(ph, axis, size):
+            expr = size.node.expr
+            if env is None or not isinstance(expr, sympy.Symbol):
+                return Dim.DYNAMIC
+            key = str(expr)
+            if key not in dims_of:
+                vr = env.var_to_range.get(expr)
+                lo = int(vr.lower) if vr is not None and isinstance(vr.lower, sympy.Integer) else None
+                hi = int(vr.upper) if vr is not None and isinstance(vr.upper, sympy.Integer) else None
+                name = self.dim_names.get(key) or f"{ph.name}_dim{axis}"
+                dims_of[key] = Dim(name, **({"min": lo} if lo is not None else {}), **({"max": hi} if hi is not None else {}))
+            return dims_of[key]
+
         any_dynamic = False
         dims = []
         for leaf, ph in zip(leaves, phs):
             val = ph.meta.get("val")
             if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor):
-                d = {i: Dim.DYNAMIC for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt)}
+                d = {i: dim(ph, i, s) for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt)}
                 any_dynamic |= bool(d)
                 dims.append(d or None)
             else:
@@ -276,16 +295,21 @@ class Graph:
             if isinstance(ph.meta.get("val"), torch.Tensor)
         }
 
-    def to_exported_program(self) -> torch.export.ExportedProgram:
+    def to_exported_program(self, dynamic_shapes: Any = "auto") -> torch.export.ExportedProgram:
         """Re-export the optimized module (fxopt ops included) with the same
-        dynamic dimensions; used for saving and for ONNX export."""
-        return torch.export.export(
-            self.module,
-            self.example_args,
-            self.example_kwargs,
-            dynamic_shapes=self.dynamic_shapes(),
-            strict=False,
-        )
+        dynamic dimensions; used for saving and for ONNX export.
+        ``dynamic_shapes`` defaults to :meth:`dynamic_shapes`, falling back
+        to one unnamed dimension per axis where torch.export finds relations
+        between sizes that named dimensions cannot state."""
+        def export(ds):
+            return torch.export.export(self.module, self.example_args, self.example_kwargs, dynamic_shapes=ds, strict=False)
+
+        if dynamic_shapes != "auto":
+            return export(dynamic_shapes)
+        try:
+            return export(self.dynamic_shapes())
+        except torch._dynamo.exc.UserError:
+            return export(self.dynamic_shapes(named=False))
 
     # -- text, checks, files ---------------------------------------------------
     def __str__(self) -> str:

@@ -62,9 +62,27 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = 
     finally:
         model.train(was_training)
     try:
-        return graph_from_exported_program(ep, args, kwargs, name=name)
+        graph = graph_from_exported_program(ep, args, kwargs, name=name)
     except VerificationError as e:
         raise TraceError(f"{name} traced, but its graph is outside fxopt's IR: {e}") from e
+    graph.dim_names = _user_dim_names(graph)
+    return graph
+
+
+def _user_dim_names(graph: Graph) -> dict[str, str]:
+    """Symbol name -> the name of the user's ``Dim`` it stands for."""
+    from .meta import fake_mode_of
+
+    env = fake_mode_of(graph).shape_env
+    if env is None:
+        return {}
+    names = {}
+    for symbol, sources in env.var_to_sources.items():
+        debug = [env.source_name_to_debug_name.get(s.name) for s in sources]
+        target = env.replacements.get(symbol, symbol)
+        if any(debug) and getattr(target, "is_Symbol", False):
+            names.setdefault(str(target), next(d for d in debug if d))
+    return names
 
 
 def _summary(e: BaseException, max_lines: int = 12) -> str:
