@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,10 @@ def _quiet_exporter():
     for n in names:
         logging.getLogger(n).setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            # Said once per input for each Dim that inputs share, which is the point of sharing it.
+            warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
+            yield
     finally:
         for n, level in zip(names, old):
             logging.getLogger(n).setLevel(level)

@@ -166,6 +166,32 @@ class Graph:
         node.meta["val"] = fake_value_of_constant(self, tensor)
         return node
 
+    def own_tensors(self, *, share_weights: bool = False) -> None:
+        """Give the graph its own storage for the tensors it reads, so that
+        running it never writes into the traced model and later edits of the
+        model do not reach it. Tensors that shared a storage (tied weights,
+        views) still share one. ``share_weights`` keeps reading the model's
+        storage for every tensor the graph does not write (saves the copy's
+        memory; see docs/loading.md)."""
+        written = set(self.written_attributes())
+        storages: dict[int, torch.UntypedStorage] = {}
+        with torch.no_grad():
+            for name, t in self.tensor_attributes().items():
+                if share_weights and name not in written:
+                    continue
+                key = id(t.untyped_storage()) if t.untyped_storage().data_ptr() == 0 else t.untyped_storage().data_ptr()
+                if key not in storages:
+                    storages[key] = t.untyped_storage().clone()
+                view = torch.empty(0, dtype=t.dtype, device=t.device).set_(storages[key], t.storage_offset(), t.size(), t.stride())
+                owner_path, _, leaf = name.rpartition(".")
+                owner = self.get_attr(owner_path) if owner_path else self.module
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = torch.nn.Parameter(view, requires_grad=t.requires_grad)
+                elif leaf in owner._buffers:
+                    owner._buffers[leaf] = view
+                else:
+                    setattr(owner, leaf, view)
+
     def tensor_attributes(self) -> dict[str, torch.Tensor]:
         named = dict(self.module.named_parameters(remove_duplicate=False))
         named.update(self.module.named_buffers(remove_duplicate=False))

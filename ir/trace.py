@@ -28,7 +28,8 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return (example_inputs,), {}
 
 
-def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None, name: str | None = None) -> Graph:
+def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None, name: str | None = None,
+          share_weights: bool = False) -> Graph:
     """Trace ``model`` into an fxopt :class:`Graph`.
 
     ``example_inputs``: a tensor, a tuple of positional inputs or a dict of
@@ -36,6 +37,14 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = 
     ``{"input_ids": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}}``); dimensions marked
     there stay symbolic through every pass and both backends.
     The model is traced in eval mode (its mode is restored afterwards).
+
+    The graph owns a copy of the model's weights and buffers: nothing fxopt
+    does with it (passes, compiled models, their calls) writes into the
+    model, and editing the model afterwards does not change the graph.
+    ``share_weights=True`` reads the model's weights instead of copying them
+    (no second copy in memory); buffers the graph writes are still copied, so
+    calls still leave the model untouched, but in-place edits of the model's
+    weights then reach an eager graph (docs/loading.md).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxopt.trace expects a torch.nn.Module, got {type(model).__name__}")
@@ -65,6 +74,7 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = 
         graph = graph_from_exported_program(ep, args, kwargs, name=name)
     except VerificationError as e:
         raise TraceError(f"{name} traced, but its graph is outside fxopt's IR: {e}") from e
+    graph.own_tensors(share_weights=share_weights)
     graph.dim_names = _user_dim_names(graph)
     return graph
 

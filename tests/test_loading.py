@@ -232,3 +232,74 @@ def test_saved_graphs_load_in_a_fresh_process(tmp_path):
     assert "pair.pt2: the model's inputs or outputs are user_models.Pair objects, which torch's pytree knows only once " \
            "module 'user_models' is imported; import it before loading" in lines["refused"]
     assert lines["pair"] == "Pair"
+
+
+def test_compiled_models_of_both_backends_load_back_as_the_same_callable(tmp_path):
+    spec = model_spec("gpt2-tiny")
+    graph = fxopt.PassManager(BASE_PIPELINE).run(
+        fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name="gpt2-tiny")).graph
+    other = spec.other_inputs[0]
+    ids = other["input_ids"]
+    for backend, suffix in (("eager", "pt2"), ("onnxruntime", "onnx")):
+        compiled = fxopt.compile(graph, backend)
+        loaded = fxopt.load_compiled(compiled.save(tmp_path / f"model.{suffix}"))
+        assert type(loaded) is type(compiled)
+        out, expected = loaded(**other), compiled(**other)
+        assert type(out) is type(expected) and list(out.keys()) == list(expected.keys())
+        assert fxopt.compare(expected, out).within(1e-6), backend
+        assert fxopt.compare(expected, loaded(ids)).within(1e-6)  # positionally, as the original takes it
+        with pytest.raises(fxopt.BackendError, match=r"input 'input_ids' is torch.int32 .* traced with torch.int64"):
+            loaded(ids.int())
+    # A loaded ONNX Runtime model saves again; session options apply on load.
+    again = fxopt.load_compiled(loaded.save(tmp_path / "again.onnx"), intra_op_threads=1)
+    assert again.session.get_session_options().intra_op_num_threads == 1
+    assert fxopt.compare(expected, again(**other)).within(1e-6)
+    with pytest.raises(LoadError, match="plain.onnx is an ONNX model without fxopt's interface metadata"):
+        fxopt.load_compiled(fxopt.export_onnx(graph, tmp_path / "plain.onnx"))
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not a model")
+    with pytest.raises(LoadError, match="garbage.onnx is not an ONNX model"):
+        fxopt.load_compiled(garbage)
+
+
+class _Cached(torch.nn.Module):
+    """Returns a dict with a nested cache, as a decoder's prefill does."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(8, 8)
+        self.kv = torch.nn.Linear(8, 16)
+
+    def forward(self, x, mask):
+        k, v = self.kv(x * mask.unsqueeze(-1)).chunk(2, dim=-1)
+        return {"logits": self.q(x), "past_key_values": ((k, v),), "mask": mask}
+
+
+def _io(model_proto):
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    return ({v.name: dims(v) for v in model_proto.graph.input}, {v.name: dims(v) for v in model_proto.graph.output})
+
+
+def test_onnx_outputs_are_named_after_the_output_structure_and_share_dimension_names(tmp_path):
+    import onnx
+    from torch.export import Dim
+
+    spec = model_spec("bert-tiny")
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    inputs, outputs = _io(onnx.load(fxopt.export_onnx(graph, tmp_path / "bert.onnx")))
+    # was: input_ids [s72, s53], attention_mask [s43, s53], output "layer_norm_4"
+    assert inputs == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+    assert outputs == {"last_hidden_state": ["batch", "sequence", 64]}
+
+    # Unnamed dynamic dims: each symbol of the graph gets one name, after the first input that has it.
+    x, mask = torch.randn(2, 5, 8), torch.ones(2, 5)
+    graph = fxopt.trace(_Cached().eval(), (x, mask), dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}))
+    compiled = fxopt.compile(graph, "onnxruntime")
+    inputs, outputs = _io(onnx.load(compiled.save(tmp_path / "cached.onnx")))
+    assert list(outputs) == ["logits", "past_key_values.0.0", "past_key_values.0.1", "mask"]
+    x_dims, mask_dims = inputs.values()  # the exporter renames an input that is also an output
+    assert outputs["logits"] == x_dims == ["x_dim0", "x_dim1", 8] and mask_dims == ["x_dim0", "x_dim1"]
+    out = fxopt.load_compiled(tmp_path / "cached.onnx")(torch.randn(3, 7, 8), torch.ones(3, 7))
+    assert list(out) == ["logits", "past_key_values", "mask"] and out["past_key_values"][0][1].shape == (3, 7, 8)
