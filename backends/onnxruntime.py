@@ -93,11 +93,12 @@ def _name_outputs(model, names: list[str]) -> None:
             i = 0
             while f"{value.name}_{i}" in taken:
                 i += 1
-            if value.is_initializer():
+            was_initializer = value.is_initializer()
+            if was_initializer:  # initializers are registered under their name
                 graph.initializers.pop(value.name)
             value.name = f"{value.name}_{i}"
             taken.add(value.name)
-            if value.is_initializer() or value.const_value is not None and value.producer() is None:
+            if was_initializer:
                 graph.initializers[value.name] = value
     seen = set()
     for i, (value, name) in enumerate(zip(outputs, names)):

@@ -163,10 +163,10 @@ class Interface:
         inputs = []
         for record in self.inputs:
             if "dtype" in record:
-                inputs.append({"name": record["name"], "dtype": str(record["dtype"]).removeprefix("torch."), "ndim": record["ndim"]})
+                inputs.append({"name": record["name"], "dtype": dtype_name(record["dtype"]), "ndim": record["ndim"]})
             else:
                 value = record["value"]
-                if value is not None and not isinstance(value, (bool, int, float, str)):
+                if not jsonable(value):
                     raise TypeError(f"input '{record['name']}' is {type(value).__name__} {value!r}: only tensors, numbers, "
                                     "strings and None can be saved as inputs")
                 inputs.append({"name": record["name"], "value": value})
