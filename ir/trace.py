@@ -6,6 +6,7 @@ runs the model's Python for real on fake tensors and records ATen ops.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = 
         if "Cache'> in output" in str(e):
             hint = ("\n  hint: the model returns a Hugging Face KV cache object, which torch.export cannot flatten; "
                     "trace it with use_cache=False (model.config.use_cache = False, or use_cache=False in the inputs)")
-        elif "0/1 specialized" in str(e):
+        elif "0/1 specialized" in str(e) or re.search(r"specialized it to be a constant \([01]\)", str(e)):  # Dim.DYNAMIC / a named Dim
             hint = ("\n  hint: torch.export takes a size of 0 or 1 in the example inputs as fixed; trace with at least 2 "
                     "along each dynamic dimension (e.g. batch 2), and the traced model still runs batch 1")
         raise TraceError(f"torch.export could not trace {name}: {type(e).__name__}: {_summary(e)}{hint}") from e
