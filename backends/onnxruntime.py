@@ -227,6 +227,25 @@ def _session_error(graph: Graph, providers, error: Exception) -> str:
     return message
 
 
+def _without_numpy_type(graph: Graph) -> list[str]:
+    """The graph's inputs and outputs whose dtype numpy has no type for
+    (bfloat16, float8): ONNX Runtime's Python API takes and returns numpy
+    arrays, so such a model would load and then fail at every call."""
+    out = next(n for n in reversed(graph.fx.nodes) if n.op == "output")
+    ends = [(f"input '{n.name}'", n) for n in graph.placeholders()]
+    ends += [(f"output #{i} ('{n.name}')", n) for i, n in enumerate(torch.utils._pytree.tree_leaves(out.args[0]))
+             if isinstance(n, torch.fx.Node)]
+    bad = []
+    for label, node in ends:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            try:
+                torch.empty(0, dtype=val.dtype).numpy()
+            except TypeError:
+                bad.append(f"{label} is {val.dtype}")
+    return bad
+
+
 class OnnxRuntimeModel(CompiledModel):
     """Options: ``intra_op_threads``, ``inter_op_threads``,
     ``graph_optimization_level`` (disable|basic|extended|all), ``providers``
@@ -245,6 +264,11 @@ class OnnxRuntimeModel(CompiledModel):
 
         self.graph = graph
         self.interface = graph.interface()
+        no_numpy = _without_numpy_type(graph)
+        if no_numpy:
+            raise BackendError(f"{graph.name}: {', '.join(no_numpy)}, which ONNX Runtime's Python API cannot pass (numpy has "
+                               "no such type): convert the model to float32 or float16 before tracing, or export it with "
+                               "fxopt.export_onnx for a runtime that takes it")
         providers = list(providers) if providers else default_providers()
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
@@ -283,7 +307,7 @@ class OnnxRuntimeModel(CompiledModel):
             raise BackendError(f"ONNX model has {len(self.output_names)} outputs, the graph {self.interface.num_outputs()}")
 
     def __call__(self, *args, **kwargs):
-        leaves = self.graph_inputs(self.interface, args, kwargs)
+        leaves = self.graph_inputs(self.interface, args, kwargs, self.index_bounds)
         for i, traced in self._constants.items():
             if leaves[i] != traced:
                 raise BackendError(f"input #{i} was {traced!r} when traced and the ONNX model is specialized to it; got {leaves[i]!r}")
@@ -306,6 +330,7 @@ class OnnxRuntimeModel(CompiledModel):
             proto = onnx.load(str(self._source))
             onnx.save_model(proto, str(path), save_as_external_data=proto.ByteSize() >= (1 << 31) - (1 << 20))
             return path
+        self.interface.index_bounds = self.index_bounds
         try:
             self.program.model.metadata_props[INTERFACE_KEY] = self.interface.to_json()
         except TypeError as e:
@@ -338,6 +363,7 @@ class OnnxRuntimeModel(CompiledModel):
             raise LoadError(str(e)) from None
         self = cls.__new__(cls)
         self.graph, self.program, self.interface, self._bytes, self._tmp, self._source = None, None, interface, None, None, path
+        self.index_bounds = interface.index_bounds  # in place of the graph's (a cached property)
         providers = list(providers) if providers else default_providers()
         options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
         try:

@@ -106,6 +106,9 @@ class Interface:
         self.in_spec = in_spec
         self.out_spec = out_spec
         self.inputs = inputs
+        # Flat position -> (input name, rows) of the index inputs; set by a
+        # compiled model that checks them, saved with it.
+        self.index_bounds: dict[int, tuple[str, int]] = {}
         self.signature = inspect.Signature(
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in self.arg_names])
 
@@ -135,14 +138,28 @@ class Interface:
             raise ValueError(f"inputs do not have the structure the model was traced with:\n  got {spec}\n  expected {self.in_spec}")
         return leaves
 
-    def check_inputs(self, leaves: list) -> None:
-        """Each tensor input has the dtype and rank it was traced with."""
+    def check_inputs(self, leaves: list, index_bounds: dict[int, tuple[str, int]] | None = None) -> None:
+        """Each tensor input is a tensor with the dtype and rank it was traced
+        with (ValueError naming it otherwise); with ``index_bounds`` (flat
+        position -> (name, rows), ``Graph.index_bounds``), an index input
+        with a value outside ``[0, rows)`` raises IndexError naming it."""
+        for i, (name, rows) in (index_bounds or {}).items():
+            leaf = leaves[i] if i < len(leaves) else None
+            if isinstance(leaf, torch.Tensor) and leaf.numel() and not leaf.is_floating_point():
+                low, high = (int(v) for v in torch.aminmax(leaf))
+                if low < 0 or high >= rows:
+                    raise IndexError(f"input '{name}' has value {low if low < 0 else high}, outside [0, {rows}) (the rows of the "
+                                     f"table it indexes, e.g. the vocabulary)")
         for record, leaf in zip(self.inputs, leaves):
-            if "dtype" not in record or not isinstance(leaf, torch.Tensor):
+            if "dtype" not in record:
                 continue
-            dtype, ndim = record["dtype"], record["ndim"]
+            name, dtype, ndim = record["name"], record["dtype"], record["ndim"]
+            if not isinstance(leaf, torch.Tensor):
+                hint = ": convert it with torch.from_numpy(...)" if type(leaf).__module__ == "numpy" else ""
+                raise ValueError(f"input '{name}' must be a torch.Tensor ({dtype} with {ndim} dims, as traced), got "
+                                 f"{'None' if leaf is None else type(leaf).__module__ + '.' + type(leaf).__name__}{hint}")
             if leaf.dtype != dtype or leaf.dim() != ndim:
-                raise ValueError(f"input '{record['name']}' is {leaf.dtype} with {leaf.dim()} dims; {self.name} was traced with "
+                raise ValueError(f"input '{name}' is {leaf.dtype} with {leaf.dim()} dims; {self.name} was traced with "
                                  f"{dtype} with {ndim} dims: convert it (e.g. .to({dtype})) or trace with such an input")
 
     def unflatten_outputs(self, flat: list):
@@ -174,6 +191,7 @@ class Interface:
             "name": self.name, "arg_names": self.arg_names,
             "in_spec": pytree.treespec_dumps(self.in_spec), "out_spec": pytree.treespec_dumps(self.out_spec),
             "structure_modules": structure_modules(self.in_spec, self.out_spec), "inputs": inputs,
+            "index_bounds": {str(i): [name, rows] for i, (name, rows) in self.index_bounds.items()},
         })
 
     @classmethod
@@ -190,7 +208,9 @@ class Interface:
                 if "dtype" in record:
                     record = dict(record, dtype=dtype_from_name(record["dtype"]))
                 inputs.append(record)
-            return cls(str(data["name"]), [str(n) for n in data["arg_names"]], in_spec, out_spec, inputs)
+            interface = cls(str(data["name"]), [str(n) for n in data["arg_names"]], in_spec, out_spec, inputs)
+            interface.index_bounds = {int(i): (str(name), int(rows)) for i, (name, rows) in data.get("index_bounds", {}).items()}
+            return interface
         except StructureError:
             raise
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
