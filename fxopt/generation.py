@@ -172,14 +172,12 @@ class Generator:
     """A causal LM compiled for generation: its prefill and decode-step graphs,
     optimized by one pipeline and lowered to one backend."""
 
-    def __init__(self, graphs: DecoderGraphs, prefill_model, decode_model, backend: str, pipeline: str,
-                 records: dict | None = None, shared_bytes: int = 0):
+    def __init__(self, graphs: DecoderGraphs, prefill_model, decode_model, backend: str, shared_bytes: int = 0):
         self.graphs = graphs
         self.info: CausalLMInfo = graphs.info
         self.backend = backend
-        self.pipeline = pipeline
         self.prefill_model, self.decode_model = prefill_model, decode_model
-        self.records = records or {}
+        # bytes of decode-graph constants that turned out equal to prefill ones and are now held once
         self.shared_bytes = shared_bytes
         self._steps = (_OrtSteps if backend == "onnxruntime" else _EagerSteps)(prefill_model, decode_model)
 
@@ -292,27 +290,36 @@ class Generator:
         return GenerationOutput(ids, new, prefill_ms, decode_ms, steps, lengths)
 
 
-def compile_generator(model: torch.nn.Module, pipeline: str | None = None, backend: str = "eager", *,
+def optimize_decoder(graphs: DecoderGraphs, pipeline: str, **manager_options) -> DecoderGraphs:
+    """Run one pipeline on the prefill and the decode-step graph (each on a
+    copy); the per-pass records of both are in ``records``."""
+    from .passes import PassManager
+
+    pm = PassManager(pipeline, **manager_options)
+    results = {kind: pm.run(getattr(graphs, kind)) for kind in ("prefill", "decode")}
+    return DecoderGraphs(results["prefill"].graph, results["decode"].graph, graphs.info, graphs.name,
+                         {kind: r.records for kind, r in results.items()}, str(pm))
+
+
+def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | None = None, backend: str = "eager", *,
                       check_numerics: bool = False, **backend_options) -> Generator:
-    """Trace ``model`` (a causal LM) for generation, optimize both graphs with
-    ``pipeline`` and lower them to ``backend``; ``backend_options`` go to
-    :func:`fxopt.compile` for both graphs."""
+    """Trace ``model`` (a causal LM, or graphs :func:`fxopt.ir.decoder.trace_decoder`
+    made) for generation, optimize both graphs with ``pipeline`` and lower them
+    to ``backend``; ``backend_options`` go to :func:`fxopt.compile` for both."""
     from .backends import compile as compile_graph
     from .passes import PassManager
 
     if backend not in ("eager", "onnxruntime"):
         raise GenerationError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
-    pm = PassManager(pipeline, check_numerics=check_numerics) if pipeline else None  # bad pipelines fail before tracing
-    graphs = trace_decoder(model)
-    records = {}
-    if pm is not None:
-        results = {kind: pm.run(getattr(graphs, kind)) for kind in ("prefill", "decode")}
-        records = {kind: r.records for kind, r in results.items()}
-        graphs = DecoderGraphs(results["prefill"].graph, results["decode"].graph, graphs.info, graphs.name)
+    if pipeline:
+        PassManager(pipeline)  # a bad pipeline fails before tracing
+    graphs = model if isinstance(model, DecoderGraphs) else trace_decoder(model)
+    if pipeline:
+        graphs = optimize_decoder(graphs, pipeline, check_numerics=check_numerics)
     shared = share_constants(graphs.prefill, graphs.decode)
     prefill = compile_graph(graphs.prefill, backend, **backend_options)
     decode = compile_graph(graphs.decode, backend, **backend_options)
-    return Generator(graphs, prefill, decode, backend, str(pm) if pm else "", records, shared)
+    return Generator(graphs, prefill, decode, backend, shared)
 
 
 def generate(model: torch.nn.Module, prompts, *, pipeline: str | None = None, backend: str = "eager",
@@ -322,4 +329,4 @@ def generate(model: torch.nn.Module, prompts, *, pipeline: str | None = None, ba
 
 
 __all__ = ["Generator", "GenerationError", "GenerationOutput", "NotACausalLMError", "SamplingOptions",
-           "compile_generator", "generate", "next_tokens", "share_constants"]
+           "compile_generator", "generate", "next_tokens", "optimize_decoder", "share_constants"]

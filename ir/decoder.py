@@ -78,6 +78,9 @@ class DecoderGraphs:
     decode: Graph
     info: CausalLMInfo
     name: str = "model"
+    # per-pass records of the pipeline that made these graphs, by graph ("prefill", "decode")
+    records: dict = field(default_factory=dict)
+    pipeline: str = ""
 
 
 def causal_lm_info(model: torch.nn.Module) -> CausalLMInfo:
@@ -170,6 +173,14 @@ def _example(info: CausalLMInfo, batch: int, seq: int, past: int, device=None):
     return ids, mask, positions
 
 
+def _check_dynamic(graph: Graph, dims: dict[str, int]) -> None:
+    symbolic = graph.symbolic_dims()
+    fixed = [f"{name} dim {d}" for name, d in dims.items() if d not in symbolic.get(name, [])]
+    if fixed:
+        raise TraceError(f"{graph.name}: torch.export fixed the cache length ({', '.join(fixed)}); "
+                         "the model's code specializes on it, so the traced step would run one cache length only")
+
+
 def trace_decoder(model: torch.nn.Module, *, name: str | None = None) -> DecoderGraphs:
     """Trace ``model`` (a causal LM) into its prefill and decode-step graphs;
     batch, prompt length and past length are dynamic."""
@@ -188,12 +199,15 @@ def trace_decoder(model: torch.nn.Module, *, name: str | None = None) -> Decoder
         with torch.no_grad():
             flat = prefill(ids, mask, positions)
         past_cache = [t.clone() for t in flat[1:]]
-        past = Dim("past")
+        # Dim.AUTO for the past: a model's own guards on it (Llama's attention
+        # writes min(16 + 16 * past, 32 + 32 * past)) hold for every past length
+        # but are not provable to torch.export's solver; checked below instead.
         ids1, mask1, pos1 = _example(info, 2, 1, past_cache[0].shape[-2])
-        cache_dims = [{0: batch, 2: past}] * len(past_cache)
+        cache_dims = tuple({0: batch, 2: Dim.AUTO} for _ in past_cache)
         decode = trace(_CausalLMStep(model, info), (ids1, mask1, pos1, tuple(past_cache)),
-                       dynamic_shapes=({0: batch}, {0: batch, 1: past + 1}, {0: batch}, tuple(cache_dims)),
+                       dynamic_shapes=({0: batch}, {0: batch, 1: Dim.AUTO}, {0: batch}, cache_dims),
                        name=f"{name}-decode")
+        _check_dynamic(decode, {"attention_mask": 1, **{ph.name: 2 for ph in decode.placeholders()[3:]}})
     finally:
         model.train(was_training)
     return DecoderGraphs(prefill, decode, info, name)
