@@ -218,3 +218,24 @@ def test_unknown_backend_and_bad_pipeline_fail_before_tracing():
         compile_generator(causal_lm("gpt2"), backend="tensorrt")
     with pytest.raises(fxopt.PipelineError):
         compile_generator(causal_lm("gpt2"), pipeline="no-such-pass")
+
+
+def test_cli_generate_reports_speed_and_equal_tokens(tmp_path, capsys):
+    import json
+
+    from fxopt.cli import main
+
+    report = tmp_path / "r.json"
+    rc = main(["generate", "llama-tiny", "--pipeline", FUSED, "--backend", "onnxruntime", "--prompt-tokens", "12",
+               "--max-new-tokens", "8", "--batch", "2", "--threads", "1", "--report", str(report)])
+    assert rc == 0
+    r = json.loads(report.read_text())
+    assert r["tokens_equal_reference"] is True and r["decode_steps"] == 7 and r["prefill_ms"] > 0
+    assert "greedy tokens equal the reference's: yes" in capsys.readouterr().err
+
+
+def test_cli_generate_refuses_a_model_without_a_causal_lm_head(capsys):
+    from fxopt.cli import main
+
+    assert main(["generate", "bert-tiny", "--max-new-tokens", "2"]) == 1
+    assert "no causal language-model head" in capsys.readouterr().err
