@@ -131,7 +131,12 @@ def build_ortgenai(model, precision: str, work: Path, threads: int):
         raise RuntimeError(f"onnxruntime-genai's model builder does not support {model.config.model_type}")
     src = work / "hf"
     if not src.exists():
-        model.save_pretrained(src)
+        # the builder requires an EOS id; the runs below set min_length so it never stops early
+        model.config.eos_token_id = model.config.vocab_size - 1
+        try:
+            model.save_pretrained(src)
+        finally:
+            model.config.eos_token_id = None
         word_level_tokenizer(model.config.vocab_size, src)
     out = work / f"genai-{precision}"
     if not out.exists():
@@ -156,14 +161,16 @@ def run_ortgenai(og_model, ids, new_tokens):
 
     def once(n):
         params = og.GeneratorParams(og_model)
-        params.set_search_options(do_sample=False, max_length=ids.shape[1] + n, batch_size=ids.shape[0])
+        params.set_search_options(do_sample=False, max_length=ids.shape[1] + n, min_length=ids.shape[1] + n,
+                                  batch_size=ids.shape[0])
         gen = og.Generator(og_model, params)
         start = time.perf_counter()
         gen.append_tokens(ids.numpy().astype(np.int32))
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         steps = 0
-        while not gen.is_done() and steps < n - 1:
+        # append_tokens runs the prefill; each generate_next_token appends one token
+        while not gen.is_done() and steps < n:
             gen.generate_next_token()
             steps += 1
         decode = time.perf_counter() - start
@@ -247,7 +254,8 @@ def _optimum_unavailable() -> str:
     try:
         from optimum.onnxruntime import ORTModelForCausalLM  # noqa: F401
     except ImportError as e:
-        return f"optimum-onnx is not installed ({e})"
+        return (f"optimum-onnx is not installed ({e}); its release (0.1.0) requires transformers < 4.58, "
+                "which would replace the transformers 5 that fxopt's models use")
     return "optimum-onnx's exporter needs a model id or folder with a tokenizer; not wired up here"
 
 
