@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..ir.graph import Graph
 from ..ir.targets import register_target
-from .base import BackendError, CompiledModel
+from .base import BackendError, CompiledModel, InputRangeError
 from .eager import EagerModel
 from .onnxruntime import OnnxRuntimeModel, export_onnx, export_onnx_program
 
@@ -46,4 +46,4 @@ def _measuring_compile(backend: str):
 for _name in BACKENDS:
     register_target(_name, _measuring_compile(_name))
 
-__all__ = ["compile", "export_onnx", "export_onnx_program", "BACKENDS", "BackendError", "CompiledModel", "EagerModel", "OnnxRuntimeModel"]
+__all__ = ["compile", "export_onnx", "export_onnx_program", "BACKENDS", "BackendError", "CompiledModel", "InputRangeError", "EagerModel", "OnnxRuntimeModel"]

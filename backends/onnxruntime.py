@@ -170,6 +170,25 @@ def _session_error(graph: Graph, providers, error: Exception) -> str:
     return message
 
 
+def _without_numpy_type(graph: Graph) -> list[str]:
+    """The graph's inputs and outputs whose dtype numpy has no type for
+    (bfloat16, float8): ONNX Runtime's Python API takes and returns numpy
+    arrays, so such a model would load and then fail at every call."""
+    out = next(n for n in reversed(graph.fx.nodes) if n.op == "output")
+    ends = [(f"input '{n.name}'", n) for n in graph.placeholders()]
+    ends += [(f"output #{i} ('{n.name}')", n) for i, n in enumerate(torch.utils._pytree.tree_leaves(out.args[0]))
+             if isinstance(n, torch.fx.Node)]
+    bad = []
+    for label, node in ends:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            try:
+                torch.empty(0, dtype=val.dtype).numpy()
+            except TypeError:
+                bad.append(f"{label} is {val.dtype}")
+    return bad
+
+
 class OnnxRuntimeModel(CompiledModel):
     """Options: ``intra_op_threads``, ``inter_op_threads``,
     ``graph_optimization_level`` (disable|basic|extended|all), ``providers``
@@ -187,6 +206,11 @@ class OnnxRuntimeModel(CompiledModel):
         import onnxruntime as ort
 
         self.graph = graph
+        no_numpy = _without_numpy_type(graph)
+        if no_numpy:
+            raise BackendError(f"{graph.name}: {', '.join(no_numpy)}, which ONNX Runtime's Python API cannot pass (numpy has "
+                               "no such type): convert the model to float32 or float16 before tracing, or export it with "
+                               "fxopt.export_onnx for a runtime that takes it")
         providers = list(providers) if providers else default_providers()
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
@@ -221,7 +245,7 @@ class OnnxRuntimeModel(CompiledModel):
             raise BackendError(f"ONNX model has {len(self.output_names)} outputs, the graph {graph.num_outputs()}")
 
     def __call__(self, *args, **kwargs):
-        leaves = self.graph_inputs(self.graph, args, kwargs)
+        leaves = self.graph_inputs(self.graph, args, kwargs, self.index_bounds)
         for i, traced in self._constants.items():
             if leaves[i] != traced:
                 raise BackendError(f"input #{i} was {traced!r} when traced and the ONNX model is specialized to it; got {leaves[i]!r}")

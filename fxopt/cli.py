@@ -45,17 +45,61 @@ def _load(model: str, dynamic: bool, debug: bool = False):
 
 def _import_plugins(a) -> None:
     """Import modules that register passes: those named by --plugin, and the
-    module of a ``package.module:factory`` model (its passes may be used)."""
+    module of a ``package.module:factory`` model (its passes may be used).
+    The current folder is searched first, as ``python -m`` does."""
     import importlib
+    import os
 
-    modules = list(a.plugin or [])
-    if ":" in a.model:
-        modules.append(a.model.partition(":")[0])
-    for name in modules:
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    named = [(name, f"--plugin {name}") for name in a.plugin or []]
+    for source in (a.model, getattr(a, "calibration", None) or ""):
+        if _is_factory(source):
+            named.append((source.partition(":")[0], repr(source)))
+    for name, given in named:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise CliError(f"cannot import plugin module {name!r}: {e}") from e
+            raise CliError(f"cannot import module {name!r} (from {given}): {e}; the module must be importable: "
+                           f"run fxopt from the folder that holds it or add that folder to PYTHONPATH") from e
+
+
+def _is_factory(text: str) -> bool:
+    """``package.module:factory`` (not a file path such as C:\\data.txt)."""
+    module, colon, attr = text.partition(":")
+    return bool(colon) and attr.isidentifier() and all(part.isidentifier() for part in module.split("."))
+
+
+def _needs_calibration(pm) -> list[str]:
+    return [str(p) for p in pm.passes() if "calibration_data" in pm.required_inputs(p)]
+
+
+def _calibration_inputs(source: str, spec, batch: int) -> list:
+    """Calibration inputs from ``--calibration``: a ``package.module:factory``
+    returning a list of model inputs, or a text file (one text per line,
+    tokenized with the model's tokenizer, ``batch`` lines per input)."""
+    import importlib
+
+    if _is_factory(source):
+        module, _, attr = source.partition(":")
+        factory = getattr(importlib.import_module(module), attr, None)
+        if not callable(factory):
+            raise CliError(f"--calibration {source}: module {module!r} has no callable {attr!r}")
+        data = list(factory())
+        if not data:
+            raise CliError(f"--calibration {source}: the factory returned no inputs")
+        return data
+    path = Path(source)
+    if not path.is_file():
+        raise CliError(f"--calibration {source}: no such file (give a text file, one text per line, "
+                       f"or package.module:factory returning a list of model inputs)")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise CliError(f"--calibration {source}: the file holds no text")
+    if spec.tokenize is None:
+        raise CliError(f"--calibration {source}: model {spec.name!r} has no tokenizer to read a text file with; "
+                       f"give package.module:factory returning a list of model inputs instead")
+    return [spec.tokenize(lines[i:i + batch]) for i in range(0, len(lines), batch)]
 
 
 def _median_ms(fn, args, kwargs, repeats: int) -> float:
@@ -108,7 +152,14 @@ def cmd_optimize(a) -> int:
         Path(a.report).parent.mkdir(parents=True, exist_ok=True)
     _import_plugins(a)
     pm = PassManager(a.pipeline, check_numerics=a.check_numerics, dump_dir=a.dump_ir)  # bad pipelines fail here, before tracing
-    spec, graph, (args, kwargs) = _load(a.model, a.dynamic, a.debug)
+    needs = _needs_calibration(pm)
+    if needs and not a.calibration:
+        raise CliError(f"pass {needs[0]!r} needs calibration data: give --calibration FILE.txt (one text per line, "
+                       f"tokenized with the model's tokenizer) or --calibration package.module:factory "
+                       f"(returns a list of model inputs)")
+    # Calibration texts come in their own lengths: trace with the model's dynamic dims.
+    spec, graph, (args, kwargs) = _load(a.model, a.dynamic or bool(needs), a.debug)
+    context = {"calibration_data": _calibration_inputs(a.calibration, spec, a.calibration_batch)} if needs else {}
     spec.model.eval()
     with torch.inference_mode():
         reference = spec.model(*args, **kwargs)
@@ -117,8 +168,12 @@ def cmd_optimize(a) -> int:
     ref_ms = _median_ms(spec.model, args, kwargs, a.repeats)
     progress, hook = _progress_instrument(len(pm.passes()), console)
     pm.instruments.append(hook)
+    def report(items, description):
+        items = list(items)
+        return progress.track(items, total=len(items), description=f"  {description}")
+
     with progress:
-        result = pm.run(graph)
+        result = pm.run(graph, progress=report, **context)
     options = {}
     if a.backend == "onnxruntime" and a.threads:
         options["intra_op_threads"] = a.threads
@@ -134,7 +189,8 @@ def cmd_optimize(a) -> int:
     for col in ("pass", "ms", "changed", "nodes", "param bytes", "stats"):
         table.add_column(col, justify="right" if col in ("ms", "nodes", "param bytes") else "left")
     for r in result.records:
-        stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list)))[:60]
+        items = [f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list))]
+        stats = ", ".join(items[:next((i for i in range(len(items)) if len(", ".join(items[:i + 1])) > 60), len(items))])
         table.add_row(r.name, f"{r.ms:.1f}", "yes" if r.changed else "no", f"{r.nodes_before} -> {r.nodes_after}",
                       f"{_bytes(r.param_bytes_before)} -> {_bytes(r.param_bytes_after)}", stats)
     console.print(table)
@@ -148,7 +204,7 @@ def cmd_optimize(a) -> int:
     )
     if a.report:
         report = {
-            "model": spec.name, "pipeline": str(pm), "backend": a.backend, "dynamic": a.dynamic,
+            "model": spec.name, "pipeline": str(pm), "backend": a.backend, "dynamic": a.dynamic or bool(needs),
             "nodes_before": graph.num_nodes(), "nodes_after": result.graph.num_nodes(),
             "param_bytes_before": graph.param_bytes(), "param_bytes_after": result.graph.param_bytes(),
             "artifact_bytes": artifact, "max_abs_err": parity.max_abs_err, "output_scale": parity.scale,
@@ -162,9 +218,18 @@ def cmd_optimize(a) -> int:
     return 0
 
 
+def _pipeline_value(value) -> str:
+    """A default as it would be written in pipeline text."""
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_pipeline_value, value)) + "]"
+    return str(value)
+
+
 def cmd_passes(a) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    import shutil
+    import textwrap
 
     from .passes import REGISTRY
 
@@ -172,13 +237,21 @@ def cmd_passes(a) -> int:
     if a.json:
         print(json.dumps(described, indent=2, default=str))
         return 0
-    table = Table(title="registered passes")
-    for col in ("pass", "what it does", "options"):
-        table.add_column(col)
+    # Plain wrapped text, not a table: each pass's summary whole on its own
+    # lines, its options below, readable at 80 columns.
+    width = max(60, min(shutil.get_terminal_size((80, 24)).columns, 100))
+    out = []
     for d in described:
-        opts = "\n".join(f"{k}: {o['type']} = {o['default']!r}" for k, o in d["options"].items())
-        table.add_row(d["name"], d["summary"], opts)
-    Console().print(table)
+        out.append(d["name"])
+        out.extend(textwrap.wrap(d["summary"], width, initial_indent="  ", subsequent_indent="  "))
+        for key, o in d["options"].items():
+            default = _pipeline_value(o["default"])
+            choices = f" ({' | '.join(map(str, o['choices']))})" if o.get("choices") else ""
+            out.append(f"    {key}: {o['type']} = {default}{choices}")
+            if o["help"]:
+                out.extend(textwrap.wrap(o["help"], width, initial_indent="        ", subsequent_indent="        "))
+        out.append("")
+    print("\n".join(out).rstrip())
     return 0
 
 
@@ -266,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     o = sub.add_parser("optimize", help="trace MODEL, run a pipeline, lower to a backend, compare and time")
-    o.add_argument("model", help="built-in name (tiny-gpt, gpt2, llama, bert, minilm, ...) or package.module:factory")
+    o.add_argument("model", help="built-in name (tiny-gpt, gpt2, llama, bert, minilm, ...) or package.module:factory "
+                                   "(importable from the current folder or PYTHONPATH)")
     o.add_argument("--pipeline", default="canonicalize,dce,constant-fold,cse", help="pass pipeline text")
     o.add_argument("--backend", choices=("eager", "onnxruntime"), default="eager")
     o.add_argument("--out", help="save the compiled model here (.onnx for onnxruntime, .pt2 for eager)")
@@ -277,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--repeats", type=_positive, default=10, help="timed runs per variant (median reported)")
     o.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     o.add_argument("--plugin", action="append", help="import this module first (it may register passes); repeatable")
+    o.add_argument("--calibration", metavar="FILE|module:factory",
+                   help="calibration inputs for static W8A8, SmoothQuant, AWQ and GPTQ: a text file (one text per line, "
+                        "tokenized with the model's tokenizer) or package.module:factory returning a list of model inputs; "
+                        "the model is then traced with its dynamic dimensions")
+    o.add_argument("--calibration-batch", type=_positive, default=8, help="lines of the text file per calibration input")
     o.set_defaults(func=cmd_optimize)
 
     g = sub.add_parser("generate", help="prefill + greedy decode of a causal LM through the optimized graphs, timed and checked")

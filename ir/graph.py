@@ -37,6 +37,41 @@ def _fingerprint(t: torch.Tensor) -> tuple:
     return tuple(sample.tolist())
 
 
+aten = torch.ops.aten
+
+# Lookups whose indices must lie in [0, rows): target -> fn(node) giving
+# (the indices argument, the rows of the table it indexes). PyTorch raises
+# IndexError outside that range; ONNX Gather takes -rows..rows-1 and wraps
+# negative ids around, so the backends check these inputs before a call.
+LOOKUPS: dict[Any, Any] = {
+    aten.embedding.default: lambda n: (n.args[1], _size(n.args[0], 0)),
+    aten.index_select.default: lambda n: (n.args[2], _size(n.args[0], n.args[1])),
+}
+
+# Ops whose output holds some of the integers of their first input (views,
+# copies, casts between integer types): ids keep their values through them.
+_SAME_VALUES = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints, aten.expand.default,
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten._to_copy.default, aten.to.dtype,
+    aten.slice.Tensor, aten.select.int, aten.t.default, aten.transpose.int, aten.permute.default,
+}
+
+
+def register_lookup(target, fn) -> None:
+    """Declare that ``target`` (an fxopt op) indexes a table: ``fn(node)``
+    returns ``(indices argument, rows)``; see :data:`LOOKUPS`."""
+    LOOKUPS[target] = fn
+
+
+def _size(node, dim) -> int | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor) and isinstance(dim, int) and -val.dim() <= dim < val.dim():
+        size = val.shape[dim]
+        return size if isinstance(size, int) else None
+    return None
+
+
 # Prefixes torch.export gives the inputs it lifts from parameters, buffers and constants.
 _LIFTED_PREFIXES = ("p_", "b_", "c_")
 
@@ -63,14 +98,50 @@ class Graph:
         with torch.no_grad():
             return self.module(*args, **kwargs)
 
-    def check_inputs(self, leaves: list) -> None:
+    def index_bounds(self) -> dict[int, tuple[str, int]]:
+        """Flat input position -> (input name, rows): the integer inputs whose
+        values reach the indices of a lookup (:data:`LOOKUPS`, e.g. token ids
+        into ``aten.embedding``) through views and copies, with the size of the
+        smallest table they index."""
+        bounds: dict[int, tuple[str, int]] = {}
+        for i, ph in enumerate(self.placeholders()):
+            val = ph.meta.get("val")
+            if not isinstance(val, torch.Tensor) or val.dtype.is_floating_point or val.dtype.is_complex or val.dtype == torch.bool:
+                continue
+            frontier, seen = [ph], {ph}
+            while frontier:
+                node = frontier.pop()
+                for user in node.users:
+                    if user.target in LOOKUPS:
+                        indices, rows = LOOKUPS[user.target](user)
+                        if indices is node and rows is not None:
+                            bounds[i] = (ph.name, min(rows, bounds.get(i, (ph.name, rows))[1]))
+                    elif user.target in _SAME_VALUES and user.args and user.args[0] is node and user not in seen:
+                        seen.add(user)
+                        frontier.append(user)
+        return bounds
+
+    def check_inputs(self, leaves: list, index_bounds: dict[int, tuple[str, int]] | None = None) -> None:
         """Each tensor among the flat inputs has the dtype and rank it was
         traced with (a compiled model is specialized to both); raises
-        ValueError naming the input otherwise."""
+        ValueError naming the input otherwise. With ``index_bounds`` (from
+        :meth:`index_bounds`), an index input with a value outside ``[0, rows)``
+        raises IndexError naming it."""
+        for i, (name, rows) in (index_bounds or {}).items():
+            leaf = leaves[i] if i < len(leaves) else None
+            if isinstance(leaf, torch.Tensor) and leaf.numel() and not leaf.is_floating_point():
+                low, high = (int(v) for v in torch.aminmax(leaf))
+                if low < 0 or high >= rows:
+                    raise IndexError(f"input '{name}' has value {low if low < 0 else high}, outside [0, {rows}) (the rows of the "
+                                     f"table it indexes, e.g. the vocabulary)")
         for node, leaf in zip(self.placeholders(), leaves):
             traced = node.meta.get("val")
-            if not (isinstance(traced, torch.Tensor) and isinstance(leaf, torch.Tensor)):
+            if not isinstance(traced, torch.Tensor):
                 continue
+            if not isinstance(leaf, torch.Tensor):
+                hint = ": convert it with torch.from_numpy(...)" if type(leaf).__module__ == "numpy" else ""
+                raise ValueError(f"input '{node.name}' must be a torch.Tensor ({traced.dtype} with {traced.dim()} dims, "
+                                 f"as traced), got {'None' if leaf is None else type(leaf).__module__ + '.' + type(leaf).__name__}{hint}")
             if leaf.dtype != traced.dtype or leaf.dim() != traced.dim():
                 raise ValueError(f"input '{node.name}' is {leaf.dtype} with {leaf.dim()} dims; {self.name} was traced with "
                                  f"{traced.dtype} with {traced.dim()} dims: convert it (e.g. .to({traced.dtype})) or trace with such an input")

@@ -90,3 +90,18 @@ def call_args(node: fx.Node) -> list:
         else:
             out.append(a.default_value if a.has_default_value() else None)
     return out
+
+
+# Ops that reshape without moving data, and casts, as torch.export writes them.
+VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+CASTS = frozenset({aten._to_copy.default, aten.to.dtype})
+
+
+def is_call(node, targets) -> bool:
+    """``node`` is a call of one of ``targets``."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def dim_index(d: int, rank: int) -> int:
+    """A dim argument (possibly negative) as an index into a rank-``rank`` shape."""
+    return d + rank if d < 0 else d

@@ -25,22 +25,15 @@ therefore take the mask as a finite bias and zero those rows afterwards.
   mask_filter_value)``: the packed QKV projection, the head split, attention and
   the head merge in one op, ``[B, S, Din] -> [B, S, D]``. Lowers to com.microsoft
   ``Attention``, which runs the QKV GEMM itself on prepacked weights and writes
-  BSNH output, so no Split, Transpose or Reshape is left around it. Measured at
-  GPT-2-small size (1x128, 12 heads) and MiniLM size (32x43, with mask) on 2
-  threads, one layer: Attention 16.2 / 47.5 ms, MatMul + Split +
-  MultiHeadAttention(bias) 17.8 / 49.5 ms, the generic lowering 19.7 ms.
+  BSNH output, so no Split, Transpose or Reshape is left around it (faster
+  than MatMul + Split + MultiHeadAttention: docs/kernels.md).
 * ``fxopt::packed_attention_dynamic_int8(x, w_q, w_scale, bias, mask, num_heads,
   causal, scale, mask_filter_value)``: the same block with the QKV projection a
   dynamic W8A8 linear (``fxopt::linear_dynamic_int8``: int8 codes within +-63,
   per-channel scales, ``x`` quantized per tensor at run time). Lowers to
   DynamicQuantizeLinear + com.microsoft ``QAttention``, whose int8 QKV GEMM
-  writes the heads itself. Measured at GPT-2-small size (1x128, 12 heads,
-  causal, 2 threads, one layer, median of 400 runs interleaved):
-  DynamicQuantizeLinear + QAttention 2.80-3.12 ms, DynamicQuantizeMatMul +
-  Split + Transposes + MultiHeadAttention 3.19-3.37 ms. Whole models: the
-  real MiniLM at batch 32 runs in 0.95 of the time, GPT-2 small in 0.97
-  (prefill 128) and 0.93 (one token) (``benchmarks/pack_attention_ab.py``;
-  README, "Fusion and ONNX Runtime lowering").
+  writes the heads itself (timings, and the whole-model effect measured by
+  ``python benchmarks/pack_attention_ab.py``: docs/kernels.md).
 * ``fxopt::group_query_attention(q, k, v, num_heads, kv_num_heads, scale)``:
   causal grouped-query attention on ``[B, S, heads * H]`` tensors, kv head ``j``
   shared by query heads ``j * N/kvN ..``; lowers to com.microsoft

@@ -12,13 +12,8 @@ opset 23 while torch's exporter writes opset 20, and one model imports one
 version of the ONNX domain). The residual forms lower to ``Add`` followed by
 ``LayerNormalization`` / ``SimplifiedLayerNormalization``, not to the
 ``com.microsoft`` SkipLayerNormalization / SkipSimplifiedLayerNormalization
-fused kernels: on this CPU (ONNX Runtime 1.32, 2 threads,
-``python benchmarks/ort_kernels.py``, benchmarks/results/ort_kernels.md)
-SkipLayerNormalization took 1.4-4x the time of Add + LayerNormalization from
-128 rows up (two runs; latest 428 vs 172 us at 128 x 768, 2197 vs 620 us at 1376 x 384) and
-SkipSimplifiedLayerNormalization up to 1.3x; at one row the fused kernels
-were as fast or slightly faster (a one-token decode step loses a few us per
-norm). The fused ops stay in the graph: one op is what a
+fused kernels, which ran slower than Add + the norm from a few rows up
+(docs/kernels.md, ``python benchmarks/ort_kernels.py``). The fused ops stay in the graph: one op is what a
 backend with a faster fused kernel would take.
 """
 

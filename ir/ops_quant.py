@@ -1,58 +1,27 @@
 """Quantized linear ops: eager CPU kernels and ONNX Runtime lowerings.
 
-Kernel choices were measured on this project's CPU (AVX2, no VNNI; GPT-2
-shapes and a 4096x4096 linear, batch 1 and 128, ratios to fp32 ``F.linear``):
+* ``fxopt::linear_dynamic_int8(x, w_q, w_scale, bias)``: dynamic W8A8 with
+  one activation scale per call. ``w_q`` int8 ``[N, K]`` symmetric codes within
+  +-63 (:data:`DYNAMIC_W_QMAX`), ``w_scale`` float32 ``[N]``; ``x`` quantized
+  at run time to 8-bit codes (:func:`act_qparams`). Eager: fbgemm's prepacked
+  ``quantized::linear_dynamic``; ONNX: DynamicQuantizeLinear +
+  MatMulIntegerToFloat.
+* ``fxopt::linear_dynamic_int8_per_token(x, w_u8, w_scale, w_rowsum, bias)``:
+  dynamic W8A8 with a scale and zero point per row of ``x``
+  (:func:`token_act_qparams`). ``w_u8`` the int8 codes + 128 as uint8,
+  ``w_rowsum[n] = sum_k(q[n, k]) * w_scale[n]``, which takes the activation zero
+  point out after a zero-point-free GEMM. Eager: the activation rounded onto
+  its integer grid in float, then ``F.linear`` with a cached dequantized weight;
+  ONNX: MatMulIntegerToFloat on uint8 weights (MLAS's exact U8U8 kernel).
+* ``fxopt::linear_nbits(x, B, scales, zero_points, bias, K, N, bits,
+  block_size, accuracy_level)``: weight-only 4/8-bit in MatMulNBits form
+  (:func:`fxopt.ir.quant.to_nbits`). Eager: unpack, dequantize, ``F.linear``;
+  ONNX: com.microsoft MatMulNBits.
 
-* dynamic W8A8, per-tensor activations (``linear_dynamic_int8``): fbgemm's
-  prepacked ``quantized::linear_dynamic`` 0.12-0.6x; ``torch._int_mm`` 2-29x
-  (no fast int8 GEMM without VNNI), so it is not used. Without VNNI the
-  u8 x s8 multiply-add (``vpmaddubsw``) adds two products into an int16 and
-  saturates when both sides use all 8 bits (measured 10% output error for
-  fbgemm and for ONNX Runtime's DynamicQuantizeMatMul; 20-50% on adversarial
-  codes), so one side gets 7 bits. The weight takes it: symmetric codes
-  within +-63 (:data:`DYNAMIC_W_QMAX`; 2 x 255 x 63 < 2^15) and 8-bit
-  activations (codes 0..255). Against torch.ao's choice (``reduce_range``,
-  7-bit activations and 8-bit weights) this was more accurate on the real
-  MiniLM (``python benchmarks/quant_accuracy.py --models minilm``, 56
-  sentences: mean / min cosine 0.9920 / 0.9709 against 0.9737 / 0.889; the
-  per-tensor activation range is the larger error), and ONNX Runtime takes 8-bit codes from its one fused
-  DynamicQuantizeLinear node (the same zero point and rounding as
-  :func:`act_qparams`) instead of a dozen small ops per linear.
-* dynamic W8A8, per-token activations (``linear_dynamic_int8_per_token``):
-  full 8-bit asymmetric codes, one scale and zero point per row. ONNX
-  Runtime's MatMulIntegerToFloat with *uint8* weights (int8 codes + 128,
-  zero point 128) runs MLAS's U8U8 kernel, which widens to int16 and uses
-  ``vpmaddwd``: exact on every code (tested on all-255 x all-extreme
-  inputs), 1.15-1.9x the time of the saturating U8S8 kernel and still
-  0.26-0.76x of fp32 MatMul (384x1536, 768x3072 and 3072x768; 1 and 128
-  rows; one thread, shared machine). S8S8 (symmetric activations) is exact
-  too but runs a slow generic kernel (5-70x U8S8); symmetric per-token codes
-  were also less accurate (MiniLM min cosine 0.986 against 0.995). MLAS
-  refuses a per-row activation zero point, so the GEMM runs with zero point
-  0 and ``scale[m] * zp[m] * rowsum(W_deq)[n]`` is subtracted afterwards
-  (exact algebra). Eager has no per-token int8 kernel (fbgemm's is per
-  tensor and saturates; ``torch._int_mm`` is slower than fp32 here), so it
-  rounds the activation onto the same integer grid in float and runs
-  ``F.linear`` with a cached dequantized float copy of the weight: the
-  scheme's numbers at about fp32 speed, 4 bytes per weight more. Measured
-  and not taken: fbgemm's kernel made per token (each row mapped onto
-  [0, 1] so that its per-tensor range is every row's own, the map undone on
-  the output with a rank-1 term and the bias). Without saturation one side
-  must be 7-bit: 8-bit activations with weights requantized to |w| <= 63,
-  or ``reduce_range`` with 8-bit weights. MiniLM (eager) then gave mean /
-  min cosine 0.9968 / 0.9852 and 0.9966 / 0.9866 (float grid: 0.9989 /
-  0.9954; goal min 0.99), and one GPT-2 layer ran at 0.40-1.2x fp32 against
-  torch.ao's 0.28-0.62x (one thread, loaded machine): neither goal met, so
-  eager per-token stays accurate and about as fast as fp32, slower than
-  torch.ao's per-tensor ``quantize_dynamic``; ``act_granularity=tensor``
-  is eager's fast path.
-* weight-only int8/int4: no fused eager kernel is faster than fp32 here
-  (``_weight_int8pack_mm`` 3-46x, ``_weight_int4pack_mm_for_cpu`` slower
-  still), so the eager kernel unpacks and dequantizes the weight on every call
-  and runs ``F.linear``: correct, but slower than fp32 (it reads the small
-  weight and writes a float copy). The fast path is ONNX Runtime's
-  MatMulNBits (0.5-0.7x of MLAS fp32 on one GPT-2 layer at batch 1 with
-  accuracy level 4).
+Every op returns ``x``'s dtype and shape with the last dimension ``N``, and
+equals ``F.linear(x, dequantized weight, bias)`` up to the activation rounding.
+Why these kernels (saturation of the u8 x s8 multiply-add without VNNI, which
+side gets 7 bits, the speed of each candidate): docs/kernels.md.
 """
 
 from __future__ import annotations

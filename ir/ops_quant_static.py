@@ -1,19 +1,16 @@
 """Static W8A8 linear: int8 weights and int8 activations whose scale and zero
-point were fixed by calibration (:mod:`fxopt.passes.calibration`).
+point were fixed by calibration (:mod:`fxopt.passes.quantize.calibration`).
 
 Activations use the same unsigned 7-bit grid as dynamic W8A8
 (:data:`fxopt.ir.ops_quant.ACT_QMAX`, ``reduce_range``: on CPUs without VNNI
 the u8 x s8 multiply-add saturates int16 with 8-bit activations). The
 calibrated range maps to ``0..127`` and values beyond it are clamped to it:
-fbgemm given codes above 127 saturates and returns wrong results (measured:
-error 10% of the output), so inputs are clipped before the kernel, and the
-ONNX lowering clips the same way.
+fbgemm given codes above 127 saturates and returns wrong results
+(docs/kernels.md), so inputs are clipped before the kernel, and the ONNX
+lowering clips the same way.
 
-Kernel (measured on this project's AVX2 CPU, 1024x1024, ratios to fp32
-``F.linear``): fbgemm's ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``
-with the prepacked weight shared with dynamic W8A8 — 0.67x at batch 1, 0.54x
-at 128 rows, the same as fbgemm's dynamic linear (the activation's
-min/max pass it saves is cheap); ``torch._int_mm`` 4.8x / 28x (no VNNI).
+Eager: fbgemm's ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``
+on the prepacked weight dynamic W8A8 uses too (docs/kernels.md for why).
 
 ONNX: QuantizeLinear -> DequantizeLinear on the activation and
 DequantizeLinear (per output channel) on the int8 weight around a float

@@ -9,11 +9,11 @@ from .manager import Instrument, IRDump, NumericsError, PassManager, PassRecord,
 
 # Built-in passes register themselves on import.
 from . import canonicalize, constant_fold, cse, dce, quantize  # noqa: E402,F401
-from . import smoothquant, quant_methods  # noqa: E402,F401
 from . import attention  # noqa: E402,F401
 from . import fusion  # noqa: E402,F401
 from . import attention_packed  # noqa: E402,F401
 from . import padding  # noqa: E402,F401
+from . import cluster, prune, share_weights, shrink  # noqa: E402,F401
 
 __all__ = [
     "Analysis", "AnalysisManager",

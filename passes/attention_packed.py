@@ -45,10 +45,19 @@ anything but a per-tensor dynamic int8 linear (per-token scales, weight-only
 int4/int8, static: no ONNX Runtime attention kernel takes them; ``pack-attention``
 runs after ``quantize`` so such a projection stays quantized).
 
-Why a graph walk and not the rewrite engine (:mod:`.rewrite`): the head split
-and merge are views whose shape lists hold symbolic sizes (``[B, S, N, H]``
-with dynamic ``B``, ``S``), which the engine compares as literals, and the
-key-padding proof follows a chain of varying length back to the input mask.
+How it matches: the pieces of the block are patterns on the rewrite engine
+(:mod:`.rewrite`): the head split (``view`` with :class:`~.rewrite.Size`
+wildcards for the symbolic ``[B, S, N, H]``, then ``transpose`` or
+``permute``), the QKV split into three parts, the head merge after SDPA and
+transformers' ``repeat_kv``, each with a check on shapes, asked about one node
+with :func:`~.rewrite.match_at`. The pass itself decides about the block: it
+starts from each SDPA (whose mask, causality and dropout decide the kernel),
+reads the projection's op (one node: which kernel takes it), checks through
+the :class:`~.analyses.Liveness` analysis that no piece is used elsewhere, and
+asks the :mod:`mask analyses <.analyses.masks>` whether a mask is key padding
+or a folded causal table. The block is not one pattern: its three head splits,
+optional merge and the mask and GQA choices would be dozens of traced
+variants, and the replacement depends on proofs about the mask.
 """
 
 from __future__ import annotations
@@ -59,39 +68,19 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..ir.nodes import call_args, is_pure, same_shape, val
-from .attention import is_constant_causal_mask
+from ..ir.nodes import VIEWS, call_args, dim_index, is_call, same_shape, val
+from .analyses import CausalMasks, KeyPaddingMasks, Liveness, NotKeyPadding
 from .base import Option, Pass, PassResult
 from .registry import register_pass
+from .rewrite import Match, Pattern, Reject, Size, explain_at, match_at
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
-_TO = {aten._to_copy.default, aten.to.dtype}
-_AND = {aten.__and__.Tensor, aten.logical_and.default, aten.bitwise_and.Tensor}
 LINEAR_INT8 = torch.ops.fxopt.linear_dynamic_int8.default
 
 
 class Refuse(Exception):
     """The block cannot be lowered exactly; the message says why."""
-
-
-_args = call_args
-
-
-def _is(node, targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
-
-def _dead_nodes(graph) -> set[fx.Node]:
-    """Pure nodes whose results reach nothing (what a later ``dce`` removes,
-    e.g. the scores matmul ``fuse-attention`` left): not users that count."""
-    dead: set[fx.Node] = set()
-    for node in reversed(list(graph.fx.nodes)):
-        if is_pure(node) and all(u in dead for u in node.users):
-            dead.add(node)
-    return dead
 
 
 def _users(node: fx.Node, dead: set) -> set[fx.Node]:
@@ -105,228 +94,149 @@ def _only_user(node: fx.Node, user: fx.Node, dead: set) -> None:
         raise Refuse(f"%{node.name} is also used by {others}")
 
 
-def _dim(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
+# --------------------------------------------------------------------------
+# the pieces of an attention block, as patterns on the rewrite engine. Sizes
+# of views are symbolic with a dynamic batch or sequence (Size wildcards);
+# example sizes differ from every dim literal of the same function, so that
+# tracing captures only the sizes.
+
+def _require(ok: bool, reason: str) -> bool:
+    if not ok:
+        raise Reject(reason)
+    return True
 
 
-def _split_heads_of(t: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
-    """``t = transpose(view(src, [B, S, n, H]), 1, 2)`` -> (src, view, transpose)."""
-    if _is(t, {aten.transpose.int}):
-        if sorted(_dim(d, 4) for d in t.args[1:3]) != [1, 2]:
-            raise Refuse(f"%{t.name} transposes dims {t.args[1:3]}, not the head and sequence dims")
-    elif _is(t, {aten.permute.default}):
-        if [_dim(d, 4) for d in t.args[1]] != [0, 2, 1, 3]:
-            raise Refuse(f"%{t.name} permutes {t.args[1]}, not [0, 2, 1, 3]")
-    else:
-        raise Refuse(f"%{t.name} is not a head split (transpose of a [B, S, N, H] view)")
-    v = t.args[0]
-    if not _is(v, _VIEWS):
-        raise Refuse(f"%{v.name} is not a view of [B, S, N*H] into heads")
-    src = v.args[0]
-    sv, vv = val(src), val(v)
-    if not (isinstance(sv, torch.Tensor) and sv.dim() == 3 and vv.dim() == 4 and same_shape(vv.shape[:2], sv.shape[:2])
-            and isinstance(vv.shape[2], int) and isinstance(vv.shape[3], int) and vv.shape[2] * vv.shape[3] == sv.shape[2]):
-        raise Refuse(f"%{v.name} is not a [B, S, N*H] -> [B, S, N, H] view")
-    return src, v, t
+def _heads_transpose(src, b: Size, s: Size, n: Size, h: Size, d0: int, d1: int):
+    return src.view(b, s, n, h).transpose(d0, d1)
 
 
-def _merge_of(out: fx.Node, dead: set) -> fx.Node | None:
+def _heads_permute(src, b: Size, s: Size, n: Size, h: Size, p0: int, p1: int, p2: int, p3: int):
+    return src.view(b, s, n, h).permute(p0, p1, p2, p3)
+
+
+def _heads_fit(m: Match) -> bool:
+    """``[B, S, N*H] -> [B, S, N, H]`` with static ``N``, ``H``."""
+    view = m.anchor.args[0]
+    sv, vv = val(m["src"]), val(view)
+    return _require(isinstance(sv, torch.Tensor) and sv.dim() == 3 and vv.dim() == 4 and same_shape(vv.shape[:2], sv.shape[:2])
+                    and _static_int(vv.shape[2]) and _static_int(vv.shape[3]) and vv.shape[2] * vv.shape[3] == sv.shape[2],
+                    f"%{view.name} is not a [B, S, N*H] -> [B, S, N, H] view")
+
+
+_HEAD_DIMS = lambda d: _require(dim_index(d, 4) in (1, 2), f"transpose of dim {d}, not of the head and sequence dims")
+_HEADS_SHAPES = {"src": (4, 5, 42), "b": 4, "s": 5, "n": 6, "h": 7, "d0": 1, "d1": 2, "p0": 0, "p1": 2, "p2": 1, "p3": 3}
+_HEAD_SPLITS = {  # by the op that moves the heads
+    aten.transpose.int: Pattern("heads-transpose", _heads_transpose, build=lambda m, g: None, inputs=_HEADS_SHAPES, op_classes=[VIEWS],
+            where={"d0": _HEAD_DIMS, "d1": _HEAD_DIMS},
+            check=lambda m: _require(m["d0"] % 4 != m["d1"] % 4, "transpose swaps nothing") and _heads_fit(m)),
+    aten.permute.default: Pattern("heads-permute", _heads_permute, build=lambda m, g: None, inputs=_HEADS_SHAPES, op_classes=[VIEWS],
+            where={f"p{i}": (lambda i: lambda d: _require(dim_index(d, 4) == (0, 2, 1, 3)[i], "not a permute(0, 2, 1, 3)"))(i)
+                   for i in range(4)},
+            check=_heads_fit),
+}
+
+
+def _merge(moved, b: Size, s: Size, d: Size):
+    return moved.view(b, s, d)
+
+
+def _moved(out, e0: int, e1: int):
+    return out.transpose(e0, e1)
+
+
+def _moved_contiguous(out, e0: int, e1: int):
+    return out.transpose(e0, e1).contiguous()
+
+
+def _merge_fits(m: Match) -> bool:
+    o, merged = val(m["out"]), val(m.anchor)
+    _require(sorted(dim_index(d, 4) for d in (m["e0"], m["e1"])) == [1, 2], "transpose of other dims than heads and sequence")
+    return _require(merged.dim() == 3 and same_shape(merged.shape, (o.shape[0], o.shape[2], o.shape[1] * o.shape[3])),
+                    f"%{m.anchor.name} is not [B, S, N*H]")
+
+
+_HEAD_MERGE = Pattern(
+    "heads-merge", _merge, build=lambda m, g: None, op_classes=[VIEWS], check=_merge_fits,
+    inputs={"moved": (2, 3, 4, 5), "out": (2, 4, 3, 5), "b": 2, "s": 3, "d": 20, "e0": 1, "e1": 2},
+    alternatives={"moved": {"contiguous": _moved_contiguous, "plain": _moved}})
+
+
+def _qkv_split(qkv, d: int, dim: int):
+    return tuple(qkv.split(d, dim))
+
+
+def _qkv_split_sizes(qkv, d: int, dim: int):
+    return tuple(torch.split(qkv, [d, d, d], dim))
+
+
+_QKV_SHAPES = {"qkv": (2, 3, 12), "d": 4, "dim": -1}
+_QKV_SPLITS = {  # by the split op
+    aten.split.Tensor: Pattern("qkv-split", _qkv_split, build=lambda m, g: None, inputs=_QKV_SHAPES),
+    aten.split_with_sizes.default: Pattern("qkv-split-sizes", _qkv_split_sizes, build=lambda m, g: None, inputs=_QKV_SHAPES),
+}
+
+
+def _repeated(rep, b: Size, nr: Size, t: Size, h: Size):  # transformers' repeat_kv
+    return rep.view(b, nr, t, h)
+
+
+def _expand(src, u: int, b: Size, n: Size, r: Size, t: Size, h: Size):
+    return src.unsqueeze(u).expand(b, n, r, t, h)
+
+
+def _expand_contiguous(src, u: int, b: Size, n: Size, r: Size, t: Size, h: Size):
+    return src.unsqueeze(u).expand(b, n, r, t, h).contiguous()
+
+
+def _repeat_fits(m: Match) -> bool:
+    sv, rv = val(m["src"]), val(m.anchor)
+    _require(dim_index(m["u"], 5) == 2 and sv.dim() == 4 and rv.dim() == 4, "not an unsqueeze of dim 2 of a 4-D value")
+    ev = val(m.anchor.args[0]) if m.chosen["rep"] == "plain" else val(m.anchor.args[0].args[0])
+    return _require(same_shape(ev.shape[:2], sv.shape[:2]) and same_shape(ev.shape[3:], sv.shape[2:])
+                    and same_shape(rv.shape, (sv.shape[0], sv.shape[1] * ev.shape[2], sv.shape[2], sv.shape[3])),
+                    "the reshape does not fold the repeats into the heads")
+
+
+_REPEAT_KV = Pattern(
+    "repeat-kv", _repeated, build=lambda m, g: None, op_classes=[VIEWS], check=_repeat_fits,
+    inputs={"rep": (3, 5, 7, 11, 13), "src": (3, 5, 11, 13), "u": 2, "b": 3, "n": 5, "r": 7, "t": 11, "h": 13, "nr": 35},
+    alternatives={"rep": {"plain": _expand, "contiguous": _expand_contiguous}})  # a plain clone is canonicalized away
+
+
+def _head_split(graph, t: fx.Node) -> Match:
+    """``t = transpose(view(src, [B, S, n, H]), 1, 2)`` (or permute), as a match
+    binding ``src``; raises :class:`Refuse` with the engine's reason."""
+    pattern = _HEAD_SPLITS.get(t.target) if isinstance(t, fx.Node) else None
+    if pattern is None:
+        raise Refuse(f"%{getattr(t, 'name', t)} is not a head split (transpose of a [B, S, N, H] view)")
+    m = match_at(pattern, t, graph)
+    if m is None:
+        raise Refuse(f"%{t.name} is not a head split (transpose of a [B, S, N, H] view): {explain_at(pattern, t, graph)}")
+    return m
+
+
+def _merge_of(graph, out: fx.Node, dead: set) -> fx.Node | None:
     """The node that holds ``out`` with its heads merged back to [B, S, N*H]
     (transpose(1, 2), optional contiguous clone, view), or None."""
-    if len(_users(out, dead)) != 1:
-        return None
-    (t,) = _users(out, dead)
-    if not (_is(t, {aten.transpose.int}) and sorted(_dim(d, 4) for d in t.args[1:3]) == [1, 2]) or len(_users(t, dead)) != 1:
-        return None
-    (nxt,) = _users(t, dead)
-    if _is(nxt, {aten.clone.default}):
-        if len(_users(nxt, dead)) != 1:
-            return None
-        (nxt,) = _users(nxt, dead)
-    if not _is(nxt, _VIEWS):
-        return None
-    o, m = val(out), val(nxt)
-    if m.dim() != 3 or not same_shape(m.shape, (o.shape[0], o.shape[2], o.shape[1] * o.shape[3])):
-        return None
-    return nxt
+    chain = [out]
+    while len(chain) < 4 and len(_users(chain[-1], dead)) == 1:
+        (nxt,) = _users(chain[-1], dead)
+        chain.append(nxt)
+        if nxt.target in _HEAD_MERGE.anchor_ops:
+            m = match_at(_HEAD_MERGE, nxt, graph)
+            return nxt if m is not None and m["out"] is out else None
+    return None
+
+
+def _unrepeat(graph, t: fx.Node) -> fx.Node:
+    """The kv tensor before ``repeat_kv`` (unsqueeze(2), expand, [clone],
+    reshape to [B, N, T, H]); ``t`` itself when it is not repeated."""
+    m = match_at(_REPEAT_KV, t, graph) if is_call(t, VIEWS) else None  # (the pattern is traced on first use)
+    return m["src"] if m is not None else t
 
 
 def _static_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-# --------------------------------------------------------------------------
-# key-padding masks, proved op by op
-
-class _Desc:
-    """What a mask-building value is, element by element.
-
-    ``kind``: ``raw`` (the 2-D mask input's values), ``pad`` (``mask != 0``),
-    ``blocked`` (``mask == 0``), ``additive`` (0 where ``pad``, ``fill``
-    elsewhere), ``true`` (all true), ``ar`` (``arange(n)`` along one dim, values >= 0).
-    ``dims``: per dim, ``b`` / ``k`` (indexes the mask's row / column), ``i``
-    (the arange's own dim) or ``*`` (the value does not depend on it).
-    """
-
-    def __init__(self, kind: str, dims: tuple, src: fx.Node | None = None, size=None, rows=None, cols=None, fill=None):
-        self.kind, self.dims, self.src, self.size, self.fill = kind, dims, src, size, fill
-        # mask[arange(rows), arange(cols)] reads the first rows x cols of the mask
-        self.rows, self.cols = rows, cols
-
-    def with_dims(self, dims) -> "_Desc":
-        return _Desc(self.kind, tuple(dims), self.src, self.size, self.rows, self.cols, self.fill)
-
-    def as_kind(self, kind: str) -> "_Desc":
-        return _Desc(kind, self.dims, self.src, self.size, self.rows, self.cols, self.fill)
-
-
-def _left_pad(dims: tuple, rank: int) -> tuple:
-    return ("*",) * (rank - len(dims)) + tuple(dims)
-
-
-def _describe(node, graph, seen: dict) -> _Desc:
-    if node in seen:
-        return seen[node]
-    d = _describe_uncached(node, graph, seen)
-    seen[node] = d
-    return d
-
-
-def _describe_uncached(node, graph, seen) -> _Desc:
-    if not isinstance(node, fx.Node):
-        raise Refuse(f"literal {node!r} in the mask")
-    v = val(node)
-    if node.op == "placeholder":
-        if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.dtype.is_floating_point and not v.dtype.is_complex:
-            return _Desc("pad" if v.dtype == torch.bool else "raw", ("b", "k"), node)
-        raise Refuse(f"mask input %{node.name} is not a 2-D integer or boolean tensor")
-    if node.op == "get_attr":  # static shapes: constant-fold folded the aranges and "every position"
-        c = graph.constant(node)
-        if c is not None and c.dtype == torch.bool and bool(c.all()):
-            return _Desc("true", ("*",) * c.dim())
-        if c is not None and c.dtype in (torch.int32, torch.int64):
-            long = [d for d, n in enumerate(c.shape) if n > 1]
-            if len(long) == 1 and bool((c.flatten() == torch.arange(c.numel(), dtype=c.dtype)).all()):
-                return _Desc("ar", tuple("i" if d == long[0] else "*" for d in range(c.dim())), size=c.shape[long[0]])
-    if node.op != "call_function":
-        raise Refuse(f"mask reads %{node.name} ({node.op})")
-    t, a = node.target, _args(node) if isinstance(node.target, torch._ops.OpOverload) else list(node.args)
-    if t in _TO and a[0] is not None:
-        src = _describe(a[0], graph, seen)
-        if src.kind in ("raw", "pad") and v.dtype == torch.bool:
-            return _Desc("pad", src.dims, src.src, rows=src.rows, cols=src.cols)
-        if src.kind == "ar" and not v.dtype.is_floating_point:
-            return src
-        raise Refuse(f"%{node.name} casts the mask to {v.dtype}")
-    if t in (aten.ne.Scalar, aten.eq.Scalar) and a[1] == 0:
-        src = _describe(a[0], graph, seen)
-        if src.kind in ("raw", "pad"):
-            return src.as_kind("pad" if t == aten.ne.Scalar else "blocked")
-    if t in (aten.logical_not.default, aten.bitwise_not.default):
-        src = _describe(a[0], graph, seen)
-        if src.kind in ("pad", "blocked"):
-            return src.as_kind("blocked" if src.kind == "pad" else "pad")
-    if t == aten.masked_fill.Scalar and _zeros(a[0], graph):  # zeros.masked_fill(mask == 0, fill)
-        cond = _describe(a[1], graph, seen)
-        if cond.kind == "blocked" and isinstance(a[2], (int, float)):
-            return _Desc("additive", _left_pad(cond.dims, v.dim()), cond.src, rows=cond.rows, cols=cond.cols, fill=float(a[2]))
-    if t == aten.slice.Tensor and a[2] in (None, 0) and a[4] == 1 and same_shape(val(a[0]).shape, v.shape):
-        return _describe(a[0], graph, seen)  # x[:, None, None, :] keeps whole-dim slices
-    if t == aten.unsqueeze.default:
-        src = _describe(a[0], graph, seen)
-        dims = list(src.dims)
-        dims.insert(_dim(a[1], len(dims) + 1), "*")
-        return src.with_dims(dims)
-    if t == aten.expand.default:
-        src = _describe(a[0], graph, seen)
-        return src.with_dims(_left_pad(src.dims, len(a[1])))
-    if t in (aten.arange.default, aten.arange.start, aten.arange.start_step):
-        start, step = (0, 1) if t == aten.arange.default else (a[0], a[2] if t == aten.arange.start_step else 1)
-        if start != 0 or step != 1:
-            raise Refuse(f"%{node.name}: arange not from 0 by 1")
-        return _Desc("ar", ("i",), size=v.shape[0])
-    if t == aten.add.Tensor and _is(a[0], {aten.arange.default}) and a[1] == 0:
-        return _describe(a[0], graph, seen)
-    if t == aten.ge.Scalar and a[1] == 0 and _describe(a[0], graph, seen).kind == "ar":
-        return _Desc("true", ("*",) * v.dim())
-    if t in (aten.new_ones.default, aten.ones.default) and v.dtype == torch.bool:
-        return _Desc("true", ("*",) * v.dim())
-    if t in _AND:
-        x, y = _describe(a[0], graph, seen), _describe(a[1], graph, seen)
-        if x.kind == "true":
-            x, y = y, x
-        if y.kind == "true" and x.kind in ("pad", "true"):
-            return x.with_dims(_left_pad(x.dims, v.dim()))
-        raise Refuse(f"%{node.name} combines two masks")
-    if t == aten.index.Tensor:
-        src, idx = _describe(a[0], graph, seen), a[1]
-        if src.kind not in ("raw", "pad") or src.dims != ("b", "k") or len(idx) != 2 or any(i is None for i in idx):
-            raise Refuse(f"%{node.name} indexes the mask other than mask[arange(B), arange(T)]")
-        out, sizes = ["*"] * v.dim(), []
-        for which, i in zip(("b", "k"), idx):
-            d = _describe(i, graph, seen)
-            dims = _left_pad(d.dims, v.dim())
-            if d.kind != "ar" or dims.count("i") != 1:
-                raise Refuse(f"%{node.name}: index %{i.name} is not an arange")
-            out[dims.index("i")] = which
-            sizes.append(d.size)
-        return _Desc(src.kind, tuple(out), src.src, rows=sizes[0], cols=sizes[1])
-    raise Refuse(f"%{node.name} ({getattr(t, '__name__', t)}) is not part of a key-padding mask")
-
-
-def _zeros(node, graph) -> bool:
-    """A tensor of zeros: a constant, or zeros / new_zeros / zeros_like / full(0)."""
-    if _is(node, {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}):
-        return True
-    if _is(node, {aten.full.default}) and node.args[1] == 0:
-        return True
-    c = graph.constant(node) if isinstance(node, fx.Node) else None
-    return c is not None and not bool(c.any())
-
-
-def _key_padding_mask(mask: fx.Node, graph, batch, keys) -> tuple[fx.Node, float, bool]:
-    """``mask`` (an SDPA attn_mask) as ``(m, fill, sliced)`` where ``mask[b, h,
-    q, k] == (0 if m[b, k] != 0 else fill)``, reading ``m[:batch, :keys]`` when
-    ``sliced``; raises :class:`Refuse` otherwise. A boolean mask ``m[b, k] !=
-    0`` gives ``fill = -inf``: a row whose every key is masked is then 0 (torch's
-    SDPA), where a finite fill gives the mean of the values."""
-    mv = val(mask)
-    if mv.dtype == torch.bool:
-        return _padding_source(_describe(mask, graph, {}), mask, batch, keys, -math.inf)
-    if not _is(mask, {aten.where.ScalarOther, aten.where.Scalar, aten.where.self}):
-        try:
-            d = _describe(mask, graph, {})
-        except Refuse:
-            d = None
-        if d is None or d.kind != "additive" or not d.fill < math.inf:
-            raise Refuse(f"attn_mask %{mask.name} is an arbitrary float mask, not where(padding, 0, fill)")
-        return _padding_source(d.as_kind("pad"), mask, batch, keys, d.fill)
-    cond, zero, fill = mask.args[:3]
-
-    def number(x):
-        if isinstance(x, (int, float)) and not isinstance(x, bool):
-            return float(x)
-        c = graph.constant(x) if isinstance(x, fx.Node) else None
-        if c is not None and c.numel() >= 1 and bool((c == c.flatten()[0]).all()):
-            return float(c.flatten()[0])
-        return None
-
-    if number(zero) != 0.0 or number(fill) is None or not number(fill) < math.inf:
-        raise Refuse(f"attn_mask %{mask.name} is not where(padding, 0, fill) with fill finite or -inf")
-    return _padding_source(_describe(cond, graph, {}), mask, batch, keys, number(fill))
-
-
-def _padding_source(d: _Desc, mask, batch, keys, fill: float) -> tuple[fx.Node, float, bool]:
-    """The 2-D input behind a described key-padding condition ``d``."""
-    if d.kind != "pad" or len(d.dims) != 4 or d.dims[0] != "b" or d.dims[3] != "k" or "i" in d.dims:
-        raise Refuse(f"attn_mask %{mask.name} is not a key-padding mask broadcast over heads and queries ({d.kind} {d.dims})")
-    sv = val(d.src).shape
-    read = (sv[0] if d.rows is None else d.rows, sv[1] if d.cols is None else d.cols)
-    if not same_shape(read, (batch, keys)):
-        raise Refuse(f"padding mask %{d.src.name} is read as {tuple(read)}, not [batch, keys] = [{batch}, {keys}]")
-    # HF indexes the mask with arange(batch of input_ids), whose symbol may
-    # differ from the mask's own batch symbol: that reads its first rows.
-    return d.src, fill, not same_shape(sv, (batch, keys))
 
 
 # --------------------------------------------------------------------------
@@ -356,10 +266,12 @@ class PackAttention(Pass):
     # rather than left in float inside the packed op.
     runs_after = ("fuse-attention", "merge-linears", "quantize")
     requires = ("canonical-linear",)
+    # facts about a mask are facts about its value, which packing attention keeps
+    preserves = (CausalMasks, KeyPaddingMasks)
 
     def run(self, graph) -> PassResult:
         stats = {"packed": 0, "gqa": 0, "causal": 0, "masked": 0, "dynamic_int8": 0, "refused": {}}
-        self._dead = _dead_nodes(graph)
+        self._dead = self.analysis(Liveness, graph).dead
         for node in self.walk(graph, target=SDPA):
             try:
                 kind = self._lower(graph, node, stats)
@@ -370,7 +282,7 @@ class PackAttention(Pass):
         return PassResult(stats["packed"] + stats["gqa"] > 0, stats)
 
     def _lower(self, graph, sdpa: fx.Node, stats) -> str:
-        q, k, v, mask, dropout, causal, scale, enable_gqa = _args(sdpa)
+        q, k, v, mask, dropout, causal, scale, enable_gqa = call_args(sdpa)
         if dropout:
             raise Refuse("dropout")
         qv, kv, vv = val(q), val(k), val(v)
@@ -382,9 +294,9 @@ class PackAttention(Pass):
         if not same_shape(qv.shape[2:3], kv.shape[2:3]):
             raise Refuse(f"queries ({qv.shape[2]}) and keys ({kv.shape[2]}) differ in length (a KV cache)")
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(head)
-        if mask is not None and not causal and is_constant_causal_mask(graph, mask, qv.shape[2]):
+        if mask is not None and not causal and self.analysis(CausalMasks, graph).is_constant_causal(mask, qv.shape[2]):
             mask, causal = None, True
-        k_src, v_src = _unrepeat(k), _unrepeat(v)
+        k_src, v_src = _unrepeat(graph, k), _unrepeat(graph, v)
         kv_heads = val(k_src).shape[1]
         if kv_heads != heads or val(v_src).shape[1] != heads:
             if not self.gqa:
@@ -398,31 +310,35 @@ class PackAttention(Pass):
 
     # -- packed QKV ---------------------------------------------------------------
     def _lower_packed(self, graph, sdpa, q, k, v, mask, causal, scale, heads, head, stats) -> str:
-        parts = [_split_heads_of(t) for t in (q, k, v)]
         dead = self._dead
-        for src, view, tr in parts:
-            _only_user(tr, sdpa, dead)
-            _only_user(view, tr, dead)
-            _only_user(src, view, dead)
-        items = [p[0] for p in parts]
+        items = []
+        for t in (q, k, v):
+            hm = _head_split(graph, t)
+            view = t.args[0]
+            _only_user(t, sdpa, dead)
+            _only_user(view, t, dead)
+            _only_user(hm["src"], view, dead)
+            items.append(hm["src"])
         if not all(i.target is operator.getitem for i in items) or len({i.args[0] for i in items}) != 1:
             raise Refuse("q, k, v are not parts of one split")
         split = items[0].args[0]
-        if [i.args[1] for i in items] != [0, 1, 2] or not _is(split, _SPLITS):
-            raise Refuse("q, k, v are not parts 0, 1, 2 of one split")
+        pattern = _QKV_SPLITS.get(getattr(split, "target", None))
+        sm = match_at(pattern, items[0], graph) if pattern is not None else None
+        if sm is None or sm.outputs != items:
+            why = f": {explain_at(pattern, items[0], graph)}" if pattern is not None and sm is None else ""
+            raise Refuse(f"q, k, v are not parts 0, 1, 2 of one split{why}")
         width = heads * head
-        sizes = split.args[1] if split.target == aten.split_with_sizes.default else [split.args[1]] * 3
-        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-        qkv = split.args[0]
-        if list(sizes) != [width] * 3 or val(qkv).dim() != 3 or _dim(dim, 3) != 2 or val(qkv).shape[2] != 3 * width:
+        qkv = sm["qkv"]
+        if sm["d"] != width or val(qkv).dim() != 3 or dim_index(sm["dim"], 3) != 2 or val(qkv).shape[2] != 3 * width:
             raise Refuse(f"%{split.name} does not cut the last dim into three parts of {width}")
         _only_user(qkv, split, dead)
         if _users(split, dead) != set(items):
             raise Refuse(f"%{split.name} has other users")
-        if _is(qkv, {aten.linear.default}):
+        # the projection is one node: its op says which kernel takes it
+        if is_call(qkv, {aten.linear.default}):
             x, w, b = (list(qkv.args) + [None])[:3]
             weights, target = (w,), torch.ops.fxopt.packed_attention.default
-        elif _is(qkv, {LINEAR_INT8}):
+        elif is_call(qkv, {LINEAR_INT8}):
             x, w, w_scale, b = qkv.args
             weights, target = (w, w_scale), torch.ops.fxopt.packed_attention_dynamic_int8.default
         else:
@@ -437,8 +353,12 @@ class PackAttention(Pass):
             if causal:
                 raise Refuse("is_causal together with an attn_mask")
             xv = val(x)
-            m, fill, sliced = _key_padding_mask(mask, graph, xv.shape[0], xv.shape[1])
-        merged = _merge_of(sdpa, dead)
+            try:
+                kp = self.analysis(KeyPaddingMasks, graph).prove(mask, xv.shape[0], xv.shape[1])
+            except NotKeyPadding as e:
+                raise Refuse(str(e)) from None
+            m, fill, sliced = kp.source, kp.fill, kp.sliced
+        merged = _merge_of(graph, sdpa, dead)
         with graph.fx.inserting_before(merged or sdpa):
             if sliced:
                 m = graph.fx.call_function(aten.slice.Tensor, (m, 0, 0, _size(graph, x, 0)))
@@ -463,7 +383,7 @@ class PackAttention(Pass):
         heads, kv_heads, head = qv.shape[1], kv.shape[1], qv.shape[3]
         if not (_static_int(kv_heads) and heads % kv_heads == 0) or val(v_src).shape[1] != kv_heads:
             raise Refuse(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
-        merged = _merge_of(sdpa, self._dead)
+        merged = _merge_of(graph, sdpa, self._dead)
         with graph.fx.inserting_before(merged or sdpa):
             qs, ks, vs = (_to_bsd(graph, t) for t in (q, k_src, v_src))
             out = graph.fx.call_function(torch.ops.fxopt.group_query_attention.default, (qs, ks, vs, heads, kv_heads, scale))
@@ -491,34 +411,11 @@ class PackAttention(Pass):
             graph.fx.erase_node(sdpa)
 
 
-def _unrepeat(t: fx.Node) -> fx.Node:
-    """The kv tensor before ``repeat_kv`` (unsqueeze(2), expand, [clone],
-    reshape to [B, N, T, H]); ``t`` itself when it is not repeated."""
-    r = t
-    if not _is(r, _VIEWS):
-        return t
-    e = r.args[0]
-    if _is(e, {aten.clone.default}):
-        e = e.args[0]
-    if not _is(e, {aten.expand.default}) or not _is(e.args[0], {aten.unsqueeze.default}):
-        return t
-    u = e.args[0]
-    src = u.args[0]
-    sv, ev, rv = val(src), val(e), val(r)
-    if _dim(u.args[1], 5) != 2 or sv.dim() != 4 or ev.dim() != 5 or rv.dim() != 4:
-        return t
-    if not (same_shape(ev.shape[:2], sv.shape[:2]) and same_shape(ev.shape[3:], sv.shape[2:])
-            and same_shape(rv.shape, (sv.shape[0], sv.shape[1] * ev.shape[2], sv.shape[2], sv.shape[3]))):
-        return t
-    return src
-
-
 def _to_bsd(graph, t: fx.Node) -> fx.Node:
     """``t`` [B, n, S, H] as [B, S, n*H]: read through a head split when there is
     one (no copy), else transpose and reshape."""
     try:
-        src, _view, _tr = _split_heads_of(t)
-        return src
+        return _head_split(graph, t)["src"]
     except Refuse:
         pass
     tv = val(t)

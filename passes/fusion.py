@@ -19,11 +19,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ir.nodes import module_path, same_shape, val
+from ..ir.nodes import call_args, module_path, same_shape, val
 from ..ir.ops import QUICK_GELU_ALPHA
 from .base import Option, PassResult
 from .registry import register_pass
-from .rewrite import Match, Pattern, PatternError, RewritePass, RewriteResult, _all_args, is_constant, rewrite
+from .rewrite import Match, Pattern, PatternError, RewritePass, RewriteResult, function, is_constant, rewrite
 
 aten = torch.ops.aten
 fxopt_ops = torch.ops.fxopt
@@ -71,10 +71,9 @@ class _LinearVariant:
     ints: tuple[str, ...] = ()  # parameters that are int attributes (captured)
     shapes: dict = field(default_factory=dict)
 
-    def signature(self) -> inspect.Signature:
-        P = inspect.Parameter
-        return inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD, annotation=int if n in self.ints else P.empty)
-                                  for n in self.layout if n is not None])
+    def parameters(self) -> dict[str, Any]:
+        """Pattern parameters: the op's arguments, ``int`` for its int attributes."""
+        return {n: int if n in self.ints else inspect.Parameter.empty for n in self.layout if n is not None}
 
     def call(self, **params):
         return self.target(*(params[n] if n is not None else None for n in self.layout))
@@ -83,7 +82,7 @@ class _LinearVariant:
         """``node`` calls this variant (same op, the same optional arguments given)."""
         if node.op != "call_function" or node.target != self.target:
             return False
-        args = _all_args(node)
+        args = call_args(node)
         return all((a is None) == (n is None) for a, n in zip(args, self.layout))
 
 
@@ -148,12 +147,9 @@ def _linear_act_patterns() -> dict[str, list[tuple[_LinearVariant, Pattern]]]:
     for act, forms in ACTIVATION_FORMS.items():
         for lin_name, v in _VARIANTS.items():
             for i, form in enumerate(forms):
-                def pattern(_v=v, _form=form, **params):
-                    return _form(_v.call(**params))
-
-                # The engine reads the parameters from the signature: the op's.
-                pattern.__signature__ = v.signature()
                 name = f"{lin_name}+{act}" + (f"#{i}" if i else "")
+                # the op's parameters; the int attributes are captured
+                pattern = function(name, v.parameters(), lambda _v=v, _form=form, **params: _form(_v.call(**params)))
                 p = Pattern(name, pattern, build=_fuse_into(v, act), where={v.weight: is_constant}, inputs=v.shapes)
                 out.setdefault(act, []).append((v, p))
     return out
@@ -244,15 +240,9 @@ def _split_build(act: str, bias: bool) -> Callable:
 def _split_patterns() -> dict[str, list[Pattern]]:
     out: dict[str, list[Pattern]] = {}
     for act in ACTIVATION_FORMS:
-        def fused(x, w, b, _act=act):
-            return fxopt_ops.linear_act(x, w, b, _act)
-
-        def fused_nobias(x, w, _act=act):
-            return fxopt_ops.linear_act(x, w, None, _act)
-
-        for f in (fused, fused_nobias):  # _act is bound here, not a pattern parameter
-            f.__signature__ = inspect.signature(f).replace(parameters=[
-                q for q in inspect.signature(f).parameters.values() if q.name != "_act"])
+        # act is bound here, not a pattern parameter
+        fused = function("fused", ["x", "w", "b"], lambda x, w, b, _act=act: fxopt_ops.linear_act(x, w, b, _act))
+        fused_nobias = function("fused_nobias", ["x", "w"], lambda x, w, _act=act: fxopt_ops.linear_act(x, w, None, _act))
         out[act] = [
             Pattern(f"split-linear+{act}", fused, build=_split_build(act, True), where={"w": is_constant}, inputs=_LINEAR_SHAPES),
             Pattern(f"split-linear-nobias+{act}", fused_nobias, build=_split_build(act, False), where={"w": is_constant},
@@ -329,14 +319,14 @@ def _merge_patterns() -> list[Pattern]:
         for bias in (True, False):
             names = [f"w{i}" for i in range(n)]
             params = ["x"] + [p for i in range(n) for p in ((f"w{i}", f"b{i}") if bias else (f"w{i}",))]
-            src = f"def pattern({', '.join(params)}):\n    return " + ", ".join(
-                f"F.linear(x, w{i}, b{i})" if bias else f"F.linear(x, w{i})" for i in range(n)
-            ) + "\n"
-            scope: dict = {"F": F}
-            exec(src, scope)  # a pattern with n outputs needs n named parameters
+
+            def linears(x, _n=n, _bias=bias, **w):  # a pattern with n outputs needs n named weights
+                return tuple(F.linear(x, w[f"w{i}"], w[f"b{i}"] if _bias else None) for i in range(_n))
+
+            pattern = function("pattern", params, linears)
             shapes = {"x": (2, 8), **{f"w{i}": (4 + i, 8) for i in range(n)}, **({f"b{i}": (4 + i,) for i in range(n)} if bias else {})}
             where = {**{f"w{i}": is_constant for i in range(n)}, **({f"b{i}": is_constant for i in range(n)} if bias else {})}
-            patterns.append(Pattern(f"{n}-linears" + ("" if bias else "-nobias"), scope["pattern"], build=_merge(names, bias),
+            patterns.append(Pattern(f"{n}-linears" + ("" if bias else "-nobias"), pattern, build=_merge(names, bias),
                                     where=where, check=_mergeable(n, bias), inputs=shapes))
     return patterns
 

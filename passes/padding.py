@@ -10,7 +10,7 @@ nested-tensor fast path of ``nn.TransformerEncoder``, here on the graph.
 
 Matches: self-attentions under one key-padding mask ``m`` — ``scaled_dot_product_attention``
 (``fuse-attention``'s output) or ``fxopt.packed_attention`` whose mask is proved,
-op by op as ``pack-attention`` proves it, to be ``where(m[b, k] != 0, 0, fill)``
+op by op (the ``KeyPaddingMasks`` analysis, :mod:`.analyses.masks`), to be ``where(m[b, k] != 0, 0, fill)``
 (or ``zeros.masked_fill(m == 0, fill)``, or the boolean ``m != 0``)
 with ``m`` a 2-D graph input — and around them the *token-wise region*: every
 op whose ``[B, S, ...]`` value is computed row by row (pointwise ops with
@@ -33,6 +33,14 @@ zeros is exact. ``padded_outputs=zero`` also lets outputs' padded rows become 0
 (a model returning ``last_hidden_state`` whose caller pools with the mask);
 by default they stay exact, which leaves such a model padded.
 
+How it matches: attention is found by its op and its mask by the analysis;
+the region is a data-flow analysis over a table of row-wise rules
+(:func:`_row_rule`), walked backwards from the outputs, not a pattern: which
+ops join depends on who reads their padded rows, over any number of ops.
+The small chains it also reads (the mask behind casts and unsqueezes in
+``hidden * mask``, the ``m[:B, :S]`` slices ``pack-attention`` adds) have no
+fixed length, which the rewrite engine's patterns cannot say.
+
 Refuses (no change; ``stats["reason"]``): no attention with a key-padding mask
 (a decoder, or ``fuse-attention`` has not run), causal attention, masks that are
 not plain key-padding masks; values whose padded rows something else reads
@@ -48,13 +56,19 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..ir.nodes import call_args, same_shape, val
-from .attention_packed import SDPA, Refuse, _dead_nodes, _dim, _is, _key_padding_mask, _TO, _VIEWS
+from ..ir.nodes import CASTS, VIEWS, call_args, dim_index, is_call, same_shape, val
+from .analyses import CausalMasks, KeyPaddingMasks, Liveness, NotKeyPadding
 from .base import Option, Pass, PassResult
 from .registry import register_pass
 
 aten = torch.ops.aten
 fxopt_ops = torch.ops.fxopt
+SDPA = aten.scaled_dot_product_attention.default
+
+
+class Refuse(Exception):
+    """No attention here to remove padding around; the message says why."""
+
 
 # Linears that compute each output row from the same input row and the layer's
 # parameters. Not row-wise: fxopt.linear_dynamic_int8(_act), whose activation
@@ -100,7 +114,7 @@ class _Layout:
 def _shift(d: int, rank: int) -> int | None:
     """Dim ``d`` of a rank-``rank`` padded value on its ``[T, ...]`` form, or
     None when ``d`` is the batch or sequence dim."""
-    n = _dim(d, rank)
+    n = dim_index(d, rank)
     if n < 2:
         return None
     return d if d < 0 else d - 1
@@ -150,7 +164,7 @@ def _row_rule(node: fx.Node, lay: _Layout) -> Builder | None:
         if None in new or not lay.padded(a[0]):
             return None
         return _same_op(node, {1: new if isinstance(a[1], (list, tuple)) else new[0]}, rows=[a[0]])
-    if t in _VIEWS:
+    if t in VIEWS:
         rest = list(out.shape[2:])
         if not lay.padded(a[0]) or not all(isinstance(d, int) for d in rest):
             return None
@@ -162,7 +176,7 @@ def _row_rule(node: fx.Node, lay: _Layout) -> Builder | None:
         d0, d1 = _shift(a[1], rank), _shift(a[2], rank)
         return None if d0 is None or d1 is None or not lay.padded(a[0]) else _same_op(node, {1: d0, 2: d1}, rows=[a[0]])
     if t == aten.permute.default:
-        dims = [_dim(d, rank) for d in a[1]]
+        dims = [dim_index(d, rank) for d in a[1]]
         if dims[:2] != [0, 1] or not lay.padded(a[0]):
             return None
         return _same_op(node, {1: [0, *(d - 1 for d in dims[2:])]}, rows=[a[0]])
@@ -220,16 +234,16 @@ def _pointwise(node, args, rank, lay: _Layout) -> Builder | None:
 def _zero_at_padding(node: fx.Node, mask: fx.Node, lay: _Layout) -> bool:
     """``node = x * c`` with ``c`` built from ``mask[b, s]`` by casts, ``!= 0``
     and trailing unsqueezes: 0 on every padded row (``x`` finite)."""
-    if not _is(node, {aten.mul.Tensor}):
+    if not is_call(node, {aten.mul.Tensor}):
         return False
     rank = val(node).dim()
     for c in node.args[:2]:
         if not lay.padded(c, rank):  # mask rows, not the mask broadcast along another dim
             continue
         while isinstance(c, fx.Node) and c is not mask:
-            if _is(c, _TO) or (_is(c, {aten.ne.Scalar, aten.gt.Scalar}) and c.args[1] == 0):
+            if is_call(c, CASTS) or (is_call(c, {aten.ne.Scalar, aten.gt.Scalar}) and c.args[1] == 0):
                 c = c.args[0]
-            elif _is(c, {aten.unsqueeze.default}) and _dim(c.args[1], val(c).dim()) >= 2:
+            elif is_call(c, {aten.unsqueeze.default}) and dim_index(c.args[1], val(c).dim()) >= 2:
                 c = c.args[0]
             else:
                 break
@@ -240,16 +254,16 @@ def _zero_at_padding(node: fx.Node, mask: fx.Node, lay: _Layout) -> bool:
 
 def _strip_slices(x):
     """The mask behind pack-attention's ``m[:B, :S]`` (slices from 0 of dims 0, 1)."""
-    while _is(x, {aten.slice.Tensor}) and x.args[1] in (0, 1) and (len(x.args) < 3 or x.args[2] in (None, 0)):
+    while is_call(x, {aten.slice.Tensor}) and x.args[1] in (0, 1) and (len(x.args) < 3 or x.args[2] in (None, 0)):
         x = x.args[0]
     return x
 
 
 def _head_transpose(node: fx.Node) -> bool:
     """``[B, S, N, H] -> [B, N, S, H]`` and back."""
-    if _is(node, {aten.transpose.int}):
-        return val(node).dim() == 4 and sorted(_dim(d, 4) for d in node.args[1:3]) == [1, 2]
-    return _is(node, {aten.permute.default}) and [_dim(d, 4) for d in node.args[1]] == [0, 2, 1, 3]
+    if is_call(node, {aten.transpose.int}):
+        return val(node).dim() == 4 and sorted(dim_index(d, 4) for d in node.args[1:3]) == [1, 2]
+    return is_call(node, {aten.permute.default}) and [dim_index(d, 4) for d in node.args[1]] == [0, 2, 1, 3]
 
 
 # --------------------------------------------------------------------------
@@ -272,6 +286,8 @@ class RemovePadding(Pass):
     # pack-attention's op would run its QKV GEMM on padded rows: run this first,
     # and pack-attention refuses these attentions (MultiHeadAttention then).
     runs_before = ("pack-attention",)
+    # A mask's proofs are facts about its value: running rows on real tokens keeps them.
+    preserves = (CausalMasks, KeyPaddingMasks)
 
     def run(self, graph) -> PassResult:
         try:
@@ -299,22 +315,26 @@ class RemovePadding(Pass):
         found, mask, lay, why = set(), None, None, "no scaled_dot_product_attention or fxopt.packed_attention (run fuse-attention first)"
         for node in graph.fx.nodes:
             try:
-                if _is(node, {SDPA}):
+                if is_call(node, {SDPA}):
                     q, k, v, attn_mask, dropout, causal = call_args(node)[:6]
                     qv, kv = val(q), val(k)
                     if attn_mask is None or causal or dropout:
                         raise Refuse(f"%{node.name}: not a key-padding-masked, non-causal attention without dropout")
                     if not same_shape(qv.shape[2:3], kv.shape[2:3]):
                         raise Refuse(f"%{node.name}: queries and keys differ in length")
-                    m, fill, _sliced = _key_padding_mask(attn_mask, graph, kv.shape[0], kv.shape[2])
+                    try:
+                        kp = self.analysis(KeyPaddingMasks, graph).prove(attn_mask, kv.shape[0], kv.shape[2])
+                    except NotKeyPadding as e:
+                        raise Refuse(str(e)) from None
+                    m, fill = kp.source, kp.fill
                     here = _Layout(qv.shape[0], qv.shape[2])
-                elif _is(node, {fxopt_ops.packed_attention.default}):
+                elif is_call(node, {fxopt_ops.packed_attention.default}):
                     x, _w, _b, m, _heads, causal, _scale, fill = node.args[:8]
                     if m is None or causal:
                         raise Refuse(f"%{node.name}: not key-padding-masked")
                     m = _strip_slices(m)
                     here = _Layout(*val(x).shape[:2])
-                elif _is(node, {fxopt_ops.packed_attention_dynamic_int8.default}):
+                elif is_call(node, {fxopt_ops.packed_attention_dynamic_int8.default}):
                     raise Refuse(f"%{node.name}: its per-tensor int8 QKV projection takes one activation scale over "
                                  "every row, padded ones too (run remove-padding before quantize and pack-attention)")
                 else:
@@ -347,7 +367,7 @@ class RemovePadding(Pass):
         region: set[fx.Node] = set()
         unread: set[fx.Node] = set()
         blockers: set[fx.Node] = set()
-        dead = _dead_nodes(graph)  # e.g. the scores matmul fuse-attention left for dce
+        dead = self.analysis(Liveness, graph).dead  # e.g. the scores matmul fuse-attention left for dce
 
         def heads_merged_unread(sdpa):  # a query's padded rows give padded rows
             return all(w in dead or (_head_transpose(w) and lay.padded(w) and w in unread) for w in sdpa.users)
@@ -358,9 +378,9 @@ class RemovePadding(Pass):
             if user in region:
                 return True
             if _head_transpose(user) and lay.padded(v, 4):
-                return all(u in dead or (u in attention and _is(u, {SDPA}) and call_args(u)[3] is not user
+                return all(u in dead or (u in attention and is_call(u, {SDPA}) and call_args(u)[3] is not user
                                          and (call_args(u)[0] is not user or heads_merged_unread(u))) for u in user.users)
-            if user in attention and _is(user, {fxopt_ops.packed_attention.default}):
+            if user in attention and is_call(user, {fxopt_ops.packed_attention.default}):
                 return user.args[0] is v and user in unread
             return False
 
@@ -400,9 +420,9 @@ class RemovePadding(Pass):
             if n in attention or (_head_transpose(n) and n.args[0] in attention):
                 continue
             t, rank = n.target, (val(n)[0] if isinstance(val(n), (tuple, list)) else val(n)).dim()
-            moves = ((t == aten.transpose.int and min(_dim(d, rank) for d in n.args[1:3]) < 2 and n.args[1] != n.args[2])
-                     or (t == aten.permute.default and [_dim(d, rank) for d in n.args[1]][:2] != [0, 1])
-                     or (t in _VIEWS and not lay.padded(n.args[0])))
+            moves = ((t == aten.transpose.int and min(dim_index(d, rank) for d in n.args[1:3]) < 2 and n.args[1] != n.args[2])
+                     or (t == aten.permute.default and [dim_index(d, rank) for d in n.args[1]][:2] != [0, 1])
+                     or (t in VIEWS and not lay.padded(n.args[0])))
             if moves or any(x in moved for x in n.all_input_nodes):
                 moved.add(n)
         return moved

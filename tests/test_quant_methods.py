@@ -8,7 +8,7 @@ import fxopt
 from conftest import BASE_PIPELINE, model_spec, reference, run
 from fxopt.ir.quant import QuantConfig, quantize
 from fxopt.passes import PipelineError
-from fxopt.passes.quant_methods import awq_search, gptq_quantize
+from fxopt.passes.quantize.methods import awq_search, gptq_quantize
 
 NBITS = torch.ops.fxopt.linear_nbits.default
 

@@ -374,3 +374,118 @@ def test_dtype_capture():
 
     (m,) = find_matches(Pattern("cast-relu", cast_relu, build=lambda m, g: None), traced(CastRelu(), torch.randn(3, 8)))
     assert m["dt"] == torch.float64
+
+
+# --- the driver, sizes, op classes, the function factory, the clean-up -----------------------
+from fxopt.passes.rewrite import PatternSet, Size, explain_at, function, match_at  # noqa: E402
+
+
+def gelu_to_relu(y):
+    return F.gelu(y)
+
+
+def relu_to_sigmoid(y):
+    return torch.relu(y)
+
+
+GELU_RELU = Pattern("gelu-relu", gelu_to_relu, lambda y: torch.relu(y))
+RELU_SIGMOID = Pattern("relu-sigmoid", relu_to_sigmoid, lambda y: torch.sigmoid(y))
+TANH_ABS = Pattern("tanh-abs", lambda y: torch.tanh(y), lambda y: torch.abs(y))
+
+
+def test_a_pattern_set_walks_once_when_nothing_changes_and_again_after_a_rewrite():
+    graph = traced(MLP(), torch.randn(3, 8))
+    idle = PatternSet([RELU_SIGMOID, TANH_ABS])  # neither op occurs: one walk serves both
+    assert not idle.rewrite(graph).changed and idle.walks == 1
+    # The second pattern sees what the first one rewrote (gelu -> relu -> sigmoid): a second walk.
+    chained = PatternSet([GELU_RELU, RELU_SIGMOID, TANH_ABS])
+    new = graph.copy()
+    result = chained.rewrite(new)
+    assert [result.stats[n].rewritten for n in ("gelu-relu", "relu-sigmoid", "tanh-abs")] == [1, 1, 0]
+    assert chained.walks == 3  # one per pattern that changed the graph, and the first
+    assert aten.sigmoid.default in targets(new) and aten.relu.default not in targets(new)
+
+
+def test_a_pattern_set_keys_patterns_by_their_anchor_op():
+    by_op = PatternSet([GELU_RELU, RELU_SIGMOID, TANH_ABS]).anchored([GELU_RELU, RELU_SIGMOID, TANH_ABS])
+    assert by_op == {aten.gelu.default: [GELU_RELU], aten.relu.default: [RELU_SIGMOID], aten.tanh.default: [TANH_ABS]}
+    with pytest.raises(PatternError, match="two patterns are named 'tanh-abs'"):
+        PatternSet([TANH_ABS, TANH_ABS])
+
+
+class SplitHeads(torch.nn.Module):
+    def forward(self, x):
+        b, s, _ = x.shape
+        return x.view(b, s, 2, 4).transpose(1, 2).reshape(b * 2, s, 4)
+
+
+def heads(x, b: Size, s: Size, n: Size, h: Size):
+    return x.view(b, s, n, h).transpose(1, 2)
+
+
+HEADS = Pattern("heads", heads, build=lambda m, g: None, inputs={"x": (3, 5, 42), "b": 3, "s": 5, "n": 6, "h": 7},
+                op_classes=[{aten.view.default, aten.reshape.default, aten._unsafe_view.default}])
+
+
+def test_a_size_wildcard_binds_symbolic_and_static_sizes():
+    dyn = ({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC},)
+    graph = PassManager("canonicalize,dce").run(fxopt.trace(SplitHeads().eval(), (torch.randn(2, 3, 8),), dynamic_shapes=dyn)).graph
+    (m,) = find_matches(HEADS, graph)
+    assert isinstance(m["b"], torch.fx.Node) and m["b"].target == aten.sym_size.int  # the batch, symbolic
+    assert (m["n"], m["h"]) == (2, 4)  # the heads, static
+    static = traced(SplitHeads(), torch.randn(2, 3, 8))
+    (m,) = find_matches(HEADS, static)
+    assert (m["b"], m["s"], m["n"], m["h"]) == (2, 3, 2, 4)
+
+
+def test_a_size_wildcard_refuses_a_tensor_and_says_so():
+    class ViewAsTensor(torch.nn.Module):
+        def forward(self, x):
+            return x.view(2, 3, 2, 4).transpose(1, 3)  # transposes other dims: no match
+
+    graph = traced(ViewAsTensor(), torch.randn(2, 3, 8))
+    t = next(n for n in graph.fx.nodes if n.target == aten.transpose.int)
+    assert match_at(HEADS, t, graph) is None
+    assert "argument 2: literal 2 expected, found 3" in explain_at(HEADS, t, graph)
+
+
+def test_op_classes_let_one_traced_op_stand_for_its_equivalents():
+    g = traced(SplitHeads(), torch.randn(2, 3, 8))
+    for n in g.fx.nodes:  # as other passes write it (tracing writes every reshape of a contiguous value as view)
+        if n.target == aten.view.default:
+            n.target = aten.reshape.default
+    assert aten.view.default not in targets(g)
+    node = next(n for n in g.fx.nodes if n.target == aten.transpose.int)
+    assert match_at(HEADS, node, g) is not None
+    strict = Pattern("heads-view-only", heads, build=lambda m, g: None, inputs=HEADS.inputs)
+    assert match_at(strict, node, g) is None and "expected aten.view.default" in explain_at(strict, node, g)
+
+
+def test_the_function_factory_makes_patterns_with_a_given_number_of_parameters():
+    fn = function("two_linears", ["x", "w0", "w1"], lambda x, w0, w1: (F.linear(x, w0), F.linear(x, w1)))
+    p = Pattern("two", fn, build=lambda m, g: None, inputs={"x": (2, 8), "w0": (4, 8), "w1": (5, 8)}, where={"w0": is_constant})
+    assert list(p.traced.params) == ["x", "w0", "w1"] and len(p.traced.outputs) == 2
+    ints = function("scaled", {"x": inspect_empty(), "k": int}, lambda x, k: x * k)
+    assert Pattern("scaled", ints, build=lambda m, g: None).scalar_kinds == {"k": int}
+
+
+def inspect_empty():
+    import inspect
+
+    return inspect.Parameter.empty
+
+
+def test_the_clean_up_is_a_parameter():
+    calls = []
+
+    def clean(graph):  # a callable clean-up: here only recording that it ran
+        calls.append(len(list(graph.fx.nodes)))
+
+    def gelu_then_identity_view(y):
+        return F.gelu(y).view(8, 8)
+
+    raw = Pattern("raw", gelu_then_identity_view, build=lambda m, g: None, cleanup=clean)
+    assert [n.target for n in raw.traced.nodes] == [aten.gelu.default, aten.view.default] and calls
+    # the default pipeline (canonicalize, dce) drops the identity view
+    cleaned = Pattern("cleaned", gelu_then_identity_view, build=lambda m, g: None)
+    assert [n.target for n in cleaned.traced.nodes] == [aten.gelu.default]

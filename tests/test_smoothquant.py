@@ -9,8 +9,8 @@ import torch
 import fxopt
 from conftest import BASE_PIPELINE, model_spec, reference, run
 from fxopt.passes import PipelineError
-from fxopt.passes.calibration import collect_linear_stats, linear_nodes
-from fxopt.passes.smoothquant import SmoothQuant
+from fxopt.passes.quantize.calibration import collect_linear_stats, linear_nodes
+from fxopt.passes.quantize.smoothquant import SmoothQuant
 
 aten = torch.ops.aten
 

@@ -32,3 +32,9 @@ class UserNoop(Pass):
 
     def run(self, graph):
         return PassResult(False, {"seen_nodes": graph.num_nodes()})
+
+
+def small_mlp_calibration():
+    """Calibration inputs for ``small_mlp`` (``--calibration user_models:small_mlp_calibration``)."""
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 16, generator=g),) for _ in range(4)]

@@ -25,6 +25,8 @@ class ModelSpec:
     name: str = "model"
     # Inputs of other shapes, for checking that dynamic dimensions really are.
     other_inputs: list = field(default_factory=list)
+    # Texts -> model inputs, for calibration from a text file (None: no tokenizer).
+    tokenize: Callable[[list[str]], Any] | None = None
 
 
 def _seed(seed: int = 0) -> torch.Generator:
@@ -176,7 +178,7 @@ def minilm() -> ModelSpec:
     inputs = minilm_tokenize(SAMPLE_SENTENCES)
     dyn = {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in inputs}
     other = [minilm_tokenize(["Short one.", "Another sentence that is a little longer than that.", "Third."])]
-    return ModelSpec(model, inputs, dyn, "minilm", other)
+    return ModelSpec(model, inputs, dyn, "minilm", other, tokenize=minilm_tokenize)
 
 
 BUILTIN: dict[str, Callable[[], ModelSpec]] = {
@@ -204,7 +206,8 @@ def load_model(name: str) -> ModelSpec:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load model factory {name!r}: {e}") from e
+        raise ValueError(f"cannot load model factory {name!r}: {e} (the module must be importable: "
+                         f"from the current folder or a folder on PYTHONPATH)") from e
     result = factory()
     if isinstance(result, ModelSpec):
         return result

@@ -1,0 +1,277 @@
+"""Calibration: run a graph on sample inputs and record what flows into its
+linear layers.
+
+Static activation quantization needs a fixed range for each linear's input;
+SmoothQuant and AWQ need the per-input-channel magnitude of that input; GPTQ
+needs its second moment ``X^T X``. All of them come from one walk over a
+calibration set::
+
+    stats = collect_linear_stats(graph, calibration_data, observer="percentile", percentile=99.99)
+    lo, hi = stats["linear_3"].observer.range()
+
+``calibration_data`` is a list of model inputs in the form the model was traced
+with (a tensor, a tuple of positional inputs or a dict of keyword inputs) —
+the same list a user gives as ``PassManager(..., calibration_data=[...])``.
+
+The graph is run by a :class:`torch.fx.Interpreter` that looks at the inputs of
+the chosen nodes as they are computed; the graph itself is never changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from ...ir.trace import split_inputs
+
+aten = torch.ops.aten
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------
+# observers: each sees a stream of tensors and answers with a (min, max) range
+
+
+class Observer:
+    """Tracks the range of the values it is shown."""
+
+    name = ""
+
+    def __init__(self):
+        self.batches = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        if x.numel() == 0:
+            return
+        self._update(x)
+        self.batches += 1
+
+    def _update(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def range(self) -> tuple[float, float]:
+        """``(lo, hi)`` with ``lo <= 0 <= hi``: zero must stay exactly
+        representable (padding, ReLU outputs), as in every int8 scheme."""
+        if self.batches == 0:
+            raise CalibrationError(f"{self.name} observer saw no data")
+        lo, hi = self._range()
+        return min(lo, 0.0), max(hi, 0.0)
+
+    def _range(self) -> tuple[float, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def qparams(self, bits: int = 8, symmetric: bool = False) -> tuple[float, int]:
+        """``(scale, zero_point)`` for a signed ``bits``-bit integer grid over
+        the observed range (asymmetric min-max, or symmetric abs-max)."""
+        lo, hi = self.range()
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        if symmetric:
+            scale = max(abs(lo), abs(hi)) / qmax
+            return (scale if scale > 0 else 1.0), 0
+        scale = (hi - lo) / (qmax - qmin)
+        if scale <= 0:
+            return 1.0, 0
+        zero_point = int(round(qmin - lo / scale))
+        return scale, max(qmin, min(qmax, zero_point))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(range={self.range() if self.batches else None})"
+
+
+class MinMaxObserver(Observer):
+    """The smallest and largest value seen."""
+
+    name = "minmax"
+
+    def __init__(self):
+        super().__init__()
+        self.lo, self.hi = float("inf"), float("-inf")
+
+    def _update(self, x):
+        self.lo = min(self.lo, x.min().item())
+        self.hi = max(self.hi, x.max().item())
+
+    def _range(self):
+        return self.lo, self.hi
+
+
+class MovingAverageObserver(Observer):
+    """Exponential moving average of each batch's min and max
+    (``m <- m + momentum * (batch_m - m)``), as torch.ao's
+    MovingAverageMinMaxObserver: one outlier batch moves the range a little."""
+
+    name = "moving-average"
+
+    def __init__(self, momentum: float = 0.01):
+        super().__init__()
+        if not 0 < momentum <= 1:
+            raise CalibrationError(f"moving-average observer: momentum must be in (0, 1], got {momentum}")
+        self.momentum = momentum
+        self.lo = self.hi = 0.0
+
+    def _update(self, x):
+        lo, hi = x.min().item(), x.max().item()
+        if self.batches == 0:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo += self.momentum * (lo - self.lo)
+            self.hi += self.momentum * (hi - self.hi)
+
+    def _range(self):
+        return self.lo, self.hi
+
+
+class PercentileObserver(Observer):
+    """The ``percentile``-th and ``(100 - percentile)``-th percentiles of each
+    batch, averaged over batches (weighted by size): clips rare outliers that
+    would waste the int8 grid."""
+
+    name = "percentile"
+
+    def __init__(self, percentile: float = 99.99):
+        super().__init__()
+        if not 50 < percentile <= 100:
+            raise CalibrationError(f"percentile observer: percentile must be in (50, 100], got {percentile}")
+        self.percentile = percentile
+        self.lo_sum = self.hi_sum = 0.0
+        self.count = 0
+
+    def _update(self, x):
+        flat = x.flatten()
+        n = flat.numel()
+        # kthvalue has no size limit (torch.quantile stops at 2^24 elements);
+        # the k-th smallest with k = ceil(p/100 * n) is the nearest-rank percentile.
+        k_hi = max(1, min(n, int(torch.tensor(self.percentile / 100 * n).ceil().item())))
+        k_lo = max(1, min(n, n + 1 - k_hi))
+        self.hi_sum += flat.kthvalue(k_hi).values.item() * n
+        self.lo_sum += flat.kthvalue(k_lo).values.item() * n
+        self.count += n
+
+    def _range(self):
+        return self.lo_sum / self.count, self.hi_sum / self.count
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    cls.name: cls for cls in (MinMaxObserver, PercentileObserver, MovingAverageObserver)
+}
+
+
+def make_observer(kind: str, **options) -> Observer:
+    if kind not in OBSERVERS:
+        raise CalibrationError(f"unknown observer {kind!r}; valid: {sorted(OBSERVERS)}")
+    return OBSERVERS[kind](**options)
+
+
+# --------------------------------------------------------------------------
+# collection
+
+
+@dataclass
+class LinearStats:
+    """What the calibration set showed about one linear layer's input ``X``
+    (``[..., K]``): its range (``observer``), ``channel_absmax[k] = max|X[..., k]|``,
+    and when asked, ``hessian = X^T X / rows`` (float64) and a sample of rows."""
+
+    node: str
+    observer: Observer
+    channel_absmax: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+    rows: int = 0
+    samples: list[torch.Tensor] = field(default_factory=list)
+
+    def sample(self) -> torch.Tensor:
+        """The kept rows of ``X`` as one ``[rows, K]`` float tensor."""
+        if not self.samples:
+            raise CalibrationError(f"no input rows were kept for {self.node!r}; pass keep_rows > 0")
+        return torch.cat(self.samples)
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target == aten.linear.default
+
+
+def linear_nodes(graph) -> list[fx.Node]:
+    return [n for n in graph.fx.nodes if is_linear(n)]
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, module, watch: dict[fx.Node, LinearStats], hessian: bool, keep_rows: int):
+        super().__init__(module, garbage_collect_values=True)
+        self.watch = watch
+        self.hessian = hessian
+        self.keep_rows = keep_rows
+
+    def run_node(self, n):
+        stats = self.watch.get(n)
+        if stats is not None:
+            x = self.env[n.args[0]].detach()
+            rows = x.reshape(-1, x.shape[-1]).float()
+            stats.observer.update(rows)
+            amax = rows.abs().amax(dim=0)
+            stats.channel_absmax = amax if stats.channel_absmax is None else torch.maximum(stats.channel_absmax, amax)
+            if self.hessian:
+                r64 = rows.double()
+                h = r64.T @ r64
+                stats.hessian = h if stats.hessian is None else stats.hessian + h
+            kept = sum(s.shape[0] for s in stats.samples)
+            if kept < self.keep_rows:
+                stats.samples.append(rows[: self.keep_rows - kept].clone())
+            stats.rows += rows.shape[0]
+        return super().run_node(n)
+
+
+def collect_linear_stats(
+    graph,
+    calibration_data: Sequence[Any],
+    nodes: Iterable[fx.Node | str] | None = None,
+    *,
+    observer: str = "minmax",
+    hessian: bool = False,
+    keep_rows: int = 0,
+    progress=None,
+    **observer_options,
+) -> dict[str, LinearStats]:
+    """Run ``graph`` on every item of ``calibration_data`` and return, for each
+    chosen ``aten.linear`` node (all of them when ``nodes`` is None), the
+    :class:`LinearStats` of its input, keyed by node name.
+
+    ``observer``: ``minmax``, ``percentile`` (option ``percentile``) or
+    ``moving-average`` (option ``momentum``). ``hessian``: also accumulate
+    ``X^T X / rows`` (GPTQ). ``keep_rows``: keep up to that many input rows per
+    layer (AWQ's search). ``progress``: a pass's :meth:`Pass.progress`, to
+    report each calibration input. Raises :class:`CalibrationError` on an empty set, a
+    node that is not a linear of this graph, or an input the graph rejects.
+    """
+    data = list(calibration_data) if calibration_data is not None else []
+    if not data:
+        raise CalibrationError("calibration_data is empty: give a list of model inputs")
+    by_name = {n.name: n for n in graph.fx.nodes}
+    chosen: list[fx.Node] = []
+    for item in linear_nodes(graph) if nodes is None else nodes:
+        node = by_name.get(item) if isinstance(item, str) else item
+        if node is None or node.graph is not graph.fx:
+            raise CalibrationError(f"node {item if isinstance(item, str) else item.name!r} is not in graph {graph.name}")
+        if not is_linear(node):
+            raise CalibrationError(f"node {node.name!r} is {node.target}, not aten.linear; calibration records linear inputs")
+        chosen.append(node)
+    watch = {n: LinearStats(n.name, make_observer(observer, **observer_options)) for n in chosen}
+    recorder = _Recorder(graph.module, watch, hessian, keep_rows)
+    for i, item in enumerate(progress(data, "calibrating") if progress else data):
+        args, kwargs = split_inputs(item)
+        try:
+            flat = graph.flatten_inputs(*args, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise CalibrationError(f"calibration_data[{i}] does not fit the inputs of {graph.name}: {e}") from e
+        with torch.no_grad():
+            recorder.run(*flat)
+    for stats in watch.values():
+        if stats.hessian is not None:
+            stats.hessian /= max(stats.rows, 1)
+    return {n.name: s for n, s in watch.items()}

@@ -1,0 +1,224 @@
+"""Analyses several passes read (fxopt.passes.analyses): the causal-mask and
+key-padding-mask proofs and liveness, on small graphs; and their caching by
+the pass manager (computed once across the passes of a run, recomputed after
+a pass that changes the graph without preserving them)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.export import Dim
+
+import fxopt
+from fxopt.ir.nodes import call_args, val
+from fxopt.passes import AnalysisManager, Pass, PassManager, PassResult, register_pass
+from fxopt.passes.analyses import CausalMasks, KeyPaddingMasks, Liveness, NotKeyPadding
+from fxopt.passes.padding import RemovePadding
+from fxopt.passes.registry import PassRegistry
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+
+
+def sdpa_mask(graph):
+    (node,) = [n for n in graph.fx.nodes if n.target == SDPA]
+    q, k, _v, mask = call_args(node)[:4]
+    return mask, val(q).shape[0], val(k).shape[2]
+
+
+def traced(fn, *inputs, dynamic=False):
+    class M(torch.nn.Module):
+        def forward(self, *xs):
+            return fn(*xs)
+
+    dyn = (tuple({0: Dim.DYNAMIC, 2 if x.dim() == 4 else 1: Dim.DYNAMIC} for x in inputs),) if dynamic else None
+    return PassManager("canonicalize,dce").run(fxopt.trace(M().eval(), inputs, dynamic_shapes=dyn)).graph
+
+
+Q = torch.randn(2, 2, 6, 8)
+PAD = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+
+
+def causal_tril(q, k, v):
+    n = q.shape[-2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(n, n, dtype=torch.bool).tril())
+
+
+def causal_arange(q, k, v):  # key position <= query position, from aranges
+    n = q.shape[-2]
+    pos = torch.arange(n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=pos[None, :] <= pos[:, None])
+
+
+def given_mask(q, k, v, m):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
+@pytest.mark.parametrize("fn", [causal_tril, causal_arange])
+def test_a_causal_mask_is_proved_for_every_size(fn):
+    graph = traced(fn, Q, Q, Q, dynamic=True)
+    mask, _, _ = sdpa_mask(graph)
+    assert AnalysisManager().get(CausalMasks, graph).is_causal(mask)
+
+
+def test_a_mask_read_from_an_input_is_not_causal():
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    graph = traced(given_mask, Q, Q, Q, causal)  # causal values, but an input: nothing to prove
+    mask, _, _ = sdpa_mask(graph)
+    facts = AnalysisManager().get(CausalMasks, graph)
+    assert not facts.is_causal(mask) and not facts.is_constant_causal(mask, 6)
+
+
+def test_an_off_by_one_mask_is_not_causal():
+    def strict(q, k, v):  # key < query: the diagonal blocked too
+        pos = torch.arange(q.shape[-2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=pos[None, :] < pos[:, None])
+
+    graph = traced(strict, Q, Q, Q, dynamic=True)
+    assert not AnalysisManager().get(CausalMasks, graph).is_causal(sdpa_mask(graph)[0])
+
+
+def test_a_folded_causal_table_is_a_constant_causal_mask():
+    graph = traced(causal_tril, Q, Q, Q)  # static shapes: constant-fold folds the table
+    graph = PassManager("constant-fold").run(graph).graph
+    mask, _, _ = sdpa_mask(graph)
+    assert graph.constant(mask) is not None
+    assert AnalysisManager().get(CausalMasks, graph).is_constant_causal(mask, 6)
+
+
+def padding_where(q, k, v, attention_mask):  # transformers' eager BERT: 0 to attend, a large negative elsewhere
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(attention_mask[:, None, None, :] != 0, 0.0, -1e4))
+
+
+def padding_bool(q, k, v, attention_mask):  # transformers' SDPA path: True to attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask[:, None, None, :] != 0)
+
+
+@pytest.mark.parametrize("fn, fill", [(padding_where, -1e4), (padding_bool, -math.inf)])
+def test_a_key_padding_mask_is_proved_with_its_source_and_fill(fn, fill):
+    graph = traced(fn, Q, Q, Q, PAD, dynamic=True)
+    mask, batch, keys = sdpa_mask(graph)
+    kp = AnalysisManager().get(KeyPaddingMasks, graph).prove(mask, batch, keys)
+    assert kp.source.op == "placeholder" and val(kp.source).shape == val(kp.source).shape and kp.fill == fill
+    assert not kp.sliced
+
+
+def test_a_float_mask_from_an_input_is_not_key_padding():
+    graph = traced(given_mask, Q, Q, Q, torch.randn(2, 1, 6, 6))
+    mask, batch, keys = sdpa_mask(graph)
+    facts = AnalysisManager().get(KeyPaddingMasks, graph)
+    with pytest.raises(NotKeyPadding, match="arbitrary float mask"):
+        facts.prove(mask, batch, keys)
+    assert not facts.holds(mask, batch, keys)
+
+
+def test_a_mask_over_queries_is_not_key_padding():
+    def per_query(q, k, v, attention_mask):  # the 2-D mask broadcast over keys, not queries
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask[:, None, :, None] != 0)
+
+    graph = traced(per_query, Q, Q, Q, PAD)
+    with pytest.raises(NotKeyPadding, match="not a key-padding mask broadcast over heads and queries"):
+        AnalysisManager().get(KeyPaddingMasks, graph).prove(*sdpa_mask(graph))
+
+
+def test_liveness_names_last_users_and_dead_values():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            y = x + 1
+            z = y * 2
+            return z + y
+
+    graph = fxopt.trace(M().eval(), (torch.randn(3),))
+    (x,) = graph.placeholders()
+    add1, mul, final = [n for n in graph.fx.nodes if n.op == "call_function" and n.target in (aten.add.Tensor, aten.mul.Tensor)]
+    with graph.fx.inserting_after(x):
+        dead = graph.fx.call_function(aten.sin.default, (x,))  # a value nothing reads (dce would drop it)
+    live = AnalysisManager().get(Liveness, graph)
+    assert dead in live.dead and add1 not in live.dead
+    assert live.users(x) == {add1}  # the dead sin does not count
+    assert live.last_use[add1] is final and live.last_use[mul] is final and live.last_use[final].op == "output"
+    assert live.live_after(add1, mul) and not live.live_after(mul, final)
+
+
+# -- caching: computed once across passes, recomputed after a changing pass ----------------------
+REG = PassRegistry()
+PROVED = []
+
+
+@register_pass("prove-masks", registry=REG)
+class ProveMasks(Pass):
+    """Reads the key-padding analysis for every SDPA mask; changes nothing."""
+
+    def run(self, graph):
+        facts = self.analysis(KeyPaddingMasks, graph)
+        for node in graph.fx.nodes:
+            if node.target == SDPA and call_args(node)[3] is not None:
+                q, k, _v, mask = call_args(node)[:4]
+                PROVED.append((facts, facts.holds(mask, val(q).shape[0], val(k).shape[2])))
+        return PassResult(False)
+
+
+@register_pass("touch", registry=REG)
+class Touch(Pass):
+    """Changes the graph (an identity clone of the first input) and preserves nothing."""
+
+    def run(self, graph):
+        x = graph.placeholders()[0]
+        with graph.fx.inserting_after(x):
+            graph.fx.call_function(aten.clone.default, (x,))
+        return PassResult(True)
+
+
+@pytest.fixture(scope="module")
+def encoder_graph():
+    from fxopt.models import SentenceEmbedder, bert
+
+    model = SentenceEmbedder(bert("tiny").model).eval()
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    inputs = {"input_ids": torch.randint(1, 100, (2, 8)) * mask, "attention_mask": mask}
+    dyn = {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in inputs}
+    graph = fxopt.trace(model, inputs, dynamic_shapes=dyn)
+    return PassManager("canonicalize,dce,constant-fold,cse,fuse-attention").run(graph).graph
+
+
+def test_mask_proofs_are_computed_once_across_passes(encoder_graph):
+    PROVED.clear()
+    # remove-padding changes the graph but declares the mask proofs preserved
+    result = PassManager([ProveMasks(), RemovePadding(), ProveMasks()], registry=REG).run(encoder_graph)
+    assert [r.changed for r in result.records] == [False, True, False]
+    assert [ok for _, ok in PROVED] == [True] * 4  # two layers, read twice
+    assert PROVED[0][0] is PROVED[-1][0]
+    assert result.analyses.computed["KeyPaddingMasks"] == 1
+    assert result.analyses.computed["Liveness"] == 1  # read by remove-padding
+
+
+def test_mask_proofs_are_recomputed_after_a_pass_that_does_not_preserve_them(encoder_graph):
+    PROVED.clear()
+    result = PassManager([ProveMasks(), Touch(), ProveMasks()], registry=REG).run(encoder_graph)
+    assert PROVED[0][0] is not PROVED[-1][0]
+    assert result.analyses.computed["KeyPaddingMasks"] == 2
+
+
+def test_fuse_attention_reads_the_causal_analysis_once_per_run():
+    from fxopt.models import gpt2
+
+    spec = gpt2("tiny", attn_implementation="eager")
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    result = PassManager("canonicalize,dce,cse,fuse-attention").run(graph)
+    stats = next(r.stats for r in result.records if r.name == "fuse-attention")
+    assert stats["causal"] + stats["sdpa_made_causal"] == 2  # both layers proved causal
+    assert result.analyses.computed["CausalMasks"] == 1
+
+
+def test_a_pass_called_directly_drops_what_it_does_not_preserve(encoder_graph):
+    graph = encoder_graph.copy()
+    p = RemovePadding()
+    masks, live = p.analysis(KeyPaddingMasks, graph), p.analysis(Liveness, graph)
+    assert p(graph).changed
+    assert p.analysis(KeyPaddingMasks, graph) is masks  # declared preserved
+    assert p.analysis(Liveness, graph) is not live  # dropped: the graph changed
+    t = Touch()
+    live = t.analysis(Liveness, graph)
+    t(graph)
+    assert t.analysis(Liveness, graph) is not live
