@@ -13,6 +13,7 @@ from . import attention  # noqa: E402,F401
 from . import fusion  # noqa: E402,F401
 from . import attention_packed  # noqa: E402,F401
 from . import padding  # noqa: E402,F401
+from . import cluster, prune, share_weights, shrink  # noqa: E402,F401
 
 __all__ = [
     "Analysis", "AnalysisManager",

@@ -41,12 +41,12 @@ AWQ_ROWS = 512  # calibration rows kept per layer for the search
 
 
 def _collect_rows(p, graph, layers, data) -> dict[str, Any]:
-    stats = collect_linear_stats(graph, data, [l.node for l in layers], keep_rows=AWQ_ROWS)
+    stats = collect_linear_stats(graph, data, [l.node for l in layers], keep_rows=AWQ_ROWS, progress=p.progress)
     return {l.name: stats[l.node.name] for l in layers}
 
 
 def _collect_hessian(p, graph, layers, data) -> dict[str, Any]:
-    stats = collect_linear_stats(graph, data, [l.node for l in layers], hessian=True)
+    stats = collect_linear_stats(graph, data, [l.node for l in layers], hessian=True, progress=p.progress)
     return {l.name: stats[l.node.name] for l in layers}
 
 
@@ -89,20 +89,30 @@ GPTQ_DAMP = 0.01  # fraction of mean(diag(H)) added to H's diagonal
 GPTQ_BLOCK = 128  # columns updated together (lazy batch updates)
 
 
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = GPTQ_DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)``: the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``
+    in float64, the matrix GPTQ and SparseGPT read their error feedback
+    from, and the input channels that never carried a value (``H[j, j] == 0``,
+    given a unit diagonal so the factor exists)."""
+    H = hessian.detach().double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, damp: float = GPTQ_DAMP) -> QuantizedTensor:
     """GPTQ with error feedback; scales and zero points come from the
     reference quantizer (:func:`fxopt.ir.quant.quantize`) applied to each
     group's columns as they stand when the group starts (per channel: to the
     whole weight up front), so the result dequantizes like any
-    :class:`QuantizedTensor`."""
+    :class:`QuantizedTensor`. Weights that are exactly zero (pruned) stay
+    zero: the error feedback never moves them."""
     W = weight.detach().double().clone()
     n, k = W.shape
-    H = hessian.detach().double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    pruned = W == 0
+    Hinv, dead = inverse_hessian_factor(hessian, damp)
     W[:, dead] = 0.0
-    H += damp * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     groups = config.num_groups(k)
     gs = k // groups
@@ -134,8 +144,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
             dq = (q - offset) * scale
             err = (w - dq) / Hb[j, j]
             W1[:, j:] -= err[:, None] * Hb[j, j:][None, :]
+            W1[:, j:].masked_fill_(pruned[:, col:b1], 0.0)
             Err[:, j] = err
         W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
+        W[:, b1:].masked_fill_(pruned[:, b1:], 0.0)
     qdtype = torch.int8 if config.scheme == "sym" else torch.uint8
     return QuantizedTensor(Q.to(qdtype), scales, zps, config.bits, config.scheme, config.granularity, gs)
 

@@ -1,0 +1,170 @@
+"""``shrink``: structured pruning that removes channels, so the matrices really
+get smaller."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.fx as fx
+
+from .base import Option, Pass, PassResult
+from .channels import ChannelAnalysis, ChannelGroup, Span
+from .layers import regex_problem
+from .quantize.calibration import collect_linear_stats
+from .registry import register_pass
+
+aten = torch.ops.aten
+
+
+@register_pass("shrink")
+class Shrink(Pass):
+    """Removes the least important channels of each group that the
+    channel-dependency analysis (:class:`~fxopt.passes.channels.ChannelAnalysis`)
+    proves removable: MLP intermediate channels through activations,
+    SwiGLU's gate times up, and merged ``gate_up`` projections split in two.
+
+    Matches: every group the analysis accepts, selected by ``include`` /
+    ``exclude`` (regular expressions on the group's name, e.g.
+    ``model.layers.0.mlp.gate_proj[0:128]+model.layers.0.mlp.up_proj[0:128]``).
+
+    Produces: smaller constants: the producers' weight rows and bias entries,
+    the consumers' weight columns and the element-wise constants of the
+    removed channels are dropped; splits and slices of a producer's output get
+    their new sizes. The result is an ordinary smaller model (exports to ONNX,
+    fuses, quantizes).
+
+    Importance of channel ``c``: ``magnitude``: ``sum ||producer row c|| *
+    sum ||consumer column c||``; ``activation`` (needs ``calibration_data``):
+    ``||X_c|| * sum ||consumer column c||`` with ``X`` the consumers' input on
+    the calibration inputs. Each group keeps ``ceil((1 - ratio) * size)``
+    channels, rounded up to a multiple of ``multiple_of``.
+
+    Refuses (counted in stats ``refused``, with the node that stops the walk):
+    groups whose channels reach an op the analysis cannot follow (attention
+    heads behind a view, norms, the residual stream, graph outputs). Errors:
+    an ``include`` that selects no shrinkable group (the message lists the
+    refused groups and why); a producer weight shared with another reader.
+    ``ratio=0`` leaves the graph as it was.
+    """
+
+    ratio = Option(0.25, float, check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+                   help="fraction of each group's channels removed")
+    importance = Option("magnitude", str, choices=("magnitude", "activation"), help="magnitude | activation (calibrated)")
+    multiple_of = Option(1, int, check=lambda v: None if v >= 1 else "must be >= 1", help="keep a multiple of this many channels")
+    include = Option(None, str, check=regex_problem, help="regex: only groups whose name matches (re.search)")
+    exclude = Option(None, str, check=regex_problem, help="regex: skip groups whose name matches")
+
+    runs_after = ("canonicalize", "prune")
+    runs_before = ("quantize", "merge-linears", "fuse-linear-act", "share-weights")
+    requires = ("canonical-linear",)
+    numerics_tolerance = 1.0  # removing channels changes outputs by design
+
+    def required_inputs(self) -> tuple[str, ...]:
+        return ("calibration_data",) if self.importance == "activation" else ()
+
+    def run(self, graph) -> PassResult:
+        if self.ratio == 0:
+            return PassResult(False, {"groups_shrunk": 0})
+        deps = self.analysis(ChannelAnalysis, graph)
+        refused = deps.refused()
+        groups = [g for g in deps.shrinkable() if (self.include is None or re.search(self.include, g.name))
+                  and (self.exclude is None or not re.search(self.exclude, g.name))]
+        if self.include is not None and not groups:
+            listed = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:8])
+            raise self.fail(f"option include={self.include!r} selects no shrinkable channel group; refused groups: {listed}")
+        self._check_weights(graph, groups)
+        norms = self._activation_norms(graph, groups) if self.importance == "activation" else {}
+        # The rows each producer keeps, per group first, then per producer.
+        keep_rows: dict[fx.Node, torch.Tensor] = {}
+        kept: dict[int, torch.Tensor] = {}
+        for group in groups:
+            keep = self._choose(graph, group, norms)
+            kept[id(group)] = keep
+            for span in group.spans:
+                rows = keep_rows.setdefault(span.producer, torch.ones(graph.constant(span.producer.args[1]).shape[0], dtype=torch.bool))
+                mask = torch.zeros(span.size, dtype=torch.bool)
+                mask[keep] = True
+                rows[span.offset: span.offset + span.size] = mask
+        before = graph.param_bytes()
+        for producer, rows in keep_rows.items():
+            self._take(graph, producer, 1, rows, dim=0)
+            if len(producer.args) > 2 and producer.args[2] is not None:
+                self._take(graph, producer, 2, rows, dim=0)
+        per_group = {}
+        for group in groups:
+            keep = kept[id(group)]
+            for consumer in group.consumers:
+                self._take(graph, consumer, 1, keep, dim=1)
+            for user, const in group.constants:
+                self._take(graph, user, list(user.args).index(const), keep, dim=-1)
+            per_group[group.name] = {"kept": int(keep.numel()), "of": group.size}
+        for node, pieces in deps.pieces.items():
+            self._resize(node, pieces, keep_rows)
+        stats = {"groups_shrunk": len(groups), "channels_removed": sum(v["of"] - v["kept"] for v in per_group.values()),
+                 "bytes_removed": before - graph.param_bytes(), "groups": per_group, "refused": refused}
+        return PassResult(bool(groups), stats)
+
+    def _check_weights(self, graph, groups: list[ChannelGroup]) -> None:
+        readers: dict[int, int] = {}
+        for n in graph.fx.nodes:
+            for a in n.args:
+                t = graph.constant(a) if isinstance(a, fx.Node) else None
+                if t is not None:
+                    readers[id(t)] = readers.get(id(t), 0) + 1
+        for group in groups:
+            for node in {s.producer for s in group.spans} | set(group.consumers):
+                if readers.get(id(graph.constant(node.args[1])), 0) > 1:
+                    raise self.fail(f"the weight of {node.name!r} is read by another node too (tied): shrinking it would change "
+                                    f"that reader; exclude group {group.name!r}", node)
+
+    def _activation_norms(self, graph, groups: list[ChannelGroup]) -> dict[fx.Node, torch.Tensor]:
+        consumers = [c for g in groups for c in g.consumers]
+        stats = collect_linear_stats(graph, self.context.get("calibration_data"), consumers, hessian=True)
+        return {c: torch.diag(stats[c.name].hessian).clamp(min=0).sqrt().float() for c in consumers}
+
+    def _choose(self, graph, group: ChannelGroup, norms) -> torch.Tensor:
+        """Indices (sorted) of the channels the group keeps."""
+        cols = sum(graph.constant(c.args[1]).float().norm(dim=0) for c in group.consumers)
+        if self.importance == "activation" and group.consumers:
+            score = cols * sum(norms[c] for c in group.consumers)
+        else:
+            rows = sum(graph.constant(s.producer.args[1])[s.offset: s.offset + s.size].float().norm(dim=1) for s in group.spans)
+            score = rows * (cols if group.consumers else 1.0)
+        keep_n = min(group.size, self.multiple_of * math.ceil((1 - self.ratio) * group.size / self.multiple_of))
+        order = torch.argsort(score, descending=True, stable=True)[:keep_n]
+        return torch.sort(order).values
+
+    @staticmethod
+    def _take(graph, user: fx.Node, index: int, keep: torch.Tensor, dim: int) -> None:
+        """``user.args[index]`` (a constant) replaced by its entries ``keep`` along ``dim``."""
+        old = user.args[index]
+        t = graph.constant(old)
+        idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
+        new = graph.add_constant(t.index_select(dim % t.dim(), idx).contiguous(), f"{old.target}.shrunk")
+        args = list(user.args)
+        args[index] = new
+        user.args = tuple(args)
+        if not old.users:
+            graph.fx.erase_node(old)
+
+    @staticmethod
+    def _resize(node: fx.Node, pieces: list[Span], keep_rows: dict[fx.Node, torch.Tensor]) -> None:
+        """New sizes of a split or slice of a producer's output."""
+        rows = keep_rows.get(pieces[0].producer)
+        if rows is None:
+            return
+        new = [int(rows[p.offset: p.offset + p.size].sum()) for p in pieces]
+        if node.target == aten.slice.Tensor:
+            first = pieces[0]
+            parent_start = first.offset - node.args[2] if len(node.args) > 2 and node.args[2] else first.offset
+            start = int(rows[parent_start: first.offset].sum())
+            args = list(node.args) + [None] * (4 - len(node.args))
+            args[2], args[3] = start, start + new[0]
+            node.args = tuple(args)
+        else:
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            node.target = aten.split_with_sizes.default
+            node.args = (node.args[0], new, dim)
+            node.kwargs = {}

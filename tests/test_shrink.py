@@ -1,0 +1,127 @@
+"""The channel-dependency analysis and ``shrink``: groups found on the graph
+(GPT-2's Conv1D MLP, Llama's SwiGLU, Phi-3's merged gate_up, BERT), refusals
+that name the node, and shrunk models that compute what the original does
+when the removed channels carried nothing, on both backends, fused and
+quantized."""
+
+import pytest
+import torch
+
+import fxopt
+from conftest import BASE_PIPELINE, base_graph, run
+from fxopt.models import BUILTIN, ModelSpec, _hf, _seed
+from fxopt.passes import AnalysisManager, PassError, PipelineError
+from fxopt.passes.channels import ChannelAnalysis
+
+aten = torch.ops.aten
+
+
+def _phi3() -> ModelSpec:
+    import transformers
+
+    _seed()
+    cfg = transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, use_cache=False, pad_token_id=None)
+    return _hf(transformers.Phi3ForCausalLM(cfg), 256, "phi3-tiny", mask=False)
+
+
+SPECS = {"llama-tiny": BUILTIN["llama-tiny"], "gpt2-tiny": BUILTIN["gpt2-tiny"], "bert-tiny": BUILTIN["bert-tiny"], "phi3-tiny": _phi3}
+
+# The MLP's output projection of each layer, and how its input channels are laid out
+# (GPT-2's Conv1D stores [in, out]).
+DOWN = {
+    "llama-tiny": (lambda m, i: m.model.layers[i].mlp.down_proj.weight, 1),
+    "phi3-tiny": (lambda m, i: m.model.layers[i].mlp.down_proj.weight, 1),
+    "gpt2-tiny": (lambda m, i: m.transformer.h[i].mlp.c_proj.weight, 0),
+    "bert-tiny": (lambda m, i: m.encoder.layer[i].output.dense.weight, 1),
+}
+
+
+def _graph(spec):
+    g = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=spec.name)
+    return fxopt.PassManager(BASE_PIPELINE).run(g).graph
+
+
+def _groups(graph):
+    return AnalysisManager().get(ChannelAnalysis, graph)
+
+
+def test_groups_follow_swiglu_and_a_split_gate_up():
+    llama = _groups(base_graph("llama-tiny"))
+    ok = llama.shrinkable()
+    assert [g.name for g in ok] == [f"model.layers.{i}.mlp.gate_proj[0:128]+model.layers.{i}.mlp.up_proj[0:128]" for i in range(2)]
+    assert all(len(g.consumers) == 1 and g.size == 128 for g in ok)
+    phi3 = _groups(_graph(_phi3()))
+    assert [g.name for g in phi3.shrinkable()] == [
+        f"model.layers.{i}.mlp.gate_up_proj[0:128]+model.layers.{i}.mlp.gate_up_proj[128:256]" for i in range(2)]
+
+
+def test_refusals_name_the_node_that_stops_the_walk():
+    refused = _groups(base_graph("gpt2-tiny")).refused()
+    # c_attn's pieces go into a view into heads; the residual stream into layer norms; the head to the output
+    assert refused["transformer.h.0.attn.c_attn[0:64]"].startswith("node 'view")
+    residual = next(k for k in refused if k.startswith("transformer.h.0.attn.c_proj"))
+    assert "layer_norm" in refused[residual]
+    assert refused["lm_head[0:256]"] == "node 'output' (output): a graph output reads the channels"
+
+
+def _zero_channels(spec, name, fraction=0.25):
+    """Zero the MLP output projection's input columns for a quarter of the channels:
+    those channels carry nothing, so removing them must not change the output."""
+    get, dim = DOWN[name]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i in range(2):
+            w = get(spec.model, i)
+            idx = torch.randperm(w.shape[dim], generator=g)[: int(fraction * w.shape[dim])]
+            w.index_fill_(dim, idx, 0.0)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_shrink_removes_dead_channels_exactly_on_both_backends(name):
+    spec = SPECS[name]()
+    _zero_channels(spec, name)
+    g = _graph(spec)
+    result = fxopt.PassManager("shrink(ratio=0.25)").run(g)
+    stats = result.records[0].stats
+    assert stats["groups_shrunk"] == 2 and all(v["kept"] == 0.75 * v["of"] for v in stats["groups"].values())
+    assert stats["bytes_removed"] == g.param_bytes() - result.graph.param_bytes() > 0
+    ref = run(g, spec.example_inputs)
+    for backend in ("eager", "onnxruntime"):
+        assert fxopt.compare(ref, run(fxopt.compile(result.graph, backend), spec.example_inputs)).within(1e-4), backend
+    # and on inputs of another shape: nothing was specialized
+    other = spec.other_inputs[0]
+    assert fxopt.compare(run(g, other), run(fxopt.compile(result.graph, "eager"), other)).within(1e-4)
+
+
+def test_shrunk_model_fuses_and_quantizes_on_both_backends():
+    spec = SPECS["llama-tiny"]()
+    shrunk = fxopt.PassManager("shrink(ratio=0.3,multiple_of=8)").run(_graph(spec)).graph
+    widths = {tuple(shrunk.constant(n.args[1]).shape) for n in shrunk.fx.nodes if n.target == aten.linear.default}
+    assert (96, 64) in widths and (64, 96) in widths  # ceil(0.7 * 128) = 90, rounded up to a multiple of 8
+    q = fxopt.PassManager("fuse-linear-act,quantize(mode=dynamic)").run(shrunk).graph
+    float_out = run(shrunk, spec.example_inputs)
+    eager = run(fxopt.compile(q, "eager"), spec.example_inputs)
+    ort = run(fxopt.compile(q, "onnxruntime"), spec.example_inputs)
+    assert fxopt.compare(float_out, eager).cosine > 0.99 and fxopt.compare(float_out, ort).cosine > 0.99
+
+
+def test_activation_importance_needs_calibration_and_ratio_zero_does_nothing():
+    g = base_graph("llama-tiny")
+    with pytest.raises(PipelineError, match="needs input 'calibration_data'"):
+        fxopt.PassManager("shrink(importance=activation)").run(g)
+    calib = [{"input_ids": torch.randint(0, 256, (2, 16))}]
+    out = fxopt.PassManager("shrink(importance=activation,ratio=0.5)", calibration_data=calib).run(g)
+    assert out.records[0].stats["channels_removed"] == 128
+    same = fxopt.PassManager("shrink(ratio=0)").run(g)
+    assert not same.records[0].changed and str(same.graph) == str(g)
+
+
+def test_a_group_the_analysis_refuses_is_never_shrunk():
+    g = base_graph("gpt2-tiny")
+    with pytest.raises(PassError, match=r"include='c_attn' selects no shrinkable channel group.*c_attn\[0:64\]: node 'view"):
+        fxopt.PassManager("shrink(include=c_attn)").run(g)
+    out = fxopt.PassManager("shrink(exclude='h\\.0\\.')").run(g).graph
+    widths = sorted(tuple(out.constant(n.args[1]).shape) for n in out.fx.nodes if n.target == aten.linear.default)
+    assert widths.count((256, 64)) == 2  # lm_head and layer 0's c_fc untouched
+    assert (192, 64) in widths and widths.count((192, 64)) == 3  # c_attn x2 untouched, layer 1's c_fc now 192 wide
