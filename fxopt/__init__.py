@@ -11,6 +11,7 @@ from .passes import (
     PipelineError, parse_pipeline, register_pass,
 )
 from .backends import BackendError, compile, export_onnx, load_compiled
+from .generation import GenerationError, Generator, compile_generator, generate
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ __all__ = [
     "trace", "load", "load_compiled", "LoadError", "Graph", "compare", "PassManager", "Pass", "PassResult", "PassError", "Option",
     "register_pass", "REGISTRY", "parse_pipeline", "PipelineError", "FixedPoint", "Instrument",
     "compile", "export_onnx", "BackendError", "TraceError", "VerificationError", "ParityError",
+    "compile_generator", "generate", "Generator", "GenerationError",
 ]
