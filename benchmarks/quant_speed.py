@@ -71,7 +71,7 @@ VARIANTS = {
 # How each peer is prepared: its own documentation's recipe for a CPU, printed
 # under the table. "{vnni}" is filled in for the CPU the run is on.
 PREPARATION = {
-    "torchao-dynamic-int8": "`torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)` on the "
+    "torchao-dynamic-int8": "`torch.ao.quantization.quantize_dynamic(model, {{nn.Linear}}, dtype=torch.qint8)` on the "
         "fbgemm engine (its x86 default; its qconfig reduces the activation range to 7 bits for CPUs without VNNI); "
         "GPT-2's Conv1D layers converted to nn.Linear first, since it only knows nn.Linear.",
     "torchao-int8-compile": "torchao's CPU recipe: Conv1D converted to nn.Linear; `quantize_(model, "

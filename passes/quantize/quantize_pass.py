@@ -48,10 +48,11 @@ def non_finite_problem(layer: Layer) -> str | None:
     """Why ``layer``'s weight cannot be quantized honestly: NaN or infinite
     values have no integer code (min-max scales become NaN or inf, and the
     kernels turn them into finite numbers on one backend, NaN on another)."""
-    finite = torch.isfinite(layer.weight)
+    weight = layer.weight.detach()  # an inference-mode Parameter cannot go through isfinite's autograd path
+    finite = torch.isfinite(weight)
     if bool(finite.all()):
         return None
-    nan = int(torch.isnan(layer.weight).sum())
+    nan = int(torch.isnan(weight).sum())
     inf = int((~finite).sum()) - nan
     where = tuple(int(i) for i in (~finite).nonzero()[0])
     return (f"layer {layer.name!r}: weight {layer.weight_node.name!r} {tuple(layer.weight.shape)} holds "
