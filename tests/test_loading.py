@@ -250,6 +250,8 @@ def test_compiled_models_of_both_backends_load_back_as_the_same_callable(tmp_pat
         assert fxopt.compare(expected, loaded(ids)).within(1e-6)  # positionally, as the original takes it
         with pytest.raises(fxopt.BackendError, match=r"input 'input_ids' is torch.int32 .* traced with torch.int64"):
             loaded(ids.int())
+        with pytest.raises(IndexError, match=r"input 'input_ids' has value -1, outside \[0, 256\)"):
+            loaded(ids * 0 - 1)  # ONNX Gather would wrap it around
     # A loaded ONNX Runtime model saves again; session options apply on load.
     again = fxopt.load_compiled(loaded.save(tmp_path / "again.onnx"), intra_op_threads=1)
     assert again.session.get_session_options().intra_op_num_threads == 1
