@@ -30,7 +30,9 @@ from .registry import REGISTRY, PassRegistry
 
 # Inputs passes read although their ``needs`` depends on their options
 # (quantize needs calibration_data for mode=static, method=awq or gptq).
-DOCUMENTED_INPUTS = ("calibration_data",)
+# Inputs any run may be given: calibration data, and ``progress`` (items,
+# description) -> items, which long steps report through (Pass.progress).
+DOCUMENTED_INPUTS = ("calibration_data", "progress")
 
 
 @dataclass
