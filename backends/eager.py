@@ -33,5 +33,11 @@ class EagerModel(CompiledModel):
         self.graph.save(path)
         return path
 
+    @classmethod
+    def load(cls, path, **options) -> "EagerModel":
+        """A compiled model from a file :meth:`save` wrote (``fxopt.load``
+        of the graph, compiled with ``options``)."""
+        return cls(Graph.load(path), **options)
+
     def artifact_bytes(self) -> int:
         return self.graph.param_bytes()

@@ -28,10 +28,9 @@ from .pipeline import FIXED_POINT, MAX_NESTING, FixedPoint, Item, PipelineError,
 from .registry import REGISTRY, PassRegistry
 
 
-# Inputs passes read although their ``needs`` depends on their options
-# (quantize needs calibration_data for mode=static, method=awq or gptq).
-# Inputs any run may be given: calibration data, and ``progress`` (items,
-# description) -> items, which long steps report through (Pass.progress).
+# Inputs passes read although no ``needs`` declares them: calibration_data
+# where it depends on options (quantize's mode=static, method=awq or gptq;
+# prune, shrink), progress (``Pass.progress``) for any pass.
 DOCUMENTED_INPUTS = ("calibration_data", "progress")
 
 

@@ -110,8 +110,8 @@ class Quantize(LayerFilterOptions):
     stats: a 64-wide model under ``group_size=128`` gets groups of 64).
     Errors: a filter or override that matches no layer; a group size with no
     such fallback (the message lists the ones that divide K); a selected
-    weight holding NaN or infinite values; a mode or method that is not
-    registered.
+    weight holding NaN or infinite values, or a method whose result
+    dequantizes to them; a mode or method that is not registered.
     """
 
     bits = Option(8, int, check=lambda v: None if 2 <= v <= 8 else "bits must be from 2 to 8", help="weight bits (2..8)")
@@ -285,6 +285,9 @@ class Quantize(LayerFilterOptions):
         cfg = layer.cfg
         qt, act_scale = METHODS[cfg.method].quantize(layer.weight, cfg, layer_stats)
         effective = qt.dequantize() if act_scale is None else qt.dequantize() / act_scale.to(torch.float32)
+        if not bool(torch.isfinite(effective).all()):
+            raise self.fail(f"layer {layer.name!r}: method {cfg.method!r} returned codes, scales or an activation scale "
+                            f"that dequantize to NaN or infinite values from a finite weight")
         record = {
             "bits": cfg.bits, "scheme": cfg.scheme, "granularity": cfg.granularity, "mode": cfg.mode, "method": cfg.method,
             "sqnr_db": round(sqnr_db(layer.weight, effective), 2), "rel_err": relative_error(layer.weight, effective),
