@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..ir.graph import Graph
 from ..ir.targets import register_target
-from .base import BackendError, CompiledModel
+from .base import BackendError, CompiledModel, InputRangeError
 from .eager import EagerModel
 from .onnxruntime import OnnxRuntimeModel, export_onnx, export_onnx_program
 
@@ -28,6 +28,25 @@ def compile(graph: Graph, backend: str = "eager", **options) -> CompiledModel:
         raise BackendError(f"backend {backend!r}: {e}") from e
 
 
+def load_compiled(path, **options) -> CompiledModel:
+    """A compiled model back from the file its ``.save`` wrote: a .pt2 archive
+    loads as an eager model, an ONNX file as an ONNX Runtime one; either takes
+    the same inputs and returns the same output structure as the model that
+    was saved. ``options`` as for :func:`compile` (session options for ONNX
+    Runtime, ``torch_compile`` for eager)."""
+    import zipfile
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    cls = EagerModel if zipfile.is_zipfile(path) else OnnxRuntimeModel
+    try:
+        return cls.load(path, **options)
+    except TypeError as e:
+        raise BackendError(f"backend {cls.backend!r}: {e}") from e
+
+
 def _measuring_compile(backend: str):
     """How a pass measures on ``backend``: torch's thread count and one
     inter-op thread (ONNX Runtime's threads spin only during a run, see
@@ -46,4 +65,4 @@ def _measuring_compile(backend: str):
 for _name in BACKENDS:
     register_target(_name, _measuring_compile(_name))
 
-__all__ = ["compile", "export_onnx", "export_onnx_program", "BACKENDS", "BackendError", "CompiledModel", "EagerModel", "OnnxRuntimeModel"]
+__all__ = ["compile", "load_compiled", "export_onnx", "export_onnx_program", "BACKENDS", "BackendError", "CompiledModel", "InputRangeError", "EagerModel", "OnnxRuntimeModel"]

@@ -22,7 +22,7 @@ class EagerModel(CompiledModel):
     def __call__(self, *args, **kwargs):
         # Rebuilt in the traced structure, so that a model traced with keyword
         # inputs can be called positionally too, as the original can.
-        leaves = self.graph_inputs(self.graph, args, kwargs)
+        leaves = self.graph_inputs(self.graph, args, kwargs, self.index_bounds)
         args, kwargs = pytree.tree_unflatten(leaves, self.graph.fx._codegen.pytree_info.in_spec)
         with torch.inference_mode():
             return self._fn(*args, **kwargs)
@@ -32,6 +32,12 @@ class EagerModel(CompiledModel):
         path = Path(path)
         self.graph.save(path)
         return path
+
+    @classmethod
+    def load(cls, path, **options) -> "EagerModel":
+        """A compiled model from a file :meth:`save` wrote (``fxopt.load``
+        of the graph, compiled with ``options``)."""
+        return cls(Graph.load(path), **options)
 
     def artifact_bytes(self) -> int:
         return self.graph.param_bytes()

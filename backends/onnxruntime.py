@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from ..ir.ops import onnx_translation_table
 from .base import BackendError, CompiledModel
 
 _LEVELS = ("disable", "basic", "extended", "all")
+# Metadata key under which a saved ONNX model keeps fxopt's interface (JSON).
+INTERFACE_KEY = "fxopt.interface"
 
 
 @contextlib.contextmanager
@@ -29,7 +32,10 @@ def _quiet_exporter():
     for n in names:
         logging.getLogger(n).setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            # Said once per input for each Dim that inputs share, which is the point of sharing it.
+            warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
+            yield
     finally:
         for n, level in zip(names, old):
             logging.getLogger(n).setLevel(level)
@@ -66,6 +72,48 @@ def _contiguous_before_views(graph: Graph) -> Graph:
     return graph
 
 
+def _name_outputs(model, names: list[str]) -> None:
+    """Name the ONNX model's outputs after the model's own output structure
+    (``logits``, ``past_key_values.0.key``) instead of the internal nodes
+    that computed them (``linear``, ``getitem_9``). Graph inputs keep their
+    names; another value that has a wanted name is renamed out of the way;
+    an output that is an input, an initializer or an earlier output gets an
+    Identity."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    outputs = list(graph.outputs)
+    input_names = {v.name for v in graph.inputs}
+    names = [n if n not in input_names or outputs[i].name == n else f"{n}_output" for i, n in enumerate(names)]
+    keeps = {id(outputs[i]) for i, n in enumerate(names) if outputs[i].name == n}
+    values = [v for node in graph.all_nodes() for v in node.outputs] + list(graph.initializers.values())
+    taken = {v.name for v in values} | input_names | set(names)
+    for value in values:
+        if value.name in names and id(value) not in keeps:
+            i = 0
+            while f"{value.name}_{i}" in taken:
+                i += 1
+            was_initializer = value.is_initializer()
+            if was_initializer:  # initializers are registered under their name
+                graph.initializers.pop(value.name)
+            value.name = f"{value.name}_{i}"
+            taken.add(value.name)
+            if was_initializer:
+                graph.initializers[value.name] = value
+    seen = set()
+    for i, (value, name) in enumerate(zip(outputs, names)):
+        if value.name == name and id(value) not in seen:
+            seen.add(id(value))
+            continue
+        if value.is_graph_input() or value.is_initializer() or id(value) in seen:
+            node = ir.node("Identity", [value])
+            graph.append(node)
+            node.outputs[0].shape, node.outputs[0].type = value.shape, value.type
+            value = graph.outputs[i] = node.outputs[0]
+        seen.add(id(value))
+        value.name = name
+
+
 def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True, disable_lowerings=()):
     """Re-export the graph and convert it to an ``torch.onnx.ONNXProgram``;
     ``disable_lowerings`` names groups of aten lowerings to leave to the
@@ -75,11 +123,18 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
         # The exporter would drop the writes: every run would start from the traced state.
         raise BackendError(f"{graph.name} writes its buffer(s) {written} during forward (state kept between calls); "
                            "an ONNX model keeps no state between runs: use the eager backend, or pass the state in and out as inputs and outputs")
-    ep = _contiguous_before_views(graph).to_exported_program()
+    exported = _contiguous_before_views(graph)
+    dims = exported.dynamic_shapes()
+    try:
+        ep = exported.to_exported_program(dims)
+    except torch._dynamo.exc.UserError:  # relations between sizes that named dims cannot state
+        ep, dims = exported.to_exported_program(exported.dynamic_shapes(named=False)), None
     kwargs = {"opset_version": opset} if opset else {}
+    if dims:  # the exporter names each dynamic dimension after its Dim: one name per shared dimension
+        kwargs["dynamic_shapes"] = dims
     try:
         with _quiet_exporter():
-            return torch.onnx.export(
+            program = torch.onnx.export(
                 ep,
                 dynamo=True,
                 custom_translation_table=onnx_translation_table(disable_lowerings),
@@ -91,6 +146,8 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
         msg = str(e).strip().splitlines()
         summary = next((line for line in msg if "Error" in line and "<class" in line), msg[0] if msg else type(e).__name__)
         raise BackendError(f"ONNX export of {graph.name} failed: {summary}") from e
+    _name_outputs(program.model, graph.interface().output_names())
+    return program
 
 
 def export_onnx(graph: Graph, path: str | Path, *, opset: int | None = None, check: bool = True, disable_lowerings=()) -> Path:
@@ -170,6 +227,25 @@ def _session_error(graph: Graph, providers, error: Exception) -> str:
     return message
 
 
+def _without_numpy_type(graph: Graph) -> list[str]:
+    """The graph's inputs and outputs whose dtype numpy has no type for
+    (bfloat16, float8): ONNX Runtime's Python API takes and returns numpy
+    arrays, so such a model would load and then fail at every call."""
+    out = next(n for n in reversed(graph.fx.nodes) if n.op == "output")
+    ends = [(f"input '{n.name}'", n) for n in graph.placeholders()]
+    ends += [(f"output #{i} ('{n.name}')", n) for i, n in enumerate(torch.utils._pytree.tree_leaves(out.args[0]))
+             if isinstance(n, torch.fx.Node)]
+    bad = []
+    for label, node in ends:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            try:
+                torch.empty(0, dtype=val.dtype).numpy()
+            except TypeError:
+                bad.append(f"{label} is {val.dtype}")
+    return bad
+
+
 class OnnxRuntimeModel(CompiledModel):
     """Options: ``intra_op_threads``, ``inter_op_threads``,
     ``graph_optimization_level`` (disable|basic|extended|all), ``providers``
@@ -187,6 +263,12 @@ class OnnxRuntimeModel(CompiledModel):
         import onnxruntime as ort
 
         self.graph = graph
+        self.interface = graph.interface()
+        no_numpy = _without_numpy_type(graph)
+        if no_numpy:
+            raise BackendError(f"{graph.name}: {', '.join(no_numpy)}, which ONNX Runtime's Python API cannot pass (numpy has "
+                               "no such type): convert the model to float32 or float16 before tracing, or export it with "
+                               "fxopt.export_onnx for a runtime that takes it")
         providers = list(providers) if providers else default_providers()
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
@@ -194,7 +276,7 @@ class OnnxRuntimeModel(CompiledModel):
         options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
         self.program = export_onnx_program(graph, opset=opset, disable_lowerings=tuple(disable_lowerings))
         proto = self.program.model_proto
-        self._tmp = None
+        self._tmp = self._source = None
         if proto.ByteSize() < (1 << 31) - (1 << 20):
             self._bytes = proto.SerializeToString()
             source = self._bytes
@@ -207,21 +289,25 @@ class OnnxRuntimeModel(CompiledModel):
             self.session = new_session(source, options, providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(_session_error(graph, providers, e)) from e
+        self._bind_inputs()
+
+    def _bind_inputs(self) -> None:
+        """Match the session's inputs and outputs with the interface's flat ones."""
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # ONNX inputs are the tensor inputs in flattened order (the exporter may
         # rename one, e.g. an input that is also an output becomes "<name>_orig");
         # non-tensor inputs were specialized into the model as constants.
-        example = graph.flatten_inputs(*graph.example_args, **graph.example_kwargs)
-        self._tensor_positions = [i for i, leaf in enumerate(example) if isinstance(leaf, torch.Tensor)]
-        self._constants = {i: leaf for i, leaf in enumerate(example) if not isinstance(leaf, torch.Tensor)}
+        records = self.interface.inputs
+        self._tensor_positions = [i for i, r in enumerate(records) if "dtype" in r]
+        self._constants = {i: r["value"] for i, r in enumerate(records) if "dtype" not in r}
         if len(self._tensor_positions) != len(self.input_names):
             raise BackendError(f"ONNX model takes {len(self.input_names)} inputs {self.input_names}, the graph {len(self._tensor_positions)} tensors")
-        if len(self.output_names) != graph.num_outputs():
-            raise BackendError(f"ONNX model has {len(self.output_names)} outputs, the graph {graph.num_outputs()}")
+        if len(self.output_names) != self.interface.num_outputs():
+            raise BackendError(f"ONNX model has {len(self.output_names)} outputs, the graph {self.interface.num_outputs()}")
 
     def __call__(self, *args, **kwargs):
-        leaves = self.graph_inputs(self.graph, args, kwargs)
+        leaves = self.graph_inputs(self.interface, args, kwargs, self.index_bounds)
         for i, traced in self._constants.items():
             if leaves[i] != traced:
                 raise BackendError(f"input #{i} was {traced!r} when traced and the ONNX model is specialized to it; got {leaves[i]!r}")
@@ -230,17 +316,68 @@ class OnnxRuntimeModel(CompiledModel):
             outputs = self.session.run(self.output_names, feed)
         except Exception as e:  # onnxruntime's own types; its message names a node, not the input
             shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
-            raise BackendError(f"{self.graph.name}: ONNX Runtime failed on inputs {shapes} (do their sizes agree as when "
+            raise BackendError(f"{self.interface.name}: ONNX Runtime failed on inputs {shapes} (do their sizes agree as when "
                                f"traced?): {str(e).strip().splitlines()[0][:300]}") from e
-        return self.graph.unflatten_outputs([torch.from_numpy(np.asarray(o)) for o in outputs])
+        return self.interface.unflatten_outputs([torch.from_numpy(np.asarray(o)) for o in outputs])
 
     def save(self, path) -> Path:
+        """Writes the ONNX model with the model's interface (input names,
+        structures, dtypes; JSON) in its metadata, which :meth:`load` and
+        ``fxopt.load_compiled`` read back."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.program is None:  # loaded from a file
+            proto = onnx.load(str(self._source))
+            onnx.save_model(proto, str(path), save_as_external_data=proto.ByteSize() >= (1 << 31) - (1 << 20))
+            return path
+        self.interface.index_bounds = self.index_bounds
+        try:
+            self.program.model.metadata_props[INTERFACE_KEY] = self.interface.to_json()
+        except TypeError as e:
+            raise BackendError(f"cannot save {self.interface.name}: {e}") from None
         self.program.save(str(path))
         return path
 
+    @classmethod
+    def load(cls, path, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+             graph_optimization_level: str = "all", providers: list[str] | None = None,
+             allow_spinning: bool = True) -> "OnnxRuntimeModel":
+        """A compiled model from a file :meth:`save` wrote: the same inputs
+        and output structure as the model that was saved; session options as
+        for compiling."""
+        from ..ir.interface import Interface, StructureError
+        from ..ir.serialize import LoadError
+
+        path = Path(path)
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise LoadError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+        meta = {p.key: p.value for p in proto.metadata_props}
+        if INTERFACE_KEY not in meta:
+            raise LoadError(f"{path} is an ONNX model without fxopt's interface metadata ({INTERFACE_KEY!r}); only models "
+                            "saved by a compiled ONNX Runtime model's .save load back as fxopt models")
+        try:
+            interface = Interface.from_json(meta[INTERFACE_KEY], f"{path}: metadata {INTERFACE_KEY!r}")
+        except (ValueError, StructureError) as e:
+            raise LoadError(str(e)) from None
+        self = cls.__new__(cls)
+        self.graph, self.program, self.interface, self._bytes, self._tmp, self._source = None, None, interface, None, None, path
+        self.index_bounds = interface.index_bounds  # in place of the graph's (a cached property)
+        providers = list(providers) if providers else default_providers()
+        options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
+        try:
+            self.session = new_session(str(path), options, providers)
+        except Exception as e:
+            raise LoadError(f"ONNX Runtime could not load {path} ({', '.join(providers)}): {str(e).strip().splitlines()[0][:300]}") from e
+        locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        self._files = [path, *(path.parent / loc for loc in sorted(locations))]
+        self._bind_inputs()
+        return self
+
     def artifact_bytes(self) -> int:
+        if self._source is not None:
+            return sum(f.stat().st_size for f in self._files)
         if self._bytes is not None:
             return len(self._bytes)
         return sum(f.stat().st_size for f in Path(self._tmp.name).iterdir())

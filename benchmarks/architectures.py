@@ -8,7 +8,8 @@ inputs and one other shape.
     python benchmarks/architectures.py --sdpa opt qwen2  # transformers' default attention
 
 This checks correctness and coverage, not speed; tests/test_architectures.py
-runs five of these models in the test suite.
+runs five of these models in the test suite. Writes its section of
+``benchmarks/results/architectures.md`` (eager or SDPA attention).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from torch.export import Dim
 
 import fxopt
 from fxopt.models import ModelSpec, _hf
+
+from common import captured, write_result
 
 BASE = "canonicalize,dce,constant-fold,cse"
 PIPELINES = {
@@ -155,6 +158,17 @@ def main(argv=None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    with captured() as out:
+        failures = _sweep(args)
+    everything = args.models == list(MODELS)
+    section = f"{'SDPA (default)' if args.sdpa else 'eager'} attention" + ("" if everything else f": {', '.join(args.models)}")
+    write_result("architectures", "Architecture sweep: fxopt's pipelines on Hugging Face architectures", out.text, section=section,
+                 intro="Tiny configs, random weights; each pipeline on both backends. Error: the worst relative error "
+                       "against the original model over the traced inputs and one other shape.")
+    return 1 if failures else 0
+
+
+def _sweep(args) -> int:
     failures = 0
     print(f"attention: {'SDPA (default)' if args.sdpa else 'eager'}; error: worst relative error vs the original\n")
     print("| model | pipeline | fxopt / attention ops after | eager | onnxruntime |\n|---|---|---|---|---|")
@@ -185,7 +199,7 @@ def main(argv=None) -> int:
                     failures += 1
             print(f"| {name} | {label} | {_ops(result)} | {cells[0]} | {cells[1]} |", flush=True)
     print(f"\n{failures} failure(s)")
-    return 1 if failures else 0
+    return failures
 
 
 if __name__ == "__main__":

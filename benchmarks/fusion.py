@@ -13,7 +13,8 @@ result row, not a crash.
     python benchmarks/fusion.py --models gpt2 minilm --reps 10
     python benchmarks/fusion.py --models minilm minilm-padded   # with and without padding
 
-Writes ``benchmarks/results/fusion.md`` and ``benchmarks/results/fusion.png``.
+Each model is a section of ``benchmarks/results/fusion.md`` (its latest run);
+``fusion.png`` plots every model in the file.
 """
 
 from __future__ import annotations
@@ -29,13 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import track
 
 import fxopt
 from fxopt.ir.trace import split_inputs
 from fxopt.models import ModelSpec, bert, gpt2, llama, minilm, minilm_tokenize
 from fxopt.passes import REGISTRY, PassManager
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import read_sections, write_result  # noqa: E402
+
 BASE = "canonicalize,dce,constant-fold,cse"
 FUSIONS = [p for p in ("fuse-attention", "merge-linears", "pack-attention", "fuse-linear-act", "fuse-norm") if p in REGISTRY]
 # Fused + W8A8 dynamic: merge-linears before quantize (Q/K/V quantized as one
@@ -223,7 +228,7 @@ def run_model(spec, inputs, model_type, peer_args, reps, threads, workdir):
     for b in built:  # warm-up
         b["fn"]()
     times = {b["variant"]: [] for b in built}
-    for _ in range(reps):
+    for _ in track(range(reps), description=f"{spec.name}: timing {len(built)} variants", console=Console(stderr=True), transient=True):
         for b in built:
             t = time.perf_counter()
             b["fn"]()
@@ -267,15 +272,16 @@ def plot(rows, path):
 
     models_ = list(dict.fromkeys(r["model"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(14, 4.8))
     width = 0.8 / len(variants)
+    colors = plt.get_cmap("tab20").colors
     for i, v in enumerate(variants):
         ys = [next((r["ratio"] or 0 for r in rows if r["model"] == m and r["variant"] == v), 0) for m in models_]
-        ax.bar([j + i * width for j in range(len(models_))], ys, width, label=v)
+        ax.bar([j + i * width for j in range(len(models_))], ys, width, label=v, color=colors[i % len(colors)])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models_))], models_)
     ax.axhline(1.0, color="k", lw=0.5)
     ax.set_ylabel("time / eager fp32 (lower is better; 0 = failed)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -285,7 +291,6 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=["gpt2", "llama", "bert", "minilm"])
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(RESULTS / "fusion.md"))
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
@@ -298,21 +303,31 @@ def main(argv=None):
               "bert": "BERT (4 layers, 256 wide, eager), batch 8x128", "minilm": "real all-MiniLM-L6-v2 (eager attention), batch of 32 equal-length sentences (32x41, no padding)",
               "minilm-padded": "real all-MiniLM-L6-v2 (eager attention), batch of 32 mixed-length texts "
                                "(benchmarks/sentences.py BATCH) padded to 32x43, 31% real tokens"}
-    text = "\n".join([
-        "# Fusion benchmark", "",
-        f"`python benchmarks/fusion.py --models {' '.join(a.models)} --reps {a.reps} --threads {a.threads}`; "
-        f"torch and ONNX Runtime on {a.threads} threads; median of {a.reps} runs; fusions: {', '.join(FUSIONS)}. "
-        "Variants run round-robin; each ratio is the median over rounds of the variant's time / the baseline's in the same round.", "",
-        *[f"- {shapes[m]}" for m in a.models], "", table(rows), "", "Goals:", goals(rows), "",
-    ])
-    print(text)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    intro = (f"Fusions: {', '.join(FUSIONS)}. Every time is a ratio against eager fp32 PyTorch on the same model in the "
+             "same run: variants run round-robin, and each ratio is the median over rounds of the variant's time / the "
+             "baseline's in the same round. ONNX Runtime sessions run with spinning off.")
+    for m in a.models:
+        model_rows = [r for r in rows if r["model"] == m]
+        body = (f"torch and ONNX Runtime on {a.threads} threads; {a.reps} rounds.\n\n" + table(model_rows)
+                + ("\n\nGoal: " + goals(model_rows)[2:] if goals(model_rows) else ""))
+        path = write_result("fusion", "Fusion benchmark", body, section=f"{m}: {shapes[m]}", intro=intro)
+        print(f"\n## {m}: {shapes[m]}\n\n{body}")
     try:
-        plot(rows, out.with_suffix(".png"))
+        plot(rows_from_results(path), path.with_suffix(".png"))
     except ImportError as e:
         print(f"no plot: {e}", file=sys.stderr)
+
+
+def rows_from_results(path: Path) -> list[dict]:
+    """Every model's latest rows from the result file (for the plot)."""
+    rows = []
+    for body in read_sections(path).values():
+        for line in body.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 6 and cells[0] not in ("model", "---"):
+                ratio = float(cells[2]) if cells[2] not in ("—", "") else None
+                rows.append(dict(model=cells[0], variant=cells[1], ratio=ratio))
+    return rows
 
 
 if __name__ == "__main__":

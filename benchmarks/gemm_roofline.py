@@ -1,5 +1,5 @@
 """How close GPT-2 small's prefill-128 GEMMs run to this CPU's arithmetic limit,
-fp32 and int8: the numbers behind issue 3's prefill goal (int8 <= 0.30 of eager fp32).
+fp32 and int8: how much of int8's prefill time is the GEMMs' own (the limit on int8 at prefill).
 
     python benchmarks/gemm_roofline.py [--threads 2] [--reps 20]
 
@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from onnx import helper as h
 from onnx import numpy_helper as nh
+from common import write_result
 from quant_kernels import session  # the same one-node-graph ONNX Runtime session
 
 from fxopt.ir.timing import median_ms
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = 128
 # (name, in, out, count in GPT-2 small)
 SHAPES = [("attn c_attn", 768, 2304, 12), ("attn c_proj", 768, 768, 12), ("mlp c_fc", 768, 3072, 12),
@@ -127,7 +127,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--out", default=str(RESULTS / "gemm_roofline.md"))
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -146,10 +145,8 @@ def main():
     total_ms = {kernel: sum(ms[kernel][name] * count for name, _, _, count in SHAPES) for kernel in kernels}
     fp32_ms = total_ms["torch fp32 (eager)"]
     lines = [
-        "# GEMM roofline, GPT-2 small prefill 128 tokens", "",
-        f"`python benchmarks/gemm_roofline.py --threads {args.threads} --reps {args.reps}`; median of {args.reps} runs per "
-        f"kernel and shape; {args.threads} thread(s); CPU capability {torch.backends.cpu.get_cpu_capability()}. "
-        "Rate: multiply-accumulates per second of the GEMM alone.", "",
+        f"Median of {args.reps} runs per kernel and shape; {args.threads} thread(s); CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}. Rate: multiply-accumulates per second of the GEMM alone.", "",
         "| shape (rows x in x out, count) | " + " | ".join(kernels) + " |",
         "|---|" + "---|" * len(kernels),
     ]
@@ -173,7 +170,7 @@ def main():
         ]
     text = "\n".join(lines)
     print(text)
-    Path(args.out).write_text(text)
+    write_result("gemm_roofline", "GEMM roofline, GPT-2 small prefill 128 tokens", text)
 
 
 if __name__ == "__main__":

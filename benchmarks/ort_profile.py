@@ -6,7 +6,9 @@ warm-up), for the models and fused pipeline of ``benchmarks/fusion.py``.
     python benchmarks/ort_profile.py gpt2 --pipeline "canonicalize,quantize(mode=dynamic)"
     python benchmarks/ort_profile.py gpt2-sdpa --tokens 1   # a one-token forward
 
-The README's "MatMul is N% of ONNX Runtime's kernel time" comes from here.
+Each model, token count and pipeline is a section of
+``benchmarks/results/ort_profile.md``; "MatMul is N% of ONNX Runtime's kernel
+time" in docs/ comes from here.
 """
 
 from __future__ import annotations
@@ -70,4 +72,9 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, help="profile only the first N tokens of each sequence (1: one-token forward)")
     a = ap.parse_args()
-    main(a.model, a.pipeline, a.threads, a.tokens)
+    from common import captured, write_result  # noqa: E402
+
+    with captured() as out:
+        main(a.model, a.pipeline, a.threads, a.tokens)
+    write_result("ort_profile", "ONNX Runtime kernel time per op type", out.text,
+                 section=f"{a.model}, {f'{a.tokens} token(s)' if a.tokens else 'all tokens'}: {a.pipeline or 'the fusion benchmark pipeline'}")

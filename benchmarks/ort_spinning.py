@@ -6,13 +6,14 @@ fxopt's default: spin during a run and park when it returns
 
 For each setting: the session's one-token run alternating with eager fp32's
 (the session's time and eager's time right after it: the tax), and the session
-alone, warm (median of 30 back-to-back runs after 10), one token and prefill 128.
+alone, warm (median of 30 back-to-back runs after 10), a one-token forward (no KV cache) and prefill 128.
 
     python benchmarks/ort_spinning.py                 # fused W8A8 per tensor
     python benchmarks/ort_spinning.py --quantize int4 # fused int4 g128
     OMP_WAIT_POLICY=PASSIVE python benchmarks/ort_spinning.py   # PyTorch's threads not spinning
 
-Writes ``benchmarks/results/ort_spinning_<quantize>.md``.
+Each quantization and OMP_WAIT_POLICY is a section of
+``benchmarks/results/ort_spinning.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import quant_speed  # noqa: E402  the benchmark's model, inputs and pipelines
 
 import fxopt  # noqa: E402
 from fxopt.backends.onnxruntime import _session_options, new_session  # noqa: E402
+
+from common import write_result  # noqa: E402
 
 SETTINGS = {"spinning off": False, "plain spinning": "plain", "spin and park (fxopt)": True}
 PIPELINES = {"int8": "fxopt-fused-int8", "int4": "fxopt-fused-int4"}
@@ -88,8 +91,8 @@ def main() -> None:
                              warm["one token"], warm["prefill 128"]))
                 del sess
                 time.sleep(1)  # let the last setting's threads settle
-    lines = ["| session | alternating: ONNX Runtime one token (ms) | eager fp32 right after (ms) "
-             "| alone, warm: one token (ms) | prefill 128 (ms) |", "|---|---|---|---|---|"]
+    lines = ["| session | alternating: ONNX Runtime one-token forward (ms) | eager fp32 right after (ms) "
+             "| alone, warm: one-token forward (ms) | prefill 128 (ms) |", "|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} |" for r in rows]
     table = "\n".join(lines)
     print(table)
@@ -97,13 +100,9 @@ def main() -> None:
     # default), taxing the session's run right after eager's; OMP_WAIT_POLICY=PASSIVE
     # stops that at eager's expense: the results name the policy.
     policy = os.environ.get("OMP_WAIT_POLICY", "")
-    suffix = f"_omp-{policy.lower()}" if policy else ""
-    out = quant_speed.RESULTS / f"ort_spinning_{args.quantize}{suffix}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# ONNX Runtime thread spinning, GPT-2 small fused + {args.quantize}, batch 1\n\n"
-                   f"`python benchmarks/ort_spinning.py --quantize {args.quantize} --threads {args.threads}`; "
-                   f"{args.threads} thread(s), OMP_WAIT_POLICY={policy or 'unset'}. Machine: {os.cpu_count()} cores, {quant_speed._cpu_name()}.\n\n"
-                   + table + "\n")
+    write_result("ort_spinning", "ONNX Runtime thread spinning, GPT-2 small fused + quantized, batch 1",
+                 f"{args.threads} thread(s), OMP_WAIT_POLICY={policy or 'unset'}.\n\n{table}",
+                 section=f"{args.quantize}, OMP_WAIT_POLICY={policy or 'unset'}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 ``pack-attention``, both sessions in one process, timed interleaved (2
 threads, spinning off), so the machine's drift falls on both alike. A ratio is
 the median of the rounds' packed / unpacked times. Models: GPT-2 small
-(transformers' default attention; prefill 128 and one token) or the real
+(transformers' default attention; prefill 128 and a one-token forward without a KV cache) or the real
 MiniLM batches of ``benchmarks/fusion.py`` (32 x 41, and 32 x 43 padded).
 
     python benchmarks/pack_attention_ab.py                # GPT-2, int8 (W8A8 per tensor: QAttention)
     python benchmarks/pack_attention_ab.py --quant fp32   # float (Attention)
     python benchmarks/pack_attention_ab.py --model minilm --rounds 30
+
+Each model and precision is a section of ``benchmarks/results/pack_attention_ab.md``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _cases(model: str):
     return spec, out
 
 
-def main() -> None:
+def main() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["gpt2", "minilm"], default="gpt2")
     ap.add_argument("--quant", choices=list(QUANT), default="int8")
@@ -90,7 +92,12 @@ def main() -> None:
         a, b = times["without"], times["with pack-attention"]
         ratio = statistics.median(y / x for x, y in zip(a, b))
         print(f"| {label} | {statistics.median(a) * 1e3:.2f} | {statistics.median(b) * 1e3:.2f} | {ratio:.3f} |")
+    return args
 
 
 if __name__ == "__main__":
-    main()
+    from common import captured, write_result  # noqa: E402
+
+    with captured() as out:
+        args = main()
+    write_result("pack_attention_ab", "pack-attention A/B on ONNX Runtime", out.text, section=f"{args.model}, {args.quant}")

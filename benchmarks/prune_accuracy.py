@@ -9,15 +9,13 @@ on eager PyTorch; calibration (Wanda, SparseGPT, activation importance) on
     python benchmarks/prune_accuracy.py                   # every row
     python benchmarks/prune_accuracy.py --rows "prune(method=sparsegpt,ratio=0.5)"
 
-Writes ``benchmarks/results/prune_accuracy_minilm.md`` (CPU model and core
+Writes ``benchmarks/results/prune_accuracy.md`` (command, CPU model and core
 count in the header).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from common import write_result  # noqa: E402
 
 BASE = "canonicalize,dce,constant-fold,cse"
 ROWS = [
@@ -44,21 +43,10 @@ ROWS = [
 ]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", nargs="*", default=ROWS, help="pipelines to measure")
     ap.add_argument("--calib", type=int, default=16, help="calibration sentences")
-    ap.add_argument("--out", default=str(HERE / "results" / "prune_accuracy_minilm.md"))
     args = ap.parse_args()
 
     import fxopt
@@ -72,10 +60,7 @@ def main() -> None:
     with torch.no_grad():
         ref = spec.model(**evaluation)
     lines = [
-        "# Pruning accuracy: all-MiniLM-L6-v2, no fine-tuning",
-        "",
-        f"CPU: {cpu_name()}, {os.cpu_count()} cores. Command: `python benchmarks/prune_accuracy.py` "
-        f"({args.calib} calibration sentences, {len(EVAL)} evaluation sentences, eager).",
+        f"{args.calib} calibration sentences, {len(EVAL)} evaluation sentences, eager.",
         "",
         "| pipeline | mean cosine | min cosine | sparsity / bytes | pass time (s) |",
         "|---|---|---|---|---|",
@@ -92,8 +77,8 @@ def main() -> None:
         size = f"{size:.3f}" if size is not None else f"{result.records[0].param_bytes_after / result.records[0].param_bytes_before:.3f} of bytes"
         lines.append(f"| `{row}` | {cos.mean():.4f} | {cos.min():.4f} | {size} | {seconds:.1f} |")
         print(lines[-1], flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    # One file per benchmark; the header names the command, CPU and cores (benchmarks/common.py).
+    write_result("prune_accuracy", "Pruning accuracy: all-MiniLM-L6-v2, no fine-tuning", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ over positions) and top-1 agreement with fp32.
     python benchmarks/quant_accuracy.py                  # everything
     python benchmarks/quant_accuracy.py --models minilm  # the encoder only
 
-Writes ``benchmarks/results/quant_accuracy_<model>.md`` per model and gathers them
-into ``benchmarks/results/quant_accuracy.md``.
+Each model is a section of ``benchmarks/results/quant_accuracy.md``.
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
+from common import write_result  # noqa: E402
 
 BASE = "canonicalize,dce,constant-fold,cse"
 W8A8 = [
@@ -271,26 +270,23 @@ def main() -> None:
     def log(label, backend, m):
         print(f"  {label} [{backend}]: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()), flush=True)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         print(f"== {name}", flush=True)
         if name == "minilm":
             rows = bench_minilm(log)
-            text = ("## all-MiniLM-L6-v2 (real weights), 56 sentences vs fp32 embeddings\n\n"
-                    + table(rows, ["mean cos", "min cos", "spearman", "quantize s"])
+            section = "all-MiniLM-L6-v2 (real weights), 56 sentences vs fp32 embeddings"
+            text = (table(rows, ["mean cos", "min cos", "spearman", "quantize s"])
                     + "\n\nGoals:\n" + "\n".join(goal_lines(rows)) + "\n")
         else:
             rows = bench_causal(name, log)
-            text = (f"## {name} (random weights), 4 x 64 tokens vs fp32 logits\n\n"
-                    + table(rows, ["mean cos", "min cos", "top-1", "quantize s"]) + "\n")
-        text += f"\nCommand: `python benchmarks/quant_accuracy.py --models {name}`\n"
+            section = f"{name} (random weights), 4 x 64 tokens vs fp32 logits"
+            text = table(rows, ["mean cos", "min cos", "top-1", "quantize s"]) + "\n"
         print("\n" + text, flush=True)
-        (RESULTS / f"quant_accuracy_{name}.md").write_text(text)
-    # The report gathers every model's latest section (models run separately keep theirs).
-    parts = [RESULTS / f"quant_accuracy_{n}.md" for n in ("minilm", "gpt2", "llama")]
-    header = ("# Quantization accuracy\n\nfxopt rows skip the LM head (the default, `skip_lm_head=true`). "
-              "`quantize s`: seconds the pipeline took, calibration included (2 shared cores).\n\n")
-    (RESULTS / "quant_accuracy.md").write_text(header + "\n".join(p.read_text() for p in parts if p.exists()))
+        # One file; each model's section holds its latest run (models run separately keep theirs).
+        write_result("quant_accuracy", "Quantization accuracy", text, section=section,
+                     argv=[sys.argv[0], "--models", name],
+                     intro="fxopt rows skip the LM head (the default, `skip_lm_head=true`). "
+                           "`quantize s`: seconds the pipeline took, calibration included.")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
-from pathlib import Path
 
 import onnxruntime as ort
 import torch
@@ -23,7 +22,7 @@ from onnx import numpy_helper as nh
 
 from fxopt.ir.timing import median_ms as _median_ms
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import write_result  # noqa: E402
 
 
 def median_ms(fn, repeat):
@@ -124,12 +123,10 @@ def main():
     lines += [f"| {m} | {b} | {name} | {r:.2f} | {e:.2g} |" for m, b, name, r, e in rows]
     table = "\n".join(lines)
     print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quant_kernels.md").write_text(
-        f"# Quantized linear kernels, one {n}x{k} linear\n\n`python benchmarks/quant_kernels.py{' --quick' if args.quick else ''} "
-        f"--shape {args.shape} --threads {args.threads}`; median of {repeat} runs; CPU capability {torch.backends.cpu.get_cpu_capability()}; "
-        "shared machine, noisy. The error column is against the exact result of the same quantized arithmetic "
-        "(8-bit activations on a CPU without VNNI saturate int16 sums).\n\n" + table + "\n")
+    write_result("quant_kernels", "Quantized linear kernels, one linear", section=f"{n}x{k}", body=(
+        f"Median of {repeat} runs; CPU capability {torch.backends.cpu.get_cpu_capability()}. "
+        "The error column is against the exact result of the same quantized arithmetic "
+        "(8-bit activations on a CPU without VNNI saturate int16 sums).\n\n" + table))
 
 
 def act8_reference(x, w_deq):

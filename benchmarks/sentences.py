@@ -101,7 +101,7 @@ assert len(EVAL) >= 48 and not set(EVAL) & set(CALIBRATION)
 
 # A throughput batch as a sentence-embedding service sees one: 32 texts of
 # mixed length (queries, titles, sentences, a few long passages), padded to the
-# longest, 43 tokens as in issue 4's "batch 32 x 43". Disjoint from the two
+# longest, 43 tokens (a batch of 32 x 43). Disjoint from the two
 # lists above.
 BATCH = [
     "cheap flights to lisbon",

@@ -1,4 +1,4 @@
-"""The ``fxopt`` command line: ``optimize``, ``passes``, ``show``. A thin layer
+"""The ``fxopt`` command line: ``optimize``, ``generate``, ``passes``, ``show``. A thin layer
 over the Python API (trace -> PassManager -> compile)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -44,17 +45,61 @@ def _load(model: str, dynamic: bool, debug: bool = False):
 
 def _import_plugins(a) -> None:
     """Import modules that register passes: those named by --plugin, and the
-    module of a ``package.module:factory`` model (its passes may be used)."""
+    module of a ``package.module:factory`` model (its passes may be used).
+    The current folder is searched first, as ``python -m`` does."""
     import importlib
+    import os
 
-    modules = list(a.plugin or [])
-    if ":" in a.model:
-        modules.append(a.model.partition(":")[0])
-    for name in modules:
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    named = [(name, f"--plugin {name}") for name in a.plugin or []]
+    for source in (a.model, getattr(a, "calibration", None) or ""):
+        if _is_factory(source):
+            named.append((source.partition(":")[0], repr(source)))
+    for name, given in named:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise CliError(f"cannot import plugin module {name!r}: {e}") from e
+            raise CliError(f"cannot import module {name!r} (from {given}): {e}; the module must be importable: "
+                           f"run fxopt from the folder that holds it or add that folder to PYTHONPATH") from e
+
+
+def _is_factory(text: str) -> bool:
+    """``package.module:factory`` (not a file path such as C:\\data.txt)."""
+    module, colon, attr = text.partition(":")
+    return bool(colon) and attr.isidentifier() and all(part.isidentifier() for part in module.split("."))
+
+
+def _needs_calibration(pm) -> list[str]:
+    return [str(p) for p in pm.passes() if "calibration_data" in pm.required_inputs(p)]
+
+
+def _calibration_inputs(source: str, spec, batch: int) -> list:
+    """Calibration inputs from ``--calibration``: a ``package.module:factory``
+    returning a list of model inputs, or a text file (one text per line,
+    tokenized with the model's tokenizer, ``batch`` lines per input)."""
+    import importlib
+
+    if _is_factory(source):
+        module, _, attr = source.partition(":")
+        factory = getattr(importlib.import_module(module), attr, None)
+        if not callable(factory):
+            raise CliError(f"--calibration {source}: module {module!r} has no callable {attr!r}")
+        data = list(factory())
+        if not data:
+            raise CliError(f"--calibration {source}: the factory returned no inputs")
+        return data
+    path = Path(source)
+    if not path.is_file():
+        raise CliError(f"--calibration {source}: no such file (give a text file, one text per line, "
+                       f"or package.module:factory returning a list of model inputs)")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise CliError(f"--calibration {source}: the file holds no text")
+    if spec.tokenize is None:
+        raise CliError(f"--calibration {source}: model {spec.name!r} has no tokenizer to read a text file with; "
+                       f"give package.module:factory returning a list of model inputs instead")
+    return [spec.tokenize(lines[i:i + batch]) for i in range(0, len(lines), batch)]
 
 
 def _median_ms(fn, args, kwargs, repeats: int) -> float:
@@ -107,7 +152,14 @@ def cmd_optimize(a) -> int:
         Path(a.report).parent.mkdir(parents=True, exist_ok=True)
     _import_plugins(a)
     pm = PassManager(a.pipeline, check_numerics=a.check_numerics, dump_dir=a.dump_ir)  # bad pipelines fail here, before tracing
-    spec, graph, (args, kwargs) = _load(a.model, a.dynamic, a.debug)
+    needs = _needs_calibration(pm)
+    if needs and not a.calibration:
+        raise CliError(f"pass {needs[0]!r} needs calibration data: give --calibration FILE.txt (one text per line, "
+                       f"tokenized with the model's tokenizer) or --calibration package.module:factory "
+                       f"(returns a list of model inputs)")
+    # Calibration texts come in their own lengths: trace with the model's dynamic dims.
+    spec, graph, (args, kwargs) = _load(a.model, a.dynamic or bool(needs), a.debug)
+    context = {"calibration_data": _calibration_inputs(a.calibration, spec, a.calibration_batch)} if needs else {}
     spec.model.eval()
     with torch.inference_mode():
         reference = spec.model(*args, **kwargs)
@@ -116,8 +168,12 @@ def cmd_optimize(a) -> int:
     ref_ms = _median_ms(spec.model, args, kwargs, a.repeats)
     progress, hook = _progress_instrument(len(pm.passes()), console)
     pm.instruments.append(hook)
+    def report(items, description):
+        items = list(items)
+        return progress.track(items, total=len(items), description=f"  {description}")
+
     with progress:
-        result = pm.run(graph)
+        result = pm.run(graph, progress=report, **context)
     options = {}
     if a.backend == "onnxruntime" and a.threads:
         options["intra_op_threads"] = a.threads
@@ -133,7 +189,8 @@ def cmd_optimize(a) -> int:
     for col in ("pass", "ms", "changed", "nodes", "param bytes", "stats"):
         table.add_column(col, justify="right" if col in ("ms", "nodes", "param bytes") else "left")
     for r in result.records:
-        stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list)))[:60]
+        items = [f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list))]
+        stats = ", ".join(items[:next((i for i in range(len(items)) if len(", ".join(items[:i + 1])) > 60), len(items))])
         table.add_row(r.name, f"{r.ms:.1f}", "yes" if r.changed else "no", f"{r.nodes_before} -> {r.nodes_after}",
                       f"{_bytes(r.param_bytes_before)} -> {_bytes(r.param_bytes_after)}", stats)
     console.print(table)
@@ -147,7 +204,7 @@ def cmd_optimize(a) -> int:
     )
     if a.report:
         report = {
-            "model": spec.name, "pipeline": str(pm), "backend": a.backend, "dynamic": a.dynamic,
+            "model": spec.name, "pipeline": str(pm), "backend": a.backend, "dynamic": a.dynamic or bool(needs),
             "nodes_before": graph.num_nodes(), "nodes_after": result.graph.num_nodes(),
             "param_bytes_before": graph.param_bytes(), "param_bytes_after": result.graph.param_bytes(),
             "artifact_bytes": artifact, "max_abs_err": parity.max_abs_err, "output_scale": parity.scale,
@@ -161,9 +218,18 @@ def cmd_optimize(a) -> int:
     return 0
 
 
+def _pipeline_value(value) -> str:
+    """A default as it would be written in pipeline text."""
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_pipeline_value, value)) + "]"
+    return str(value)
+
+
 def cmd_passes(a) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    import shutil
+    import textwrap
 
     from .passes import REGISTRY
 
@@ -171,13 +237,21 @@ def cmd_passes(a) -> int:
     if a.json:
         print(json.dumps(described, indent=2, default=str))
         return 0
-    table = Table(title="registered passes")
-    for col in ("pass", "what it does", "options"):
-        table.add_column(col)
+    # Plain wrapped text, not a table: each pass's summary whole on its own
+    # lines, its options below, readable at 80 columns.
+    width = max(60, min(shutil.get_terminal_size((80, 24)).columns, 100))
+    out = []
     for d in described:
-        opts = "\n".join(f"{k}: {o['type']} = {o['default']!r}" for k, o in d["options"].items())
-        table.add_row(d["name"], d["summary"], opts)
-    Console().print(table)
+        out.append(d["name"])
+        out.extend(textwrap.wrap(d["summary"], width, initial_indent="  ", subsequent_indent="  "))
+        for key, o in d["options"].items():
+            default = _pipeline_value(o["default"])
+            choices = f" ({' | '.join(map(str, o['choices']))})" if o.get("choices") else ""
+            out.append(f"    {key}: {o['type']} = {default}{choices}")
+            if o["help"]:
+                out.extend(textwrap.wrap(o["help"], width, initial_indent="        ", subsequent_indent="        "))
+        out.append("")
+    print("\n".join(out).rstrip())
     return 0
 
 
@@ -190,6 +264,65 @@ def cmd_show(a) -> int:
     if pm is not None:
         graph = pm.run(graph).graph
     print(graph)
+    return 0
+
+
+def cmd_generate(a) -> int:
+    """Prefill + greedy decode through the optimized graphs, timed, with the
+    tokens checked against the original model's ``generate``."""
+    from .generation import compile_generator
+    from .models import MissingModelError, load_model
+
+    console = _console()
+    if a.report:
+        Path(a.report).parent.mkdir(parents=True, exist_ok=True)
+    _import_plugins(a)
+    if a.pipeline:
+        from .passes import PassManager
+
+        PassManager(a.pipeline)  # bad pipelines fail here, before tracing
+    try:
+        model = load_model(a.model).model.eval()
+    except (ValueError, MissingModelError) as e:
+        raise CliError(str(e)) from e
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise CliError(f"{a.model} is not a causal language model with a config (vocab_size); generate needs a *ForCausalLM model")
+    ids = torch.randint(0, vocab, (a.batch, a.prompt_tokens), generator=torch.Generator().manual_seed(a.seed))
+    options = {}
+    if a.threads:  # the same count for the reference, eager and ONNX Runtime
+        torch.set_num_threads(a.threads)
+        options = {"intra_op_threads": a.threads} if a.backend == "onnxruntime" else {}
+    noise = io.StringIO()
+    with contextlib.redirect_stderr(noise) if not a.debug else contextlib.nullcontext():
+        gen = compile_generator(model, a.pipeline, a.backend, **options)
+    # no stop token on either side: both generate exactly --max-new-tokens
+    run = lambda n: gen.generate(ids, max_new_tokens=n, eos_token_id=())
+    gen_kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(**gen_kwargs, max_new_tokens=2, min_new_tokens=2)  # warm-up
+        start = time.perf_counter()
+        reference = model.generate(**gen_kwargs, max_new_tokens=a.max_new_tokens, min_new_tokens=a.max_new_tokens)
+        reference_ms = (time.perf_counter() - start) * 1e3
+    run(2)  # warm-up
+    out = run(a.max_new_tokens)
+    same = torch.equal(out.sequences, reference)
+    agree = (out.sequences[:, ids.shape[1]:] == reference[:, ids.shape[1]:]).float().mean().item()
+    console.print(
+        f"{a.model}: {gen.graphs.pipeline or 'traced graphs'} -> {a.backend}, batch {a.batch}, prompt {a.prompt_tokens}, "
+        f"{a.max_new_tokens} new tokens\n"
+        f"prefill {out.prefill_ms:.1f} ms, decode {out.decode_tokens_per_s:.1f} tokens/s per sequence "
+        f"({out.decode_steps} steps in {out.decode_ms:.0f} ms)\n"
+        f"reference generate (eager PyTorch, fp32) {reference_ms:.0f} ms in all\n"
+        f"greedy tokens equal the reference's: {'yes' if same else f'no ({agree:.1%} of new tokens agree)'}")
+    if a.report:
+        report = {"model": a.model, "pipeline": gen.graphs.pipeline, "backend": a.backend, "batch": a.batch,
+                  "prompt_tokens": a.prompt_tokens, "max_new_tokens": a.max_new_tokens, "prefill_ms": out.prefill_ms,
+                  "decode_ms": out.decode_ms, "decode_steps": out.decode_steps,
+                  "decode_tokens_per_s": out.decode_tokens_per_s, "reference_generate_ms": reference_ms,
+                  "tokens_equal_reference": same, "token_agreement": agree, "shared_constant_bytes": gen.shared_bytes,
+                  "threads": a.threads or None}
+        Path(a.report).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
@@ -206,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     o = sub.add_parser("optimize", help="trace MODEL, run a pipeline, lower to a backend, compare and time")
-    o.add_argument("model", help="built-in name (tiny-gpt, gpt2, llama, bert, minilm, ...) or package.module:factory")
+    o.add_argument("model", help="built-in name (tiny-gpt, gpt2, llama, bert, minilm, ...) or package.module:factory "
+                                   "(importable from the current folder or PYTHONPATH)")
     o.add_argument("--pipeline", default="canonicalize,dce,constant-fold,cse", help="pass pipeline text")
     o.add_argument("--backend", choices=("eager", "onnxruntime"), default="eager")
     o.add_argument("--out", help="save the compiled model here (.onnx for onnxruntime, .pt2 for eager)")
@@ -217,7 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--repeats", type=_positive, default=10, help="timed runs per variant (median reported)")
     o.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     o.add_argument("--plugin", action="append", help="import this module first (it may register passes); repeatable")
+    o.add_argument("--calibration", metavar="FILE|module:factory",
+                   help="calibration inputs for static W8A8, SmoothQuant, AWQ and GPTQ: a text file (one text per line, "
+                        "tokenized with the model's tokenizer) or package.module:factory returning a list of model inputs; "
+                        "the model is then traced with its dynamic dimensions")
+    o.add_argument("--calibration-batch", type=_positive, default=8, help="lines of the text file per calibration input")
     o.set_defaults(func=cmd_optimize)
+
+    g = sub.add_parser("generate", help="prefill + greedy decode of a causal LM through the optimized graphs, timed and checked")
+    g.add_argument("model", help="built-in causal LM (gpt2, gpt2-tiny, llama, llama-tiny) or package.module:factory")
+    g.add_argument("--pipeline", default="canonicalize,dce,constant-fold,cse", help="pass pipeline text (applied to both graphs)")
+    g.add_argument("--backend", choices=("eager", "onnxruntime"), default="eager")
+    g.add_argument("--prompt-tokens", type=_positive, default=32, help="random prompt length")
+    g.add_argument("--max-new-tokens", type=_positive, default=32)
+    g.add_argument("--batch", type=_positive, default=1)
+    g.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    g.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime alike (0: their defaults)")
+    g.add_argument("--report", help="write a JSON report here")
+    g.add_argument("--plugin", action="append", help="import this module first (it may register passes); repeatable")
+    g.set_defaults(func=cmd_generate)
 
     ps = sub.add_parser("passes", help="list registered passes and their options")
     ps.add_argument("--json", action="store_true")

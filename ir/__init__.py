@@ -11,6 +11,7 @@ from . import ops_attention  # noqa: F401  SDPA -> com.microsoft attention lower
 from . import ops_padding  # noqa: F401  padding_index, unpad, pad (remove-padding)
 from .graph import Graph
 from .meta import MetaError, propagate_meta
+from .serialize import LoadError
 from .parity import Parity, ParityError, assert_parity, compare
 from .trace import TraceError, trace
 from .verify import DOCUMENTED_OP_SET, VerificationError, verify
@@ -19,5 +20,5 @@ load = Graph.load
 
 __all__ = [
     "Graph", "trace", "load", "verify", "compare", "assert_parity", "Parity", "ParityError",
-    "TraceError", "VerificationError", "MetaError", "propagate_meta", "ops", "DOCUMENTED_OP_SET",
+    "TraceError", "VerificationError", "MetaError", "LoadError", "propagate_meta", "ops", "DOCUMENTED_OP_SET",
 ]

@@ -14,6 +14,7 @@ import inspect
 import itertools
 from typing import Any, Iterable, Iterator
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
@@ -37,6 +38,41 @@ def _fingerprint(t: torch.Tensor) -> tuple:
     return tuple(sample.tolist())
 
 
+aten = torch.ops.aten
+
+# Lookups whose indices must lie in [0, rows): target -> fn(node) giving
+# (the indices argument, the rows of the table it indexes). PyTorch raises
+# IndexError outside that range; ONNX Gather takes -rows..rows-1 and wraps
+# negative ids around, so the backends check these inputs before a call.
+LOOKUPS: dict[Any, Any] = {
+    aten.embedding.default: lambda n: (n.args[1], _size(n.args[0], 0)),
+    aten.index_select.default: lambda n: (n.args[2], _size(n.args[0], n.args[1])),
+}
+
+# Ops whose output holds some of the integers of their first input (views,
+# copies, casts between integer types): ids keep their values through them.
+_SAME_VALUES = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints, aten.expand.default,
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten._to_copy.default, aten.to.dtype,
+    aten.slice.Tensor, aten.select.int, aten.t.default, aten.transpose.int, aten.permute.default,
+}
+
+
+def register_lookup(target, fn) -> None:
+    """Declare that ``target`` (an fxopt op) indexes a table: ``fn(node)``
+    returns ``(indices argument, rows)``; see :data:`LOOKUPS`."""
+    LOOKUPS[target] = fn
+
+
+def _size(node, dim) -> int | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor) and isinstance(dim, int) and -val.dim() <= dim < val.dim():
+        size = val.shape[dim]
+        return size if isinstance(size, int) else None
+    return None
+
+
 # Prefixes torch.export gives the inputs it lifts from parameters, buffers and constants.
 _LIFTED_PREFIXES = ("p_", "b_", "c_")
 
@@ -57,36 +93,56 @@ class Graph:
         self.name = name
         # Facts passes established (``Pass.ensures``) and later passes may require.
         self.properties: set[str] = set()
+        # Symbol name ("s43") -> the name of its dimension ("batch"), from the
+        # user's named ``Dim``s; ONNX files call dynamic dimensions by it.
+        self.dim_names: dict[str, str] = {}
 
     # -- running -------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         with torch.no_grad():
             return self.module(*args, **kwargs)
 
-    def check_inputs(self, leaves: list) -> None:
+    def interface(self):
+        """How this graph is called and what it returns (:class:`~fxopt.ir.interface.Interface`)."""
+        from .interface import Interface
+
+        return Interface.from_graph(self)
+
+    def index_bounds(self) -> dict[int, tuple[str, int]]:
+        """Flat input position -> (input name, rows): the integer inputs whose
+        values reach the indices of a lookup (:data:`LOOKUPS`, e.g. token ids
+        into ``aten.embedding``) through views and copies, with the size of the
+        smallest table they index."""
+        bounds: dict[int, tuple[str, int]] = {}
+        for i, ph in enumerate(self.placeholders()):
+            val = ph.meta.get("val")
+            if not isinstance(val, torch.Tensor) or val.dtype.is_floating_point or val.dtype.is_complex or val.dtype == torch.bool:
+                continue
+            frontier, seen = [ph], {ph}
+            while frontier:
+                node = frontier.pop()
+                for user in node.users:
+                    if user.target in LOOKUPS:
+                        indices, rows = LOOKUPS[user.target](user)
+                        if indices is node and rows is not None:
+                            bounds[i] = (ph.name, min(rows, bounds.get(i, (ph.name, rows))[1]))
+                    elif user.target in _SAME_VALUES and user.args and user.args[0] is node and user not in seen:
+                        seen.add(user)
+                        frontier.append(user)
+        return bounds
+
+    def check_inputs(self, leaves: list, index_bounds: dict[int, tuple[str, int]] | None = None) -> None:
         """Each tensor among the flat inputs has the dtype and rank it was
         traced with (a compiled model is specialized to both); raises
-        ValueError naming the input otherwise."""
-        for node, leaf in zip(self.placeholders(), leaves):
-            traced = node.meta.get("val")
-            if not (isinstance(traced, torch.Tensor) and isinstance(leaf, torch.Tensor)):
-                continue
-            if leaf.dtype != traced.dtype or leaf.dim() != traced.dim():
-                raise ValueError(f"input '{node.name}' is {leaf.dtype} with {leaf.dim()} dims; {self.name} was traced with "
-                                 f"{traced.dtype} with {traced.dim()} dims: convert it (e.g. .to({traced.dtype})) or trace with such an input")
+        ValueError naming the input otherwise. With ``index_bounds`` (from
+        :meth:`index_bounds`), an index input with a value outside ``[0, rows)``
+        raises IndexError naming it."""
+        self.interface().check_inputs(leaves, index_bounds)
 
     def flatten_inputs(self, *args, **kwargs) -> list:
         """The model's inputs as the flat list of graph inputs (the order
         torch.export and the ONNX model use); checks the structure matches."""
-        info = self.fx._codegen.pytree_info
-        bound = inspect.signature(self.module.forward).bind(*args, **kwargs)
-        args_spec, kwargs_spec = info.in_spec.children()
-        positional = tuple(bound.arguments[n] for n in info.orig_args[: args_spec.num_children])
-        keywords = {k: bound.arguments[k] for k in (kwargs_spec.context or [])}
-        leaves, spec = pytree.tree_flatten((positional, keywords))
-        if spec != info.in_spec:
-            raise ValueError(f"inputs do not have the structure the model was traced with:\n  got {spec}\n  expected {info.in_spec}")
-        return leaves
+        return self.interface().flatten_inputs(*args, **kwargs)
 
     def unflatten_outputs(self, flat: list):
         """Rebuild the model's output structure (tuple, dict, ModelOutput) from flat outputs."""
@@ -170,6 +226,32 @@ class Graph:
         node.meta["val"] = fake_value_of_constant(self, tensor)
         return node
 
+    def own_tensors(self, *, share_weights: bool = False) -> None:
+        """Give the graph its own storage for the tensors it reads, so that
+        running it never writes into the traced model and later edits of the
+        model do not reach it. Tensors that shared a storage (tied weights,
+        views) still share one. ``share_weights`` keeps reading the model's
+        storage for every tensor the graph does not write (saves the copy's
+        memory; see docs/loading.md)."""
+        written = set(self.written_attributes())
+        storages: dict[int, torch.UntypedStorage] = {}
+        with torch.no_grad():
+            for name, t in self.tensor_attributes().items():
+                if share_weights and name not in written:
+                    continue
+                key = id(t.untyped_storage()) if t.untyped_storage().data_ptr() == 0 else t.untyped_storage().data_ptr()
+                if key not in storages:
+                    storages[key] = t.untyped_storage().clone()
+                view = torch.empty(0, dtype=t.dtype, device=t.device).set_(storages[key], t.storage_offset(), t.size(), t.stride())
+                owner_path, _, leaf = name.rpartition(".")
+                owner = self.get_attr(owner_path) if owner_path else self.module
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = torch.nn.Parameter(view, requires_grad=t.requires_grad)
+                elif leaf in owner._buffers:
+                    owner._buffers[leaf] = view
+                else:
+                    setattr(owner, leaf, view)
+
     def tensor_attributes(self) -> dict[str, torch.Tensor]:
         named = dict(self.module.named_parameters(remove_duplicate=False))
         named.update(self.module.named_buffers(remove_duplicate=False))
@@ -242,22 +324,45 @@ class Graph:
         module = fx.GraphModule(self.module, new_fx, class_name=type(self.module).__name__)
         new = Graph(module, self.example_args, self.example_kwargs, self.name)
         new.properties = set(self.properties)
+        new.dim_names = dict(self.dim_names)
         return new
 
     # -- shapes and re-export -----------------------------------------------
-    def dynamic_shapes(self) -> dict[str, Any] | None:
+    def dynamic_shapes(self, *, named: bool = True) -> dict[str, Any] | None:
         """The torch.export ``dynamic_shapes`` spec read off the placeholders:
-        every dimension that is symbolic in the graph stays dynamic."""
+        every dimension that is symbolic in the graph stays dynamic. With
+        ``named``, one ``Dim`` per symbol, so inputs that share a dimension
+        in the graph (the batch of ``input_ids`` and ``attention_mask``)
+        share it in the re-exported program and in ONNX files, under the
+        user's name for it (``dim_names``) or ``<input>_dim<axis>``."""
+        from .meta import fake_mode_of
+
         leaves, spec = pytree.tree_flatten((self.example_args, self.example_kwargs))
         phs = self.placeholders()
         if len(leaves) != len(phs):
             raise RuntimeError(f"graph has {len(phs)} inputs but the example inputs flatten to {len(leaves)}")
+        env = fake_mode_of(self).shape_env if named else None
+        dims_of: dict[str, Any] = {}
+
+        def dim(ph, axis, size):
+            expr = size.node.expr
+            if env is None or not isinstance(expr, sympy.Symbol):
+                return Dim.DYNAMIC
+            key = str(expr)
+            if key not in dims_of:
+                vr = env.var_to_range.get(expr)
+                lo = int(vr.lower) if vr is not None and isinstance(vr.lower, sympy.Integer) else None
+                hi = int(vr.upper) if vr is not None and isinstance(vr.upper, sympy.Integer) else None
+                name = self.dim_names.get(key) or f"{ph.name}_dim{axis}"
+                dims_of[key] = Dim(name, **({"min": lo} if lo is not None else {}), **({"max": hi} if hi is not None else {}))
+            return dims_of[key]
+
         any_dynamic = False
         dims = []
         for leaf, ph in zip(leaves, phs):
             val = ph.meta.get("val")
             if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor):
-                d = {i: Dim.DYNAMIC for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt)}
+                d = {i: dim(ph, i, s) for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt)}
                 any_dynamic |= bool(d)
                 dims.append(d or None)
             else:
@@ -276,16 +381,21 @@ class Graph:
             if isinstance(ph.meta.get("val"), torch.Tensor)
         }
 
-    def to_exported_program(self) -> torch.export.ExportedProgram:
+    def to_exported_program(self, dynamic_shapes: Any = "auto") -> torch.export.ExportedProgram:
         """Re-export the optimized module (fxopt ops included) with the same
-        dynamic dimensions; used for saving and for ONNX export."""
-        return torch.export.export(
-            self.module,
-            self.example_args,
-            self.example_kwargs,
-            dynamic_shapes=self.dynamic_shapes(),
-            strict=False,
-        )
+        dynamic dimensions; used for saving and for ONNX export.
+        ``dynamic_shapes`` defaults to :meth:`dynamic_shapes`, falling back
+        to one unnamed dimension per axis where torch.export finds relations
+        between sizes that named dimensions cannot state."""
+        def export(ds):
+            return torch.export.export(self.module, self.example_args, self.example_kwargs, dynamic_shapes=ds, strict=False)
+
+        if dynamic_shapes != "auto":
+            return export(dynamic_shapes)
+        try:
+            return export(self.dynamic_shapes())
+        except torch._dynamo.exc.UserError:
+            return export(self.dynamic_shapes(named=False))
 
     # -- text, checks, files ---------------------------------------------------
     def __str__(self) -> str:

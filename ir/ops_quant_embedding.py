@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .onnx_contrib import _FLOATS, _Attr, _AttrType, _optional, _Param, declare, msft
+from .graph import register_lookup
 from .ops import define_op
 from .quant import nbits_dequantize
 
@@ -66,3 +67,6 @@ def embedding_nbits(ids: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, ze
     row_zps = None if zero_points is None else zero_points.view(N, -1).index_select(0, flat)
     w = nbits_dequantize(rows, row_scales, row_zps, K, flat.numel(), bits, block_size)
     return w.to(scales.dtype).view(*ids.shape, K)
+
+
+register_lookup(embedding_nbits, lambda n: (n.args[0], n.args[5] if isinstance(n.args[5], int) else None))

@@ -6,6 +6,7 @@ runs the model's Python for real on fake tensors and records ATen ops.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return (example_inputs,), {}
 
 
-def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None, name: str | None = None) -> Graph:
+def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None, name: str | None = None,
+          share_weights: bool = False) -> Graph:
     """Trace ``model`` into an fxopt :class:`Graph`.
 
     ``example_inputs``: a tensor, a tuple of positional inputs or a dict of
@@ -36,6 +38,14 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = 
     ``{"input_ids": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}}``); dimensions marked
     there stay symbolic through every pass and both backends.
     The model is traced in eval mode (its mode is restored afterwards).
+
+    The graph owns a copy of the model's weights and buffers: nothing fxopt
+    does with it (passes, compiled models, their calls) writes into the
+    model, and editing the model afterwards does not change the graph.
+    ``share_weights=True`` reads the model's weights instead of copying them
+    (no second copy in memory); buffers the graph writes are still copied, so
+    calls still leave the model untouched, but in-place edits of the model's
+    weights then reach an eager graph (docs/loading.md).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxopt.trace expects a torch.nn.Module, got {type(model).__name__}")
@@ -55,16 +65,35 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = 
         if "Cache'> in output" in str(e):
             hint = ("\n  hint: the model returns a Hugging Face KV cache object, which torch.export cannot flatten; "
                     "trace it with use_cache=False (model.config.use_cache = False, or use_cache=False in the inputs)")
-        elif "0/1 specialized" in str(e):
+        elif "0/1 specialized" in str(e) or re.search(r"specialized it to be a constant \([01]\)", str(e)):  # Dim.DYNAMIC / a named Dim
             hint = ("\n  hint: torch.export takes a size of 0 or 1 in the example inputs as fixed; trace with at least 2 "
                     "along each dynamic dimension (e.g. batch 2), and the traced model still runs batch 1")
         raise TraceError(f"torch.export could not trace {name}: {type(e).__name__}: {_summary(e)}{hint}") from e
     finally:
         model.train(was_training)
     try:
-        return graph_from_exported_program(ep, args, kwargs, name=name)
+        graph = graph_from_exported_program(ep, args, kwargs, name=name)
     except VerificationError as e:
         raise TraceError(f"{name} traced, but its graph is outside fxopt's IR: {e}") from e
+    graph.own_tensors(share_weights=share_weights)
+    graph.dim_names = _user_dim_names(graph)
+    return graph
+
+
+def _user_dim_names(graph: Graph) -> dict[str, str]:
+    """Symbol name -> the name of the user's ``Dim`` it stands for."""
+    from .meta import fake_mode_of
+
+    env = fake_mode_of(graph).shape_env
+    if env is None:
+        return {}
+    names = {}
+    for symbol, sources in env.var_to_sources.items():
+        debug = [env.source_name_to_debug_name.get(s.name) for s in sources]
+        target = env.replacements.get(symbol, symbol)
+        if any(debug) and getattr(target, "is_Symbol", False):
+            names.setdefault(str(target), next(d for d in debug if d))
+    return names
 
 
 def _summary(e: BaseException, max_lines: int = 12) -> str:

@@ -45,7 +45,17 @@ _MISSING = object()
 
 
 class OptionError(ValueError):
-    pass
+    """A bad pass option; ``option`` names it (None when the fault lies
+    between options), so pipeline text can point at it."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
+
+
+def _hashable(value: Any) -> Any:
+    """Lists (nested ones too) as tuples: option values are compared and hashed."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 class Option:
@@ -78,17 +88,20 @@ class Option:
         types = self.type if isinstance(self.type, tuple) else (self.type,)
         if float in types and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if tuple in types and isinstance(value, list):
-            value = tuple(value)
+        if tuple in types and isinstance(value, (list, tuple)):
+            value = _hashable(value)
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if not ok:
-            raise OptionError(f"{where} expects {self.type_name()}, got {value!r}")
+            raise OptionError(f"{where} expects {self.type_name()}, got {value!r}", self.name)
         if self.choices is not None and value not in self.choices:
-            raise OptionError(f"{where} must be one of {list(self.choices)}, got {value!r}")
+            raise OptionError(f"{where} must be one of {list(self.choices)}, got {value!r}", self.name)
         if self.check is not None:
-            problem = self.check(value)
+            try:
+                problem = self.check(value)
+            except (TypeError, ValueError, LookupError) as e:  # a check written for the values it expects
+                problem = f"not a valid value ({type(e).__name__}: {e})"
             if problem:
-                raise OptionError(f"{where}: {problem} (got {value!r})")
+                raise OptionError(f"{where}: {problem} (got {value!r})", self.name)
         return value
 
 
@@ -174,7 +187,7 @@ class Pass:
         if unknown:
             bad = unknown[0]
             valid = ", ".join(self.options) or "none"
-            raise OptionError(f"pass {label!r} has no option {bad!r}{did_you_mean(bad, self.options)}; valid options: {valid}")
+            raise OptionError(f"pass {label!r} has no option {bad!r}{did_you_mean(bad, self.options)}; valid options: {valid}", bad)
         for key, opt in self.options.items():
             if key in options:
                 value = opt.validate(label, options[key])
@@ -220,6 +233,13 @@ class Pass:
             self.current_node = node
             yield node
         self.current_node = None
+
+    def progress(self, items, description: str):
+        """``items``, reported step by step to the run's ``progress`` input
+        when one is given (the CLI draws a bar with it): a long step (calibration,
+        GPTQ, the measured guard) says how far it is without printing itself."""
+        report = self.context.get("progress")
+        return report(items, f"{self.name}: {description}") if report is not None else items
 
     def fail(self, message: str, node: fx.Node | None = None) -> PassError:
         return PassError(message, pass_name=self.name, node=node if node is not None else self.current_node)

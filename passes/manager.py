@@ -23,9 +23,15 @@ from ..ir.graph import Graph
 from ..ir.meta import shape_env_rollback
 from ..ir.parity import compare
 from .analysis import AnalysisManager
-from .base import Pass, PassContext, PassError, PassResult
-from .pipeline import FixedPoint, Item, PipelineError, format_pipeline, parse_pipeline
+from .base import Pass, PassContext, PassError, PassResult, did_you_mean
+from .pipeline import FIXED_POINT, MAX_NESTING, FixedPoint, Item, PipelineError, format_pipeline, parse_pipeline
 from .registry import REGISTRY, PassRegistry
+
+
+# Inputs passes read although no ``needs`` declares them: calibration_data
+# where it depends on options (quantize's mode=static, method=awq or gptq;
+# prune, shrink), progress (``Pass.progress``) for any pass.
+DOCUMENTED_INPUTS = ("calibration_data", "progress")
 
 
 @dataclass
@@ -136,6 +142,7 @@ class PassManager:
         self.numerics_inputs = list(numerics_inputs) if numerics_inputs is not None else None
         self.tolerance = tolerance
         self.instruments = list(instruments)
+        self._check_input_names(context)
         self.context = PassContext(dict(context))
 
     @classmethod
@@ -150,11 +157,27 @@ class PassManager:
         return self._flat(self.items)
 
     @staticmethod
-    def _flat(items: Sequence[Item]) -> list[Pass]:
+    def _flat(items: Sequence[Item], depth: int = 0) -> list[Pass]:
+        if depth > MAX_NESTING:
+            raise PipelineError(f"{FIXED_POINT} groups nested more than {MAX_NESTING} deep")
         out: list[Pass] = []
         for item in items:
-            out.extend(PassManager._flat(item.passes) if isinstance(item, FixedPoint) else [item])
+            out.extend(PassManager._flat(item.passes, depth + 1) if isinstance(item, FixedPoint) else [item])
         return out
+
+    def _check_input_names(self, inputs: dict) -> None:
+        """Refuse a keyword input no pass reads (a typo would otherwise be
+        ignored, and a pass that needs the input would run without it)."""
+        known = set(DOCUMENTED_INPUTS)
+        for cls in self.registry:
+            known |= set(cls.needs)
+        for p in self._flat(self.items):
+            known |= set(p.needs) | set(self.required_inputs(p))
+        unknown = sorted(set(inputs) - known)
+        if unknown:
+            bad = unknown[0]
+            raise TypeError(f"PassManager got an unknown keyword argument {bad!r}{did_you_mean(bad, known)}; "
+                            f"inputs that passes take: {', '.join(sorted(known)) or 'none'}")
 
     # -- up-front checks -----------------------------------------------------------
     def check(self, graph: Graph | None = None, context: PassContext | None = None) -> None:
@@ -192,6 +215,11 @@ class PassManager:
     # -- running -------------------------------------------------------------------------
     def run(self, graph: Graph, **context: Any) -> PipelineResult:
         """Run the pipeline on a copy of ``graph``; ``graph`` itself is never changed."""
+        if not isinstance(graph, Graph):
+            hint = (" (a torch.nn.Module): trace it first, graph = fxopt.trace(model, example_inputs)"
+                    if isinstance(graph, torch.nn.Module) else "")
+            raise TypeError(f"PassManager.run expects an fxopt Graph, got {type(graph).__name__}{hint}")
+        self._check_input_names(context)
         ctx = PassContext({**self.context.inputs, **context})
         self.check(graph, ctx)
         instruments = list(self.instruments)

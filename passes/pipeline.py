@@ -22,6 +22,9 @@ from .base import OptionError, Pass
 from .registry import REGISTRY, PassRegistry, UnknownPassError
 
 FIXED_POINT = "fixed-point"
+# How deep fixed-point groups and list values may nest. Parsing, printing and
+# running recurse once per level; no pipeline needs more than a few.
+MAX_NESTING = 32
 
 
 class PipelineError(ValueError):
@@ -29,7 +32,9 @@ class PipelineError(ValueError):
 
     def __init__(self, message: str, text: str | None = None, pos: int | None = None):
         if text is not None and pos is not None:
-            message = f"{message}\n  {text}\n  {' ' * pos}^"
+            start, end = max(0, pos - 60), min(len(text), pos + 40)  # a window of long text around the fault
+            line = ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
+            message = f"{message}\n  {line}\n  {' ' * (pos - start + (3 if start else 0))}^"
         super().__init__(message)
 
 
@@ -82,6 +87,7 @@ class _Parser:
             self.tokens.append((kind, m.group(kind), start))
             pos = m.end()
         self.i = 0
+        self.depth = 0
 
     def peek(self):
         return self.tokens[self.i] if self.i < len(self.tokens) else ("end", "", len(self.text))
@@ -119,8 +125,12 @@ class _Parser:
     def item(self) -> Item:
         _, name, pos = self.take("name")
         if name == FIXED_POINT:
+            if self.depth >= MAX_NESTING:
+                raise PipelineError(f"lists and {FIXED_POINT} groups nested more than {MAX_NESTING} deep", self.text, pos)
             self.take("punct", "(")
+            self.depth += 1
             items, opts = self.pipeline(closing=")")
+            self.depth -= 1
             self.take("punct", ")")
             if not items:
                 raise PipelineError(f"{FIXED_POINT}(...) needs at least one pass", self.text, pos)
@@ -135,6 +145,7 @@ class _Parser:
         except UnknownPassError as e:
             raise PipelineError(str(e), self.text, pos) from None
         options: dict[str, Any] = {}
+        positions: dict[str, int] = {}
         if self.peek()[1] == "(":
             self.take()
             while self.peek()[1] != ")":
@@ -142,6 +153,7 @@ class _Parser:
                 if key in options:
                     raise PipelineError(f"option {key!r} given twice for pass {name!r}", self.text, kpos)
                 self.take("punct", "=")
+                positions[key] = kpos
                 options[key] = self.value()
                 if self.peek()[1] != ",":
                     break
@@ -149,8 +161,8 @@ class _Parser:
             self.take("punct", ")")
         try:
             return cls(**options)
-        except OptionError as e:
-            raise PipelineError(str(e), self.text, pos) from None
+        except OptionError as e:  # the caret at the option at fault, at the pass when several are
+            raise PipelineError(str(e), self.text, positions.get(e.option, pos)) from None
 
     def value(self) -> Any:
         kind, tok, pos = self.peek()
@@ -165,13 +177,17 @@ class _Parser:
             words = {"true": True, "false": False, "none": None, "inf": float("inf"), "nan": float("nan")}
             return words.get(tok.lower(), tok)
         if tok == "[":
+            if self.depth >= MAX_NESTING:
+                raise PipelineError(f"lists and {FIXED_POINT} groups nested more than {MAX_NESTING} deep", self.text, pos)
             self.take()
+            self.depth += 1
             values = []
             while self.peek()[1] != "]":
                 values.append(self.value())
                 if self.peek()[1] != ",":
                     break
                 self.take()
+            self.depth -= 1
             self.take("punct", "]")
             return values
         got = "end of text" if kind == "end" else repr(tok)

@@ -4,6 +4,7 @@ overwrite)."""
 
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 from .base import Pass, did_you_mean
@@ -54,13 +55,13 @@ class PassRegistry:
         return iter(self._passes[n] for n in self.names())
 
     def describe(self) -> list[dict]:
-        """Name, first docstring line and options of every pass (for ``fxopt passes``)."""
+        """Name, one-line summary (the docstring's first sentence) and options of every pass (for ``fxopt passes``)."""
         out = []
         for cls in self:
             doc = (cls.__doc__ or "").strip()
             out.append({
                 "name": cls.name,
-                "summary": doc.splitlines()[0] if doc else "",
+                "summary": summary(doc),
                 "doc": doc,
                 "options": {
                     k: {"type": o.type_name(), "default": None if o.required else o.default, "help": o.help,
@@ -69,6 +70,15 @@ class PassRegistry:
                 },
             })
         return out
+
+
+def summary(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line."""
+    paragraph = " ".join(line.strip() for line in doc.strip().split("\n\n")[0].splitlines())
+    match = re.search(r"[.!?](?=\s+[A-Z(`])", paragraph)
+    sentence = paragraph[:match.end()] if match else paragraph
+    # A paragraph that introduces a code block ("... to quantize::") ends the sentence there.
+    return sentence[:-2].rstrip() + "." if sentence.endswith("::") else sentence
 
 
 REGISTRY = PassRegistry()

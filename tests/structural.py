@@ -16,7 +16,7 @@ constants by dtype and shape (and by value with ``constant_values=True``),
 literals by value, other nodes by structure. Node names and the order in
 which independent nodes were written do not matter; dead nodes do (they are
 listed after the live ones, in graph order). ``torch.export``'s shape asserts
-are left out of both sides.
+and the size computations only they read are left out of both sides.
 
 :func:`assert_unchanged` is the should-not-fire companion; both also check
 the rewritten graph against the original on the example inputs.
@@ -60,11 +60,21 @@ def _target(t) -> str:
     return f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', repr(t))}".lstrip(".")
 
 
+def _assert_nodes(graph: fxopt.Graph) -> set[fx.Node]:
+    """Shape asserts and the size computations only they read."""
+    ignored = {n for n in graph.fx.nodes if is_assert(n)}
+    for n in reversed(graph.fx.nodes):
+        if n.op == "call_function" and n.users and all(u in ignored for u in n.users):
+            ignored.add(n)
+    return ignored
+
+
 def structure(graph: fxopt.Graph, *, ignore_asserts: bool = True) -> tuple[list[str], list[torch.Tensor]]:
     """One line per node (``%3 = aten.linear.default(%in0, const0, None)``),
     numbered by a post-order walk from the outputs, and the constants in the
     order the lines name them."""
-    nodes = [n for n in graph.fx.nodes if not (ignore_asserts and is_assert(n))]
+    ignored = _assert_nodes(graph) if ignore_asserts else set()
+    nodes = [n for n in graph.fx.nodes if n not in ignored]
     inputs = {n: f"%in{i}" for i, n in enumerate(n for n in nodes if n.op == "placeholder")}
     names: dict[fx.Node, str] = dict(inputs)
     constants: list[torch.Tensor] = []

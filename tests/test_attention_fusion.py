@@ -308,7 +308,7 @@ def test_sdpa_the_contrib_op_cannot_express_falls_back_to_the_generic_lowering()
 
 # -- on the rewrite engine: the same counts as the hand-written matcher had, the forms ----------
 
-# What the hand-written matcher fused (measured before the port): static shapes fold
+# What the hand-written matcher fused before the rewrite engine took over: static shapes fold
 # the masks into constants, which cannot be proved causal, so they stay masks.
 COUNTS = {
     ("gpt2-tiny", False): (2, 0, 2, 0), ("gpt2-tiny", True): (2, 2, 0, 0),

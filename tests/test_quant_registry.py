@@ -127,3 +127,16 @@ def test_quantizing_the_rest_of_a_partly_quantized_graph_does_not_warn(recwarn):
     stats = result.records[-1].stats
     assert stats["quantized"] == 1 and stats["already_quantized"] == 1
     assert not [w for w in recwarn if issubclass(w.category, AlreadyQuantizedWarning)]
+
+
+def test_a_method_that_returns_non_finite_scales_is_refused_by_name():
+    @register_method("test-nan-scales")
+    def nan_scales(weight, cfg, stats):
+        qt = reference_quantize(weight, cfg.quant_config())
+        return type(qt)(qt.q, qt.scale * float("nan"), qt.zero_point, qt.bits, qt.scheme, qt.granularity, qt.group_size), None
+
+    try:
+        with pytest.raises(PassError, match="layer 'up': method 'test-nan-scales' returned .* NaN or infinite"):
+            fxopt.PassManager("quantize(bits=8,method=test-nan-scales)").run(canonical(TwoLayers()))
+    finally:
+        METHODS.unregister("test-nan-scales")

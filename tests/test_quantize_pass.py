@@ -263,6 +263,26 @@ def test_run_time_errors_name_the_problem_and_leave_the_graph_untouched(options,
         fxopt.PassManager([Quantize(**options)]).run(canon)
 
 
+def test_a_group_wider_than_a_layer_falls_back_to_the_widest_that_divides_it():
+    # gpt2-tiny is 64 wide (MLP down 256): group_size=128, the usual int4 setting,
+    # gives its 64-column layers groups of 64 and keeps 128 where K allows.
+    spec, canon, q, stats = quantized("gpt2-tiny", dict(bits=4, group_size=128))
+    widths = {Quantize.layer_name(n): canon.constant(n.args[1]).shape[1]
+              for n in canon.fx.nodes if n.target == aten.linear.default}
+    assert stats["group_size_adjusted"] and all(widths[name] == 64 == g for name, g in stats["group_size_adjusted"].items())
+    assert all(widths[name] >= 128 for name in stats["layers"] if name not in stats["group_size_adjusted"])
+    for backend in ("eager", "onnxruntime"):
+        model = q if backend == "eager" else fxopt.compile(q, "onnxruntime")
+        assert fxopt.compare(reference(spec), run(model, spec.example_inputs)).cosine > 0.98
+
+
+def test_a_group_that_does_not_divide_k_says_which_group_sizes_do():
+    _, graph = traced("tiny-gpt")
+    canon = fxopt.PassManager("canonicalize").run(graph).graph
+    with pytest.raises(PassError, match=r"use group_size=64 \(group sizes that divide 64: 64, 32, 16\)"):
+        Quantize(bits=4, group_size=48).run(canon)
+
+
 def test_quantize_requires_canonicalize_first():
     _, graph = traced("mlp")
     with pytest.raises(PipelineError, match="requires 'canonical-linear'"):

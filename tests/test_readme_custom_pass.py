@@ -14,7 +14,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "custom_pass.py"
 def load_example():
     spec = importlib.util.spec_from_file_location("fxopt_example_custom_pass", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
-    if "fuse-swish" in REGISTRY:  # registered by an earlier import in this session
+    if "fuse-swish" in REGISTRY:  # registered by an earlier import in this process
         REGISTRY.unregister("fuse-swish")
     spec.loader.exec_module(module)
     return module

@@ -245,3 +245,66 @@ def test_structure_ignores_names_and_order_but_not_ops():
         assert "graphs differ" in str(e) and "aten.sin.default" in str(e)
     else:
         raise AssertionError("swapped operands compared equal")
+
+
+# -- attention packing and padding removal ------------------------------------------------------
+
+D_MODEL, HEADS = 16, 2
+W_PACKED, B_PACKED = torch.randn(3 * D_MODEL, D_MODEL), torch.randn(3 * D_MODEL)
+
+
+def self_attention(x, mask=None, causal=True):
+    b, s, _ = x.shape
+    q, k, v = F.linear(x, W_PACKED, B_PACKED).split(D_MODEL, -1)
+    q, k, v = (t.view(b, s, HEADS, D_MODEL // HEADS).transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return o.transpose(1, 2).reshape(b, s, D_MODEL)
+
+
+def test_pack_attention_makes_one_op_of_a_causal_block():
+    def expected(x):
+        return fxops.packed_attention(x, W_PACKED, B_PACKED, None, HEADS, True, (D_MODEL // HEADS) ** -0.5, -10000.0)
+
+    assert_rewrites_to("canonicalize,pack-attention,dce", self_attention, (X,), expected, constant_values=True)
+
+
+def test_pack_attention_refuses_an_arbitrary_float_mask():
+    bias = torch.randn(1, 1, 5, 5)
+    assert_unchanged("pack-attention", lambda x: self_attention(x, bias, causal=False), (X,), prepare="canonicalize")
+
+
+W_ROWS = torch.randn(D_MODEL, D_MODEL)
+MIN = torch.finfo(torch.float32).min
+
+
+def padded_block(x, mask):
+    b, s, _ = x.shape
+    q = F.linear(x, W_ROWS).view(b, s, HEADS, D_MODEL // HEADS).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, q, q, attn_mask=torch.where(mask[:, None, None, :].bool(), 0.0, MIN))
+    return F.gelu(o.transpose(1, 2).reshape(b, s, D_MODEL))
+
+
+def test_remove_padding_runs_row_wise_ops_on_the_real_tokens_only():
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+
+    def expected(x, mask):
+        index = fxops.padding_index(mask)
+        q = F.linear(fxops.unpad(x, index), W_ROWS).view(-1, HEADS, D_MODEL // HEADS)
+        q = fxops.pad(q, index, 2, 5).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, q, q, attn_mask=torch.where(mask[:, None, None, :].bool(), 0.0, MIN))
+        rows = F.gelu(fxops.unpad(o.transpose(1, 2), index).view(-1, D_MODEL))
+        return fxops.pad(rows, index, 2, 5)
+
+    result = assert_rewrites_to("canonicalize,remove-padding(padded_outputs=zero),dce", padded_block, (X, mask), expected,
+                                tolerance=None)
+    # padded_outputs=zero: the real tokens' rows are exact, the padded ones 0
+    out, ref = result.graph(X, mask), padded_block(X, mask)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()])
+    assert not out[~mask.bool()].any()
+
+
+def test_remove_padding_refuses_to_change_padded_outputs_unless_asked():
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    assert_unchanged("remove-padding", padded_block, (X, mask), prepare="canonicalize")

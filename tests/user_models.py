@@ -32,3 +32,37 @@ class UserNoop(Pass):
 
     def run(self, graph):
         return PassResult(False, {"seen_nodes": graph.num_nodes()})
+
+
+def small_mlp_calibration():
+    """Calibration inputs for ``small_mlp`` (``--calibration user_models:small_mlp_calibration``)."""
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 16, generator=g),) for _ in range(4)]
+
+
+import dataclasses  # noqa: E402
+
+
+@dataclasses.dataclass
+class Pair:
+    """A user's own output structure, registered with torch's pytree."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+torch.export.register_dataclass(Pair, serialized_type_name="user_models.Pair")
+
+
+class PairModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return Pair(self.proj(x), x.sum(-1))
+
+
+def pair_model():
+    torch.manual_seed(0)
+    return PairModel().eval(), (torch.randn(3, 4),)

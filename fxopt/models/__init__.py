@@ -25,6 +25,8 @@ class ModelSpec:
     name: str = "model"
     # Inputs of other shapes, for checking that dynamic dimensions really are.
     other_inputs: list = field(default_factory=list)
+    # Texts -> model inputs, for calibration from a text file (None: no tokenizer).
+    tokenize: Callable[[list[str]], Any] | None = None
 
 
 def _seed(seed: int = 0) -> torch.Generator:
@@ -76,10 +78,18 @@ def _token_inputs(vocab: int, batch: int, seq: int, mask: bool, seed: int = 0) -
     return inputs
 
 
-def _hf(model, vocab: int, name: str, mask: bool, batch: int = 2, seq: int = 16) -> ModelSpec:
+def token_dims(inputs: dict, max_len: int) -> dict:
+    """One ``batch`` and one ``sequence`` dimension shared by every token
+    input (ids and mask are as long as each other, which the model alone
+    does not tell torch.export); ``max_len``: the model's position limit."""
+    batch, sequence = Dim("batch"), Dim("sequence", max=max_len)
+    return {k: {0: batch, 1: sequence} for k in inputs}
+
+
+def _hf(model, vocab: int, name: str, mask: bool, max_len: int, batch: int = 2, seq: int = 16) -> ModelSpec:
     model.eval()
     inputs = _token_inputs(vocab, batch, seq, mask)
-    dyn = {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in inputs}
+    dyn = token_dims(inputs, max_len)
     return ModelSpec(model, inputs, dyn, name, [_token_inputs(vocab, 3, 11, mask, seed=1)])
 
 
@@ -91,7 +101,8 @@ def gpt2(size: str = "small", **overrides) -> ModelSpec:
     sizes = {"small": {}, "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=128)}
     cfg = transformers.GPT2Config(use_cache=False, **sizes[size], **overrides)
     cfg.bos_token_id = cfg.eos_token_id = None
-    return _hf(transformers.GPT2LMHeadModel(cfg), cfg.vocab_size, f"gpt2-{size}" if size != "small" else "gpt2", mask=False)
+    return _hf(transformers.GPT2LMHeadModel(cfg), cfg.vocab_size, f"gpt2-{size}" if size != "small" else "gpt2", mask=False,
+               max_len=cfg.n_positions)
 
 
 def llama(size: str = "small", **overrides) -> ModelSpec:
@@ -105,7 +116,8 @@ def llama(size: str = "small", **overrides) -> ModelSpec:
     }
     cfg = transformers.LlamaConfig(use_cache=False, max_position_embeddings=256, **{**sizes[size], **overrides})
     cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = None
-    return _hf(transformers.LlamaForCausalLM(cfg), cfg.vocab_size, "llama" if size == "small" else f"llama-{size}", mask=False)
+    return _hf(transformers.LlamaForCausalLM(cfg), cfg.vocab_size, "llama" if size == "small" else f"llama-{size}", mask=False,
+               max_len=cfg.max_position_embeddings)
 
 
 def bert(size: str = "small", **overrides) -> ModelSpec:
@@ -118,7 +130,8 @@ def bert(size: str = "small", **overrides) -> ModelSpec:
         "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256),
     }
     cfg = transformers.BertConfig(max_position_embeddings=128, **{**sizes[size], **overrides})
-    return _hf(transformers.BertModel(cfg, add_pooling_layer=False), cfg.vocab_size, "bert" if size == "small" else f"bert-{size}", mask=True)
+    return _hf(transformers.BertModel(cfg, add_pooling_layer=False), cfg.vocab_size, "bert" if size == "small" else f"bert-{size}", mask=True,
+               max_len=cfg.max_position_embeddings)
 
 
 class SentenceEmbedder(torch.nn.Module):
@@ -174,9 +187,9 @@ def minilm() -> ModelSpec:
     encoder = transformers.AutoModel.from_pretrained(str(minilm_dir()))
     model = SentenceEmbedder(encoder).eval()
     inputs = minilm_tokenize(SAMPLE_SENTENCES)
-    dyn = {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in inputs}
+    dyn = token_dims(inputs, encoder.config.max_position_embeddings)
     other = [minilm_tokenize(["Short one.", "Another sentence that is a little longer than that.", "Third."])]
-    return ModelSpec(model, inputs, dyn, "minilm", other)
+    return ModelSpec(model, inputs, dyn, "minilm", other, tokenize=minilm_tokenize)
 
 
 BUILTIN: dict[str, Callable[[], ModelSpec]] = {
@@ -204,7 +217,8 @@ def load_model(name: str) -> ModelSpec:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load model factory {name!r}: {e}") from e
+        raise ValueError(f"cannot load model factory {name!r}: {e} (the module must be importable: "
+                         f"from the current folder or a folder on PYTHONPATH)") from e
     result = factory()
     if isinstance(result, ModelSpec):
         return result

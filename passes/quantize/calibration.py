@@ -235,6 +235,7 @@ def collect_linear_stats(
     observer: str = "minmax",
     hessian: bool = False,
     keep_rows: int = 0,
+    progress=None,
     **observer_options,
 ) -> dict[str, LinearStats]:
     """Run ``graph`` on every item of ``calibration_data`` and return, for each
@@ -244,7 +245,8 @@ def collect_linear_stats(
     ``observer``: ``minmax``, ``percentile`` (option ``percentile``) or
     ``moving-average`` (option ``momentum``). ``hessian``: also accumulate
     ``X^T X / rows`` (GPTQ). ``keep_rows``: keep up to that many input rows per
-    layer (AWQ's search). Raises :class:`CalibrationError` on an empty set, a
+    layer (AWQ's search). ``progress``: a pass's :meth:`Pass.progress`, to
+    report each calibration input. Raises :class:`CalibrationError` on an empty set, a
     node that is not a linear of this graph, or an input the graph rejects.
     """
     data = list(calibration_data) if calibration_data is not None else []
@@ -261,7 +263,7 @@ def collect_linear_stats(
         chosen.append(node)
     watch = {n: LinearStats(n.name, make_observer(observer, **observer_options)) for n in chosen}
     recorder = _Recorder(graph.module, watch, hessian, keep_rows)
-    for i, item in enumerate(data):
+    for i, item in enumerate(progress(data, "calibrating") if progress else data):
         args, kwargs = split_inputs(item)
         try:
             flat = graph.flatten_inputs(*args, **kwargs)

@@ -137,7 +137,7 @@ def static_ranges(p, graph) -> dict[str, tuple[float, float]]:
         return cached[1]
     observer = p.observer
     options = {"percentile": p.percentile} if observer == "percentile" else {}
-    stats = collect_linear_stats(graph, p.context.get("calibration_data"), observer=observer, **options)
+    stats = collect_linear_stats(graph, p.context.get("calibration_data"), observer=observer, progress=p.progress, **options)
     ranges = {name: s.observer.range() for name, s in stats.items()}
     p._static_ranges = (graph.fx, ranges)
     return ranges

@@ -41,12 +41,12 @@ AWQ_ROWS = 512  # calibration rows kept per layer for the search
 
 
 def _collect_rows(p, graph, layers, data) -> dict[str, Any]:
-    stats = collect_linear_stats(graph, data, [l.node for l in layers], keep_rows=AWQ_ROWS)
+    stats = collect_linear_stats(graph, data, [l.node for l in layers], keep_rows=AWQ_ROWS, progress=p.progress)
     return {l.name: stats[l.node.name] for l in layers}
 
 
 def _collect_hessian(p, graph, layers, data) -> dict[str, Any]:
-    stats = collect_linear_stats(graph, data, [l.node for l in layers], hessian=True)
+    stats = collect_linear_stats(graph, data, [l.node for l in layers], hessian=True, progress=p.progress)
     return {l.name: stats[l.node.name] for l in layers}
 
 

@@ -105,9 +105,13 @@ class Quantize(LayerFilterOptions):
     ``guard`` layers whose quantized kernel is not faster than the float one on
     ``guard_backend`` (each distinct layer shape timed once; the times are in
     the layer's stats).
-    Errors: a filter or override that matches no layer; a group size that does
-    not divide a selected layer's K; a selected weight holding NaN or infinite
-    values; a mode or method that is not registered.
+    A group size wider than a layer's K falls back to the widest group
+    dividing both when that is at least 16 (``group_size_adjusted`` in the
+    stats: a 64-wide model under ``group_size=128`` gets groups of 64).
+    Errors: a filter or override that matches no layer; a group size with no
+    such fallback (the message lists the ones that divide K); a selected
+    weight holding NaN or infinite values, or a method whose result
+    dequantizes to them; a mode or method that is not registered.
     """
 
     bits = Option(8, int, check=lambda v: None if 2 <= v <= 8 else "bits must be from 2 to 8", help="weight bits (2..8)")
@@ -216,16 +220,25 @@ class Quantize(LayerFilterOptions):
 
     def _run(self, graph) -> PassResult:
         selected, skipped = self._select(graph)
-        # Check every selected layer before the first edit.
+        # Check every selected layer before the first edit. A group wider than
+        # a layer's K (a narrow model's 64 columns under the usual 128) falls
+        # back to the widest group dividing both, if that is at least 16.
+        group_size_adjusted: dict[str, int] = {}
         for layer in selected:
             self.current_node = layer.node
             problem = non_finite_problem(layer)
             if problem:
                 raise self.fail(problem)
+            k = layer.weight.shape[1]
+            if layer.cfg.granularity == "group" and layer.cfg.group_size > k and math.gcd(k, layer.cfg.group_size) >= 16:
+                layer.cfg = replace(layer.cfg, group_size=math.gcd(k, layer.cfg.group_size))
+                group_size_adjusted[layer.name] = layer.cfg.group_size
             try:
-                layer.cfg.quant_config().num_groups(layer.weight.shape[1])
+                layer.cfg.quant_config().num_groups(k)
             except QuantizationError as e:
-                raise self.fail(f"layer {layer.name!r} (weight {tuple(layer.weight.shape)}): {e}; leave the layer out "
+                usable = [g for g in (256, 128, 64, 32, 16) if k % g == 0] or [g for g in range(min(k, 256), 0, -1) if k % g == 0][:4]
+                raise self.fail(f"layer {layer.name!r} (weight {tuple(layer.weight.shape)}): {e}; use group_size={usable[0]} "
+                                f"(group sizes that divide {k}: {', '.join(map(str, usable))}), leave the layer out "
                                 f"(exclude=..., min_size=...) or give it its own group size (overrides=...)") from None
         self.current_node = None
         stats = self._collect_stats(graph, selected)
@@ -233,7 +246,7 @@ class Quantize(LayerFilterOptions):
         bytes_saved = 0
         self._constants_kept: dict = {}
         self._constants_shared = 0
-        for layer in selected:
+        for layer in self.progress(selected, "quantizing layers"):
             self.current_node = layer.node
             record = self._quantize_layer(graph, layer, stats.get(layer.name))
             # A module called more than once (shared layers) reports each call.
@@ -249,6 +262,8 @@ class Quantize(LayerFilterOptions):
         out = {"quantized": quantized, "skipped": skipped, "bytes_saved": bytes_saved, "layers": per_layer}
         if self._constants_shared:
             out["shared_constants"] = self._constants_shared
+        if group_size_adjusted:
+            out["group_size_adjusted"] = group_size_adjusted
         if self.guard:
             out["kept_float_by_guard"] = kept
         # An exact layer (+inf dB) says nothing about the worst one; any other value counts.
@@ -270,6 +285,9 @@ class Quantize(LayerFilterOptions):
         cfg = layer.cfg
         qt, act_scale = METHODS[cfg.method].quantize(layer.weight, cfg, layer_stats)
         effective = qt.dequantize() if act_scale is None else qt.dequantize() / act_scale.to(torch.float32)
+        if not bool(torch.isfinite(effective).all()):
+            raise self.fail(f"layer {layer.name!r}: method {cfg.method!r} returned codes, scales or an activation scale "
+                            f"that dequantize to NaN or infinite values from a finite weight")
         record = {
             "bits": cfg.bits, "scheme": cfg.scheme, "granularity": cfg.granularity, "mode": cfg.mode, "method": cfg.method,
             "sqnr_db": round(sqnr_db(layer.weight, effective), 2), "rel_err": relative_error(layer.weight, effective),

@@ -70,7 +70,8 @@ class SmoothQuant(Pass):
                 refused[self._label(node)] = "input is not a LayerNorm/RMSNorm output with constant weights"
         if not groups:
             return PassResult(False, {"smoothed": 0, "refused": refused})
-        stats = collect_linear_stats(graph, self.context["calibration_data"], [n for ls in groups.values() for n in ls])
+        stats = collect_linear_stats(graph, self.context["calibration_data"], [n for ls in groups.values() for n in ls],
+                                     progress=self.progress)
         smoothed, duplicated, scaled, reduction = 0, 0, 0, {}
         for norm, linears in groups.items():
             foldable = self._norm_parts(graph, norm) is not None

@@ -1,0 +1,332 @@
+"""Generation through the optimized graphs: prefill, then one decode step per
+new token against the key/value cache, on eager PyTorch or ONNX Runtime.
+
+    gen = fxopt.compile_generator(model, pipeline="canonicalize,dce,constant-fold,cse", backend="onnxruntime")
+    out = gen.generate([[5, 9, 2], [7]], max_new_tokens=32)      # greedy, left-padded batch
+    out.new_tokens                                               # [[...], [...]]
+
+The model is traced once into a prefill graph and a decode-step graph
+(:mod:`fxopt.ir.decoder`), the pipeline runs on each, and the equal constants of
+the two results are made one tensor again, so the weights are held once. On
+ONNX Runtime the cache stays in ONNX Runtime's memory between steps: each step's
+present key/value ``OrtValue`` is bound as the next step's past, never copied
+out to numpy; only the last position's logits come back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .ir.decoder import CausalLMInfo, DecoderGraphs, NotACausalLMError, trace_decoder
+from .ir.graph import Graph
+
+
+class GenerationError(ValueError):
+    """A request the generator cannot serve (bad prompt, option or length)."""
+
+
+@dataclass
+class SamplingOptions:
+    """Greedy when ``do_sample`` is false; otherwise the logits are divided by
+    ``temperature``, cut to the ``top_k`` most likely tokens (0: no cut) and to
+    the smallest set whose probability reaches ``top_p``, then sampled with a
+    generator seeded by ``seed``."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def check(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise GenerationError(f"temperature must be > 0, got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise GenerationError(f"top_k must be an integer >= 0 (0: no cut), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def next_tokens(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row of ``logits`` ``[B, V]``, processed in the
+    order Hugging Face's ``generate`` applies them (temperature, top-k, top-p)."""
+    if not options.do_sample:
+        return logits.argmax(-1)
+    scores = logits.float() / options.temperature
+    if options.top_k:
+        kth = torch.topk(scores, min(options.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if options.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=False, dim=-1)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative <= (1 - options.top_p)
+        drop[..., -1:] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class GenerationOutput:
+    """``sequences``: the left-padded prompts followed by the new tokens
+    (``[B, P + n]``, as Hugging Face's ``generate`` returns them);
+    ``new_tokens``: each row's new tokens up to and including its stop token."""
+
+    sequences: torch.Tensor
+    new_tokens: list[list[int]]
+    prefill_ms: float
+    decode_ms: float
+    decode_steps: int
+    prompt_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens per second per sequence over the decode steps."""
+        return self.decode_steps / (self.decode_ms / 1e3) if self.decode_ms > 0 else float("nan")
+
+
+class _EagerSteps:
+    """Runs the two graphs with PyTorch; the cache is a list of tensors."""
+
+    def __init__(self, prefill, decode):
+        self.prefill_model, self.decode_model = prefill, decode
+
+    def prefill(self, ids, mask, positions):
+        out = self.prefill_model(ids, mask, positions)
+        return out[0][:, -1], list(out[1:])
+
+    def decode(self, ids, mask, positions, cache):
+        out = self.decode_model(ids, mask, positions, tuple(cache))
+        return out[0][:, -1], list(out[1:])
+
+
+class _OrtSteps:
+    """Runs the two ONNX Runtime sessions with I/O binding: the cache outputs of
+    one run are ``OrtValue``s in ONNX Runtime's memory and are bound as the
+    next run's inputs as they are."""
+
+    def __init__(self, prefill, decode):
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.prefill_model, self.decode_model = prefill, decode
+        self.device = "cpu"
+
+    def _run(self, model, feeds: list, cache=()):
+        session = model.session
+        binding = session.io_binding()
+        names = model.input_names
+        for name, value in zip(names, feeds):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value.numpy()))
+        for name, value in zip(names[len(feeds):], cache):
+            binding.bind_ortvalue_input(name, value)
+        for name in model.output_names:
+            binding.bind_output(name, self.device)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = torch.from_numpy(outputs[0].numpy())
+        return logits[:, -1], list(outputs[1:])
+
+    def prefill(self, ids, mask, positions):
+        return self._run(self.prefill_model, [ids, mask, positions])
+
+    def decode(self, ids, mask, positions, cache):
+        return self._run(self.decode_model, [ids, mask, positions], cache)
+
+
+def share_constants(keep: Graph, other: Graph) -> int:
+    """Point every constant of ``other`` that equals one of ``keep``'s at
+    ``keep``'s tensor (the weights both graphs read, or that a pass built the
+    same way in both); return how many bytes that saved."""
+    index: dict = {}
+    for t in keep.tensor_attributes().values():
+        index.setdefault((t.dtype, tuple(t.shape), t.device), []).append(t)
+    saved = 0
+    seen: set[int] = set()
+    for name, t in other.tensor_attributes().items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        match = next((k for k in index.get((t.dtype, tuple(t.shape), t.device), [])
+                      if k.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() and k.storage_offset() == t.storage_offset()
+                      or torch.equal(k, t)), None)
+        if match is None or match is t or match.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        owner = other.get_attr(owner_path) if owner_path else other.module
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = match if isinstance(match, torch.nn.Parameter) else torch.nn.Parameter(match, requires_grad=False)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = match
+        else:
+            setattr(owner, leaf, match)
+        saved += t.numel() * t.element_size()
+    return saved
+
+
+class Generator:
+    """A causal LM compiled for generation: its prefill and decode-step graphs,
+    optimized by one pipeline and lowered to one backend."""
+
+    def __init__(self, graphs: DecoderGraphs, prefill_model, decode_model, backend: str, shared_bytes: int = 0):
+        self.graphs = graphs
+        self.info: CausalLMInfo = graphs.info
+        self.backend = backend
+        self.prefill_model, self.decode_model = prefill_model, decode_model
+        # bytes of decode-graph constants that turned out equal to prefill ones and are now held once
+        self.shared_bytes = shared_bytes
+        self._steps = (_OrtSteps if backend == "onnxruntime" else _EagerSteps)(prefill_model, decode_model)
+
+    # -- checks ------------------------------------------------------------------------
+    def _prompts(self, prompts, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and their mask from a tensor (with an optional mask)
+        or from a list of token lists of any lengths."""
+        vocab = self.info.vocab_size
+        if isinstance(prompts, torch.Tensor):
+            ids = prompts if prompts.dim() == 2 else prompts.reshape(1, -1)
+            if ids.dtype not in (torch.int64, torch.int32):
+                raise GenerationError(f"prompt ids must be integers, got {ids.dtype}")
+            ids = ids.long()
+            mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long()
+            if mask.shape != ids.shape:
+                raise GenerationError(f"attention_mask {list(mask.shape)} does not match the prompt ids {list(ids.shape)}")
+            if ids.shape[1] == 0 or bool((mask.sum(-1) == 0).any()):
+                raise GenerationError("empty prompt: every sequence needs at least one token")
+            if bool((mask[:, 1:] < mask[:, :-1]).any()):
+                raise GenerationError("the batch must be left-padded (padding before the tokens); "
+                                      "the attention_mask has padding after a token")
+        else:
+            rows = [list(p) for p in prompts] if len(prompts) and not isinstance(prompts[0], int) else [list(prompts)]
+            if not rows or any(len(r) == 0 for r in rows):
+                raise GenerationError("empty prompt: every sequence needs at least one token")
+            length = max(len(r) for r in rows)
+            pad = self.info.pad_token_id if self.info.pad_token_id is not None else 0
+            ids = torch.tensor([[pad] * (length - len(r)) + [int(t) for t in r] for r in rows], dtype=torch.long)
+            mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        real = ids[mask.bool()]
+        bad = real[(real < 0) | (real >= vocab)]
+        if bad.numel():
+            raise GenerationError(f"token id {int(bad[0])} is out of the vocabulary (0..{vocab - 1})")
+        return ids, mask
+
+    def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        limit = self.info.max_positions
+        # the last new token is never fed back, so positions reach prompt + new - 1
+        if limit is not None and prompt_len + max_new_tokens - 1 > limit:
+            raise GenerationError(
+                f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs {prompt_len + max_new_tokens - 1} "
+                f"positions; {self.graphs.name} has {limit} (max_position_embeddings): shorten the prompt or "
+                f"ask for at most {limit - prompt_len + 1} new tokens")
+
+    # -- the loop ---------------------------------------------------------------------
+    def generate(self, prompts, *, max_new_tokens: int = 32, attention_mask: torch.Tensor | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 stop_tokens: Sequence[int] = (), pad_token_id: int | None = None,
+                 streamer: Callable[[int, list[int]], None] | None = None) -> GenerationOutput:
+        """Generate up to ``max_new_tokens`` tokens after each prompt.
+
+        ``prompts``: a ``[B, S]`` tensor of ids (left-padded, with
+        ``attention_mask``), or a list of token lists of any lengths (padded
+        here). ``eos_token_id`` (default: the model's) and ``stop_tokens`` end a
+        sequence after that token; rows that ended are filled with
+        ``pad_token_id`` (default: the model's pad, else its EOS, else 0) until
+        every row has ended. ``streamer(step, tokens)`` is called after each
+        step with the new token of every row (``None`` for rows already done).
+        """
+        options = SamplingOptions(do_sample, temperature, top_k, top_p, seed)
+        options.check()
+        ids, mask = self._prompts(prompts, attention_mask)
+        self._check_length(ids.shape[1], max_new_tokens)
+        if eos_token_id is None:
+            stops = set(self.info.eos_token_ids)
+        else:
+            stops = {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
+        stops |= {int(t) for t in stop_tokens}
+        for t in stops:
+            if not 0 <= t < self.info.vocab_size:
+                raise GenerationError(f"stop token {t} is out of the vocabulary (0..{self.info.vocab_size - 1})")
+        pad = pad_token_id if pad_token_id is not None else (
+            self.info.pad_token_id if self.info.pad_token_id is not None else (min(stops) if stops else 0))
+        generator = torch.Generator().manual_seed(seed) if (do_sample and seed is not None) else None
+        batch = ids.shape[0]
+
+        # Positions as Hugging Face's generate counts them: real tokens from 0, padding at 0.
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        start = time.perf_counter()
+        logits, cache = self._steps.prefill(ids, mask, positions)
+        token = next_tokens(logits, options, generator)
+        prefill_ms = (time.perf_counter() - start) * 1e3
+
+        done = torch.zeros(batch, dtype=torch.bool)
+        new = [[] for _ in range(batch)]
+        steps = 0
+        decode_start = time.perf_counter()
+        next_position = positions[:, -1:] + 1
+        for step in range(max_new_tokens):
+            token = torch.where(done, torch.full_like(token, pad), token)
+            for row in range(batch):
+                if not done[row]:
+                    new[row].append(int(token[row]))
+            if streamer is not None:
+                streamer(step, [None if d else int(t) for d, t in zip(done.tolist(), token.tolist())])
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            done |= torch.tensor([int(t) in stops for t in token.tolist()], dtype=torch.bool) if stops else done
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+            logits, cache = self._steps.decode(token[:, None], mask, next_position, cache)
+            next_position = next_position + 1
+            token = next_tokens(logits, options, generator)
+            steps += 1
+        decode_ms = (time.perf_counter() - decode_start) * 1e3
+        lengths = [int(m.sum()) for m in mask[:, : ids.shape[1] - len(new[0])]] if new[0] else []
+        return GenerationOutput(ids, new, prefill_ms, decode_ms, steps, lengths)
+
+
+def optimize_decoder(graphs: DecoderGraphs, pipeline: str, **manager_options) -> DecoderGraphs:
+    """Run one pipeline on the prefill and the decode-step graph (each on a
+    copy); the per-pass records of both are in ``records``."""
+    from .passes import PassManager
+
+    pm = PassManager(pipeline, **manager_options)
+    results = {kind: pm.run(getattr(graphs, kind)) for kind in ("prefill", "decode")}
+    return DecoderGraphs(results["prefill"].graph, results["decode"].graph, graphs.info, graphs.name,
+                         {kind: r.records for kind, r in results.items()}, str(pm))
+
+
+def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | None = None, backend: str = "eager", *,
+                      check_numerics: bool = False, **backend_options) -> Generator:
+    """Trace ``model`` (a causal LM, or graphs :func:`fxopt.ir.decoder.trace_decoder`
+    made) for generation, optimize both graphs with ``pipeline`` and lower them
+    to ``backend``; ``backend_options`` go to :func:`fxopt.compile` for both."""
+    from .backends import compile as compile_graph
+    from .passes import PassManager
+
+    if backend not in ("eager", "onnxruntime"):
+        raise GenerationError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
+    if pipeline:
+        PassManager(pipeline)  # a bad pipeline fails before tracing
+    graphs = model if isinstance(model, DecoderGraphs) else trace_decoder(model)
+    if pipeline:
+        graphs = optimize_decoder(graphs, pipeline, check_numerics=check_numerics)
+    shared = share_constants(graphs.prefill, graphs.decode)
+    prefill = compile_graph(graphs.prefill, backend, **backend_options)
+    decode = compile_graph(graphs.decode, backend, **backend_options)
+    return Generator(graphs, prefill, decode, backend, shared)
+
+
+def generate(model: torch.nn.Module, prompts, *, pipeline: str | None = None, backend: str = "eager",
+             backend_options: dict | None = None, **generate_options) -> GenerationOutput:
+    """One-shot :func:`compile_generator` + :meth:`Generator.generate`."""
+    return compile_generator(model, pipeline, backend, **(backend_options or {})).generate(prompts, **generate_options)
+
+
+__all__ = ["Generator", "GenerationError", "GenerationOutput", "NotACausalLMError", "SamplingOptions",
+           "compile_generator", "generate", "next_tokens", "optimize_decoder", "share_constants"]

@@ -1,0 +1,241 @@
+"""Generation through the prefill and decode-step graphs: greedy tokens equal
+Hugging Face's ``generate`` on every architecture, backend and batch shape;
+sampling, stop tokens, streaming and the errors a bad request gets."""
+
+import functools
+
+import pytest
+import torch
+
+import fxopt
+from fxopt.generation import GenerationError, compile_generator, next_tokens, optimize_decoder, SamplingOptions
+from fxopt.ir.decoder import NotACausalLMError, trace_decoder
+
+FUSED = "canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,fuse-linear-act,fuse-norm,dce"
+NEW_TOKENS = 64
+# A left-padded batch of 4 (lengths 6, 2, 10, 1) and one prompt alone.
+PROMPTS = [[5, 9, 2, 7, 1, 3], [7, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3]]
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=256, max_position_embeddings=128)
+
+
+def _config(name: str):
+    import transformers as tf
+
+    if name == "gpt2":
+        return tf.GPT2LMHeadModel, tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=128)
+    if name == "llama":
+        return tf.LlamaForCausalLM, tf.LlamaConfig(**SMALL)
+    if name == "mistral":
+        # the window is shorter than prompt + new tokens: the mask must cut it
+        return tf.MistralForCausalLM, tf.MistralConfig(**SMALL, sliding_window=16)
+    if name == "gemma":
+        return tf.GemmaForCausalLM, tf.GemmaConfig(**SMALL, head_dim=16, tie_word_embeddings=True)
+    if name == "phi3":
+        return tf.Phi3ForCausalLM, tf.Phi3Config(**SMALL)
+    raise KeyError(name)
+
+
+@functools.lru_cache(maxsize=None)
+def causal_lm(name: str):
+    cls, cfg = _config(name)
+    cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = None
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+def left_padded(prompts):
+    length = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@functools.lru_cache(maxsize=None)
+def hf_tokens(name: str, batch: int) -> torch.Tensor:
+    ids, mask = left_padded(PROMPTS if batch == 4 else PROMPTS[:1])
+    with torch.no_grad():
+        return causal_lm(name).generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                        do_sample=False, pad_token_id=0)
+
+
+@functools.lru_cache(maxsize=None)
+def traced(name: str):
+    return trace_decoder(causal_lm(name))
+
+
+@functools.lru_cache(maxsize=None)
+def fused(name: str):
+    return optimize_decoder(traced(name), FUSED)
+
+
+ARCHS = ["gpt2", "llama", "mistral", "gemma", "phi3"]
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("name", ARCHS)
+def test_fused_greedy_tokens_equal_hugging_face(name, backend):
+    gen = compile_generator(fused(name), backend=backend)
+    for batch in (1, 4):
+        out = gen.generate(PROMPTS[:batch], max_new_tokens=NEW_TOKENS)
+        expected = hf_tokens(name, batch)
+        assert out.sequences.shape == expected.shape
+        assert torch.equal(out.sequences, expected), f"{name} {backend} batch {batch}: first difference at " \
+            f"{(out.sequences != expected).nonzero()[0].tolist()}"
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_traced_graphs_without_a_pipeline_equal_hugging_face(backend):
+    gen = compile_generator(traced("llama"), backend=backend)
+    out = gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out.sequences, hf_tokens("llama", 4))
+
+
+def test_fused_pipeline_changed_both_graphs():
+    graphs = fused("llama")
+    for kind in ("prefill", "decode"):
+        names = {r.name for r in graphs.records[kind] if r.changed}
+        assert {"fuse-norm", "merge-linears"} <= names, (kind, names)
+    decode_inputs = [p.name for p in graphs.decode.placeholders()]
+    assert decode_inputs[:3] == ["input_ids", "attention_mask", "position_ids"] and len(decode_inputs) == 3 + 2 * 2
+
+
+def test_prefill_computes_logits_at_the_last_position_only():
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=64))
+    graphs = trace_decoder(model.eval())
+    ids, mask = left_padded(PROMPTS)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = graphs.prefill(ids, mask, positions)
+    assert out[0].shape == (4, 1, 300)
+    # every [B, S, vocab] value in the graph has S = 1: the head multiplies one row per sequence
+    vocab_wide = [n for n in graphs.prefill.fx.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+                  and n.meta["val"].dim() == 3 and n.meta["val"].shape[-1] == 300]
+    assert vocab_wide and all(n.meta["val"].shape[1] == 1 for n in vocab_wide)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1:]
+    assert torch.allclose(out[0], full, atol=1e-5)
+    assert [tuple(t.shape) for t in out[1:]] == [(4, 2, 10, 16)] * 2
+
+
+def test_weights_are_held_once_for_both_graphs():
+    gen = compile_generator(fused("llama"), backend="eager")
+    prefill = {t.untyped_storage().data_ptr() for t in gen.graphs.prefill.tensor_attributes().values()}
+    decode = {t.untyped_storage().data_ptr() for t in gen.graphs.decode.tensor_attributes().values()}
+    big = {t.untyped_storage().data_ptr() for t in gen.graphs.decode.tensor_attributes().values() if t.numel() >= 64 * 64}
+    assert big and big <= prefill  # the merged QKV and gate/up matrices too, though each pipeline run built its own
+    assert gen.shared_bytes > 0 and decode
+
+
+def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
+    gen = compile_generator(traced("gpt2"), backend="eager")
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=5, top_p=0.9)
+    a = gen.generate(PROMPTS, seed=3, **kw).new_tokens
+    b = gen.generate(PROMPTS, seed=3, **kw).new_tokens
+    c = gen.generate(PROMPTS, seed=4, **kw).new_tokens
+    assert a == b and a != c
+    logits = torch.randn(3, 50)
+    allowed = torch.topk(logits, 2).indices
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        tok = next_tokens(logits, SamplingOptions(do_sample=True, top_k=2), g)
+        assert all(t in row for t, row in zip(tok.tolist(), allowed.tolist()))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(next_tokens(logits, SamplingOptions(do_sample=True, top_p=0.7), g)) for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_stop_tokens_end_a_row_and_pad_it_while_others_go_on():
+    gen = compile_generator(traced("gpt2"), backend="eager")
+    free = gen.generate(PROMPTS, max_new_tokens=12).new_tokens
+    stop = free[0][3]
+    streamed = []
+    out = gen.generate(PROMPTS, max_new_tokens=12, stop_tokens=[stop], pad_token_id=255,
+                       streamer=lambda step, toks: streamed.append(toks))
+    first = free[0].index(stop)
+    assert out.new_tokens[0] == free[0][: first + 1]
+    for row in range(1, 4):
+        cut = free[row].index(stop) + 1 if stop in free[row] else 12
+        assert out.new_tokens[row] == free[row][:cut]
+    assert [s[0] for s in streamed[: first + 1]] == free[0][: first + 1]
+    assert all(s[0] is None for s in streamed[first + 1:])
+    # sequences keep Hugging Face's form: ended rows are padded
+    if len(streamed) > first + 1:
+        assert int(out.sequences[0, -1]) == 255
+
+
+def test_generation_ends_when_every_row_hit_eos():
+    gen = compile_generator(traced("gpt2"), backend="eager")
+    free = gen.generate(PROMPTS[:1], max_new_tokens=8).new_tokens[0]
+    out = gen.generate(PROMPTS[:1], max_new_tokens=8, eos_token_id=free[2])
+    assert out.new_tokens[0] == free[: free.index(free[2]) + 1]
+    assert out.sequences.shape[1] == len(PROMPTS[0]) + len(out.new_tokens[0])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda g: g.generate([[1, 2]], max_new_tokens=128), "positions"),
+    (lambda g: g.generate([[]], max_new_tokens=4), "empty prompt"),
+    (lambda g: g.generate([[1], []], max_new_tokens=4), "empty prompt"),
+    (lambda g: g.generate([[1, 256]], max_new_tokens=4), "token id 256 is out of the vocabulary"),
+    (lambda g: g.generate([[1, -1]], max_new_tokens=4), "token id -1"),
+    (lambda g: g.generate([[1]], max_new_tokens=0), "max_new_tokens"),
+    (lambda g: g.generate([[1]], do_sample=True, temperature=0.0), "temperature"),
+    (lambda g: g.generate([[1]], do_sample=True, top_p=1.5), "top_p"),
+    (lambda g: g.generate([[1]], do_sample=True, top_k=-2), "top_k"),
+    (lambda g: g.generate([[1]], stop_tokens=[999]), "stop token 999"),
+    (lambda g: g.generate(torch.tensor([[1, 2]]), attention_mask=torch.tensor([[1, 0]])), "left-padded"),
+])
+def test_bad_requests_get_clear_errors(call, message):
+    gen = compile_generator(traced("gpt2"), backend="eager")
+    with pytest.raises(GenerationError, match=message):
+        call(gen)
+
+
+def test_longest_request_that_fits_the_positions_runs():
+    gen = compile_generator(traced("gpt2"), backend="eager")
+    out = gen.generate([[1, 2]], max_new_tokens=127)  # positions 0..127
+    assert len(out.new_tokens[0]) == 127
+
+
+def test_a_model_without_a_causal_lm_head_is_refused():
+    import transformers
+
+    bare = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(NotACausalLMError, match="no causal language-model head"):
+        trace_decoder(bare)
+    with pytest.raises(NotACausalLMError, match="ForCausalLM"):
+        fxopt.compile_generator(torch.nn.Linear(4, 4))
+
+
+def test_unknown_backend_and_bad_pipeline_fail_before_tracing():
+    with pytest.raises(GenerationError, match="backend"):
+        compile_generator(causal_lm("gpt2"), backend="tensorrt")
+    with pytest.raises(fxopt.PipelineError):
+        compile_generator(causal_lm("gpt2"), pipeline="no-such-pass")
+
+
+def test_cli_generate_reports_speed_and_equal_tokens(tmp_path, capsys):
+    import json
+
+    from fxopt.cli import main
+
+    report = tmp_path / "r.json"
+    rc = main(["generate", "llama-tiny", "--pipeline", FUSED, "--backend", "onnxruntime", "--prompt-tokens", "12",
+               "--max-new-tokens", "8", "--batch", "2", "--threads", "1", "--report", str(report)])
+    assert rc == 0
+    r = json.loads(report.read_text())
+    assert r["tokens_equal_reference"] is True and r["decode_steps"] == 7 and r["prefill_ms"] > 0
+    assert "greedy tokens equal the reference's: yes" in capsys.readouterr().err
+
+
+def test_cli_generate_refuses_a_model_without_a_causal_lm_head(capsys):
+    from fxopt.cli import main
+
+    assert main(["generate", "bert-tiny", "--max-new-tokens", "2"]) == 1
+    assert "no causal language-model head" in capsys.readouterr().err
