@@ -22,7 +22,7 @@ def _phi3() -> ModelSpec:
     _seed()
     cfg = transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, use_cache=False, pad_token_id=None)
-    return _hf(transformers.Phi3ForCausalLM(cfg), 256, "phi3-tiny", mask=False)
+    return _hf(transformers.Phi3ForCausalLM(cfg), 256, "phi3-tiny", mask=False, max_len=256)
 
 
 SPECS = {"llama-tiny": BUILTIN["llama-tiny"], "gpt2-tiny": BUILTIN["gpt2-tiny"], "bert-tiny": BUILTIN["bert-tiny"], "phi3-tiny": _phi3}
