@@ -73,8 +73,8 @@ class Cluster(LayerFilterOptions):
     block offset)`` feeding the linear: decoded at every call on eager; on
     ONNX Runtime the decode reads only constants, so it is folded to a float
     weight before the run (by the exporter's optimizer for small layers,
-    which then stores the float weight in the file; by the session at load
-    otherwise). ``constant-fold`` after this pass would undo it.
+    which then stores the float weight in the file; by ONNX Runtime when it
+    loads the model otherwise). ``constant-fold`` after this pass would undo it.
 
     Stats: per layer ``rel_err`` (relative weight error) and ``bytes`` stored
     (indices at one byte each plus codebooks).

@@ -38,7 +38,9 @@ class Shrink(Pass):
     Importance of channel ``c``: ``magnitude``: ``sum ||producer row c|| *
     sum ||consumer column c||``; ``activation`` (needs ``calibration_data``):
     ``||X_c|| * sum ||consumer column c||`` with ``X`` the consumers' input on
-    the calibration inputs. Each group keeps ``ceil((1 - ratio) * size)``
+    the calibration inputs. With ``compensate`` (needs ``calibration_data``),
+    each consumer's bias takes the removed channels' mean contribution
+    ``W[:, removed] @ mean(x[removed])`` (FLAP, An et al. 2024). Each group keeps ``ceil((1 - ratio) * size)``
     channels, rounded up to a multiple of ``multiple_of``.
 
     Refuses (counted in stats ``refused``, with the node that stops the walk):
@@ -53,6 +55,7 @@ class Shrink(Pass):
                    help="fraction of each group's channels removed")
     importance = Option("magnitude", str, choices=("magnitude", "activation"), help="magnitude | activation (calibrated)")
     multiple_of = Option(1, int, check=lambda v: None if v >= 1 else "must be >= 1", help="keep a multiple of this many channels")
+    compensate = Option(False, help="fold the removed channels' mean contribution on calibration_data into the consumers' bias (FLAP)")
     include = Option(None, str, check=regex_problem, help="regex: only groups whose name matches (re.search)")
     exclude = Option(None, str, check=regex_problem, help="regex: skip groups whose name matches")
 
@@ -62,7 +65,7 @@ class Shrink(Pass):
     numerics_tolerance = 1.0  # removing channels changes outputs by design
 
     def required_inputs(self) -> tuple[str, ...]:
-        return ("calibration_data",) if self.importance == "activation" else ()
+        return ("calibration_data",) if self.importance == "activation" or self.compensate else ()
 
     def run(self, graph) -> PassResult:
         if self.ratio == 0:
@@ -76,6 +79,7 @@ class Shrink(Pass):
             raise self.fail(f"option include={self.include!r} selects no shrinkable channel group; refused groups: {listed}")
         self._check_weights(graph, groups)
         norms = self._activation_norms(graph, groups) if self.importance == "activation" else {}
+        means = self._input_means(graph, groups) if self.compensate else {}
         # The rows each producer keeps, per group first, then per producer.
         keep_rows: dict[fx.Node, torch.Tensor] = {}
         kept: dict[int, torch.Tensor] = {}
@@ -96,6 +100,8 @@ class Shrink(Pass):
         for group in groups:
             keep = kept[id(group)]
             for consumer in group.consumers:
+                if self.compensate:
+                    self._fold_removed(graph, consumer, keep, means[consumer])
                 self._take(graph, consumer, 1, keep, dim=1)
             for user, const in group.constants:
                 self._take(graph, user, list(user.args).index(const), keep, dim=-1)
@@ -123,6 +129,29 @@ class Shrink(Pass):
         consumers = [c for g in groups for c in g.consumers]
         stats = collect_linear_stats(graph, self.context.get("calibration_data"), consumers, hessian=True)
         return {c: torch.diag(stats[c.name].hessian).clamp(min=0).sqrt().float() for c in consumers}
+
+    def _input_means(self, graph, groups: list[ChannelGroup]) -> dict[fx.Node, torch.Tensor]:
+        consumers = [c for g in groups for c in g.consumers]
+        stats = collect_linear_stats(graph, self.context.get("calibration_data"), consumers, keep_rows=1 << 30)
+        return {c: stats[c.name].sample().double().mean(0) for c in consumers}
+
+    @staticmethod
+    def _fold_removed(graph, consumer: fx.Node, keep: torch.Tensor, mean: torch.Tensor) -> None:
+        """``b += W[:, removed] @ mean(x[removed])``: what the removed input
+        channels added on average stays in the output (FLAP's compensation)."""
+        w = graph.constant(consumer.args[1])
+        removed = torch.ones(w.shape[1], dtype=torch.bool)
+        removed[keep] = False
+        delta = w.double()[:, removed] @ mean[removed]
+        bias_node = consumer.args[2] if len(consumer.args) > 2 else None
+        bias = graph.constant(bias_node) if bias_node is not None else None
+        if bias_node is not None and bias is None:
+            return  # a computed bias: nothing to fold into
+        new = (delta if bias is None else bias.double() + delta).to(w.dtype)
+        node = graph.add_constant(new, f"{consumer.name}.bias_compensated")
+        consumer.args = (consumer.args[0], consumer.args[1], node)
+        if bias_node is not None and not bias_node.users:
+            graph.fx.erase_node(bias_node)
 
     def _choose(self, graph, group: ChannelGroup, norms) -> torch.Tensor:
         """Indices (sorted) of the channels the group keeps."""

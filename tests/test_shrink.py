@@ -22,7 +22,7 @@ def _phi3() -> ModelSpec:
     _seed()
     cfg = transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, use_cache=False, pad_token_id=None)
-    return _hf(transformers.Phi3ForCausalLM(cfg), 256, "phi3-tiny", mask=False)
+    return _hf(transformers.Phi3ForCausalLM(cfg), 256, "phi3-tiny", mask=False, max_len=256)
 
 
 SPECS = {"llama-tiny": BUILTIN["llama-tiny"], "gpt2-tiny": BUILTIN["gpt2-tiny"], "bert-tiny": BUILTIN["bert-tiny"], "phi3-tiny": _phi3}
@@ -125,3 +125,22 @@ def test_a_group_the_analysis_refuses_is_never_shrunk():
     widths = sorted(tuple(out.constant(n.args[1]).shape) for n in out.fx.nodes if n.target == aten.linear.default)
     assert widths.count((256, 64)) == 2  # lm_head and layer 0's c_fc untouched
     assert (192, 64) in widths and widths.count((192, 64)) == 3  # c_attn x2 untouched, layer 1's c_fc now 192 wide
+
+
+def test_compensation_folds_constant_channels_into_the_bias():
+    # GPT-2's c_fc has a bias: channels whose weight rows are zero carry the
+    # constant gelu(b_c), which compensation folds into c_proj's bias exactly.
+    spec = SPECS["gpt2-tiny"]()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for block in spec.model.transformer.h:
+            idx = torch.randperm(256, generator=g)[:64]
+            block.mlp.c_fc.weight[:, idx] = 0.0  # Conv1D [in, out]: the columns are the output channels
+            block.mlp.c_fc.bias[idx] = 0.01 * torch.randn(64, generator=g)
+    graph = _graph(spec)
+    calib = [spec.example_inputs]
+    ref = run(graph, spec.example_inputs)
+    shrunk = fxopt.PassManager("shrink(ratio=0.25,compensate=true)", calibration_data=calib).run(graph).graph
+    assert fxopt.compare(ref, run(fxopt.compile(shrunk, "onnxruntime"), spec.example_inputs)).within(1e-4)
+    plain = fxopt.PassManager("shrink(ratio=0.25)").run(graph).graph
+    assert not fxopt.compare(ref, run(plain, spec.example_inputs)).within(1e-4)  # without it the constant is lost
