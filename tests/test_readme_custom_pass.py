@@ -38,3 +38,13 @@ def test_custom_pass_example(capsys):
     assert any(n.args[3] == "silu" for n in fused.fx.nodes if n.target == torch.ops.fxopt.linear_act.default)
     out = capsys.readouterr().out
     assert "{'found': 1, 'rewritten': 1, 'skipped': {}}" in out and "Parity(max_abs_err=" in out
+
+
+def test_walking_pass_example_runs_and_folds():
+    import runpy
+
+    if "fold-double-neg" in REGISTRY:  # registered by an earlier run in this process
+        REGISTRY.unregister("fold-double-neg")
+    example = runpy.run_path(str(EXAMPLE.parent / "walk_pass.py"))
+    assert example["out"].records[0].stats == {"folded": 1}
+    assert not any(n.target is torch.ops.aten.neg.default for n in example["out"].graph.fx.nodes)
