@@ -319,9 +319,23 @@ class Graph:
 
     def copy(self) -> "Graph":
         """A graph with its own node structure whose constants are shared with
-        this one. Passes never write into a constant in place, so sharing is safe."""
+        this one. Passes never write into a constant in place, so sharing is safe;
+        the buffers the graph itself writes (counters, caches) are cloned, so
+        running the copy leaves this graph's state alone."""
         new_fx = copy.deepcopy(self.fx)
         module = fx.GraphModule(self.module, new_fx, class_name=type(self.module).__name__)
+        with torch.no_grad():
+            for name in self.written_attributes():
+                owner, _, leaf = name.rpartition(".")
+                target = module.get_submodule(owner) if owner else module
+                value = getattr(target, leaf)
+                clone = value.detach().clone()
+                if isinstance(value, torch.nn.Parameter):
+                    clone = torch.nn.Parameter(clone, requires_grad=value.requires_grad)
+                if leaf in getattr(target, "_buffers", {}):
+                    target._buffers[leaf] = clone
+                else:
+                    setattr(target, leaf, clone)
         new = Graph(module, self.example_args, self.example_kwargs, self.name)
         new.properties = set(self.properties)
         new.dim_names = dict(self.dim_names)

@@ -95,3 +95,13 @@ def test_share_weights_reads_the_models_weights_in_place():
         model.embed.weight.mul_(-3.0)
     assert torch.allclose(eager(x), model(x), atol=1e-5)
     assert torch.allclose(ort(x), compiled_with, atol=1e-5)
+
+
+def test_running_the_optimized_graph_leaves_the_input_graphs_state_alone():
+    model, x = CountingLinear().eval(), torch.randn(2, 8)
+    graph = fxopt.trace(model, (x,))
+    optimized = fxopt.PassManager(BASE_PIPELINE).run(graph).graph
+    optimized(x)
+    optimized(x)
+    assert graph.get_attr("calls").item() == 0  # the pipeline ran on a copy, state included
+    assert optimized.get_attr("calls").item() == 2
