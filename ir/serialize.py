@@ -172,7 +172,6 @@ def _looks_like_onnx(data: bytes) -> bool:
 
 # -- the graph's JSON ------------------------------------------------------------------
 
-_SYMPY_NAMES: frozenset[str] | None = None
 _SYMBOL = re.compile(r"[a-z]+\d+\Z")
 # Keyword arguments of ``Symbol(...)``: sympy's assumption names.
 _ASSUMPTIONS = frozenset(
@@ -183,38 +182,46 @@ _ASSUMPTIONS = frozenset(
 _EXPR_OPS = {"(", ")", ",", "+", "-", "*", "/", "//", "%", "**", "<", ">", "<=", ">=", "==", "!="}
 
 
-def _sympy_names() -> frozenset[str]:
-    """Names a size expression may call: sympy's expression classes and
-    torch's sympy functions (no Python builtins, no attribute access)."""
-    global _SYMPY_NAMES
-    if _SYMPY_NAMES is None:
-        import sympy
-        import torch.utils._sympy.functions as functions
-        import torch.utils._sympy.numbers as numbers
-
-        names = {"True", "False", "sqrt", "oo", "zoo", "nan", "true", "false"}
-        for module in (sympy, functions, numbers):
-            names |= {n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, sympy.Basic)}
-        _SYMPY_NAMES = frozenset(names)
-    return _SYMPY_NAMES
+# What torch writes in a size expression: symbols, integers, arithmetic, comparisons
+# and its integer size functions. No power function (a crafted ``Pow(9, Pow(9, 9))``
+# would hang the loader evaluating it), no combinatorics, no Python builtins.
+_SIZE_FUNCTIONS = frozenset("""
+    Symbol Integer Rational Float Add Mul Max Min Mod Abs Eq Ne Lt Le Gt Ge And Or Not
+    StrictLessThan StrictGreaterThan LessThan GreaterThan Equality Unequality floor ceiling
+    True False true false oo int_oo IntInfinity NegativeIntInfinity
+    CeilDiv CeilToInt CleanDiv FloorDiv FloorToInt IntTrueDiv FloatTrueDiv Identity ModularIndexing
+    PythonMod RoundToInt ToFloat TruncToFloat TruncToInt Where LShift RShift
+""".split())
+_MAX_DIGITS = 19  # int64's range
+_MAX_EXPONENT = 64
+_MAX_POWERS = 2
 
 
 def check_size_expression(expr: str) -> None:
     """Raise ValueError unless ``expr`` is arithmetic on sizes as torch writes
-    it (``Mul(Integer(2), Symbol('s0', positive=True))``, ``s0 + 1``)."""
+    it (``Mul(Integer(2), Symbol('s0', positive=True))``, ``s0 + 1``), small
+    enough to evaluate at once: integers of at most 19 digits, at most two
+    ``**`` with a literal exponent of at most 64."""
     try:
         tokens = [t for t in tokenize.generate_tokens(io.StringIO(expr).readline)
                   if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
     except (tokenize.TokenError, SyntaxError) as e:
         raise ValueError(f"cannot tokenize: {e}") from None
-    names = _sympy_names()
+    if sum(t.string == "**" for t in tokens) > _MAX_POWERS:
+        raise ValueError(f"more than {_MAX_POWERS} powers")
     for i, tok in enumerate(tokens):
-        following = tokens[i + 1].string if i + 1 < len(tokens) else ""
+        following = tokens[i + 1] if i + 1 < len(tokens) else None
+        if tok.type == tokenize.NUMBER and len(tok.string.lstrip("0")) > _MAX_DIGITS:
+            raise ValueError(f"{tok.string[:24]!r}... is larger than a size")
+        if tok.string == "**" and not (following is not None and following.type == tokenize.NUMBER
+                                       and following.string.isdigit() and int(following.string) <= _MAX_EXPONENT
+                                       and not (i + 2 < len(tokens) and tokens[i + 2].string == "**")):
+            raise ValueError(f"'**' takes a literal exponent of at most {_MAX_EXPONENT}")
         ok = (
             tok.type == tokenize.NUMBER
             or (tok.type == tokenize.STRING and re.fullmatch(r"'[A-Za-z_][A-Za-z0-9_]*'", tok.string))
-            or (tok.type == tokenize.NAME and (tok.string in names or _SYMBOL.match(tok.string)))
-            or (tok.type == tokenize.NAME and following == "=" and tok.string in _ASSUMPTIONS)
+            or (tok.type == tokenize.NAME and (tok.string in _SIZE_FUNCTIONS or _SYMBOL.match(tok.string)))
+            or (tok.type == tokenize.NAME and following is not None and following.string == "=" and tok.string in _ASSUMPTIONS)
             or (tok.type == tokenize.OP and (tok.string in _EXPR_OPS or (tok.string == "=" and i and tokens[i - 1].type == tokenize.NAME)))
         )
         if not ok:

@@ -105,6 +105,15 @@ def _first_expr(obj):
     return None
 
 
+def _huge_size(members, marker):
+    """A size that is pure arithmetic but would take the loader forever to evaluate."""
+    name = _member(members, "models/model.json")
+    text = members[name].decode()
+    expr = json.dumps(_first_expr(json.loads(text)))[1:-1]
+    members[name] = text.replace(expr, "9**9**9 + s0", 1).encode()
+    return "models/model.json"
+
+
 def _foreign_op(members, marker):
     """A node that calls a Python function outside fxopt's op set."""
     name = _member(members, "models/model.json")
@@ -119,8 +128,10 @@ def _aoti_library(members, marker):
     return "data/aotinductor/model/model.so"
 
 
-@pytest.mark.parametrize("craft", [_pickled_weight, _pickled_sample_inputs, _size_expression, _foreign_op, _aoti_library],
-                         ids=["pickled-weight", "pickled-sample-inputs", "size-expression", "foreign-op", "aoti-library"])
+@pytest.mark.parametrize("craft", [_pickled_weight, _pickled_sample_inputs, _size_expression, _huge_size, _foreign_op,
+                                   _aoti_library],
+                         ids=["pickled-weight", "pickled-sample-inputs", "size-expression", "huge-size", "foreign-op",
+                              "aoti-library"])
 def test_crafted_file_is_refused_naming_the_member_and_runs_nothing(saved_mlp, tmp_path, craft):
     marker = tmp_path / "marker"
     members = _members(saved_mlp)
