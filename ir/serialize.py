@@ -368,7 +368,7 @@ def load(path):
         args, kwargs = _decode_inputs(archive, info["inputs"])
     except StructureError as e:
         raise LoadError(str(e)) from None
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # RuntimeError: a negative shape
         raise LoadError(f"{path}: member 'extra/fxopt.json' does not describe the example inputs ({type(e).__name__}: {e})") from None
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, model)
