@@ -271,7 +271,9 @@ class PassManager:
             ms = (time.perf_counter() - start) * 1e3
             if not isinstance(result, PassResult):
                 raise PassError(f"run() returned {type(result).__name__}, expected PassResult", pass_name=str(p))
-            if result.changed:
+            # A pass may edit and restore (split a fused op, find nothing, fuse it again) and
+            # report no change: the nodes the analyses name are gone all the same.
+            if result.changed or not existing.issuperset(work.fx.nodes):
                 state.analyses.invalidate(work, p.preserves if result.preserved is None else result.preserved)
             work.recompile()
             work.prune_unreferenced_attributes()

@@ -271,6 +271,8 @@ def _rewrite_matches(graph, pattern: Pattern, found: list[Match], matcher: Match
             continue
         replaced.update(zip(m.outputs, out))
         st.rewritten += 1
+    if pass_ is not None:
+        pass_.current_node = None  # the anchors are erased: a later failure must not name them
     if st.rewritten:
         graph.refresh_meta()  # later patterns' predicates may read shapes of new nodes
     return st.rewritten > 0
