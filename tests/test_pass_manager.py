@@ -308,3 +308,22 @@ def test_a_pass_run_alone_computes_its_analyses_itself(mlp_graph):
     SEEN.clear()
     ReadGelus().run(mlp_graph)
     assert SEEN == [sum(1 for n in mlp_graph.fx.nodes if n.target is aten.gelu.default)]
+
+
+@register_pass("respawn-gelus", registry=REG)
+class RespawnGelus(Pass):
+    """Replaces each gelu by a new, equal gelu and reports no change (as a split and re-fuse does)."""
+
+    def run(self, graph):
+        for gelu in self.walk(graph, target=aten.gelu.default):
+            with graph.fx.inserting_before(gelu):
+                twin = graph.fx.call_function(aten.gelu.default, gelu.args, gelu.kwargs)
+            gelu.replace_all_uses_with(twin)
+            graph.fx.erase_node(gelu)
+        return PassResult(False)
+
+
+def test_analyses_are_dropped_when_nodes_were_replaced_though_nothing_changed(mlp_graph):
+    SEEN.clear()
+    result = PassManager("read-gelus,respawn-gelus,read-gelus", registry=REG).run(mlp_graph)
+    assert result.analyses.computed == {"GeluCount": 2}
