@@ -255,7 +255,7 @@ class Generator:
         pad = pad_token_id if pad_token_id is not None else (
             self.info.pad_token_id if self.info.pad_token_id is not None else (min(stops) if stops else 0))
         generator = torch.Generator().manual_seed(seed) if (do_sample and seed is not None) else None
-        batch = ids.shape[0]
+        batch, prompt_len = ids.shape
 
         # Positions as Hugging Face's generate counts them: real tokens from 0, padding at 0.
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -286,7 +286,7 @@ class Generator:
             token = next_tokens(logits, options, generator)
             steps += 1
         decode_ms = (time.perf_counter() - decode_start) * 1e3
-        lengths = [int(m.sum()) for m in mask[:, : ids.shape[1] - len(new[0])]] if new[0] else []
+        lengths = [int(n) for n in mask[:, :prompt_len].sum(-1)]
         return GenerationOutput(ids, new, prefill_ms, decode_ms, steps, lengths)
 
 

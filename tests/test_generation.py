@@ -166,6 +166,7 @@ def test_stop_tokens_end_a_row_and_pad_it_while_others_go_on():
         assert out.new_tokens[row] == free[row][:cut]
     assert [s[0] for s in streamed[: first + 1]] == free[0][: first + 1]
     assert all(s[0] is None for s in streamed[first + 1:])
+    assert out.prompt_lengths == [len(p) for p in PROMPTS]  # row 0 ended first: its count says nothing of them
     # sequences keep Hugging Face's form: ended rows are padded
     if len(streamed) > first + 1:
         assert int(out.sequences[0, -1]) == 255
