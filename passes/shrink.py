@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from .base import Option, Pass, PassResult
-from .channels import ChannelAnalysis, ChannelGroup, Span
+from .analyses.channels import ChannelAnalysis, ChannelGroup, Span
 from .layers import regex_problem
 from .quantize.calibration import collect_linear_stats
 from .registry import register_pass
@@ -21,7 +21,7 @@ aten = torch.ops.aten
 @register_pass("shrink")
 class Shrink(Pass):
     """Removes the least important channels of each group that the
-    channel-dependency analysis (:class:`~fxopt.passes.channels.ChannelAnalysis`)
+    channel-dependency analysis (:class:`~fxopt.passes.analyses.ChannelAnalysis`)
     proves removable: MLP intermediate channels through activations,
     SwiGLU's gate times up, and merged ``gate_up`` projections split in two.
 

@@ -11,7 +11,7 @@ import fxopt
 from conftest import BASE_PIPELINE, base_graph, run
 from fxopt.models import BUILTIN, ModelSpec, _hf, _seed
 from fxopt.passes import AnalysisManager, PassError, PipelineError
-from fxopt.passes.channels import ChannelAnalysis
+from fxopt.passes.analyses import ChannelAnalysis
 
 aten = torch.ops.aten
 

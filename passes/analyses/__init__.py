@@ -1,6 +1,8 @@
 """Analyses that several passes read (see :mod:`..analysis` for the machinery):
-mask proofs (:mod:`.masks`) and liveness (:mod:`.liveness`)."""
+mask proofs (:mod:`.masks`), liveness (:mod:`.liveness`) and the channel
+dependencies that structured pruning follows (:mod:`.channels`)."""
 
+from .channels import ChannelAnalysis, ChannelGroup
 from .liveness import LiveRanges, Liveness
 from .masks import (
     CausalMaskFacts, CausalMasks, KeyPadding, KeyPaddingFacts, KeyPaddingMasks, NotKeyPadding, is_causal_mask,
@@ -8,6 +10,7 @@ from .masks import (
 )
 
 __all__ = [
+    "ChannelAnalysis", "ChannelGroup",
     "Liveness", "LiveRanges", "CausalMasks", "CausalMaskFacts", "KeyPaddingMasks", "KeyPaddingFacts", "KeyPadding",
     "NotKeyPadding", "is_causal_mask", "is_constant_causal_mask",
 ]

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..ir.nodes import module_path
-from .analysis import Analysis
+from ...ir.nodes import module_path
+from ..analysis import Analysis
 
 aten = torch.ops.aten
 
