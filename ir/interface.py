@@ -64,7 +64,8 @@ def ensure_registered(type_names, modules: dict[str, str], where: str) -> None:
         if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
             continue
         module = modules.get(name) or name.rpartition(".")[0]
-        if module.split(".")[0] in IMPORTABLE_PACKAGES:
+        # Only the module the type's own name says: the file does not choose what is imported.
+        if module.split(".")[0] in IMPORTABLE_PACKAGES and name.startswith(module + "."):
             try:
                 importlib.import_module(module)
             except ImportError as e:
