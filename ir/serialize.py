@@ -183,10 +183,11 @@ _EXPR_OPS = {"(", ")", ",", "+", "-", "*", "/", "//", "%", "**", "<", ">", "<=",
 
 
 # What torch writes in a size expression: symbols, integers, arithmetic, comparisons
-# and its integer size functions. No power function (a crafted ``Pow(9, Pow(9, 9))``
-# would hang the loader evaluating it), no combinatorics, no Python builtins.
+# and its integer size functions; powers only with a small literal exponent (a crafted
+# ``Pow(9, Pow(9, 9))`` would hang the loader evaluating it); no combinatorics, no
+# Python builtins.
 _SIZE_FUNCTIONS = frozenset("""
-    Symbol Integer Rational Float Add Mul Max Min Mod Abs Eq Ne Lt Le Gt Ge And Or Not
+    Symbol Integer Rational Float Add Mul Pow PowByNatural Max Min Mod Abs Eq Ne Lt Le Gt Ge And Or Not
     StrictLessThan StrictGreaterThan LessThan GreaterThan Equality Unequality floor ceiling
     True False true false oo int_oo IntInfinity NegativeIntInfinity
     CeilDiv CeilToInt CleanDiv FloorDiv FloorToInt IntTrueDiv FloatTrueDiv Identity ModularIndexing
@@ -195,6 +196,29 @@ _SIZE_FUNCTIONS = frozenset("""
 _MAX_DIGITS = 19  # int64's range
 _MAX_EXPONENT = 64
 _MAX_POWERS = 2
+
+
+def _small_exponent(tokens, open_at: int) -> bool:
+    """Whether the call whose '(' is ``tokens[open_at]`` has a second argument
+    that is a literal (``2`` or ``Integer(2)``) of at most ``_MAX_EXPONENT``."""
+    if open_at >= len(tokens) or tokens[open_at].string != "(":
+        return False
+    depth, comma = 0, None
+    for j in range(open_at, len(tokens)):
+        if tokens[j].string == "(":
+            depth += 1
+        elif tokens[j].string == ")":
+            depth -= 1
+            if depth == 0:
+                exponent = [t.string for t in tokens[comma + 1:j]] if comma is not None else []
+                if exponent[:2] == ["Integer", "("] and exponent[-1:] == [")"]:
+                    exponent = exponent[2:-1]
+                return len(exponent) == 1 and exponent[0].isdigit() and int(exponent[0]) <= _MAX_EXPONENT
+        elif tokens[j].string == "," and depth == 1:
+            if comma is not None:
+                return False
+            comma = j
+    return False
 
 
 def check_size_expression(expr: str) -> None:
@@ -207,8 +231,11 @@ def check_size_expression(expr: str) -> None:
                   if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
     except (tokenize.TokenError, SyntaxError) as e:
         raise ValueError(f"cannot tokenize: {e}") from None
-    if sum(t.string == "**" for t in tokens) > _MAX_POWERS:
+    if sum(t.string in ("**", "Pow", "PowByNatural") for t in tokens) > _MAX_POWERS:
         raise ValueError(f"more than {_MAX_POWERS} powers")
+    for i, tok in enumerate(tokens):
+        if tok.string in ("Pow", "PowByNatural") and not _small_exponent(tokens, i + 1):
+            raise ValueError(f"{tok.string}(...) takes a literal exponent of at most {_MAX_EXPONENT}")
     for i, tok in enumerate(tokens):
         following = tokens[i + 1] if i + 1 < len(tokens) else None
         if tok.type == tokenize.NUMBER and len(tok.string.lstrip("0")) > _MAX_DIGITS:
