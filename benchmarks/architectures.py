@@ -23,7 +23,7 @@ import torch
 from torch.export import Dim
 
 import fxopt
-from fxopt.models import ModelSpec, _hf
+from fxopt.models import ModelSpec, hf_spec
 
 from common import captured, write_result
 
@@ -48,7 +48,8 @@ def _config_model(config: str, model: str, name: str, mask: bool, **kw):
         cfg = getattr(transformers, config)(**kw)
         if attn:
             cfg._attn_implementation = attn
-        return _hf(getattr(transformers, model)(cfg), cfg.vocab_size, name, mask=mask)
+        return hf_spec(getattr(transformers, model)(cfg), cfg.vocab_size, name, mask=mask,
+                       max_len=getattr(cfg, "max_position_embeddings", None))
     return build
 
 

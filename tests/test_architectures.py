@@ -14,7 +14,7 @@ import torch
 from torch.export import Dim
 
 import fxopt
-from fxopt.models import ModelSpec, _hf
+from fxopt.models import ModelSpec, hf_spec
 from conftest import run
 
 transformers = pytest.importorskip("transformers")
@@ -27,27 +27,27 @@ SMALL = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
 
 def t5_encoder():
     cfg = transformers.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=256)
-    return _hf(transformers.T5EncoderModel(cfg), 256, "t5-encoder", mask=True)
+    return hf_spec(transformers.T5EncoderModel(cfg), 256, "t5-encoder", mask=True)
 
 
 def opt():
     cfg = transformers.OPTConfig(hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=128,
                                  use_cache=False, **SMALL)
-    return _hf(transformers.OPTForCausalLM(cfg), 256, "opt", mask=False)
+    return hf_spec(transformers.OPTForCausalLM(cfg), 256, "opt", mask=False, max_len=cfg.max_position_embeddings)
 
 
 def qwen2_eager():
     cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2, use_cache=False,
                                    max_position_embeddings=128, **SMALL)
     cfg._attn_implementation = "eager"
-    return _hf(transformers.Qwen2ForCausalLM(cfg), 256, "qwen2", mask=False)
+    return hf_spec(transformers.Qwen2ForCausalLM(cfg), 256, "qwen2", mask=False, max_len=cfg.max_position_embeddings)
 
 
 def mobilebert():
     cfg = transformers.MobileBertConfig(hidden_size=64, intermediate_size=64, embedding_size=32, intra_bottleneck_size=32,
                                         true_hidden_size=32, num_feedforward_networks=2, max_position_embeddings=128, **SMALL)
     cfg._attn_implementation = "eager"
-    return _hf(transformers.MobileBertModel(cfg), 256, "mobilebert", mask=True)
+    return hf_spec(transformers.MobileBertModel(cfg), 256, "mobilebert", mask=True)
 
 
 def vit():

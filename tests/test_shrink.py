@@ -9,7 +9,7 @@ import torch
 
 import fxopt
 from conftest import BASE_PIPELINE, base_graph, run
-from fxopt.models import BUILTIN, ModelSpec, _hf, _seed
+from fxopt.models import BUILTIN, ModelSpec, hf_spec, seeded
 from fxopt.passes import AnalysisManager, PassError, PipelineError
 from fxopt.passes.analyses import ChannelAnalysis
 
@@ -19,10 +19,10 @@ aten = torch.ops.aten
 def _phi3() -> ModelSpec:
     import transformers
 
-    _seed()
+    seeded()
     cfg = transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, use_cache=False, pad_token_id=None)
-    return _hf(transformers.Phi3ForCausalLM(cfg), 256, "phi3-tiny", mask=False, max_len=256)
+    return hf_spec(transformers.Phi3ForCausalLM(cfg), 256, "phi3-tiny", mask=False, max_len=256)
 
 
 SPECS = {"llama-tiny": BUILTIN["llama-tiny"], "gpt2-tiny": BUILTIN["gpt2-tiny"], "bert-tiny": BUILTIN["bert-tiny"], "phi3-tiny": _phi3}

@@ -29,14 +29,15 @@ class ModelSpec:
     tokenize: Callable[[list[str]], Any] | None = None
 
 
-def _seed(seed: int = 0) -> torch.Generator:
+def seeded(seed: int = 0) -> torch.Generator:
+    """Seeds torch's global generator and returns a generator of its own with the same seed."""
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
 
 def tiny_gpt(decode: bool = True, **config) -> ModelSpec:
     """The in-repo GPT; ``decode`` traces one decode step against a cache."""
-    _seed()
+    seeded()
     model = TinyGPT(**config).eval()
     vocab = model.wte.num_embeddings
     batch, past, seq = 2, 8, (1 if decode else 8)
@@ -63,7 +64,7 @@ class MLP(torch.nn.Module):
 
 
 def mlp() -> ModelSpec:
-    _seed()
+    seeded()
     model = MLP().eval()
     return ModelSpec(model, (torch.randn(4, 32),), ({0: Dim.DYNAMIC},), "mlp", [(torch.randn(7, 32),)])
 
@@ -86,10 +87,14 @@ def token_dims(inputs: dict, max_len: int) -> dict:
     return {k: {0: batch, 1: sequence} for k in inputs}
 
 
-def _hf(model, vocab: int, name: str, mask: bool, max_len: int, batch: int = 2, seq: int = 16) -> ModelSpec:
+def hf_spec(model, vocab: int, name: str, mask: bool, max_len: int | None = None, batch: int = 2, seq: int = 16) -> ModelSpec:
+    """A Hugging Face model with token inputs (ids, and a mask when ``mask``) of a dynamic batch and
+    sequence; ``max_len``: the model's position limit, if it has one."""
     model.eval()
     inputs = _token_inputs(vocab, batch, seq, mask)
-    dyn = token_dims(inputs, max_len)
+    # Without a known limit torch.export infers each dimension's range itself
+    # (MobileBERT's sequence cannot be 2, which a named Dim would have to claim).
+    dyn = token_dims(inputs, max_len) if max_len is not None else {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in inputs}
     return ModelSpec(model, inputs, dyn, name, [_token_inputs(vocab, 3, 11, mask, seed=1)])
 
 
@@ -97,11 +102,11 @@ def gpt2(size: str = "small", **overrides) -> ModelSpec:
     """Hugging Face GPT-2: ``small`` is the 124M configuration, ``tiny`` a test size."""
     import transformers
 
-    _seed()
+    seeded()
     sizes = {"small": {}, "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=128)}
     cfg = transformers.GPT2Config(use_cache=False, **sizes[size], **overrides)
     cfg.bos_token_id = cfg.eos_token_id = None
-    return _hf(transformers.GPT2LMHeadModel(cfg), cfg.vocab_size, f"gpt2-{size}" if size != "small" else "gpt2", mask=False,
+    return hf_spec(transformers.GPT2LMHeadModel(cfg), cfg.vocab_size, f"gpt2-{size}" if size != "small" else "gpt2", mask=False,
                max_len=cfg.n_positions)
 
 
@@ -109,14 +114,14 @@ def llama(size: str = "small", **overrides) -> ModelSpec:
     """Hugging Face Llama with grouped-query attention (8 query heads, 2 KV heads)."""
     import transformers
 
-    _seed()
+    seeded()
     sizes = {
         "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=1024),
         "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
     }
     cfg = transformers.LlamaConfig(use_cache=False, max_position_embeddings=256, **{**sizes[size], **overrides})
     cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = None
-    return _hf(transformers.LlamaForCausalLM(cfg), cfg.vocab_size, "llama" if size == "small" else f"llama-{size}", mask=False,
+    return hf_spec(transformers.LlamaForCausalLM(cfg), cfg.vocab_size, "llama" if size == "small" else f"llama-{size}", mask=False,
                max_len=cfg.max_position_embeddings)
 
 
@@ -124,13 +129,13 @@ def bert(size: str = "small", **overrides) -> ModelSpec:
     """Hugging Face BERT encoder with an attention mask (one row padded)."""
     import transformers
 
-    _seed()
+    seeded()
     sizes = {
         "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, vocab_size=2048),
         "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256),
     }
     cfg = transformers.BertConfig(max_position_embeddings=128, **{**sizes[size], **overrides})
-    return _hf(transformers.BertModel(cfg, add_pooling_layer=False), cfg.vocab_size, "bert" if size == "small" else f"bert-{size}", mask=True,
+    return hf_spec(transformers.BertModel(cfg, add_pooling_layer=False), cfg.vocab_size, "bert" if size == "small" else f"bert-{size}", mask=True,
                max_len=cfg.max_position_embeddings)
 
 
