@@ -11,8 +11,8 @@ quantization without fine-tuning, on two trained models:
   saw); calibration on ``--calib`` training windows of 128 bytes.
 
 Every linear but the LM head is pruned, clustered or quantized (the passes'
-default filters); ``shrink`` removes MLP channels (and attention heads where
-the channel analysis accepts them).
+default filters); ``shrink`` removes the same fraction of MLP channels and of
+attention heads (each attention keeps ``ceil((1 - r) * heads)``).
 
     python benchmarks/prune_accuracy.py                                   # both models, every row
     python benchmarks/prune_accuracy.py --models minilm --rows "prune(method=sparsegpt,ratio=0.5)"
@@ -47,7 +47,8 @@ SHARE = [
     "cluster(bits=4,granularity=channel)",
     "quantize(bits=4,granularity=channel,accuracy_level=0)",
 ]
-SHRINK = [f"shrink(ratio={r},importance=activation{c})" for r in (0.1, 0.2, 0.3) for c in ("", ",compensate=true")]
+# MLP channels and attention heads, by calibrated importance; with and without FLAP's bias compensation (MLP channels)
+SHRINK = [f"shrink(ratio={r},heads={r},importance=activation{c})" for r in (0.1, 0.2, 0.3) for c in ("", ",compensate=true")]
 QUANTIZE = [
     "quantize(bits=8,granularity=channel)",
     "quantize(mode=dynamic)",
@@ -115,7 +116,7 @@ def minilm(rows, calib: int, log) -> str:
     return "\n".join(lines)
 
 
-def decoder(rows, calib: int, log, size: str = "small", eval_windows: int = 64) -> str:
+def decoder(rows, calib: int, log, size: str = "mini", eval_windows: int = 64) -> str:
     import fxopt
     from train_decoder import load_decoder, perplexity
 
@@ -151,16 +152,18 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", choices=sorted(MODELS), default=list(MODELS))
     ap.add_argument("--rows", nargs="*", default=None, help="pipelines to measure (default: each model's rows)")
     ap.add_argument("--calib", type=int, default=None, help="calibration inputs (default: minilm 128, decoder 64)")
-    ap.add_argument("--decoder-size", default="small", help="train_decoder.py's size (tiny: a 0.4M-parameter smoke model)")
+    ap.add_argument("--decoder-size", default="mini", help="train_decoder.py's size: mini (1.9M parameters), small (10.8M), tiny")
     ap.add_argument("--eval-windows", type=int, default=64, help="decoder: held-out windows of 128 bytes")
+    ap.add_argument("--print-only", action="store_true", help="print the tables, leave the result file as it is")
     args = ap.parse_args()
     log = lambda s: print(s, flush=True)  # noqa: E731
     for name in args.models:
         extra = {"size": args.decoder_size, "eval_windows": args.eval_windows} if name == "decoder" else {}
         body = MODELS[name](args.rows or ROWS[name], args.calib or DEFAULT_CALIB[name], log, **extra)
         print(body, flush=True)
-        write_result("prune_accuracy", "Accuracy of pruning, shrinking, clustering and quantization (no fine-tuning)", body,
-                     section=name)
+        if not args.print_only:
+            write_result("prune_accuracy", "Accuracy of pruning, shrinking, clustering and quantization (no fine-tuning)", body,
+                         section=name)
 
 
 if __name__ == "__main__":
