@@ -93,6 +93,7 @@ def ort_op_types(compiled) -> collections.Counter:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        options.log_severity_level = 3  # the saved model is read here only: no hardware-specific warning
         ort.InferenceSession(compiled.program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         model = onnx.load(options.optimized_model_filepath, load_external_data=False)
     return collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
