@@ -11,8 +11,8 @@ Runtime time of the pruned model over the unpruned one at prefill (batch 1,
 ``--prefill`` tokens) and at one token (a one-token forward: the GEMV-bound
 step a decode step is made of). Time that does not fall with the work means
 the pruned graph lost a fusion or a kernel: the table also compares the op
-kinds of the two fused graphs and lists the head counts of their attention
-ops.
+kinds of the two fused graphs, and the op types ONNX Runtime runs after its
+own optimizations, and lists the head counts of their attention ops.
 
 Times are ratios within one run: both variants are timed round-robin and
 each ratio is the median over rounds of pruned / unpruned in the same round.
@@ -34,6 +34,7 @@ import argparse
 import collections
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -83,6 +84,21 @@ def kinds(graph) -> collections.Counter:
     return collections.Counter(str(n.target) for n in graph.fx.nodes if n.op == "call_function")
 
 
+def ort_op_types(compiled) -> collections.Counter:
+    """The op types of the model ONNX Runtime runs, after its own graph optimizations (its fusions)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        options.log_severity_level = 3  # the saved model is read here only: no hardware-specific warning
+        ort.InferenceSession(compiled.program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        model = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    return collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
+
+
 def time_pair(a, b, reps: int) -> float:
     """Median over rounds of time(b) / time(a), the two run one after the other in each round."""
     a(), b(), a(), b()
@@ -125,12 +141,15 @@ def run_model(name: str, size: str, heads: float, ratio: float, prefill: int, re
             ch_all = sum(v["of"] for v in stats["groups"].values())
             lost = kinds(fused) - kinds(fused_pruned)
             gained = kinds(fused_pruned) - kinds(fused)
+            ort_a, ort_b = ort_op_types(a), ort_op_types(b)
             rows["structure"] = (
                 f"heads left {heads_left} of {heads_all}, MLP channels left {ch_left} of {ch_all}; "
                 f"attention ops unpruned {', '.join(sorted(set(attention_heads(fused))))}, "
                 f"pruned {', '.join(sorted(set(attention_heads(fused_pruned))))}; "
                 + ("same op kinds in both fused graphs" if not lost and not gained
-                   else f"op kinds lost {dict(lost)}, gained {dict(gained)}"))
+                   else f"op kinds lost {dict(lost)}, gained {dict(gained)}")
+                + ("; ONNX Runtime runs the same op types in both after its optimizations" if ort_a == ort_b
+                   else f"; ONNX Runtime op types lost {dict(ort_a - ort_b)}, gained {dict(ort_b - ort_a)}"))
     lines += [
         f"### {spec.name}: {shrink}", "",
         f"{rows['structure']}.", "",
