@@ -268,3 +268,32 @@ def test_shrink_leaves_heads_with_their_own_score_bias():
     assert why.startswith("node 'add") and "its own value per head" in why
     with pytest.raises(PassError, match=r"include='q' selects no shrinkable channel group or attention.*its own value per head"):
         fxopt.PassManager("canonicalize,shrink(ratio=0,heads=0.5,include=q)").run(graph_of(_gqa(WQ, WK, WV, WO, 8, 4, per_head), (XH,)))
+
+
+def _partly_repeated(wq, wk, wv, wo, heads, kv_heads):
+    """Key/value heads repeated twice by repeat_kv, the rest of the grouping left to
+    SDPA's ``enable_gqa``: 8 query heads over 2 key/value heads seen as 4."""
+    def attention(x):
+        b, s, _ = x.shape
+        q = F.linear(x, wq).view(b, s, heads, 8).transpose(1, 2)
+        k = F.linear(x, wk).view(b, s, kv_heads, 8).transpose(1, 2)
+        v = F.linear(x, wv).view(b, s, kv_heads, 8).transpose(1, 2)
+        k = k[:, :, None].expand(b, kv_heads, 2, s, 8).reshape(b, kv_heads * 2, s, 8)
+        v = v[:, :, None].expand(b, kv_heads, 2, s, 8).reshape(b, kv_heads * 2, s, 8)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return F.linear(out.transpose(1, 2).reshape(b, s, heads * 8), wo)
+    return attention
+
+
+def test_shrink_heads_of_a_partly_repeated_key_value_for_enable_gqa():
+    # the merge after the repeat counts kept KV heads times the repeat (2), not the query heads (4)
+    wo = WO.clone()
+    wo[:, 32:] = 0.0  # KV head 1 (query heads 4..7) adds nothing: removing it is exact
+    before = graph_of(_partly_repeated(WQ, WK[:16], WV[:16], wo, 8, 2), (XH,))
+    after = fxopt.PassManager("canonicalize,shrink(ratio=0,heads=0.5)").run(before).graph
+    merges = [n.args[1] for n in after.fx.nodes if n.target in (aten.view.default, aten._unsafe_view.default)
+              and n.args[0].target in (aten.expand.default, aten.clone.default)]
+    assert merges == [[2, 2, 5, 8]] * 2
+    expected = _partly_repeated(_rows(WQ, [0, 1, 2, 3]), WK[:8], WV[:8], wo[:, :32], 4, 1)
+    assert fxopt.compare(expected(XH), run(fxopt.compile(after, "eager"), (XH,))).within(1e-5)
+    assert fxopt.compare(expected(XH), run(fxopt.compile(after, "onnxruntime"), (XH,))).within(1e-4)

@@ -512,9 +512,12 @@ class _HeadWalk:
         if s == shape:
             return self.back(src, axis, kind, rep_axis)
         if rep_axis is None and len(s) == nd + 1 and s[:axis] + s[axis + 2:] == shape[:axis] + shape[axis + 1:]:
-            # repeat_kv's merge [B, Hkv, n_rep, S, D] -> [B, Hkv * n_rep, S, D]
-            self._edit(node, axis, kind, 1)
-            return self.back(src, axis, "kv", axis + 1)
+            # repeat_kv's merge [B, Hkv, n_rep, S, D] -> [B, Hkv * n_rep, S, D]: the entry
+            # counts KV heads times the repeat (not the query heads: SDPA's enable_gqa may
+            # take a partly repeated key/value)
+            span, dim, rep = self.back(src, axis, "kv", axis + 1)
+            self._edit(node, axis, "kv", rep)
+            return span, dim, rep
         if rep_axis is None and axis == nd - 2 and len(s) == nd - 1 and s[:-1] == shape[:-2]:
             dim = _static(shape[-1])
             if dim is None or _static(s[-1]) != dim * _static(shape[-2]):
