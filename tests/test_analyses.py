@@ -288,9 +288,9 @@ def test_heads_are_followed_from_the_projections_through_attention_to_the_output
     assert heads.q_rows([1]).tolist() == list(range(16, 32)) and heads.k_rows([1]).tolist() == list(range(8, 16))
     assert heads.columns([0]).tolist() == list(range(16))
     # the literal head counts to rewrite (kind, factor, value): k's view and repeat_kv's two expands
-    # (2 KV heads), repeat_kv's two merges (4 query heads) and the output's merge (4 heads x 8)
+    # (2 KV heads), repeat_kv's two merges (2 KV heads x 2 repeats) and the output's merge (4 heads x 8)
     edits = sorted((e.kind, e.factor, e.node.args[1][e.index]) for e in heads.shape_edits)
-    assert edits == [("kv", 1, 2)] * 3 + [("q", 1, 4)] * 2 + [("q", 8, 32)]
+    assert edits == [("kv", 1, 2)] * 3 + [("kv", 2, 4)] * 2 + [("q", 8, 32)]
     assert not any(k.startswith(("q[", "k[", "v[")) for k in deps.refused())
 
 
