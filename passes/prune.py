@@ -230,6 +230,14 @@ class Prune(LayerFilterOptions):
     Embedding tables are pruned by magnitude whatever the method (a lookup has
     no input activation to weigh).
 
+    Calibration (``wanda``, ``sparsegpt``): with ``sequential`` (the default)
+    one run goes through the graph, every calibration input together, and
+    prunes each layer when it reaches it, on the inputs the layers already
+    pruned produce (the papers' layer-by-layer order); it holds the live values
+    of every calibration input at once. ``threshold=global`` compares scores
+    across layers before any mask is chosen, so it calibrates once on the
+    unpruned model whatever ``sequential`` says.
+
     Stats: per layer ``sparsity`` (zeros / elements) and ``rel_err``, the
     relative output error ``||X (W - W')^T|| / ||X W^T||`` on the calibration
     inputs (the graph's example inputs when none are given; for embeddings the
@@ -253,7 +261,7 @@ class Prune(LayerFilterOptions):
     damp = Option(GPTQ_DAMP, float, check=lambda v: None if v >= 0 else "must be >= 0",
                   help="sparsegpt: fraction of mean(diag H) added to H's diagonal")
     sequential = Option(True, help="wanda, sparsegpt: calibrate each layer on the inputs the already-pruned layers produce "
-                                   "(false: every layer on the unpruned model's inputs, one calibration run)")
+                                   "(false, or threshold=global: every layer on the unpruned model's inputs, one calibration run)")
 
     runs_after = ("canonicalize",)
     runs_before = ("quantize",)
