@@ -55,7 +55,8 @@ class Shrink(Pass):
     (FLAP, An et al. 2024); MLP channels only. Each group keeps
     ``ceil((1 - ratio) * size)`` channels, rounded up to a multiple of
     ``multiple_of``; each attention keeps ``ceil((1 - heads) * kv_heads)`` key/value
-    groups (at least one).
+    groups (at least one); an attention where that is all of them is left
+    untouched (listed in stats ``attentions``, not counted as shrunk).
 
     Refuses (counted in stats ``refused``, with the node that stops the walk):
     groups whose channels reach an op the analysis cannot follow (norms, the
@@ -116,7 +117,10 @@ class Shrink(Pass):
                 keep_span(span, span.offset + keep)
         kept_groups: dict[int, list[int]] = {}
         for attn in attentions:
-            keep = kept_groups[id(attn)] = self._choose_heads(graph, attn, norms)
+            keep = self._choose_heads(graph, attn, norms)
+            if len(keep) == attn.num_kv_heads:
+                continue  # the fraction rounds to no whole key/value group
+            kept_groups[id(attn)] = keep
             keep_span(attn.q, attn.q_rows(keep))
             keep_span(attn.k, attn.k_rows(keep))
             keep_span(attn.v, attn.v_rows(keep))
@@ -135,7 +139,9 @@ class Shrink(Pass):
             for user, const in group.constants:
                 self._take(graph, user, list(user.args).index(const), keep, dim=-1)
             per_group[group.name] = {"kept": int(keep.numel()), "of": group.size}
-        per_attention = {}
+        per_attention = {a.name: {"heads": a.num_heads, "of": a.num_heads, "kv_heads": a.num_kv_heads, "kv_of": a.num_kv_heads}
+                         for a in attentions if id(a) not in kept_groups}
+        attentions = [a for a in attentions if id(a) in kept_groups]
         for attn in attentions:
             keep = kept_groups[id(attn)]
             for consumer in attn.consumers:

@@ -297,3 +297,11 @@ def test_shrink_heads_of_a_partly_repeated_key_value_for_enable_gqa():
     expected = _partly_repeated(_rows(WQ, [0, 1, 2, 3]), WK[:8], WV[:8], wo[:, :32], 4, 1)
     assert fxopt.compare(expected(XH), run(fxopt.compile(after, "eager"), (XH,))).within(1e-5)
     assert fxopt.compare(expected(XH), run(fxopt.compile(after, "onnxruntime"), (XH,))).within(1e-4)
+
+
+def test_a_heads_fraction_too_small_to_remove_a_key_value_group_changes_nothing():
+    # 4 key/value groups: heads=0.2 keeps ceil(0.8 * 4) = 4 of them, so no head goes
+    result = assert_unchanged("shrink(ratio=0,heads=0.2)", _gqa(WQ, WK, WV, WO, 8, 4), (XH,), prepare="canonicalize")
+    stats = result.records[0].stats
+    assert stats["attentions_shrunk"] == 0 and stats["heads_removed"] == 0
+    assert list(stats["attentions"].values()) == [{"heads": 8, "of": 8, "kv_heads": 4, "kv_of": 4}]
