@@ -320,6 +320,25 @@ class OnnxRuntimeModel(CompiledModel):
                                f"traced?): {str(e).strip().splitlines()[0][:300]}") from e
         return self.interface.unflatten_outputs([torch.from_numpy(np.asarray(o)) for o in outputs])
 
+    def run_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The flat tensor inputs in, the flat outputs out, without copies:
+        each input reaches ONNX Runtime as an ``OrtValue`` over the torch
+        tensor's memory (DLPack), each output is a torch tensor over the
+        memory ONNX Runtime wrote it to (writable: an in-place collective may
+        reuse it). No structure or dtype checks: for callers that feed one
+        compiled model's outputs to another."""
+        import onnxruntime as ort
+
+        feed = {name: ort.OrtValue.from_dlpack(tensors[i].detach().contiguous())
+                for name, i in zip(self.input_names, range(len(tensors)))}
+        try:
+            outputs = self.session.run_with_ort_values(self.output_names, feed)
+        except Exception as e:
+            shapes = ", ".join(f"{name} {list(t.shape())}" for name, t in feed.items())
+            raise BackendError(f"{self.interface.name}: ONNX Runtime failed on inputs {shapes}: "
+                               f"{str(e).strip().splitlines()[0][:300]}") from e
+        return [torch.from_numpy(o.numpy()) for o in outputs]
+
     def save(self, path) -> Path:
         """Writes the ONNX model with the model's interface (input names,
         structures, dtypes; JSON) in its metadata, which :meth:`load` and

@@ -1,0 +1,335 @@
+"""ONNX Runtime for a rank graph: the graph cut at its collectives.
+
+ONNX Runtime's collective ops (``com.microsoft`` AllReduce / AllGather) run
+on CUDA with NCCL only. A tensor-parallel rank graph on CPU is therefore cut
+at its collective nodes into segments, each lowered and run as an ONNX
+Runtime session by :class:`~fxopt.backends.onnxruntime.OnnxRuntimeModel`, and
+the collectives run between the segments through ``torch.distributed`` in
+the process group their group name resolves to (see
+:func:`fxopt.ir.collectives.bind_group`). Tensors cross between ONNX Runtime
+and torch without copies: inputs go in as ``OrtValue.from_dlpack`` views of
+the torch tensors, outputs come back as ``torch.from_numpy`` views of the
+OrtValues' memory, and a sum is all-reduced in place in that memory.
+
+Segment ``k`` computes the nodes that depend, through their inputs, on ``k``
+collectives in a row; a value that several segments read is an output of the
+one that computes it and an input of the others. Sizes (SymInt nodes) are
+recomputed inside each segment that reads them rather than passed along.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from ..ir.graph import Graph
+from .base import BackendError, CompiledModel
+from .onnxruntime import OnnxRuntimeModel
+
+_c10d = torch.ops._c10d_functional
+ALL_REDUCE = _c10d.all_reduce.default
+ALL_GATHER = _c10d.all_gather_into_tensor.default
+REDUCE_SCATTER = _c10d.reduce_scatter_tensor.default
+WAIT = _c10d.wait_tensor.default
+# Collectives the segments are cut at; ``wait_tensor`` is a no-op between
+# them (each collective has finished when the next segment starts).
+CUT_AT = (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER)
+# The group name a rank graph carries until it is bound to a real group.
+UNBOUND_GROUP = "tp"
+
+
+def has_collectives(graph: Graph) -> bool:
+    return any(n.op == "call_function" and n.target in CUT_AT for n in graph.fx.nodes)
+
+
+@dataclass
+class Collective:
+    """One collective between two segments: ``kind`` on the value ``source``
+    giving ``result``, in the process group named ``group``."""
+
+    node: str
+    kind: object
+    source: str
+    result: str
+    group: str
+    reduce_op: str = "sum"
+    group_size: int = 1
+    in_place: bool = False  # the source has no other reader: reduce into its memory
+
+
+@dataclass
+class Segment:
+    model: OnnxRuntimeModel | None
+    inputs: list[str]
+    outputs: list[str]
+    collectives: list[Collective] = field(default_factory=list)  # run after this segment
+
+
+def _is_tensor_node(node) -> bool:
+    return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _stand_in_values(graph: Graph) -> dict[str, object]:
+    """Every node's value on the graph's example inputs, with each collective
+    replaced by a local stand-in of the right shape (a sum becomes the rank's
+    own value, a gather N copies of it): example inputs for the segments'
+    traces, no process group needed."""
+
+    values: dict[str, object] = {}
+
+    class StandIn(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            values[n.name] = out
+            return out
+
+        def call_function(self, target, args, kwargs):
+            if target == ALL_REDUCE:
+                return args[0].clone()
+            if target == ALL_GATHER:
+                return torch.cat([args[0]] * int(args[1]), 0)
+            if target == REDUCE_SCATTER:
+                return args[0].chunk(int(args[2]), 0)[0].clone()
+            if target == WAIT:
+                return args[0]
+            return super().call_function(target, args, kwargs)
+
+    leaves = pytree.tree_leaves((graph.example_args, graph.example_kwargs))
+    with torch.no_grad():
+        StandIn(graph.module).run(*leaves)
+    return values
+
+
+class OnnxRuntimeRankModel(CompiledModel):
+    """A rank graph (a graph with ``_c10d_functional`` collectives) on ONNX
+    Runtime: one session per segment between collectives, the collectives
+    run by ``torch.distributed``. Called like the rank graph; every rank of
+    the group must call it with inputs of the same shapes.
+
+    Options as for :class:`OnnxRuntimeModel` (threads, optimization level,
+    spinning ...), applied to every segment's session, and ``timeout`` (seconds,
+    default: the process group's): a collective waits this long for the other
+    ranks before failing."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, graph: Graph, *, timeout: float | None = None, **options):
+        self.graph = graph
+        self.timeout = timeout
+        self._groups: dict[str, object] = {}
+        self._plan(graph, options)
+
+    # -- cutting ---------------------------------------------------------------
+    def _plan(self, graph: Graph, options: dict) -> None:
+        nodes = list(graph.fx.nodes)
+        output = next(n for n in reversed(nodes) if n.op == "output")
+        # The segment that computes a node (for a collective: the first that can read its result).
+        stage: dict[fx.Node, int] = {}
+        alias: dict[fx.Node, fx.Node] = {}  # wait_tensor -> the collective it waits for
+        for n in nodes:
+            if n.op != "call_function":
+                stage[n] = 0
+            elif n.target == WAIT:
+                alias[n] = alias.get(n.args[0], n.args[0])
+                stage[n] = stage[n.args[0]]
+            else:
+                stage[n] = max((stage[a] for a in n.all_input_nodes), default=0) + (n.target in CUT_AT)
+
+        def key(n: fx.Node) -> str:
+            return alias.get(n, n).name
+
+        def computes(n: fx.Node) -> bool:
+            return n.op == "call_function" and n.target != WAIT and n.target not in CUT_AT and _is_tensor_node(n)
+
+        collectives = [n for n in nodes if n.op == "call_function" and n.target in CUT_AT]
+        self.num_segments = 1 + max((stage[n] for n in nodes if computes(n)), default=0)
+        values = _stand_in_values(graph)
+        self._input_keys = [p.name for p in graph.placeholders()]
+        leaves = pytree.tree_leaves(output.args[0])
+        self._output_keys = [key(leaf) if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
+
+        # Each segment's fx graph and the values it reads; then, as outputs, its
+        # values that others read (later segments, collectives, the graph's output).
+        built = []
+        for s in range(self.num_segments):
+            members = [n for n in nodes if computes(n) and stage[n] == s]
+            built.append((members, *self._segment_graph(members, key)) if members else None)
+        wanted = {k for b in built if b for k in b[3]} | {key(c.args[0]) for c in collectives}
+        wanted |= {k for k in self._output_keys if isinstance(k, str)}
+        self._options = options
+        self.segments: list[Segment] = []
+        for s, b in enumerate(built):
+            if b is None:
+                self.segments.append(Segment(None, [], []))
+                continue
+            members, seg, env, inputs = b
+            outputs = [m.name for m in members if m.name in wanted]
+            seg.output(tuple(env[m] for m in members if m.name in wanted))
+            module = fx.GraphModule(graph.module, _placeholders_first(seg))
+            model = self._lower(graph, module, tuple(values[k] for k in inputs), s)
+            self.segments.append(Segment(model, inputs, outputs))
+        for c in collectives:
+            src = c.args[0]
+            # Summed in its own memory when nothing else reads the value (a graph
+            # input or constant never is).
+            in_place = (c.target == ALL_REDUCE and src.op == "call_function"
+                        and all(u is c for u in src.users) and key(src) not in self._output_keys)
+            if c.target == ALL_REDUCE:
+                record = Collective(c.name, c.target, key(src), c.name, c.args[2], reduce_op=c.args[1], in_place=in_place)
+            else:
+                record = Collective(c.name, c.target, key(src), c.name, c.args[2], group_size=int(c.args[1]))
+            self.segments[stage[c] - 1].collectives.append(record)
+        self._constants = {n.name: graph.get_attr(n.target) for n in nodes if n.op == "get_attr" and n.name in self._output_keys}
+        self._constants.update({p.name: values[p.name] for p in graph.placeholders() if not _is_tensor_node(p)})
+
+    @staticmethod
+    def _segment_graph(members: list[fx.Node], key):
+        """An fx graph computing ``members`` from the tensor values it reads
+        (its inputs, keys in order); constants are read where they live and
+        sizes are recomputed from the tensors they are sizes of."""
+        seg = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        inputs: list[str] = []
+        member_set = set(members)
+
+        def value(a: fx.Node):
+            if a in env:
+                return env[a]
+            if a.op == "get_attr":
+                env[a] = seg.get_attr(a.target)
+            elif a.op == "placeholder" and not _is_tensor_node(a):
+                return a.meta.get("val")  # a non-tensor input: the model is specialized to it
+            elif a in member_set:
+                raise AssertionError(f"{a.name} read before it is computed")
+            elif a.op == "placeholder" or _is_tensor_node(a) or a.target == WAIT or a.target in CUT_AT:
+                env[a] = seg.placeholder(f"in{len(inputs)}_{key(a)}")
+                env[a].meta = dict(a.meta)
+                inputs.append(key(a))
+            else:  # a size or a multi-output op: recomputed here
+                env[a] = seg.node_copy(a, value)
+            return env[a]
+
+        for n in members:
+            env[n] = seg.node_copy(n, value)
+        return seg, env, inputs
+
+    def _lower(self, graph: Graph, module: fx.GraphModule, example: tuple, s: int) -> OnnxRuntimeModel:
+        """The segment traced by fxopt (dimensions dynamic where the rank
+        graph's are) and compiled for ONNX Runtime."""
+        from ..ir.trace import trace
+
+        shapes = []
+        for node in (n for n in module.graph.nodes if n.op == "placeholder"):
+            val = node.meta.get("val")
+            dims = {i: torch.export.Dim.DYNAMIC for i, size in enumerate(getattr(val, "shape", ()))
+                    if isinstance(size, torch.SymInt)}
+            shapes.append(dims or None)
+        name = f"{graph.name}.segment{s}"
+        try:
+            traced = trace(module, example, dynamic_shapes=tuple(shapes) if any(shapes) else None, name=name,
+                           share_weights=True)
+        except Exception as e:
+            raise BackendError(f"{graph.name}: segment {s} (between collectives) could not be traced: {e}") from e
+        return OnnxRuntimeModel(traced, **self._options)
+
+    # -- running ---------------------------------------------------------------
+    def group(self, name: str):
+        """The process group a collective's group name resolves to."""
+        if name not in self._groups:
+            import torch.distributed as dist
+            from torch.distributed.distributed_c10d import _resolve_process_group
+
+            if not dist.is_available() or not dist.is_initialized():
+                raise BackendError(f"{self.graph.name} holds collectives but no process group is initialized: launch "
+                                   "with `torchrun --nproc-per-node N ...` (or `fxopt optimize ... --tensor-parallel N`) "
+                                   "and call fxopt.parallel.init_process_group() before running it")
+            if name == UNBOUND_GROUP:
+                raise BackendError(f"{self.graph.name}: its collectives name the group {name!r}, not yet bound to a process "
+                                   "group: compile the graph fxopt.parallel.bind_process_group(graph, group) returns")
+            try:
+                self._groups[name] = _resolve_process_group(name)
+            except Exception as e:
+                raise BackendError(f"{self.graph.name}: no process group named {name!r} in this process ({e}); bind the "
+                                   "graph to a group of this run with fxopt.parallel.bind_process_group") from None
+        return self._groups[name]
+
+    def _collective(self, c: Collective, env: dict, fed: set) -> None:
+        import torch.distributed as dist
+
+        x = env[c.source]
+        group = self.group(c.group)
+        try:
+            if c.kind == ALL_REDUCE:
+                # In place only in memory a session wrote and nothing was fed from
+                # (a session may hand an input back as an output).
+                own = c.in_place and x.is_contiguous() and x.untyped_storage().data_ptr() not in fed
+                out = x if own else x.contiguous().clone()
+                op = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX,
+                      "min": dist.ReduceOp.MIN, "product": dist.ReduceOp.PRODUCT}[c.reduce_op]
+                if op == dist.ReduceOp.AVG and dist.get_backend(group) == "gloo":  # gloo has no AVG
+                    dist.all_reduce(out, dist.ReduceOp.SUM, group=group)
+                    out /= dist.get_world_size(group)
+                else:
+                    dist.all_reduce(out, op, group=group)
+            elif c.kind == ALL_GATHER:
+                x = x.contiguous()
+                out = x.new_empty((x.shape[0] * c.group_size, *x.shape[1:]))
+                dist.all_gather_into_tensor(out, x, group=group)
+            else:
+                x = x.contiguous()
+                out = x.new_empty((x.shape[0] // c.group_size, *x.shape[1:]))
+                dist.reduce_scatter_tensor(out, x, group=group)
+        except RuntimeError as e:
+            raise CollectiveError(self.graph.name, c.node, group, e) from e
+        env[c.result] = out
+
+    def __call__(self, *args, **kwargs):
+        leaves = self.graph_inputs(self.graph, args, kwargs, self.index_bounds)
+        env: dict[str, object] = dict(zip(self._input_keys, leaves))
+        fed: set[int] = set()  # storages of the tensors given to the sessions
+        for segment in self.segments:
+            if segment.model is not None:
+                inputs = [env[k] for k in segment.inputs]
+                fed.update(t.untyped_storage().data_ptr() for t in inputs)
+                env.update(zip(segment.outputs, segment.model.run_tensors(inputs)))
+            for c in segment.collectives:
+                self._collective(c, env, fed)
+        flat = [env[k] if isinstance(k, str) and k in env else self._constants.get(k, k) for k in self._output_keys]
+        return self.graph.unflatten_outputs(flat)
+
+    def save(self, path):
+        raise BackendError(f"{self.graph.name}: a rank graph on ONNX Runtime is several sessions joined by collectives and "
+                           "is not saved as one file; save the rank graph (graph.save) and compile it where it runs")
+
+    def artifact_bytes(self) -> int:
+        return sum(s.model.artifact_bytes() for s in self.segments if s.model is not None)
+
+
+class CollectiveError(BackendError):
+    """A collective failed: a peer rank exited, or did not answer within the timeout."""
+
+    def __init__(self, graph_name: str, node: str, group, error: Exception):
+        import torch.distributed as dist
+
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        try:
+            where = f"rank {dist.get_rank()} (rank {dist.get_rank(group)} of {dist.get_world_size(group)} in its group)"
+        except Exception:
+            where = "this rank"
+        super().__init__(f"{graph_name}: collective {node} failed on {where}: another rank exited or did not answer "
+                         f"within the process group's timeout ({first})")
+
+
+def _placeholders_first(seg: fx.Graph) -> fx.Graph:
+    """``seg`` with its placeholders moved before every other node."""
+    placeholders = [n for n in seg.nodes if n.op == "placeholder"]
+    first = next((n for n in seg.nodes if n.op != "placeholder"), None)
+    if first is not None:
+        for p in placeholders:
+            first.prepend(p)
+    seg.lint()
+    return seg
+
