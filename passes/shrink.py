@@ -80,34 +80,14 @@ class Shrink(Pass):
         self._check_weights(graph, groups)
         norms = self._activation_norms(graph, groups) if self.importance == "activation" else {}
         means = self._input_means(graph, groups) if self.compensate else {}
-        # The rows each producer keeps, per group first, then per producer.
-        keep_rows: dict[fx.Node, torch.Tensor] = {}
-        kept: dict[int, torch.Tensor] = {}
-        for group in groups:
-            keep = self._choose(graph, group, norms)
-            kept[id(group)] = keep
-            for span in group.spans:
-                rows = keep_rows.setdefault(span.producer, torch.ones(graph.constant(span.producer.args[1]).shape[0], dtype=torch.bool))
-                mask = torch.zeros(span.size, dtype=torch.bool)
-                mask[keep] = True
-                rows[span.offset: span.offset + span.size] = mask
-        before = graph.param_bytes()
-        for producer, rows in keep_rows.items():
-            self._take(graph, producer, 1, rows, dim=0)
-            if len(producer.args) > 2 and producer.args[2] is not None:
-                self._take(graph, producer, 2, rows, dim=0)
-        per_group = {}
-        for group in groups:
-            keep = kept[id(group)]
-            for consumer in group.consumers:
-                if self.compensate:
+        kept = [(group, self._choose(graph, group, norms)) for group in groups]
+        if self.compensate:
+            for group, keep in kept:
+                for consumer in group.consumers:
                     self._fold_removed(graph, consumer, keep, means[consumer])
-                self._take(graph, consumer, 1, keep, dim=1)
-            for user, const in group.constants:
-                self._take(graph, user, list(user.args).index(const), keep, dim=-1)
-            per_group[group.name] = {"kept": int(keep.numel()), "of": group.size}
-        for node, pieces in deps.pieces.items():
-            self._resize(node, pieces, keep_rows)
+        before = graph.param_bytes()
+        keep_channels(graph, deps, kept)
+        per_group = {group.name: {"kept": int(keep.numel()), "of": group.size} for group, keep in kept}
         stats = {"groups_shrunk": len(groups), "channels_removed": sum(v["of"] - v["kept"] for v in per_group.values()),
                  "bytes_removed": before - graph.param_bytes(), "groups": per_group, "refused": refused}
         return PassResult(bool(groups), stats)
@@ -165,35 +145,63 @@ class Shrink(Pass):
         order = torch.argsort(score, descending=True, stable=True)[:keep_n]
         return torch.sort(order).values
 
-    @staticmethod
-    def _take(graph, user: fx.Node, index: int, keep: torch.Tensor, dim: int) -> None:
-        """``user.args[index]`` (a constant) replaced by its entries ``keep`` along ``dim``."""
-        old = user.args[index]
-        t = graph.constant(old)
-        idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
-        new = graph.add_constant(t.index_select(dim % t.dim(), idx).contiguous(), f"{old.target}.shrunk")
-        args = list(user.args)
-        args[index] = new
-        user.args = tuple(args)
-        if not old.users:
-            graph.fx.erase_node(old)
 
-    @staticmethod
-    def _resize(node: fx.Node, pieces: list[Span], keep_rows: dict[fx.Node, torch.Tensor]) -> None:
-        """New sizes of a split or slice of a producer's output."""
-        rows = keep_rows.get(pieces[0].producer)
-        if rows is None:
-            return
-        new = [int(rows[p.offset: p.offset + p.size].sum()) for p in pieces]
-        if node.target == aten.slice.Tensor:
-            first = pieces[0]
-            parent_start = first.offset - node.args[2] if len(node.args) > 2 and node.args[2] else first.offset
-            start = int(rows[parent_start: first.offset].sum())
-            args = list(node.args) + [None] * (4 - len(node.args))
-            args[2], args[3] = start, start + new[0]
-            node.args = tuple(args)
-        else:
-            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-            node.target = aten.split_with_sizes.default
-            node.args = (node.args[0], new, dim)
-            node.kwargs = {}
+def keep_channels(graph, deps, kept, suffix: str = "shrunk") -> None:
+    """Keep channels ``keep`` (sorted indices) of each ``(group, keep)`` in
+    ``kept`` and drop the rest: the producers' weight rows and bias entries,
+    the consumers' weight columns and the element-wise constants of the other
+    channels go; splits and slices of a producer's output get their new sizes.
+    ``deps`` is the :class:`ChannelAnalysis` result the groups come from.
+    Structured pruning keeps the important channels; a tensor-parallel rank
+    keeps its shard. New constants are named ``<old name>.<suffix>``."""
+    keep_rows: dict[fx.Node, torch.Tensor] = {}
+    for group, keep in kept:
+        for span in group.spans:
+            rows = keep_rows.setdefault(span.producer, torch.ones(graph.constant(span.producer.args[1]).shape[0], dtype=torch.bool))
+            mask = torch.zeros(span.size, dtype=torch.bool)
+            mask[keep] = True
+            rows[span.offset: span.offset + span.size] = mask
+    for producer, rows in keep_rows.items():
+        _take(graph, producer, 1, rows, 0, suffix)
+        if len(producer.args) > 2 and producer.args[2] is not None:
+            _take(graph, producer, 2, rows, 0, suffix)
+    for group, keep in kept:
+        for consumer in group.consumers:
+            _take(graph, consumer, 1, keep, 1, suffix)
+        for user, const in group.constants:
+            _take(graph, user, list(user.args).index(const), keep, -1, suffix)
+    for node, pieces in deps.pieces.items():
+        _resize(node, pieces, keep_rows)
+
+
+def _take(graph, user: fx.Node, index: int, keep: torch.Tensor, dim: int, suffix: str) -> None:
+    """``user.args[index]`` (a constant) replaced by its entries ``keep`` along ``dim``."""
+    old = user.args[index]
+    t = graph.constant(old)
+    idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
+    new = graph.add_constant(t.index_select(dim % t.dim(), idx).contiguous(), f"{old.target}.{suffix}")
+    args = list(user.args)
+    args[index] = new
+    user.args = tuple(args)
+    if not old.users:
+        graph.fx.erase_node(old)
+
+
+def _resize(node: fx.Node, pieces: list[Span], keep_rows: dict[fx.Node, torch.Tensor]) -> None:
+    """New sizes of a split or slice of a producer's output."""
+    rows = keep_rows.get(pieces[0].producer)
+    if rows is None:
+        return
+    new = [int(rows[p.offset: p.offset + p.size].sum()) for p in pieces]
+    if node.target == aten.slice.Tensor:
+        first = pieces[0]
+        parent_start = first.offset - node.args[2] if len(node.args) > 2 and node.args[2] else first.offset
+        start = int(rows[parent_start: first.offset].sum())
+        args = list(node.args) + [None] * (4 - len(node.args))
+        args[2], args[3] = start, start + new[0]
+        node.args = tuple(args)
+    else:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        node.target = aten.split_with_sizes.default
+        node.args = (node.args[0], new, dim)
+        node.kwargs = {}
