@@ -7,7 +7,7 @@ from ..ir.targets import register_target
 from .base import BackendError, CompiledModel, InputRangeError
 from .eager import EagerModel
 from .onnxruntime import OnnxRuntimeModel, export_onnx, export_onnx_program
-from .onnxruntime_ranks import OnnxRuntimeRankModel, has_collectives
+from .onnxruntime_ranks import CollectiveError, OnnxRuntimeRankModel, has_collectives
 
 BACKENDS: dict[str, type[CompiledModel]] = {"eager": EagerModel, "onnxruntime": OnnxRuntimeModel}
 
@@ -68,4 +68,4 @@ def _measuring_compile(backend: str):
 for _name in BACKENDS:
     register_target(_name, _measuring_compile(_name))
 
-__all__ = ["compile", "load_compiled", "export_onnx", "export_onnx_program", "BACKENDS", "BackendError", "CompiledModel", "InputRangeError", "EagerModel", "OnnxRuntimeModel", "OnnxRuntimeRankModel"]
+__all__ = ["compile", "load_compiled", "export_onnx", "export_onnx_program", "BACKENDS", "BackendError", "CompiledModel", "InputRangeError", "EagerModel", "OnnxRuntimeModel", "OnnxRuntimeRankModel", "CollectiveError"]

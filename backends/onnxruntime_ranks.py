@@ -19,26 +19,21 @@ recomputed inside each segment that reads them rather than passed along.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..ir.collectives import ALL_GATHER, ALL_REDUCE, GROUP, WAIT, bind_process_group, group_names
 from ..ir.graph import Graph
 from .base import BackendError, CompiledModel
 from .onnxruntime import OnnxRuntimeModel
 
-_c10d = torch.ops._c10d_functional
-ALL_REDUCE = _c10d.all_reduce.default
-ALL_GATHER = _c10d.all_gather_into_tensor.default
-REDUCE_SCATTER = _c10d.reduce_scatter_tensor.default
-WAIT = _c10d.wait_tensor.default
 # Collectives the segments are cut at; ``wait_tensor`` is a no-op between
 # them (each collective has finished when the next segment starts).
-CUT_AT = (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER)
-# The group name a rank graph carries until it is bound to a real group.
-UNBOUND_GROUP = "tp"
+CUT_AT = (ALL_REDUCE, ALL_GATHER)
 
 
 def has_collectives(graph: Graph) -> bool:
@@ -91,8 +86,6 @@ def _stand_in_values(graph: Graph) -> dict[str, object]:
                 return args[0].clone()
             if target == ALL_GATHER:
                 return torch.cat([args[0]] * int(args[1]), 0)
-            if target == REDUCE_SCATTER:
-                return args[0].chunk(int(args[2]), 0)[0].clone()
             if target == WAIT:
                 return args[0]
             return super().call_function(target, args, kwargs)
@@ -110,15 +103,17 @@ class OnnxRuntimeRankModel(CompiledModel):
     the group must call it with inputs of the same shapes.
 
     Options as for :class:`OnnxRuntimeModel` (threads, optimization level,
-    spinning ...), applied to every segment's session, and ``timeout`` (seconds,
-    default: the process group's): a collective waits this long for the other
-    ranks before failing."""
+    spinning ...), applied to every segment's session. A collective waits for
+    the other ranks as long as its process group's timeout allows, then raises
+    :class:`CollectiveError`."""
 
     backend = "onnxruntime"
 
-    def __init__(self, graph: Graph, *, timeout: float | None = None, **options):
+    def __init__(self, graph: Graph, **options):
+        if GROUP in group_names(graph):
+            # as the eager backend does: collectives on "tp" run in this process's default group
+            graph = bind_process_group(graph)
         self.graph = graph
-        self.timeout = timeout
         self._groups: dict[str, object] = {}
         self._plan(graph, options)
 
@@ -214,6 +209,7 @@ class OnnxRuntimeRankModel(CompiledModel):
 
         for n in members:
             env[n] = seg.node_copy(n, value)
+        _chunks_as_selects(seg)
         return seg, env, inputs
 
     def _lower(self, graph: Graph, module: fx.GraphModule, example: tuple, s: int) -> OnnxRuntimeModel:
@@ -246,9 +242,6 @@ class OnnxRuntimeRankModel(CompiledModel):
                 raise BackendError(f"{self.graph.name} holds collectives but no process group is initialized: launch "
                                    "with `torchrun --nproc-per-node N ...` (or `fxopt optimize ... --tensor-parallel N`) "
                                    "and call fxopt.parallel.init_process_group() before running it")
-            if name == UNBOUND_GROUP:
-                raise BackendError(f"{self.graph.name}: its collectives name the group {name!r}, not yet bound to a process "
-                                   "group: compile the graph fxopt.parallel.bind_process_group(graph, group) returns")
             try:
                 self._groups[name] = _resolve_process_group(name)
             except Exception as e:
@@ -274,16 +267,12 @@ class OnnxRuntimeRankModel(CompiledModel):
                     out /= dist.get_world_size(group)
                 else:
                     dist.all_reduce(out, op, group=group)
-            elif c.kind == ALL_GATHER:
+            else:
                 x = x.contiguous()
                 out = x.new_empty((x.shape[0] * c.group_size, *x.shape[1:]))
                 dist.all_gather_into_tensor(out, x, group=group)
-            else:
-                x = x.contiguous()
-                out = x.new_empty((x.shape[0] // c.group_size, *x.shape[1:]))
-                dist.reduce_scatter_tensor(out, x, group=group)
         except RuntimeError as e:
-            raise CollectiveError(self.graph.name, c.node, group, e) from e
+            raise CollectiveError(f"{self.graph.name}: collective {c.node}", group, e) from e
         env[c.result] = out
 
     def __call__(self, *args, **kwargs):
@@ -309,18 +298,47 @@ class OnnxRuntimeRankModel(CompiledModel):
 
 
 class CollectiveError(BackendError):
-    """A collective failed: a peer rank exited, or did not answer within the timeout."""
+    """A collective failed: a peer rank exited, or did not answer within the
+    process group's timeout. ``what`` names the collective (a graph and node)."""
 
-    def __init__(self, graph_name: str, node: str, group, error: Exception):
+    def __init__(self, what: str, group, error: Exception):
         import torch.distributed as dist
 
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         try:
             where = f"rank {dist.get_rank()} (rank {dist.get_rank(group)} of {dist.get_world_size(group)} in its group)"
-        except Exception:
+        except Exception:  # the group may be gone with the peer
             where = "this rank"
-        super().__init__(f"{graph_name}: collective {node} failed on {where}: another rank exited or did not answer "
-                         f"within the process group's timeout ({first})")
+        super().__init__(f"{what} failed on {where}: another rank exited or did not answer within the process "
+                         f"group's timeout ({first})")
+
+
+def _chunks_as_selects(seg: fx.Graph) -> None:
+    """``chunk(x, n, dim)`` into ``n`` equal pieces (a gathered tensor laid out
+    again) as ``select(unflatten(x, dim, [n, -1]), dim, i)`` for piece ``i``.
+    Along a dynamic dimension the exporter writes ``chunk`` as a
+    SplitToSequence whose split is not a constant, which onnxscript's
+    optimizer fails on; a Reshape and Gathers export everywhere."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    aten = torch.ops.aten
+    for node in [n for n in seg.nodes if n.op == "call_function" and n.target == aten.chunk.default]:
+        x, n = node.args[0], node.args[1]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if (not isinstance(val, torch.Tensor) or not node.users
+                or any(u.target is not operator.getitem for u in node.users)
+                or not statically_known_true(val.shape[dim] % n == 0)):
+            continue
+        with seg.inserting_after(node):
+            pieces = seg.call_function(aten.unflatten.int, (x, dim, [n, -1]))
+        for user in list(node.users):
+            with seg.inserting_after(user):
+                select = seg.call_function(aten.select.int, (pieces, dim % val.dim(), user.args[1]))
+            select.meta = dict(user.meta)
+            user.replace_all_uses_with(select)
+            seg.erase_node(user)
+        seg.erase_node(node)
 
 
 def _placeholders_first(seg: fx.Graph) -> fx.Graph:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 
+from .backends import CollectiveError
+
 
 class DataParallelError(RuntimeError):
     pass
@@ -83,7 +85,10 @@ class DataParallel:
         pad[dim] = longest - x.shape[dim]
         padded = torch.cat([x, x.new_zeros(pad)], dim).contiguous() if pad[dim] else x.contiguous()
         parts = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded, group=self.group)
+        try:
+            dist.all_gather(parts, padded, group=self.group)
+        except RuntimeError as e:
+            raise CollectiveError(f"data-parallel gather of output #{index}", self.group, e) from e
         return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
 
     # -- a stream of requests --------------------------------------------------------
@@ -104,5 +109,8 @@ class DataParallel:
                 args, kwargs = split_inputs(requests[j])
                 outputs.append(self.model(*args, **kwargs))
         everyone: list = [None] * self.size
-        dist.all_gather_object(everyone, outputs, group=self.group)
+        try:
+            dist.all_gather_object(everyone, outputs, group=self.group)
+        except RuntimeError as e:
+            raise CollectiveError("data-parallel gather of the requests' outputs", self.group, e) from e
         return [out for rank_outputs in everyone for out in rank_outputs]
