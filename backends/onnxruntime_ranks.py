@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 
 from ..ir.collectives import ALL_GATHER, ALL_REDUCE, GROUP, WAIT, bind_process_group, group_names
 from ..ir.graph import Graph
+from ..ir.meta import fake_mode_of
 from .base import BackendError, CompiledModel
 from .onnxruntime import OnnxRuntimeModel
 
@@ -213,23 +214,21 @@ class OnnxRuntimeRankModel(CompiledModel):
         return seg, env, inputs
 
     def _lower(self, graph: Graph, module: fx.GraphModule, example: tuple, s: int) -> OnnxRuntimeModel:
-        """The segment traced by fxopt (dimensions dynamic where the rank
-        graph's are) and compiled for ONNX Runtime."""
-        from ..ir.trace import trace
+        """The segment as an fxopt Graph called with its inputs in order and
+        returning a tuple, with the rank graph's shape metadata (its dynamic
+        dimensions stay dynamic, under the same names), compiled for ONNX
+        Runtime. Its constants are the rank graph's tensors, not copies."""
+        from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
-        shapes = []
-        for node in (n for n in module.graph.nodes if n.op == "placeholder"):
-            val = node.meta.get("val")
-            dims = {i: torch.export.Dim.DYNAMIC for i, size in enumerate(getattr(val, "shape", ()))
-                    if isinstance(size, torch.SymInt)}
-            shapes.append(dims or None)
-        name = f"{graph.name}.segment{s}"
-        try:
-            traced = trace(module, example, dynamic_shapes=tuple(shapes) if any(shapes) else None, name=name,
-                           share_weights=True)
-        except Exception as e:
-            raise BackendError(f"{graph.name}: segment {s} (between collectives) could not be traced: {e}") from e
-        return OnnxRuntimeModel(traced, **self._options)
+        placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+        output = next(n for n in module.graph.nodes if n.op == "output")
+        module.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(
+            [p.name for p in placeholders], pytree.tree_structure((example, {})), pytree.tree_structure(tuple(output.args[0]))))
+        module.recompile()
+        segment = Graph(module, example, {}, f"{graph.name}.segment{s}")
+        segment.dim_names = dict(graph.dim_names)
+        segment._fake_mode = getattr(graph, "_fake_mode", None) or fake_mode_of(graph)
+        return OnnxRuntimeModel(segment, **self._options)
 
     # -- running ---------------------------------------------------------------
     def group(self, name: str):
