@@ -114,10 +114,13 @@ def _name_outputs(model, names: list[str]) -> None:
         value.name = name
 
 
-def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True, disable_lowerings=()):
+def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True, disable_lowerings=(),
+                        lowerings: dict | None = None):
     """Re-export the graph and convert it to an ``torch.onnx.ONNXProgram``;
     ``disable_lowerings`` names groups of aten lowerings to leave to the
-    exporter (``fxopt.ir.ops.onnx_lowering_groups()``, e.g. "contrib-attention")."""
+    exporter (``fxopt.ir.ops.onnx_lowering_groups()``, e.g. "contrib-attention");
+    ``lowerings`` adds translations of ops of the caller's own (op overload ->
+    onnxscript function)."""
     written = graph.written_attributes()
     if written:
         # The exporter would drop the writes: every run would start from the traced state.
@@ -137,7 +140,7 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
             program = torch.onnx.export(
                 ep,
                 dynamo=True,
-                custom_translation_table=onnx_translation_table(disable_lowerings),
+                custom_translation_table={**onnx_translation_table(disable_lowerings), **(lowerings or {})},
                 optimize=optimize,
                 verbose=False,
                 **kwargs,
@@ -162,7 +165,7 @@ def export_onnx(graph: Graph, path: str | Path, *, opset: int | None = None, che
     return path
 
 
-def _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning):
+def session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning):
     import onnxruntime as ort
 
     if graph_optimization_level not in _LEVELS:
@@ -227,6 +230,17 @@ def _session_error(graph: Graph, providers, error: Exception) -> str:
     return message
 
 
+def run_without_copies(session, feed: dict[str, torch.Tensor], output_names: list[str]) -> list[torch.Tensor]:
+    """Run ``session`` on torch tensors and return torch tensors, copying
+    neither way: each input reaches ONNX Runtime as an ``OrtValue`` over the
+    tensor's memory (DLPack), each output is a torch tensor over the memory
+    ONNX Runtime wrote it to (writable, kept alive by the tensor)."""
+    import onnxruntime as ort
+
+    values = {name: ort.OrtValue.from_dlpack(t.detach().contiguous()) for name, t in feed.items()}
+    return [torch.from_numpy(o.numpy()) for o in session.run_with_ort_values(output_names, values)]
+
+
 def _without_numpy_type(graph: Graph) -> list[str]:
     """The graph's inputs and outputs whose dtype numpy has no type for
     (bfloat16, float8): ONNX Runtime's Python API takes and returns numpy
@@ -273,7 +287,7 @@ class OnnxRuntimeModel(CompiledModel):
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
             raise BackendError(f"execution provider(s) {missing} not available; available: {ort.get_available_providers()}")
-        options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
         self.program = export_onnx_program(graph, opset=opset, disable_lowerings=tuple(disable_lowerings))
         proto = self.program.model_proto
         self._tmp = self._source = None
@@ -320,25 +334,6 @@ class OnnxRuntimeModel(CompiledModel):
                                f"traced?): {str(e).strip().splitlines()[0][:300]}") from e
         return self.interface.unflatten_outputs([torch.from_numpy(np.asarray(o)) for o in outputs])
 
-    def run_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The flat tensor inputs in, the flat outputs out, without copies:
-        each input reaches ONNX Runtime as an ``OrtValue`` over the torch
-        tensor's memory (DLPack), each output is a torch tensor over the
-        memory ONNX Runtime wrote it to (writable: an in-place collective may
-        reuse it). No structure or dtype checks: for callers that feed one
-        compiled model's outputs to another."""
-        import onnxruntime as ort
-
-        feed = {name: ort.OrtValue.from_dlpack(tensors[i].detach().contiguous())
-                for name, i in zip(self.input_names, range(len(tensors)))}
-        try:
-            outputs = self.session.run_with_ort_values(self.output_names, feed)
-        except Exception as e:
-            shapes = ", ".join(f"{name} {list(t.shape())}" for name, t in feed.items())
-            raise BackendError(f"{self.interface.name}: ONNX Runtime failed on inputs {shapes}: "
-                               f"{str(e).strip().splitlines()[0][:300]}") from e
-        return [torch.from_numpy(o.numpy()) for o in outputs]
-
     def save(self, path) -> Path:
         """Writes the ONNX model with the model's interface (input names,
         structures, dtypes; JSON) in its metadata, which :meth:`load` and
@@ -384,7 +379,7 @@ class OnnxRuntimeModel(CompiledModel):
         self.graph, self.program, self.interface, self._bytes, self._tmp, self._source = None, None, interface, None, None, path
         self.index_bounds = interface.index_bounds  # in place of the graph's (a cached property)
         providers = list(providers) if providers else default_providers()
-        options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
         try:
             self.session = new_session(str(path), options, providers)
         except Exception as e:

@@ -1,234 +1,257 @@
-"""ONNX Runtime for a rank graph: the graph cut at its collectives.
+"""ONNX Runtime for a rank graph: one ONNX model cut at its collectives.
 
 ONNX Runtime's collective ops (``com.microsoft`` AllReduce / AllGather) run
-on CUDA with NCCL only. A tensor-parallel rank graph on CPU is therefore cut
-at its collective nodes into segments, each lowered and run as an ONNX
-Runtime session by :class:`~fxopt.backends.onnxruntime.OnnxRuntimeModel`, and
-the collectives run between the segments through ``torch.distributed`` in
-the process group their group name resolves to (see
-:func:`fxopt.ir.collectives.bind_group`). Tensors cross between ONNX Runtime
-and torch without copies: inputs go in as ``OrtValue.from_dlpack`` views of
-the torch tensors, outputs come back as ``torch.from_numpy`` views of the
-OrtValues' memory, and a sum is all-reduced in place in that memory.
+on CUDA with NCCL only. A tensor-parallel rank graph on CPU is therefore
+exported once, with each collective lowered to a marker node
+(``fxopt.cut::Collective``, its index and gather size as attributes), and the
+ONNX model is cut at the markers into segments, each an ONNX Runtime session;
+the collectives run between the sessions through ``torch.distributed`` in the
+process group the graph is bound to (:func:`fxopt.ir.collectives.bind_process_group`).
 
-Segment ``k`` computes the nodes that depend, through their inputs, on ``k``
-collectives in a row; a value that several segments read is an output of the
-one that computes it and an input of the others. Sizes (SymInt nodes) are
-recomputed inside each segment that reads them rather than passed along.
+Segment ``k`` holds the nodes that depend, through their inputs, on ``k``
+collectives in a row; a value several segments read is an output of the one
+that computes it and an input of the others (shape computations included:
+they are small int64 tensors); constant nodes are copied into every segment
+that reads them. Tensors cross between ONNX Runtime and torch without copies
+(:func:`~fxopt.backends.onnxruntime.run_without_copies`), and a sum is
+all-reduced in place in the memory ONNX Runtime wrote it to when nothing else
+reads it.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
+import onnx
 import torch
-import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from ..ir.collectives import ALL_GATHER, ALL_REDUCE, GROUP, WAIT, bind_process_group, group_names
 from ..ir.graph import Graph
-from ..ir.meta import fake_mode_of
 from .base import BackendError, CompiledModel
-from .onnxruntime import OnnxRuntimeModel
+from .onnxruntime import default_providers, export_onnx_program, new_session, run_without_copies, session_options
 
-# Collectives the segments are cut at; ``wait_tensor`` is a no-op between
-# them (each collective has finished when the next segment starts).
+# Collectives the model is cut at; ``wait_tensor`` disappears (each collective
+# has finished when the next segment starts).
 CUT_AT = (ALL_REDUCE, ALL_GATHER)
+CUT_DOMAIN = "fxopt.cut"
 
 
 def has_collectives(graph: Graph) -> bool:
     return any(n.op == "call_function" and n.target in CUT_AT for n in graph.fx.nodes)
 
 
+# -- the marker a collective is exported as -------------------------------------------
+@torch.library.custom_op("fxopt_cut::collective", mutates_args=())
+def collective_marker(x: torch.Tensor, index: int, gather: int) -> torch.Tensor:
+    """Where collective ``index`` of a rank graph is cut out for ONNX
+    export: the shape of its result (``gather`` copies along dim 0 for an
+    all-gather of ``gather`` ranks, else ``x``'s), the rank's own value."""
+    return torch.cat([x] * gather) if gather else x.clone()
+
+
+@collective_marker.register_fake
+def _(x, index, gather):
+    return x.new_empty((x.shape[0] * gather, *x.shape[1:])) if gather else torch.empty_like(x)
+
+
+def _marker_lowering():
+    import onnx.defs as defs
+    from onnxscript.values import Opset
+
+    if not defs.has("Collective", 1, CUT_DOMAIN):
+        types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)", "tensor(int64)",
+                 "tensor(int32)", "tensor(int8)", "tensor(uint8)", "tensor(bool)"]
+        defs.register_schema(defs.OpSchema(
+            "Collective", CUT_DOMAIN, 1, inputs=[defs.OpSchema.FormalParameter("x", "T")],
+            outputs=[defs.OpSchema.FormalParameter("y", "T")], type_constraints=[("T", types, "")],
+            attributes=[defs.OpSchema.Attribute("index", defs.OpSchema.AttrType.INT, ""),
+                        defs.OpSchema.Attribute("gather", defs.OpSchema.AttrType.INT, "")]))
+    cut = Opset(CUT_DOMAIN, 1)
+
+    def lowering(x, index: int, gather: int):
+        return cut.Collective(x, index=index, gather=gather)
+
+    return {torch.ops.fxopt_cut.collective.default: lowering}
+
+
 @dataclass
 class Collective:
-    """One collective between two segments: ``kind`` on the value ``source``
-    giving ``result``, in the process group named ``group``."""
+    """One collective between two segments: ``kind`` on the value named
+    ``source`` giving the value named ``result``, in the group named ``group``."""
 
     node: str
     kind: object
-    source: str
-    result: str
     group: str
     reduce_op: str = "sum"
     group_size: int = 1
-    in_place: bool = False  # the source has no other reader: reduce into its memory
+    source: str = ""
+    result: str = ""
+    in_place: bool = False  # nothing else reads the source: reduce into its memory
 
 
 @dataclass
 class Segment:
-    model: OnnxRuntimeModel | None
+    session: object
     inputs: list[str]
     outputs: list[str]
+    model_bytes: int = 0
     collectives: list[Collective] = field(default_factory=list)  # run after this segment
 
 
-def _is_tensor_node(node) -> bool:
-    return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor)
+def _with_markers(graph: Graph) -> tuple[Graph, list[Collective]]:
+    """A copy of ``graph`` whose collectives are markers and whose
+    ``wait_tensor`` nodes are gone; the collectives, by marker index."""
+    marked = graph.copy()
+    records = []
+    for node in list(marked.fx.nodes):
+        if node.op == "call_function" and node.target in CUT_AT:
+            if node.target == ALL_REDUCE:
+                records.append(Collective(node.name, node.target, node.args[2], reduce_op=node.args[1]))
+                gather = 0
+            else:
+                gather = int(node.args[1])
+                records.append(Collective(node.name, node.target, node.args[2], group_size=gather))
+            node.target = torch.ops.fxopt_cut.collective.default
+            node.args, node.kwargs = (node.args[0], len(records) - 1, gather), {}
+    for node in list(marked.fx.nodes):
+        if node.op == "call_function" and node.target == WAIT:
+            node.replace_all_uses_with(node.args[0])
+            marked.fx.erase_node(node)
+    _chunks_as_selects(marked.fx)
+    marked.recompile()
+    return marked, records
 
 
-def _stand_in_values(graph: Graph) -> dict[str, object]:
-    """Every node's value on the graph's example inputs, with each collective
-    replaced by a local stand-in of the right shape (a sum becomes the rank's
-    own value, a gather N copies of it): example inputs for the segments'
-    traces, no process group needed."""
+def _chunks_as_selects(fx_graph) -> None:
+    """``chunk(x, n, dim)`` into ``n`` equal pieces (the ranks' parts of a
+    gathered tensor, laid out again) as ``select(unflatten(x, dim, [n, -1]),
+    dim, i)`` for piece ``i``. Along a dynamic dimension the exporter writes
+    ``chunk`` as a SplitToSequence whose split is not a constant, which
+    onnxscript's optimizer fails on; a Reshape and Gathers export everywhere."""
+    import operator
 
-    values: dict[str, object] = {}
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    class StandIn(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            values[n.name] = out
-            return out
-
-        def call_function(self, target, args, kwargs):
-            if target == ALL_REDUCE:
-                return args[0].clone()
-            if target == ALL_GATHER:
-                return torch.cat([args[0]] * int(args[1]), 0)
-            if target == WAIT:
-                return args[0]
-            return super().call_function(target, args, kwargs)
-
-    leaves = pytree.tree_leaves((graph.example_args, graph.example_kwargs))
-    with torch.no_grad():
-        StandIn(graph.module).run(*leaves)
-    return values
+    aten = torch.ops.aten
+    for node in [n for n in fx_graph.nodes if n.op == "call_function" and n.target == aten.chunk.default]:
+        x, n = node.args[0], node.args[1]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if (not isinstance(val, torch.Tensor) or not node.users
+                or any(u.target is not operator.getitem for u in node.users)
+                or not statically_known_true(val.shape[dim] % n == 0)):
+            continue
+        with fx_graph.inserting_after(node):
+            pieces = fx_graph.call_function(aten.unflatten.int, (x, dim, [n, -1]))
+        for user in list(node.users):
+            with fx_graph.inserting_after(user):
+                select = fx_graph.call_function(aten.select.int, (pieces, dim % val.dim(), user.args[1]))
+            select.meta = dict(user.meta)
+            user.replace_all_uses_with(select)
+            fx_graph.erase_node(user)
+        fx_graph.erase_node(node)
 
 
 class OnnxRuntimeRankModel(CompiledModel):
     """A rank graph (a graph with ``_c10d_functional`` collectives) on ONNX
     Runtime: one session per segment between collectives, the collectives
     run by ``torch.distributed``. Called like the rank graph; every rank of
-    the group must call it with inputs of the same shapes.
-
-    Options as for :class:`OnnxRuntimeModel` (threads, optimization level,
-    spinning ...), applied to every segment's session. A collective waits for
-    the other ranks as long as its process group's timeout allows, then raises
-    :class:`CollectiveError`."""
+    the group must call it with inputs of the same shapes. Options as for
+    :class:`~fxopt.backends.onnxruntime.OnnxRuntimeModel`, applied to every
+    session. A collective waits for the other ranks as long as its process
+    group's timeout allows, then raises :class:`CollectiveError`."""
 
     backend = "onnxruntime"
 
-    def __init__(self, graph: Graph, **options):
+    def __init__(self, graph: Graph, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+                 graph_optimization_level: str = "all", providers: list[str] | None = None,
+                 allow_spinning: bool = True, opset: int | None = None, disable_lowerings=()):
         if GROUP in group_names(graph):
             # as the eager backend does: collectives on "tp" run in this process's default group
             graph = bind_process_group(graph)
         self.graph = graph
+        self.interface = graph.interface()
         self._groups: dict[str, object] = {}
-        self._plan(graph, options)
+        marked, self.collectives = _with_markers(graph)
+        program = export_onnx_program(marked, opset=opset, disable_lowerings=tuple(disable_lowerings),
+                                      lowerings=_marker_lowering())
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
+        providers = list(providers) if providers else default_providers()
+        self._cut(program.model_proto, options, providers)
 
     # -- cutting ---------------------------------------------------------------
-    def _plan(self, graph: Graph, options: dict) -> None:
-        nodes = list(graph.fx.nodes)
-        output = next(n for n in reversed(nodes) if n.op == "output")
-        # The segment that computes a node (for a collective: the first that can read its result).
-        stage: dict[fx.Node, int] = {}
-        alias: dict[fx.Node, fx.Node] = {}  # wait_tensor -> the collective it waits for
-        for n in nodes:
-            if n.op != "call_function":
-                stage[n] = 0
-            elif n.target == WAIT:
-                alias[n] = alias.get(n.args[0], n.args[0])
-                stage[n] = stage[n.args[0]]
+    def _cut(self, model: onnx.ModelProto, options, providers) -> None:
+        g = model.graph
+        initializers = {t.name: t for t in g.initializer}
+        types = {v.name: v for v in [*g.input, *g.value_info, *g.output]}
+        constants: dict[str, onnx.NodeProto] = {}  # value -> the Constant node computing it
+        stage: dict[str, int] = {v.name: 0 for v in g.input}  # the segment after which a value exists
+        placed: list[tuple[onnx.NodeProto, int]] = []
+        marks: list[tuple[onnx.NodeProto, int]] = []
+        for node in g.node:
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                raise BackendError(f"{self.graph.name}: ONNX node {node.name} ({node.op_type}) has a subgraph; "
+                                   "rank graphs with control flow are not cut into sessions")
+            inputs = [v for v in node.input if v and v not in initializers and v not in constants]
+            s = max((stage[v] for v in inputs), default=0)
+            if node.domain == CUT_DOMAIN:
+                marks.append((node, s))
+                stage[node.output[0]] = s + 1
+            elif node.op_type == "Constant" and not inputs:
+                constants[node.output[0]] = node
             else:
-                stage[n] = max((stage[a] for a in n.all_input_nodes), default=0) + (n.target in CUT_AT)
+                placed.append((node, s))
+                stage.update((o, s) for o in node.output)
+        count = 1 + max([s for _, s in placed] + [s for _, s in marks], default=0)
+        readers: dict[str, set] = {}
+        for node, s in placed:
+            for v in node.input:
+                readers.setdefault(v, set()).add(s)
+        for node, _ in marks:
+            readers.setdefault(node.input[0], set()).add("collective")
+        for v in g.output:
+            readers.setdefault(v.name, set()).add("output")
 
-        def key(n: fx.Node) -> str:
-            return alias.get(n, n).name
-
-        def computes(n: fx.Node) -> bool:
-            return n.op == "call_function" and n.target != WAIT and n.target not in CUT_AT and _is_tensor_node(n)
-
-        collectives = [n for n in nodes if n.op == "call_function" and n.target in CUT_AT]
-        self.num_segments = 1 + max((stage[n] for n in nodes if computes(n)), default=0)
-        values = _stand_in_values(graph)
-        self._input_keys = [p.name for p in graph.placeholders()]
-        leaves = pytree.tree_leaves(output.args[0])
-        self._output_keys = [key(leaf) if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
-
-        # Each segment's fx graph and the values it reads; then, as outputs, its
-        # values that others read (later segments, collectives, the graph's output).
-        built = []
-        for s in range(self.num_segments):
-            members = [n for n in nodes if computes(n) and stage[n] == s]
-            built.append((members, *self._segment_graph(members, key)) if members else None)
-        wanted = {k for b in built if b for k in b[3]} | {key(c.args[0]) for c in collectives}
-        wanted |= {k for k in self._output_keys if isinstance(k, str)}
-        self._options = options
+        opsets = [o for o in model.opset_import if o.domain != CUT_DOMAIN]
         self.segments: list[Segment] = []
-        for s, b in enumerate(built):
-            if b is None:
-                self.segments.append(Segment(None, [], []))
-                continue
-            members, seg, env, inputs = b
-            outputs = [m.name for m in members if m.name in wanted]
-            seg.output(tuple(env[m] for m in members if m.name in wanted))
-            module = fx.GraphModule(graph.module, _placeholders_first(seg))
-            model = self._lower(graph, module, tuple(values[k] for k in inputs), s)
-            self.segments.append(Segment(model, inputs, outputs))
-        for c in collectives:
-            src = c.args[0]
-            # Summed in its own memory when nothing else reads the value (a graph
-            # input or constant never is).
-            in_place = (c.target == ALL_REDUCE and src.op == "call_function"
-                        and all(u is c for u in src.users) and key(src) not in self._output_keys)
-            if c.target == ALL_REDUCE:
-                record = Collective(c.name, c.target, key(src), c.name, c.args[2], reduce_op=c.args[1], in_place=in_place)
-            else:
-                record = Collective(c.name, c.target, key(src), c.name, c.args[2], group_size=int(c.args[1]))
-            self.segments[stage[c] - 1].collectives.append(record)
-        self._constants = {n.name: graph.get_attr(n.target) for n in nodes if n.op == "get_attr" and n.name in self._output_keys}
-        self._constants.update({p.name: values[p.name] for p in graph.placeholders() if not _is_tensor_node(p)})
-
-    @staticmethod
-    def _segment_graph(members: list[fx.Node], key):
-        """An fx graph computing ``members`` from the tensor values it reads
-        (its inputs, keys in order); constants are read where they live and
-        sizes are recomputed from the tensors they are sizes of."""
-        seg = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        inputs: list[str] = []
-        member_set = set(members)
-
-        def value(a: fx.Node):
-            if a in env:
-                return env[a]
-            if a.op == "get_attr":
-                env[a] = seg.get_attr(a.target)
-            elif a.op == "placeholder" and not _is_tensor_node(a):
-                return a.meta.get("val")  # a non-tensor input: the model is specialized to it
-            elif a in member_set:
-                raise AssertionError(f"{a.name} read before it is computed")
-            elif a.op == "placeholder" or _is_tensor_node(a) or a.target == WAIT or a.target in CUT_AT:
-                env[a] = seg.placeholder(f"in{len(inputs)}_{key(a)}")
-                env[a].meta = dict(a.meta)
-                inputs.append(key(a))
-            else:  # a size or a multi-output op: recomputed here
-                env[a] = seg.node_copy(a, value)
-            return env[a]
-
-        for n in members:
-            env[n] = seg.node_copy(n, value)
-        _chunks_as_selects(seg)
-        return seg, env, inputs
-
-    def _lower(self, graph: Graph, module: fx.GraphModule, example: tuple, s: int) -> OnnxRuntimeModel:
-        """The segment as an fxopt Graph called with its inputs in order and
-        returning a tuple, with the rank graph's shape metadata (its dynamic
-        dimensions stay dynamic, under the same names), compiled for ONNX
-        Runtime. Its constants are the rank graph's tensors, not copies."""
-        from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-
-        placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
-        output = next(n for n in module.graph.nodes if n.op == "output")
-        module.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(
-            [p.name for p in placeholders], pytree.tree_structure((example, {})), pytree.tree_structure(tuple(output.args[0]))))
-        module.recompile()
-        segment = Graph(module, example, {}, f"{graph.name}.segment{s}")
-        segment.dim_names = dict(graph.dim_names)
-        segment._fake_mode = getattr(graph, "_fake_mode", None) or fake_mode_of(graph)
-        return OnnxRuntimeModel(segment, **self._options)
+        for k in range(count):
+            nodes = [n for n, s in placed if s == k]
+            made = {o for n in nodes for o in n.output}
+            read = list(dict.fromkeys(v for n in nodes for v in n.input if v))
+            inputs = [v for v in read if v not in made and v not in initializers and v not in constants]
+            outputs = [o for n in nodes for o in n.output if readers.get(o, set()) - {k}]
+            session = None
+            if nodes:
+                missing = [v for v in inputs + outputs if v not in types]
+                if missing:
+                    raise BackendError(f"{self.graph.name}: the ONNX model gives no type for {missing[:3]}, which "
+                                       f"cross between segments {k} and others")
+                sub = onnx.helper.make_graph(
+                    [constants[v] for v in read if v in constants] + nodes, f"{g.name}.segment{k}",
+                    [types[v] for v in inputs], [types[v] for v in outputs],
+                    [initializers[v] for v in read if v in initializers])
+                sub_model = onnx.helper.make_model(sub, opset_imports=opsets, ir_version=model.ir_version,
+                                                   functions=list(model.functions))
+                try:
+                    session = new_session(sub_model.SerializeToString(), options, providers)
+                except Exception as e:  # onnxruntime's own exception types
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                    raise BackendError(f"{self.graph.name}: ONNX Runtime could not load segment {k}: {first}") from e
+            self.segments.append(Segment(session, inputs, outputs, sub_model.ByteSize() if nodes else 0))
+        for node, s in marks:
+            index = next(a.i for a in node.attribute if a.name == "index")
+            c = self.collectives[index]
+            c.source, c.result = node.input[0], node.output[0]
+            # Summed in its own memory when only the collective reads it (never a graph input or constant).
+            c.in_place = (c.kind == ALL_REDUCE and readers.get(c.source) == {"collective"}
+                          and c.source in stage and c.source not in {v.name for v in g.input})
+            self.segments[s].collectives.append(c)
+        self.num_segments = sum(1 for s in self.segments if s.session is not None)
+        self._input_names = [v.name for v in g.input]
+        self._output_names = [v.name for v in g.output]
+        self._tensor_positions = [i for i, r in enumerate(self.interface.inputs) if "dtype" in r]
+        self._initializer_outputs = {v: torch.from_numpy(onnx.numpy_helper.to_array(initializers[v]).copy())
+                                     for v in self._output_names if v in initializers}
 
     # -- running ---------------------------------------------------------------
     def group(self, name: str):
@@ -240,7 +263,7 @@ class OnnxRuntimeRankModel(CompiledModel):
             if not dist.is_available() or not dist.is_initialized():
                 raise BackendError(f"{self.graph.name} holds collectives but no process group is initialized: launch "
                                    "with `torchrun --nproc-per-node N ...` (or `fxopt optimize ... --tensor-parallel N`) "
-                                   "and call fxopt.parallel.init_process_group() before running it")
+                                   "and call fxopt.launch.init() before running it")
             try:
                 self._groups[name] = _resolve_process_group(name)
             except Exception as e:
@@ -275,25 +298,30 @@ class OnnxRuntimeRankModel(CompiledModel):
         env[c.result] = out
 
     def __call__(self, *args, **kwargs):
-        leaves = self.graph_inputs(self.graph, args, kwargs, self.index_bounds)
-        env: dict[str, object] = dict(zip(self._input_keys, leaves))
-        fed: set[int] = set()  # storages of the tensors given to the sessions
-        for segment in self.segments:
-            if segment.model is not None:
-                inputs = [env[k] for k in segment.inputs]
-                fed.update(t.untyped_storage().data_ptr() for t in inputs)
-                env.update(zip(segment.outputs, segment.model.run_tensors(inputs)))
+        leaves = self.graph_inputs(self.interface, args, kwargs, self.index_bounds)
+        env: dict[str, torch.Tensor] = {name: leaves[i] for name, i in zip(self._input_names, self._tensor_positions)}
+        fed = {t.untyped_storage().data_ptr() for t in env.values()}  # memory that is not ours to sum into
+        for k, segment in enumerate(self.segments):
+            if segment.session is not None:
+                feed = {v: env[v] for v in segment.inputs}
+                fed.update(t.untyped_storage().data_ptr() for t in feed.values())
+                try:
+                    env.update(zip(segment.outputs, run_without_copies(segment.session, feed, segment.outputs)))
+                except Exception as e:  # onnxruntime's own exception types
+                    shapes = ", ".join(f"{name} {list(t.shape)}" for name, t in feed.items())
+                    raise BackendError(f"{self.graph.name}: ONNX Runtime failed in segment {k} on {shapes}: "
+                                       f"{str(e).strip().splitlines()[0][:300]}") from e
             for c in segment.collectives:
                 self._collective(c, env, fed)
-        flat = [env[k] if isinstance(k, str) and k in env else self._constants.get(k, k) for k in self._output_keys]
-        return self.graph.unflatten_outputs(flat)
+        return self.interface.unflatten_outputs([env[v] if v in env else self._initializer_outputs[v]
+                                                 for v in self._output_names])
 
     def save(self, path):
         raise BackendError(f"{self.graph.name}: a rank graph on ONNX Runtime is several sessions joined by collectives and "
                            "is not saved as one file; save the rank graph (graph.save) and compile it where it runs")
 
     def artifact_bytes(self) -> int:
-        return sum(s.model.artifact_bytes() for s in self.segments if s.model is not None)
+        return sum(s.model_bytes for s in self.segments)
 
 
 class CollectiveError(BackendError):
@@ -310,43 +338,3 @@ class CollectiveError(BackendError):
             where = "this rank"
         super().__init__(f"{what} failed on {where}: another rank exited or did not answer within the process "
                          f"group's timeout ({first})")
-
-
-def _chunks_as_selects(seg: fx.Graph) -> None:
-    """``chunk(x, n, dim)`` into ``n`` equal pieces (a gathered tensor laid out
-    again) as ``select(unflatten(x, dim, [n, -1]), dim, i)`` for piece ``i``.
-    Along a dynamic dimension the exporter writes ``chunk`` as a
-    SplitToSequence whose split is not a constant, which onnxscript's
-    optimizer fails on; a Reshape and Gathers export everywhere."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    aten = torch.ops.aten
-    for node in [n for n in seg.nodes if n.op == "call_function" and n.target == aten.chunk.default]:
-        x, n = node.args[0], node.args[1]
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        val = x.meta.get("val") if isinstance(x, fx.Node) else None
-        if (not isinstance(val, torch.Tensor) or not node.users
-                or any(u.target is not operator.getitem for u in node.users)
-                or not statically_known_true(val.shape[dim] % n == 0)):
-            continue
-        with seg.inserting_after(node):
-            pieces = seg.call_function(aten.unflatten.int, (x, dim, [n, -1]))
-        for user in list(node.users):
-            with seg.inserting_after(user):
-                select = seg.call_function(aten.select.int, (pieces, dim % val.dim(), user.args[1]))
-            select.meta = dict(user.meta)
-            user.replace_all_uses_with(select)
-            seg.erase_node(user)
-        seg.erase_node(node)
-
-
-def _placeholders_first(seg: fx.Graph) -> fx.Graph:
-    """``seg`` with its placeholders moved before every other node."""
-    placeholders = [n for n in seg.nodes if n.op == "placeholder"]
-    first = next((n for n in seg.nodes if n.op != "placeholder"), None)
-    if first is not None:
-        for p in placeholders:
-            first.prepend(p)
-    seg.lint()
-    return seg
-
