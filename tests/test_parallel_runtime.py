@@ -106,3 +106,10 @@ def test_mesh_refuses_a_world_that_is_not_data_times_tensor_parallel():
             fxopt.launch.init(tensor_parallel=2)
     finally:
         dist.destroy_process_group()
+
+
+def test_optimize_refuses_out_for_a_parallel_run(tmp_path, capsys):
+    from fxopt.cli import main
+
+    assert main(["optimize", "mlp", "--tensor-parallel", "2", "--out", str(tmp_path / "m.onnx")]) == 1
+    assert "one graph per rank" in capsys.readouterr().err
