@@ -146,21 +146,32 @@ class Shrink(Pass):
         return torch.sort(order).values
 
 
-def keep_channels(graph, deps, kept, suffix: str = "shrunk") -> None:
+def keep_channels(graph, deps, kept=(), heads=(), suffix: str = "shrunk") -> None:
     """Keep channels ``keep`` (sorted indices) of each ``(group, keep)`` in
-    ``kept`` and drop the rest: the producers' weight rows and bias entries,
-    the consumers' weight columns and the element-wise constants of the other
-    channels go; splits and slices of a producer's output get their new sizes.
-    ``deps`` is the :class:`ChannelAnalysis` result the groups come from.
+    ``kept``, and query heads ``q`` and key/value heads ``kv`` (sorted) of each
+    ``(attention, q, kv)`` in ``heads``; drop the rest: the producers' weight
+    rows and bias entries, the consumers' weight columns and the element-wise
+    constants of the other channels go; splits and slices of a producer's
+    output get their new sizes, and the shape entries that count heads the
+    new counts (``repeat_kv`` repeats each kept KV head ``len(q) // len(kv)``
+    times). ``deps`` is the :class:`ChannelAnalysis` result they come from.
     Structured pruning keeps the important channels; a tensor-parallel rank
     keeps its shard. New constants are named ``<old name>.<suffix>``."""
     keep_rows: dict[fx.Node, torch.Tensor] = {}
+
+    def keep_span(span: Span, keep: torch.Tensor) -> None:
+        rows = keep_rows.setdefault(span.producer, torch.ones(graph.constant(span.producer.args[1]).shape[0], dtype=torch.bool))
+        mask = torch.zeros(span.size, dtype=torch.bool)
+        mask[keep] = True
+        rows[span.offset: span.offset + span.size] = mask
+
     for group, keep in kept:
         for span in group.spans:
-            rows = keep_rows.setdefault(span.producer, torch.ones(graph.constant(span.producer.args[1]).shape[0], dtype=torch.bool))
-            mask = torch.zeros(span.size, dtype=torch.bool)
-            mask[keep] = True
-            rows[span.offset: span.offset + span.size] = mask
+            keep_span(span, keep)
+    for attn, q, kv in heads:
+        keep_span(attn.q, head_channels(q, attn.head_dim))
+        keep_span(attn.k, head_channels(kv, attn.head_dim))
+        keep_span(attn.v, head_channels(kv, attn.v_head_dim))
     for producer, rows in keep_rows.items():
         _take(graph, producer, 1, rows, 0, suffix)
         if len(producer.args) > 2 and producer.args[2] is not None:
@@ -170,8 +181,31 @@ def keep_channels(graph, deps, kept, suffix: str = "shrunk") -> None:
             _take(graph, consumer, 1, keep, 1, suffix)
         for user, const in group.constants:
             _take(graph, user, list(user.args).index(const), keep, -1, suffix)
+    for attn, q, kv in heads:
+        for consumer in attn.consumers:
+            _take(graph, consumer, 1, head_channels(q, attn.v_head_dim), 1, suffix)
+        _count_heads(attn, len(q), len(kv))
     for node, pieces in deps.pieces.items():
         _resize(node, pieces, keep_rows)
+
+
+def head_channels(heads, dim: int) -> torch.Tensor:
+    """Channels of ``heads`` (head ``h``: ``h * dim .. h * dim + dim - 1``)."""
+    return (torch.as_tensor(list(heads), dtype=torch.long)[:, None] * dim + torch.arange(dim)).flatten()
+
+
+def _count_heads(attn, n_q: int, n_kv: int) -> None:
+    """Shape entries that count heads get the kept counts; a ``repeat_kv``
+    expand repeats each KV head ``n_q // n_kv`` times instead of ``attn.group``."""
+    for edit in attn.shape_edits:
+        shape = list(edit.node.args[1])
+        shape[edit.index] = (n_q if edit.kind == "q" else n_kv) * edit.factor
+        if edit.kind == "kv" and edit.node.target == aten.expand.default and n_q // n_kv != attn.group:
+            source = edit.node.args[0].meta["val"].shape
+            for i, entry in enumerate(shape):
+                if i != edit.index and entry == attn.group and source[i] == 1:
+                    shape[i] = n_q // n_kv
+        edit.node.args = (edit.node.args[0], shape, *edit.node.args[2:])
 
 
 def _take(graph, user: fx.Node, index: int, keep: torch.Tensor, dim: int, suffix: str) -> None:

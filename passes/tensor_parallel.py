@@ -94,31 +94,37 @@ class TensorParallel(Pass):
             return PassResult(False, {"pairs": 0})
         plan = self.analysis(ParallelPairs, graph)
         deps = self.analysis(ChannelAnalysis, graph)
-        heads = plan.lm_heads if self.lm_head == "vocab" else []
-        self._check_fits(graph, plan, heads, n)
+        lm_heads = plan.lm_heads if self.lm_head == "vocab" else []
+        self._check_fits(graph, plan, lm_heads, n)
         before = graph.param_bytes()
-        kept = [(pair.group, _shard(pair.group.size, pair.unit, rank, n)) for pair in plan.pairs]
-        keep_channels(graph, deps, kept, suffix=f"rank{rank}")
+        kept = [(p.group, _shard(p.group.size, rank, n)) for p in plan.pairs if p.attention is None]
+        heads = [(p.attention, *_head_shard(p.attention, rank, n)) for p in plan.pairs if p.attention is not None]
+        keep_channels(graph, deps, kept, heads, suffix=f"rank{rank}")
         reduces = 0
         for pair in plan.pairs:
             for row in pair.rows:
                 self._reduce_after(graph, row)
                 reduces += 1
-        for head in heads:
+        for head in lm_heads:
             self._vocab_parallel(graph, head, rank, n)
         graph.properties.add(f"tensor-parallel-rank={rank}/{n}")
         stats = {"rank": rank, "world_size": n, "pairs": len(plan.pairs), "all_reduces": reduces,
-                 "all_gathers": len(heads), "bytes_before": before, "bytes_after": graph.param_bytes(),
+                 "all_gathers": len(lm_heads), "bytes_before": before, "bytes_after": graph.param_bytes(),
                  "split": {p.name: p.kind for p in plan.pairs}, "unpaired": dict(plan.unpaired)}
-        return PassResult(bool(plan.pairs or heads), stats)
+        return PassResult(bool(plan.pairs or lm_heads), stats)
 
-    def _check_fits(self, graph, plan, heads, n: int) -> None:
+    def _check_fits(self, graph, plan, lm_heads, n: int) -> None:
         for pair in plan.pairs:
-            units = pair.group.size // pair.unit
-            if units % n:
-                what = f"{units} heads of {pair.unit} channels" if pair.unit > 1 else f"{units} channels"
-                raise self.fail(f"world_size={n} does not divide the {what} of {pair.name}", pair.columns[0])
-        for head in heads:
+            if pair.attention is not None:
+                a = pair.attention
+                if a.num_heads % n:
+                    raise self.fail(f"world_size={n} does not divide the {a.num_heads} heads of {a.name}", a.q.producer)
+                if a.num_kv_heads % n and n % a.num_kv_heads:
+                    raise self.fail(f"world_size={n} neither divides nor is a multiple of the {a.num_kv_heads} key/value "
+                                    f"heads of {a.name}", a.k.producer)
+            elif pair.group.size % n:
+                raise self.fail(f"world_size={n} does not divide the {pair.group.size} channels of {pair.name}", pair.columns[0])
+        for head in lm_heads:
             vocab = graph.constant(head.args[1]).shape[0]
             if vocab % n:
                 raise self.fail(f"world_size={n} does not divide the LM head's {vocab} output channels "
@@ -172,7 +178,19 @@ class TensorParallel(Pass):
             user.replace_input_with(head, logits)
 
 
-def _shard(size: int, unit: int, rank: int, n: int) -> torch.Tensor:
-    """The channels of rank ``rank``: the ``rank``-th of ``n`` equal runs of whole units."""
+def _shard(size: int, rank: int, n: int) -> torch.Tensor:
+    """The channels of rank ``rank``: the ``rank``-th of ``n`` equal runs."""
     per = size // n
     return torch.arange(rank * per, (rank + 1) * per)
+
+
+def _head_shard(attn, rank: int, n: int) -> tuple[list[int], list[int]]:
+    """(query heads, key/value heads) of rank ``rank``: its ``1/n`` of the KV
+    groups with their query heads; with more ranks than KV heads, its ``1/n``
+    of the query heads and the one KV head they read (replicated)."""
+    per_q = attn.num_heads // n
+    q = list(range(rank * per_q, (rank + 1) * per_q))
+    if attn.num_kv_heads >= n:
+        per_kv = attn.num_kv_heads // n
+        return q, list(range(rank * per_kv, (rank + 1) * per_kv))
+    return q, [q[0] // attn.group]

@@ -174,12 +174,12 @@ def test_no_pair_leaves_the_graph_alone():
     assert "layer_norm" in str(result.records[0].stats["unpaired"])
 
 
-# A world size that does not divide the MLP's channels fails before anything
-# changes, naming the node; the user's graph is untouched.
+# A world size that does not divide the heads fails before anything changes,
+# naming the node; the user's graph is untouched.
 def test_world_size_that_does_not_fit():
     _, graph = spec_and_graph("gpt2")
     text = str(graph)
-    with pytest.raises(fxopt.PassError, match=r"world_size=3 does not divide .*node"):
+    with pytest.raises(fxopt.PassError, match=r"failed at node 'linear.*world_size=3 does not divide the 4 heads"):
         fxopt.PassManager("tensor-parallel(world_size=3,rank=0)").run(graph)
     assert str(graph) == text
 
