@@ -91,9 +91,25 @@ def split(name: str, n: int):
     return tensor_parallel_graphs(spec_and_graph(name)[1], n)
 
 
+# Split first, then the fusions and 8-bit quantization in groups of 32 input
+# channels, which lie inside one rank's shard (the down projection keeps 64 of 128).
+AFTER_SPLIT = "fuse-attention,merge-linears,quantize(granularity=group,group_size=32),fuse-linear-act,fuse-norm,dce"
+
+
 @functools.lru_cache(maxsize=None)
-def logits(n: int, names: tuple) -> dict:
-    return run_ranks(n, {name: (split(name, n), spec_and_graph(name)[0].example_inputs) for name in names})
+def cases(n: int) -> dict:
+    names = tuple(MODELS) if n == 2 else ("gpt2", "llama")
+    out = {name: (split(name, n), spec_and_graph(name)[0].example_inputs) for name in names}
+    if n == 2:
+        spec, graph = spec_and_graph("llama")
+        out["llama-quantized"] = (tensor_parallel_graphs(graph, 2, pipeline=AFTER_SPLIT), spec.example_inputs)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def logits(n: int) -> dict:
+    """Every case of ``n`` ranks, run in one group of ``n`` forked processes."""
+    return run_ranks(n, cases(n))
 
 
 LAYERS = 2  # every test config has two transformer layers
@@ -104,7 +120,7 @@ LAYERS = 2  # every test config has two transformer layers
 def test_two_ranks_match_the_model(name):
     spec, _ = spec_and_graph(name)
     want = tree_leaves(reference(spec))[0]
-    for got in logits(2, tuple(MODELS))[name]:
+    for got in logits(2)[name]:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -113,7 +129,7 @@ def test_two_ranks_match_the_model(name):
 def test_four_ranks_match_the_model(name):
     spec, _ = spec_and_graph(name)
     want = tree_leaves(reference(spec))[0]
-    for got in logits(4, ("gpt2", "llama"))[name]:
+    for got in logits(4)[name]:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -124,6 +140,19 @@ def test_two_all_reduces_per_layer(name):
         assert all_reduce_count(g) == 2 * LAYERS
         assert sum(1 for node in g.fx.nodes if node.target == ALL_GATHER) == 1
         assert sum(1 for node in g.fx.nodes if node.target == WAIT) == 2 * LAYERS + 1
+
+
+# Composition: the quantized, fused rank graphs keep their two all-reduces per
+# layer and stay within the quantization tolerance of the model.
+def test_split_then_quantize_and_fuse():
+    spec, _ = spec_and_graph("llama")
+    ranks = cases(2)["llama-quantized"][0]
+    assert all(all_reduce_count(g) == 2 * LAYERS for g in ranks)
+    assert all(any(str(n.target).startswith("fxopt.linear_nbits") for n in g.fx.nodes) for g in ranks)
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)["llama-quantized"]:
+        parity = fxopt.compare(want, got)
+        assert parity.within(0.03) and parity.cosine > 0.999, parity
 
 
 # Each rank holds its shard: about half the split weights at N=2 (embeddings and norms stay whole).
