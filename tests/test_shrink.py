@@ -25,15 +25,45 @@ def _phi3() -> ModelSpec:
     return hf_spec(transformers.Phi3ForCausalLM(cfg), 256, "phi3-tiny", mask=False, max_len=256)
 
 
-SPECS = {"llama-tiny": BUILTIN["llama-tiny"], "gpt2-tiny": BUILTIN["gpt2-tiny"], "bert-tiny": BUILTIN["bert-tiny"], "phi3-tiny": _phi3}
+def _decoder(config: str, model: str, name: str, **kw):
+    def build() -> ModelSpec:
+        import transformers
+
+        seeded()
+        cfg = getattr(transformers, config)(num_hidden_layers=2, num_attention_heads=4, vocab_size=256, use_cache=False,
+                                            max_position_embeddings=128, **kw)
+        return hf_spec(getattr(transformers, model)(cfg), 256, name, mask=False, max_len=128)
+    return build
+
+
+SPECS = {"llama-tiny": BUILTIN["llama-tiny"], "gpt2-tiny": BUILTIN["gpt2-tiny"], "bert-tiny": BUILTIN["bert-tiny"], "phi3-tiny": _phi3,
+         "qwen2-tiny": _decoder("Qwen2Config", "Qwen2ForCausalLM", "qwen2-tiny", hidden_size=64, intermediate_size=128,
+                                num_key_value_heads=2),
+         "gemma-tiny": _decoder("GemmaConfig", "GemmaForCausalLM", "gemma-tiny", hidden_size=64, intermediate_size=128,
+                                num_key_value_heads=2, head_dim=16),  # ties the LM head to the embedding
+         "opt-tiny": _decoder("OPTConfig", "OPTForCausalLM", "opt-tiny", hidden_size=64, ffn_dim=128, word_embed_proj_dim=64)}
 
 # The MLP's output projection of each layer, and how its input channels are laid out
 # (GPT-2's Conv1D stores [in, out]).
 DOWN = {
     "llama-tiny": (lambda m, i: m.model.layers[i].mlp.down_proj.weight, 1),
+    "qwen2-tiny": (lambda m, i: m.model.layers[i].mlp.down_proj.weight, 1),
+    "gemma-tiny": (lambda m, i: m.model.layers[i].mlp.down_proj.weight, 1),
     "phi3-tiny": (lambda m, i: m.model.layers[i].mlp.down_proj.weight, 1),
     "gpt2-tiny": (lambda m, i: m.transformer.h[i].mlp.c_proj.weight, 0),
+    "opt-tiny": (lambda m, i: m.model.decoder.layers[i].fc2.weight, 1),
     "bert-tiny": (lambda m, i: m.encoder.layer[i].output.dense.weight, 1),
+}
+# The attention's output projection of each layer (its input columns are the heads, 16 each)
+# and the key/value heads of the model (4 query heads).
+ATTN_OUT = {
+    "llama-tiny": (lambda m, i: m.model.layers[i].self_attn.o_proj.weight, 1, 2),
+    "qwen2-tiny": (lambda m, i: m.model.layers[i].self_attn.o_proj.weight, 1, 2),
+    "gemma-tiny": (lambda m, i: m.model.layers[i].self_attn.o_proj.weight, 1, 2),
+    "phi3-tiny": (lambda m, i: m.model.layers[i].self_attn.o_proj.weight, 1, 2),
+    "gpt2-tiny": (lambda m, i: m.transformer.h[i].attn.c_proj.weight, 0, 4),
+    "opt-tiny": (lambda m, i: m.model.decoder.layers[i].self_attn.out_proj.weight, 1, 4),
+    "bert-tiny": (lambda m, i: m.encoder.layer[i].attention.output.dense.weight, 1, 4),
 }
 
 
@@ -79,15 +109,36 @@ def _zero_channels(spec, name, fraction=0.25):
             w.index_fill_(dim, idx, 0.0)
 
 
+def _zero_heads(spec, name):
+    """Zero the attention output projection's columns of half the key/value groups
+    (a group's query heads under GQA): those heads carry nothing."""
+    get, dim, kv = ATTN_OUT[name]
+    group = 4 // kv
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for i in range(2):
+            w = get(spec.model, i)
+            for kv_head in torch.randperm(kv, generator=g)[: kv // 2].tolist():
+                w.narrow(dim, kv_head * group * 16, group * 16).zero_()
+
+
 @pytest.mark.parametrize("name", list(SPECS))
-def test_shrink_removes_dead_channels_exactly_on_both_backends(name):
+def test_shrink_removes_dead_heads_and_channels_exactly_on_both_backends(name):
     spec = SPECS[name]()
     _zero_channels(spec, name)
+    _zero_heads(spec, name)
+    kv = ATTN_OUT[name][2]
     g = _graph(spec)
-    result = fxopt.PassManager("shrink(ratio=0.25)").run(g)
+    result = fxopt.PassManager("shrink(ratio=0.25,heads=0.5)").run(g)
     stats = result.records[0].stats
     assert stats["groups_shrunk"] == 2 and all(v["kept"] == 0.75 * v["of"] for v in stats["groups"].values())
+    assert stats["attentions_shrunk"] == 2 and stats["heads_removed"] == 4
+    assert all(v == {"heads": 2, "of": 4, "kv_heads": kv // 2, "kv_of": kv} for v in stats["attentions"].values())
     assert stats["bytes_removed"] == g.param_bytes() - result.graph.param_bytes() > 0
+    # the result is an ordinary model with fewer heads: the analysis of the shrunk graph counts them
+    after = _groups(result.graph).shrinkable_attentions()
+    assert [(a.num_heads, a.num_kv_heads, a.head_dim) for a in after] == [(2, kv // 2, 16)] * 2
+    assert all(tuple(result.graph.constant(c.args[1]).shape) == (64, 32) for a in after for c in a.consumers)
     ref = run(g, spec.example_inputs)
     for backend in ("eager", "onnxruntime"):
         assert fxopt.compare(ref, run(fxopt.compile(result.graph, backend), spec.example_inputs)).within(1e-4), backend
