@@ -287,6 +287,9 @@ def _resize(node: fx.Node, pieces: list[Span], keep_rows: dict[fx.Node, torch.Te
         node.args = tuple(args)
     else:
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        node.target = aten.split_with_sizes.default
-        node.args = (node.args[0], new, dim)
-        node.kwargs = {}
+        if node.target == aten.split.Tensor and all(n == new[0] for n in new):
+            node.args, node.kwargs = (node.args[0], new[0], dim), {}  # equal pieces stay one split size
+        else:
+            node.target = aten.split_with_sizes.default
+            node.args = (node.args[0], new, dim)
+            node.kwargs = {}

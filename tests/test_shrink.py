@@ -4,11 +4,16 @@ that name the node, and shrunk models that compute what the original does
 when the removed channels carried nothing, on both backends, fused and
 quantized."""
 
+import collections
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fxopt
 from conftest import BASE_PIPELINE, base_graph, run
+from fxopt.ir.nodes import call_args
+from structural import assert_rewrites_to, assert_unchanged, graph_of
 from fxopt.models import BUILTIN, ModelSpec, hf_spec, seeded
 from fxopt.passes import AnalysisManager, PassError, PipelineError
 from fxopt.passes.analyses import ChannelAnalysis
@@ -147,15 +152,34 @@ def test_shrink_removes_dead_heads_and_channels_exactly_on_both_backends(name):
     assert fxopt.compare(run(g, other), run(fxopt.compile(result.graph, "eager"), other)).within(1e-4)
 
 
-def test_shrunk_model_fuses_and_quantizes_on_both_backends():
-    spec = SPECS["llama-tiny"]()
-    shrunk = fxopt.PassManager("shrink(ratio=0.3,multiple_of=8)").run(_graph(spec)).graph
+FUSED_W8A8 = "fuse-attention,merge-linears,quantize(mode=dynamic,act_granularity=tensor),pack-attention,fuse-linear-act,fuse-norm,dce"
+
+
+def _kinds(graph) -> collections.Counter:
+    return collections.Counter(str(n.target) for n in graph.fx.nodes if n.op == "call_function")
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_shrunk_model_keeps_every_fusion_and_quantizes_on_both_backends(name):
+    spec = SPECS[name]()
+    graph = _graph(spec)
+    shrunk = fxopt.PassManager("shrink(ratio=0.3,heads=0.5,multiple_of=8)").run(graph).graph
     widths = {tuple(shrunk.constant(n.args[1]).shape) for n in shrunk.fx.nodes if n.target == aten.linear.default}
-    assert (96, 64) in widths and (64, 96) in widths  # ceil(0.7 * 128) = 90, rounded up to a multiple of 8
-    q = fxopt.PassManager("fuse-linear-act,quantize(mode=dynamic)").run(shrunk).graph
+    if name == "llama-tiny":  # ceil(0.7 * 128) = 90, rounded up to a multiple of 8; 2 of 4 query heads, 1 of 2 KV heads
+        assert {(96, 64), (64, 96), (32, 64), (16, 64), (64, 32)} <= widths
+    fused = fxopt.PassManager(FUSED_W8A8).run(shrunk).graph
+    # the same kernels as the unshrunk model's: no fusion lost to the new shapes
+    assert _kinds(fused) == _kinds(fxopt.PassManager(FUSED_W8A8).run(graph).graph)
+    # fxopt's fused attention ops count the heads left: 2 of 4 (and 1 of 2 key/value heads under GQA)
+    attention = [n for n in fused.fx.nodes if n.op == "call_function" and str(n.target).startswith("fxopt.")
+                 and "attention" in str(n.target)]
+    assert len(attention) == 2
+    for node in attention:
+        named = dict(zip((a.name for a in node.target._schema.arguments), call_args(node)))
+        assert named["num_heads"] == 2 and named.get("kv_num_heads", 2) == (1 if name == "llama-tiny" else 2)
     float_out = run(shrunk, spec.example_inputs)
-    eager = run(fxopt.compile(q, "eager"), spec.example_inputs)
-    ort = run(fxopt.compile(q, "onnxruntime"), spec.example_inputs)
+    eager = run(fxopt.compile(fused, "eager"), spec.example_inputs)
+    ort = run(fxopt.compile(fused, "onnxruntime"), spec.example_inputs)
     assert fxopt.compare(float_out, eager).cosine > 0.99 and fxopt.compare(float_out, ort).cosine > 0.99
 
 
@@ -164,9 +188,9 @@ def test_activation_importance_needs_calibration_and_ratio_zero_does_nothing():
     with pytest.raises(PipelineError, match="needs input 'calibration_data'"):
         fxopt.PassManager("shrink(importance=activation)").run(g)
     calib = [{"input_ids": torch.randint(0, 256, (2, 16))}]
-    out = fxopt.PassManager("shrink(importance=activation,ratio=0.5)", calibration_data=calib).run(g)
-    assert out.records[0].stats["channels_removed"] == 128
-    same = fxopt.PassManager("shrink(ratio=0)").run(g)
+    out = fxopt.PassManager("shrink(importance=activation,ratio=0.5,heads=0.5)", calibration_data=calib).run(g)
+    assert out.records[0].stats["channels_removed"] == 128 and out.records[0].stats["heads_removed"] == 4
+    same = fxopt.PassManager("shrink(ratio=0,heads=0)").run(g)
     assert not same.records[0].changed and str(same.graph) == str(g)
 
 
@@ -197,3 +221,50 @@ def test_compensation_folds_constant_channels_into_the_bias():
     assert fxopt.compare(ref, run(fxopt.compile(shrunk, "onnxruntime"), spec.example_inputs)).within(1e-4)
     plain = fxopt.PassManager("shrink(ratio=0.25)").run(graph).graph
     assert not fxopt.compare(ref, run(plain, spec.example_inputs)).within(1e-4)  # without it the constant is lost
+
+
+# -- heads: before / expected, and where shrink must not fire -----------------------------
+
+def _gqa(wq, wk, wv, wo, heads, kv_heads, bias=None):
+    """Grouped-query attention written as Llama writes it (repeat_kv's expand and reshape),
+    on weights given as closed-over constants; ``bias``: a constant per head added to the scores."""
+    def attention(x):
+        b, s, _ = x.shape
+        q = F.linear(x, wq).view(b, s, heads, 8).transpose(1, 2)
+        k = F.linear(x, wk).view(b, s, kv_heads, 8).transpose(1, 2)
+        v = F.linear(x, wv).view(b, s, kv_heads, 8).transpose(1, 2)
+        k = k[:, :, None].expand(b, kv_heads, heads // kv_heads, s, 8).reshape(b, heads, s, 8)
+        v = v[:, :, None].expand(b, kv_heads, heads // kv_heads, s, 8).reshape(b, heads, s, 8)
+        if bias is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5 + bias, -1) @ v
+        return F.linear(out.transpose(1, 2).reshape(b, s, heads * 8), wo)
+    return attention
+
+
+_g = torch.Generator().manual_seed(3)
+WQ, WK, WV, WO = (torch.randn(n, m, generator=_g) for n, m in ((64, 32), (32, 32), (32, 32), (32, 64)))
+WO[:, 16:32] = WO[:, 48:] = 0.0  # KV groups 1 and 3 (query heads 2, 3, 6, 7) add nothing: removing them is exact
+XH = torch.randn(2, 5, 32, generator=_g)
+
+
+def _rows(w, heads):
+    return torch.cat([w[h * 8:(h + 1) * 8] for h in heads])
+
+
+def test_shrink_heads_before_and_expected():
+    # 8 query heads over 4 key/value heads -> KV groups 0 and 2 with their query heads 0, 1, 4, 5
+    expected = _gqa(_rows(WQ, [0, 1, 4, 5]), _rows(WK, [0, 2]), _rows(WV, [0, 2]), _rows(WO.T, [0, 1, 4, 5]).T, 4, 2)
+    assert_rewrites_to("canonicalize,shrink(ratio=0,heads=0.5)", _gqa(WQ, WK, WV, WO, 8, 4), (XH,), expected, constant_values=True)
+
+
+def test_shrink_leaves_heads_with_their_own_score_bias():
+    # an ALiBi-like constant per head: the analysis does not follow it, so nothing is removed
+    per_head = torch.randn(8, 1, 1, generator=_g)
+    result = assert_unchanged("shrink(ratio=0,heads=0.5)", _gqa(WQ, WK, WV, WO, 8, 4, per_head), (XH,), prepare="canonicalize")
+    refused = result.records[0].stats["refused"]
+    why = refused["matmul_1"]  # a refused attention is named by its node: the value matmul
+    assert why.startswith("node 'add") and "its own value per head" in why
+    with pytest.raises(PassError, match=r"include='q' selects no shrinkable channel group or attention.*its own value per head"):
+        fxopt.PassManager("canonicalize,shrink(ratio=0,heads=0.5,include=q)").run(graph_of(_gqa(WQ, WK, WV, WO, 8, 4, per_head), (XH,)))
