@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_leaves
 import fxopt
 from fxopt.ir.collectives import ALL_GATHER, ALL_REDUCE, WAIT
 from fxopt.models import gpt2, hf_spec, llama
-from fxopt.parallel import ProcessGroupError, all_reduce_count, tensor_parallel_graphs
+from fxopt.parallel import ProcessGroupError, all_reduce_count, compile_tensor_parallel, tensor_parallel_graphs
 from conftest import reference, run
 from structural import assert_structurally_equal, graph_of
 
@@ -32,7 +32,9 @@ def _rank_main(rank: int, n: int, store: str, cases: dict, queue) -> None:
         try:
             out = {}
             for name, (graphs, inputs) in cases.items():
-                out[name] = tree_leaves(run(fxopt.compile(graphs[rank], "eager"), inputs))[0].numpy()
+                # a whole graph: split here for this process's rank, as a script under torchrun does
+                model = compile_tensor_parallel(graphs) if isinstance(graphs, fxopt.Graph) else fxopt.compile(graphs[rank], "eager")
+                out[name] = tree_leaves(run(model, inputs))[0].numpy()
             queue.put((rank, out))
         finally:
             torch.distributed.destroy_process_group()
@@ -103,6 +105,9 @@ def cases(n: int) -> dict:
     if n == 2:
         spec, graph = spec_and_graph("llama")
         out["llama-quantized"] = (tensor_parallel_graphs(graph, 2, pipeline=AFTER_SPLIT), spec.example_inputs)
+        out["gemma-vocab-embeddings"] = (tensor_parallel_graphs(spec_and_graph("gemma")[1], 2, embeddings="vocab"),
+                                         spec_and_graph("gemma")[0].example_inputs)
+        out["gpt2-whole"] = spec_and_graph("gpt2")[1], spec_and_graph("gpt2")[0].example_inputs
     return out
 
 
@@ -140,6 +145,30 @@ def test_two_all_reduces_per_layer(name):
         assert all_reduce_count(g) == 2 * LAYERS
         assert sum(1 for node in g.fx.nodes if node.target == ALL_GATHER) == 1
         assert sum(1 for node in g.fx.nodes if node.target == WAIT) == 2 * LAYERS + 1
+
+
+# Vocabulary-parallel embeddings: Gemma's table, tied to its LM head, is split
+# by rows; both read one shard, and one more all-reduce sums the lookups.
+def test_vocab_parallel_embeddings():
+    spec, graph = spec_and_graph("gemma")
+    ranks = cases(2)["gemma-vocab-embeddings"][0]
+    table = graph.constant(next(n for n in graph.fx.nodes if n.target == torch.ops.aten.embedding.default).args[0])
+    for g in ranks:
+        assert all_reduce_count(g) == 2 * LAYERS + 1
+        lookup = next(n for n in g.fx.nodes if n.target == torch.ops.aten.embedding.default)
+        head = [n for n in g.fx.nodes if n.target == torch.ops.aten.linear.default][-1]
+        assert lookup.args[0] is head.args[1] and g.constant(lookup.args[0]).shape[0] == table.shape[0] // 2
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)["gemma-vocab-embeddings"]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# compile_tensor_parallel(graph) in each process splits for that process's rank.
+def test_compile_for_this_process_rank():
+    spec, _ = spec_and_graph("gpt2")
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)["gpt2-whole"]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 # Composition: the quantized, fused rank graphs keep their two all-reduces per
@@ -224,6 +253,8 @@ def test_uneven_heads_are_refused():
 def test_missing_process_group_says_how_to_launch():
     with pytest.raises(ProcessGroupError, match=r"torchrun --nproc-per-node 2"):
         fxopt.compile(split("gpt2", 2)[0], "eager")
+    with pytest.raises(ProcessGroupError, match=r"torchrun --nproc-per-node N"):
+        compile_tensor_parallel(spec_and_graph("gpt2")[1])
 
 
 # The collectives are nodes of the text IR, on the literal group "tp".
