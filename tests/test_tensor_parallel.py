@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 import fxopt
 from fxopt.ir.collectives import ALL_GATHER, ALL_REDUCE, WAIT
-from fxopt.models import gpt2, hf_spec, llama
+from fxopt.models import bert, gpt2, hf_spec, llama
 from fxopt.parallel import ProcessGroupError, all_reduce_count, compile_tensor_parallel, tensor_parallel_graphs
 from conftest import reference, run
 from structural import assert_structurally_equal, graph_of
@@ -78,12 +78,13 @@ def gemma():
 
 
 MODELS = {"gpt2": lambda: gpt2("tiny"), "llama": lambda: llama("tiny"), "phi3": phi3, "gemma": gemma}
+ENCODERS = {"bert": lambda: bert("tiny")}  # no LM head: the hidden states are the output
 
 
 @functools.lru_cache(maxsize=None)
 def spec_and_graph(name: str):
     torch.manual_seed(0)
-    spec = MODELS[name]()
+    spec = {**MODELS, **ENCODERS}[name]()
     graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
     return spec, fxopt.PassManager("canonicalize,dce").run(graph).graph
 
@@ -100,7 +101,7 @@ AFTER_SPLIT = "fuse-attention,merge-linears,quantize(granularity=group,group_siz
 
 @functools.lru_cache(maxsize=None)
 def cases(n: int) -> dict:
-    names = tuple(MODELS) if n == 2 else ("gpt2", "llama")
+    names = (*MODELS, *ENCODERS) if n == 2 else ("gpt2", "llama")
     out = {name: (split(name, n), spec_and_graph(name)[0].example_inputs) for name in names}
     if n == 2:
         spec, graph = spec_and_graph("llama")
@@ -126,6 +127,16 @@ def test_two_ranks_match_the_model(name):
     spec, _ = spec_and_graph(name)
     want = tree_leaves(reference(spec))[0]
     for got in logits(2)[name]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# An encoder with a padding mask (broadcast over the heads) splits the same way.
+def test_encoder_with_mask():
+    spec, _ = spec_and_graph("bert")
+    ranks = split("bert", 2)
+    assert all(all_reduce_count(g) == 2 * LAYERS and not any(n.target == ALL_GATHER for n in g.fx.nodes) for g in ranks)
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)["bert"]:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
