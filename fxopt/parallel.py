@@ -34,14 +34,17 @@ __all__ = [
 ]
 
 
-def rank_graph(graph: Graph, rank: int, world_size: int, *, lm_head: str = "vocab", pipeline: str = "") -> Graph:
+def rank_graph(graph: Graph, rank: int, world_size: int, *, pipeline: str = "", **options) -> Graph:
     """Rank ``rank``'s graph of a ``world_size``-way tensor-parallel split of
-    ``graph`` (which is left as it was). ``pipeline``: passes run after the
-    split, e.g. ``"quantize,fuse-linear-act"``."""
+    ``graph`` (which is left as it was). ``options``: the pass's
+    (``lm_head="replicated"``, ``embeddings="vocab"``); ``pipeline``: passes
+    run after the split, e.g. ``"quantize,fuse-linear-act"``."""
     from .passes import PassManager
+    from .passes.pipeline import format_value
 
     steps = [] if "canonical-linear" in graph.properties else ["canonicalize"]
-    steps.append(f"tensor-parallel(world_size={world_size},rank={rank},lm_head={lm_head})")
+    extra = "".join(f",{k}={format_value(v)}" for k, v in options.items())
+    steps.append(f"tensor-parallel(world_size={world_size},rank={rank}{extra})")
     if pipeline:
         steps.append(pipeline)
     return PassManager(",".join(steps)).run(graph).graph
@@ -52,12 +55,13 @@ def tensor_parallel_graphs(graph: Graph, world_size: int, **options) -> list[Gra
     return [rank_graph(graph, r, world_size, **options) for r in range(world_size)]
 
 
-def compile_tensor_parallel(graph: Graph, *, group=None, backend: str = "eager", lm_head: str = "vocab",
-                            pipeline: str = "", **options):
+def compile_tensor_parallel(graph: Graph, *, group=None, backend: str = "eager", pipeline: str = "",
+                            split_options: dict | None = None, **options):
     """This process's rank graph of ``graph``, split over ``group`` (default:
     the default process group), bound to it and compiled for ``backend``.
     Every rank calls it with the same graph and then runs the result on the
-    same inputs. Raises :class:`ProcessGroupError` saying how to launch when
+    same inputs. ``split_options`` go to the pass, ``options`` to the
+    backend. Raises :class:`ProcessGroupError` saying how to launch when
     no process group is initialized."""
     import torch.distributed as dist
 
@@ -69,7 +73,7 @@ def compile_tensor_parallel(graph: Graph, *, group=None, backend: str = "eager",
                                 "torch.distributed.init_process_group('gloo') (or 'nccl') first")
     group = group if group is not None else dist.group.WORLD
     rank, n = dist.get_rank(group), dist.get_world_size(group)
-    bound = bind_process_group(rank_graph(graph, rank, n, lm_head=lm_head, pipeline=pipeline), group)
+    bound = bind_process_group(rank_graph(graph, rank, n, pipeline=pipeline, **(split_options or {})), group)
     return compile(bound, backend, **options)
 
 

@@ -63,7 +63,11 @@ class TensorParallel(Pass):
     LM head keeps its shard of the vocabulary; its logits are gathered
     (``all_gather_into_tensor`` along dim 0) and laid out along the last
     dimension, so every rank returns the whole model's logits
-    (``lm_head=replicated`` keeps it whole). Embeddings and norms stay whole.
+    (``lm_head=replicated`` keeps it whole). Norms stay whole; embeddings
+    too, unless ``embeddings=vocab``: then each rank keeps its rows of a
+    token table (one looked up by a graph input), looks up the ids that fall in them (zeros for the others) and an
+    all-reduce sums the ranks' rows (one more all-reduce per table; a table
+    tied to the LM head then stores one shard for both).
     Collectives use the group ``"tp"``, bound at run time.
 
     Refuses: ``world_size`` that does not divide a pair's channels (or heads)
@@ -76,6 +80,9 @@ class TensorParallel(Pass):
     rank = Option(None, int, help="the rank whose graph to build (default: this process's rank under torch.distributed)")
     lm_head = Option("vocab", str, choices=("vocab", "replicated"),
                      help="vocab: split the LM head by vocabulary and all-gather its logits; replicated: keep it whole")
+
+    embeddings = Option("replicated", str, choices=("replicated", "vocab"),
+                        help="replicated: every rank keeps the whole table; vocab: split by rows, all-reduce the lookups")
 
     runs_after = ("canonicalize", "prune", "shrink")
     runs_before = ("quantize", "merge-linears", "fuse-linear-act", "fuse-attention", "pack-attention", "share-weights")
@@ -94,35 +101,49 @@ class TensorParallel(Pass):
             return PassResult(False, {"pairs": 0})
         plan = self.analysis(ParallelPairs, graph)
         deps = self.analysis(ChannelAnalysis, graph)
-        heads = plan.lm_heads if self.lm_head == "vocab" else []
-        self._check_fits(graph, plan, heads, n)
+        lm_heads = plan.lm_heads if self.lm_head == "vocab" else []
+        tables = [e for e in graph.fx.nodes if e.op == "call_function" and e.target == aten.embedding.default
+                  and graph.constant(e.args[0]) is not None and e.args[1].op == "placeholder"] if self.embeddings == "vocab" else []
+        self._check_fits(graph, plan, lm_heads + tables, n)
         before = graph.param_bytes()
-        kept = [(pair.group, _shard(pair.group.size, pair.unit, rank, n)) for pair in plan.pairs]
-        keep_channels(graph, deps, kept, suffix=f"rank{rank}")
+        kept = [(p.group, _shard(p.group.size, rank, n)) for p in plan.pairs if p.attention is None]
+        heads = [(p.attention, *_head_shard(p.attention, rank, n)) for p in plan.pairs if p.attention is not None]
+        keep_channels(graph, deps, kept, heads, suffix=f"rank{rank}")
         reduces = 0
         for pair in plan.pairs:
             for row in pair.rows:
                 self._reduce_after(graph, row)
                 reduces += 1
-        for head in heads:
-            self._vocab_parallel(graph, head, rank, n)
+        shards: dict[int, fx.Node] = {}  # a table tied to the LM head: one shard for both
+        for head in lm_heads:
+            self._vocab_parallel(graph, head, rank, n, shards)
+        for table in tables:
+            self._vocab_embedding(graph, table, rank, n, shards)
+            reduces += 1
         graph.properties.add(f"tensor-parallel-rank={rank}/{n}")
         stats = {"rank": rank, "world_size": n, "pairs": len(plan.pairs), "all_reduces": reduces,
-                 "all_gathers": len(heads), "bytes_before": before, "bytes_after": graph.param_bytes(),
+                 "all_gathers": len(lm_heads), "vocab_parallel_embeddings": len(tables), "bytes_before": before, "bytes_after": graph.param_bytes(),
                  "split": {p.name: p.kind for p in plan.pairs}, "unpaired": dict(plan.unpaired)}
-        return PassResult(bool(plan.pairs or heads), stats)
+        return PassResult(bool(plan.pairs or lm_heads or tables), stats)
 
-    def _check_fits(self, graph, plan, heads, n: int) -> None:
+    def _check_fits(self, graph, plan, lm_heads, n: int) -> None:
         for pair in plan.pairs:
-            units = pair.group.size // pair.unit
-            if units % n:
-                what = f"{units} heads of {pair.unit} channels" if pair.unit > 1 else f"{units} channels"
-                raise self.fail(f"world_size={n} does not divide the {what} of {pair.name}", pair.columns[0])
-        for head in heads:
-            vocab = graph.constant(head.args[1]).shape[0]
+            if pair.attention is not None:
+                a = pair.attention
+                if a.num_heads % n:
+                    raise self.fail(f"world_size={n} does not divide the {a.num_heads} heads of {a.name}", a.q.producer)
+                if a.num_kv_heads % n and n % a.num_kv_heads:
+                    raise self.fail(f"world_size={n} neither divides nor is a multiple of the {a.num_kv_heads} key/value "
+                                    f"heads of {a.name}", a.k.producer)
+            elif pair.group.size % n:
+                raise self.fail(f"world_size={n} does not divide the {pair.group.size} channels of {pair.name}", pair.columns[0])
+        for head in lm_heads:
+            weight = head.args[1] if head.target == aten.linear.default else head.args[0]
+            vocab = graph.constant(weight).shape[0]
             if vocab % n:
-                raise self.fail(f"world_size={n} does not divide the LM head's {vocab} output channels "
-                                "(option lm_head=replicated keeps it whole)", head)
+                option = "lm_head" if head.target == aten.linear.default else "embeddings"
+                raise self.fail(f"world_size={n} does not divide the {vocab} rows of {weight.target!r} "
+                                f"(option {option}=replicated keeps it whole)", head)
 
     @staticmethod
     def _reduce_after(graph, row: fx.Node) -> None:
@@ -139,23 +160,25 @@ class TensorParallel(Pass):
         for user in users:
             user.replace_input_with(row, total)
 
-    def _vocab_parallel(self, graph, head: fx.Node, rank: int, n: int) -> None:
+    def _shard_rows(self, graph, user: fx.Node, index: int, rank: int, n: int, shards: dict) -> None:
+        """``user.args[index]`` (a constant) replaced by its rows ``rank`` of ``n``."""
+        old = user.args[index]
+        full = graph.constant(old)
+        if full is None:
+            raise self.fail("a weight or bias to split by vocabulary is computed, not a constant", user)
+        if id(full) not in shards:
+            size = full.shape[0] // n
+            shards[id(full)] = graph.add_constant(full[rank * size:(rank + 1) * size].contiguous(), f"{old.target}.rank{rank}")
+        user.replace_input_with(old, shards[id(full)])
+        if not old.users:
+            graph.fx.erase_node(old)
+
+    def _vocab_parallel(self, graph, head: fx.Node, rank: int, n: int, shards: dict) -> None:
         """The LM head keeps rows ``rank`` of ``n`` of its weight; its logits are
         all-gathered (stacked along dim 0) and put back side by side."""
-        weight = graph.constant(head.args[1])
-        size = weight.shape[0] // n
-        args = list(head.args)
         for i in (1, 2):
-            if i < len(args) and args[i] is not None:
-                full = graph.constant(args[i])
-                if full is None:
-                    raise self.fail("the LM head's bias is computed, not a constant", head)
-                args[i] = graph.add_constant(full[rank * size:(rank + 1) * size].contiguous(), f"{args[i].target}.rank{rank}")
-        old = [a for a in head.args[1:] if isinstance(a, fx.Node)]
-        head.args = tuple(args)
-        for node in old:
-            if not node.users:
-                graph.fx.erase_node(node)
+            if i < len(head.args) and head.args[i] is not None:
+                self._shard_rows(graph, head, i, rank, n, shards)
         users = list(head.users)
         gathered = insert_all_gather(graph, head, n)
         with graph.fx.inserting_after(gathered):
@@ -171,8 +194,44 @@ class TensorParallel(Pass):
         for user in users:
             user.replace_input_with(head, logits)
 
+    def _vocab_embedding(self, graph, table: fx.Node, rank: int, n: int, shards: dict) -> None:
+        """``embedding(W, ids)`` -> ``all_reduce(embedding(W_r, local) * in_shard)``
+        with ``local = ids - start`` where the id falls in rank ``rank``'s rows
+        ``start ..`` and 0 elsewhere; the ranks' rows add up to the lookup."""
+        size = graph.constant(table.args[0]).shape[0] // n
+        self._shard_rows(graph, table, 0, rank, n, shards)
+        ids = table.args[1]
+        users = list(table.users)
+        g = graph.fx
+        with g.inserting_before(table):
+            local = g.call_function(aten.sub.Tensor, (ids, rank * size))
+            below = g.call_function(aten.lt.Scalar, (local, 0))
+            above = g.call_function(aten.ge.Scalar, (local, size))
+            outside = g.call_function(aten.logical_or.default, (below, above))
+            safe = g.call_function(aten.masked_fill.Scalar, (local, outside, 0))
+        table.args = (table.args[0], safe)  # padding_idx only matters to training
+        with g.inserting_after(table):
+            mask = g.call_function(aten.unsqueeze.default, (outside, -1))
+        with g.inserting_after(mask):
+            rows = g.call_function(aten.masked_fill.Scalar, (table, mask, 0.0))
+        total = insert_all_reduce(graph, rows)
+        for user in users:
+            user.replace_input_with(table, total)
 
-def _shard(size: int, unit: int, rank: int, n: int) -> torch.Tensor:
-    """The channels of rank ``rank``: the ``rank``-th of ``n`` equal runs of whole units."""
+
+def _shard(size: int, rank: int, n: int) -> torch.Tensor:
+    """The channels of rank ``rank``: the ``rank``-th of ``n`` equal runs."""
     per = size // n
     return torch.arange(rank * per, (rank + 1) * per)
+
+
+def _head_shard(attn, rank: int, n: int) -> tuple[list[int], list[int]]:
+    """(query heads, key/value heads) of rank ``rank``: its ``1/n`` of the KV
+    groups with their query heads; with more ranks than KV heads, its ``1/n``
+    of the query heads and the one KV head they read (replicated)."""
+    per_q = attn.num_heads // n
+    q = list(range(rank * per_q, (rank + 1) * per_q))
+    if attn.num_kv_heads >= n:
+        per_kv = attn.num_kv_heads // n
+        return q, list(range(rank * per_kv, (rank + 1) * per_kv))
+    return q, [q[0] // attn.group]

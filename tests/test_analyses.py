@@ -320,3 +320,12 @@ def test_heads_the_analysis_cannot_prove_are_refused_with_the_node(form, node, w
     (heads,) = deps.attentions
     assert heads.refused is not None and f"node '{node}" in heads.refused and why in heads.refused, heads.refused
     assert deps.shrinkable_attentions() == [] and deps.refused()[heads.name] == heads.refused
+
+
+def test_fused_attention_ops_are_refused_with_the_node():
+    from conftest import base_graph
+
+    fused = PassManager("fuse-attention,pack-attention").run(base_graph("llama-tiny")).graph
+    deps = AnalysisManager().get(ChannelAnalysis, fused)
+    assert len(deps.attentions) == 2 and deps.shrinkable_attentions() == []
+    assert all(a.refused.startswith(f"node '{a.node.name}'") and "fused attention op" in a.refused for a in deps.attentions)

@@ -17,8 +17,8 @@ from torch.utils._pytree import tree_leaves
 
 import fxopt
 from fxopt.ir.collectives import ALL_GATHER, ALL_REDUCE, WAIT
-from fxopt.models import gpt2, hf_spec, llama
-from fxopt.parallel import ProcessGroupError, all_reduce_count, tensor_parallel_graphs
+from fxopt.models import bert, gpt2, hf_spec, llama
+from fxopt.parallel import ProcessGroupError, all_reduce_count, compile_tensor_parallel, tensor_parallel_graphs
 from conftest import reference, run
 from structural import assert_structurally_equal, graph_of
 
@@ -32,7 +32,9 @@ def _rank_main(rank: int, n: int, store: str, cases: dict, queue) -> None:
         try:
             out = {}
             for name, (graphs, inputs) in cases.items():
-                out[name] = tree_leaves(run(fxopt.compile(graphs[rank], "eager"), inputs))[0].numpy()
+                # a whole graph: split here for this process's rank, as a script under torchrun does
+                model = compile_tensor_parallel(graphs) if isinstance(graphs, fxopt.Graph) else fxopt.compile(graphs[rank], "eager")
+                out[name] = tree_leaves(run(model, inputs))[0].numpy()
             queue.put((rank, out))
         finally:
             torch.distributed.destroy_process_group()
@@ -76,12 +78,13 @@ def gemma():
 
 
 MODELS = {"gpt2": lambda: gpt2("tiny"), "llama": lambda: llama("tiny"), "phi3": phi3, "gemma": gemma}
+ENCODERS = {"bert": lambda: bert("tiny")}  # no LM head: the hidden states are the output
 
 
 @functools.lru_cache(maxsize=None)
 def spec_and_graph(name: str):
     torch.manual_seed(0)
-    spec = MODELS[name]()
+    spec = {**MODELS, **ENCODERS}[name]()
     graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
     return spec, fxopt.PassManager("canonicalize,dce").run(graph).graph
 
@@ -91,9 +94,28 @@ def split(name: str, n: int):
     return tensor_parallel_graphs(spec_and_graph(name)[1], n)
 
 
+# Split first, then the fusions and 8-bit quantization in groups of 32 input
+# channels, which lie inside one rank's shard (the down projection keeps 64 of 128).
+AFTER_SPLIT = "fuse-attention,merge-linears,quantize(granularity=group,group_size=32),fuse-linear-act,fuse-norm,dce"
+
+
 @functools.lru_cache(maxsize=None)
-def logits(n: int, names: tuple) -> dict:
-    return run_ranks(n, {name: (split(name, n), spec_and_graph(name)[0].example_inputs) for name in names})
+def cases(n: int) -> dict:
+    names = (*MODELS, *ENCODERS) if n == 2 else ("gpt2", "llama")
+    out = {name: (split(name, n), spec_and_graph(name)[0].example_inputs) for name in names}
+    if n == 2:
+        spec, graph = spec_and_graph("llama")
+        out["llama-quantized"] = (tensor_parallel_graphs(graph, 2, pipeline=AFTER_SPLIT), spec.example_inputs)
+        out["gemma-vocab-embeddings"] = (tensor_parallel_graphs(spec_and_graph("gemma")[1], 2, embeddings="vocab"),
+                                         spec_and_graph("gemma")[0].example_inputs)
+        out["gpt2-whole"] = spec_and_graph("gpt2")[1], spec_and_graph("gpt2")[0].example_inputs
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def logits(n: int) -> dict:
+    """Every case of ``n`` ranks, run in one group of ``n`` forked processes."""
+    return run_ranks(n, cases(n))
 
 
 LAYERS = 2  # every test config has two transformer layers
@@ -104,7 +126,17 @@ LAYERS = 2  # every test config has two transformer layers
 def test_two_ranks_match_the_model(name):
     spec, _ = spec_and_graph(name)
     want = tree_leaves(reference(spec))[0]
-    for got in logits(2, tuple(MODELS))[name]:
+    for got in logits(2)[name]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# An encoder with a padding mask (broadcast over the heads) splits the same way.
+def test_encoder_with_mask():
+    spec, _ = spec_and_graph("bert")
+    ranks = split("bert", 2)
+    assert all(all_reduce_count(g) == 2 * LAYERS and not any(n.target == ALL_GATHER for n in g.fx.nodes) for g in ranks)
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)["bert"]:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -113,7 +145,7 @@ def test_two_ranks_match_the_model(name):
 def test_four_ranks_match_the_model(name):
     spec, _ = spec_and_graph(name)
     want = tree_leaves(reference(spec))[0]
-    for got in logits(4, ("gpt2", "llama"))[name]:
+    for got in logits(4)[name]:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -124,6 +156,43 @@ def test_two_all_reduces_per_layer(name):
         assert all_reduce_count(g) == 2 * LAYERS
         assert sum(1 for node in g.fx.nodes if node.target == ALL_GATHER) == 1
         assert sum(1 for node in g.fx.nodes if node.target == WAIT) == 2 * LAYERS + 1
+
+
+# Vocabulary-parallel embeddings: Gemma's table, tied to its LM head, is split
+# by rows; both read one shard, and one more all-reduce sums the lookups.
+def test_vocab_parallel_embeddings():
+    spec, graph = spec_and_graph("gemma")
+    ranks = cases(2)["gemma-vocab-embeddings"][0]
+    table = graph.constant(next(n for n in graph.fx.nodes if n.target == torch.ops.aten.embedding.default).args[0])
+    for g in ranks:
+        assert all_reduce_count(g) == 2 * LAYERS + 1
+        lookup = next(n for n in g.fx.nodes if n.target == torch.ops.aten.embedding.default)
+        head = [n for n in g.fx.nodes if n.target == torch.ops.aten.linear.default][-1]
+        assert lookup.args[0] is head.args[1] and g.constant(lookup.args[0]).shape[0] == table.shape[0] // 2
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)["gemma-vocab-embeddings"]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# compile_tensor_parallel(graph) in each process splits for that process's rank.
+def test_compile_for_this_process_rank():
+    spec, _ = spec_and_graph("gpt2")
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)["gpt2-whole"]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# Composition: the quantized, fused rank graphs keep their two all-reduces per
+# layer and stay within the quantization tolerance of the model.
+def test_split_then_quantize_and_fuse():
+    spec, _ = spec_and_graph("llama")
+    ranks = cases(2)["llama-quantized"][0]
+    assert all(all_reduce_count(g) == 2 * LAYERS for g in ranks)
+    assert all(any(str(n.target).startswith("fxopt.linear_nbits") for n in g.fx.nodes) for g in ranks)
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)["llama-quantized"]:
+        parity = fxopt.compare(want, got)
+        assert parity.within(0.03) and parity.cosine > 0.999, parity
 
 
 # Each rank holds its shard: about half the split weights at N=2 (embeddings and norms stay whole).
@@ -174,12 +243,12 @@ def test_no_pair_leaves_the_graph_alone():
     assert "layer_norm" in str(result.records[0].stats["unpaired"])
 
 
-# A world size that does not divide the MLP's channels fails before anything
-# changes, naming the node; the user's graph is untouched.
+# A world size that does not divide the heads fails before anything changes,
+# naming the node; the user's graph is untouched.
 def test_world_size_that_does_not_fit():
     _, graph = spec_and_graph("gpt2")
     text = str(graph)
-    with pytest.raises(fxopt.PassError, match=r"world_size=3 does not divide .*node"):
+    with pytest.raises(fxopt.PassError, match=r"failed at node 'linear.*world_size=3 does not divide the 4 heads"):
         fxopt.PassManager("tensor-parallel(world_size=3,rank=0)").run(graph)
     assert str(graph) == text
 
@@ -195,6 +264,8 @@ def test_uneven_heads_are_refused():
 def test_missing_process_group_says_how_to_launch():
     with pytest.raises(ProcessGroupError, match=r"torchrun --nproc-per-node 2"):
         fxopt.compile(split("gpt2", 2)[0], "eager")
+    with pytest.raises(ProcessGroupError, match=r"torchrun --nproc-per-node N"):
+        compile_tensor_parallel(spec_and_graph("gpt2")[1])
 
 
 # The collectives are nodes of the text IR, on the literal group "tp".

@@ -7,7 +7,7 @@ weight) into the *row* linears (their input channels, columns of the weight)
 and nowhere else: an MLP's first linear (or gate and up, separate or merged)
 with its down projection; Q, K and V (separate or merged) with the attention
 output projection, where the channel walk follows heads through attention.
-Splitting a pair's channels across ``N`` ranks leaves each row linear with a
+Splitting a pair's channels (or heads) across ``N`` ranks leaves each row linear with a
 partial sum that one all-reduce completes.
 
 Pairs never overlap: a linear that is the row side of one pair is not the
@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..analysis import Analysis
-from .channels import ChannelAnalysis, ChannelGroup
+from .channels import AttentionHeads, ChannelAnalysis, ChannelGroup
 
 aten = torch.ops.aten
 
@@ -38,28 +38,29 @@ _PER_LOGIT = {aten._to_copy.default, aten.clone.default, aten.tanh.default, aten
 
 @dataclass
 class ParallelPair:
-    """Channels of ``group`` split across ranks: ``columns`` are split by
-    output channel, ``rows`` by input channel. ``unit`` channels move
-    together (1 in an MLP; a head's size in attention)."""
+    """Channels split across ranks: ``columns`` are split by output channel,
+    ``rows`` by input channel. An MLP pair splits the channels of ``group``;
+    an attention pair splits the heads of ``attention`` (whole KV groups with
+    their query heads)."""
 
-    group: ChannelGroup
     columns: list[fx.Node]
     rows: list[fx.Node]
-    unit: int = 1
+    group: ChannelGroup | None = None
+    attention: AttentionHeads | None = None
 
     @property
     def name(self) -> str:
-        return self.group.name
+        return (self.attention or self.group).name
 
     @property
     def kind(self) -> str:
-        return "attention" if self.unit > 1 else "mlp"
+        return "attention" if self.attention is not None else "mlp"
 
 
 @dataclass
 class ParallelPlan:
-    """The analysis result: the pairs in graph order, the groups that did not
-    pair (name -> why) and the LM head candidates."""
+    """The analysis result: the pairs in graph order, the groups and
+    attentions that did not pair (name -> why) and the LM head candidates."""
 
     pairs: list[ParallelPair]
     unpaired: dict[str, str] = field(default_factory=dict)
@@ -68,7 +69,7 @@ class ParallelPlan:
 
 class ParallelPairs(Analysis):
     """Column/row pairs for tensor parallelism (:class:`ParallelPlan`), built
-    on the channel groups of :class:`ChannelAnalysis`."""
+    on the channel groups and attention heads of :class:`ChannelAnalysis`."""
 
     name = "ParallelPairs"
 
@@ -76,28 +77,31 @@ class ParallelPairs(Analysis):
         deps = self.manager.get(ChannelAnalysis, graph)
         readers = _readers(graph)
         order = {n: i for i, n in enumerate(graph.fx.nodes)}
-        plan = ParallelPlan([])
+        candidates = [ParallelPair(list(dict.fromkeys(s.producer for s in g.spans)), list(g.consumers), group=g)
+                      for g in deps.groups if g.refused is None]
+        candidates += [ParallelPair(list(dict.fromkeys(s.producer for s in (a.q, a.k, a.v))), list(a.consumers), attention=a)
+                       for a in deps.attentions if a.refused is None]
+        plan = ParallelPlan([], deps.refused())  # q/k/v groups an accepted attention covers are not listed
         columns: set[fx.Node] = set()
         rows: set[fx.Node] = set()
-        for group in sorted(deps.groups, key=lambda g: min(order[s.producer] for s in g.spans)):
-            producers = list(dict.fromkeys(s.producer for s in group.spans))
-            why = group.refused
-            if why is None and not group.consumers:
+        for pair in sorted(candidates, key=lambda p: min(order[c] for c in p.columns)):
+            why = None
+            if not pair.rows:
                 why = "no linear reads the channels (nothing to split by input channel)"
-            if why is None and any(p in rows for p in producers):
+            elif any(c in rows for c in pair.columns):
                 why = "its column linear is already the row side of another pair"
-            if why is None and any(c in columns or c in rows for c in group.consumers):
+            elif any(r in columns or r in rows for r in pair.rows):
                 why = "its row linear is already part of another pair"
-            if why is None:
-                tied = next((n for n in producers + group.consumers if readers.get(_key(graph, n.args[1]), 0) > 1), None)
+            else:
+                tied = next((n for n in pair.columns + pair.rows if readers.get(_key(graph, n.args[1]), 0) > 1), None)
                 if tied is not None:
                     why = f"the weight of {tied.name!r} is read by another node too (tied)"
             if why is not None:
-                plan.unpaired[group.name] = why
+                plan.unpaired[pair.name] = why
                 continue
-            columns.update(producers)
-            rows.update(group.consumers)
-            plan.pairs.append(ParallelPair(group, producers, list(group.consumers), getattr(group, "unit", 1)))
+            columns.update(pair.columns)
+            rows.update(pair.rows)
+            plan.pairs.append(pair)
         paired = columns | rows
         for node in graph.fx.nodes:
             if node.op == "call_function" and node.target == aten.linear.default and node not in paired \
