@@ -260,7 +260,7 @@ def report(name: str, one: dict, tp: list[dict], dp: dict, requests: int, seq: i
                      f"x {count} = {per * count:.2f} ms per forward")
     per_layer = count / one["layers"]
     payload = per_layer * hidden * 4
-    lines += ["", f"On paper at 8 ranks: {per_layer:g} all-reduces of {hidden} floats per layer per token = "
+    lines += ["", f"On paper at 8 ranks: {per_layer:g} all-reduce(s) of {hidden} floats per layer per token = "
               f"{payload / 1024:.1f} KiB of payload; a ring all-reduce sends 2 x 7/8 of it from each rank: "
               f"{2 * 7 / 8 * payload / 1024:.1f} KiB per rank per layer per token "
               f"({2 * 7 / 8 * payload * one['layers'] / 1024:.0f} KiB per token over {one['layers']} layers).", ""]

@@ -115,7 +115,7 @@ def init(tensor_parallel: int = 1, data_parallel: int | None = None, *, timeout:
 
 def relaunch(argv: list[str], nproc: int, *, module: str = "fxopt") -> int:
     """Run ``python -m <module> <argv>`` as ``nproc`` processes under
-    torchrun on this machine (``--standalone``: a local rendezvous on a free
+    torchrun on the local host (``--standalone``: a local rendezvous on a free
     port) and return its exit status. torchrun gives each process one
     OpenMP thread unless OMP_NUM_THREADS is set."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
