@@ -114,10 +114,13 @@ def _name_outputs(model, names: list[str]) -> None:
         value.name = name
 
 
-def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True, disable_lowerings=()):
+def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True, disable_lowerings=(),
+                        lowerings: dict | None = None):
     """Re-export the graph and convert it to an ``torch.onnx.ONNXProgram``;
     ``disable_lowerings`` names groups of aten lowerings to leave to the
-    exporter (``fxopt.ir.ops.onnx_lowering_groups()``, e.g. "contrib-attention")."""
+    exporter (``fxopt.ir.ops.onnx_lowering_groups()``, e.g. "contrib-attention");
+    ``lowerings`` adds translations of ops of the caller's own (op overload ->
+    onnxscript function)."""
     written = graph.written_attributes()
     if written:
         # The exporter would drop the writes: every run would start from the traced state.
@@ -137,7 +140,7 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
             program = torch.onnx.export(
                 ep,
                 dynamo=True,
-                custom_translation_table=onnx_translation_table(disable_lowerings),
+                custom_translation_table={**onnx_translation_table(disable_lowerings), **(lowerings or {})},
                 optimize=optimize,
                 verbose=False,
                 **kwargs,
@@ -225,6 +228,17 @@ def _session_error(graph: Graph, providers, error: Exception) -> str:
                     "convert the model to float32 or float16 before tracing, or export it with "
                     "fxopt.export_onnx for a provider that has bfloat16 kernels")
     return message
+
+
+def run_without_copies(session, feed: dict[str, torch.Tensor], output_names: list[str]) -> list[torch.Tensor]:
+    """Run ``session`` on torch tensors and return torch tensors, copying
+    neither way: each input reaches ONNX Runtime as an ``OrtValue`` over the
+    tensor's memory (DLPack), each output is a torch tensor over the memory
+    ONNX Runtime wrote it to (writable, kept alive by the tensor)."""
+    import onnxruntime as ort
+
+    values = {name: ort.OrtValue.from_dlpack(t.detach().contiguous()) for name, t in feed.items()}
+    return [torch.from_numpy(o.numpy()) for o in session.run_with_ort_values(output_names, values)]
 
 
 def _without_numpy_type(graph: Graph) -> list[str]:

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import torch
 
 from .backends import BackendError, compile
+from .ir.collectives import ProcessGroupError
 from .ir.graph import Graph
 from .ir.parity import compare
 from .ir.trace import split_inputs, trace
@@ -42,7 +43,8 @@ from .passes.registry import PassRegistry
 
 MODELS = ("mlp", "tiny-gpt", "gpt2-tiny", "bert-tiny")
 BACKENDS = ("eager", "onnxruntime")
-CLEAR = (PipelineError, OptionError, PassError, BackendError)
+# ProcessGroupError: a tensor-parallel rank graph compiled where no process group runs it
+CLEAR = (PipelineError, OptionError, PassError, BackendError, ProcessGroupError)
 
 # Values tried for options whose type alone says little (regexes, per-layer
 # overrides); other options draw from their choices or from values of their type.
