@@ -76,6 +76,7 @@ MODELS = {"gpt2": "gpt2", "gpt2-tiny": "gpt2-tiny", "llama-135m": "llama-135m", 
 # model types onnxruntime-genai's model builder converts (of the ones built here)
 BUILDER_TYPES = {"llama", "mistral", "qwen2", "phi3", "gemma"}
 GOAL_BATCH, GOAL_CONTEXT = 1, 512
+T0 = time.perf_counter()
 
 
 # -- models and their sizes ---------------------------------------------------------------
@@ -283,6 +284,14 @@ class PeerUnavailable(RuntimeError):
     """A peer that cannot run here; the message says why and becomes the row's note."""
 
 
+def describe(e: Exception) -> str:
+    """A row's note for a variant that failed: the reason a peer gave, or the
+    error's type and first line."""
+    lines = str(e).strip().splitlines()
+    first = (lines[0] if lines else "")[:300].replace("|", "/")
+    return first if isinstance(e, PeerUnavailable) else f"{type(e).__name__}: {first}"
+
+
 def optimum_unavailable(optimum_python: str | None) -> str | None:
     """Why the optimum-onnx peer cannot run (None: it can)."""
     import transformers
@@ -465,10 +474,10 @@ def bench_model(name: str, a, variants: list[str], bandwidth: float) -> list[dic
                                                         a.new_tokens, a.threads, work)
                         runs = {(b, p): by_key[f"b{b}_c{p}"] for b, p in prompts}
                     weight_bytes = onnx_streamed_bytes(onnx_path)
-                print(f"[{name}] {variant}: ready in {time.perf_counter() - start:.1f} s", flush=True)
+                print(f"[{name}] {variant}: ready in {time.perf_counter() - start:.1f} s (at {time.perf_counter() - T0:.0f} s)",
+                      flush=True)
             except Exception as e:  # a variant that cannot run is a row saying why
-                text = str(e).strip().splitlines()
-                reason = f"{type(e).__name__ if not isinstance(e, PeerUnavailable) else ''}{': ' if not isinstance(e, PeerUnavailable) else ''}{text[0][:300] if text else ''}"
+                reason = describe(e)
                 print(f"[{name}] {variant}: {reason}", flush=True)
             for batch, prompt, note in runnable:
                 if reason is not None:
@@ -485,16 +494,16 @@ def bench_model(name: str, a, variants: list[str], bandwidth: float) -> list[dic
                     else:
                         run = run_ortgenai(built, ids, a.new_tokens)
                 except Exception as e:
-                    text = str(e).strip().splitlines()
-                    rows.append(dict(model=name, variant=variant, batch=batch, context=prompt,
-                                     note=f"{type(e).__name__}: {text[0][:300] if text else ''}"))
+                    rows.append(dict(model=name, variant=variant, batch=batch, context=prompt, note=describe(e)))
                     continue
                 if variant == REFERENCE:
                     references[(batch, prompt)] = run.tokens
                 row = row_from_run(name, variant, batch, prompt, run, weight_bytes, model, a.new_tokens, bandwidth,
                                    references.get((batch, prompt)), note)
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                print(f"[{name}] {variant} batch {batch} context {prompt}: prefill {row['prefill_ms']:.1f} ms, "
+                      f"{row['tokens_per_s']:.1f} tokens/s, agree {row.get('agree', float('nan')):.3f} "
+                      f"(at {time.perf_counter() - T0:.0f} s)", flush=True)
             del built
             gc.collect()
     finally:
@@ -617,6 +626,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"copy bandwidth: {bandwidth:.1f} GB/s on {a.threads} threads", flush=True)
     start = time.perf_counter()
     rows = [row for name in a.models.split(",") for row in bench_model(name, a, variants, bandwidth)]
+    order = {v: i for i, v in enumerate(variants)}
+    rows.sort(key=lambda r: (a.models.split(",").index(r["model"]), order[r["variant"]], r["batch"], r["context"]))
     minutes = (time.perf_counter() - start) / 60
     write(a, rows, bandwidth, minutes, [__file__, *(sys.argv[1:] if argv is None else argv)])
 
