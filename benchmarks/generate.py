@@ -13,6 +13,8 @@ Variants, each at its best documented setup, all with ``--threads`` threads:
   both graphs, on eager PyTorch / ONNX Runtime.
 * ``fxopt-int8-ort`` / ``fxopt-int4-ort``: the README's fused W8A8 and fused int4
   pipelines (``INT8``, ``INT4``), LM head quantized too, on ONNX Runtime.
+  On ONNX Runtime fxopt keeps the cache as ``--cache`` says (default ``buffer``:
+  preallocated, written in place by GroupQueryAttention).
 * ``ortgenai-fp32`` / ``ortgenai-int4``: onnxruntime-genai's model builder
   (``python -m onnxruntime_genai.models.builder -i CHECKPOINT -o OUT -p fp32|int4 -e cpu``)
   on the model saved with ``save_pretrained`` beside a word-level tokenizer, its
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import inspect
 import json
 import math
 import os
@@ -59,11 +62,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-FUSED = "canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,fuse-linear-act,fuse-norm,dce"
+# The README's fused pipelines: pack-attention lowers a decode step's attention
+# against the cache to GroupQueryAttention with a past.
+FUSED = "canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce"
 INT8 = ("canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,"
-        "quantize(mode=dynamic,act_granularity=tensor,skip_lm_head=false),fuse-linear-act,fuse-norm,dce")
+        "quantize(mode=dynamic,act_granularity=tensor,skip_lm_head=false),pack-attention,fuse-linear-act,fuse-norm,dce")
 INT4 = ("canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,"
-        "quantize(bits=4,group_size=128,skip_lm_head=false),fuse-linear-act,fuse-norm,dce")
+        "quantize(bits=4,group_size=128,skip_lm_head=false),pack-attention,fuse-linear-act,fuse-norm,dce")
 FXOPT = {
     "fxopt-fp32-eager": (FUSED, "eager"),
     "fxopt-fp32-ort": (FUSED, "onnxruntime"),
@@ -459,6 +464,8 @@ def bench_model(name: str, a, variants: list[str], bandwidth: float) -> list[dic
                         traced = trace_decoder(model)
                     pipeline, backend = FXOPT[variant]
                     opts = {"intra_op_threads": a.threads, "inter_op_threads": 1} if backend == "onnxruntime" else {}
+                    if backend == "onnxruntime" and "cache" in inspect.signature(compile_generator).parameters:
+                        opts["cache"] = a.cache
                     built = compile_generator(traced, pipeline, backend, **opts)
                     weight_bytes = graph_streamed_bytes(built.graphs.decode)
                 elif variant.startswith("ortgenai") or variant.startswith("optimum"):
@@ -612,6 +619,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--cache", default="buffer", choices=("growing", "buffer"),
+                   help="fxopt's KV cache layout on ONNX Runtime (buffer: preallocated, written in place)")
     p.add_argument("--optimum-python", default=os.environ.get("FXOPT_OPTIMUM_PYTHON"),
                    help="python of a virtual environment with optimum-onnx (it needs transformers < 4.58)")
     a = p.parse_args(argv)
