@@ -342,9 +342,10 @@ def group_query_attention(
 # attention of a decode step against its key/value cache -> com.microsoft.GroupQueryAttention
 
 def _attention_with_past_fake(q, k, v, past_k, past_v, mask, num_heads, kv_num_heads, scale):
-    b, kv, p, h = past_k.shape
-    total = p + k.shape[1]
-    return torch.empty_like(q), past_k.new_empty((b, kv, total, h)), past_v.new_empty((b, kv, total, past_v.shape[3]))
+    # each past keeps its own length symbol (a traced cache tensor's dim is its own)
+    present_k = past_k.new_empty((*past_k.shape[:2], past_k.shape[2] + k.shape[1], past_k.shape[3]))
+    present_v = past_v.new_empty((*past_v.shape[:2], past_v.shape[2] + v.shape[1], past_v.shape[3]))
+    return torch.empty_like(q), present_k, present_v
 
 
 def _attention_with_past_onnx(q, k, v, past_k, past_v, mask=None, num_heads: int = 1, kv_num_heads: int = 1,
