@@ -2,7 +2,7 @@
 mask proofs (:mod:`.masks`), liveness (:mod:`.liveness`) and the channel
 dependencies that structured pruning follows (:mod:`.channels`)."""
 
-from .channels import ChannelAnalysis, ChannelGroup
+from .channels import AttentionHeads, ChannelAnalysis, ChannelDependencies, ChannelGroup, ShapeEdit, Span
 from .liveness import LiveRanges, Liveness
 from .masks import (
     CausalMaskFacts, CausalMasks, KeyPadding, KeyPaddingFacts, KeyPaddingMasks, NotKeyPadding, is_causal_mask,
@@ -10,7 +10,7 @@ from .masks import (
 )
 
 __all__ = [
-    "ChannelAnalysis", "ChannelGroup",
+    "ChannelAnalysis", "ChannelDependencies", "ChannelGroup", "Span", "AttentionHeads", "ShapeEdit",
     "Liveness", "LiveRanges", "CausalMasks", "CausalMaskFacts", "KeyPaddingMasks", "KeyPaddingFacts", "KeyPadding",
     "NotKeyPadding", "is_causal_mask", "is_constant_causal_mask",
 ]
