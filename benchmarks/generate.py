@@ -3,7 +3,11 @@ decode-step graphs, against Hugging Face ``generate`` and the peers that run an
 ONNX model with a KV cache (onnxruntime-genai, optimum-onnx).
 
     python benchmarks/generate.py --models gpt2,llama-135m --contexts 128,512,1024 --batches 1,8 \\
-        --max-batch-tokens 4096 --new-tokens 64 --threads 2 --optimum-python /tmp/optimum-venv/bin/python
+        --max-batch-tokens 1024 --new-tokens 64 --threads 2 --optimum-python /tmp/optimum-venv/bin/python
+
+(about 20 minutes on 2 idle cores, most of it building the variants; batch 8
+runs at context 128 only: ``--max-batch-tokens 4096`` adds context 512, a few
+minutes more.)
 
 Variants, each at its best documented setup, all with ``--threads`` threads:
 
