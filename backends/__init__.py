@@ -50,7 +50,7 @@ def load_compiled(path, **options) -> CompiledModel:
 def _measuring_compile(backend: str):
     """How a pass measures on ``backend``: torch's thread count and one
     inter-op thread (ONNX Runtime's threads spin only during a run, see
-    ``_session_options``, so the float and quantized forms timed in turn do
+    ``session_options``, so the float and quantized forms timed in turn do
     not tax each other)."""
     import torch
 

@@ -179,7 +179,7 @@ def export_onnx(graph: Graph, path: str | Path, *, opset: int | None = None, che
     return path
 
 
-def _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning):
+def session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning):
     import onnxruntime as ort
 
     if graph_optimization_level not in _LEVELS:
@@ -394,7 +394,7 @@ class OnnxRuntimeModel(CompiledModel):
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
             raise BackendError(f"execution provider(s) {missing} not available; available: {ort.get_available_providers()}")
-        options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
         self.program = export_onnx_program(graph, opset=opset, disable_lowerings=tuple(disable_lowerings))
         if rewrite_onnx is not None:
             rewrite_onnx(self.program.model)
@@ -497,7 +497,7 @@ class OnnxRuntimeModel(CompiledModel):
         self.graph, self.program, self.interface, self._bytes, self._tmp, self._source = None, None, interface, None, None, path
         self.index_bounds = interface.index_bounds  # in place of the graph's (a cached property)
         providers = list(providers) if providers else default_providers()
-        options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
         try:
             self.session = new_session(str(path), options, providers)
         except Exception as e:

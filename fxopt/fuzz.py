@@ -37,7 +37,6 @@ from .ir.trace import split_inputs, trace
 from .models import BUILTIN, ModelSpec
 from .passes import REGISTRY, PassError, PassManager, PipelineError
 from .passes.base import Option, OptionError, Pass
-from .passes.manager import default_tolerance
 from .passes.pipeline import format_value
 from .passes.registry import PassRegistry
 
@@ -218,7 +217,7 @@ class Fuzzer:
         except Exception as e:  # noqa: BLE001 - classifying every failure is the point
             kind = "refused" if _clear(e) else "crash"
             return [outcome(b, kind, _describe(e)) for b in self.backends]
-        tolerance = max([default_tolerance(m.graph), *(p.numerics_tolerance for p in manager.passes())])
+        tolerance = manager.tolerance_for(m.graph)
         outcomes = []
         for backend in self.backends:
             try:
