@@ -356,7 +356,7 @@ def cmd_generate(a) -> int:
         options = {"intra_op_threads": a.threads} if a.backend == "onnxruntime" else {}
     noise = io.StringIO()
     with contextlib.redirect_stderr(noise) if not a.debug else contextlib.nullcontext():
-        gen = compile_generator(model, a.pipeline, a.backend, **options)
+        gen = compile_generator(model, a.pipeline, a.backend, cache=a.cache, **options)
     # no stop token on either side: both generate exactly --max-new-tokens
     run = lambda n: gen.generate(ids, max_new_tokens=n, eos_token_id=())
     gen_kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
@@ -435,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=_positive, default=1)
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     g.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime alike (0: their defaults)")
+    g.add_argument("--cache", choices=("growing", "buffer"), default="growing",
+                   help="KV cache layout (buffer: preallocated, written in place; onnxruntime with pack-attention)")
     g.add_argument("--report", help="write a JSON report here")
     g.add_argument("--plugin", action="append", help="import this module first (it may register passes); repeatable")
     g.set_defaults(func=cmd_generate)
