@@ -5,8 +5,11 @@ re-exported graph, with fxopt's ops lowered through the translation table in
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import hashlib
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -114,10 +117,13 @@ def _name_outputs(model, names: list[str]) -> None:
         value.name = name
 
 
-def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True, disable_lowerings=()):
+def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True, disable_lowerings=(),
+                        lowerings: dict | None = None):
     """Re-export the graph and convert it to an ``torch.onnx.ONNXProgram``;
     ``disable_lowerings`` names groups of aten lowerings to leave to the
-    exporter (``fxopt.ir.ops.onnx_lowering_groups()``, e.g. "contrib-attention")."""
+    exporter (``fxopt.ir.ops.onnx_lowering_groups()``, e.g. "contrib-attention");
+    ``lowerings`` adds translations of ops of the caller's own (op overload ->
+    onnxscript function)."""
     written = graph.written_attributes()
     if written:
         # The exporter would drop the writes: every run would start from the traced state.
@@ -137,7 +143,7 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
             program = torch.onnx.export(
                 ep,
                 dynamo=True,
-                custom_translation_table=onnx_translation_table(disable_lowerings),
+                custom_translation_table={**onnx_translation_table(disable_lowerings), **(lowerings or {})},
                 optimize=optimize,
                 verbose=False,
                 **kwargs,
@@ -147,7 +153,23 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
         summary = next((line for line in msg if "Error" in line and "<class" in line), msg[0] if msg else type(e).__name__)
         raise BackendError(f"ONNX export of {graph.name} failed: {summary}") from e
     _name_outputs(program.model, graph.interface().output_names())
+    _drop_unused_outputs(program.model)
     return program
+
+
+def _drop_unused_outputs(model) -> None:
+    """Remove the unused trailing outputs of contrib ops: onnxscript gives a
+    node every output its schema lists, and a kernel computes (and copies into)
+    each output that exists, e.g. GroupQueryAttention's present key/value after
+    a prefill that keeps no cache."""
+    for node in model.graph.all_nodes():
+        if node.domain != "com.microsoft":
+            continue
+        keep = len(node.outputs)
+        while keep > 1 and not node.outputs[keep - 1].uses() and not node.outputs[keep - 1].is_graph_output():
+            keep -= 1
+        if keep < len(node.outputs):
+            node.resize_outputs(keep)
 
 
 def export_onnx(graph: Graph, path: str | Path, *, opset: int | None = None, check: bool = True, disable_lowerings=()) -> Path:
@@ -162,7 +184,7 @@ def export_onnx(graph: Graph, path: str | Path, *, opset: int | None = None, che
     return path
 
 
-def _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning):
+def session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning):
     import onnxruntime as ort
 
     if graph_optimization_level not in _LEVELS:
@@ -205,7 +227,23 @@ def new_session(model, options, providers=("CPUExecutionProvider",)):
     is made here."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(model, options, providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    session = ort.InferenceSession(model, options, providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    _return_freed_heap()
+    return session
+
+
+def _return_freed_heap() -> None:
+    """Hand the heap memory freed while ONNX Runtime built a session back to
+    the system. Constant folding at load (a codebook weight decoded into a
+    float initializer, a transposed copy) and weight prepacking free their
+    intermediates in many allocations that glibc keeps: a session of GPT-2
+    small with its codebooks decoded at load held twice the memory of the
+    fp32 one before this, the same after (benchmarks/cluster_lowering.py)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # a C library without malloc_trim (musl)
+            pass
 
 
 def default_providers() -> list[str]:
@@ -227,6 +265,17 @@ def _session_error(graph: Graph, providers, error: Exception) -> str:
     return message
 
 
+def run_without_copies(session, feed: dict[str, torch.Tensor], output_names: list[str]) -> list[torch.Tensor]:
+    """Run ``session`` on torch tensors and return torch tensors, copying
+    neither way: each input reaches ONNX Runtime as an ``OrtValue`` over the
+    tensor's memory (DLPack), each output is a torch tensor over the memory
+    ONNX Runtime wrote it to (writable, kept alive by the tensor)."""
+    import onnxruntime as ort
+
+    values = {name: ort.OrtValue.from_dlpack(t.detach().contiguous()) for name, t in feed.items()}
+    return [torch.from_numpy(o.numpy()) for o in session.run_with_ort_values(output_names, values)]
+
+
 def _without_numpy_type(graph: Graph) -> list[str]:
     """The graph's inputs and outputs whose dtype numpy has no type for
     (bfloat16, float8): ONNX Runtime's Python API takes and returns numpy
@@ -246,6 +295,105 @@ def _without_numpy_type(graph: Graph) -> list[str]:
     return bad
 
 
+class SharedInitializers:
+    """Initializers held once by several ONNX Runtime sessions (a generator's
+    prefill and decode step): each distinct tensor (dtype, shape, bytes) is one
+    ``OrtValue`` over its array, given to every session with
+    ``SessionOptions.add_external_initializers``; the models reach ONNX Runtime
+    without their data. The arrays are the exported program's own (views of
+    the graph's torch tensors where the exporter kept them, the folded ones
+    otherwise), so ONNX Runtime makes no copy of them.
+
+    ONNX Runtime's Python API cannot share *prepacked* weights between sessions
+    (its C API's ``PrepackedWeightsContainer`` is not exposed): a session that
+    prepacks (MLAS's packed fp32 GEMM, MatMulNBits' and the int8 kernels'
+    layouts) holds its own packed copy beside the shared one. Hence
+    ``prepack`` per session in :meth:`attach`."""
+
+    def __init__(self, min_bytes: int = 1024):
+        self.min_bytes = min_bytes
+        self._values: dict[tuple, tuple[np.ndarray, object]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the distinct initializers held."""
+        return sum(a.nbytes for a, _ in self._values.values())
+
+    def arrays(self) -> dict[tuple, np.ndarray]:
+        return {k: a for k, (a, _) in self._values.items()}
+
+    def key(self, arr: np.ndarray) -> tuple:
+        flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        return (arr.dtype.str, tuple(arr.shape), hashlib.blake2b(flat.data, digest_size=20).hexdigest())
+
+    def _large(self, program):
+        for name, value in program.model.graph.initializers.items():
+            t = value.const_value
+            if t is not None and t.nbytes >= self.min_bytes:
+                yield name, value, t
+
+    def attach(self, program, options, *, prepack: bool = True) -> tuple[bytes, int]:
+        """The serialized model of ``program`` with its large initializers
+        left out, and the bytes of those initializers; ``options`` are set to
+        take them from the shared ones."""
+        import onnx_ir as ir
+        import onnxruntime as ort
+
+        names, values, swapped = [], [], []
+        try:
+            for name, value, t in self._large(program):
+                arr = np.ascontiguousarray(t.numpy())
+                key = self.key(arr)
+                if key not in self._values:
+                    self._values[key] = (arr, ort.OrtValue.ortvalue_from_numpy(arr))
+                names.append(name)
+                values.append(self._values[key][1])
+                swapped.append((value, t))
+                # a placeholder that serializes as external data, without reading it
+                value.const_value = ir.ExternalTensor(f"fxopt-shared/{key[2]}", 0, arr.nbytes, t.dtype, shape=t.shape, name=name)
+            proto = ir.to_proto(program.model)
+        finally:
+            for value, t in swapped:
+                value.const_value = t
+        if names:
+            options.add_external_initializers(names, values)
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        return proto.SerializeToString(), sum(v.tensor_size_in_bytes() for v in values)
+
+    def write(self, programs: dict[str, object], directory, weights: str = "weights.bin") -> dict[str, Path]:
+        """Write each program as ``<name>.onnx`` in ``directory`` with every
+        large initializer in one external file ``weights``, each distinct
+        tensor once; returns the paths written."""
+        import onnx_ir as ir
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        offsets: dict[tuple, int] = {}
+        paths = {}
+        with open(directory / weights, "wb") as data:
+            for kind, program in programs.items():
+                swapped = []
+                try:
+                    for name, value, t in self._large(program):
+                        arr = np.ascontiguousarray(t.numpy())
+                        key = self.key(arr)
+                        if key not in offsets:
+                            pad = -data.tell() % 64  # aligned, as ONNX Runtime maps it
+                            data.write(b"\0" * pad)
+                            offsets[key] = data.tell()
+                            data.write(arr.reshape(-1).view(np.uint8).data)
+                        swapped.append((value, t))
+                        value.const_value = ir.ExternalTensor(weights, offsets[key], arr.nbytes, t.dtype, shape=t.shape, name=name)
+                    proto = ir.to_proto(program.model)
+                finally:
+                    for value, t in swapped:
+                        value.const_value = t
+                paths[kind] = directory / f"{kind}.onnx"
+                onnx.save_model(proto, str(paths[kind]))
+        return paths
+
+
 class OnnxRuntimeModel(CompiledModel):
     """Options: ``intra_op_threads``, ``inter_op_threads``,
     ``graph_optimization_level`` (disable|basic|extended|all), ``providers``
@@ -253,13 +401,18 @@ class OnnxRuntimeModel(CompiledModel):
     worker threads spin while a run waits between kernels and park when it
     returns; off, they sleep between kernels: slower, for cores shared with
     other work during a run), ``opset``, ``disable_lowerings`` (groups of aten lowerings to
-    leave to the exporter, e.g. ``["contrib-attention"]``)."""
+    leave to the exporter, e.g. ``["contrib-attention"]``), ``shared_initializers`` (a
+    :class:`SharedInitializers` this model takes its large initializers from and adds
+    its own to, to hold weights once across models) with ``prepack`` (whether ONNX
+    Runtime may prepack them: a packed copy per model), ``rewrite_onnx`` (a function
+    given the exported ``onnx_ir`` model to change in place before the session is made)."""
 
     backend = "onnxruntime"
 
     def __init__(self, graph: Graph, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  graph_optimization_level: str = "all", providers: list[str] | None = None,
-                 allow_spinning: bool = True, opset: int | None = None, disable_lowerings=()):
+                 allow_spinning: bool = True, opset: int | None = None, disable_lowerings=(),
+                 shared_initializers: SharedInitializers | None = None, prepack: bool = True, rewrite_onnx=None):
         import onnxruntime as ort
 
         self.graph = graph
@@ -273,15 +426,20 @@ class OnnxRuntimeModel(CompiledModel):
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
             raise BackendError(f"execution provider(s) {missing} not available; available: {ort.get_available_providers()}")
-        options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
         self.program = export_onnx_program(graph, opset=opset, disable_lowerings=tuple(disable_lowerings))
-        proto = self.program.model_proto
+        if rewrite_onnx is not None:
+            rewrite_onnx(self.program.model)
         self._tmp = self._source = None
-        if proto.ByteSize() < (1 << 31) - (1 << 20):
-            self._bytes = proto.SerializeToString()
-            source = self._bytes
+        # the serialized model's size (the bytes themselves are not kept: a copy of the weights)
+        self._bytes = None
+        if shared_initializers is not None:
+            source, external = shared_initializers.attach(self.program, options, prepack=prepack)
+            self._bytes = len(source) + external
+        elif (proto := self.program.model_proto).ByteSize() < (1 << 31) - (1 << 20):
+            source = proto.SerializeToString()
+            self._bytes = len(source)
         else:  # protobuf cannot hold it in one message: go through a file with external data
-            self._bytes = None
             self._tmp = tempfile.TemporaryDirectory(prefix="fxopt-ort-")
             source = os.path.join(self._tmp.name, "model.onnx")
             self.program.save(source)
@@ -289,6 +447,7 @@ class OnnxRuntimeModel(CompiledModel):
             self.session = new_session(source, options, providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(_session_error(graph, providers, e)) from e
+        del source
         self._bind_inputs()
 
     def _bind_inputs(self) -> None:
@@ -330,13 +489,18 @@ class OnnxRuntimeModel(CompiledModel):
             proto = onnx.load(str(self._source))
             onnx.save_model(proto, str(path), save_as_external_data=proto.ByteSize() >= (1 << 31) - (1 << 20))
             return path
+        self.stamp_interface()
+        self.program.save(str(path))
+        return path
+
+    def stamp_interface(self) -> None:
+        """Put the model's interface in the exported program's metadata, as
+        :meth:`save` writes it (for writers of the program other than ``save``)."""
         self.interface.index_bounds = self.index_bounds
         try:
             self.program.model.metadata_props[INTERFACE_KEY] = self.interface.to_json()
         except TypeError as e:
             raise BackendError(f"cannot save {self.interface.name}: {e}") from None
-        self.program.save(str(path))
-        return path
 
     @classmethod
     def load(cls, path, *, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
@@ -365,7 +529,7 @@ class OnnxRuntimeModel(CompiledModel):
         self.graph, self.program, self.interface, self._bytes, self._tmp, self._source = None, None, interface, None, None, path
         self.index_bounds = interface.index_bounds  # in place of the graph's (a cached property)
         providers = list(providers) if providers else default_providers()
-        options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
         try:
             self.session = new_session(str(path), options, providers)
         except Exception as e:
@@ -379,5 +543,5 @@ class OnnxRuntimeModel(CompiledModel):
         if self._source is not None:
             return sum(f.stat().st_size for f in self._files)
         if self._bytes is not None:
-            return len(self._bytes)
+            return self._bytes
         return sum(f.stat().st_size for f in Path(self._tmp.name).iterdir())

@@ -100,42 +100,132 @@ class _EagerSteps:
         return out[0][:, -1], list(out[1:])
 
     def decode(self, ids, mask, positions, cache):
-        out = self.decode_model(ids, mask, positions, tuple(cache))
+        # the loop's step inputs are numpy arrays (what ONNX Runtime binds); torch views them
+        out = self.decode_model(*(torch.from_numpy(a) for a in (ids, mask, positions)), tuple(cache))
         return out[0][:, -1], list(out[1:])
 
 
 class _OrtSteps:
     """Runs the two ONNX Runtime sessions with I/O binding: the cache outputs of
     one run are ``OrtValue``s in ONNX Runtime's memory and are bound as the
-    next run's inputs as they are."""
+    next run's inputs as they are.
+
+    One binding per session, made once; each step binds its inputs and asks
+    for fresh outputs (outputs left bound from the previous run would be
+    written in place, and the cache grows). The step's ids, mask and positions
+    are numpy arrays (no torch round trip)."""
 
     def __init__(self, prefill, decode):
-        import onnxruntime as ort
-
-        self._ort = ort
         self.prefill_model, self.decode_model = prefill, decode
-        self.device = "cpu"
+        self._bindings = {}
 
     def _run(self, model, feeds: list, cache=()):
-        session = model.session
-        binding = session.io_binding()
+        binding = self._bindings.get(id(model))
+        if binding is None:
+            binding = self._bindings[id(model)] = model.session.io_binding()
+        else:
+            binding.clear_binding_outputs()
+        for name in model.output_names:
+            binding.bind_output(name, "cpu")
         names = model.input_names
         for name, value in zip(names, feeds):
-            binding.bind_cpu_input(name, np.ascontiguousarray(value.numpy()))
+            binding.bind_cpu_input(name, value)
         for name, value in zip(names[len(feeds):], cache):
             binding.bind_ortvalue_input(name, value)
-        for name in model.output_names:
-            binding.bind_output(name, self.device)
-        session.run_with_iobinding(binding)
+        model.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        logits = torch.from_numpy(outputs[0].numpy())
-        return logits[:, -1], list(outputs[1:])
+        return torch.from_numpy(outputs[0].numpy()[:, -1]), list(outputs[1:])
 
     def prefill(self, ids, mask, positions):
-        return self._run(self.prefill_model, [ids, mask, positions])
+        return self._run(self.prefill_model, [t.numpy() for t in (ids, mask, positions)])
 
     def decode(self, ids, mask, positions, cache):
         return self._run(self.decode_model, [ids, mask, positions], cache)
+
+
+class _OrtBufferSteps(_OrtSteps):
+    """The cache in preallocated buffers written in place: each ``past`` input
+    and its ``present`` output are bound to one ``OrtValue`` of ``length``
+    positions, which GroupQueryAttention (``fxopt.attention_with_past``)
+    updates in place (it shares past and present when they are one buffer);
+    the graph reads the number of positions held from the mask
+    (:func:`read_cache_length_from_mask`). The prefill's cache is copied into
+    the buffers once."""
+
+    def __init__(self, prefill, decode):
+        super().__init__(prefill, decode)
+        self.length = None
+
+    def prefill(self, ids, mask, positions):
+        import onnxruntime as ort
+
+        logits, cache = super().prefill(ids, mask, positions)
+        held = ids.shape[1]
+        buffers = []
+        for value in cache:
+            b, heads, _, head = value.shape()
+            array = np.empty((b, heads, self.length, head), dtype=np.float32 if value.data_type() == "tensor(float)" else
+                             np.float16)
+            array[:, :, :held] = value.numpy()
+            buffers.append(ort.OrtValue.ortvalue_from_numpy(array))
+        model = self.decode_model
+        binding = self._bindings[id(model)] = model.session.io_binding()
+        binding.bind_output(model.output_names[0], "cpu")
+        for name, value in zip(model.input_names[3:], buffers):
+            binding.bind_ortvalue_input(name, value)
+        for name, value in zip(model.output_names[1:], buffers):
+            binding.bind_ortvalue_output(name, value)
+        return logits, buffers
+
+    def decode(self, ids, mask, positions, cache):
+        model, binding = self.decode_model, self._bindings[id(self.decode_model)]
+        for name, value in zip(model.input_names, (ids, mask, positions)):
+            binding.bind_cpu_input(name, value)
+        model.session.run_with_iobinding(binding)
+        return torch.from_numpy(binding.get_outputs()[0].numpy()[:, -1]), cache
+
+
+def read_cache_length_from_mask(model) -> None:
+    """Rewrite a decode-step ONNX model (``onnx_ir``) so that the cache length it
+    computes with is the mask's length - 1, not the past tensors' size: the past
+    can then be a preallocated buffer longer than the positions it holds. The
+    past tensors must be read only by GroupQueryAttention (which takes the
+    length from its ``seqlens_k`` / ``total_sequence_length`` inputs) and by
+    Shape; for a past exactly as long as it holds, the model computes what it
+    did before."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    mask, past = graph.inputs[1], list(graph.inputs[3:])
+    readers = {node.op_type for value in past for node, _ in value.uses()}
+    if not readers <= {"GroupQueryAttention", "Shape"}:
+        raise GenerationError(
+            f"a preallocated cache needs every layer's attention against its cache lowered to GroupQueryAttention "
+            f"(pack-attention in the pipeline); the decode graph's cache is also read by {sorted(readers - {'GroupQueryAttention', 'Shape'})}")
+
+    def const(values):
+        return ir.node("Constant", [], {"value": ir.tensor(np.array(values, dtype=np.int64))})
+
+    one = const([1])
+    mask_length = ir.node("Shape", [mask], {"start": 1, "end": 2})
+    held = ir.node("Sub", [mask_length.outputs[0], one.outputs[0]])
+    new_nodes = [one, mask_length, held]
+    for value in past:
+        for node, _ in list(value.uses()):
+            if node.op_type != "Shape":
+                continue
+            lead = ir.node("Shape", [value], {"start": 0, "end": 2})
+            tail = ir.node("Shape", [value], {"start": 3})
+            full = ir.node("Concat", [lead.outputs[0], held.outputs[0], tail.outputs[0]], {"axis": 0})
+            start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", 4)
+            starts, ends, axes = const([start]), const([end]), const([0])
+            part = ir.node("Slice", [full.outputs[0], starts.outputs[0], ends.outputs[0], axes.outputs[0]])
+            new_nodes += [lead, tail, full, starts, ends, axes, part]
+            node.outputs[0].replace_all_uses_with(part.outputs[0])
+            if node.outputs[0].is_graph_output():
+                continue
+            graph.remove(node, safe=True)
+    graph.insert_before(next(iter(graph)), new_nodes)
 
 
 def share_constants(keep: Graph, other: Graph) -> int:
@@ -172,14 +262,33 @@ class Generator:
     """A causal LM compiled for generation: its prefill and decode-step graphs,
     optimized by one pipeline and lowered to one backend."""
 
-    def __init__(self, graphs: DecoderGraphs, prefill_model, decode_model, backend: str, shared_bytes: int = 0):
+    def __init__(self, graphs: DecoderGraphs, prefill_model, decode_model, backend: str, shared_bytes: int = 0,
+                 shared_initializers=None, cache: str = "growing"):
         self.graphs = graphs
         self.info: CausalLMInfo = graphs.info
         self.backend = backend
         self.prefill_model, self.decode_model = prefill_model, decode_model
         # bytes of decode-graph constants that turned out equal to prefill ones and are now held once
         self.shared_bytes = shared_bytes
-        self._steps = (_OrtSteps if backend == "onnxruntime" else _EagerSteps)(prefill_model, decode_model)
+        # ONNX Runtime: the initializers both sessions take (None: each session holds its own)
+        self.shared_initializers = shared_initializers
+        self.cache = cache
+        steps = _EagerSteps if backend != "onnxruntime" else (_OrtBufferSteps if cache == "buffer" else _OrtSteps)
+        self._steps = steps(prefill_model, decode_model)
+
+    def save_onnx(self, directory) -> dict:
+        """ONNX Runtime: write ``prefill.onnx`` and ``decode.onnx`` in
+        ``directory`` with their weights in one ``weights.bin``, each distinct
+        weight once; each model loads back with :func:`fxopt.load_compiled`.
+        Returns the paths of the two models."""
+        if self.backend != "onnxruntime":
+            raise GenerationError(f"save_onnx needs a generator compiled for onnxruntime, not {self.backend!r}")
+        from .backends.onnxruntime import SharedInitializers
+
+        for model in (self.prefill_model, self.decode_model):
+            model.stamp_interface()
+        return SharedInitializers().write({"prefill": self.prefill_model.program, "decode": self.decode_model.program},
+                                          directory)
 
     # -- checks ------------------------------------------------------------------------
     def _prompts(self, prompts, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,35 +368,52 @@ class Generator:
 
         # Positions as Hugging Face's generate counts them: real tokens from 0, padding at 0.
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        if isinstance(self._steps, _OrtBufferSteps):  # room for every position the steps feed back
+            self._steps.length = prompt_len + max_new_tokens - 1
         start = time.perf_counter()
         logits, cache = self._steps.prefill(ids, mask, positions)
         token = next_tokens(logits, options, generator)
         prefill_ms = (time.perf_counter() - start) * 1e3
 
+        # Everything a step reads or writes is allocated once: the sequences,
+        # the mask (its columns past the prompt are all 1: a step binds its
+        # first P + step + 1), the next positions (advanced in place).
+        total = prompt_len + max_new_tokens
+        sequences = torch.full((batch, total), pad, dtype=torch.long)
+        sequences[:, :prompt_len] = ids
+        mask_all = np.ones((batch, total - 1), dtype=np.int64)
+        mask_all[:, :prompt_len] = mask.numpy()
+        next_position = (positions[:, -1:] + 1).numpy().copy()
+        stop_ids = torch.tensor(sorted(stops), dtype=torch.long) if stops else None
+        pad_t = torch.tensor(pad, dtype=torch.long)
         done = torch.zeros(batch, dtype=torch.bool)
-        new = [[] for _ in range(batch)]
+        ended = [max_new_tokens] * batch  # new tokens of each row, its stop token included
         steps = 0
         decode_start = time.perf_counter()
-        next_position = positions[:, -1:] + 1
         for step in range(max_new_tokens):
-            token = torch.where(done, torch.full_like(token, pad), token)
-            for row in range(batch):
-                if not done[row]:
-                    new[row].append(int(token[row]))
+            token = torch.where(done, pad_t, token)
+            sequences[:, prompt_len + step] = token
             if streamer is not None:
-                streamer(step, [None if d else int(t) for d, t in zip(done.tolist(), token.tolist())])
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            done |= torch.tensor([int(t) in stops for t in token.tolist()], dtype=torch.bool) if stops else done
-            if bool(done.all()) or step == max_new_tokens - 1:
+                streamer(step, [None if d else t for d, t in zip(done.tolist(), token.tolist())])
+            if stop_ids is not None:
+                stopped = torch.isin(token, stop_ids) & ~done
+                if bool(stopped.any()):
+                    for row in stopped.nonzero().flatten().tolist():
+                        ended[row] = step + 1
+                    done |= stopped
+            if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
-            logits, cache = self._steps.decode(token[:, None], mask, next_position, cache)
-            next_position = next_position + 1
+            width = prompt_len + step + 1
+            step_mask = mask_all[:, :width] if batch == 1 else np.ascontiguousarray(mask_all[:, :width])
+            logits, cache = self._steps.decode(token.numpy()[:, None], step_mask, next_position, cache)
+            next_position += 1
             token = next_tokens(logits, options, generator)
             steps += 1
         decode_ms = (time.perf_counter() - decode_start) * 1e3
-        lengths = [int(n) for n in mask[:, :prompt_len].sum(-1)]
-        return GenerationOutput(ids, new, prefill_ms, decode_ms, steps, lengths)
+        sequences = sequences[:, :prompt_len + step + 1]
+        new = [sequences[row, prompt_len:prompt_len + min(ended[row], step + 1)].tolist() for row in range(batch)]
+        lengths = [int(n) for n in mask.sum(-1)]
+        return GenerationOutput(sequences, new, prefill_ms, decode_ms, steps, lengths)
 
 
 def optimize_decoder(graphs: DecoderGraphs, pipeline: str, **manager_options) -> DecoderGraphs:
@@ -301,25 +427,63 @@ def optimize_decoder(graphs: DecoderGraphs, pipeline: str, **manager_options) ->
                          {kind: r.records for kind, r in results.items()}, str(pm))
 
 
+def _needs_prepacking(graph: Graph) -> bool:
+    """Whether ``graph`` has quantized kernels, which ONNX Runtime runs fast
+    only on weights it prepacked (MatMulNBits, the int8 GEMMs): without
+    prepacking MatMulNBits dequantizes its whole weight on every call."""
+    names = ("nbits", "int8")
+    return any(n.op == "call_function" and any(k in str(n.target) for k in names) for n in graph.fx.nodes)
+
+
 def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | None = None, backend: str = "eager", *,
-                      check_numerics: bool = False, **backend_options) -> Generator:
+                      check_numerics: bool = False, share_weights: bool | None = None, cache: str = "growing",
+                      **backend_options) -> Generator:
     """Trace ``model`` (a causal LM, or graphs :func:`fxopt.ir.decoder.trace_decoder`
     made) for generation, optimize both graphs with ``pipeline`` and lower them
-    to ``backend``; ``backend_options`` go to :func:`fxopt.compile` for both."""
+    to ``backend``; ``backend_options`` go to :func:`fxopt.compile` for both.
+
+    ``share_weights`` (ONNX Runtime): both sessions take their initializers
+    from one set of arrays (:class:`fxopt.backends.onnxruntime.SharedInitializers`)
+    and do not prepack them, so the weights are held once; False: each session
+    holds and prepacks its own (twice the memory; fastest kernels for
+    quantized graphs). Default: shared unless a graph has quantized linears,
+    whose ONNX Runtime kernels need prepacked weights to be fast.
+
+    ``cache`` (ONNX Runtime): ``"growing"``, each step returns the cache one
+    position longer (a new tensor); ``"buffer"``, a buffer of prompt + new
+    tokens positions per layer, allocated once per :meth:`Generator.generate`
+    and written in place by GroupQueryAttention (needs ``pack-attention`` in
+    the pipeline: every decode attention lowered to it)."""
     from .backends import compile as compile_graph
     from .passes import PassManager
 
     if backend not in ("eager", "onnxruntime"):
         raise GenerationError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
+    if cache not in ("growing", "buffer"):
+        raise GenerationError(f"cache must be 'growing' or 'buffer', got {cache!r}")
+    if cache == "buffer" and backend != "onnxruntime":
+        raise GenerationError("cache='buffer' runs on onnxruntime (GroupQueryAttention writes the buffer in place); "
+                              "eager grows the cache")
     if pipeline:
         PassManager(pipeline)  # a bad pipeline fails before tracing
     graphs = model if isinstance(model, DecoderGraphs) else trace_decoder(model)
     if pipeline:
         graphs = optimize_decoder(graphs, pipeline, check_numerics=check_numerics)
     shared = share_constants(graphs.prefill, graphs.decode)
+    initializers = None
+    if backend == "onnxruntime":
+        if share_weights is None:
+            share_weights = not (_needs_prepacking(graphs.prefill) or _needs_prepacking(graphs.decode))
+        if share_weights:
+            from .backends.onnxruntime import SharedInitializers
+
+            initializers = SharedInitializers()
+            backend_options = dict(backend_options, shared_initializers=initializers, prepack=False)
     prefill = compile_graph(graphs.prefill, backend, **backend_options)
+    if cache == "buffer":
+        backend_options = dict(backend_options, rewrite_onnx=read_cache_length_from_mask)
     decode = compile_graph(graphs.decode, backend, **backend_options)
-    return Generator(graphs, prefill, decode, backend, shared)
+    return Generator(graphs, prefill, decode, backend, shared, initializers, cache)
 
 
 def generate(model: torch.nn.Module, prompts, *, pipeline: str | None = None, backend: str = "eager",

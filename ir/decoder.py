@@ -17,13 +17,14 @@ layout). The prefill computes logits at the last position only (batches are
 left-padded, so that is every sequence's last real token): on GPT-2 small at 128
 tokens the LM head is about a third of the forward's multiply-adds.
 
-**Cache layout: growing concatenation.** A decode step returns the cache one
-position longer (``concat(past, new)``), as Hugging Face's ``DynamicCache``
-computes it, so the model is traced as it is written, exact on both backends,
-with no maximum length fixed at trace time. The cost is a copy of the cache
-per step and layer, which grows with the context; a preallocated buffer
-written in place (ONNX Runtime's ``GroupQueryAttention`` shares its past and
-present buffer) removes it, and needs a kernel that writes in place.
+**Cache layout: growing concatenation**, as traced. A decode step returns the
+cache one position longer (``concat(past, new)``), as Hugging Face's
+``DynamicCache`` computes it, so the model is traced as it is written, exact on
+both backends, with no maximum length fixed at trace time. ``pack-attention``
+lowers each layer's concatenation and attention to
+``fxopt.attention_with_past`` (ONNX Runtime's GroupQueryAttention with a past),
+and on ONNX Runtime the generator can keep the cache in a preallocated buffer
+that kernel writes in place (``compile_generator(..., cache="buffer")``).
 
 Sliding-window models (Mistral) keep their whole cache here and the window
 lives in the mask, which gives the same attention as Hugging Face's cropped

@@ -48,26 +48,26 @@ import torch
 from onnxscript import opset18 as op
 from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention as _generic_sdpa
 
-from .onnx_contrib import _FLOATS, _Attr, _AttrType, _optional, _Param, declare, msft
+from .onnx_contrib import FLOAT_TYPES, Attr, AttrType, Param, declare, msft, optional_param
 from .ops import define_op, register_onnx_lowering
 from .ops_quant import linear_dynamic_int8
 
 declare(
     "MultiHeadAttention",
     [
-        _Param("query", "T"), _optional("key", "T"), _optional("value", "T"), _optional("bias", "T"),
-        _optional("key_padding_mask", "M"), _optional("attention_bias", "T"), _optional("past_key", "T"),
-        _optional("past_value", "T"), _optional("past_sequence_length", "M"), _optional("cache_indirection", "M"),
+        Param("query", "T"), optional_param("key", "T"), optional_param("value", "T"), optional_param("bias", "T"),
+        optional_param("key_padding_mask", "M"), optional_param("attention_bias", "T"), optional_param("past_key", "T"),
+        optional_param("past_value", "T"), optional_param("past_sequence_length", "M"), optional_param("cache_indirection", "M"),
     ],
     # Only the first output: onnxscript gives a node as many outputs as its schema
     # lists, and the KV-cache outputs (present_key/value, qk) would cost copies.
-    [_Param("output", "T")],
-    [("T", _FLOATS, ""), ("M", ["tensor(int32)"], "")],
+    [Param("output", "T")],
+    [("T", FLOAT_TYPES, ""), ("M", ["tensor(int32)"], "")],
     [
-        _Attr("num_heads", _AttrType.INT, "number of attention heads", required=True),
-        _Attr("scale", _AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
-        _Attr("mask_filter_value", _AttrType.FLOAT, "value for masked positions", required=False),
-        _Attr("unidirectional", _AttrType.INT, "1: causal", required=False),
+        Attr("num_heads", AttrType.INT, "number of attention heads", required=True),
+        Attr("scale", AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
+        Attr("mask_filter_value", AttrType.FLOAT, "value for masked positions", required=False),
+        Attr("unidirectional", AttrType.INT, "1: causal", required=False),
     ],
 )
 
@@ -144,14 +144,14 @@ register_onnx_lowering(torch.ops.aten.scaled_dot_product_attention.default, sdpa
 
 declare(
     "Attention",
-    [_Param("input", "T"), _Param("weights", "T"), _optional("bias", "T"), _optional("mask_index", "M")],
-    [_Param("output", "T")],  # not ``present``: only the KV-cache form has it
-    [("T", _FLOATS, ""), ("M", ["tensor(int32)"], "")],
+    [Param("input", "T"), Param("weights", "T"), optional_param("bias", "T"), optional_param("mask_index", "M")],
+    [Param("output", "T")],  # not ``present``: only the KV-cache form has it
+    [("T", FLOAT_TYPES, ""), ("M", ["tensor(int32)"], "")],
     [
-        _Attr("num_heads", _AttrType.INT, "number of attention heads", required=True),
-        _Attr("unidirectional", _AttrType.INT, "1: causal", required=False),
-        _Attr("scale", _AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
-        _Attr("mask_filter_value", _AttrType.FLOAT, "added to masked scores", required=False),
+        Attr("num_heads", AttrType.INT, "number of attention heads", required=True),
+        Attr("unidirectional", AttrType.INT, "1: causal", required=False),
+        Attr("scale", AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
+        Attr("mask_filter_value", AttrType.FLOAT, "added to masked scores", required=False),
     ],
 )
 
@@ -232,18 +232,18 @@ def _kernel_mask(mask, x, mask_filter_value: float):
 declare(
     "QAttention",
     [
-        _Param("input", "T1"), _Param("weight", "T2"), _Param("bias", "T3"), _Param("input_scale", "T3"),
-        _Param("weight_scale", "T3"), _optional("mask_index", "T4"), _optional("input_zero_point", "T1"),
-        _optional("weight_zero_point", "T2"),
+        Param("input", "T1"), Param("weight", "T2"), Param("bias", "T3"), Param("input_scale", "T3"),
+        Param("weight_scale", "T3"), optional_param("mask_index", "T4"), optional_param("input_zero_point", "T1"),
+        optional_param("weight_zero_point", "T2"),
     ],
-    [_Param("output", "T3")],  # not ``present``: only the KV-cache form has it
-    [("T1", ["tensor(int8)", "tensor(uint8)"], ""), ("T2", ["tensor(int8)", "tensor(uint8)"], ""), ("T3", _FLOATS, ""),
+    [Param("output", "T3")],  # not ``present``: only the KV-cache form has it
+    [("T1", ["tensor(int8)", "tensor(uint8)"], ""), ("T2", ["tensor(int8)", "tensor(uint8)"], ""), ("T3", FLOAT_TYPES, ""),
      ("T4", ["tensor(int32)"], "")],
     [
-        _Attr("num_heads", _AttrType.INT, "number of attention heads", required=True),
-        _Attr("unidirectional", _AttrType.INT, "1: causal", required=False),
-        _Attr("scale", _AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
-        _Attr("mask_filter_value", _AttrType.FLOAT, "added to masked scores", required=False),
+        Attr("num_heads", AttrType.INT, "number of attention heads", required=True),
+        Attr("unidirectional", AttrType.INT, "1: causal", required=False),
+        Attr("scale", AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
+        Attr("mask_filter_value", AttrType.FLOAT, "added to masked scores", required=False),
     ],
 )
 
@@ -287,15 +287,20 @@ def packed_attention_dynamic_int8(
 declare(
     "GroupQueryAttention",
     [
-        _Param("query", "T"), _optional("key", "T"), _optional("value", "T"), _optional("past_key", "T"),
-        _optional("past_value", "T"), _Param("seqlens_k", "M"), _Param("total_sequence_length", "M"),
+        Param("query", "T"), optional_param("key", "T"), optional_param("value", "T"), optional_param("past_key", "T"),
+        optional_param("past_value", "T"), Param("seqlens_k", "M"), Param("total_sequence_length", "M"),
+        optional_param("cos_cache", "T"), optional_param("sin_cache", "T"), optional_param("position_ids", "P"),
+        optional_param("attention_bias", "T"),
     ],
-    [_Param("output", "T")],  # not present_key / present_value: no cache is kept here
-    [("T", _FLOATS, ""), ("M", ["tensor(int32)"], "")],
+    # present_key / present_value: the cache with this step's keys and values
+    # appended (unused after a prefill without a past: the ONNX export drops
+    # unused trailing outputs of contrib ops, and the kernel then writes none)
+    [Param("output", "T"), optional_param("present_key", "T"), optional_param("present_value", "T")],
+    [("T", FLOAT_TYPES, ""), ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
     [
-        _Attr("num_heads", _AttrType.INT, "number of query heads", required=True),
-        _Attr("kv_num_heads", _AttrType.INT, "number of key/value heads", required=True),
-        _Attr("scale", _AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
+        Attr("num_heads", AttrType.INT, "number of query heads", required=True),
+        Attr("kv_num_heads", AttrType.INT, "number of key/value heads", required=True),
+        Attr("scale", AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
     ],
 )
 
@@ -310,10 +315,11 @@ def _gqa_onnx(q, k, v, num_heads: int = 1, kv_num_heads: int = 1, scale: float =
     seq = op.Shape(q, start=1, end=2)
     total = op.Cast(seq, to=6)  # INT32
     seqlens = op.Expand(op.Sub(total, op.CastLike(1, total)), op.Shape(q, start=0, end=1))
-    return msft.GroupQueryAttention(
+    out, _, _ = msft.GroupQueryAttention(
         q, k, v, None, None, seqlens, op.Squeeze(total),
         num_heads=num_heads, kv_num_heads=kv_num_heads, scale=float(scale),
     )
+    return out
 
 
 @define_op("group_query_attention", fake=_gqa_fake, onnx=_gqa_onnx)
@@ -330,3 +336,61 @@ def group_query_attention(
     qh = _split_heads(q, num_heads)
     kh, vh = (_split_heads(t, kv_num_heads).repeat_interleave(rep, 1) for t in (k, v))
     return _merge_heads(torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale))
+
+
+# --------------------------------------------------------------------------
+# attention of a decode step against its key/value cache -> com.microsoft.GroupQueryAttention
+
+def _attention_with_past_fake(q, k, v, past_k, past_v, mask, num_heads, kv_num_heads, scale):
+    # each past keeps its own length symbol (a traced cache tensor's dim is its own)
+    present_k = past_k.new_empty((*past_k.shape[:2], past_k.shape[2] + k.shape[1], past_k.shape[3]))
+    present_v = past_v.new_empty((*past_v.shape[:2], past_v.shape[2] + v.shape[1], past_v.shape[3]))
+    return torch.empty_like(q), present_k, present_v
+
+
+def _attention_with_past_onnx(q, k, v, past_k, past_v, mask=None, num_heads: int = 1, kv_num_heads: int = 1,
+                              scale: float = 1.0):
+    # Every row of a left-padded batch holds the same number of positions
+    # (padding included): seqlens_k = past + S - 1 for each row; the padding
+    # reaches the kernel as the finite bias of the mask.
+    total = op.Cast(op.Add(op.Shape(past_k, start=2, end=3), op.Shape(k, start=1, end=2)), to=6)  # INT32 [1]
+    seqlens = op.Expand(op.Sub(total, op.CastLike(1, total)), op.Shape(q, start=0, end=1))
+    bias = keeps_row = None
+    if mask is not None:
+        bias, keeps_row = _finite_mask(mask, q)
+        # GroupQueryAttention reads the bias as (B or 1, N or 1, S, total): broadcast the last two dims
+        size = op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(q, start=1, end=2), op.Cast(total, to=7), axis=0)
+        bias = op.Expand(bias, size)
+    out, present_k, present_v = msft.GroupQueryAttention(
+        q, k, v, past_k, past_v, seqlens, op.Squeeze(total), None, None, None, bias,
+        num_heads=num_heads, kv_num_heads=kv_num_heads, scale=float(scale),
+    )
+    if keeps_row is not None:  # [B|1, N|1, S, 1] -> [B|1, S, 1]: zero the queries that see no key
+        out = op.Mul(out, op.ReduceMax(keeps_row, op.Constant(value_ints=[1]), keepdims=0))
+    return out, present_k, present_v
+
+
+@define_op("attention_with_past", fake=_attention_with_past_fake, onnx=_attention_with_past_onnx)
+def attention_with_past(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+    mask: torch.Tensor | None, num_heads: int, kv_num_heads: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of new queries against a key/value cache, the cache grown by
+    the new keys and values. ``q`` ``[B, S, num_heads * H]``; ``k``, ``v``
+    ``[B, S, kv_num_heads * H]`` (this step's); ``past_k``, ``past_v`` ``[B,
+    kv_num_heads, P, H]``. Returns ``(out [B, S, num_heads * H], present_k,
+    present_v)`` with ``present = cat(past, new)`` ``[B, kv_num_heads, P + S,
+    H]``, and ``out = softmax(q k^T * scale + mask) v`` over the ``P + S``
+    present keys, query head ``i`` reading kv head ``i // (num_heads //
+    kv_num_heads)``; ``mask`` (optional): an SDPA ``attn_mask`` (boolean: True
+    attends; float: added) broadcastable to ``[B, num_heads, S, P + S]``; a
+    query whose every key is masked gives 0, as torch's SDPA does. Lowers to
+    com.microsoft GroupQueryAttention with past/present."""
+    if num_heads % kv_num_heads:
+        raise ValueError(f"fxopt::attention_with_past: num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}")
+    present_k = torch.cat([past_k, _split_heads(k, kv_num_heads)], dim=2)
+    present_v = torch.cat([past_v, _split_heads(v, kv_num_heads)], dim=2)
+    rep = num_heads // kv_num_heads
+    kh, vh = (t.repeat_interleave(rep, 1) if rep > 1 else t for t in (present_k, present_v))
+    out = torch.nn.functional.scaled_dot_product_attention(_split_heads(q, num_heads), kh, vh, attn_mask=mask, scale=scale)
+    return _merge_heads(out), present_k, present_v

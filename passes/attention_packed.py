@@ -33,6 +33,15 @@ GQA (Llama): SDPA with ``is_causal`` and no mask whose key and value are
 tensors (com.microsoft GroupQueryAttention); repeat_kv is dropped, and a
 ``view + transpose`` head split is read through instead of copied back.
 
+A decode step (a KV cache): SDPA whose key and value are ``cat([past, new],
+dim=2)`` (behind repeat_kv or not), one query per sequence, no ``is_causal``,
+any mask, becomes ``fxopt.attention_with_past(q, k_new, v_new, past_k, past_v,
+mask, N, kvN, scale)`` (com.microsoft GroupQueryAttention with past_key /
+past_value: the kernel appends the new keys and values itself and takes the
+mask as ``attention_bias``; GQA without repeat_kv, MHA as kvN = N), whose
+present key/value replace the concatenations' other uses (the graph's cache
+outputs). The rotary embedding stays in the graph before it.
+
 Refuses (the SDPA stays, for the generic MultiHeadAttention lowering; the
 reason is in ``stats["refused"]``, node name -> reason): a float or boolean
 mask that is not a key-padding one, a mask together with ``is_causal``, dropout,
@@ -40,7 +49,8 @@ q/k/v that are not the three equal parts of one linear with a constant weight,
 intermediate values used elsewhere (the projection would run twice), non-static
 heads or head size,
 GQA with a mask or without ``is_causal``, queries and keys of different
-lengths (a KV cache with past), a QKV projection that ``quantize`` replaced by
+lengths that are not a cache concatenation, a cache with more than one query
+or with ``is_causal``, a QKV projection that ``quantize`` replaced by
 anything but a per-tensor dynamic int8 linear (per-token scales, weight-only
 int4/int8, static: no ONNX Runtime attention kernel takes them; ``pack-attention``
 runs after ``quantize`` so such a projection stays quantized).
@@ -77,6 +87,7 @@ from .rewrite import Match, Pattern, Reject, Size, explain_at, match_at
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 LINEAR_INT8 = torch.ops.fxopt.linear_dynamic_int8.default
+ATTENTION_WITH_PAST = torch.ops.fxopt.attention_with_past.default
 
 
 class Refuse(Exception):
@@ -250,9 +261,10 @@ class PackAttention(Pass):
     or per-tensor dynamic int8) with a constant weight, causal or with a proved
     key-padding mask (``packed``);
     causal SDPA whose key/value have fewer heads behind repeat_kv or
-    ``enable_gqa`` (``gqa``). Produces the fxopt ops (ONNX Runtime: com.microsoft
-    Attention / QAttention, GroupQueryAttention); the head merge after SDPA is
-    absorbed.
+    ``enable_gqa`` (``gqa``); a decode step's SDPA against ``cat(past, new)``
+    (``cache``). Produces the fxopt ops (ONNX Runtime: com.microsoft
+    Attention / QAttention, GroupQueryAttention, with past for ``cache``); the
+    head merge after SDPA is absorbed.
     Refuses (stats ``refused``: node -> reason) anything the kernels would not
     compute exactly: masks other than key padding, mask plus causal, dropout,
     KV caches (queries and keys of different lengths), GQA with a mask, shared
@@ -261,6 +273,7 @@ class PackAttention(Pass):
 
     packed = Option(True, help="lower packed-QKV attention to fxopt.packed_attention")
     gqa = Option(True, help="lower grouped-query attention to fxopt.group_query_attention")
+    cache = Option(True, help="lower a decode step's attention against concat(past, new) to fxopt.attention_with_past")
     # After quantize: a per-tensor dynamic int8 QKV projection moves into the
     # int8 packed op; any other quantized one is kept (its attention refused)
     # rather than left in float inside the packed op.
@@ -270,7 +283,7 @@ class PackAttention(Pass):
     preserves = (CausalMasks, KeyPaddingMasks)
 
     def run(self, graph) -> PassResult:
-        stats = {"packed": 0, "gqa": 0, "causal": 0, "masked": 0, "dynamic_int8": 0, "refused": {}}
+        stats = {"packed": 0, "gqa": 0, "cache": 0, "causal": 0, "masked": 0, "dynamic_int8": 0, "refused": {}}
         self._dead = self.analysis(Liveness, graph).dead
         for node in self.walk(graph, target=SDPA):
             try:
@@ -279,7 +292,7 @@ class PackAttention(Pass):
                 stats["refused"][node.name] = str(e)
                 continue
             stats[kind] += 1
-        return PassResult(stats["packed"] + stats["gqa"] > 0, stats)
+        return PassResult(stats["packed"] + stats["gqa"] + stats["cache"] > 0, stats)
 
     def _lower(self, graph, sdpa: fx.Node, stats) -> str:
         q, k, v, mask, dropout, causal, scale, enable_gqa = call_args(sdpa)
@@ -291,12 +304,18 @@ class PackAttention(Pass):
         heads, head = qv.shape[1], qv.shape[3]
         if not (_static_int(heads) and _static_int(head)):
             raise Refuse("heads or head size not static")
-        if not same_shape(qv.shape[2:3], kv.shape[2:3]):
-            raise Refuse(f"queries ({qv.shape[2]}) and keys ({kv.shape[2]}) differ in length (a KV cache)")
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(head)
+        k_src, v_src = _unrepeat(graph, k), _unrepeat(graph, v)
+        k_cat, v_cat = _reshaped_cache(k_src), _reshaped_cache(v_src)
+        if _cache_parts(k_cat) and _cache_parts(v_cat):
+            if not self.cache:
+                raise Refuse("attention with a KV cache (cache=false)")
+            return self._lower_cache(graph, sdpa, q, k, k_cat, v, v_cat, mask, causal, scale, heads, head)
+        if not same_shape(qv.shape[2:3], kv.shape[2:3]):
+            raise Refuse(f"queries ({qv.shape[2]}) and keys ({kv.shape[2]}) differ in length (a KV cache that is not "
+                         "concat(past, new) on the sequence dim)")
         if mask is not None and not causal and self.analysis(CausalMasks, graph).is_constant_causal(mask, qv.shape[2]):
             mask, causal = None, True
-        k_src, v_src = _unrepeat(graph, k), _unrepeat(graph, v)
         kv_heads = val(k_src).shape[1]
         if kv_heads != heads or val(v_src).shape[1] != heads:
             if not self.gqa:
@@ -390,6 +409,40 @@ class PackAttention(Pass):
             self._replace(graph, sdpa, merged, out, heads, head)
         return "gqa"
 
+    # -- a decode step against its KV cache ----------------------------------------
+    def _lower_cache(self, graph, sdpa, q, k, k_all, v, v_all, mask, causal, scale, heads, head) -> str:
+        (past_k, new_k), (past_v, new_v) = _cache_parts(k_all), _cache_parts(v_all)
+        if causal:
+            raise Refuse("is_causal against a KV cache (torch aligns that mask with the first key, not the last)")
+        q_len = val(q).shape[2]
+        if not (_static_int(q_len) and q_len == 1):
+            raise Refuse(f"{q_len} queries against a KV cache: GroupQueryAttention takes one query per sequence of a "
+                         "batch with a past (a decode step)")
+        pk, pv = val(past_k), val(past_v)
+        kv_heads = pk.shape[1]
+        if not (_static_int(kv_heads) and heads % kv_heads == 0 and pv.shape[1] == kv_heads):
+            raise Refuse(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
+        if not (pk.shape[3] == head and pv.shape[3] == head):
+            raise Refuse(f"key/value head size {pk.shape[3]}/{pv.shape[3]} differs from the query's {head}")
+        if mask is not None and val(mask).dim() > 4:
+            raise Refuse("mask of more than 4 dims")
+        # the cache tensors' other users (the graph's present outputs) read the
+        # op's present instead: they must come after it
+        chain = _chain(k, k_all) | _chain(v, v_all) | {sdpa}
+        order = {n: i for i, n in enumerate(graph.fx.nodes)}
+        early = [u.name for t in (k_all, v_all) for u in _users(t, self._dead) if u not in chain and order[u] < order[sdpa]]
+        if early:
+            raise Refuse(f"the grown cache is read before the attention by {early}")
+        merged = _merge_of(graph, sdpa, self._dead)
+        with graph.fx.inserting_before(sdpa):
+            qs, ks, vs = (_to_bsd(graph, t) for t in (q, new_k, new_v))
+            node = graph.fx.call_function(ATTENTION_WITH_PAST, (qs, ks, vs, past_k, past_v, mask, heads, kv_heads, scale))
+            out, present_k, present_v = (graph.fx.call_function(operator.getitem, (node, i)) for i in range(3))
+        k_all.replace_all_uses_with(present_k, delete_user_cb=lambda u: u not in chain)
+        v_all.replace_all_uses_with(present_v, delete_user_cb=lambda u: u not in chain)
+        self._replace(graph, sdpa, merged, out, heads, head)
+        return "cache"
+
     @staticmethod
     def _replace(graph, sdpa, merged, out, heads, head) -> None:
         if merged is not None:
@@ -409,6 +462,43 @@ class PackAttention(Pass):
             sdpa.replace_all_uses_with(graph.fx.call_function(aten.transpose.int, (view, 1, 2)))
         if not sdpa.users:
             graph.fx.erase_node(sdpa)
+
+
+def _cache_parts(t) -> tuple[fx.Node, fx.Node] | None:
+    """``(past, new)`` when ``t`` is ``cat([past, new], dim=2)`` of 4-D
+    ``[B, heads, length, H]`` tensors (a KV cache grown by one step), else None."""
+    if not is_call(t, {aten.cat.default}):
+        return None
+    tensors, dim = (list(t.args) + [0])[:2]
+    if len(tensors) != 2 or val(t).dim() != 4 or dim_index(t.kwargs.get("dim", dim), 4) != 2:
+        return None
+    return tensors[0], tensors[1]
+
+
+_SAME_VIEWS = {aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.expand.default, aten.clone.default,
+               aten._unsafe_view.default}
+
+
+def _reshaped_cache(t):
+    """The cache concatenation that ``t`` is a same-shape view of (repeat_kv
+    with one repeat, canonicalized to unsqueeze + view), else ``t``."""
+    node = t
+    for _ in range(4):
+        if not is_call(node, _SAME_VIEWS):
+            break
+        node = node.args[0]
+        if _cache_parts(node) and same_shape(val(node).shape, val(t).shape):
+            return node
+    return t
+
+
+def _chain(node: fx.Node, stop: fx.Node) -> set[fx.Node]:
+    """The nodes from ``node`` back to ``stop`` through first arguments (repeat_kv)."""
+    seen = set()
+    while isinstance(node, fx.Node) and node is not stop and len(seen) < 8:
+        seen.add(node)
+        node = node.args[0] if node.args else None
+    return seen
 
 
 def _to_bsd(graph, t: fx.Node) -> fx.Node:

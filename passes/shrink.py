@@ -101,63 +101,27 @@ class Shrink(Pass):
         norms = self._activation_norms(graph, [c for g in groups for c in g.consumers] + [c for a in attentions for c in a.consumers]) \
             if self.importance == "activation" else {}
         means = self._input_means(graph, groups) if self.compensate else {}
-        # The rows each producer keeps, per group and attention first, then per producer.
-        keep_rows: dict[fx.Node, torch.Tensor] = {}
-
-        def keep_span(span: Span, kept: torch.Tensor) -> None:
-            rows = keep_rows.setdefault(span.producer, torch.ones(graph.constant(span.producer.args[1]).shape[0], dtype=torch.bool))
-            rows[span.offset: span.offset + span.size] = False
-            rows[kept] = True
-
-        kept: dict[int, torch.Tensor] = {}
-        for group in groups:
-            keep = self._choose(graph, group, norms)
-            kept[id(group)] = keep
-            for span in group.spans:
-                keep_span(span, span.offset + keep)
-        kept_groups: dict[int, list[int]] = {}
+        kept = [(group, self._choose(graph, group, norms)) for group in groups]
+        if self.compensate:
+            for group, keep in kept:
+                for consumer in group.consumers:
+                    self._fold_removed(graph, consumer, keep, means[consumer])
+        heads = []
         for attn in attentions:
             keep = self._choose_heads(graph, attn, norms)
-            if len(keep) == attn.num_kv_heads:
-                continue  # the fraction rounds to no whole key/value group
-            kept_groups[id(attn)] = keep
-            keep_span(attn.q, attn.q_rows(keep))
-            keep_span(attn.k, attn.k_rows(keep))
-            keep_span(attn.v, attn.v_rows(keep))
+            if len(keep) < attn.num_kv_heads:  # else the fraction rounds to no whole key/value group: left untouched
+                heads.append((attn, attn.query_heads(keep), keep))
         before = graph.param_bytes()
-        for producer, rows in keep_rows.items():
-            self._take(graph, producer, 1, rows, dim=0)
-            if len(producer.args) > 2 and producer.args[2] is not None:
-                self._take(graph, producer, 2, rows, dim=0)
-        per_group = {}
-        for group in groups:
-            keep = kept[id(group)]
-            for consumer in group.consumers:
-                if self.compensate:
-                    self._fold_removed(graph, consumer, keep, means[consumer])
-                self._take(graph, consumer, 1, keep, dim=1)
-            for user, const in group.constants:
-                self._take(graph, user, list(user.args).index(const), keep, dim=-1)
-            per_group[group.name] = {"kept": int(keep.numel()), "of": group.size}
+        keep_channels(graph, deps, kept, heads)
+        per_group = {group.name: {"kept": int(keep.numel()), "of": group.size} for group, keep in kept}
         per_attention = {a.name: {"heads": a.num_heads, "of": a.num_heads, "kv_heads": a.num_kv_heads, "kv_of": a.num_kv_heads}
-                         for a in attentions if id(a) not in kept_groups}
-        attentions = [a for a in attentions if id(a) in kept_groups]
-        for attn in attentions:
-            keep = kept_groups[id(attn)]
-            for consumer in attn.consumers:
-                self._take(graph, consumer, 1, attn.columns(keep), dim=1)
-            for edit in attn.shape_edits:
-                shape = list(edit.node.args[1])
-                shape[edit.index] = attn.count(edit.kind, len(keep)) * edit.factor
-                edit.node.args = (edit.node.args[0], shape, *edit.node.args[2:])
-            per_attention[attn.name] = {"heads": attn.count("q", len(keep)), "of": attn.num_heads,
-                                        "kv_heads": len(keep), "kv_of": attn.num_kv_heads}
-        for node, pieces in deps.pieces.items():
-            self._resize(node, pieces, keep_rows)
+                         for a in attentions}
+        per_attention.update({attn.name: {"heads": len(q), "of": attn.num_heads, "kv_heads": len(kv), "kv_of": attn.num_kv_heads}
+                              for attn, q, kv in heads})
         stats = {"groups_shrunk": len(groups), "channels_removed": sum(v["of"] - v["kept"] for v in per_group.values()),
-                 "attentions_shrunk": len(attentions), "heads_removed": sum(v["of"] - v["heads"] for v in per_attention.values()),
+                 "attentions_shrunk": len(heads), "heads_removed": sum(v["of"] - v["heads"] for v in per_attention.values()),
                  "bytes_removed": before - graph.param_bytes(), "groups": per_group, "attentions": per_attention, "refused": refused}
-        return PassResult(bool(groups or attentions), stats)
+        return PassResult(bool(groups or heads), stats)
 
     def _selected(self, name: str) -> bool:
         return (self.include is None or re.search(self.include, name) is not None) and \
@@ -236,38 +200,102 @@ class Shrink(Pass):
                                   for s, idx in ((attn.q, attn.q_rows([g])), (attn.k, attn.k_rows([g])), (attn.v, attn.v_rows([g])))])
                 score[g] = float(rows.norm() * col.norm())
 
-    @staticmethod
-    def _take(graph, user: fx.Node, index: int, keep: torch.Tensor, dim: int) -> None:
-        """``user.args[index]`` (a constant) replaced by its entries ``keep`` along ``dim``."""
-        old = user.args[index]
-        t = graph.constant(old)
-        idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
-        new = graph.add_constant(t.index_select(dim % t.dim(), idx).contiguous(), f"{old.target}.shrunk")
-        args = list(user.args)
-        args[index] = new
-        user.args = tuple(args)
-        if not old.users:
-            graph.fx.erase_node(old)
 
-    @staticmethod
-    def _resize(node: fx.Node, pieces: list[Span], keep_rows: dict[fx.Node, torch.Tensor]) -> None:
-        """New sizes of a split or slice of a producer's output."""
-        rows = keep_rows.get(pieces[0].producer)
-        if rows is None:
-            return
-        new = [int(rows[p.offset: p.offset + p.size].sum()) for p in pieces]
-        if node.target == aten.slice.Tensor:
-            first = pieces[0]
-            parent_start = first.offset - node.args[2] if len(node.args) > 2 and node.args[2] else first.offset
-            start = int(rows[parent_start: first.offset].sum())
-            args = list(node.args) + [None] * (4 - len(node.args))
-            args[2], args[3] = start, start + new[0]
-            node.args = tuple(args)
+def keep_channels(graph, deps, kept=(), heads=(), suffix: str = "shrunk") -> None:
+    """Keep channels ``keep`` (sorted indices) of each ``(group, keep)`` in
+    ``kept``, and query heads ``q`` and key/value heads ``kv`` (sorted) of each
+    ``(attention, q, kv)`` in ``heads``; drop the rest: the producers' weight
+    rows and bias entries, the consumers' weight columns and the element-wise
+    constants of the other channels go; splits and slices of a producer's
+    output get their new sizes, and the shape entries that count heads the
+    new counts (``repeat_kv`` repeats each kept KV head ``len(q) // len(kv)``
+    times). ``deps`` is the :class:`ChannelAnalysis` result they come from.
+    Structured pruning keeps the important channels; a tensor-parallel rank
+    keeps its shard. New constants are named ``<old name>.<suffix>``."""
+    keep_rows: dict[fx.Node, torch.Tensor] = {}
+
+    def keep_span(span: Span, keep: torch.Tensor) -> None:
+        rows = keep_rows.setdefault(span.producer, torch.ones(graph.constant(span.producer.args[1]).shape[0], dtype=torch.bool))
+        mask = torch.zeros(span.size, dtype=torch.bool)
+        mask[keep] = True
+        rows[span.offset: span.offset + span.size] = mask
+
+    for group, keep in kept:
+        for span in group.spans:
+            keep_span(span, keep)
+    for attn, q, kv in heads:
+        keep_span(attn.q, head_channels(q, attn.head_dim))
+        keep_span(attn.k, head_channels(kv, attn.head_dim))
+        keep_span(attn.v, head_channels(kv, attn.v_head_dim))
+    for producer, rows in keep_rows.items():
+        _take(graph, producer, 1, rows, 0, suffix)
+        if len(producer.args) > 2 and producer.args[2] is not None:
+            _take(graph, producer, 2, rows, 0, suffix)
+    for group, keep in kept:
+        for consumer in group.consumers:
+            _take(graph, consumer, 1, keep, 1, suffix)
+        for user, const in group.constants:
+            _take(graph, user, list(user.args).index(const), keep, -1, suffix)
+    for attn, q, kv in heads:
+        for consumer in attn.consumers:
+            _take(graph, consumer, 1, head_channels(q, attn.v_head_dim), 1, suffix)
+        _count_heads(attn, len(q), len(kv))
+    for node, pieces in deps.pieces.items():
+        _resize(node, pieces, keep_rows)
+
+
+def head_channels(heads, dim: int) -> torch.Tensor:
+    """Channels of ``heads`` (head ``h``: ``h * dim .. h * dim + dim - 1``)."""
+    return (torch.as_tensor(list(heads), dtype=torch.long)[:, None] * dim + torch.arange(dim)).flatten()
+
+
+def _count_heads(attn, n_q: int, n_kv: int) -> None:
+    """Shape entries that count heads get the kept counts; a ``repeat_kv``
+    expand repeats each KV head ``n_q // n_kv`` times instead of ``attn.group``."""
+    for edit in attn.shape_edits:
+        shape = list(edit.node.args[1])
+        # a repeat_kv merge counts KV heads times their repeat, which follows the new grouping
+        factor = n_q // n_kv if edit.kind == "kv" and edit.factor == attn.group > 1 else edit.factor
+        shape[edit.index] = (n_q if edit.kind == "q" else n_kv) * factor
+        if edit.kind == "kv" and edit.node.target == aten.expand.default and n_q // n_kv != attn.group:
+            source = edit.node.args[0].meta["val"].shape
+            for i, entry in enumerate(shape):
+                if i != edit.index and entry == attn.group and source[i] == 1:
+                    shape[i] = n_q // n_kv
+        edit.node.args = (edit.node.args[0], shape, *edit.node.args[2:])
+
+
+def _take(graph, user: fx.Node, index: int, keep: torch.Tensor, dim: int, suffix: str) -> None:
+    """``user.args[index]`` (a constant) replaced by its entries ``keep`` along ``dim``."""
+    old = user.args[index]
+    t = graph.constant(old)
+    idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
+    new = graph.add_constant(t.index_select(dim % t.dim(), idx).contiguous(), f"{old.target}.{suffix}")
+    args = list(user.args)
+    args[index] = new
+    user.args = tuple(args)
+    if not old.users:
+        graph.fx.erase_node(old)
+
+
+def _resize(node: fx.Node, pieces: list[Span], keep_rows: dict[fx.Node, torch.Tensor]) -> None:
+    """New sizes of a split or slice of a producer's output."""
+    rows = keep_rows.get(pieces[0].producer)
+    if rows is None:
+        return
+    new = [int(rows[p.offset: p.offset + p.size].sum()) for p in pieces]
+    if node.target == aten.slice.Tensor:
+        first = pieces[0]
+        parent_start = first.offset - node.args[2] if len(node.args) > 2 and node.args[2] else first.offset
+        start = int(rows[parent_start: first.offset].sum())
+        args = list(node.args) + [None] * (4 - len(node.args))
+        args[2], args[3] = start, start + new[0]
+        node.args = tuple(args)
+    else:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if node.target == aten.split.Tensor and all(n == new[0] for n in new):
+            node.args, node.kwargs = (node.args[0], new[0], dim), {}  # equal pieces stay one split size
         else:
-            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-            if node.target == aten.split.Tensor and all(n == new[0] for n in new):
-                node.args, node.kwargs = (node.args[0], new[0], dim), {}  # equal pieces stay one split size
-            else:
-                node.target = aten.split_with_sizes.default
-                node.args = (node.args[0], new, dim)
-                node.kwargs = {}
+            node.target = aten.split_with_sizes.default
+            node.args = (node.args[0], new, dim)
+            node.kwargs = {}

@@ -385,3 +385,80 @@ def test_masked_fill_padding_bias_is_a_key_padding_mask(fill):
     # all padding: -1e9 spreads attention evenly, -inf gives 0 (torch's SDPA); the kernels follow
     assert [n.args[-1] for n in graph.fx.nodes if n.target == PACKED] == [fill]
     assert_parity(spec, graph)
+
+
+# -- a decode step against its KV cache -> fxopt.attention_with_past (GroupQueryAttention with past) ----------
+
+WITH_PAST = torch.ops.fxopt.attention_with_past.default
+
+
+class CachedAttention(torch.nn.Module):
+    """One decode step as transformers writes it: the new key/value appended to
+    the cache (``cat`` on the sequence dim), repeat_kv, SDPA with a padding
+    mask over every position; returns the output and the grown cache."""
+
+    def __init__(self, heads: int = 4, kv_heads: int = 2, head: int = 8, causal: bool = False):
+        super().__init__()
+        self.heads, self.kv_heads, self.head, self.causal = heads, kv_heads, head, causal
+        self.q = torch.nn.Linear(32, heads * head)
+        self.kv = torch.nn.Linear(32, 2 * kv_heads * head)
+
+    def forward(self, x, mask, past_k, past_v):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.heads, self.head).transpose(1, 2)
+        k, v = (t.view(b, s, self.kv_heads, self.head).transpose(1, 2) for t in self.kv(x).chunk(2, -1))
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        rep, t = self.heads // self.kv_heads, k.shape[2]
+        kr, vr = (c[:, :, None].expand(b, self.kv_heads, rep, t, self.head).reshape(b, self.heads, t, self.head) for c in (k, v))
+        out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=None if self.causal else mask[:, None, None, :].bool(),
+                                             is_causal=self.causal)
+        return out.transpose(1, 2).reshape(b, s, -1), k, v
+
+
+def cached_inputs(batch: int, queries: int, past: int, kv_heads: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, past + queries, dtype=torch.long)
+    mask[0, :3] = 0  # a left-padded row
+    return (torch.randn(batch, queries, 32, generator=g), mask, torch.randn(batch, kv_heads, past, 8, generator=g),
+            torch.randn(batch, kv_heads, past, 8, generator=g))
+
+
+def trace_cached(model, queries: int = 1):
+    batch = Dim("batch")
+    return fxopt.trace(model.eval(), cached_inputs(2, queries, 6, model.kv_heads),
+                       dynamic_shapes=({0: batch}, {0: batch, 1: Dim.AUTO}, {0: batch, 2: Dim.AUTO}, {0: batch, 2: Dim.AUTO}))
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_decode_step_attention_becomes_group_query_attention_with_past(kv_heads, tmp_path):
+    torch.manual_seed(0)
+    model = CachedAttention(kv_heads=kv_heads)
+    graph = trace_cached(model)
+    result = PassManager(f"{BASE},fuse-attention,pack-attention,dce", check_numerics=True).run(graph)
+    stats = next(r.stats for r in result.records if r.name.startswith("pack-attention"))
+    out = result.graph
+    assert (stats["cache"], stats["refused"]) == (1, {})
+    assert (count(out, WITH_PAST), count(out, SDPA), count(out, aten.cat.default), count(out, aten.expand.default)) == (1, 0, 0, 0)
+    assert [n.args[6:8] for n in out.fx.nodes if n.target == WITH_PAST] == [(4, kv_heads)]
+    ops = onnx_ops(out, tmp_path)
+    assert ops.count(("com.microsoft", "GroupQueryAttention")) == 1 and ("com.microsoft", "MultiHeadAttention") not in ops
+    compiled = {backend: fxopt.compile(out, backend) for backend in ("eager", "onnxruntime")}
+    for batch, past in ((2, 6), (3, 11)):  # other batch and cache lengths: dynamic
+        inputs = cached_inputs(batch, 1, past, kv_heads, seed=past)
+        with torch.no_grad():
+            ref = model(*inputs)
+        for backend, run in compiled.items():
+            assert fxopt.compare(ref, run(*inputs)).within(1e-5), backend
+
+
+@pytest.mark.parametrize("causal, queries, reason", [(True, 1, "is_causal"), (False, 2, "2 queries")])
+def test_cache_attention_refuses_what_the_kernel_would_change(causal, queries, reason):
+    # torch aligns is_causal with the first key (one query sees only key 0);
+    # GroupQueryAttention with a past takes several queries only at batch 1
+    graph = trace_cached(CachedAttention(causal=causal), queries)
+    result = PassManager(f"{BASE},fuse-attention,pack-attention,dce").run(graph)
+    stats = next(r.stats for r in result.records if r.name.startswith("pack-attention"))
+    assert stats["cache"] == 0 and count(result.graph, SDPA) == 1
+    assert [reason in r for r in stats["refused"].values()] == [True]
+    disabled = PassManager(f"{BASE},fuse-attention,pack-attention(cache=false),dce").run(trace_cached(CachedAttention()))
+    assert "cache=false" in str(next(r.stats for r in disabled.records if r.name.startswith("pack-attention"))["refused"])

@@ -3,6 +3,7 @@ Hugging Face's ``generate`` on every architecture, backend and batch shape;
 sampling, stop tokens, streaming and the errors a bad request gets."""
 
 import functools
+import os
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import fxopt
 from fxopt.generation import GenerationError, compile_generator, next_tokens, optimize_decoder, SamplingOptions
 from fxopt.ir.decoder import NotACausalLMError, trace_decoder
 
-FUSED = "canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,fuse-linear-act,fuse-norm,dce"
+# pack-attention lowers the decode step's attention against its cache to GroupQueryAttention with past
+FUSED = "canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce"
 NEW_TOKENS = 64
 # A left-padded batch of 4 (lengths 6, 2, 10, 1) and one prompt alone.
 PROMPTS = [[5, 9, 2, 7, 1, 3], [7, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3]]
@@ -69,13 +71,42 @@ def fused(name: str):
     return optimize_decoder(traced(name), FUSED)
 
 
+@functools.lru_cache(maxsize=None)
+def fused_generator(name: str, backend: str):
+    return compile_generator(fused(name), backend=backend)
+
+
+def onnx_op_types(model) -> list[str]:
+    return [n.op_type for n in model.program.model.graph]
+
+
+def cache_readers(model) -> set[str]:
+    """The ONNX ops that read the decode step's past key/value inputs."""
+    graph = model.program.model.graph
+    past = {v.name for v in graph.inputs[3:]}
+    return {n.op_type for n in graph if any(i is not None and i.name in past for i in n.inputs)}
+
+
+@functools.lru_cache(maxsize=None)
+def traced_generator(name: str, backend: str):
+    """Compiled once per model and backend, like ``fused_generator``, and
+    shared by the tests: ``generate`` keeps no state between calls."""
+    return compile_generator(traced(name), backend=backend)
+
+
 ARCHS = ["gpt2", "llama", "mistral", "gemma", "phi3"]
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 @pytest.mark.parametrize("name", ARCHS)
 def test_fused_greedy_tokens_equal_hugging_face(name, backend):
-    gen = compile_generator(fused(name), backend=backend)
+    gen = fused_generator(name, backend)
+    cache = next(r.stats for r in gen.graphs.records["decode"] if r.name.startswith("pack-attention"))
+    assert (cache["cache"], cache["refused"]) == (2, {})  # every layer's attention against its cache
+    if backend == "onnxruntime":
+        ops = onnx_op_types(gen.decode_model)
+        assert ops.count("GroupQueryAttention") == 2 and "MultiHeadAttention" not in ops
+        assert cache_readers(gen.decode_model) <= {"GroupQueryAttention", "Shape"}  # no Concat copies the cache
     for batch in (1, 4):
         out = gen.generate(PROMPTS[:batch], max_new_tokens=NEW_TOKENS)
         expected = hf_tokens(name, batch)
@@ -86,7 +117,7 @@ def test_fused_greedy_tokens_equal_hugging_face(name, backend):
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 def test_traced_graphs_without_a_pipeline_equal_hugging_face(backend):
-    gen = compile_generator(traced("llama"), backend=backend)
+    gen = traced_generator("llama", backend)
     out = gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
     assert torch.equal(out.sequences, hf_tokens("llama", 4))
 
@@ -121,7 +152,7 @@ def test_prefill_computes_logits_at_the_last_position_only():
 
 
 def test_weights_are_held_once_for_both_graphs():
-    gen = compile_generator(fused("llama"), backend="eager")
+    gen = fused_generator("llama", "eager")
     prefill = {t.untyped_storage().data_ptr() for t in gen.graphs.prefill.tensor_attributes().values()}
     decode = {t.untyped_storage().data_ptr() for t in gen.graphs.decode.tensor_attributes().values()}
     big = {t.untyped_storage().data_ptr() for t in gen.graphs.decode.tensor_attributes().values() if t.numel() >= 64 * 64}
@@ -131,7 +162,7 @@ def test_weights_are_held_once_for_both_graphs():
 
 
 def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
-    gen = compile_generator(traced("gpt2"), backend="eager")
+    gen = traced_generator("gpt2", "eager")
     kw = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=5, top_p=0.9)
     a = gen.generate(PROMPTS, seed=3, **kw).new_tokens
     b = gen.generate(PROMPTS, seed=3, **kw).new_tokens
@@ -153,7 +184,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_stop_tokens_end_a_row_and_pad_it_while_others_go_on():
-    gen = compile_generator(traced("gpt2"), backend="eager")
+    gen = traced_generator("gpt2", "eager")
     free = gen.generate(PROMPTS, max_new_tokens=12).new_tokens
     stop = free[0][3]
     streamed = []
@@ -173,7 +204,7 @@ def test_stop_tokens_end_a_row_and_pad_it_while_others_go_on():
 
 
 def test_generation_ends_when_every_row_hit_eos():
-    gen = compile_generator(traced("gpt2"), backend="eager")
+    gen = traced_generator("gpt2", "eager")
     free = gen.generate(PROMPTS[:1], max_new_tokens=8).new_tokens[0]
     out = gen.generate(PROMPTS[:1], max_new_tokens=8, eos_token_id=free[2])
     assert out.new_tokens[0] == free[: free.index(free[2]) + 1]
@@ -194,13 +225,13 @@ def test_generation_ends_when_every_row_hit_eos():
     (lambda g: g.generate(torch.tensor([[1, 2]]), attention_mask=torch.tensor([[1, 0]])), "left-padded"),
 ])
 def test_bad_requests_get_clear_errors(call, message):
-    gen = compile_generator(traced("gpt2"), backend="eager")
+    gen = traced_generator("gpt2", "eager")
     with pytest.raises(GenerationError, match=message):
         call(gen)
 
 
 def test_longest_request_that_fits_the_positions_runs():
-    gen = compile_generator(traced("gpt2"), backend="eager")
+    gen = traced_generator("gpt2", "eager")
     out = gen.generate([[1, 2]], max_new_tokens=127)  # positions 0..127
     assert len(out.new_tokens[0]) == 127
 
@@ -241,3 +272,99 @@ def test_cli_generate_refuses_a_model_without_a_causal_lm_head(capsys):
 
     assert main(["generate", "bert-tiny", "--max-new-tokens", "2"]) == 1
     assert "no causal language-model head" in capsys.readouterr().err
+
+
+# -- ONNX Runtime: weights held once, in memory and on disk ------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident size from /proc")
+def test_onnxruntime_generator_sessions_share_their_initializers():
+    import gc
+
+    import transformers
+
+    # ~60 MB of weights, most of them in the (tied) embedding: a copy is well above the noise
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=512, n_head=8, vocab_size=16384, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    graphs = trace_decoder(model)
+    gc.collect()
+    before = _rss()
+    gen = compile_generator(graphs, backend="onnxruntime")
+    gc.collect()
+    grown = _rss() - before
+    assert gen.shared_initializers is not None and gen.shared_initializers.nbytes < 1.1 * weights
+    out = gen.generate([[1, 2, 3]], max_new_tokens=4, eos_token_id=())
+    assert len(out.new_tokens[0]) == 4
+    # measured: 3.0 copies shared, 5.8 with two sessions holding (and prepacking) their own
+    assert grown < 4 * weights, f"grew by {grown / weights:.2f} copies of the weights"
+
+
+def test_onnx_export_writes_each_weight_once(tmp_path):
+    import onnx
+
+    gen = fused_generator("llama", "onnxruntime")
+    paths = gen.save_onnx(tmp_path)
+    weights = tmp_path / "weights.bin"
+    models = {kind: onnx.load(str(path), load_external_data=False) for kind, path in paths.items()}
+    referenced = {kind: sum(int(e.value) for t in m.graph.initializer for e in t.external_data if e.key == "length")
+                  for kind, m in models.items()}
+    # both graphs read (almost) every weight; the file holds each once
+    assert min(referenced.values()) > 0.9 * weights.stat().st_size
+    assert weights.stat().st_size <= 1.01 * gen.shared_initializers.nbytes
+    assert weights.stat().st_size < 0.6 * sum(referenced.values())
+    reloaded = fxopt.load_compiled(paths["decode"])
+    steps = [gen.decode_model, reloaded]
+    ids, mask = left_padded(PROMPTS[:1])
+    past = [torch.randn(1, 2, 6, 16) for _ in range(4)]
+    inputs = (ids[:, -1:], torch.ones(1, 7, dtype=torch.long), torch.tensor([[6]]), tuple(past))
+    a, b = (m(*inputs) for m in steps)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# -- quantized pipelines ------------------------------------------------------------------------------
+
+QUANTIZED = {
+    "int8": FUSED.replace("merge-linears,", "merge-linears,quantize(mode=dynamic),"),
+    "int4": FUSED.replace("merge-linears,", "merge-linears,quantize(bits=4,group_size=32),"),
+}
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("scheme", sorted(QUANTIZED))
+def test_quantized_pipelines_generate(scheme, backend):
+    graphs = optimize_decoder(traced("llama"), QUANTIZED[scheme])
+    gen = compile_generator(graphs, backend=backend)
+    out = gen.generate(PROMPTS, max_new_tokens=16)
+    assert [len(t) for t in out.new_tokens] == [16] * 4
+    assert all(0 <= t < 256 for row in out.new_tokens for t in row)
+    # agreement with fp32 is a benchmark figure (benchmarks/generate.py), not a bound here
+    if backend == "onnxruntime":
+        ops = onnx_op_types(gen.decode_model)
+        assert ops.count("GroupQueryAttention") == 2
+        assert ("MatMulNBits" in ops) == (scheme == "int4")
+        assert gen.shared_initializers is None  # quantized kernels keep their prepacked weights
+
+
+# -- ONNX Runtime: the cache in a preallocated buffer written in place ---------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral"])
+def test_preallocated_cache_gives_the_same_tokens(name):
+    gen = compile_generator(fused(name), backend="onnxruntime", cache="buffer")
+    for batch in (1, 4):
+        out = gen.generate(PROMPTS[:batch], max_new_tokens=NEW_TOKENS)
+        assert torch.equal(out.sequences, hf_tokens(name, batch)), f"{name} batch {batch}"
+
+
+def test_preallocated_cache_needs_every_attention_lowered():
+    with pytest.raises(GenerationError, match="pack-attention"):
+        compile_generator(traced("gpt2"), backend="onnxruntime", cache="buffer")
+    with pytest.raises(GenerationError, match="onnxruntime"):
+        compile_generator(traced("gpt2"), backend="eager", cache="buffer")
