@@ -36,8 +36,9 @@ from .ops import define_op
 DECODES = ("load", "call")
 
 # Float weights decoded by the eager kernel of decode="load", keyed by the
-# identity of the indices and the codebook and their write counters.
-_DECODED: dict[tuple[int, int], tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
+# identity of the indices and the codebook and their write counters. Both are
+# held by weak reference and checked: a freed tensor's id is soon reused.
+_DECODED: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, tuple[int, int], torch.Tensor]] = {}
 
 
 def decode_codebook(indices: torch.Tensor, codebook: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -52,10 +53,14 @@ def _versions(*ts: torch.Tensor) -> tuple[int, ...]:
 def _decoded_once(indices: torch.Tensor, codebook: torch.Tensor, group_size: int) -> torch.Tensor:
     key = (id(indices), id(codebook))
     hit = _DECODED.get(key)
-    if hit is not None and hit[0]() is indices and hit[1] == _versions(indices, codebook):
-        return hit[2]
+    if hit is not None and hit[0]() is indices and hit[1]() is codebook and hit[2] == _versions(indices, codebook):
+        return hit[3]
     w = decode_codebook(indices, codebook, group_size)
-    _DECODED[key] = (weakref.ref(indices, lambda _r, k=key: _DECODED.pop(k, None)), _versions(indices, codebook), w)
+
+    def forget(_ref, k=key):
+        _DECODED.pop(k, None)
+
+    _DECODED[key] = (weakref.ref(indices, forget), weakref.ref(codebook, forget), _versions(indices, codebook), w)
     return w
 
 

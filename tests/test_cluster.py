@@ -69,6 +69,18 @@ def test_codebook_weight_picks_each_block_s_entry_and_decodes_once_at_load():
         torch.ops.fxopt.codebook_weight(indices, torch.randn(5, 16), 8, "load")
 
 
+
+def test_a_new_codebook_is_decoded_even_where_a_freed_one_had_its_id():
+    # decode="load" keeps its decoded weight by the tensors' identity; a freed
+    # codebook's id is soon reused by the next tensor, which must not get its weight
+    g = torch.Generator().manual_seed(1)
+    indices = torch.randint(0, 16, (6, 8), dtype=torch.uint8, generator=g)
+    for _ in range(20):
+        codebook = torch.randn(6, 16, generator=g)
+        got = torch.ops.fxopt.codebook_weight(indices, codebook, 8, "load")
+        assert torch.equal(got, torch.ops.fxopt.codebook_weight(indices, codebook, 8, "call"))
+        del codebook, got
+
 def _onnx_runtime_graph(path, tmp_path):
     """The nodes ONNX Runtime runs after its load-time optimizations."""
     import onnx
