@@ -5,9 +5,11 @@ re-exported graph, with fxopt's ops lowered through the translation table in
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -225,7 +227,23 @@ def new_session(model, options, providers=("CPUExecutionProvider",)):
     is made here."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(model, options, providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    session = ort.InferenceSession(model, options, providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    _return_freed_heap()
+    return session
+
+
+def _return_freed_heap() -> None:
+    """Hand the heap memory freed while ONNX Runtime built a session back to
+    the system. Constant folding at load (a codebook weight decoded into a
+    float initializer, a transposed copy) and weight prepacking free their
+    intermediates in many allocations that glibc keeps: a session of GPT-2
+    small with its codebooks decoded at load held twice the memory of the
+    fp32 one before this, the same after (benchmarks/cluster_lowering.py)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # a C library without malloc_trim (musl)
+            pass
 
 
 def default_providers() -> list[str]:
