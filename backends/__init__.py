@@ -7,6 +7,7 @@ from ..ir.targets import register_target
 from .base import BackendError, CompiledModel, InputRangeError
 from .eager import EagerModel
 from .onnxruntime import OnnxRuntimeModel, export_onnx, export_onnx_program
+from .onnxruntime_ranks import CollectiveError, OnnxRuntimeRankModel, has_collectives
 
 BACKENDS: dict[str, type[CompiledModel]] = {"eager": EagerModel, "onnxruntime": OnnxRuntimeModel}
 
@@ -20,6 +21,8 @@ def compile(graph: Graph, backend: str = "eager", **options) -> CompiledModel:
         raise TypeError(f"fxopt.compile expects an fxopt Graph (from fxopt.trace), got {type(graph).__name__}")
     try:
         cls = BACKENDS[backend]
+        if cls is OnnxRuntimeModel and has_collectives(graph):
+            cls = OnnxRuntimeRankModel
     except KeyError:
         raise BackendError(f"unknown backend {backend!r}; valid: {sorted(BACKENDS)}") from None
     try:
@@ -50,7 +53,7 @@ def load_compiled(path, **options) -> CompiledModel:
 def _measuring_compile(backend: str):
     """How a pass measures on ``backend``: torch's thread count and one
     inter-op thread (ONNX Runtime's threads spin only during a run, see
-    ``_session_options``, so the float and quantized forms timed in turn do
+    ``session_options``, so the float and quantized forms timed in turn do
     not tax each other)."""
     import torch
 
@@ -65,4 +68,4 @@ def _measuring_compile(backend: str):
 for _name in BACKENDS:
     register_target(_name, _measuring_compile(_name))
 
-__all__ = ["compile", "load_compiled", "export_onnx", "export_onnx_program", "BACKENDS", "BackendError", "CompiledModel", "InputRangeError", "EagerModel", "OnnxRuntimeModel"]
+__all__ = ["compile", "load_compiled", "export_onnx", "export_onnx_program", "BACKENDS", "BackendError", "CompiledModel", "InputRangeError", "EagerModel", "OnnxRuntimeModel", "OnnxRuntimeRankModel", "CollectiveError"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 
+from ..ir.collectives import GROUP, bind_process_group, group_names
 from ..ir.graph import Graph
 from .base import CompiledModel
 
@@ -15,6 +16,9 @@ class EagerModel(CompiledModel):
     backend = "eager"
 
     def __init__(self, graph: Graph, *, torch_compile: bool = False, compile_options: dict | None = None):
+        if GROUP in group_names(graph):
+            # a tensor-parallel rank graph runs its collectives in this process's group
+            graph = bind_process_group(graph)
         self.graph = graph
         module = graph.module
         self._fn = torch.compile(module, **(compile_options or {})) if torch_compile else module

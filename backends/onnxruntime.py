@@ -5,9 +5,11 @@ re-exported graph, with fxopt's ops lowered through the translation table in
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -115,10 +117,13 @@ def _name_outputs(model, names: list[str]) -> None:
         value.name = name
 
 
-def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True, disable_lowerings=()):
+def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: bool = True, disable_lowerings=(),
+                        lowerings: dict | None = None):
     """Re-export the graph and convert it to an ``torch.onnx.ONNXProgram``;
     ``disable_lowerings`` names groups of aten lowerings to leave to the
-    exporter (``fxopt.ir.ops.onnx_lowering_groups()``, e.g. "contrib-attention")."""
+    exporter (``fxopt.ir.ops.onnx_lowering_groups()``, e.g. "contrib-attention");
+    ``lowerings`` adds translations of ops of the caller's own (op overload ->
+    onnxscript function)."""
     written = graph.written_attributes()
     if written:
         # The exporter would drop the writes: every run would start from the traced state.
@@ -138,7 +143,7 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
             program = torch.onnx.export(
                 ep,
                 dynamo=True,
-                custom_translation_table=onnx_translation_table(disable_lowerings),
+                custom_translation_table={**onnx_translation_table(disable_lowerings), **(lowerings or {})},
                 optimize=optimize,
                 verbose=False,
                 **kwargs,
@@ -179,7 +184,7 @@ def export_onnx(graph: Graph, path: str | Path, *, opset: int | None = None, che
     return path
 
 
-def _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning):
+def session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning):
     import onnxruntime as ort
 
     if graph_optimization_level not in _LEVELS:
@@ -222,7 +227,23 @@ def new_session(model, options, providers=("CPUExecutionProvider",)):
     is made here."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(model, options, providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    session = ort.InferenceSession(model, options, providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    _return_freed_heap()
+    return session
+
+
+def _return_freed_heap() -> None:
+    """Hand the heap memory freed while ONNX Runtime built a session back to
+    the system. Constant folding at load (a codebook weight decoded into a
+    float initializer, a transposed copy) and weight prepacking free their
+    intermediates in many allocations that glibc keeps: a session of GPT-2
+    small with its codebooks decoded at load held twice the memory of the
+    fp32 one before this, the same after (benchmarks/cluster_lowering.py)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # a C library without malloc_trim (musl)
+            pass
 
 
 def default_providers() -> list[str]:
@@ -242,6 +263,17 @@ def _session_error(graph: Graph, providers, error: Exception) -> str:
                     "convert the model to float32 or float16 before tracing, or export it with "
                     "fxopt.export_onnx for a provider that has bfloat16 kernels")
     return message
+
+
+def run_without_copies(session, feed: dict[str, torch.Tensor], output_names: list[str]) -> list[torch.Tensor]:
+    """Run ``session`` on torch tensors and return torch tensors, copying
+    neither way: each input reaches ONNX Runtime as an ``OrtValue`` over the
+    tensor's memory (DLPack), each output is a torch tensor over the memory
+    ONNX Runtime wrote it to (writable, kept alive by the tensor)."""
+    import onnxruntime as ort
+
+    values = {name: ort.OrtValue.from_dlpack(t.detach().contiguous()) for name, t in feed.items()}
+    return [torch.from_numpy(o.numpy()) for o in session.run_with_ort_values(output_names, values)]
 
 
 def _without_numpy_type(graph: Graph) -> list[str]:
@@ -394,7 +426,7 @@ class OnnxRuntimeModel(CompiledModel):
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
             raise BackendError(f"execution provider(s) {missing} not available; available: {ort.get_available_providers()}")
-        options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
         self.program = export_onnx_program(graph, opset=opset, disable_lowerings=tuple(disable_lowerings))
         if rewrite_onnx is not None:
             rewrite_onnx(self.program.model)
@@ -497,7 +529,7 @@ class OnnxRuntimeModel(CompiledModel):
         self.graph, self.program, self.interface, self._bytes, self._tmp, self._source = None, None, interface, None, None, path
         self.index_bounds = interface.index_bounds  # in place of the graph's (a cached property)
         providers = list(providers) if providers else default_providers()
-        options = _session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
         try:
             self.session = new_session(str(path), options, providers)
         except Exception as e:

@@ -108,9 +108,9 @@ def models(names) -> list[tuple[ModelSpec, dict, str, dict]]:
 
 
 def ort_session(path_or_bytes, threads):
-    from fxopt.backends.onnxruntime import _session_options, new_session
+    from fxopt.backends.onnxruntime import new_session, session_options
 
-    return new_session(path_or_bytes, _session_options(threads, 1, "all", False))
+    return new_session(path_or_bytes, session_options(threads, 1, "all", False))
 
 
 def peer(spec, inputs, model_type, peer_args, threads, workdir):

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from fxopt.backends.onnxruntime import _session_options, new_session
+from fxopt.backends.onnxruntime import new_session, session_options
 
 from common import captured, write_result
 
@@ -35,7 +35,7 @@ def _session(nodes, inputs, initializers):
                               opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
     # fxopt's own session: ONNX Runtime's SkipLayerNormFusion off, so "Add +
     # LayerNormalization" is timed as written.
-    so = _session_options(2, 1, "all", False)
+    so = session_options(2, 1, "all", False)
     so.log_severity_level = 3
     return new_session(model.SerializeToString(), so)
 

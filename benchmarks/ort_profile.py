@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fusion  # noqa: E402  the benchmark's models and pipeline
 
 import fxopt  # noqa: E402
-from fxopt.backends.onnxruntime import _session_options, export_onnx_program, new_session  # noqa: E402
+from fxopt.backends.onnxruntime import export_onnx_program, new_session, session_options  # noqa: E402
 from fxopt.ir.trace import split_inputs  # noqa: E402
 from fxopt.passes import PassManager  # noqa: E402
 
@@ -41,7 +41,7 @@ def main(name: str, pipeline: str | None = None, threads: int = 2, tokens: int |
         inputs = {k: v[:, :tokens] for k, v in inputs.items()}
     graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
     fused = PassManager(pipeline or ",".join([fusion.BASE, *fusion.FUSIONS, "dce"])).run(graph).graph
-    options = _session_options(threads, 1, "all", False)
+    options = session_options(threads, 1, "all", False)
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / name)
     session = new_session(export_onnx_program(fused).model_proto.SerializeToString(), options)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quant_speed  # noqa: E402  the benchmark's model, inputs and pipelines
 
 import fxopt  # noqa: E402
-from fxopt.backends.onnxruntime import _session_options, new_session  # noqa: E402
+from fxopt.backends.onnxruntime import new_session, session_options  # noqa: E402
 
 from common import write_result  # noqa: E402
 
@@ -42,7 +42,7 @@ PIPELINES = {"int8": "fxopt-fused-int8", "int4": "fxopt-fused-int4"}
 
 
 def _session(path: str, setting, threads: int):
-    options = _session_options(threads, None, "all", bool(setting))
+    options = session_options(threads, None, "all", bool(setting))
     if setting == "plain":  # fxopt's options park the threads; undo that for the comparison
         options.log_severity_level = 3  # (ONNX Runtime warns that the entry is overwritten)
         options.add_session_config_entry("session.force_spinning_stop", "0")

@@ -26,7 +26,7 @@ import onnxruntime as ort
 import torch
 
 import fxopt
-from fxopt.backends.onnxruntime import _session_options, export_onnx_program
+from fxopt.backends.onnxruntime import export_onnx_program, session_options
 from fxopt.ir.trace import split_inputs
 from fxopt.models import gpt2
 from fxopt.passes import PassManager
@@ -69,7 +69,7 @@ def main() -> argparse.Namespace:
         proto = export_onnx_program(result.graph).model_proto
         ops = [n.op_type for n in proto.graph.node]
         attn = {o: ops.count(o) for o in ("MultiHeadAttention", "Attention", "QAttention") if o in ops}
-        session = ort.InferenceSession(proto.SerializeToString(), _session_options(args.threads, 1, "all", False),
+        session = ort.InferenceSession(proto.SerializeToString(), session_options(args.threads, 1, "all", False),
                                        providers=["CPUExecutionProvider"])
         sessions[name] = (session, attn, result.graph)
     print(f"{args.model}, {args.quant}, {args.threads} threads; attention ops: "

@@ -1,16 +1,24 @@
-"""Accuracy of fxopt's pruning, clustering and structured shrinking on the
-real all-MiniLM-L6-v2 (``fxopt.models.minilm()``), without fine-tuning.
+"""Accuracy of fxopt's pruning, structured shrinking, clustering and
+quantization without fine-tuning, on two trained models:
 
-Mean and min cosine of the mean-pooled, normalized embeddings of 56
-evaluation sentences (``benchmarks/sentences.py``) against the fp32 model,
-on eager PyTorch; calibration (Wanda, SparseGPT, activation importance) on
-``--calib`` of the 32 other sentences. All linears of the encoder are pruned.
+* ``minilm``: the real all-MiniLM-L6-v2 (``fxopt.models.minilm()``): cosine
+  (``fxopt.compare``) of each of the 56 evaluation sentences' embeddings
+  (``benchmarks/sentences.py``, which no test uses) to the fp32 model's;
+  calibration on ``--calib`` sentences: the 32 calibration sentences of
+  ``sentences.py``, then prose sentences of the decoder's training corpus.
+* ``decoder``: the byte-level decoder ``train_decoder.py`` trains (trained on
+  first use, cached): perplexity on held-out text (windows of files it never
+  saw); calibration on ``--calib`` training windows of 128 bytes.
 
-    python benchmarks/prune_accuracy.py                   # every row
-    python benchmarks/prune_accuracy.py --rows "prune(method=sparsegpt,ratio=0.5)"
+Every linear but the LM head is pruned, clustered or quantized (the passes'
+default filters); ``shrink`` removes the same fraction of MLP channels and of
+attention heads (each attention keeps ``ceil((1 - r) * heads)``).
 
-Writes ``benchmarks/results/prune_accuracy.md`` (command, CPU model and core
-count in the header).
+    python benchmarks/prune_accuracy.py                                   # both models, every row
+    python benchmarks/prune_accuracy.py --models minilm --rows "prune(method=sparsegpt,ratio=0.5)"
+
+Writes ``benchmarks/results/prune_accuracy.md``, one section per model
+(command, CPU model and core count in each).
 """
 
 from __future__ import annotations
@@ -27,58 +35,135 @@ sys.path.insert(0, str(HERE))
 from common import write_result  # noqa: E402
 
 BASE = "canonicalize,dce,constant-fold,cse"
-ROWS = [
+PRUNE = [
     "prune(method=magnitude,ratio=0.5)",
     "prune(method=wanda,ratio=0.5)",
     "prune(method=sparsegpt,ratio=0.5)",
     "prune(method=magnitude,pattern='2:4')",
     "prune(method=wanda,pattern='2:4')",
     "prune(method=sparsegpt,pattern='2:4')",
-    "cluster(bits=4)",
-    "quantize(bits=4,granularity=channel,accuracy_level=0)",
-    "shrink(ratio=0.1)",
-    "shrink(ratio=0.2)",
-    "shrink(ratio=0.3)",
-    "shrink(ratio=0.3,importance=activation)",
 ]
+SHARE = [
+    "cluster(bits=4,granularity=channel)",
+    "quantize(bits=4,granularity=channel,accuracy_level=0)",
+]
+# MLP channels and attention heads, by calibrated importance; with and without FLAP's bias compensation (MLP channels)
+SHRINK = [f"shrink(ratio={r},heads={r},importance=activation{c})" for r in (0.1, 0.2, 0.3) for c in ("", ",compensate=true")]
+QUANTIZE = [
+    "quantize(bits=8,granularity=channel)",
+    "quantize(mode=dynamic)",
+    "quantize(bits=4,granularity=group,group_size=32,accuracy_level=0)",
+    "quantize(bits=4,granularity=group,group_size=32,method=gptq,accuracy_level=0)",
+]
+ROWS = {"minilm": PRUNE + SHARE + SHRINK, "decoder": PRUNE + SHARE + SHRINK + QUANTIZE}
+DEFAULT_CALIB = {"minilm": 128, "decoder": 64}
+
+
+def size_of(record) -> str:
+    """The sparsity a prune left, else the parameter bytes kept."""
+    sparsity = record.stats.get("sparsity")
+    if sparsity is not None:
+        return f"sparsity {sparsity:.3f}"
+    return f"{record.param_bytes_after / record.param_bytes_before:.3f} of bytes"
+
+
+def measure(graph, rows, calibration, score, log) -> list[tuple[str, tuple, str, float]]:
+    import fxopt
+
+    out = []
+    for row in rows:
+        start = time.perf_counter()
+        result = fxopt.PassManager(row, calibration_data=calibration).run(graph)
+        seconds = time.perf_counter() - start
+        out.append((row, score(result.graph), size_of(result.records[0]), seconds))
+        log(f"{row}: {out[-1][1]} ({out[-1][2]}, {seconds:.1f} s)")
+    return out
+
+
+def minilm(rows, calib: int, log) -> str:
+    import fxopt
+    from fxopt.models import minilm, minilm_tokenize
+    from sentences import CALIBRATION, EVAL
+    from train_decoder import corpus_sentences, docstring_corpus
+
+    spec = minilm()
+    graph = fxopt.PassManager(BASE).run(fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)).graph
+    sentences = CALIBRATION[:calib]
+    if calib > len(sentences):
+        sentences += corpus_sentences(docstring_corpus().train, calib - len(sentences))
+    calibration = [minilm_tokenize([s]) for s in sentences]  # one sentence per input: no padding rows in the statistics
+    evaluation = minilm_tokenize(EVAL)
+    with torch.no_grad():
+        ref = spec.model(**evaluation)
+
+    def score(g):
+        out = g(**evaluation)
+        cos = torch.tensor([fxopt.compare(r, o).cosine for r, o in zip(ref, out)])
+        return cos.mean().item(), cos.min().item()
+
+    dense = score(graph)
+    table = measure(graph, rows, calibration, score, log)
+    lines = [
+        f"all-MiniLM-L6-v2 (real weights), eager. Cosine of each of {len(EVAL)} evaluation sentences' embedding to the fp32 "
+        f"model's; calibration on {calib} sentences ({min(calib, len(CALIBRATION))} from `sentences.py`, "
+        f"{max(0, calib - len(CALIBRATION))} prose sentences of the docstring corpus), one sentence per input.",
+        "",
+        "| pipeline | mean cosine | min cosine | size | pass s |",
+        "|---|---:|---:|---|---:|",
+        f"| dense (traced) | {dense[0]:.4f} | {dense[1]:.4f} | | |",
+    ]
+    lines += [f"| `{row}` | {m:.4f} | {lo:.4f} | {size} | {s:.1f} |" for row, (m, lo), size, s in table]
+    return "\n".join(lines)
+
+
+def decoder(rows, calib: int, log, size: str = "mini", eval_windows: int = 64) -> str:
+    import fxopt
+    from train_decoder import load_decoder, perplexity
+
+    dec = load_decoder(size, log=log)
+    held = dec.held_out(eval_windows)
+    spec = dec.spec()
+    graph = fxopt.PassManager(BASE).run(fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=spec.name)).graph
+
+    def score(g):
+        return (perplexity(lambda inputs: g(**inputs), held),)
+
+    (dense,) = score(graph)
+    table = measure(graph, rows, dec.calibration(calib), score, log)
+    params = sum(p.numel() for p in dec.model.parameters())
+    lines = [
+        f"The byte-level decoder of `train_decoder.py` ({dec.size}, {params / 1e6:.1f}M parameters, {dec.steps} steps), eager. "
+        f"Perplexity on {eval_windows} held-out windows of 128 bytes (files the training never saw; uniform: 256); "
+        f"calibration on {calib} training windows.",
+        "",
+        "| pipeline | perplexity | vs dense | size | pass s |",
+        "|---|---:|---:|---|---:|",
+        f"| dense (traced) | {dense:.3f} | 1.000 | | |",
+    ]
+    lines += [f"| `{row}` | {p:.3f} | {p / dense:.3f} | {size} | {s:.1f} |" for row, (p,), size, s in table]
+    return "\n".join(lines)
+
+
+MODELS = {"minilm": minilm, "decoder": decoder}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", nargs="*", default=ROWS, help="pipelines to measure")
-    ap.add_argument("--calib", type=int, default=16, help="calibration sentences")
+    ap.add_argument("--models", nargs="*", choices=sorted(MODELS), default=list(MODELS))
+    ap.add_argument("--rows", nargs="*", default=None, help="pipelines to measure (default: each model's rows)")
+    ap.add_argument("--calib", type=int, default=None, help="calibration inputs (default: minilm 128, decoder 64)")
+    ap.add_argument("--decoder-size", default="mini", help="train_decoder.py's size: mini (1.9M parameters), small (10.8M), tiny")
+    ap.add_argument("--eval-windows", type=int, default=64, help="decoder: held-out windows of 128 bytes")
+    ap.add_argument("--print-only", action="store_true", help="print the tables, leave the result file as it is")
     args = ap.parse_args()
-
-    import fxopt
-    from fxopt.models import minilm, minilm_tokenize
-    from sentences import CALIBRATION, EVAL
-
-    spec = minilm()
-    graph = fxopt.PassManager(BASE).run(fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)).graph
-    evaluation = minilm_tokenize(EVAL)
-    calibration = [minilm_tokenize([s]) for s in CALIBRATION[: args.calib]]
-    with torch.no_grad():
-        ref = spec.model(**evaluation)
-    lines = [
-        f"{args.calib} calibration sentences, {len(EVAL)} evaluation sentences, eager.",
-        "",
-        "| pipeline | mean cosine | min cosine | sparsity / bytes | pass time (s) |",
-        "|---|---|---|---|---|",
-    ]
-    for row in args.rows:
-        start = time.perf_counter()
-        result = fxopt.PassManager(row, calibration_data=calibration).run(graph)
-        seconds = time.perf_counter() - start
-        with torch.no_grad():
-            out = result.graph(**evaluation)
-        cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
-        stats = result.records[0].stats
-        size = stats.get("sparsity", None)
-        size = f"{size:.3f}" if size is not None else f"{result.records[0].param_bytes_after / result.records[0].param_bytes_before:.3f} of bytes"
-        lines.append(f"| `{row}` | {cos.mean():.4f} | {cos.min():.4f} | {size} | {seconds:.1f} |")
-        print(lines[-1], flush=True)
-    # One file per benchmark; the header names the command, CPU and cores (benchmarks/common.py).
-    write_result("prune_accuracy", "Pruning accuracy: all-MiniLM-L6-v2, no fine-tuning", "\n".join(lines))
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    for name in args.models:
+        extra = {"size": args.decoder_size, "eval_windows": args.eval_windows} if name == "decoder" else {}
+        body = MODELS[name](args.rows or ROWS[name], args.calib or DEFAULT_CALIB[name], log, **extra)
+        print(body, flush=True)
+        if not args.print_only:
+            write_result("prune_accuracy", "Accuracy of pruning, shrinking, clustering and quantization (no fine-tuning)", body,
+                         section=name)
 
 
 if __name__ == "__main__":

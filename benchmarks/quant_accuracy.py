@@ -3,7 +3,8 @@
 Encoder: the real all-MiniLM-L6-v2 weights (``fxopt.models.minilm()``) on 56
 evaluation sentences (``benchmarks/sentences.py``), calibrated on 32 other
 sentences. Metrics against the fp32 model's mean-pooled, normalized
-embeddings: mean and min cosine, and the Spearman rank correlation of the
+embeddings: mean and min cosine (``fxopt.ir.parity.row_cosines``, the parity
+check's per-row form), and the Spearman rank correlation of the
 pairwise sentence similarities (ranks computed with torch).
 
 Causal: GPT-2 small (124M) and the small Llama config, random weights,
@@ -32,6 +33,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import write_result  # noqa: E402
+
+from fxopt.ir.parity import row_cosines  # noqa: E402
 
 BASE = "canonicalize,dce,constant-fold,cse"
 W8A8 = [
@@ -70,8 +73,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def embedding_metrics(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    cos = row_cosines(ref, out)  # one per sentence
     ref, out = ref.double(), out.double()
-    cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
     iu = torch.triu_indices(ref.shape[0], ref.shape[0], offset=1)
     sims_ref = (ref @ ref.T)[iu[0], iu[1]]
     sims_out = (out @ out.T)[iu[0], iu[1]]
@@ -79,8 +82,8 @@ def embedding_metrics(ref: torch.Tensor, out: torch.Tensor) -> dict:
 
 
 def logits_metrics(ref: torch.Tensor, out: torch.Tensor) -> dict:
-    ref, out = ref.double().flatten(0, -2), out.double().flatten(0, -2)
-    cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
+    cos = row_cosines(ref, out)  # one per position
+    ref, out = ref.flatten(0, -2), out.flatten(0, -2)
     top1 = (ref.argmax(-1) == out.argmax(-1)).double().mean()
     return {"mean cos": cos.mean().item(), "min cos": cos.min().item(), "top-1": top1.item()}
 

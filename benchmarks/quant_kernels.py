@@ -20,13 +20,13 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from fxopt.ir.timing import median_ms as _median_ms
+from fxopt.ir import timing
 
 from common import write_result  # noqa: E402
 
 
 def median_ms(fn, repeat):
-    return _median_ms(fn, repeat=repeat)
+    return timing.median_ms(fn, repeat=repeat)
 
 
 def session(nodes, inits, k, threads):
@@ -54,10 +54,10 @@ def main():
     w_scale = w.abs().amax(1) / 127
     w_q = torch.round(w / w_scale[:, None]).to(torch.int8)
     w_deq = w_q.float() * w_scale[:, None]
-    from fxopt.ir.ops_quant import _packed, linear_dynamic_reference
+    from fxopt.ir.ops_quant import linear_dynamic_reference, packed_weight
     from fxopt.ir.quant import QuantConfig, quantize, to_nbits
 
-    packed = _packed(w_q, w_scale)
+    packed = packed_weight(w_q, w_scale)
     rows = []
     for m in (1, 128):
         x = torch.randn(m, k)

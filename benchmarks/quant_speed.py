@@ -185,9 +185,9 @@ def fold_transposed_initializers(src: str, dst: str) -> int:
 
 
 def _ort_session(path: str):
-    from fxopt.backends.onnxruntime import _session_options, new_session
+    from fxopt.backends.onnxruntime import new_session, session_options
 
-    return new_session(path, _session_options(THREADS, None, "all", True))
+    return new_session(path, session_options(THREADS, None, "all", True))
 
 
 def _ort_runner(path: str):

@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     token = {"input_ids": prompt["input_ids"][:, -1:]}
     with torch.inference_mode():
         ref, opt = logits(model(**prompt)), logits(compiled(**prompt))
-    cosine = torch.nn.functional.cosine_similarity(ref.flatten(1), opt.flatten(1)).item()
+    cosine = fxopt.compare(ref, opt).cosine
     top1 = (ref.argmax(-1) == opt.argmax(-1)).float().mean().item()
 
     fns = {"original": model, "fxopt": compiled}

@@ -12,6 +12,8 @@ from .passes import (
 )
 from .backends import BackendError, compile, export_onnx, load_compiled
 from .generation import GenerationError, Generator, compile_generator, generate
+from . import launch, parallel  # noqa: E402  (fxopt.launch.init, fxopt.parallel.rank_graph, ...)
+from .data_parallel import DataParallel
 
 __version__ = "0.1.0"
 
@@ -19,5 +21,5 @@ __all__ = [
     "trace", "load", "load_compiled", "LoadError", "Graph", "compare", "PassManager", "Pass", "PassResult", "PassError", "Option",
     "register_pass", "REGISTRY", "parse_pipeline", "PipelineError", "FixedPoint", "Instrument",
     "compile", "export_onnx", "BackendError", "TraceError", "VerificationError", "ParityError",
-    "compile_generator", "generate", "Generator", "GenerationError",
+    "compile_generator", "generate", "Generator", "GenerationError", "launch", "parallel", "DataParallel",
 ]

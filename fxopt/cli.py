@@ -137,6 +137,8 @@ def _bytes(n: int) -> str:
 
 
 def cmd_optimize(a) -> int:
+    if a.tensor_parallel * a.data_parallel > 1:
+        return cmd_optimize_parallel(a)
     from rich.table import Table
 
     from .backends import compile as compile_graph
@@ -215,6 +217,65 @@ def cmd_optimize(a) -> int:
             "warnings": result.warnings,
         }
         Path(a.report).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+def cmd_optimize_parallel(a) -> int:
+    """``optimize --tensor-parallel N [--data-parallel M]``: outside a
+    launcher, start N x M processes of this same command under torchrun;
+    inside, each process traces the model, keeps its rank's graph (the
+    pipeline runs after the split), compiles it, and checks and times it
+    against the whole model; rank 0 reports."""
+    from . import launch
+
+    world = a.tensor_parallel * a.data_parallel
+    if a.out:
+        raise CliError("--out: a tensor- or data-parallel model is one graph per rank; save rank graphs from Python "
+                       "(fxopt.parallel.rank_graph(...).save(path))")
+    if not launch.under_launcher():
+        return launch.relaunch(a.argv, world)
+    from .backends import compile as compile_graph
+    from .data_parallel import DataParallel
+    from .ir.parity import compare
+    from .parallel import all_reduce_count, bind_process_group, rank_graph
+
+    mesh = launch.init(a.tensor_parallel, a.data_parallel, timeout=a.timeout)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    _import_plugins(a)
+    spec, graph, (args, kwargs) = _load(a.model, a.dynamic or a.data_parallel > 1, a.debug)
+    spec.model.eval()
+    with torch.inference_mode():
+        reference = spec.model(*args, **kwargs)
+    ref_ms = _median_ms(spec.model, args, kwargs, a.repeats)
+    model_bytes = graph.param_bytes()
+    if a.tensor_parallel > 1:
+        graph = bind_process_group(rank_graph(graph, mesh.tp_rank, a.tensor_parallel, pipeline=a.pipeline), mesh.tp_group)
+    else:
+        from .passes import PassManager
+
+        graph = PassManager(a.pipeline).run(graph).graph
+    options = {"intra_op_threads": a.threads} if a.backend == "onnxruntime" and a.threads else {}
+    compiled = compile_graph(graph, a.backend, **options)
+    run = DataParallel(compiled, mesh.dp_group) if a.data_parallel > 1 else compiled
+    parity = compare(reference, run(*args, **kwargs))
+    opt_ms = _median_ms(run, args, kwargs, a.repeats)
+    rank_bytes = graph.param_bytes()
+    if mesh.rank == 0:
+        print(f"{spec.name}: tensor-parallel {a.tensor_parallel} x data-parallel {a.data_parallel} -> {a.backend} "
+              f"({world} processes)\n"
+              f"params per rank {_bytes(rank_bytes)} of {_bytes(model_bytes)} ({rank_bytes / model_bytes:.2f}), "
+              f"all-reduces per forward {all_reduce_count(graph)}\n"
+              f"max abs err {parity.max_abs_err:.3g} (output scale {parity.scale:.3g}), cosine {parity.cosine:.6f}\n"
+              f"latency (median of {a.repeats}): reference (one process) {ref_ms:.2f} ms, parallel {opt_ms:.2f} ms")
+        if a.report:
+            Path(a.report).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.report).write_text(json.dumps({
+                "model": spec.name, "pipeline": a.pipeline, "backend": a.backend, "tensor_parallel": a.tensor_parallel,
+                "data_parallel": a.data_parallel, "param_bytes_model": model_bytes, "param_bytes_rank": rank_bytes,
+                "all_reduces": all_reduce_count(graph), "max_abs_err": parity.max_abs_err, "output_scale": parity.scale,
+                "cosine": parity.cosine, "latency_ms": {"reference": ref_ms, "parallel": opt_ms, "repeats": a.repeats},
+            }, indent=2) + "\n")
     return 0
 
 
@@ -356,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokenized with the model's tokenizer) or package.module:factory returning a list of model inputs; "
                         "the model is then traced with its dynamic dimensions")
     o.add_argument("--calibration-batch", type=_positive, default=8, help="lines of the text file per calibration input")
+    o.add_argument("--tensor-parallel", type=_positive, default=1, metavar="N",
+                   help="split the model over N processes (tensor-parallel pass, then --pipeline on each rank's graph); "
+                        "outside torchrun, starts the processes itself")
+    o.add_argument("--data-parallel", type=_positive, default=1, metavar="M",
+                   help="M replicas (of the N-rank split), each running its part of the batch; N x M processes in all")
+    o.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds a rank waits for the others in a collective before failing (a dead or stuck rank)")
     o.set_defaults(func=cmd_optimize)
 
     g = sub.add_parser("generate", help="prefill + greedy decode of a causal LM through the optimized graphs, timed and checked")
@@ -388,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to start the same command on every rank
     if not args.debug:
         # torch's pytree and exporter deprecation notices are not the user's concern.
         warnings.filterwarnings("ignore", category=FutureWarning)

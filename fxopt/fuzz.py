@@ -31,19 +31,20 @@ from typing import Any, Iterable
 import torch
 
 from .backends import BackendError, compile
+from .ir.collectives import ProcessGroupError
 from .ir.graph import Graph
 from .ir.parity import compare
 from .ir.trace import split_inputs, trace
 from .models import BUILTIN, ModelSpec
 from .passes import REGISTRY, PassError, PassManager, PipelineError
 from .passes.base import Option, OptionError, Pass
-from .passes.manager import default_tolerance
 from .passes.pipeline import format_value
 from .passes.registry import PassRegistry
 
 MODELS = ("mlp", "tiny-gpt", "gpt2-tiny", "bert-tiny")
 BACKENDS = ("eager", "onnxruntime")
-CLEAR = (PipelineError, OptionError, PassError, BackendError)
+# ProcessGroupError: a tensor-parallel rank graph compiled where no process group runs it
+CLEAR = (PipelineError, OptionError, PassError, BackendError, ProcessGroupError)
 
 # Values tried for options whose type alone says little (regexes, per-layer
 # overrides); other options draw from their choices or from values of their type.
@@ -218,7 +219,7 @@ class Fuzzer:
         except Exception as e:  # noqa: BLE001 - classifying every failure is the point
             kind = "refused" if _clear(e) else "crash"
             return [outcome(b, kind, _describe(e)) for b in self.backends]
-        tolerance = max([default_tolerance(m.graph), *(p.numerics_tolerance for p in manager.passes())])
+        tolerance = manager.tolerance_for(m.graph)
         outcomes = []
         for backend in self.backends:
             try:

@@ -32,6 +32,8 @@ def is_pure(node: fx.Node) -> bool:
     safe to remove when unused, to merge with a twin, to evaluate ahead of time."""
     if node.op != "call_function" or node.target in _NONDETERMINISTIC or node.target in _ASSERTS:
         return False
+    if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "_c10d_functional":
+        return False  # communicates with other processes: never folded ahead of time or merged
     t = node.target
     if isinstance(t, torch._ops.OpOverload):
         schema = t._schema

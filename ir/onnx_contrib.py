@@ -15,14 +15,16 @@ from onnx.defs import OpSchema
 DOMAIN = "com.microsoft"
 msft = onnxscript.values.Opset(DOMAIN, 1)
 
-_FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
-_Param = OpSchema.FormalParameter
-_Attr = OpSchema.Attribute
-_AttrType = OpSchema.AttrType
+# The pieces a declaration is written with (ir/ops_*.py declare their contrib ops too).
+FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+Param = OpSchema.FormalParameter
+Attr = OpSchema.Attribute
+AttrType = OpSchema.AttrType
 
 
-def _optional(name: str, type_str: str) -> OpSchema.FormalParameter:
-    return _Param(name, type_str, param_option=OpSchema.FormalParameterOption.Optional)
+def optional_param(name: str, type_str: str) -> OpSchema.FormalParameter:
+    """An input the operator may be called without."""
+    return Param(name, type_str, param_option=OpSchema.FormalParameterOption.Optional)
 
 
 def declare(
@@ -53,39 +55,39 @@ def declare(
 
 declare(
     "BiasGelu",
-    [_Param("A", "T"), _Param("B", "T")],
-    [_Param("C", "T")],
-    [("T", _FLOATS, "")],
+    [Param("A", "T"), Param("B", "T")],
+    [Param("C", "T")],
+    [("T", FLOAT_TYPES, "")],
 )
 declare(
     "FastGelu",
-    [_Param("X", "T"), _optional("bias", "T")],
-    [_Param("Y", "T")],
-    [("T", _FLOATS, "")],
+    [Param("X", "T"), optional_param("bias", "T")],
+    [Param("Y", "T")],
+    [("T", FLOAT_TYPES, "")],
 )
 declare(
     "MatMulNBits",
     [
-        _Param("A", "T1"), _Param("B", "T2"), _Param("scales", "T1"), _optional("zero_points", "T3"),
-        _optional("g_idx", "T4"), _optional("bias", "T1"),
+        Param("A", "T1"), Param("B", "T2"), Param("scales", "T1"), optional_param("zero_points", "T3"),
+        optional_param("g_idx", "T4"), optional_param("bias", "T1"),
     ],
-    [_Param("Y", "T1")],
+    [Param("Y", "T1")],
     [
-        ("T1", _FLOATS, ""), ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
-        ("T3", ["tensor(uint8)", "tensor(int32)", *_FLOATS], ""), ("T4", ["tensor(int32)"], ""),
+        ("T1", FLOAT_TYPES, ""), ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
+        ("T3", ["tensor(uint8)", "tensor(int32)", *FLOAT_TYPES], ""), ("T4", ["tensor(int32)"], ""),
     ],
     [
-        _Attr("K", _AttrType.INT, "input feature dimension"), _Attr("N", _AttrType.INT, "output feature dimension"),
-        _Attr("bits", _AttrType.INT, "bits per weight"), _Attr("block_size", _AttrType.INT, "quantization block size"),
-        _Attr("accuracy_level", _AttrType.INT, "minimum accuracy of A: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8", required=False),
+        Attr("K", AttrType.INT, "input feature dimension"), Attr("N", AttrType.INT, "output feature dimension"),
+        Attr("bits", AttrType.INT, "bits per weight"), Attr("block_size", AttrType.INT, "quantization block size"),
+        Attr("accuracy_level", AttrType.INT, "minimum accuracy of A: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8", required=False),
     ],
 )
 declare(
     "MatMulIntegerToFloat",
     [
-        _Param("A", "T1"), _Param("B", "T2"), _Param("a_scale", "T3"), _Param("b_scale", "T3"),
-        _optional("a_zero_point", "T1"), _optional("b_zero_point", "T2"), _optional("bias", "T3"),
+        Param("A", "T1"), Param("B", "T2"), Param("a_scale", "T3"), Param("b_scale", "T3"),
+        optional_param("a_zero_point", "T1"), optional_param("b_zero_point", "T2"), optional_param("bias", "T3"),
     ],
-    [_Param("Y", "T3")],
-    [("T1", ["tensor(int8)", "tensor(uint8)"], ""), ("T2", ["tensor(int8)", "tensor(uint8)"], ""), ("T3", _FLOATS, "")],
+    [Param("Y", "T3")],
+    [("T1", ["tensor(int8)", "tensor(uint8)"], ""), ("T2", ["tensor(int8)", "tensor(uint8)"], ""), ("T3", FLOAT_TYPES, "")],
 )

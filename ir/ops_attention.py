@@ -48,26 +48,26 @@ import torch
 from onnxscript import opset18 as op
 from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention as _generic_sdpa
 
-from .onnx_contrib import _FLOATS, _Attr, _AttrType, _optional, _Param, declare, msft
+from .onnx_contrib import FLOAT_TYPES, Attr, AttrType, Param, declare, msft, optional_param
 from .ops import define_op, register_onnx_lowering
 from .ops_quant import linear_dynamic_int8
 
 declare(
     "MultiHeadAttention",
     [
-        _Param("query", "T"), _optional("key", "T"), _optional("value", "T"), _optional("bias", "T"),
-        _optional("key_padding_mask", "M"), _optional("attention_bias", "T"), _optional("past_key", "T"),
-        _optional("past_value", "T"), _optional("past_sequence_length", "M"), _optional("cache_indirection", "M"),
+        Param("query", "T"), optional_param("key", "T"), optional_param("value", "T"), optional_param("bias", "T"),
+        optional_param("key_padding_mask", "M"), optional_param("attention_bias", "T"), optional_param("past_key", "T"),
+        optional_param("past_value", "T"), optional_param("past_sequence_length", "M"), optional_param("cache_indirection", "M"),
     ],
     # Only the first output: onnxscript gives a node as many outputs as its schema
     # lists, and the KV-cache outputs (present_key/value, qk) would cost copies.
-    [_Param("output", "T")],
-    [("T", _FLOATS, ""), ("M", ["tensor(int32)"], "")],
+    [Param("output", "T")],
+    [("T", FLOAT_TYPES, ""), ("M", ["tensor(int32)"], "")],
     [
-        _Attr("num_heads", _AttrType.INT, "number of attention heads", required=True),
-        _Attr("scale", _AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
-        _Attr("mask_filter_value", _AttrType.FLOAT, "value for masked positions", required=False),
-        _Attr("unidirectional", _AttrType.INT, "1: causal", required=False),
+        Attr("num_heads", AttrType.INT, "number of attention heads", required=True),
+        Attr("scale", AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
+        Attr("mask_filter_value", AttrType.FLOAT, "value for masked positions", required=False),
+        Attr("unidirectional", AttrType.INT, "1: causal", required=False),
     ],
 )
 
@@ -144,14 +144,14 @@ register_onnx_lowering(torch.ops.aten.scaled_dot_product_attention.default, sdpa
 
 declare(
     "Attention",
-    [_Param("input", "T"), _Param("weights", "T"), _optional("bias", "T"), _optional("mask_index", "M")],
-    [_Param("output", "T")],  # not ``present``: only the KV-cache form has it
-    [("T", _FLOATS, ""), ("M", ["tensor(int32)"], "")],
+    [Param("input", "T"), Param("weights", "T"), optional_param("bias", "T"), optional_param("mask_index", "M")],
+    [Param("output", "T")],  # not ``present``: only the KV-cache form has it
+    [("T", FLOAT_TYPES, ""), ("M", ["tensor(int32)"], "")],
     [
-        _Attr("num_heads", _AttrType.INT, "number of attention heads", required=True),
-        _Attr("unidirectional", _AttrType.INT, "1: causal", required=False),
-        _Attr("scale", _AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
-        _Attr("mask_filter_value", _AttrType.FLOAT, "added to masked scores", required=False),
+        Attr("num_heads", AttrType.INT, "number of attention heads", required=True),
+        Attr("unidirectional", AttrType.INT, "1: causal", required=False),
+        Attr("scale", AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
+        Attr("mask_filter_value", AttrType.FLOAT, "added to masked scores", required=False),
     ],
 )
 
@@ -232,18 +232,18 @@ def _kernel_mask(mask, x, mask_filter_value: float):
 declare(
     "QAttention",
     [
-        _Param("input", "T1"), _Param("weight", "T2"), _Param("bias", "T3"), _Param("input_scale", "T3"),
-        _Param("weight_scale", "T3"), _optional("mask_index", "T4"), _optional("input_zero_point", "T1"),
-        _optional("weight_zero_point", "T2"),
+        Param("input", "T1"), Param("weight", "T2"), Param("bias", "T3"), Param("input_scale", "T3"),
+        Param("weight_scale", "T3"), optional_param("mask_index", "T4"), optional_param("input_zero_point", "T1"),
+        optional_param("weight_zero_point", "T2"),
     ],
-    [_Param("output", "T3")],  # not ``present``: only the KV-cache form has it
-    [("T1", ["tensor(int8)", "tensor(uint8)"], ""), ("T2", ["tensor(int8)", "tensor(uint8)"], ""), ("T3", _FLOATS, ""),
+    [Param("output", "T3")],  # not ``present``: only the KV-cache form has it
+    [("T1", ["tensor(int8)", "tensor(uint8)"], ""), ("T2", ["tensor(int8)", "tensor(uint8)"], ""), ("T3", FLOAT_TYPES, ""),
      ("T4", ["tensor(int32)"], "")],
     [
-        _Attr("num_heads", _AttrType.INT, "number of attention heads", required=True),
-        _Attr("unidirectional", _AttrType.INT, "1: causal", required=False),
-        _Attr("scale", _AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
-        _Attr("mask_filter_value", _AttrType.FLOAT, "added to masked scores", required=False),
+        Attr("num_heads", AttrType.INT, "number of attention heads", required=True),
+        Attr("unidirectional", AttrType.INT, "1: causal", required=False),
+        Attr("scale", AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
+        Attr("mask_filter_value", AttrType.FLOAT, "added to masked scores", required=False),
     ],
 )
 
@@ -287,20 +287,20 @@ def packed_attention_dynamic_int8(
 declare(
     "GroupQueryAttention",
     [
-        _Param("query", "T"), _optional("key", "T"), _optional("value", "T"), _optional("past_key", "T"),
-        _optional("past_value", "T"), _Param("seqlens_k", "M"), _Param("total_sequence_length", "M"),
-        _optional("cos_cache", "T"), _optional("sin_cache", "T"), _optional("position_ids", "P"),
-        _optional("attention_bias", "T"),
+        Param("query", "T"), optional_param("key", "T"), optional_param("value", "T"), optional_param("past_key", "T"),
+        optional_param("past_value", "T"), Param("seqlens_k", "M"), Param("total_sequence_length", "M"),
+        optional_param("cos_cache", "T"), optional_param("sin_cache", "T"), optional_param("position_ids", "P"),
+        optional_param("attention_bias", "T"),
     ],
     # present_key / present_value: the cache with this step's keys and values
     # appended (unused after a prefill without a past: the ONNX export drops
     # unused trailing outputs of contrib ops, and the kernel then writes none)
-    [_Param("output", "T"), _optional("present_key", "T"), _optional("present_value", "T")],
-    [("T", _FLOATS, ""), ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
+    [Param("output", "T"), optional_param("present_key", "T"), optional_param("present_value", "T")],
+    [("T", FLOAT_TYPES, ""), ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
     [
-        _Attr("num_heads", _AttrType.INT, "number of query heads", required=True),
-        _Attr("kv_num_heads", _AttrType.INT, "number of key/value heads", required=True),
-        _Attr("scale", _AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
+        Attr("num_heads", AttrType.INT, "number of query heads", required=True),
+        Attr("kv_num_heads", AttrType.INT, "number of key/value heads", required=True),
+        Attr("scale", AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
     ],
 )
 

@@ -25,10 +25,10 @@ from onnxscript import opset18 as op
 import torch.nn.functional as F
 from onnx.defs import OpSchema
 
-from .onnx_contrib import _FLOATS, _Attr, _AttrType, _Param
+from .onnx_contrib import FLOAT_TYPES, Attr, AttrType, Param
 from .ops import define_op
 
-_EPS = [_Attr("epsilon", _AttrType.FLOAT, "added to the variance")]
+_EPS = [Attr("epsilon", AttrType.FLOAT, "added to the variance")]
 
 
 def _declare_onnx_domain_simplified_layer_norm() -> onnxscript.values.Opset:
@@ -42,12 +42,12 @@ def _declare_onnx_domain_simplified_layer_norm() -> onnxscript.values.Opset:
         onnx.defs.register_schema(
             OpSchema(
                 "SimplifiedLayerNormalization", "", 1,
-                inputs=[_Param("X", "T"), _Param("scale", "V")],
+                inputs=[Param("X", "T"), Param("scale", "V")],
                 # Only Y: onnxscript would otherwise hand the exporter two outputs.
-                outputs=[_Param("Y", "V")],
-                type_constraints=[("T", _FLOATS, ""), ("U", ["tensor(float)"], ""), ("V", _FLOATS, "")],
-                attributes=[*_EPS, _Attr("axis", _AttrType.INT, "first normalized axis", required=False),
-                            _Attr("stash_type", _AttrType.INT, "type of the statistics", required=False)],
+                outputs=[Param("Y", "V")],
+                type_constraints=[("T", FLOAT_TYPES, ""), ("U", ["tensor(float)"], ""), ("V", FLOAT_TYPES, "")],
+                attributes=[*_EPS, Attr("axis", AttrType.INT, "first normalized axis", required=False),
+                            Attr("stash_type", AttrType.INT, "type of the statistics", required=False)],
             )
         )
     return onnxscript.values.Opset("", 1)

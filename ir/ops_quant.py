@@ -44,7 +44,7 @@ def _linear_nbits_fake(x, B, scales, zero_points, bias, K, N, bits, block_size, 
     return x.new_empty((*x.shape[:-1], N))
 
 
-def _linear_nbits_onnx(x, B, scales, zero_points=None, bias=None, K: int = 0, N: int = 0, bits: int = 4,
+def linear_nbits_onnx(x, B, scales, zero_points=None, bias=None, K: int = 0, N: int = 0, bits: int = 4,
                        block_size: int = 128, accuracy_level: int = 0):
     # MatMulNBits adds the bias itself (its optional input 5, after g_idx),
     # so no separate Add pass over the output.
@@ -52,7 +52,7 @@ def _linear_nbits_onnx(x, B, scales, zero_points=None, bias=None, K: int = 0, N:
                             accuracy_level=accuracy_level)
 
 
-@define_op("linear_nbits", fake=_linear_nbits_fake, onnx=_linear_nbits_onnx, onnx_float32=True)
+@define_op("linear_nbits", fake=_linear_nbits_fake, onnx=linear_nbits_onnx, onnx_float32=True)
 def linear_nbits(
     x: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, bias: torch.Tensor | None,
     K: int, N: int, bits: int, block_size: int, accuracy_level: int,
@@ -86,7 +86,10 @@ def _version(t: torch.Tensor) -> int:
     return 0 if t.is_inference() else t._version
 
 
-def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, check=None):
+def packed_weight(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, check=None):
+    """fbgemm's prepacked form of int8 ``w_q [N, K]`` with per-channel
+    ``w_scale`` (and ``bias``), packed once per weight and bias tensor while
+    ``w_q`` lives and is not written; ``check(w_q)`` runs before a new packing."""
     key = (id(w_q), id(bias))
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is w_q and hit[1] == _version(w_q):
@@ -100,6 +103,11 @@ def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None 
         packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float().contiguous())
     _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), _version(w_q), packed)
     return packed
+
+
+def packed_weight_count() -> int:
+    """How many packed weights the cache holds."""
+    return len(_PACKED)
 
 
 def act_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,13 +138,13 @@ def _linear_dynamic_fake(x, w_q, w_scale, bias):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
-def _linear_dynamic_onnx(x, w_q, w_scale, bias=None):
+def linear_dynamic_onnx(x, w_q, w_scale, bias=None):
     xq, scale, zp = op.DynamicQuantizeLinear(x)
     # The transpose of the constant weight is folded into the initializer.
     return msft.MatMulIntegerToFloat(xq, op.Transpose(w_q, perm=[1, 0]), scale, w_scale, zp, None, bias)
 
 
-@define_op("linear_dynamic_int8", fake=_linear_dynamic_fake, onnx=_linear_dynamic_onnx, onnx_float32=True)
+@define_op("linear_dynamic_int8", fake=_linear_dynamic_fake, onnx=linear_dynamic_onnx, onnx_float32=True)
 def linear_dynamic_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Dynamic W8A8 linear: ``w_q`` int8 ``[N, K]`` codes within +-63 with
     per-output-channel ``w_scale [N]`` (symmetric); ``x`` is quantized at run
@@ -149,7 +157,7 @@ def linear_dynamic_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tenso
         # under this tensor's identity (a fresh .float() each call would
         # repack and cache the weight again on every call)
         return linear_dynamic_int8(x.float(), w_q, w_scale, bias).to(x.dtype)
-    return torch.ops.quantized.linear_dynamic(x.contiguous(), _packed(w_q, w_scale, bias, check_dynamic_weight), False)
+    return torch.ops.quantized.linear_dynamic(x.contiguous(), packed_weight(w_q, w_scale, bias, check_dynamic_weight), False)
 
 
 # -- dynamic W8A8, per-token activations ---------------------------------------------
@@ -204,7 +212,7 @@ def _linear_per_token_fake(x, w_u8, w_scale, w_rowsum, bias):
     return x.new_empty((*x.shape[:-1], w_u8.shape[0]))
 
 
-def _linear_per_token_onnx(x, w_u8, w_scale, w_rowsum, bias=None):
+def linear_per_token_onnx(x, w_u8, w_scale, w_rowsum, bias=None):
     zero = op.CastLike(0.0, x)
     qmax = op.CastLike(float(TOKEN_QMAX), x)
     last = op.Constant(value_ints=[-1])
@@ -224,7 +232,7 @@ def _linear_per_token_onnx(x, w_u8, w_scale, w_rowsum, bias=None):
     return y if bias is None else op.Add(y, bias)
 
 
-@define_op("linear_dynamic_int8_per_token", fake=_linear_per_token_fake, onnx=_linear_per_token_onnx, onnx_float32=True)
+@define_op("linear_dynamic_int8_per_token", fake=_linear_per_token_fake, onnx=linear_per_token_onnx, onnx_float32=True)
 def linear_dynamic_int8_per_token(
     x: torch.Tensor, w_u8: torch.Tensor, w_scale: torch.Tensor, w_rowsum: torch.Tensor, bias: torch.Tensor | None,
 ) -> torch.Tensor:

@@ -18,22 +18,22 @@ from __future__ import annotations
 
 import torch
 
-from .onnx_contrib import _FLOATS, _Attr, _AttrType, _optional, _Param, declare, msft
+from .onnx_contrib import FLOAT_TYPES, Attr, AttrType, Param, declare, msft, optional_param
 from .graph import register_lookup
 from .ops import define_op
 from .quant import nbits_dequantize
 
 declare(
     "GatherBlockQuantized",
-    [_Param("data", "T1"), _Param("indices", "Tind"), _Param("scales", "T2"), _optional("zero_points", "T1")],
-    [_Param("output", "T2")],
-    [("T1", ["tensor(uint8)", "tensor(int4)", "tensor(uint4)"], ""), ("T2", _FLOATS, ""),
+    [Param("data", "T1"), Param("indices", "Tind"), Param("scales", "T2"), optional_param("zero_points", "T1")],
+    [Param("output", "T2")],
+    [("T1", ["tensor(uint8)", "tensor(int4)", "tensor(uint4)"], ""), ("T2", FLOAT_TYPES, ""),
      ("Tind", ["tensor(int32)", "tensor(int64)"], "")],
     [
-        _Attr("gather_axis", _AttrType.INT, "axis of data the indices select", required=False),
-        _Attr("quantize_axis", _AttrType.INT, "axis of data the blocks run along", required=False),
-        _Attr("block_size", _AttrType.INT, "elements per scale along quantize_axis", required=False),
-        _Attr("bits", _AttrType.INT, "bits per element of uint8 data (4 or 8)", required=False),
+        Attr("gather_axis", AttrType.INT, "axis of data the indices select", required=False),
+        Attr("quantize_axis", AttrType.INT, "axis of data the blocks run along", required=False),
+        Attr("block_size", AttrType.INT, "elements per scale along quantize_axis", required=False),
+        Attr("bits", AttrType.INT, "bits per element of uint8 data (4 or 8)", required=False),
     ],
 )
 

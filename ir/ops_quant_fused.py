@@ -28,14 +28,14 @@ from __future__ import annotations
 import torch
 from onnxscript import opset18 as op
 
-from .onnx_contrib import _FLOATS, _Attr, _AttrType, _Param, declare, msft
+from .onnx_contrib import FLOAT_TYPES, Attr, AttrType, Param, declare, msft
 from .ops import ACTIVATIONS, QUICK_GELU_ALPHA, define_op
-from .ops_quant import _linear_dynamic_onnx, _linear_nbits_onnx, _linear_per_token_onnx
+from .ops_quant import linear_dynamic_onnx, linear_nbits_onnx, linear_per_token_onnx
 
-declare("Gelu", [_Param("X", "T")], [_Param("Y", "T")], [("T", _FLOATS, "")])
+declare("Gelu", [Param("X", "T")], [Param("Y", "T")], [("T", FLOAT_TYPES, "")])
 declare(
-    "QuickGelu", [_Param("X", "T")], [_Param("Y", "T")], [("T", _FLOATS, "")],
-    [_Attr("alpha", _AttrType.FLOAT, "Y = X * sigmoid(alpha * X)", required=False)],
+    "QuickGelu", [Param("X", "T")], [Param("Y", "T")], [("T", FLOAT_TYPES, "")],
+    [Attr("alpha", AttrType.FLOAT, "Y = X * sigmoid(alpha * X)", required=False)],
 )
 
 
@@ -69,7 +69,7 @@ def _linear_nbits_act_fake(x, B, scales, zero_points, bias, K, N, bits, block_si
 
 def _linear_nbits_act_onnx(x, B, scales, zero_points=None, bias=None, K: int = 0, N: int = 0, bits: int = 4,
                            block_size: int = 128, accuracy_level: int = 0, activation: str = "gelu"):
-    y = _linear_nbits_onnx(x, B, scales, zero_points, bias, K=K, N=N, bits=bits, block_size=block_size,
+    y = linear_nbits_onnx(x, B, scales, zero_points, bias, K=K, N=N, bits=bits, block_size=block_size,
                            accuracy_level=accuracy_level)
     return activation_onnx(y, activation)
 
@@ -93,7 +93,7 @@ def _linear_dynamic_int8_act_fake(x, w_q, w_scale, bias, activation):
 
 
 def _linear_dynamic_int8_act_onnx(x, w_q, w_scale, bias=None, activation: str = "gelu"):
-    return activation_onnx(_linear_dynamic_onnx(x, w_q, w_scale, bias), activation)
+    return activation_onnx(linear_dynamic_onnx(x, w_q, w_scale, bias), activation)
 
 
 @define_op("linear_dynamic_int8_act", fake=_linear_dynamic_int8_act_fake, onnx=_linear_dynamic_int8_act_onnx, onnx_float32=True)
@@ -115,7 +115,7 @@ def _linear_per_token_act_fake(x, w_u8, w_scale, w_rowsum, bias, activation):
 
 
 def _linear_per_token_act_onnx(x, w_u8, w_scale, w_rowsum, bias=None, activation: str = "gelu"):
-    return activation_onnx(_linear_per_token_onnx(x, w_u8, w_scale, w_rowsum, bias), activation)
+    return activation_onnx(linear_per_token_onnx(x, w_u8, w_scale, w_rowsum, bias), activation)
 
 
 @define_op("linear_dynamic_int8_per_token_act", fake=_linear_per_token_act_fake, onnx=_linear_per_token_act_onnx, onnx_float32=True)

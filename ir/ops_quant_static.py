@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from onnxscript import opset18 as op
 
 from .ops import define_op
-from .ops_quant import ACT_QMAX, _packed
+from .ops_quant import ACT_QMAX, packed_weight
 
 def static_act_qparams(lo: float, hi: float) -> tuple[float, int]:
     """Scale and zero point mapping a calibrated ``[lo, hi]`` (``lo <= 0 <= hi``)
@@ -82,7 +82,7 @@ def linear_static_int8(
     shape = x.shape
     lo, hi = act_bounds(x_scale, x_zero_point)
     y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-        x.reshape(-1, shape[-1]).clamp(lo, hi), x_scale, x_zero_point, _packed(w_q, w_scale)
+        x.reshape(-1, shape[-1]).clamp(lo, hi), x_scale, x_zero_point, packed_weight(w_q, w_scale)
     )
     y = y.reshape(*shape[:-1], w_q.shape[0])
     return y if bias is None else y + bias

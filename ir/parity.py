@@ -34,19 +34,28 @@ class ParityError(AssertionError):
     pass
 
 
-def compare(reference, actual) -> Parity:
-    """Max abs error, reference scale and cosine similarity over all tensor
-    outputs (floats compared in float64; structures must agree)."""
+def _paired_outputs(reference, actual) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The tensor outputs of ``reference`` and ``actual`` side by side, in
+    float64; their count, shapes and (beyond float vs float) dtypes must agree."""
     ref, out = output_tensors(reference), output_tensors(actual)
     if len(ref) != len(out):
         raise ParityError(f"output count differs: reference has {len(ref)} tensors, result has {len(out)}")
-    err, scale, flat_r, flat_o = 0.0, 0.0, [], []
+    pairs = []
     for i, (r, o) in enumerate(zip(ref, out)):
         if tuple(r.shape) != tuple(o.shape):
             raise ParityError(f"output {i}: shape {tuple(o.shape)} differs from reference {tuple(r.shape)}")
         if r.dtype != o.dtype and not (r.is_floating_point() and o.is_floating_point()):
             raise ParityError(f"output {i}: dtype {o.dtype} differs from reference {r.dtype}")
-        r64, o64 = r.detach().to(torch.float64).flatten(), o.detach().to(torch.float64).flatten()
+        pairs.append((r.detach().to(torch.float64), o.detach().to(torch.float64)))
+    return pairs
+
+
+def compare(reference, actual) -> Parity:
+    """Max abs error, reference scale and cosine similarity over all tensor
+    outputs (floats compared in float64; structures must agree)."""
+    err, scale, flat_r, flat_o = 0.0, 0.0, [], []
+    for r, o in _paired_outputs(reference, actual):
+        r64, o64 = r.flatten(), o.flatten()
         if r64.numel():
             both_nan = r64.isnan() & o64.isnan()
             diff = torch.where(both_nan, 0.0, (r64 - o64).abs())
@@ -61,6 +70,17 @@ def compare(reference, actual) -> Parity:
     denom = a.norm() * b.norm()
     cosine = float((a @ b) / denom) if denom > 0 else float(torch.equal(a, b))
     return Parity(err, scale, cosine)
+
+
+def row_cosines(reference, actual) -> torch.Tensor:
+    """Cosine similarity of each row (the last axis: a token's logits, a
+    sentence's embedding) of every tensor output, all outputs' rows in one
+    float64 vector; checked as :func:`compare` checks. Its mean and minimum say
+    how far a lossy pipeline moved a model where one global cosine would
+    average a few bad rows away."""
+    rows = [torch.nn.functional.cosine_similarity(r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1]), dim=-1)
+            for r, o in _paired_outputs(reference, actual) if r.dim() and r.numel()]
+    return torch.cat(rows) if rows else torch.empty(0, dtype=torch.float64)
 
 
 def assert_parity(reference, actual, tol: float = 1e-4) -> Parity:

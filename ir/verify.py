@@ -4,6 +4,9 @@ The op set fxopt's IR admits (``DOCUMENTED_OP_SET``):
 
 * ATen operators (``torch.ops.aten.*`` overloads), the form torch.export emits;
 * fxopt's own operators (``torch.ops.fxopt.*``, see :mod:`fxopt.ir.ops`);
+* the functional collectives of a tensor-parallel rank graph
+  (``_c10d_functional.all_reduce`` / ``all_gather_into_tensor`` / ``wait_tensor``,
+  see :mod:`fxopt.ir.collectives`);
 * ``operator.getitem`` on multi-output ops and Python/SymInt arithmetic on
   symbolic sizes (``operator.add`` ... and ``torch.sym_*``), which torch.export
   emits for dynamic shapes.
@@ -17,6 +20,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .collectives import COLLECTIVES
 from .ops import is_fxopt_op
 
 _PYTHON_OPS = {
@@ -28,7 +32,7 @@ _PYTHON_OPS = {
     torch.sym_sqrt, torch.sym_ite,
 }
 ALLOWED_NAMESPACES = ("aten",)
-DOCUMENTED_OP_SET = "aten.* overloads, fxopt.* ops, operator.getitem, SymInt arithmetic"
+DOCUMENTED_OP_SET = "aten.* overloads, fxopt.* ops, _c10d_functional collectives, operator.getitem, SymInt arithmetic"
 
 
 class VerificationError(RuntimeError):
@@ -40,7 +44,7 @@ class VerificationError(RuntimeError):
 
 def op_allowed(target) -> bool:
     if isinstance(target, torch._ops.OpOverload):
-        return target.namespace in ALLOWED_NAMESPACES or is_fxopt_op(target)
+        return target.namespace in ALLOWED_NAMESPACES or is_fxopt_op(target) or target in COLLECTIVES
     return target in _PYTHON_OPS
 
 

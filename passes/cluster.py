@@ -1,15 +1,23 @@
 """``cluster``: weight clustering. Each block of a weight (the whole tensor,
 an output row, or ``group_size`` columns of a row) takes its values from a
 k-means codebook of ``2^bits`` entries; the graph stores ``uint8`` indices
-and the codebooks and decodes the float weight from them."""
+and the codebooks and decodes the float weight from them
+(``fxopt.codebook_weight``), or runs the codebooks snapped onto
+MatMulNBits' uniform grid (``lowering=nbits``)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx as fx
 
+from ..ir.ops_codebook import decode_codebook
+from ..ir.quant import QuantizedTensor, relative_error
 from .base import Option, PassResult
 from .layers import Layer, LayerFilterOptions
+from .quantize.config import LayerConfig
+from .quantize.lowering import lower_weight_only
 from .registry import register_pass
 
 aten = torch.ops.aten
@@ -51,13 +59,58 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, granularity: str = "channel
     return assign.reshape(n, k).to(torch.uint8), centroids
 
 
+def codebook_group(shape, granularity: str, group_size: int) -> int:
+    """Consecutive weights (row-major) that share one codebook row."""
+    n, k = shape
+    return {"tensor": n * k, "channel": k, "group": group_size}[granularity]
+
+
 def decode(indices: torch.Tensor, codebook: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
     """The float weight the indices and codebook stand for."""
-    n, k = indices.shape
-    per = 1 if granularity == "tensor" else (k // group_size if granularity == "group" else 1)
-    block = torch.zeros(n, k, dtype=torch.long) if granularity == "tensor" else (
-        torch.arange(n)[:, None] * per + (torch.arange(k)[None, :] // group_size if granularity == "group" else 0))
-    return codebook[block, indices.long()]
+    return decode_codebook(indices, codebook, codebook_group(indices.shape, granularity, group_size))
+
+
+def snap_to_grid(weight: torch.Tensor, indices: torch.Tensor, codebook: torch.Tensor, group: int, bits: int,
+                 block: int) -> QuantizedTensor:
+    """The codebooks snapped onto the uniform grid of MatMulNBits: per block of
+    ``block`` columns of a row, ``scale * (q - zero_point)`` with integer codes
+    ``q`` in ``0 .. 2^bits - 1``. The grid is fitted to the block's decoded
+    weights by least squares, each codebook entry keeping its rank (entry
+    ``j`` of ``L`` sits at code ``round(j * (2^bits - 1) / (L - 1))``), with
+    an integer zero point; each weight then takes the grid point nearest to it
+    (never farther than its entry's code). ``group`` (weights per codebook row)
+    must be a multiple of ``block`` or ``block`` of it within a row."""
+    n, k = weight.shape
+    top = 2**bits - 1
+    levels = codebook.shape[1]
+    rank_code = torch.round(torch.arange(levels, dtype=torch.float32) * top / max(levels - 1, 1))
+    decoded = decode_codebook(indices, codebook.float(), group).reshape(-1, block)
+    x = rank_code[indices.long()].reshape(-1, block)
+    xm, ym = x.mean(1, keepdim=True), decoded.mean(1, keepdim=True)
+    var = ((x - xm) ** 2).sum(1, keepdim=True)
+    slope = torch.where(var > 0, ((x - xm) * (decoded - ym)).sum(1, keepdim=True) / var.clamp(min=1e-30), torch.zeros_like(var))
+    zero = torch.where(slope > 0, torch.clamp(torch.round(xm - ym / slope.clamp(min=1e-30)), 0, top), torch.zeros_like(slope))
+    # the slope again with the zero point an integer: least squares through (zero, 0)
+    d = x - zero
+    den = (d * d).sum(1, keepdim=True)
+    scale = torch.where(den > 0, (d * decoded).sum(1, keepdim=True) / den.clamp(min=1e-30), torch.zeros_like(den))
+    # A block with one value (or a degenerate fit): a grid through 0 that holds it.
+    flat = decoded.abs().amax(1, keepdim=True)
+    bad = scale <= 0
+    zero = torch.where(bad & (ym < 0), torch.full_like(zero, top), torch.where(bad, torch.zeros_like(zero), zero))
+    scale = torch.where(bad, torch.where(flat > 0, flat, torch.ones_like(flat)), scale)
+    w = weight.detach().float().reshape(-1, block)
+    q = torch.clamp(torch.round(w / scale) + zero, 0, top)
+    return QuantizedTensor(q.to(torch.uint8).reshape(n, k), scale.reshape(n, k // block), zero.to(torch.int32).reshape(n, k // block),
+                           bits, "asym", "group", block)
+
+
+def nbits_block(k: int, group: int) -> int:
+    """The MatMulNBits block for a codebook group of ``group`` weights in rows
+    of ``k``: the largest power of two >= 16 that divides both (0: none)."""
+    g = math.gcd(k, group)
+    block = g & -g
+    return block if block >= 16 else 0
 
 
 @register_pass("cluster")
@@ -67,26 +120,39 @@ class Cluster(LayerFilterOptions):
     Matches: the layers ``quantize`` would select with the same filters
     (``include``, ``exclude``, ``min_size``, ``skip_lm_head``).
 
-    Produces, per layer, ``uint8`` indices ``[N, K]`` and a float32 codebook
-    ``[blocks * 2^bits, 1]`` (a codebook per tensor, output row, or group of
-    ``group_size`` columns), and the decode ``embedding(codebook, indices +
-    block offset)`` feeding the linear: decoded at every call on eager; on
-    ONNX Runtime the decode reads only constants, so it is folded to a float
-    weight before the run (by the exporter's optimizer for small layers,
-    which then stores the float weight in the file; by ONNX Runtime when it
-    loads the model otherwise). ``constant-fold`` after this pass would undo it.
+    Produces, per layer, ``uint8`` indices ``[N, K]`` and a codebook of
+    ``2^bits`` entries per tensor, output row, or group of ``group_size``
+    columns, in the form ``lowering`` names (docs/pruning.md compares them):
 
-    Stats: per layer ``rel_err`` (relative weight error) and ``bytes`` stored
-    (indices at one byte each plus codebooks).
+    * ``decode`` (default): ``fxopt.codebook_weight(indices, codebook,
+      decode="load")`` feeding the linear. The ONNX file stores indices and
+      codebooks; ONNX Runtime decodes them into a float weight when it loads
+      the model and runs its float GEMM (eager decodes once, too).
+    * ``gather``: the same with ``decode="call"``: the weight is gathered
+      from the codebook at every call, so the running model holds one byte
+      per weight (slower; for memory-bound deployments).
+    * ``nbits``: the codebooks snapped onto MatMulNBits' uniform grid
+      (:func:`snap_to_grid`; 4-bit codes for ``bits`` <= 4, else 8-bit) and
+      run by ``fxopt.linear_nbits``: half a byte per weight in the file and in
+      memory, the int4 kernel's speed, the grid's accuracy.
 
-    Refuses: a group size that does not divide a selected layer's K (names
-    the layer); filters that match no layer.
+    Stats: per layer ``rel_err`` (relative weight error of what the graph
+    holds), ``kmeans_rel_err`` (of the codebook before snapping, ``nbits``)
+    and ``bytes`` stored.
+
+    Refuses: a group size that does not divide a selected layer's K, and for
+    ``nbits`` a layer without a MatMulNBits block (a power of two >= 16
+    dividing K and the group size); names the layer. Filters that match no
+    layer.
     """
 
     bits = Option(4, int, check=lambda v: None if 2 <= v <= 8 else "bits must be from 2 to 8", help="codebook of 2^bits entries")
     granularity = Option("channel", str, choices=("tensor", "channel", "group"), help="a codebook per tensor, output row or group")
     group_size = Option(128, int, check=lambda v: None if v >= 1 else "must be >= 1", help="columns per codebook (granularity=group)")
     iterations = Option(20, int, check=lambda v: None if v >= 1 else "must be >= 1", help="k-means (Lloyd) iterations")
+    lowering = Option("decode", str, choices=("decode", "gather", "nbits"),
+                      help="decode: indices decoded to float at load; gather: at every call; nbits: snapped to MatMulNBits' grid")
+    accuracy_level = Option(4, int, choices=(0, 1, 2, 3, 4), help="lowering=nbits: MatMulNBits accuracy level (4: int8 compute)")
 
     runs_after = ("canonicalize", "prune", "shrink", "constant-fold")
     runs_before = ("quantize",)
@@ -98,48 +164,57 @@ class Cluster(LayerFilterOptions):
     def run(self, graph) -> PassResult:
         selection = self.select_layers(graph)
         layers, skipped = selection.selected, selection.skipped
-        if self.granularity == "group":
-            for layer in layers:
-                if layer.weight.shape[1] % self.group_size:
-                    raise self.fail(f"layer {layer.name!r} (weight {tuple(layer.weight.shape)}): group size {self.group_size} does not "
-                                    f"divide K={layer.weight.shape[1]}; leave it out (exclude=..., min_size=...)", layer.node)
+        for layer in layers:
+            n, k = layer.weight.shape
+            if self.granularity == "group" and k % self.group_size:
+                raise self.fail(f"layer {layer.name!r} (weight {(n, k)}): group size {self.group_size} does not "
+                                f"divide K={k}; leave it out (exclude=..., min_size=...)", layer.node)
+            if self.lowering == "nbits" and not nbits_block(k, codebook_group((n, k), self.granularity, self.group_size)):
+                raise self.fail(f"layer {layer.name!r} (weight {(n, k)}): lowering=nbits needs a MatMulNBits block, a power of two "
+                                f">= 16 dividing K={k} and the codebook's columns; use lowering=decode or leave it out", layer.node)
         done: dict[int, tuple[fx.Node, dict]] = {}  # a weight read by several layers is clustered once
         per_layer = {}
         for layer in layers:
             self.current_node = layer.node
-            if id(layer.weight) not in done:
-                done[id(layer.weight)] = self._cluster(graph, layer)
-            decoded, record = done[id(layer.weight)]
-            layer.node.replace_input_with(layer.weight_node, decoded)
+            if self.lowering == "nbits":
+                with graph.fx.inserting_before(layer.node):
+                    new, per_layer[layer.name] = self._snapped(graph, layer)
+                new.meta.update({key: v for key, v in layer.node.meta.items() if key != "val"})
+                layer.node.replace_all_uses_with(new)
+                graph.fx.erase_node(layer.node)
+            else:
+                if id(layer.weight) not in done:
+                    done[id(layer.weight)] = self._codebook(graph, layer)
+                decoded, per_layer[layer.name] = done[id(layer.weight)]
+                layer.node.replace_input_with(layer.weight_node, decoded)
             if not layer.weight_node.users:
                 graph.fx.erase_node(layer.weight_node)
-            per_layer[layer.name] = record
         self.current_node = None
         return PassResult(bool(per_layer), {"clustered": len(per_layer), "skipped": skipped, "layers": per_layer})
 
-    def _cluster(self, graph, layer: Layer) -> tuple[fx.Node, dict]:
+    def _kmeans(self, layer: Layer):
         w = layer.weight
-        n, k = w.shape
         indices, codebook = kmeans_codebook(w, self.bits, self.granularity, self.group_size, self.iterations)
-        groups = k // self.group_size if self.granularity == "group" else 1
-        levels = 2**self.bits
-        # Offset of each index into the flat codebook: block * levels, per row and group.
-        if self.granularity == "tensor":
-            offsets = torch.zeros(1, 1, 1, dtype=torch.int64)
-        else:
-            offsets = (torch.arange(n * groups, dtype=torch.int64) * levels).reshape(n, groups, 1)
-        name = layer.name
-        idx = graph.add_constant(indices, f"{name}.indices")
-        book = graph.add_constant(codebook.reshape(-1, 1).to(w.dtype), f"{name}.codebook")
-        off = graph.add_constant(offsets, f"{name}.codebook_offsets")
-        call = graph.fx.call_function
+        group = codebook_group(w.shape, self.granularity, self.group_size)
+        return indices, codebook, group, relative_error(w, decode_codebook(indices, codebook, group))
+
+    def _codebook(self, graph, layer: Layer) -> tuple[fx.Node, dict]:
+        indices, codebook, group, rel = self._kmeans(layer)
+        w = layer.weight
+        idx = graph.add_constant(indices, f"{layer.name}.indices")
+        book = graph.add_constant(codebook.to(w.dtype), f"{layer.name}.codebook")
+        decode = "load" if self.lowering == "decode" else "call"
         with graph.fx.inserting_before(layer.node):
-            i = call(aten._to_copy.default, (idx,), {"dtype": torch.int64})
-            i = call(aten.view.default, (i, [n, groups, k // groups]))
-            i = call(aten.add.Tensor, (i, off))
-            rows = call(aten.embedding.default, (book, i))  # [n, groups, k/groups, 1]
-            decoded = call(aten.view.default, (rows, [n, k]))
-        approx = decode(indices, codebook, self.granularity, self.group_size)
-        rel = ((approx - w.float()).norm() / w.float().norm().clamp(min=1e-30)).item()
-        stored = indices.numel() + codebook.numel() * w.element_size() + (offsets.numel() * 8)
+            decoded = graph.fx.call_function(torch.ops.fxopt.codebook_weight.default, (idx, book, group, decode))
+        stored = indices.numel() + codebook.numel() * w.element_size()
         return decoded, {"bits": self.bits, "granularity": self.granularity, "rel_err": round(rel, 6), "bytes": stored}
+
+    def _snapped(self, graph, layer: Layer) -> tuple[fx.Node, dict]:
+        indices, codebook, group, rel = self._kmeans(layer)
+        grid_bits = 4 if self.bits <= 4 else 8
+        block = nbits_block(layer.weight.shape[1], group)
+        qt = snap_to_grid(layer.weight, indices, codebook, group, grid_bits, block)
+        layer.cfg = LayerConfig(grid_bits, "asym", "group", block, "weight-only", "rtn", self.accuracy_level)
+        node = lower_weight_only(self, graph, layer, qt, None)
+        return node, {"bits": self.bits, "granularity": self.granularity, "rel_err": round(relative_error(layer.weight, qt.dequantize()), 6),
+                      "kmeans_rel_err": round(rel, 6), "bytes": qt.nbytes()}

@@ -49,7 +49,7 @@ ACTIVATION_FORMS: dict[str, list[Callable]] = {
 
 # An op each activation's forms contain, to skip the patterns of activations
 # a graph lacks (tracing a pattern costs about a second).
-_ACTIVATION_OPS = {
+ACTIVATION_OPS = {
     "gelu": {aten.gelu.default}, "gelu_tanh": {aten.gelu.default, aten.tanh.default},
     "silu": {aten.silu.default}, "relu": {aten.relu.default}, "quick_gelu": {aten.sigmoid.default},
 }
@@ -125,7 +125,7 @@ def _linear_variants() -> dict[str, _LinearVariant]:
     return out
 
 
-_VARIANTS = _linear_variants()
+LINEAR_VARIANTS = _linear_variants()
 # Graph meta the fused node takes from the linear it absorbs (not from the
 # activation), so a fused layer keeps the linear's module name.
 _LAYER_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "quantized_layer")
@@ -145,7 +145,7 @@ def _fuse_into(v: _LinearVariant, act: str) -> Callable:
 def _linear_act_patterns() -> dict[str, list[tuple[_LinearVariant, Pattern]]]:
     out: dict[str, list[tuple[_LinearVariant, Pattern]]] = {}
     for act, forms in ACTIVATION_FORMS.items():
-        for lin_name, v in _VARIANTS.items():
+        for lin_name, v in LINEAR_VARIANTS.items():
             for i, form in enumerate(forms):
                 name = f"{lin_name}+{act}" + (f"#{i}" if i else "")
                 # the op's parameters; the int attributes are captured
@@ -155,18 +155,18 @@ def _linear_act_patterns() -> dict[str, list[tuple[_LinearVariant, Pattern]]]:
     return out
 
 
-_LINEAR_ACT = _linear_act_patterns()
+LINEAR_ACT_PATTERNS = _linear_act_patterns()
 
 
 def linear_act_patterns(activations: Sequence[str], graph=None) -> list[Pattern]:
     """The fusion patterns for ``activations``; given a graph, only those whose
     linear variant occurs in it (each pattern is traced on first use, ~1 s)."""
-    present = list(_VARIANTS.values())
+    present = list(LINEAR_VARIANTS.values())
     if graph is not None:
         present = [v for v in present if any(v.occurs_at(n) for n in graph.fx.nodes)]
         targets = {n.target for n in graph.fx.nodes}
-        activations = [a for a in activations if _ACTIVATION_OPS[a] & targets]
-    return [p for act in activations for v, p in _LINEAR_ACT[act] if v in present]
+        activations = [a for a in activations if ACTIVATION_OPS[a] & targets]
+    return [p for act in activations for v, p in LINEAR_ACT_PATTERNS[act] if v in present]
 
 
 def fuse_linear_act(graph, activations: Sequence[str] = tuple(ACTIVATION_FORMS), pass_=None) -> RewriteResult:

@@ -212,6 +212,13 @@ class PassManager:
         dynamic = getattr(p, "required_inputs", None)
         return tuple(dynamic()) if callable(dynamic) else tuple(p.needs)
 
+    def tolerance_for(self, graph: Graph, ran: Sequence[Pass] | None = None) -> float:
+        """What ``check_numerics`` holds ``graph``'s outputs to (x output scale)
+        after the passes ``ran`` (default: the whole pipeline): ``tolerance``,
+        or :func:`default_tolerance`, raised to each lossy pass's own."""
+        base = self.tolerance if self.tolerance is not None else default_tolerance(graph)
+        return raised_tolerance(base, self.passes() if ran is None else ran)
+
     # -- running -------------------------------------------------------------------------
     def run(self, graph: Graph, **context: Any) -> PipelineResult:
         """Run the pipeline on a copy of ``graph``; ``graph`` itself is never changed."""
@@ -233,7 +240,7 @@ class PassManager:
             for a, k in inputs:  # each from the same state, as the checks below run
                 with graph.state_restored():
                     state.numerics.append((a, k, graph(*a, **k)))
-            state.tolerance = self.tolerance if self.tolerance is not None else default_tolerance(graph)
+            state.tolerance = self.tolerance_for(graph, ran=())
         records: list[PassRecord] = []
         warnings: list[str] = []
         # Inside a user's torch.inference_mode(), the constants passes make
@@ -307,7 +314,7 @@ class PassManager:
                 node.meta.setdefault("created_by", str(p))
         record = PassRecord(str(p), ms, bool(result.changed), nodes_before, work.num_nodes(), bytes_before, work.param_bytes(), dict(result.stats))
         if state.numerics is not None:
-            state.tolerance = max(state.tolerance, p.numerics_tolerance)
+            state.tolerance = raised_tolerance(state.tolerance, [p])
             worst = None
             for args, kwargs, ref in state.numerics:
                 with work.state_restored():
@@ -335,10 +342,17 @@ _TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
 def default_tolerance(graph: Graph) -> float:
+    """1e-4, or more when an output is float16 / bfloat16 (see :data:`_TOLERANCE`)."""
     out = next(n for n in reversed(graph.fx.nodes) if n.op == "output")
     dtypes = {n.meta["val"].dtype for n in torch.utils._pytree.tree_leaves(out.args[0])
               if isinstance(n, torch.fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)}
     return max([1e-4, *(_TOLERANCE.get(d, 1e-4) for d in dtypes)])
+
+
+def raised_tolerance(tolerance: float, passes: Sequence[Pass]) -> float:
+    """``tolerance`` once ``passes`` have run: a lossy pass (quantization,
+    pruning) raises it to its own ``numerics_tolerance``."""
+    return max([tolerance, *(p.numerics_tolerance for p in passes)])
 
 
 def output_signature(graph: Graph) -> list[str]:

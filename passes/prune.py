@@ -35,7 +35,7 @@ import torch.fx as fx
 from .base import Option, OptionError, PassResult
 from .fusion import fuse_linear_act, split_linear_act
 from .layers import Layer, LayerFilterOptions
-from .quantize.calibration import LinearStats, collect_linear_stats
+from .quantize.calibration import LinearStats, calibrate_sequentially, collect_linear_stats
 from .quantize.methods import GPTQ_DAMP, inverse_hessian_factor
 from .registry import register_pass
 
@@ -252,6 +252,8 @@ class Prune(LayerFilterOptions):
                         help="sparsegpt: columns whose mask is chosen together")
     damp = Option(GPTQ_DAMP, float, check=lambda v: None if v >= 0 else "must be >= 0",
                   help="sparsegpt: fraction of mean(diag H) added to H's diagonal")
+    sequential = Option(True, help="wanda, sparsegpt: calibrate each layer on the inputs the already-pruned layers produce "
+                                   "(false: every layer on the unpruned model's inputs, one calibration run)")
 
     runs_after = ("canonicalize",)
     runs_before = ("quantize",)
@@ -298,12 +300,10 @@ class Prune(LayerFilterOptions):
                     raise self.fail(f"layer {group.first.name!r} (weight {tuple(group.weight.shape)}): pattern {self.pattern} needs "
                                     f"the input dimension to be a multiple of {self.nm[1]}; leave the layer out (exclude=..., min_size=...)",
                                     group.first.node)
-        self._attach_hessians(graph, list(groups.values()))
-        if self.threshold == "global":
-            self._global_masks(list(groups.values()))
         per_layer: dict[str, dict] = {}
-        zeros = total = 0
-        for group in groups.values():
+        totals = [0, 0]  # zeros, elements
+
+        def prune(group: WeightGroup, erase: bool = True) -> None:
             self.current_node = group.first.node
             if group.first.kind == "embedding":
                 scores = group.weight.abs().float()
@@ -312,25 +312,77 @@ class Prune(LayerFilterOptions):
                 new = group.weight.float() * keep
             else:
                 new = METHODS[self.method].prune(self, group.weight, group)
-            new = new.to(group.weight.dtype)
-            record = self._record(group, new)
-            node = graph.add_constant(new, f"{group.first.name}.weight")
-            for layer in group.layers:
-                layer.node.replace_input_with(layer.weight_node, node)
-                if not layer.weight_node.users:
-                    graph.fx.erase_node(layer.weight_node)
-            for layer in group.layers:
-                key, calls = layer.name, 1
-                while key in per_layer:
-                    calls += 1
-                    key = f"{layer.name}#{calls}"
-                per_layer[key] = record
-            zeros += int((new == 0).sum())
-            total += new.numel()
+            self._replace(graph, group, new.to(group.weight.dtype), per_layer, totals, erase)
+
+        if self._sequential():
+            # Embedding tables first (by magnitude, no calibration): the linears are calibrated behind them.
+            linear_groups = [g for g in groups.values() if g.first.kind == "linear"]
+            for group in groups.values():
+                if group.first.kind != "linear":
+                    self._attach_hessians(graph, [group])
+                    prune(group)
+            self._prune_sequentially(graph, linear_groups, prune)
+        else:
+            self._attach_hessians(graph, list(groups.values()))
+            if self.threshold == "global":
+                self._global_masks(list(groups.values()))
+            for group in groups.values():
+                prune(group)
+        zeros, total = totals
         self.current_node = None
         stats = {"pruned": len(per_layer), "skipped": skipped, "sparsity": round(zeros / total, 6) if total else 0.0,
                  "layers": per_layer}
         return PassResult(bool(per_layer), stats)
+
+    def _sequential(self) -> bool:
+        return self.sequential and METHODS[self.method].needs_calibration and self.threshold == "layer"
+
+    def _prune_sequentially(self, graph, groups: list[WeightGroup], prune) -> None:
+        """Each group is pruned when the calibration run reaches its last call,
+        on the inputs of all its calls as the graph then stands (the layers
+        before it already pruned); the rest of the run computes with the pruned
+        weight. The replaced weight constants are erased after the run."""
+        by_node = {l.node: g for g in groups for l in g.layers if l.kind == "linear"}
+        seen: dict[int, list[LinearStats]] = {}
+
+        def visit(node, stats: LinearStats) -> None:
+            group = by_node[node]
+            calls = seen.setdefault(id(group), [])
+            calls.append(stats)
+            if len(calls) == sum(1 for l in group.layers if l.kind == "linear"):
+                rows = sum(s.rows for s in calls)
+                group.hessian = sum(s.hessian * s.rows for s in calls) / max(rows, 1)
+                prune(group, erase=False)
+
+        calibrate_sequentially(graph, self._calibration(graph), list(by_node), visit, progress=self.progress)
+        for node in {l.weight_node: None for g in groups for l in g.layers}:
+            if not node.users:
+                graph.fx.erase_node(node)
+
+    def _replace(self, graph, group: WeightGroup, new: torch.Tensor, per_layer: dict, totals: list, erase: bool) -> None:
+        """Every call of ``group`` reads ``new`` in place of its weight; the record goes to ``per_layer``."""
+        record = self._record(group, new)
+        node = graph.add_constant(new, f"{group.first.name}.weight")
+        for layer in group.layers:
+            layer.node.replace_input_with(layer.weight_node, node)
+            if erase and not layer.weight_node.users:
+                graph.fx.erase_node(layer.weight_node)
+        for layer in group.layers:
+            key, calls = layer.name, 1
+            while key in per_layer:
+                calls += 1
+                key = f"{layer.name}#{calls}"
+            per_layer[key] = record
+        totals[0] += int((new == 0).sum())
+        totals[1] += new.numel()
+
+    def _calibration(self, graph) -> list:
+        data = self.context.get("calibration_data")
+        if data is None:
+            if graph.example_args and graph.example_kwargs:
+                raise self.fail("the graph's example inputs mix positional and keyword inputs; give calibration_data")
+            data = [graph.example_kwargs if graph.example_kwargs else graph.example_args]
+        return data
 
     def _attach_hessians(self, graph, groups: list[WeightGroup]) -> None:
         """``X^T X / rows`` of each linear group's input, summed over its calls,
@@ -338,12 +390,7 @@ class Prune(LayerFilterOptions):
         linears = [l for g in groups for l in g.layers if l.kind == "linear"]
         if not linears:
             return
-        data = self.context.get("calibration_data")
-        if data is None:
-            if graph.example_args and graph.example_kwargs:
-                raise self.fail("the graph's example inputs mix positional and keyword inputs; give calibration_data")
-            data = [graph.example_kwargs if graph.example_kwargs else graph.example_args]
-        stats: dict[str, LinearStats] = collect_linear_stats(graph, data, [l.node for l in linears], hessian=True)
+        stats: dict[str, LinearStats] = collect_linear_stats(graph, self._calibration(graph), [l.node for l in linears], hessian=True)
         for group in groups:
             calls = [stats[l.node.name] for l in group.layers if l.kind == "linear"]
             if calls:

@@ -1,5 +1,5 @@
-"""``shrink``: structured pruning that removes channels, so the matrices really
-get smaller."""
+"""``shrink``: structured pruning that removes MLP channels and attention heads,
+so the matrices really get smaller."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from .base import Option, Pass, PassResult
-from .analyses.channels import ChannelAnalysis, ChannelGroup, Span
+from .analyses.channels import AttentionHeads, ChannelAnalysis, ChannelGroup, Span
 from .layers import regex_problem
 from .quantize.calibration import collect_linear_stats
 from .registry import register_pass
@@ -20,39 +20,57 @@ aten = torch.ops.aten
 
 @register_pass("shrink")
 class Shrink(Pass):
-    """Removes the least important channels of each group that the
-    channel-dependency analysis (:class:`~fxopt.passes.analyses.ChannelAnalysis`)
-    proves removable: MLP intermediate channels through activations,
-    SwiGLU's gate times up, and merged ``gate_up`` projections split in two.
+    """Removes the least important channels of each group, and the least
+    important heads of each attention, that the channel-dependency analysis
+    (:class:`~fxopt.passes.analyses.ChannelAnalysis`) proves removable: MLP
+    intermediate channels through activations, SwiGLU's gate times up, and
+    merged ``gate_up`` projections split in two; attention heads whole (query,
+    key and value heads together; under grouped-query attention a whole
+    key/value group with its query heads), through merged QKV projections,
+    rotary embeddings and ``repeat_kv``.
 
-    Matches: every group the analysis accepts, selected by ``include`` /
-    ``exclude`` (regular expressions on the group's name, e.g.
-    ``model.layers.0.mlp.gate_proj[0:128]+model.layers.0.mlp.up_proj[0:128]``).
+    Matches: every group and attention the analysis accepts, selected by
+    ``include`` / ``exclude`` (regular expressions on the name, e.g.
+    ``model.layers.0.mlp.gate_proj[0:128]+model.layers.0.mlp.up_proj[0:128]``
+    for a channel group, ``model.layers.0.self_attn.q_proj[0:64]+...k_proj[0:32]+...v_proj[0:32]``
+    for an attention).
 
     Produces: smaller constants: the producers' weight rows and bias entries,
     the consumers' weight columns and the element-wise constants of the
-    removed channels are dropped; splits and slices of a producer's output get
-    their new sizes. The result is an ordinary smaller model (exports to ONNX,
-    fuses, quantizes).
+    removed channels or heads are dropped; splits and slices of a producer's
+    output get their new sizes; the shape entries that count heads (views into
+    heads, ``repeat_kv``'s expand and reshape, a merge written with a literal
+    width) get the new counts. The result is an ordinary smaller model
+    (exports to ONNX, fuses, quantizes).
 
     Importance of channel ``c``: ``magnitude``: ``sum ||producer row c|| *
     sum ||consumer column c||``; ``activation`` (needs ``calibration_data``):
     ``||X_c|| * sum ||consumer column c||`` with ``X`` the consumers' input on
-    the calibration inputs. With ``compensate`` (needs ``calibration_data``),
-    each consumer's bias takes the removed channels' mean contribution
-    ``W[:, removed] @ mean(x[removed])`` (FLAP, An et al. 2024). Each group keeps ``ceil((1 - ratio) * size)``
-    channels, rounded up to a multiple of ``multiple_of``.
+    the calibration inputs. A key/value group (a head without GQA) scores the
+    same over its channels: ``magnitude``: ``||its q, k and v rows|| * ||its
+    output-projection columns||`` (Frobenius norms); ``activation``:
+    ``sum_c ||X_c|| * ||column c||`` over its output-projection columns. With
+    ``compensate`` (needs ``calibration_data``), each consumer's bias takes the
+    removed channels' mean contribution ``W[:, removed] @ mean(x[removed])``
+    (FLAP, An et al. 2024); MLP channels only. Each group keeps
+    ``ceil((1 - ratio) * size)`` channels, rounded up to a multiple of
+    ``multiple_of``; each attention keeps ``ceil((1 - heads) * kv_heads)`` key/value
+    groups (at least one).
 
     Refuses (counted in stats ``refused``, with the node that stops the walk):
-    groups whose channels reach an op the analysis cannot follow (attention
-    heads behind a view, norms, the residual stream, graph outputs). Errors:
-    an ``include`` that selects no shrinkable group (the message lists the
-    refused groups and why); a producer weight shared with another reader.
-    ``ratio=0`` leaves the graph as it was.
+    groups whose channels reach an op the analysis cannot follow (norms, the
+    residual stream, graph outputs), and attentions whose heads it cannot
+    prove (a per-head bias, a key/value cache read from an input, fused
+    attention ops: shrink runs before ``fuse-attention``). Errors: an
+    ``include`` that selects nothing shrinkable (the message lists the
+    refused groups and why); a producer or consumer weight shared with another
+    reader. ``ratio=0`` with ``heads=0`` leaves the graph as it was.
     """
 
     ratio = Option(0.25, float, check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
-                   help="fraction of each group's channels removed")
+                   help="fraction of each MLP channel group's channels removed")
+    heads = Option(0.0, float, check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+                   help="fraction of each attention's heads removed (whole key/value groups under GQA)")
     importance = Option("magnitude", str, choices=("magnitude", "activation"), help="magnitude | activation (calibrated)")
     multiple_of = Option(1, int, check=lambda v: None if v >= 1 else "must be >= 1", help="keep a multiple of this many channels")
     compensate = Option(False, help="fold the removed channels' mean contribution on calibration_data into the consumers' bias (FLAP)")
@@ -60,7 +78,7 @@ class Shrink(Pass):
     exclude = Option(None, str, check=regex_problem, help="regex: skip groups whose name matches")
 
     runs_after = ("canonicalize", "prune")
-    runs_before = ("quantize", "merge-linears", "fuse-linear-act", "share-weights")
+    runs_before = ("quantize", "merge-linears", "fuse-linear-act", "fuse-attention", "pack-attention", "share-weights")
     requires = ("canonical-linear",)
     numerics_tolerance = 1.0  # removing channels changes outputs by design
 
@@ -68,65 +86,58 @@ class Shrink(Pass):
         return ("calibration_data",) if self.importance == "activation" or self.compensate else ()
 
     def run(self, graph) -> PassResult:
-        if self.ratio == 0:
-            return PassResult(False, {"groups_shrunk": 0})
+        if self.ratio == 0 and self.heads == 0:
+            return PassResult(False, {"groups_shrunk": 0, "attentions_shrunk": 0})
         deps = self.analysis(ChannelAnalysis, graph)
         refused = deps.refused()
-        groups = [g for g in deps.shrinkable() if (self.include is None or re.search(self.include, g.name))
-                  and (self.exclude is None or not re.search(self.exclude, g.name))]
-        if self.include is not None and not groups:
+        groups = [g for g in deps.shrinkable() if self._selected(g.name)] if self.ratio > 0 else []
+        attentions = [a for a in deps.shrinkable_attentions() if self._selected(a.name)] if self.heads > 0 else []
+        if self.include is not None and not groups and not attentions:
             listed = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:8])
-            raise self.fail(f"option include={self.include!r} selects no shrinkable channel group; refused groups: {listed}")
-        self._check_weights(graph, groups)
-        norms = self._activation_norms(graph, groups) if self.importance == "activation" else {}
+            raise self.fail(f"option include={self.include!r} selects no shrinkable channel group or attention; refused: {listed}")
+        self._check_weights(graph, [({s.producer for s in g.spans}, g.consumers, g.name) for g in groups]
+                            + [({a.q.producer, a.k.producer, a.v.producer}, a.consumers, a.name) for a in attentions])
+        norms = self._activation_norms(graph, [c for g in groups for c in g.consumers] + [c for a in attentions for c in a.consumers]) \
+            if self.importance == "activation" else {}
         means = self._input_means(graph, groups) if self.compensate else {}
-        # The rows each producer keeps, per group first, then per producer.
-        keep_rows: dict[fx.Node, torch.Tensor] = {}
-        kept: dict[int, torch.Tensor] = {}
-        for group in groups:
-            keep = self._choose(graph, group, norms)
-            kept[id(group)] = keep
-            for span in group.spans:
-                rows = keep_rows.setdefault(span.producer, torch.ones(graph.constant(span.producer.args[1]).shape[0], dtype=torch.bool))
-                mask = torch.zeros(span.size, dtype=torch.bool)
-                mask[keep] = True
-                rows[span.offset: span.offset + span.size] = mask
-        before = graph.param_bytes()
-        for producer, rows in keep_rows.items():
-            self._take(graph, producer, 1, rows, dim=0)
-            if len(producer.args) > 2 and producer.args[2] is not None:
-                self._take(graph, producer, 2, rows, dim=0)
-        per_group = {}
-        for group in groups:
-            keep = kept[id(group)]
-            for consumer in group.consumers:
-                if self.compensate:
+        kept = [(group, self._choose(graph, group, norms)) for group in groups]
+        if self.compensate:
+            for group, keep in kept:
+                for consumer in group.consumers:
                     self._fold_removed(graph, consumer, keep, means[consumer])
-                self._take(graph, consumer, 1, keep, dim=1)
-            for user, const in group.constants:
-                self._take(graph, user, list(user.args).index(const), keep, dim=-1)
-            per_group[group.name] = {"kept": int(keep.numel()), "of": group.size}
-        for node, pieces in deps.pieces.items():
-            self._resize(node, pieces, keep_rows)
+        heads = []
+        for attn in attentions:
+            keep = self._choose_heads(graph, attn, norms)
+            heads.append((attn, attn.query_heads(keep), keep))
+        before = graph.param_bytes()
+        keep_channels(graph, deps, kept, heads)
+        per_group = {group.name: {"kept": int(keep.numel()), "of": group.size} for group, keep in kept}
+        per_attention = {attn.name: {"heads": len(q), "of": attn.num_heads, "kv_heads": len(kv), "kv_of": attn.num_kv_heads}
+                         for attn, q, kv in heads}
         stats = {"groups_shrunk": len(groups), "channels_removed": sum(v["of"] - v["kept"] for v in per_group.values()),
-                 "bytes_removed": before - graph.param_bytes(), "groups": per_group, "refused": refused}
-        return PassResult(bool(groups), stats)
+                 "attentions_shrunk": len(attentions), "heads_removed": sum(v["of"] - v["heads"] for v in per_attention.values()),
+                 "bytes_removed": before - graph.param_bytes(), "groups": per_group, "attentions": per_attention, "refused": refused}
+        return PassResult(bool(groups or attentions), stats)
 
-    def _check_weights(self, graph, groups: list[ChannelGroup]) -> None:
+    def _selected(self, name: str) -> bool:
+        return (self.include is None or re.search(self.include, name) is not None) and \
+            (self.exclude is None or re.search(self.exclude, name) is None)
+
+    def _check_weights(self, graph, units: list[tuple[set, list, str]]) -> None:
+        """Each (producers, consumers, name) unit owns its weights: no other node reads them."""
         readers: dict[int, int] = {}
         for n in graph.fx.nodes:
             for a in n.args:
                 t = graph.constant(a) if isinstance(a, fx.Node) else None
                 if t is not None:
                     readers[id(t)] = readers.get(id(t), 0) + 1
-        for group in groups:
-            for node in {s.producer for s in group.spans} | set(group.consumers):
+        for producers, consumers, name in units:
+            for node in set(producers) | set(consumers):
                 if readers.get(id(graph.constant(node.args[1])), 0) > 1:
                     raise self.fail(f"the weight of {node.name!r} is read by another node too (tied): shrinking it would change "
-                                    f"that reader; exclude group {group.name!r}", node)
+                                    f"that reader; exclude {name!r}", node)
 
-    def _activation_norms(self, graph, groups: list[ChannelGroup]) -> dict[fx.Node, torch.Tensor]:
-        consumers = [c for g in groups for c in g.consumers]
+    def _activation_norms(self, graph, consumers: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
         stats = collect_linear_stats(graph, self.context.get("calibration_data"), consumers, hessian=True)
         return {c: torch.diag(stats[c.name].hessian).clamp(min=0).sqrt().float() for c in consumers}
 
@@ -165,35 +176,120 @@ class Shrink(Pass):
         order = torch.argsort(score, descending=True, stable=True)[:keep_n]
         return torch.sort(order).values
 
-    @staticmethod
-    def _take(graph, user: fx.Node, index: int, keep: torch.Tensor, dim: int) -> None:
-        """``user.args[index]`` (a constant) replaced by its entries ``keep`` along ``dim``."""
-        old = user.args[index]
-        t = graph.constant(old)
-        idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
-        new = graph.add_constant(t.index_select(dim % t.dim(), idx).contiguous(), f"{old.target}.shrunk")
-        args = list(user.args)
-        args[index] = new
-        user.args = tuple(args)
-        if not old.users:
-            graph.fx.erase_node(old)
+    def _choose_heads(self, graph, attn: AttentionHeads, norms) -> list[int]:
+        """The key/value groups (sorted) the attention keeps."""
+        n = attn.num_kv_heads
+        score = torch.zeros(n)
+        with torch.no_grad():
+            self._score_heads(graph, attn, norms, score)
+        keep_n = max(1, math.ceil((1 - self.heads) * n))
+        return sorted(torch.argsort(score, descending=True, stable=True)[:keep_n].tolist())
 
-    @staticmethod
-    def _resize(node: fx.Node, pieces: list[Span], keep_rows: dict[fx.Node, torch.Tensor]) -> None:
-        """New sizes of a split or slice of a producer's output."""
-        rows = keep_rows.get(pieces[0].producer)
-        if rows is None:
-            return
-        new = [int(rows[p.offset: p.offset + p.size].sum()) for p in pieces]
-        if node.target == aten.slice.Tensor:
-            first = pieces[0]
-            parent_start = first.offset - node.args[2] if len(node.args) > 2 and node.args[2] else first.offset
-            start = int(rows[parent_start: first.offset].sum())
-            args = list(node.args) + [None] * (4 - len(node.args))
-            args[2], args[3] = start, start + new[0]
-            node.args = tuple(args)
+    def _score_heads(self, graph, attn: AttentionHeads, norms, score: torch.Tensor) -> None:
+        for g in range(attn.num_kv_heads):
+            cols = attn.columns([g])
+            col = sum(graph.constant(c.args[1])[:, cols].float().norm(dim=0) for c in attn.consumers)
+            if self.importance == "activation":
+                score[g] = float((col * sum(norms[c][cols] for c in attn.consumers)).sum())
+            else:
+                rows = torch.cat([graph.constant(s.producer.args[1])[idx].float().flatten()
+                                  for s, idx in ((attn.q, attn.q_rows([g])), (attn.k, attn.k_rows([g])), (attn.v, attn.v_rows([g])))])
+                score[g] = float(rows.norm() * col.norm())
+
+
+def keep_channels(graph, deps, kept=(), heads=(), suffix: str = "shrunk") -> None:
+    """Keep channels ``keep`` (sorted indices) of each ``(group, keep)`` in
+    ``kept``, and query heads ``q`` and key/value heads ``kv`` (sorted) of each
+    ``(attention, q, kv)`` in ``heads``; drop the rest: the producers' weight
+    rows and bias entries, the consumers' weight columns and the element-wise
+    constants of the other channels go; splits and slices of a producer's
+    output get their new sizes, and the shape entries that count heads the
+    new counts (``repeat_kv`` repeats each kept KV head ``len(q) // len(kv)``
+    times). ``deps`` is the :class:`ChannelAnalysis` result they come from.
+    Structured pruning keeps the important channels; a tensor-parallel rank
+    keeps its shard. New constants are named ``<old name>.<suffix>``."""
+    keep_rows: dict[fx.Node, torch.Tensor] = {}
+
+    def keep_span(span: Span, keep: torch.Tensor) -> None:
+        rows = keep_rows.setdefault(span.producer, torch.ones(graph.constant(span.producer.args[1]).shape[0], dtype=torch.bool))
+        mask = torch.zeros(span.size, dtype=torch.bool)
+        mask[keep] = True
+        rows[span.offset: span.offset + span.size] = mask
+
+    for group, keep in kept:
+        for span in group.spans:
+            keep_span(span, keep)
+    for attn, q, kv in heads:
+        keep_span(attn.q, head_channels(q, attn.head_dim))
+        keep_span(attn.k, head_channels(kv, attn.head_dim))
+        keep_span(attn.v, head_channels(kv, attn.v_head_dim))
+    for producer, rows in keep_rows.items():
+        _take(graph, producer, 1, rows, 0, suffix)
+        if len(producer.args) > 2 and producer.args[2] is not None:
+            _take(graph, producer, 2, rows, 0, suffix)
+    for group, keep in kept:
+        for consumer in group.consumers:
+            _take(graph, consumer, 1, keep, 1, suffix)
+        for user, const in group.constants:
+            _take(graph, user, list(user.args).index(const), keep, -1, suffix)
+    for attn, q, kv in heads:
+        for consumer in attn.consumers:
+            _take(graph, consumer, 1, head_channels(q, attn.v_head_dim), 1, suffix)
+        _count_heads(attn, len(q), len(kv))
+    for node, pieces in deps.pieces.items():
+        _resize(node, pieces, keep_rows)
+
+
+def head_channels(heads, dim: int) -> torch.Tensor:
+    """Channels of ``heads`` (head ``h``: ``h * dim .. h * dim + dim - 1``)."""
+    return (torch.as_tensor(list(heads), dtype=torch.long)[:, None] * dim + torch.arange(dim)).flatten()
+
+
+def _count_heads(attn, n_q: int, n_kv: int) -> None:
+    """Shape entries that count heads get the kept counts; a ``repeat_kv``
+    expand repeats each KV head ``n_q // n_kv`` times instead of ``attn.group``."""
+    for edit in attn.shape_edits:
+        shape = list(edit.node.args[1])
+        shape[edit.index] = (n_q if edit.kind == "q" else n_kv) * edit.factor
+        if edit.kind == "kv" and edit.node.target == aten.expand.default and n_q // n_kv != attn.group:
+            source = edit.node.args[0].meta["val"].shape
+            for i, entry in enumerate(shape):
+                if i != edit.index and entry == attn.group and source[i] == 1:
+                    shape[i] = n_q // n_kv
+        edit.node.args = (edit.node.args[0], shape, *edit.node.args[2:])
+
+
+def _take(graph, user: fx.Node, index: int, keep: torch.Tensor, dim: int, suffix: str) -> None:
+    """``user.args[index]`` (a constant) replaced by its entries ``keep`` along ``dim``."""
+    old = user.args[index]
+    t = graph.constant(old)
+    idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
+    new = graph.add_constant(t.index_select(dim % t.dim(), idx).contiguous(), f"{old.target}.{suffix}")
+    args = list(user.args)
+    args[index] = new
+    user.args = tuple(args)
+    if not old.users:
+        graph.fx.erase_node(old)
+
+
+def _resize(node: fx.Node, pieces: list[Span], keep_rows: dict[fx.Node, torch.Tensor]) -> None:
+    """New sizes of a split or slice of a producer's output."""
+    rows = keep_rows.get(pieces[0].producer)
+    if rows is None:
+        return
+    new = [int(rows[p.offset: p.offset + p.size].sum()) for p in pieces]
+    if node.target == aten.slice.Tensor:
+        first = pieces[0]
+        parent_start = first.offset - node.args[2] if len(node.args) > 2 and node.args[2] else first.offset
+        start = int(rows[parent_start: first.offset].sum())
+        args = list(node.args) + [None] * (4 - len(node.args))
+        args[2], args[3] = start, start + new[0]
+        node.args = tuple(args)
+    else:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if node.target == aten.split.Tensor and all(n == new[0] for n in new):
+            node.args, node.kwargs = (node.args[0], new[0], dim), {}  # equal pieces stay one split size
         else:
-            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
             node.target = aten.split_with_sizes.default
             node.args = (node.args[0], new, dim)
             node.kwargs = {}

@@ -13,7 +13,7 @@ from torch.export import Dim
 import fxopt
 from fxopt.ir.nodes import call_args, val
 from fxopt.passes import AnalysisManager, Pass, PassManager, PassResult, register_pass
-from fxopt.passes.analyses import CausalMasks, KeyPaddingMasks, Liveness, NotKeyPadding
+from fxopt.passes.analyses import CausalMasks, ChannelAnalysis, KeyPaddingMasks, Liveness, NotKeyPadding
 from fxopt.passes.padding import RemovePadding
 from fxopt.passes.registry import PassRegistry
 
@@ -224,3 +224,108 @@ def test_a_pass_called_directly_drops_what_it_does_not_preserve(encoder_graph):
     live = t.analysis(Liveness, graph)
     t(graph)
     assert t.analysis(Liveness, graph) is not live
+
+
+# -- attention heads (ChannelAnalysis) ----------------------------------------------------
+
+class HeadAttention(torch.nn.Module):
+    """Four heads of 8 over a 32-wide stream; ``kv_heads`` < 4 repeats keys and
+    values as Llama's repeat_kv does. ``form``: 'sdpa', 'eager', 'per-head-bias'
+    (scores plus a constant per head, as ALiBi), 'leak' (the queries are an output
+    too), 'cache' (keys concatenated with a key cache read from an input)."""
+
+    def __init__(self, kv_heads=4, form="sdpa"):
+        super().__init__()
+        self.kv, self.form = kv_heads, form
+        self.q = torch.nn.Linear(32, 32)
+        self.k = torch.nn.Linear(32, 8 * kv_heads)
+        self.v = torch.nn.Linear(32, 8 * kv_heads)
+        self.o = torch.nn.Linear(32, 32)
+        self.register_buffer("slopes", torch.arange(1.0, 5.0).view(4, 1, 1))
+
+    def forward(self, x, cache=None):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, -1, 8).transpose(1, 2)
+        k = self.k(x).view(b, s, self.kv, 8).transpose(1, 2)
+        v = self.v(x).view(b, s, -1, 8).transpose(1, 2)
+        if self.form == "cache":
+            k = torch.cat([cache, k], dim=2)
+            v = torch.cat([cache, v], dim=2)
+        if self.kv != 4:
+            k = k[:, :, None].expand(b, self.kv, 4 // self.kv, -1, 8).reshape(b, 4, -1, 8)
+            v = v[:, :, None].expand(b, self.kv, 4 // self.kv, -1, 8).reshape(b, 4, -1, 8)
+        if self.form == "sdpa" or self.form == "leak" or self.form == "cache":
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(8)
+            if self.form == "per-head-bias":
+                scores = scores + self.slopes
+            out = torch.softmax(scores, -1) @ v
+        out = self.o(out.transpose(1, 2).reshape(b, s, 32))
+        return (out, q) if self.form == "leak" else out
+
+
+def head_analysis(module, *inputs):
+    graph = PassManager("canonicalize,dce").run(fxopt.trace(module.eval(), inputs)).graph
+    return graph, AnalysisManager().get(ChannelAnalysis, graph)
+
+
+X = torch.randn(2, 5, 32)
+
+
+@pytest.mark.parametrize("form", ["sdpa", "eager"])
+def test_heads_are_followed_from_the_projections_through_attention_to_the_output_projection(form):
+    graph, deps = head_analysis(HeadAttention(kv_heads=2, form=form), X)
+    (heads,) = deps.attentions
+    assert heads.refused is None, heads.refused
+    linears = {n.args[1].target: n for n in graph.fx.nodes if n.target == aten.linear.default}
+    assert (heads.q.producer, heads.k.producer, heads.v.producer) == (linears["q.weight"], linears["k.weight"], linears["v.weight"])
+    assert (heads.q.size, heads.k.size, heads.v.size) == (32, 16, 16)
+    assert (heads.num_heads, heads.num_kv_heads, heads.group, heads.head_dim, heads.v_head_dim) == (4, 2, 2, 8, 8)
+    assert heads.consumers == [linears["o.weight"]]
+    # KV group 1 = key/value head 1 with query heads 2 and 3
+    assert heads.query_heads([1]) == [2, 3]
+    assert heads.q_rows([1]).tolist() == list(range(16, 32)) and heads.k_rows([1]).tolist() == list(range(8, 16))
+    assert heads.columns([0]).tolist() == list(range(16))
+    # the literal head counts to rewrite (kind, factor, value): k's view and repeat_kv's two expands
+    # (2 KV heads), repeat_kv's two merges (4 query heads) and the output's merge (4 heads x 8)
+    edits = sorted((e.kind, e.factor, e.node.args[1][e.index]) for e in heads.shape_edits)
+    assert edits == [("kv", 1, 2)] * 3 + [("q", 1, 4)] * 2 + [("q", 8, 32)]
+    assert not any(k.startswith(("q[", "k[", "v[")) for k in deps.refused())
+
+
+def test_merged_qkv_gives_three_spans_of_one_projection():
+    deps = AnalysisManager().get(ChannelAnalysis, _gpt2_tiny())
+    heads = deps.attentions[0]
+    assert heads.refused is None
+    assert heads.q.producer is heads.k.producer is heads.v.producer
+    assert [(s.offset, s.size) for s in (heads.q, heads.k, heads.v)] == [(0, 64), (64, 64), (128, 64)]
+    assert (heads.num_heads, heads.num_kv_heads, heads.head_dim) == (4, 4, 16)
+
+
+def _gpt2_tiny():
+    from conftest import base_graph
+
+    return base_graph("gpt2-tiny")  # Conv1D c_attn, split in three
+
+
+@pytest.mark.parametrize("form, node, why", [
+    ("per-head-bias", "add", "its own value per head"),
+    ("leak", "output", "from outside the attention"),
+    ("cache", "cat", "no projection computes"),
+])
+def test_heads_the_analysis_cannot_prove_are_refused_with_the_node(form, node, why):
+    inputs = (X, torch.randn(2, 4, 3, 8)) if form == "cache" else (X,)
+    _, deps = head_analysis(HeadAttention(form=form), *inputs)
+    (heads,) = deps.attentions
+    assert heads.refused is not None and f"node '{node}" in heads.refused and why in heads.refused, heads.refused
+    assert deps.shrinkable_attentions() == [] and deps.refused()[heads.name] == heads.refused
+
+
+def test_fused_attention_ops_are_refused_with_the_node():
+    from conftest import base_graph
+
+    fused = PassManager("fuse-attention,pack-attention").run(base_graph("llama-tiny")).graph
+    deps = AnalysisManager().get(ChannelAnalysis, fused)
+    assert len(deps.attentions) == 2 and deps.shrinkable_attentions() == []
+    assert all(a.refused.startswith(f"node '{a.node.name}'") and "fused attention op" in a.refused for a in deps.attentions)

@@ -101,12 +101,12 @@ def test_bfloat16_model_runs_eager_and_onnx_runtime_says_why_not():
 def test_float16_dynamic_int8_linear_packs_its_weight_once():
     # fbgemm's packed weight is cached under the bias tensor's identity: a
     # float16 call must not pack (and keep) a new copy every time
-    from fxopt.ir.ops_quant import _PACKED
+    from fxopt.ir.ops_quant import packed_weight_count
 
     w_q, w_scale = torch.randint(-63, 64, (8, 4), dtype=torch.int8), torch.rand(8) * 0.05
     bias, x = torch.randn(8).half(), torch.randn(3, 4).half()
     first = torch.ops.fxopt.linear_dynamic_int8(x, w_q, w_scale, bias)
-    size = len(_PACKED)
+    size = packed_weight_count()
     for _ in range(5):
         torch.testing.assert_close(torch.ops.fxopt.linear_dynamic_int8(x, w_q, w_scale, bias), first)
-    assert len(_PACKED) == size and first.dtype == torch.float16
+    assert packed_weight_count() == size and first.dtype == torch.float16

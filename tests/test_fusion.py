@@ -272,7 +272,7 @@ def test_onnx_runtime_sessions_keep_add_and_layer_norm_apart(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from fxopt.backends.onnxruntime import _session_options, new_session
+    from fxopt.backends.onnxruntime import new_session, session_options
 
     nodes = [helper.make_node("Add", ["x", "r"], ["s"]), helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1)]
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8]) for n in ("x", "r", "y")]
@@ -280,7 +280,7 @@ def test_onnx_runtime_sessions_keep_add_and_layer_norm_apart(tmp_path):
     model = helper.make_model(helper.make_graph(nodes, "g", io[:2], io[2:], weights), opset_imports=[helper.make_opsetid("", 17)])
 
     def optimized_ops(make):
-        options = _session_options(1, 1, "all", False)
+        options = session_options(1, 1, "all", False)
         options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
         make(model.SerializeToString(), options)
         return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}

@@ -87,6 +87,13 @@ def cache_readers(model) -> set[str]:
     return {n.op_type for n in graph if any(i is not None and i.name in past for i in n.inputs)}
 
 
+@functools.lru_cache(maxsize=None)
+def traced_generator(name: str, backend: str):
+    """Compiled once per model and backend, like ``fused_generator``, and
+    shared by the tests: ``generate`` keeps no state between calls."""
+    return compile_generator(traced(name), backend=backend)
+
+
 ARCHS = ["gpt2", "llama", "mistral", "gemma", "phi3"]
 
 
@@ -110,7 +117,7 @@ def test_fused_greedy_tokens_equal_hugging_face(name, backend):
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 def test_traced_graphs_without_a_pipeline_equal_hugging_face(backend):
-    gen = compile_generator(traced("llama"), backend=backend)
+    gen = traced_generator("llama", backend)
     out = gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
     assert torch.equal(out.sequences, hf_tokens("llama", 4))
 
@@ -145,7 +152,7 @@ def test_prefill_computes_logits_at_the_last_position_only():
 
 
 def test_weights_are_held_once_for_both_graphs():
-    gen = compile_generator(fused("llama"), backend="eager")
+    gen = fused_generator("llama", "eager")
     prefill = {t.untyped_storage().data_ptr() for t in gen.graphs.prefill.tensor_attributes().values()}
     decode = {t.untyped_storage().data_ptr() for t in gen.graphs.decode.tensor_attributes().values()}
     big = {t.untyped_storage().data_ptr() for t in gen.graphs.decode.tensor_attributes().values() if t.numel() >= 64 * 64}
@@ -155,7 +162,7 @@ def test_weights_are_held_once_for_both_graphs():
 
 
 def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
-    gen = compile_generator(traced("gpt2"), backend="eager")
+    gen = traced_generator("gpt2", "eager")
     kw = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=5, top_p=0.9)
     a = gen.generate(PROMPTS, seed=3, **kw).new_tokens
     b = gen.generate(PROMPTS, seed=3, **kw).new_tokens
@@ -177,7 +184,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_stop_tokens_end_a_row_and_pad_it_while_others_go_on():
-    gen = compile_generator(traced("gpt2"), backend="eager")
+    gen = traced_generator("gpt2", "eager")
     free = gen.generate(PROMPTS, max_new_tokens=12).new_tokens
     stop = free[0][3]
     streamed = []
@@ -197,7 +204,7 @@ def test_stop_tokens_end_a_row_and_pad_it_while_others_go_on():
 
 
 def test_generation_ends_when_every_row_hit_eos():
-    gen = compile_generator(traced("gpt2"), backend="eager")
+    gen = traced_generator("gpt2", "eager")
     free = gen.generate(PROMPTS[:1], max_new_tokens=8).new_tokens[0]
     out = gen.generate(PROMPTS[:1], max_new_tokens=8, eos_token_id=free[2])
     assert out.new_tokens[0] == free[: free.index(free[2]) + 1]
@@ -218,13 +225,13 @@ def test_generation_ends_when_every_row_hit_eos():
     (lambda g: g.generate(torch.tensor([[1, 2]]), attention_mask=torch.tensor([[1, 0]])), "left-padded"),
 ])
 def test_bad_requests_get_clear_errors(call, message):
-    gen = compile_generator(traced("gpt2"), backend="eager")
+    gen = traced_generator("gpt2", "eager")
     with pytest.raises(GenerationError, match=message):
         call(gen)
 
 
 def test_longest_request_that_fits_the_positions_runs():
-    gen = compile_generator(traced("gpt2"), backend="eager")
+    gen = traced_generator("gpt2", "eager")
     out = gen.generate([[1, 2]], max_new_tokens=127)  # positions 0..127
     assert len(out.new_tokens[0]) == 127
 

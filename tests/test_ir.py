@@ -160,3 +160,17 @@ def test_documented_op_set_admits_symint_arithmetic():
     assert op_allowed(operator.getitem) and op_allowed(operator.mul)
     assert op_allowed(torch.ops.aten.add.Tensor) and op_allowed(torch.ops.fxopt.linear_act.default)
     assert not op_allowed(torch.add)
+
+
+def test_row_cosines_find_the_one_bad_row_a_global_cosine_hides():
+    from fxopt.ir import ParityError, row_cosines
+
+    ref = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))
+    out = ref.clone()
+    out[1, 3] = -out[1, 3]  # one position's logits turned around
+    cos = row_cosines({"logits": ref}, {"logits": out})
+    assert cos.shape == (16,) and cos.dtype == torch.float64
+    assert cos.min().item() == pytest.approx(-1.0) and (cos > 0.999).sum() == 15
+    assert fxopt.compare(ref, out).cosine > 0.8  # the whole tensor's cosine barely notices
+    with pytest.raises(ParityError, match="shape"):
+        row_cosines(ref, out[:, :4])

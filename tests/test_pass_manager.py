@@ -223,6 +223,15 @@ def test_numerics_check_names_the_first_pass_that_breaks_outputs(graph):
         PassManager("canonicalize,scale-outputs(factor=1.1),cse", registry=REG, check_numerics=True).run(graph)
 
 
+def test_a_lossy_pass_raises_the_tolerance_from_where_it_runs(graph):
+    pm = PassManager("canonicalize,quantize(bits=4,group_size=16),cse")
+    canonicalize, quantize, _ = pm.passes()
+    assert pm.tolerance_for(graph, ran=[canonicalize]) == 1e-4
+    assert pm.tolerance_for(graph) == pm.tolerance_for(graph, ran=[canonicalize, quantize]) == quantize.numerics_tolerance > 1e-4
+    assert PassManager("canonicalize", tolerance=1e-3).tolerance_for(graph) == 1e-3
+    assert PassManager("canonicalize,quantize(bits=4,group_size=16)", tolerance=1.0).tolerance_for(graph) == 1.0
+
+
 # -- records, dumps, fixed points ----------------------------------------------------------------------
 
 def test_records_time_nodes_bytes_and_stats(graph):

@@ -42,7 +42,7 @@ def test_the_pattern_catches_development_history_and_spares_onnx_runtime_words()
                 "loaded machine", "measured before the port"):
         assert history_hits(bad), bad
     for fine in ("ort.InferenceSession(path)", "an ONNX Runtime session per model", "session.run(None, feed)",
-                 "both sessions in one process", "the weights once per session (two sessions)", "_session_options(2, 1)", "fixtures built once per test session",
+                 "both sessions in one process", "the weights once per session (two sessions)", "session_options(2, 1)", "fixtures built once per test session",
                  "export_onnx_program", "the report of a portable model"):
         assert not history_hits(fine), fine
 

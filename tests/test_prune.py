@@ -122,6 +122,38 @@ def test_sparsegpt_is_the_papers_algorithm(pattern):
     assert errs[0] < errs[1] < errs[2], errs
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_each_layer_is_calibrated_on_the_pruned_layers_outputs(method, mlp_graph):
+    # The papers' code prunes layer after layer, feeding each the outputs of the
+    # layers already pruned; the reference does that by hand on the MLP
+    # (32 -> 64 -> 64 -> 16, GELU between) and must give the pass's weights.
+    g = fxopt.PassManager(BASE_PIPELINE).run(mlp_graph).graph
+    gen = torch.Generator().manual_seed(3)
+    calib = [(torch.randn(16, 32, generator=gen),) for _ in range(4)]
+    x = torch.cat([c[0] for c in calib]).double()
+    dense = [(l.weight.detach().double(), l.bias.detach().double()) for l in model_spec("mlp").model.layers]
+    expected = []
+    for i, (w, b) in enumerate(dense):
+        H = x.T @ x / x.shape[0]
+        if method == "sparsegpt":
+            p = sparsegpt_prune(w.float(), H, ratio=0.5).double()
+        else:
+            p = w * unstructured_mask(wanda_scores(w, H.diag().sqrt()), 0.5, per_row=True)
+        expected.append(p)
+        x = x @ p.T + b
+        if i < 2:
+            x = torch.nn.functional.gelu(x)
+    ours = fxopt.PassManager(f"prune(method={method},ratio=0.5)", calibration_data=calib).run(g).graph
+    got = list(_weights(ours).values())
+    for w, e in zip(got, expected):
+        assert torch.equal(w == 0, e == 0)
+        torch.testing.assert_close(w.double(), e, rtol=1e-4, atol=1e-5)
+    # sequential=false calibrates every layer on the unpruned model's inputs: other weights from layer 1 on
+    one_run = list(_weights(fxopt.PassManager(f"prune(method={method},ratio=0.5,sequential=false)",
+                                              calibration_data=calib).run(g).graph).values())
+    assert torch.equal(one_run[0], got[0]) and not torch.equal(one_run[2], got[2])
+
+
 def test_unstructured_mask_removes_exactly_the_ratio():
     scores = torch.randn(7, 13)
     for ratio in (0.0, 0.3, 0.5, 0.9):

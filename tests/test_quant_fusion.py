@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt.passes import PassManager, PipelineError
-from fxopt.passes.fusion import _ACTIVATION_OPS, _LINEAR_ACT, _VARIANTS
+from fxopt.passes.fusion import ACTIVATION_OPS, LINEAR_ACT_PATTERNS, LINEAR_VARIANTS
 from conftest import base_graph, count, model_spec, reference, run
 
 aten = torch.ops.aten
@@ -168,7 +168,7 @@ def test_per_tensor_w8a8_fuses_too():
 
 def test_each_activation_form_contains_the_op_that_selects_its_patterns():
     # fuse-linear-act skips an activation's patterns when the graph lacks its op.
-    for act, pairs in _LINEAR_ACT.items():
+    for act, pairs in LINEAR_ACT_PATTERNS.items():
         for variant, pattern in pairs:
-            if variant is _VARIANTS["linear"]:
-                assert {n.target for n in pattern.traced.nodes} & _ACTIVATION_OPS[act], pattern.name
+            if variant is LINEAR_VARIANTS["linear"]:
+                assert {n.target for n in pattern.traced.nodes} & ACTIVATION_OPS[act], pattern.name

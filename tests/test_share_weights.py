@@ -3,6 +3,7 @@ stored once, in the graph and in the ONNX file, and the model computes the
 same on both backends."""
 
 import onnx
+import pytest
 import torch
 
 import fxopt
@@ -111,3 +112,57 @@ def test_a_model_without_copies_is_left_alone():
     result = fxopt.PassManager("share-weights").run(g)
     assert not result.records[0].changed and result.records[0].stats["bytes_saved"] == 0
     assert str(result.graph) == str(g)
+
+
+# -- every architecture that ties its LM head to its embedding ------------------------------
+
+_DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=4096,
+                max_position_embeddings=64, use_cache=False, tie_word_embeddings=True)
+
+
+def _tied(config: str, model: str, **kw):
+    def build():
+        import transformers
+
+        from fxopt.models import hf_spec, seeded
+
+        seeded()
+        cfg = getattr(transformers, config)(**kw)
+        cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = None
+        return hf_spec(getattr(transformers, model)(cfg), cfg.vocab_size, config, mask=False,
+                       max_len=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions"))
+    return build
+
+
+TIED = {
+    "gpt2": _tied("GPT2Config", "GPT2LMHeadModel", n_layer=1, n_embd=64, n_head=4, vocab_size=4096, n_positions=64, use_cache=False),
+    "gemma": _tied("GemmaConfig", "GemmaForCausalLM", num_key_value_heads=1, head_dim=16, **_DECODER),
+    "llama": _tied("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2, **_DECODER),
+    "qwen2": _tied("Qwen2Config", "Qwen2ForCausalLM", num_key_value_heads=2, **_DECODER),
+    "opt": _tied("OPTConfig", "OPTForCausalLM", hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, num_hidden_layers=1,
+                 num_attention_heads=4, vocab_size=4096, max_position_embeddings=64, use_cache=False),
+    # SmolLM: a Llama with tied embeddings, 3 query heads sharing one KV head
+    "smollm": _tied("LlamaConfig", "LlamaForCausalLM", **{**_DECODER, "hidden_size": 48, "num_attention_heads": 3,
+                                                          "num_key_value_heads": 1}),
+}
+
+
+def _unique_parameter_bytes(model) -> int:
+    return sum(t.untyped_storage().nbytes() for t in {p.untyped_storage().data_ptr(): p for p in model.parameters()}.values())
+
+
+@pytest.mark.parametrize("arch", sorted(TIED))
+def test_tied_embedding_is_stored_once_on_every_architecture_that_ties(arch):
+    spec = TIED[arch]()
+    table = spec.model.get_input_embeddings().weight
+    assert spec.model.get_output_embeddings().weight is table  # the config really ties
+    shared = fxopt.PassManager("share-weights").run(_graph(spec)).graph
+    compiled = fxopt.compile(shared, "onnxruntime")
+    proto = compiled.program.model_proto
+    arrays = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer]
+    assert sum(1 for a in arrays if a.size == table.numel()) == 1, "the table is stored more than once"
+    unique = _unique_parameter_bytes(spec.model)
+    # the file's tensors are the unique parameters (fewer: equal norm weights are merged too) and
+    # a few small constants (rotary tables, masks), not a second table
+    assert sum(a.nbytes for a in arrays) <= 1.01 * unique
+    assert fxopt.compare(reference(spec), run(compiled, spec.example_inputs)).within(1e-4)

@@ -4,11 +4,16 @@ that name the node, and shrunk models that compute what the original does
 when the removed channels carried nothing, on both backends, fused and
 quantized."""
 
+import collections
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fxopt
 from conftest import BASE_PIPELINE, base_graph, run
+from fxopt.ir.nodes import call_args
+from structural import assert_rewrites_to, assert_unchanged, graph_of
 from fxopt.models import BUILTIN, ModelSpec, hf_spec, seeded
 from fxopt.passes import AnalysisManager, PassError, PipelineError
 from fxopt.passes.analyses import ChannelAnalysis
@@ -25,15 +30,45 @@ def _phi3() -> ModelSpec:
     return hf_spec(transformers.Phi3ForCausalLM(cfg), 256, "phi3-tiny", mask=False, max_len=256)
 
 
-SPECS = {"llama-tiny": BUILTIN["llama-tiny"], "gpt2-tiny": BUILTIN["gpt2-tiny"], "bert-tiny": BUILTIN["bert-tiny"], "phi3-tiny": _phi3}
+def _decoder(config: str, model: str, name: str, **kw):
+    def build() -> ModelSpec:
+        import transformers
+
+        seeded()
+        cfg = getattr(transformers, config)(num_hidden_layers=2, num_attention_heads=4, vocab_size=256, use_cache=False,
+                                            max_position_embeddings=128, **kw)
+        return hf_spec(getattr(transformers, model)(cfg), 256, name, mask=False, max_len=128)
+    return build
+
+
+SPECS = {"llama-tiny": BUILTIN["llama-tiny"], "gpt2-tiny": BUILTIN["gpt2-tiny"], "bert-tiny": BUILTIN["bert-tiny"], "phi3-tiny": _phi3,
+         "qwen2-tiny": _decoder("Qwen2Config", "Qwen2ForCausalLM", "qwen2-tiny", hidden_size=64, intermediate_size=128,
+                                num_key_value_heads=2),
+         "gemma-tiny": _decoder("GemmaConfig", "GemmaForCausalLM", "gemma-tiny", hidden_size=64, intermediate_size=128,
+                                num_key_value_heads=2, head_dim=16),  # ties the LM head to the embedding
+         "opt-tiny": _decoder("OPTConfig", "OPTForCausalLM", "opt-tiny", hidden_size=64, ffn_dim=128, word_embed_proj_dim=64)}
 
 # The MLP's output projection of each layer, and how its input channels are laid out
 # (GPT-2's Conv1D stores [in, out]).
 DOWN = {
     "llama-tiny": (lambda m, i: m.model.layers[i].mlp.down_proj.weight, 1),
+    "qwen2-tiny": (lambda m, i: m.model.layers[i].mlp.down_proj.weight, 1),
+    "gemma-tiny": (lambda m, i: m.model.layers[i].mlp.down_proj.weight, 1),
     "phi3-tiny": (lambda m, i: m.model.layers[i].mlp.down_proj.weight, 1),
     "gpt2-tiny": (lambda m, i: m.transformer.h[i].mlp.c_proj.weight, 0),
+    "opt-tiny": (lambda m, i: m.model.decoder.layers[i].fc2.weight, 1),
     "bert-tiny": (lambda m, i: m.encoder.layer[i].output.dense.weight, 1),
+}
+# The attention's output projection of each layer (its input columns are the heads, 16 each)
+# and the key/value heads of the model (4 query heads).
+ATTN_OUT = {
+    "llama-tiny": (lambda m, i: m.model.layers[i].self_attn.o_proj.weight, 1, 2),
+    "qwen2-tiny": (lambda m, i: m.model.layers[i].self_attn.o_proj.weight, 1, 2),
+    "gemma-tiny": (lambda m, i: m.model.layers[i].self_attn.o_proj.weight, 1, 2),
+    "phi3-tiny": (lambda m, i: m.model.layers[i].self_attn.o_proj.weight, 1, 2),
+    "gpt2-tiny": (lambda m, i: m.transformer.h[i].attn.c_proj.weight, 0, 4),
+    "opt-tiny": (lambda m, i: m.model.decoder.layers[i].self_attn.out_proj.weight, 1, 4),
+    "bert-tiny": (lambda m, i: m.encoder.layer[i].attention.output.dense.weight, 1, 4),
 }
 
 
@@ -57,9 +92,11 @@ def test_groups_follow_swiglu_and_a_split_gate_up():
 
 
 def test_refusals_name_the_node_that_stops_the_walk():
-    refused = _groups(base_graph("gpt2-tiny")).refused()
-    # c_attn's pieces go into a view into heads; the residual stream into layer norms; the head to the output
-    assert refused["transformer.h.0.attn.c_attn[0:64]"].startswith("node 'view")
+    deps = _groups(base_graph("gpt2-tiny"))
+    refused = deps.refused()
+    # c_attn's pieces go into a view into heads, which the attention's head walk follows: not refused;
+    # the residual stream goes into layer norms; the head to the output
+    assert not any("c_attn" in k for k in refused) and len(deps.shrinkable_attentions()) == 2
     residual = next(k for k in refused if k.startswith("transformer.h.0.attn.c_proj"))
     assert "layer_norm" in refused[residual]
     assert refused["lm_head[0:256]"] == "node 'output' (output): a graph output reads the channels"
@@ -77,15 +114,36 @@ def _zero_channels(spec, name, fraction=0.25):
             w.index_fill_(dim, idx, 0.0)
 
 
+def _zero_heads(spec, name):
+    """Zero the attention output projection's columns of half the key/value groups
+    (a group's query heads under GQA): those heads carry nothing."""
+    get, dim, kv = ATTN_OUT[name]
+    group = 4 // kv
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for i in range(2):
+            w = get(spec.model, i)
+            for kv_head in torch.randperm(kv, generator=g)[: kv // 2].tolist():
+                w.narrow(dim, kv_head * group * 16, group * 16).zero_()
+
+
 @pytest.mark.parametrize("name", list(SPECS))
-def test_shrink_removes_dead_channels_exactly_on_both_backends(name):
+def test_shrink_removes_dead_heads_and_channels_exactly_on_both_backends(name):
     spec = SPECS[name]()
     _zero_channels(spec, name)
+    _zero_heads(spec, name)
+    kv = ATTN_OUT[name][2]
     g = _graph(spec)
-    result = fxopt.PassManager("shrink(ratio=0.25)").run(g)
+    result = fxopt.PassManager("shrink(ratio=0.25,heads=0.5)").run(g)
     stats = result.records[0].stats
     assert stats["groups_shrunk"] == 2 and all(v["kept"] == 0.75 * v["of"] for v in stats["groups"].values())
+    assert stats["attentions_shrunk"] == 2 and stats["heads_removed"] == 4
+    assert all(v == {"heads": 2, "of": 4, "kv_heads": kv // 2, "kv_of": kv} for v in stats["attentions"].values())
     assert stats["bytes_removed"] == g.param_bytes() - result.graph.param_bytes() > 0
+    # the result is an ordinary model with fewer heads: the analysis of the shrunk graph counts them
+    after = _groups(result.graph).shrinkable_attentions()
+    assert [(a.num_heads, a.num_kv_heads, a.head_dim) for a in after] == [(2, kv // 2, 16)] * 2
+    assert all(tuple(result.graph.constant(c.args[1]).shape) == (64, 32) for a in after for c in a.consumers)
     ref = run(g, spec.example_inputs)
     for backend in ("eager", "onnxruntime"):
         assert fxopt.compare(ref, run(fxopt.compile(result.graph, backend), spec.example_inputs)).within(1e-4), backend
@@ -94,15 +152,34 @@ def test_shrink_removes_dead_channels_exactly_on_both_backends(name):
     assert fxopt.compare(run(g, other), run(fxopt.compile(result.graph, "eager"), other)).within(1e-4)
 
 
-def test_shrunk_model_fuses_and_quantizes_on_both_backends():
-    spec = SPECS["llama-tiny"]()
-    shrunk = fxopt.PassManager("shrink(ratio=0.3,multiple_of=8)").run(_graph(spec)).graph
+FUSED_W8A8 = "fuse-attention,merge-linears,quantize(mode=dynamic,act_granularity=tensor),pack-attention,fuse-linear-act,fuse-norm,dce"
+
+
+def _kinds(graph) -> collections.Counter:
+    return collections.Counter(str(n.target) for n in graph.fx.nodes if n.op == "call_function")
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_shrunk_model_keeps_every_fusion_and_quantizes_on_both_backends(name):
+    spec = SPECS[name]()
+    graph = _graph(spec)
+    shrunk = fxopt.PassManager("shrink(ratio=0.3,heads=0.5,multiple_of=8)").run(graph).graph
     widths = {tuple(shrunk.constant(n.args[1]).shape) for n in shrunk.fx.nodes if n.target == aten.linear.default}
-    assert (96, 64) in widths and (64, 96) in widths  # ceil(0.7 * 128) = 90, rounded up to a multiple of 8
-    q = fxopt.PassManager("fuse-linear-act,quantize(mode=dynamic)").run(shrunk).graph
+    if name == "llama-tiny":  # ceil(0.7 * 128) = 90, rounded up to a multiple of 8; 2 of 4 query heads, 1 of 2 KV heads
+        assert {(96, 64), (64, 96), (32, 64), (16, 64), (64, 32)} <= widths
+    fused = fxopt.PassManager(FUSED_W8A8).run(shrunk).graph
+    # the same kernels as the unshrunk model's: no fusion lost to the new shapes
+    assert _kinds(fused) == _kinds(fxopt.PassManager(FUSED_W8A8).run(graph).graph)
+    # fxopt's fused attention ops count the heads left: 2 of 4 (and 1 of 2 key/value heads under GQA)
+    attention = [n for n in fused.fx.nodes if n.op == "call_function" and str(n.target).startswith("fxopt.")
+                 and "attention" in str(n.target)]
+    assert len(attention) == 2
+    for node in attention:
+        named = dict(zip((a.name for a in node.target._schema.arguments), call_args(node)))
+        assert named["num_heads"] == 2 and named.get("kv_num_heads", 2) == (1 if name == "llama-tiny" else 2)
     float_out = run(shrunk, spec.example_inputs)
-    eager = run(fxopt.compile(q, "eager"), spec.example_inputs)
-    ort = run(fxopt.compile(q, "onnxruntime"), spec.example_inputs)
+    eager = run(fxopt.compile(fused, "eager"), spec.example_inputs)
+    ort = run(fxopt.compile(fused, "onnxruntime"), spec.example_inputs)
     assert fxopt.compare(float_out, eager).cosine > 0.99 and fxopt.compare(float_out, ort).cosine > 0.99
 
 
@@ -111,16 +188,16 @@ def test_activation_importance_needs_calibration_and_ratio_zero_does_nothing():
     with pytest.raises(PipelineError, match="needs input 'calibration_data'"):
         fxopt.PassManager("shrink(importance=activation)").run(g)
     calib = [{"input_ids": torch.randint(0, 256, (2, 16))}]
-    out = fxopt.PassManager("shrink(importance=activation,ratio=0.5)", calibration_data=calib).run(g)
-    assert out.records[0].stats["channels_removed"] == 128
-    same = fxopt.PassManager("shrink(ratio=0)").run(g)
+    out = fxopt.PassManager("shrink(importance=activation,ratio=0.5,heads=0.5)", calibration_data=calib).run(g)
+    assert out.records[0].stats["channels_removed"] == 128 and out.records[0].stats["heads_removed"] == 4
+    same = fxopt.PassManager("shrink(ratio=0,heads=0)").run(g)
     assert not same.records[0].changed and str(same.graph) == str(g)
 
 
 def test_a_group_the_analysis_refuses_is_never_shrunk():
     g = base_graph("gpt2-tiny")
-    with pytest.raises(PassError, match=r"include='c_attn' selects no shrinkable channel group.*c_attn\[0:64\]: node 'view"):
-        fxopt.PassManager("shrink(include=c_attn)").run(g)
+    with pytest.raises(PassError, match=r"include='attn.c_proj' selects no shrinkable channel group.*attn.c_proj\[0:64\].*: node 'layer_norm"):
+        fxopt.PassManager("shrink(include='attn.c_proj')").run(g)
     out = fxopt.PassManager("shrink(exclude='h\\.0\\.')").run(g).graph
     widths = sorted(tuple(out.constant(n.args[1]).shape) for n in out.fx.nodes if n.target == aten.linear.default)
     assert widths.count((256, 64)) == 2  # lm_head and layer 0's c_fc untouched
@@ -144,3 +221,50 @@ def test_compensation_folds_constant_channels_into_the_bias():
     assert fxopt.compare(ref, run(fxopt.compile(shrunk, "onnxruntime"), spec.example_inputs)).within(1e-4)
     plain = fxopt.PassManager("shrink(ratio=0.25)").run(graph).graph
     assert not fxopt.compare(ref, run(plain, spec.example_inputs)).within(1e-4)  # without it the constant is lost
+
+
+# -- heads: before / expected, and where shrink must not fire -----------------------------
+
+def _gqa(wq, wk, wv, wo, heads, kv_heads, bias=None):
+    """Grouped-query attention written as Llama writes it (repeat_kv's expand and reshape),
+    on weights given as closed-over constants; ``bias``: a constant per head added to the scores."""
+    def attention(x):
+        b, s, _ = x.shape
+        q = F.linear(x, wq).view(b, s, heads, 8).transpose(1, 2)
+        k = F.linear(x, wk).view(b, s, kv_heads, 8).transpose(1, 2)
+        v = F.linear(x, wv).view(b, s, kv_heads, 8).transpose(1, 2)
+        k = k[:, :, None].expand(b, kv_heads, heads // kv_heads, s, 8).reshape(b, heads, s, 8)
+        v = v[:, :, None].expand(b, kv_heads, heads // kv_heads, s, 8).reshape(b, heads, s, 8)
+        if bias is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5 + bias, -1) @ v
+        return F.linear(out.transpose(1, 2).reshape(b, s, heads * 8), wo)
+    return attention
+
+
+_g = torch.Generator().manual_seed(3)
+WQ, WK, WV, WO = (torch.randn(n, m, generator=_g) for n, m in ((64, 32), (32, 32), (32, 32), (32, 64)))
+WO[:, 16:32] = WO[:, 48:] = 0.0  # KV groups 1 and 3 (query heads 2, 3, 6, 7) add nothing: removing them is exact
+XH = torch.randn(2, 5, 32, generator=_g)
+
+
+def _rows(w, heads):
+    return torch.cat([w[h * 8:(h + 1) * 8] for h in heads])
+
+
+def test_shrink_heads_before_and_expected():
+    # 8 query heads over 4 key/value heads -> KV groups 0 and 2 with their query heads 0, 1, 4, 5
+    expected = _gqa(_rows(WQ, [0, 1, 4, 5]), _rows(WK, [0, 2]), _rows(WV, [0, 2]), _rows(WO.T, [0, 1, 4, 5]).T, 4, 2)
+    assert_rewrites_to("canonicalize,shrink(ratio=0,heads=0.5)", _gqa(WQ, WK, WV, WO, 8, 4), (XH,), expected, constant_values=True)
+
+
+def test_shrink_leaves_heads_with_their_own_score_bias():
+    # an ALiBi-like constant per head: the analysis does not follow it, so nothing is removed
+    per_head = torch.randn(8, 1, 1, generator=_g)
+    result = assert_unchanged("shrink(ratio=0,heads=0.5)", _gqa(WQ, WK, WV, WO, 8, 4, per_head), (XH,), prepare="canonicalize")
+    refused = result.records[0].stats["refused"]
+    why = refused["matmul_1"]  # a refused attention is named by its node: the value matmul
+    assert why.startswith("node 'add") and "its own value per head" in why
+    with pytest.raises(PassError, match=r"include='q' selects no shrinkable channel group or attention.*its own value per head"):
+        fxopt.PassManager("canonicalize,shrink(ratio=0,heads=0.5,include=q)").run(graph_of(_gqa(WQ, WK, WV, WO, 8, 4, per_head), (XH,)))

@@ -111,15 +111,20 @@ def gpt2(size: str = "small", **overrides) -> ModelSpec:
 
 
 def llama(size: str = "small", **overrides) -> ModelSpec:
-    """Hugging Face Llama with grouped-query attention (8 query heads, 2 KV heads)."""
+    """Hugging Face Llama with grouped-query attention (``small``: 8 query heads, 2 KV heads).
+    ``135m`` is the shape of SmolLM2-135M (hidden 576, 30 layers, 9 query / 3 KV
+    heads, intermediate 1536, vocabulary 49152, tied embeddings), with random
+    weights like every built-in decoder: a config, not the trained model."""
     import transformers
 
     seeded()
     sizes = {
         "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=1024),
         "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
+        "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                     vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0),
     }
-    cfg = transformers.LlamaConfig(use_cache=False, max_position_embeddings=256, **{**sizes[size], **overrides})
+    cfg = transformers.LlamaConfig(**{"use_cache": False, "max_position_embeddings": 256, **sizes[size], **overrides})
     cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = None
     return hf_spec(transformers.LlamaForCausalLM(cfg), cfg.vocab_size, "llama" if size == "small" else f"llama-{size}", mask=False,
                max_len=cfg.max_position_embeddings)
@@ -204,6 +209,7 @@ BUILTIN: dict[str, Callable[[], ModelSpec]] = {
     "gpt2-tiny": lambda: gpt2("tiny"),
     "llama": llama,
     "llama-tiny": lambda: llama("tiny"),
+    "llama-135m": lambda: llama("135m"),
     "bert": bert,
     "bert-tiny": lambda: bert("tiny"),
     "minilm": minilm,

@@ -1,8 +1,10 @@
 """Analyses that several passes read (see :mod:`..analysis` for the machinery):
 mask proofs (:mod:`.masks`), liveness (:mod:`.liveness`) and the channel
-dependencies that structured pruning follows (:mod:`.channels`)."""
+dependencies that structured pruning follows (:mod:`.channels`) and the
+column/row pairs tensor parallelism splits (:mod:`.parallel`)."""
 
-from .channels import ChannelAnalysis, ChannelGroup
+from .channels import AttentionHeads, ChannelAnalysis, ChannelDependencies, ChannelGroup, ShapeEdit, Span
+from .parallel import ParallelPair, ParallelPairs, ParallelPlan
 from .liveness import LiveRanges, Liveness
 from .masks import (
     CausalMaskFacts, CausalMasks, KeyPadding, KeyPaddingFacts, KeyPaddingMasks, NotKeyPadding, is_causal_mask,
@@ -10,7 +12,7 @@ from .masks import (
 )
 
 __all__ = [
-    "ChannelAnalysis", "ChannelGroup",
+    "ChannelAnalysis", "ChannelDependencies", "ChannelGroup", "Span", "AttentionHeads", "ShapeEdit", "ParallelPairs", "ParallelPlan", "ParallelPair",
     "Liveness", "LiveRanges", "CausalMasks", "CausalMaskFacts", "KeyPaddingMasks", "KeyPaddingFacts", "KeyPadding",
     "NotKeyPadding", "is_causal_mask", "is_constant_causal_mask",
 ]

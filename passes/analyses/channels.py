@@ -19,6 +19,44 @@ Anything else that reads a tracked channel (a view into heads, a norm, a
 reduction, an add with an untracked tensor such as the residual stream, a
 graph output) stops the walk: the group is refused with the node and the
 reason, and no pass may shrink it.
+
+Attention heads are followed by a second walk, anchored on each attention
+(``scaled_dot_product_attention``, or the eager ``softmax(q @ k^T) @ v``
+chain): backward from q, k and v to the linears that produce them, and
+forward from the output to the linear that reads it. A head is removed whole:
+query head ``h`` with the key/value head it reads, and under grouped-query
+attention a whole key/value group (KV head ``g`` and query heads
+``g * group .. (g + 1) * group - 1``). :class:`AttentionHeads` is the result,
+one per attention, in :attr:`ChannelDependencies.attentions`:
+
+* ``q``, ``k``, ``v``: :class:`Span` s of the producers' rows (a merged QKV
+  projection gives three spans of one producer; its ``split``/``slice`` nodes
+  are in :attr:`ChannelDependencies.pieces`). Head ``h`` of q is rows
+  ``q.offset + h * head_dim .. + head_dim``; KV head ``g`` of k / v likewise
+  with ``head_dim`` / ``v_head_dim``. :meth:`AttentionHeads.q_rows`,
+  :meth:`~AttentionHeads.k_rows`, :meth:`~AttentionHeads.v_rows` and
+  :meth:`~AttentionHeads.columns` give the row / column indices of a set of
+  KV groups;
+* ``num_heads``, ``num_kv_heads``, ``head_dim``, ``v_head_dim``, ``group``
+  (query heads per KV head);
+* ``consumers``: the linears reading the merged output; head ``h`` is their
+  input columns ``h * v_head_dim .. + v_head_dim``;
+* ``shape_edits``: the view / reshape / expand shape entries that count heads
+  (:class:`ShapeEdit`: entry ``index`` of ``node.args[1]`` is
+  ``count * factor``, ``count`` the query or the KV head count); entries
+  written ``-1`` are not listed;
+* ``region``: every node between the producers and the consumers. Nothing
+  outside it (but ``sym_size``) reads a value in it.
+
+The walk goes through transposes and permutes, the view into heads
+``[B, S, H, D]`` and the merge back, element-wise ops whose other operand is
+broadcast along the head axis (rotary embeddings' ``cos`` / ``sin``, scales,
+masks), slices and concatenations of the head dimension (``rotate_half``),
+``repeat_kv`` (``unsqueeze``, ``expand``, ``clone``, ``reshape``), and
+``enable_gqa``. Anything else refuses the attention (``refused`` names the
+node): an operand with its own value per head (ALiBi), a key/value cache read
+from an input, a value in the region read from outside it, fxopt's fused
+attention ops (shrink before ``fuse-attention`` / ``pack-attention``).
 """
 
 from __future__ import annotations
@@ -80,12 +118,27 @@ class ChannelDependencies:
 
     groups: list[ChannelGroup]
     pieces: dict[fx.Node, list[Span]]
+    attentions: list["AttentionHeads"] = field(default_factory=list)
 
     def shrinkable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.refused is None]
 
+    def shrinkable_attentions(self) -> list["AttentionHeads"]:
+        return [a for a in self.attentions if a.refused is None]
+
     def refused(self) -> dict[str, str]:
-        return {g.name: g.refused for g in self.groups if g.refused is not None}
+        """Why each group or attention cannot be shrunk, by name. A group of
+        q/k/v channels that an accepted attention covers (its walk stops at
+        the view into heads) is not listed: its heads are removable."""
+        spans = [s for a in self.shrinkable_attentions() for s in (a.q, a.k, a.v)]
+
+        def covered(g):
+            return all(any(s.producer is t.producer and t.offset <= s.offset and s.offset + s.size <= t.offset + t.size
+                           for t in spans) for s in g.spans)
+
+        out = {g.name: g.refused for g in self.groups if g.refused is not None and not covered(g)}
+        out.update({a.name: a.refused for a in self.attentions if a.refused is not None})
+        return out
 
     def group_of(self, span: Span) -> ChannelGroup | None:
         return next((g for g in self.groups if span in g.spans), None)
@@ -185,9 +238,9 @@ def _split_sizes(user: fx.Node, size: int) -> list[int]:
 
 
 class ChannelAnalysis(Analysis):
-    """Groups of linear output channels that must be removed together
-    (:class:`ChannelDependencies`); a group the walk cannot follow carries the
-    node that stopped it."""
+    """Groups of linear output channels that must be removed together, and
+    the heads of every attention (:class:`ChannelDependencies`); a group or
+    attention the walk cannot follow carries the node that stopped it."""
 
     name = "ChannelDependencies"
 
@@ -242,7 +295,7 @@ class ChannelAnalysis(Analysis):
                 group.constants += [c for c in walk.constants.get(span, []) if c not in group.constants]
                 if span in refusals:
                     group.refused = group.refused or refusals[span]
-        return ChannelDependencies(list(groups.values()), pieces)
+        return ChannelDependencies(list(groups.values()), pieces, find_attention_heads(graph))
 
 
 def _descendants(children: dict[Span, list[Span]], span: Span) -> list[Span]:
@@ -252,3 +305,424 @@ def _descendants(children: dict[Span, list[Span]], span: Span) -> list[Span]:
         out.append(s)
         work.extend(children.get(s, []))
     return out
+
+
+# -- attention heads ----------------------------------------------------------------------
+
+SDPA = aten.scaled_dot_product_attention.default
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_SOFTMAX = {aten.softmax.int, aten._softmax.default}
+_SAME = {aten.clone.default, aten._to_copy.default, aten.alias.default, aten.neg.default, aten.contiguous.default}
+
+
+@dataclass(frozen=True)
+class ShapeEdit:
+    """Entry ``index`` of the shape list ``node.args[1]`` (a view, reshape or
+    expand) is ``count * factor``: ``count`` the query heads (``kind='q'``) or
+    the key/value heads (``kind='kv'``)."""
+
+    node: fx.Node
+    index: int
+    kind: str
+    factor: int
+
+
+@dataclass
+class AttentionHeads:
+    """The heads of one attention and every node that depends on them (see
+    the module docstring). ``refused`` names the node that stops the walk;
+    the other fields are then incomplete."""
+
+    node: fx.Node
+    q: Span | None = None
+    k: Span | None = None
+    v: Span | None = None
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    v_head_dim: int = 0
+    consumers: list[fx.Node] = field(default_factory=list)
+    shape_edits: list[ShapeEdit] = field(default_factory=list)
+    region: set = field(default_factory=set)
+    refused: str | None = None
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def name(self) -> str:
+        if self.q is None:
+            return self.node.name
+        return "+".join(dict.fromkeys(f"{module_path(s.producer)}[{s.offset}:{s.offset + s.size}]" for s in (self.q, self.k, self.v)))
+
+    def query_heads(self, kv_groups) -> list[int]:
+        """The query heads of KV groups ``kv_groups``."""
+        return [g * self.group + j for g in kv_groups for j in range(self.group)]
+
+    def q_rows(self, kv_groups) -> torch.Tensor:
+        return _head_rows(self.q.offset, self.query_heads(kv_groups), self.head_dim)
+
+    def k_rows(self, kv_groups) -> torch.Tensor:
+        return _head_rows(self.k.offset, list(kv_groups), self.head_dim)
+
+    def v_rows(self, kv_groups) -> torch.Tensor:
+        return _head_rows(self.v.offset, list(kv_groups), self.v_head_dim)
+
+    def columns(self, kv_groups) -> torch.Tensor:
+        """The consumers' input columns that read KV groups ``kv_groups``."""
+        return _head_rows(0, self.query_heads(kv_groups), self.v_head_dim)
+
+    def count(self, kind: str, kv_groups: int) -> int:
+        """Heads of ``kind`` ('q' or 'kv') left when ``kv_groups`` groups are kept."""
+        return kv_groups * (self.group if kind == "q" else 1)
+
+
+def _head_rows(offset: int, heads: list[int], dim: int) -> torch.Tensor:
+    return torch.tensor([offset + h * dim + d for h in heads for d in range(dim)], dtype=torch.long)
+
+
+class _Refuse(Exception):
+    def __init__(self, node: fx.Node, why: str):
+        super().__init__(f"node {node.name!r} ({node.target}): {why}")
+
+
+def _shape(node) -> tuple:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(v, torch.Tensor):
+        raise _Refuse(node, "no shape metadata")
+    return tuple(v.shape)
+
+
+def _dim(d: int, nd: int) -> int:
+    return d % nd
+
+
+def _static(x) -> int | None:
+    try:
+        return int(x)
+    except Exception:  # a symbolic size
+        return None
+
+
+class _HeadWalk:
+    """Backward from one attention's q, k, v, forward from its output."""
+
+    def __init__(self, graph, computed: set):
+        self.graph = graph
+        self.computed = computed  # nodes that depend on some linear's output
+        self.region: set = set()
+        self.edits: list[ShapeEdit] = []
+        self.memo: dict = {}
+
+    # -- backward: a value that carries heads along ``axis`` ----------------------------
+    def back(self, node: fx.Node, axis: int, kind: str, rep_axis: int | None = None) -> tuple:
+        key = (node, axis, kind, rep_axis)
+        if key not in self.memo:
+            self.memo[key] = self._back(node, axis, kind, rep_axis)
+        return self.memo[key]
+
+    def _back(self, node, axis, kind, rep_axis):
+        """(Span, head_dim, repeat): where the heads of ``node`` come from."""
+        if node.op != "call_function":
+            raise _Refuse(node, "heads read from a graph input (a key/value cache?) cannot be removed")
+        self.region.add(node)
+        t, shape = node.target, _shape(node)
+        nd = len(shape)
+        a0 = node.args[0] if node.args else None
+        if t == aten.transpose.int:
+            d0, d1 = _dim(node.args[1], nd), _dim(node.args[2], nd)
+            swap = {d0: d1, d1: d0}
+            return self.back(a0, swap.get(axis, axis), kind, None if rep_axis is None else swap.get(rep_axis, rep_axis))
+        if t == aten.permute.default:
+            perm = [_dim(p, nd) for p in node.args[1]]
+            return self.back(a0, perm[axis], kind, None if rep_axis is None else perm[rep_axis])
+        if t in _SAME or (t in _UNARY and not any(isinstance(a, fx.Node) for a in node.args[1:])):
+            return self.back(a0, axis, kind, rep_axis)
+        if t in _BINARY or t == aten.masked_fill.Scalar:
+            return self._back_elementwise(node, shape, axis, kind, rep_axis)
+        if t == aten.slice.Tensor:
+            if _dim(node.args[1] if len(node.args) > 1 else 0, nd) in (axis, rep_axis):
+                raise _Refuse(node, "a slice of the head axis")
+            return self.back(a0, axis, kind, rep_axis)
+        if t == aten.cat.default:
+            dim = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
+            if dim in (axis, rep_axis):
+                raise _Refuse(node, "a concatenation along the head axis")
+            if any(x not in self.computed for x in node.args[0]):
+                raise _Refuse(node, "a concatenation with a tensor that no projection computes (a key/value cache?)")
+            return self._same([self.back(x, axis, kind, rep_axis) for x in node.args[0]], node)
+        if t == aten.unsqueeze.default:
+            d = _dim(node.args[1], nd)
+            if d == axis:
+                raise _Refuse(node, "an unsqueeze at the head axis")
+            if d == rep_axis:  # repeat_kv's new axis: the repeat was counted at its expand
+                return self.back(a0, axis - (axis > d), kind, None)
+            return self.back(a0, axis - (axis > d), kind, None if rep_axis is None else rep_axis - (rep_axis > d))
+        if t == aten.expand.default:
+            return self._back_expand(node, shape, axis, kind, rep_axis)
+        if t in _VIEWS:
+            return self._back_view(node, shape, axis, kind, rep_axis)
+        raise _Refuse(node, "the analysis cannot follow attention heads through this op")
+
+    def _same(self, sources: list, node) -> tuple:
+        if any(s != sources[0] for s in sources[1:]):
+            raise _Refuse(node, "operands carry heads of different projections")
+        return sources[0]
+
+    def _back_elementwise(self, node, shape, axis, kind, rep_axis):
+        nd = len(shape)
+        operands = [a for a in node.args if isinstance(a, fx.Node)]
+        tracked = [a for a in operands if a in self.computed]
+        for a in operands:
+            s = _shape(a)
+            for ax in (axis, rep_axis):
+                if ax is None:
+                    continue
+                aligned = ax - (nd - len(s))
+                if a in tracked and (len(s) != nd or s[ax] != shape[ax]):
+                    raise _Refuse(node, f"operand {a.name!r} of shape {s} does not carry the heads along axis {ax}")
+                if a not in tracked and aligned >= 0 and s[aligned] != 1:
+                    raise _Refuse(node, f"operand {a.name!r} has its own value per head (shape {s}), not a head-wise broadcast")
+        if node.target == aten.masked_fill.Scalar and node.args[0] not in tracked:
+            raise _Refuse(node, "heads used as a mask")
+        if not tracked:
+            raise _Refuse(node, "no operand carries the heads")
+        return self._same([self.back(a, axis, kind, rep_axis) for a in tracked], node)
+
+    def _back_expand(self, node, shape, axis, kind, rep_axis):
+        src = node.args[0]
+        s = _shape(src)
+        if len(s) != len(shape) or s[axis] != shape[axis]:
+            raise _Refuse(node, "an expand that broadcasts along the head axis")
+        self._edit(node, axis, kind, 1)
+        if rep_axis is None:
+            return self.back(src, axis, kind, None)
+        rep = _static(shape[rep_axis])
+        if s[rep_axis] != 1 or rep is None:
+            raise _Refuse(node, "a repeat of key/value heads by a symbolic count")
+        span, dim, r = self.back(src, axis, kind, rep_axis)
+        return span, dim, r * rep
+
+    def _back_view(self, node, shape, axis, kind, rep_axis):
+        src = node.args[0]
+        s = _shape(src)
+        nd = len(shape)
+        if s == shape:
+            return self.back(src, axis, kind, rep_axis)
+        if rep_axis is None and len(s) == nd + 1 and s[:axis] + s[axis + 2:] == shape[:axis] + shape[axis + 1:]:
+            # repeat_kv's merge [B, Hkv, n_rep, S, D] -> [B, Hkv * n_rep, S, D]
+            self._edit(node, axis, kind, 1)
+            return self.back(src, axis, "kv", axis + 1)
+        if rep_axis is None and axis == nd - 2 and len(s) == nd - 1 and s[:-1] == shape[:-2]:
+            dim = _static(shape[-1])
+            if dim is None or _static(s[-1]) != dim * _static(shape[-2]):
+                raise _Refuse(node, "a view into heads of symbolic size")
+            self._edit(node, nd - 2, kind, 1)
+            return self._flat_back(src, 0), dim, 1
+        raise _Refuse(node, f"a view {s} -> {shape} that does not split the last dimension into heads")
+
+    def _edit(self, node, index, kind, factor):
+        entry = node.args[1][index]
+        if isinstance(entry, int) and entry != -1:
+            self.edits.append(ShapeEdit(node, index, kind, factor))
+        elif isinstance(entry, fx.Node):
+            raise _Refuse(node, f"the head count (shape entry {index}) is computed")
+
+    def _flat_back(self, node, offset: int) -> Span:
+        """The producer rows behind channel ``offset`` of ``node``'s last dimension."""
+        t = node.target
+        if t == aten.linear.default:
+            w = self.graph.constant(node.args[1])
+            if w is None or w.dim() != 2:
+                raise _Refuse(node, "a linear whose weight is not a constant matrix")
+            return Span(node, offset, int(w.shape[0]) - offset)  # the size is fixed by the caller
+        self.region.add(node)
+        nd = len(_shape(node))
+        if t is operator.getitem and node.args[0].target in _SPLITS:
+            split = node.args[0]
+            self.region.add(split)
+            if not _is_last_dim(split, 2, default=0):
+                raise _Refuse(split, "a split that is not along the channels")
+            size = _static(_shape(split.args[0])[-1])
+            sizes = _split_sizes(split, size)
+            return self._flat_back(split.args[0], offset + sum(sizes[: node.args[1]]))
+        if t == aten.slice.Tensor and _is_last_dim(node, 1, default=0):
+            start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+            step = node.args[4] if len(node.args) > 4 else 1
+            if not isinstance(start, int) or start < 0 or step != 1:
+                raise _Refuse(node, "a slice with a symbolic or negative start or a step")
+            return self._flat_back(node.args[0], offset + start)
+        if t in _SAME or (t in _UNARY | _BINARY and not any(isinstance(a, fx.Node) for a in node.args[1:])):
+            return self._flat_back(node.args[0], offset)
+        del nd
+        raise _Refuse(node, "the analysis cannot follow a projection's channels into heads through this op")
+
+    # -- forward: from the attention's output ``[B, H, S, D]`` to the consumers -----------
+    def forward(self, node: fx.Node, axis: int, consumers: list) -> None:
+        for user in node.users:
+            t = user.target
+            if user.op != "call_function":
+                raise _Refuse(user, "a graph output reads the attention's heads")
+            if t == aten.sym_size.int:
+                continue
+            self.region.add(user)
+            shape = _shape(user)
+            nd = len(shape)
+            if t == aten.transpose.int:
+                d0, d1 = _dim(user.args[1], nd), _dim(user.args[2], nd)
+                self.forward(user, {d0: d1, d1: d0}.get(axis, axis), consumers)
+            elif t == aten.permute.default:
+                self.forward(user, [_dim(p, nd) for p in user.args[1]].index(axis), consumers)
+            elif t in _SAME and user.args[0] is node:
+                self.forward(user, axis, consumers)
+            elif t in _VIEWS and _shape(node) == shape:
+                self.forward(user, axis, consumers)
+            elif t in _VIEWS and axis == nd - 1 and len(_shape(node)) == nd + 1 and _shape(node)[:-2] == shape[:-1]:
+                self._edit(user, nd - 1, "q", _static(_shape(node)[-1]))
+                self._flat_forward(user, consumers)
+            else:
+                raise _Refuse(user, "the analysis cannot follow the attention's heads through this op")
+
+    def _flat_forward(self, node, consumers: list) -> None:
+        for user in node.users:
+            t = user.target
+            if user.op == "call_function" and t == aten.linear.default and user.args[0] is node \
+                    and all(a is not node for a in user.args[1:]) and self.graph.constant(user.args[1]) is not None:
+                consumers.append(user)
+            elif user.op == "call_function" and t in _SAME and user.args[0] is node:
+                self.region.add(user)
+                self._flat_forward(user, consumers)
+            else:
+                raise _Refuse(user, "the attention's merged heads are read other than by a linear")
+
+
+def _computed(graph) -> set:
+    """Nodes whose value depends on a linear's output."""
+    out: set = set()
+    for n in graph.fx.nodes:
+        if n.op == "call_function" and (n.target == aten.linear.default or any(a in out for a in n.all_input_nodes)):
+            out.add(n)
+    return out
+
+
+def _attention_inputs(node: fx.Node, walk: _HeadWalk):
+    """(q, k, v, q's head axis kind for k/v) of an attention anchor, and the
+    nodes between the scores and the probabilities for the eager form."""
+    if node.target == SDPA:
+        q, k, v = node.args[:3]
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            ms = _shape(mask)
+            if mask in walk.computed:
+                raise _Refuse(node, "a mask computed from projections")
+            if len(ms) >= 3 and ms[-3] != 1:
+                raise _Refuse(node, f"a mask with its own value per head (shape {ms})")
+        gqa = bool(node.kwargs.get("enable_gqa", False))
+        return (q, 1, 3), (k, 1, 3), (v, 1, 3), "kv" if gqa else "q"
+    # eager: matmul(probs, v), probs = softmax(scores) (through casts, masks and scales), scores = q @ kt
+    probs, v = node.args
+    s = probs
+    while s.target not in _SOFTMAX:
+        if s.target not in _SAME:
+            return None
+        walk.region.add(s)
+        s = s.args[0]
+    if _dim(s.args[1], len(_shape(s))) != len(_shape(s)) - 1:
+        raise _Refuse(s, "a softmax that is not over the keys")
+    walk.region.add(s)
+    s = s.args[0]
+    while s.target != aten.matmul.default:
+        if s.op != "call_function" or not (s.target in _BINARY | _SAME or s.target == aten.masked_fill.Scalar):
+            raise _Refuse(s, "scores computed by an op the analysis cannot follow")
+        walk.region.add(s)
+        shape = _shape(s)
+        for a in s.args:
+            if isinstance(a, fx.Node) and a not in walk.computed:
+                ms = _shape(a)
+                aligned = 1 - (len(shape) - len(ms))  # the head axis of [B, H, S, T] scores
+                if aligned >= 0 and ms[aligned] != 1:
+                    raise _Refuse(s, f"operand {a.name!r} has its own value per head (shape {ms})")
+        tracked = [a for a in s.args if isinstance(a, fx.Node) and a in walk.computed]
+        if len(tracked) != 1:
+            raise _Refuse(s, "scores combined with another computed tensor")
+        s = tracked[0]
+    walk.region.add(s)
+    q, kt = s.args
+    return (q, 1, 3), (kt, 1, 2), (v, 1, 3), "q"
+
+
+def _is_eager_attention(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target != aten.matmul.default or len(node.args) != 2:
+        return False
+    s = node.args[0]
+    while isinstance(s, fx.Node) and s.target in _SAME and len(s.users) == 1:
+        s = s.args[0]
+    return isinstance(s, fx.Node) and s.target in _SOFTMAX and len(_shape(node)) == 4
+
+
+def _fused_attention_ops() -> set:
+    ops = set()
+    for name in ("packed_attention", "packed_attention_dynamic_int8", "group_query_attention"):
+        op = getattr(torch.ops.fxopt, name, None)
+        if op is not None:
+            ops.add(op.default)
+    return ops
+
+
+def find_attention_heads(graph) -> list[AttentionHeads]:
+    """Every attention of ``graph`` with its heads (see the module docstring)."""
+    computed = _computed(graph)
+    fused = _fused_attention_ops()
+    out = []
+    for node in graph.fx.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in fused:
+            out.append(AttentionHeads(node, refused=f"node {node.name!r} ({node.target}): a fused attention op; "
+                                                    "remove heads before fuse-attention / pack-attention"))
+            continue
+        if node.target != SDPA and not _is_eager_attention(node):
+            continue
+        walk = _HeadWalk(graph, computed)
+        heads = AttentionHeads(node)
+        try:
+            found = _attention_inputs(node, walk)
+            if found is None:
+                continue
+            (q, qa, qd), (k, ka, kd), (v, va, vd), kv_kind = found
+            q_span, q_dim, q_rep = walk.back(q, qa, "q")
+            k_span, k_dim, k_rep = walk.back(k, ka, kv_kind)
+            v_span, v_dim, v_rep = walk.back(v, va, kv_kind)
+            nq, nk = _static(_shape(q)[qa]), _static(_shape(k)[ka])
+            if q_rep != 1 or k_rep != v_rep or k_dim != q_dim or k_span.producer is v_span.producer and k_span.offset == v_span.offset:
+                raise _Refuse(node, "query heads repeated, or keys and values repeated differently")
+            n_kv = nk // k_rep
+            if nq % n_kv or (kv_kind == "q" and k_rep * n_kv != nq):
+                raise _Refuse(node, f"{nq} query heads do not divide into {n_kv} key/value heads")
+            heads.q = Span(q_span.producer, q_span.offset, nq * q_dim)
+            heads.k = Span(k_span.producer, k_span.offset, n_kv * k_dim)
+            heads.v = Span(v_span.producer, v_span.offset, n_kv * v_dim)
+            heads.num_heads, heads.num_kv_heads, heads.head_dim, heads.v_head_dim = nq, n_kv, q_dim, v_dim
+            walk.region.add(node)
+            walk.forward(node, 1, heads.consumers)
+            if not heads.consumers:
+                raise _Refuse(node, "no linear reads the attention's output")
+            for n in walk.region | {s.producer for s in (heads.q, heads.k, heads.v)}:
+                for user in n.users:
+                    if user not in walk.region and user not in heads.consumers and user.target != aten.sym_size.int:
+                        raise _Refuse(user, f"reads {n.name!r}, a value that carries the attention's heads, from outside the attention")
+            _check_disjoint([heads.q, heads.k, heads.v], node)
+        except _Refuse as e:
+            heads.refused = str(e)
+        heads.shape_edits, heads.region = list(dict.fromkeys(walk.edits)), walk.region
+        out.append(heads)
+    return out
+
+
+def _check_disjoint(spans: list[Span], node) -> None:
+    for i, a in enumerate(spans):
+        for b in spans[i + 1:]:
+            if a.producer is b.producer and a.offset < b.offset + b.size and b.offset < a.offset + a.size:
+                raise _Refuse(node, "query, key and value read overlapping rows of one projection")

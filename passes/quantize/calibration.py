@@ -20,7 +20,7 @@ the chosen nodes as they are computed; the graph itself is never changed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -186,6 +186,27 @@ class LinearStats:
     rows: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)
 
+    def observe(self, x: torch.Tensor, hessian: bool = False, keep_rows: int = 0) -> None:
+        """Add the rows of one input ``x`` (``[..., K]``); call :meth:`finish` after the last."""
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        self.observer.update(rows)
+        amax = rows.abs().amax(dim=0)
+        self.channel_absmax = amax if self.channel_absmax is None else torch.maximum(self.channel_absmax, amax)
+        if hessian:
+            r64 = rows.double()
+            h = r64.T @ r64
+            self.hessian = h if self.hessian is None else self.hessian + h
+        kept = sum(s.shape[0] for s in self.samples)
+        if kept < keep_rows:
+            self.samples.append(rows[: keep_rows - kept].clone())
+        self.rows += rows.shape[0]
+
+    def finish(self) -> "LinearStats":
+        """``X^T X`` summed over the rows becomes ``X^T X / rows``."""
+        if self.hessian is not None:
+            self.hessian /= max(self.rows, 1)
+        return self
+
     def sample(self) -> torch.Tensor:
         """The kept rows of ``X`` as one ``[rows, K]`` float tensor."""
         if not self.samples:
@@ -211,19 +232,7 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n):
         stats = self.watch.get(n)
         if stats is not None:
-            x = self.env[n.args[0]].detach()
-            rows = x.reshape(-1, x.shape[-1]).float()
-            stats.observer.update(rows)
-            amax = rows.abs().amax(dim=0)
-            stats.channel_absmax = amax if stats.channel_absmax is None else torch.maximum(stats.channel_absmax, amax)
-            if self.hessian:
-                r64 = rows.double()
-                h = r64.T @ r64
-                stats.hessian = h if stats.hessian is None else stats.hessian + h
-            kept = sum(s.shape[0] for s in stats.samples)
-            if kept < self.keep_rows:
-                stats.samples.append(rows[: self.keep_rows - kept].clone())
-            stats.rows += rows.shape[0]
+            stats.observe(self.env[n.args[0]], self.hessian, self.keep_rows)
         return super().run_node(n)
 
 
@@ -272,6 +281,66 @@ def collect_linear_stats(
         with torch.no_grad():
             recorder.run(*flat)
     for stats in watch.values():
-        if stats.hessian is not None:
-            stats.hessian /= max(stats.rows, 1)
+        stats.finish()
     return {n.name: s for n, s in watch.items()}
+
+
+def calibrate_sequentially(
+    graph,
+    calibration_data: Sequence[Any],
+    nodes: Iterable[fx.Node],
+    visit: Callable[[fx.Node, LinearStats], None],
+    *,
+    progress=None,
+) -> None:
+    """Run ``graph`` on every item of ``calibration_data`` together, node by
+    node in graph order, and call ``visit(node, stats)`` just before each
+    chosen ``aten.linear`` computes, with the :class:`LinearStats` (range and
+    ``X^T X / rows``) of its input on the whole set.
+
+    ``visit`` may replace the node's weight (``node.replace_input_with``);
+    the node and everything after it then compute with the new weight, so each
+    later layer is calibrated on the inputs the already-changed layers produce
+    rather than the original model's: SparseGPT's and Wanda's sequential
+    calibration (and GPTQ's), which keeps the errors of one layer from
+    compounding unseen into the next. ``visit`` must not erase nodes (erase
+    the replaced weights afterwards). Memory: the live values of every item
+    at once (the graph's widest point times the set's size).
+    """
+    data = list(calibration_data) if calibration_data is not None else []
+    if not data:
+        raise CalibrationError("calibration_data is empty: give a list of model inputs")
+    chosen = set(nodes)
+    for node in chosen:
+        if not is_linear(node) or node.graph is not graph.fx:
+            raise CalibrationError(f"node {node.name!r} is not an aten.linear of graph {graph.name}")
+    order = list(graph.fx.nodes)
+    last_use: dict[fx.Node, fx.Node] = {}
+    for node in order:
+        for arg in node.all_input_nodes:
+            last_use[arg] = node
+    runners = []
+    for i, item in enumerate(data):
+        args, kwargs = split_inputs(item)
+        try:
+            flat = graph.flatten_inputs(*args, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise CalibrationError(f"calibration_data[{i}] does not fit the inputs of {graph.name}: {e}") from e
+        runner = fx.Interpreter(graph.module, garbage_collect_values=False)
+        runner.env, runner.args_iter = {}, iter(flat)
+        runners.append(runner)
+    with torch.no_grad():
+        for node in progress(order, "calibrating layer by layer") if progress else order:
+            if node in chosen:
+                stats = LinearStats(node.name, make_observer("minmax"))
+                for runner in runners:
+                    stats.observe(runner.env[node.args[0]], hessian=True)
+                visit(node, stats.finish())
+            for runner in runners:
+                for arg in node.all_input_nodes:  # a weight the visit put in place
+                    if arg not in runner.env:
+                        runner.env[arg] = runner.run_node(arg)
+                runner.env[node] = runner.run_node(node)
+                for arg in node.all_input_nodes:
+                    if last_use.get(arg) is node:
+                        del runner.env[arg]

@@ -1,0 +1,303 @@
+"""Tensor and data parallelism on torch.distributed (gloo, processes of one host).
+
+    python benchmarks/parallel.py --models gpt2,llama --repeats 20 --requests 32
+
+Per model (random weights; GPT-2 small, and a Llama config of GPT-2 small's
+size with grouped-query attention):
+
+* parameter bytes of one rank's graph at N=2 against the whole model's;
+* latency of one forward of one token and of a 128-token prefill (batch 1):
+  fxopt's graph in one process with 1 and 2 threads, and its tensor-parallel
+  rank graphs at N=2 with one thread per rank, on eager PyTorch and on ONNX
+  Runtime (sessions between the collectives); the peer, PyTorch DTensor's
+  ``parallelize_module`` with ColwiseParallel / RowwiseParallel on the same
+  Hugging Face model, at N=2 with one thread per rank, beside the model in one
+  process;
+* the all-reduce on its own: a gloo all_reduce of one token's hidden state
+  (and of 128 tokens') between the two ranks, times the all-reduces per
+  forward; on paper, the all-reduce bytes per token per layer at 8 ranks;
+* data-parallel throughput: a stream of requests through 2 replicas (one
+  thread each) against one process with one thread.
+
+Every parallel row is checked against the model in one process (max abs error
+of the logits, printed beside it). ``--models gpt2-tiny,llama-tiny`` runs it
+all in a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BASE = "canonicalize,dce,constant-fold,cse"
+AFTER_SPLIT = "dce,constant-fold,cse"  # the graph is canonical already: the split needs it first
+LLAMA_GPT2_SIZE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, vocab_size=32000)
+SHAPES = {"one-token": 1, "prefill-128": 128}
+
+
+def model_spec(name: str):
+    from fxopt import models
+
+    if name == "llama":
+        return models.llama("small", **LLAMA_GPT2_SIZE)
+    return models.BUILTIN[name]()
+
+
+def hidden_size(model) -> int:
+    cfg = model.config
+    return getattr(cfg, "hidden_size", None) or cfg.n_embd
+
+
+def layers(model) -> int:
+    cfg = model.config
+    return getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+
+
+def token_ids(model, seq: int) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq))
+
+
+def logits(out) -> torch.Tensor:
+    return out["logits"] if isinstance(out, dict) or hasattr(out, "keys") else out[0] if isinstance(out, (tuple, list)) else out
+
+
+def timed(fn, repeats: int, group=None) -> float:
+    """Median ms of ``fn()``; with a group, every rank starts each call together."""
+    import torch.distributed as dist
+
+    with torch.inference_mode():
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if group is not None:
+                dist.barrier(group)
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def traced(spec):
+    import fxopt
+    from fxopt.passes import PassManager
+
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=spec.name)
+    return PassManager(BASE).run(graph).graph
+
+
+# -- rank processes ---------------------------------------------------------------------
+def tensor_parallel_rank(mesh, name: str, pipeline: str, repeats: int) -> dict:
+    """This rank's graph at N=2 on both backends, the all-reduce alone, and the DTensor peer."""
+    import torch.distributed as dist
+
+    import fxopt
+    from fxopt.parallel import all_reduce_count, bind_process_group, rank_graph
+
+    spec = model_spec(name)
+    graph = bind_process_group(rank_graph(traced(spec), mesh.tp_rank, mesh.tensor_parallel, pipeline=pipeline), mesh.tp_group)
+    out = {"param_bytes": graph.param_bytes(), "all_reduces": all_reduce_count(graph), "rows": {}}
+    for backend in ("eager", "onnxruntime"):
+        model = fxopt.compile(graph, backend, **({"intra_op_threads": 1} if backend == "onnxruntime" else {}))
+        for shape, seq in SHAPES.items():
+            ids = token_ids(spec.model, seq)
+            with torch.no_grad():
+                err = (logits(model(input_ids=ids)) - logits(spec.model(input_ids=ids))).abs().max().item()
+            out["rows"][(f"fxopt {backend}, tensor-parallel", shape)] = (timed(lambda: model(input_ids=ids), repeats, mesh.tp_group), err)
+    hidden = hidden_size(spec.model)
+    for shape, seq in SHAPES.items():
+        x = torch.randn(seq * hidden)
+        out[("all_reduce", shape)] = timed(lambda: dist.all_reduce(x, group=mesh.tp_group), max(repeats * 5, 50), mesh.tp_group)
+    out["dtensor"] = dtensor_peer(mesh, name, repeats)
+    return out
+
+
+def dtensor_plan(model) -> dict:
+    """ColwiseParallel / RowwiseParallel by module name, Megatron's layout: the
+    Q/K/V and gate/up linears by output channel, the attention output and
+    down projections by input channel. Raises ValueError where the model's
+    linears are not ``nn.Linear`` (GPT-2's Conv1D, whose fused QKV a column
+    split would cut across Q, K and V)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            plan[name] = ColwiseParallel()
+        elif leaf in ("o_proj", "down_proj"):
+            plan[name] = RowwiseParallel()
+        elif leaf in ("c_attn", "c_fc", "c_proj") and not isinstance(module, torch.nn.Linear):
+            raise ValueError(f"{type(model).__name__}.{name} is {type(module).__name__}, not nn.Linear: "
+                             "ColwiseParallel / RowwiseParallel shard nn.Linear and nn.Embedding only")
+    if not plan:
+        raise ValueError(f"no Q/K/V, gate/up, output or down projections found in {type(model).__name__}")
+    return plan
+
+
+def dtensor_peer(mesh, name: str, repeats: int) -> dict:
+    """PyTorch DTensor ``parallelize_module`` on the Hugging Face model."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    spec = model_spec(name)
+    reference = {shape: logits(spec.model(input_ids=token_ids(spec.model, seq))).detach() for shape, seq in SHAPES.items()}
+    try:
+        plan = dtensor_plan(spec.model)
+    except ValueError as e:
+        return {"not_run": str(e)}
+    device_mesh = DeviceMesh.from_group(mesh.tp_group, "cpu")
+    model = parallelize_module(spec.model, device_mesh, plan)
+    rows = {}
+    for shape, seq in SHAPES.items():
+        ids = token_ids(spec.model, seq)
+        with torch.no_grad():
+            err = (logits(model(input_ids=ids)) - reference[shape]).abs().max().item()
+        rows[shape] = (timed(lambda: model(input_ids=ids), repeats, mesh.tp_group), err)
+    return rows
+
+
+def data_parallel_rank(mesh, name: str, backend: str, requests: int, seq: int) -> dict:
+    """Requests through this rank's replica; the stream's time on the slowest rank."""
+    import torch.distributed as dist
+
+    import fxopt
+    from fxopt.data_parallel import DataParallel
+
+    spec = model_spec(name)
+    model = fxopt.compile(traced(spec), backend, **({"intra_op_threads": 1} if backend == "onnxruntime" else {}))
+    stream = [{"input_ids": token_ids(spec.model, seq + i % 2)} for i in range(requests)]
+    dp = DataParallel(model, mesh.dp_group)
+    dp.map(stream[: mesh.data_parallel])  # warm-up
+    dist.barrier()
+    start = time.perf_counter()
+    outputs = dp.map(stream)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        err = max((logits(o) - logits(spec.model(**r))).abs().max().item() for o, r in zip(outputs[:4], stream[:4]))
+    return {"seconds": seconds, "err": err}
+
+
+# -- one process ---------------------------------------------------------------------------
+def single_process(name: str, repeats: int, requests: int, seq: int) -> dict:
+    import fxopt
+
+    spec = model_spec(name)
+    graph = traced(spec)
+    out = {"model_bytes": graph.param_bytes(), "rows": {}, "hidden": hidden_size(spec.model), "layers": layers(spec.model)}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out["rows"][("Hugging Face eager, one process", threads)] = {
+            shape: (timed(lambda: spec.model(input_ids=token_ids(spec.model, seq_)), repeats), 0.0)
+            for shape, seq_ in SHAPES.items()}
+        for backend in ("eager", "onnxruntime"):
+            model = fxopt.compile(graph, backend, **({"intra_op_threads": threads} if backend == "onnxruntime" else {}))
+            rows = {}
+            for shape, seq_ in SHAPES.items():
+                ids = token_ids(spec.model, seq_)
+                with torch.no_grad():
+                    err = (logits(model(input_ids=ids)) - logits(spec.model(input_ids=ids))).abs().max().item()
+                rows[shape] = (timed(lambda: model(input_ids=ids), repeats), err)
+            out["rows"][(f"fxopt {backend}, one process", threads)] = rows
+            if threads == 1:
+                stream = [{"input_ids": token_ids(spec.model, seq + i % 2)} for i in range(requests)]
+                model(**stream[0])
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    for r in stream:
+                        model(**r)
+                out[("stream", backend)] = time.perf_counter() - start
+    torch.set_num_threads(1)
+    return out
+
+
+def report(name: str, one: dict, tp: list[dict], dp: dict, requests: int, seq: int) -> str:
+    rank0 = tp[0]
+    lines = [f"Parameter bytes per rank at N=2: {max(r['param_bytes'] for r in tp) / 1e6:.1f} MB of "
+             f"{one['model_bytes'] / 1e6:.1f} MB ({max(r['param_bytes'] for r in tp) / one['model_bytes']:.3f} of the model; "
+             f"goal <= 0.55). All-reduces per forward: {rank0['all_reduces']}.", "",
+             "| variant | processes x threads | one-token ms | prefill-128 ms | max abs err (one-token, prefill) |",
+             "|---|---|---|---|---|"]
+
+    def row(label, procs, cells):
+        ms = " | ".join(f"{cells[s][0]:.2f}" for s in SHAPES)
+        errs = ", ".join(f"{cells[s][1]:.1e}" for s in SHAPES)
+        lines.append(f"| {label} | {procs} | {ms} | {errs} |")
+
+    for (label, threads), cells in one["rows"].items():
+        row(label, f"1 x {threads}", cells)
+    for backend in ("eager", "onnxruntime"):
+        label = f"fxopt {backend}, tensor-parallel"
+        # a forward takes as long as its slowest rank
+        cells = {s: (max(r["rows"][(label, s)][0] for r in tp), max(r["rows"][(label, s)][1] for r in tp)) for s in SHAPES}
+        row(f"{label} N=2", "2 x 1", cells)
+    peer = rank0["dtensor"]
+    if "not_run" in peer:
+        lines.append(f"| DTensor parallelize_module N=2 | 2 x 1 | not run | not run | {peer['not_run']} |")
+    else:
+        cells = {s: (max(r["dtensor"][s][0] for r in tp), max(r["dtensor"][s][1] for r in tp)) for s in SHAPES}
+        row("DTensor parallelize_module (Hugging Face eager) N=2", "2 x 1", cells)
+    lines.append("")
+    for backend in ("eager", "onnxruntime"):
+        base = one["rows"][(f"fxopt {backend}, one process", 1)]
+        cells = {s: max(r["rows"][(f"fxopt {backend}, tensor-parallel", s)][0] for r in tp) for s in SHAPES}
+        lines.append(f"fxopt {backend}: tensor-parallel N=2 / one process 1 thread: "
+                     + ", ".join(f"{s} {cells[s] / base[s][0]:.2f}" for s in SHAPES) + " (goal one-token <= 0.65)")
+    lines += ["", "All-reduce alone (gloo, 2 ranks of one host; median per call, times the all-reduces per forward):", ""]
+    hidden, count = one["hidden"], rank0["all_reduces"]
+    for s, seq_ in SHAPES.items():
+        per = max(r[("all_reduce", s)] for r in tp)
+        lines.append(f"- {s}: {seq_ * hidden} floats ({seq_ * hidden * 4 / 1024:.1f} KiB) in {per:.3f} ms per all-reduce, "
+                     f"x {count} = {per * count:.2f} ms per forward")
+    per_layer = count / one["layers"]
+    payload = per_layer * hidden * 4
+    lines += ["", f"On paper at 8 ranks: {per_layer:g} all-reduce(s) of {hidden} floats per layer per token = "
+              f"{payload / 1024:.1f} KiB of payload; a ring all-reduce sends 2 x 7/8 of it from each rank: "
+              f"{2 * 7 / 8 * payload / 1024:.1f} KiB per rank per layer per token "
+              f"({2 * 7 / 8 * payload * one['layers'] / 1024:.0f} KiB per token over {one['layers']} layers).", ""]
+    for backend in ("eager", "onnxruntime"):
+        single, pair = one[("stream", backend)], dp[backend]
+        lines.append(f"Data parallel, fxopt {backend}: {requests} requests of {seq}-{seq + 1} tokens: one process 1 thread "
+                     f"{requests / single:.1f} requests/s, 2 ranks x 1 thread {requests / max(p['seconds'] for p in pair):.1f} "
+                     f"requests/s ({single / max(p['seconds'] for p in pair):.2f}x; goal >= 1.8x); "
+                     f"max abs err {max(p['err'] for p in pair):.1e}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from common import captured, write_result
+    from fxopt.launch import run_local
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="gpt2,llama")
+    p.add_argument("--pipeline", default=AFTER_SPLIT, help="passes after the tensor-parallel split, on every rank")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--requests", type=int, default=32, help="requests in the data-parallel stream")
+    p.add_argument("--seq", type=int, default=64, help="tokens per request of the stream")
+    p.add_argument("--timeout", type=float, default=300.0, help="gloo timeout per collective, seconds")
+    a = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for name in a.models.split(","):
+        with captured() as out:
+            print(f"{name}: measuring ...", file=sys.stderr)
+            one = single_process(name, a.repeats, a.requests, a.seq)
+            tp = run_local(tensor_parallel_rank, 2, name, a.pipeline, a.repeats, timeout=a.timeout, wall=3600)
+            dp = {backend: run_local(data_parallel_rank, 2, name, backend, a.requests, a.seq, timeout=a.timeout, wall=3600)
+                  for backend in ("eager", "onnxruntime")}
+            print(report(name, one, tp, dp, a.requests, a.seq))
+        write_result("parallel", "Tensor and data parallelism (gloo, processes of one host)", out.text,
+                     section=name, intro=__doc__.split("\n\n")[2].replace("\n", " "))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Structured pruning speed: a model with a fraction of its attention heads
+and MLP channels removed by ``shrink``, against the same model unpruned, both
+fused (fuse-attention, merge-linears, pack-attention, fuse-linear-act,
+fuse-norm) on ONNX Runtime.
+
+Per model it prints and writes: the parameter bytes ratio, the prefill MACs
+ratio (every multiply-accumulate of one forward at the prefill length,
+counted by ``torch.utils.flop_counter`` on the eager graph; the embedding and
+the LM head are never shrunk), the heads and channels left, and the fused ONNX
+Runtime time of the pruned model over the unpruned one at prefill (batch 1,
+``--prefill`` tokens) and at one token (a one-token forward: the GEMV-bound
+step a decode step is made of). Time that does not fall with the work means
+the pruned graph lost a fusion or a kernel: the table also compares the op
+kinds of the two fused graphs, and the op types ONNX Runtime runs after its
+own optimizations, and lists the head counts of their attention ops.
+
+Times are ratios within one run: both variants are timed round-robin and
+each ratio is the median over rounds of pruned / unpruned in the same round.
+
+    python benchmarks/prune_speed.py                          # GPT-2 small and fxopt's Llama, 25% heads, 30% MLP
+    python benchmarks/prune_speed.py --size tiny --reps 5     # a quick check at test sizes
+    python benchmarks/prune_speed.py --models llama --heads 0.5
+    python benchmarks/prune_speed.py --reps 0                 # bytes and MACs only, no timing
+
+Under grouped-query attention heads go by whole key/value groups: fxopt's
+Llama (8 query heads over 2 KV heads) cannot lose 25% of its heads, only 0 or
+50%; the table says how many were removed. Results: one section per model
+and configuration in ``benchmarks/results/prune_speed.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxopt
+from fxopt.models import gpt2, llama
+from fxopt.passes import PassManager
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+BASE = "canonicalize,dce,constant-fold,cse"
+FUSED = "fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce"
+GOALS = {"params": 0.81, "macs": 0.80, "time": 0.82}  # GPT-2 small, 25% heads and 30% MLP channels
+MODELS = {"gpt2": gpt2, "llama": llama}
+
+
+def token_inputs(vocab: int, seq: int) -> dict:
+    return {"input_ids": torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0))}
+
+
+def macs(graph, inputs) -> int:
+    """Multiply-accumulates of one forward (FLOPs / 2), linears and attention matmuls."""
+    model = fxopt.compile(graph, "eager")
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(**inputs)
+    return counter.get_total_flops() // 2
+
+
+def attention_heads(graph) -> list[str]:
+    """``op(num_heads[/kv_num_heads])`` for each fused attention op of the graph."""
+    out = []
+    for n in graph.fx.nodes:
+        if n.op == "call_function" and "attention" in str(n.target) and hasattr(n.target, "_schema"):
+            names = [a.name for a in n.target._schema.arguments]
+            args = dict(zip(names, list(n.args) + [n.kwargs.get(k) for k in names[len(n.args):]]))
+            heads = "/".join(str(args[k]) for k in ("num_heads", "kv_num_heads") if args.get(k) is not None)
+            out.append(f"{str(n.target).split('.')[1]}({heads})" if heads else str(n.target).split(".")[1])
+    return out
+
+
+def kinds(graph) -> collections.Counter:
+    return collections.Counter(str(n.target) for n in graph.fx.nodes if n.op == "call_function")
+
+
+def ort_op_types(compiled) -> collections.Counter:
+    """The op types of the model ONNX Runtime runs, after its own graph optimizations (its fusions)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        options.log_severity_level = 3  # the saved model is read here only: no hardware-specific warning
+        ort.InferenceSession(compiled.program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        model = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    return collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
+
+
+def time_pair(a, b, reps: int) -> float:
+    """Median over rounds of time(b) / time(a), the two run one after the other in each round."""
+    a(), b(), a(), b()
+    ratios = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a()
+        ta = time.perf_counter() - t
+        t = time.perf_counter()
+        b()
+        ratios.append((time.perf_counter() - t) / ta)
+    return statistics.median(ratios)
+
+
+def run_model(name: str, size: str, heads: float, ratio: float, prefill: int, reps: int, threads: int) -> tuple[list[str], list[str]]:
+    spec = MODELS[name](size)
+    vocab = spec.model.config.vocab_size
+    shrink = f"shrink(heads={heads},ratio={ratio})"
+    lines, goals = [], []
+    rows = {}
+    for label, seq in (("prefill", prefill), ("one token", 1)):
+        inputs = token_inputs(vocab, seq)
+        # traced at this length (static shapes): the unpruned and pruned graphs get the same treatment
+        graph = PassManager(BASE).run(fxopt.trace(spec.model, inputs, name=spec.name)).graph
+        result = PassManager(shrink).run(graph)
+        pruned = result.graph
+        fused = PassManager(FUSED).run(graph).graph
+        fused_pruned = PassManager(FUSED).run(pruned).graph
+        opts = dict(intra_op_threads=threads, inter_op_threads=1, allow_spinning=False, providers=["CPUExecutionProvider"])
+        a, b = fxopt.compile(fused, "onnxruntime", **opts), fxopt.compile(fused_pruned, "onnxruntime", **opts)
+        err = fxopt.compare(fxopt.compile(pruned, "eager")(**inputs), b(**inputs)).max_abs_err
+        rows[label] = dict(time=time_pair(lambda: a(**inputs), lambda: b(**inputs), reps) if reps else None, err=err)
+        if label == "prefill":
+            stats = result.records[0].stats
+            rows["params"] = pruned.param_bytes() / graph.param_bytes()
+            rows["macs"] = macs(pruned, inputs) / macs(graph, inputs)
+            heads_left = sum(v["heads"] for v in stats["attentions"].values())
+            heads_all = sum(v["of"] for v in stats["attentions"].values()) or 0
+            ch_left = sum(v["kept"] for v in stats["groups"].values())
+            ch_all = sum(v["of"] for v in stats["groups"].values())
+            lost = kinds(fused) - kinds(fused_pruned)
+            gained = kinds(fused_pruned) - kinds(fused)
+            ort_a, ort_b = ort_op_types(a), ort_op_types(b)
+            rows["structure"] = (
+                f"heads left {heads_left} of {heads_all}, MLP channels left {ch_left} of {ch_all}; "
+                f"attention ops unpruned {', '.join(sorted(set(attention_heads(fused))))}, "
+                f"pruned {', '.join(sorted(set(attention_heads(fused_pruned))))}; "
+                + ("same op kinds in both fused graphs" if not lost and not gained
+                   else f"op kinds lost {dict(lost)}, gained {dict(gained)}")
+                + ("; ONNX Runtime runs the same op types in both after its optimizations" if ort_a == ort_b
+                   else f"; ONNX Runtime op types lost {dict(ort_a - ort_b)}, gained {dict(ort_b - ort_a)}"))
+    lines += [
+        f"### {spec.name}: {shrink}", "",
+        f"{rows['structure']}.", "",
+        "| measure | pruned / unpruned | goal (GPT-2 small) |", "|---|---|---|",
+        f"| parameter bytes | {rows['params']:.3f} | {GOALS['params']} |",
+        f"| prefill MACs ({prefill} tokens) | {rows['macs']:.3f} | {GOALS['macs']} |",
+        f"| fused ORT time, prefill {prefill} | {_ratio(rows['prefill']['time'])} | <= {GOALS['time']} |",
+        f"| fused ORT time, one token | {_ratio(rows['one token']['time'])} | <= {GOALS['time']} |",
+        "",
+        f"Pruned fused ORT vs pruned float eager, max abs error: prefill {rows['prefill']['err']:.2e}, "
+        f"one token {rows['one token']['err']:.2e}.", "",
+    ]
+    if name == "gpt2" and size == "small" and heads == 0.25 and ratio == 0.3:
+        worst = max(rows["prefill"]["time"], rows["one token"]["time"]) if reps else None
+        goals += [f"parameter bytes {rows['params']:.3f} (goal {GOALS['params']})", f"MACs {rows['macs']:.3f} (goal {GOALS['macs']})",
+                  f"time {_ratio(worst)} (goal <= {GOALS['time']})"]
+    return lines, goals
+
+
+def _ratio(x) -> str:
+    return "not timed (--reps 0)" if x is None else f"{x:.3f}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--size", default="small", choices=("small", "tiny"))
+    p.add_argument("--heads", type=float, default=0.25, help="fraction of each attention's heads removed")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of each MLP's channels removed")
+    p.add_argument("--prefill", type=int, default=128)
+    p.add_argument("--reps", type=int, default=30, help="timing rounds; 0: sizes and MACs only")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: every core)")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    for name in args.models:
+        lines, goals = run_model(name, args.size, args.heads, args.ratio, args.prefill, args.reps, args.threads)
+        body = "\n".join(lines + ([f"Goals: {'; '.join(goals)}."] if goals else []))
+        print(body)
+        write_result("prune_speed", "Structured pruning speed (shrink), fused ONNX Runtime", body,
+                     section=f"{name}-{args.size} heads={args.heads} ratio={args.ratio} prefill={args.prefill}",
+                     argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])],
+                     intro="Ratios of the pruned model to the unpruned one, both fused, measured in one run "
+                           "(see benchmarks/prune_speed.py). Embedding and LM head are never shrunk.")
+
+
+if __name__ == "__main__":
+    main()

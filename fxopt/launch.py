@@ -1,0 +1,187 @@
+"""Running fxopt on several processes: joining the process group that
+``torchrun`` sets up, splitting its ranks into a data-parallel x
+tensor-parallel mesh, and relaunching a command under ``torchrun``.
+
+    # under torchrun --nproc-per-node 4:
+    mesh = fxopt.launch.init(tensor_parallel=2, data_parallel=2, timeout=30)
+    mesh.tp_group, mesh.dp_group, mesh.tp_rank, mesh.dp_rank
+
+Ranks ``r`` of a ``data_parallel x tensor_parallel`` mesh are laid out row by
+row: ``dp_rank = r // tensor_parallel``, ``tp_rank = r % tensor_parallel``, so
+the ranks of one tensor-parallel group are neighbours (one machine, when
+torchrun starts ``tensor_parallel`` processes per node).
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_module
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+# What torchrun (and torch.distributed's env:// rendezvous) sets in every process.
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class LaunchError(RuntimeError):
+    """The processes are not set up as the parallel run needs (no process
+    group, a world size that is not data_parallel x tensor_parallel)."""
+
+
+def how_to_launch(world_size: int | str = "N") -> str:
+    return (f"start one process per rank with `torchrun --nproc-per-node {world_size} -m fxopt optimize MODEL ...` "
+            f"(or `fxopt optimize MODEL --tensor-parallel N [--data-parallel M]`, which starts them itself), "
+            f"or from Python under torchrun call fxopt.launch.init()")
+
+
+def under_launcher() -> bool:
+    """This process was started by torchrun (or another env:// launcher)."""
+    return all(k in os.environ for k in LAUNCH_ENV)
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """This rank's place in a ``data_parallel x tensor_parallel`` mesh and its
+    two process groups (``tp_group``: the ranks that hold the shards of one
+    replica; ``dp_group``: the ranks that hold the same shard of different
+    replicas)."""
+
+    tensor_parallel: int
+    data_parallel: int
+    rank: int
+    tp_rank: int
+    dp_rank: int
+    tp_group: object
+    dp_group: object
+    timeout_s: float
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel * self.data_parallel
+
+
+def init(tensor_parallel: int = 1, data_parallel: int | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
+         backend: str | None = None) -> Mesh:
+    """Join the default process group (initializing it from torchrun's
+    environment if nobody has: gloo on CPU, NCCL with CUDA) and build the
+    mesh's groups. ``timeout`` (seconds) bounds every collective: when a rank
+    dies or stops answering, the others fail with an error within it instead
+    of waiting forever. ``data_parallel`` defaults to the world size over
+    ``tensor_parallel``. Every rank must call it with the same arguments."""
+    import torch.distributed as dist
+
+    if tensor_parallel < 1 or (data_parallel is not None and data_parallel < 1):
+        raise LaunchError(f"tensor_parallel and data_parallel must be at least 1, got {tensor_parallel} and {data_parallel}")
+    if not dist.is_available():
+        raise LaunchError("this PyTorch build has no torch.distributed")
+    wait = timedelta(seconds=float(timeout))
+    if not dist.is_initialized():
+        missing = [k for k in LAUNCH_ENV if k not in os.environ]
+        if missing:
+            world = tensor_parallel * (data_parallel or 1)
+            raise LaunchError(f"no process group: this process was not started by a distributed launcher "
+                              f"({', '.join(missing)} not set); {how_to_launch(world)}")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend, timeout=wait)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    data_parallel = data_parallel or max(1, world // tensor_parallel)
+    if tensor_parallel * data_parallel != world:
+        raise LaunchError(f"{world} processes cannot form a mesh of data_parallel={data_parallel} x "
+                          f"tensor_parallel={tensor_parallel} ({tensor_parallel * data_parallel} ranks); "
+                          f"{how_to_launch(tensor_parallel * data_parallel)}")
+    tp_group = dp_group = dist.group.WORLD
+    # new_group must be called by every rank for every group, in the same order.
+    if tensor_parallel < world:
+        for d in range(data_parallel):
+            group = dist.new_group([d * tensor_parallel + t for t in range(tensor_parallel)], timeout=wait)
+            if d == rank // tensor_parallel:
+                tp_group = group
+    if data_parallel < world:
+        for t in range(tensor_parallel):
+            group = dist.new_group([d * tensor_parallel + t for d in range(data_parallel)], timeout=wait)
+            if t == rank % tensor_parallel:
+                dp_group = group
+    return Mesh(tensor_parallel, data_parallel, rank, rank % tensor_parallel, rank // tensor_parallel,
+                tp_group, dp_group, float(timeout))
+
+
+def relaunch(argv: list[str], nproc: int, *, module: str = "fxopt") -> int:
+    """Run ``python -m <module> <argv>`` as ``nproc`` processes under
+    torchrun on the local host (``--standalone``: a local rendezvous on a free
+    port) and return its exit status. torchrun gives each process one
+    OpenMP thread unless OMP_NUM_THREADS is set."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", module, *argv]
+    return subprocess.call(command)
+
+
+# -- processes of one host, without torchrun ------------------------------------------
+class RankFailed(RuntimeError):
+    """One or more ranks of :func:`run_local` raised or did not report."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(fn, rank, world, port, results, tensor_parallel, timeout, threads, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS=str(threads))
+    try:
+        torch.set_num_threads(threads)
+        mesh = init(tensor_parallel=tensor_parallel, timeout=timeout)
+        results.put((rank, "ok", fn(mesh, *args)))
+    except BaseException as e:  # noqa: BLE001 - sent to the parent, which reports it
+        results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def run_local(fn, world: int, *args, tensor_parallel: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+              threads: int = 1, wall: float = 600.0, check: bool = True):
+    """Run ``fn(mesh, *args)`` in ``world`` new processes of this host, each
+    a rank of a gloo process group (``timeout`` seconds per collective) with
+    ``threads`` threads, ``tensor_parallel`` ranks per model (default: all);
+    ``fn`` must be importable (a module-level function). Returns what each
+    rank returned, in rank order. With ``check=False``, returns ``{rank:
+    ("ok", value) | ("error", traceback)}`` for the ranks that reported
+    within ``wall`` seconds instead of raising :class:`RankFailed`. Processes
+    still running after ``wall`` seconds are killed."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_entry, args=(fn, r, world, port, results, tensor_parallel or world, timeout, threads, args))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    out: dict[int, tuple[str, object]] = {}
+    deadline = time.monotonic() + wall
+    while len(out) < world and time.monotonic() < deadline:
+        try:
+            rank, status, value = results.get(timeout=0.5)
+            out[rank] = (status, value)
+        except queue_module.Empty:
+            if not any(p.is_alive() for p in procs) and results.empty():
+                break
+    for p in procs:
+        p.join(timeout=5 if len(out) == world else 0.1)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if not check:
+        return out
+    errors = [f"rank {r}: {v}" for r, (status, v) in sorted(out.items()) if status != "ok"]
+    missing = [r for r in range(world) if r not in out]
+    if errors or missing:
+        raise RankFailed("\n".join(errors + ([f"ranks {missing} did not report within {wall:.0f} s"] if missing else [])))
+    return [out[r][1] for r in range(world)]

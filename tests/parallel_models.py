@@ -1,0 +1,187 @@
+"""A small model and its tensor-parallel rank modules written by hand with
+``torch.distributed._functional_collectives`` (the collectives torch.export
+traces), and the per-rank checks of tests/test_parallel_runtime.py (run in
+spawned processes, so they live in an importable module)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch.export import Dim
+
+VOCAB, HIDDEN, FFN, LAYERS = 24, 16, 32, 2
+
+
+class Tiny(torch.nn.Module):
+    """Embedding, residual GELU MLP blocks and an LM head."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = torch.nn.Parameter(torch.randn(VOCAB, HIDDEN, generator=g))
+        self.w1 = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(FFN, HIDDEN, generator=g) * 0.3) for _ in range(LAYERS)])
+        self.b1 = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(FFN, generator=g) * 0.1) for _ in range(LAYERS)])
+        self.w2 = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(HIDDEN, FFN, generator=g) * 0.3) for _ in range(LAYERS)])
+        self.head = torch.nn.Parameter(torch.randn(VOCAB, HIDDEN, generator=g))
+
+    def forward(self, ids):
+        x = F.embedding(ids, self.emb)
+        for w1, b1, w2 in zip(self.w1, self.b1, self.w2):
+            x = x + F.linear(F.gelu(F.linear(x, w1, b1)), w2)
+        return F.linear(x, self.head)
+
+
+class TinyRank(torch.nn.Module):
+    """Rank ``rank`` of ``n`` of :class:`Tiny`, Megatron style: the first MLP
+    linear split by output channel, the second by input channel and summed
+    with an all-reduce, the LM head split by vocabulary and all-gathered."""
+
+    def __init__(self, full: Tiny, rank: int, n: int, group: str):
+        super().__init__()
+        shard = lambda t, dim: torch.nn.Parameter(t.detach().chunk(n, dim)[rank].clone())  # noqa: E731
+        self.group = group
+        self.emb = torch.nn.Parameter(full.emb.detach().clone())
+        self.w1 = torch.nn.ParameterList([shard(w, 0) for w in full.w1])
+        self.b1 = torch.nn.ParameterList([shard(b, 0) for b in full.b1])
+        self.w2 = torch.nn.ParameterList([shard(w, 1) for w in full.w2])
+        self.head = shard(full.head, 0)
+
+    def forward(self, ids):
+        x = F.embedding(ids, self.emb)
+        for w1, b1, w2 in zip(self.w1, self.b1, self.w2):
+            x = x + funcol.all_reduce(F.linear(F.gelu(F.linear(x, w1, b1)), w2), "sum", self.group)
+        logits = F.linear(x, self.head)  # [B, S, VOCAB / n]
+        gathered = funcol.all_gather_tensor(logits.permute(2, 0, 1).contiguous(), 0, self.group)
+        return gathered.permute(1, 2, 0)
+
+
+DYNAMIC = ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},)
+
+
+def ids(batch: int = 3, seq: int = 5, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def reference(inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return Tiny().eval()(inputs)
+
+
+def rank_graph(mesh):
+    """This rank's graph of :class:`TinyRank`, traced by fxopt, with its
+    collectives on the unbound group name ``"tp"``, then bound to the
+    mesh's tensor-parallel group."""
+    import fxopt
+    from fxopt.parallel import bind_process_group
+
+    module = TinyRank(Tiny(), mesh.tp_rank, mesh.tensor_parallel, mesh.tp_group.group_name).eval()
+    graph = fxopt.trace(module, (ids(),), dynamic_shapes=DYNAMIC, name="tiny-rank")
+    for node in graph.fx.nodes:  # traced with the real group's name; a pass writes "tp"
+        if node.op == "call_function" and node.target.namespace == "_c10d_functional" and len(node.args) > 2:
+            node.args = (*node.args[:2], "tp")
+    graph.recompile()
+    return bind_process_group(graph, mesh.tp_group)
+
+
+def max_err(a, b) -> float:
+    """Max abs error relative to the reference's largest magnitude."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# -- per-rank checks -------------------------------------------------------------
+def check_onnxruntime_rank(mesh):
+    """The ONNX Runtime rank model against the single-process model and the
+    eager rank graph, on two shapes; its cut."""
+    import fxopt
+
+    graph = rank_graph(mesh)
+    model = fxopt.compile(graph, "onnxruntime", intra_op_threads=1)
+    errs = {}
+    for shape in ((3, 5), (2, 7)):
+        x = ids(*shape)
+        errs[shape] = (max_err(model(x), reference(x)), max_err(graph.module(x), reference(x)))
+    return {"errors": errs, "segments": model.num_segments,
+            "collectives": [c.kind.name() for s in model.segments for c in s.collectives],
+            "in_place": [c.in_place for s in model.segments for c in s.collectives]}
+
+
+def check_data_parallel(mesh):
+    """A replica per rank: an uneven batch and a stream of requests of
+    different lengths, gathered in order."""
+    import fxopt
+    from fxopt.data_parallel import DataParallel
+
+    graph = fxopt.trace(Tiny(), (ids(),), dynamic_shapes=DYNAMIC, name="tiny")
+    dp = DataParallel(fxopt.compile(graph, "onnxruntime", intra_op_threads=1), mesh.dp_group)
+    batch = ids(5, 6)
+    requests = [(ids(2, s, seed=s),) for s in (3, 4, 5)]
+    stream = dp.map(requests)
+    return {"batch": max_err(dp(batch), reference(batch)),
+            "stream": [max_err(out, reference(r[0])) for out, r in zip(stream, requests)],
+            "small_batch": max_err(dp(ids(1, 4)), reference(ids(1, 4)))}
+
+
+def check_mesh(mesh):
+    """Data parallel over tensor-parallel ONNX Runtime rank models."""
+    import fxopt
+    from fxopt.data_parallel import DataParallel
+
+    model = fxopt.compile(rank_graph(mesh), "onnxruntime", intra_op_threads=1)
+    dp = DataParallel(model, mesh.dp_group)
+    batch = ids(3, 4)
+    return {"err": max_err(dp(batch), reference(batch)), "tp_rank": mesh.tp_rank, "dp_rank": mesh.dp_rank}
+
+
+def check_dead_peer(mesh):
+    """Rank 1 exits; rank 0 must fail in its first collective, not wait."""
+    import os
+
+    import fxopt
+
+    model = fxopt.compile(rank_graph(mesh), "onnxruntime", intra_op_threads=1)
+    dist.barrier()
+    if mesh.rank == 1:
+        os._exit(3)
+    time.sleep(0.5)
+    start = time.monotonic()
+    try:
+        model(ids())
+    except Exception as e:  # noqa: BLE001 - the error is what is checked
+        return {"error": type(e).__name__, "message": str(e), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+def check_tensor_parallel_pass(mesh, names):
+    """The ``tensor-parallel`` pass's rank graphs of built-in decoders on ONNX
+    Runtime against the whole model, on the traced inputs and on another shape."""
+    import fxopt
+    from fxopt.models import BUILTIN
+    from fxopt.parallel import all_reduce_count, compile_tensor_parallel
+
+    out = {}
+    for name in names:
+        spec = BUILTIN[name]()
+        graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+        model = compile_tensor_parallel(graph, group=mesh.tp_group, backend="onnxruntime", intra_op_threads=1)
+        errs = []
+        for inputs in (spec.example_inputs, *spec.other_inputs):
+            with torch.no_grad():
+                errs.append(max_err(model(**inputs).logits, spec.model(**inputs).logits))
+        out[name] = {"errors": errs, "segments": model.num_segments, "all_reduces": all_reduce_count(model.graph)}
+    return out
+
+
+def check_two_ranks(mesh):
+    """Everything the 2-rank tests read, from one start of the processes."""
+    return {"hand": check_onnxruntime_rank(mesh), "pass": check_tensor_parallel_pass(mesh, ["gpt2-tiny", "llama-tiny"]),
+            "data_parallel": check_data_parallel(mesh)}
+
+
+def check_four_ranks(mesh):
+    # llama-tiny has 2 KV heads: at 4 ranks they are replicated
+    return {"hand": check_onnxruntime_rank(mesh), "pass": check_tensor_parallel_pass(mesh, ["llama-tiny"])}
+

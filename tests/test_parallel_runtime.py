@@ -1,0 +1,115 @@
+"""Running rank graphs on torch.distributed (gloo, CPU, processes of one
+host): ONNX Runtime sessions cut at the collectives, data parallelism, the
+data-parallel x tensor-parallel mesh, launching, and failing instead of
+hanging. Each fixture starts its processes once; the tests read what the
+ranks returned. Errors are max abs errors relative to the largest logit of
+the model run whole in one process."""
+
+from __future__ import annotations
+
+import pytest
+
+import parallel_models as pm
+from fxopt.launch import run_local
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_local(pm.check_two_ranks, 2)
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_local(pm.check_four_ranks, 4)
+
+
+def test_onnxruntime_rank_graph_matches_single_process_at_2_ranks(two_ranks):
+    for result in two_ranks:
+        for shape, (ort_err, eager_err) in result["hand"]["errors"].items():
+            assert ort_err <= TOL, (shape, ort_err)
+            assert eager_err <= TOL, (shape, eager_err)
+
+
+def test_onnxruntime_rank_graph_is_cut_at_each_collective(two_ranks):
+    # two all-reduces (one per block) and the LM head's all-gather: three cuts, four sessions
+    for result in two_ranks:
+        hand = result["hand"]
+        assert hand["collectives"] == ["_c10d_functional::all_reduce", "_c10d_functional::all_reduce",
+                                       "_c10d_functional::all_gather_into_tensor"]
+        assert hand["segments"] == 4
+        # the row-parallel products have no other reader: summed where ONNX Runtime wrote them
+        assert hand["in_place"] == [True, True, False]
+
+
+def test_tensor_parallel_gpt2_and_llama_on_onnxruntime_at_2_ranks(two_ranks):
+    for result in two_ranks:
+        for name, r in result["pass"].items():
+            assert max(r["errors"]) <= TOL, (name, r["errors"])
+            # a session before each all-reduce, one before the all-gather of the logits and one after it
+            assert r["segments"] == r["all_reduces"] + 2, (name, r)
+
+
+def test_onnxruntime_rank_graphs_match_single_process_at_4_ranks(four_ranks):
+    for result in four_ranks:
+        for shape, (ort_err, _) in result["hand"]["errors"].items():
+            assert ort_err <= TOL, (shape, ort_err)
+        assert max(result["pass"]["llama-tiny"]["errors"]) <= TOL, result["pass"]
+
+
+def test_data_parallel_uneven_batch_gathers_rows_in_order(two_ranks):
+    # batch 5 on 2 ranks: rows 0-2 and 3-4; batch 1: one rank computes, both return it
+    for result in two_ranks:
+        assert result["data_parallel"]["batch"] <= TOL
+        assert result["data_parallel"]["small_batch"] <= TOL
+
+
+def test_data_parallel_stream_returns_every_request_in_order(two_ranks):
+    for result in two_ranks:
+        stream = result["data_parallel"]["stream"]
+        assert len(stream) == 3 and max(stream) <= TOL
+
+
+def test_data_parallel_over_tensor_parallel_mesh_2x2():
+    results = run_local(pm.check_mesh, 4, tensor_parallel=2)
+    assert sorted((r["dp_rank"], r["tp_rank"]) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert max(r["err"] for r in results) <= TOL
+
+
+def test_a_rank_that_dies_fails_the_others_within_the_timeout():
+    results = run_local(pm.check_dead_peer, 2, timeout=5.0, wall=120.0, check=False)
+    status, survivor = results[0]
+    assert status == "ok", survivor
+    assert survivor["error"] == "CollectiveError", survivor
+    assert "another rank exited or did not answer" in survivor["message"]
+    assert survivor["seconds"] < 10, survivor
+
+
+def test_missing_process_group_says_how_to_launch(monkeypatch):
+    import fxopt.launch
+
+    for key in fxopt.launch.LAUNCH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(fxopt.launch.LaunchError, match="torchrun --nproc-per-node 2"):
+        fxopt.launch.init(tensor_parallel=2)
+
+
+def test_mesh_refuses_a_world_that_is_not_data_times_tensor_parallel():
+    import torch.distributed as dist
+
+    import fxopt.launch
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(fxopt.launch.LaunchError, match=r"1 processes cannot form a mesh of data_parallel=1 x tensor_parallel=2"):
+            fxopt.launch.init(tensor_parallel=2)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_optimize_refuses_out_for_a_parallel_run(tmp_path, capsys):
+    from fxopt.cli import main
+
+    assert main(["optimize", "mlp", "--tensor-parallel", "2", "--out", str(tmp_path / "m.onnx")]) == 1
+    assert "one graph per rank" in capsys.readouterr().err

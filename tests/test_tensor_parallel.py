@@ -1,0 +1,275 @@
+"""tensor-parallel: each rank's graph, run in its own process under
+torch.distributed (gloo on CPU), gives the whole model's logits.
+
+The rank graphs are built once in the test process; the ranks are forked
+from it, so they start with the graphs in memory and only communicate."""
+
+import functools
+import multiprocessing
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
+
+import fxopt
+from fxopt.ir.collectives import ALL_GATHER, ALL_REDUCE, WAIT
+from fxopt.models import bert, gpt2, hf_spec, llama
+from fxopt.parallel import ProcessGroupError, all_reduce_count, compile_tensor_parallel, tensor_parallel_graphs
+from conftest import reference, run
+from structural import assert_structurally_equal, graph_of
+
+transformers = pytest.importorskip("transformers")
+
+
+def _rank_main(rank: int, n: int, store: str, cases: dict, queue) -> None:
+    try:
+        torch.set_num_threads(1)
+        torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=n)
+        try:
+            out = {}
+            for name, (graphs, inputs) in cases.items():
+                # a whole graph: split here for this process's rank, as a script under torchrun does
+                model = compile_tensor_parallel(graphs) if isinstance(graphs, fxopt.Graph) else fxopt.compile(graphs[rank], "eager")
+                out[name] = tree_leaves(run(model, inputs))[0].numpy()
+            queue.put((rank, out))
+        finally:
+            torch.distributed.destroy_process_group()
+    except BaseException:
+        queue.put((rank, traceback.format_exc()))
+
+
+def run_ranks(n: int, cases: dict, timeout: float = 120) -> dict:
+    """Run ``cases`` (name -> (rank graphs, inputs)) on ``n`` forked ranks;
+    returns name -> each rank's first output."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_rank_main, args=(r, n, os.path.join(tmp, "store"), cases, queue)) for r in range(n)]
+        for p in procs:
+            p.start()
+        try:
+            results = dict(queue.get(timeout=timeout) for _ in procs)
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    failed = {r: v for r, v in results.items() if isinstance(v, str)}
+    assert not failed, "\n".join(f"rank {r}:\n{v}" for r, v in failed.items())
+    return {name: [torch.from_numpy(results[r][name]) for r in range(n)] for name in cases}
+
+
+def phi3():
+    cfg = transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=4, vocab_size=256, max_position_embeddings=128, use_cache=False,
+                                  pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    return hf_spec(transformers.Phi3ForCausalLM(cfg), 256, "phi3", mask=False, max_len=128)
+
+
+def gemma():
+    cfg = transformers.GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, head_dim=16, vocab_size=256, max_position_embeddings=128,
+                                   use_cache=False, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    return hf_spec(transformers.GemmaForCausalLM(cfg), 256, "gemma", mask=False, max_len=128)
+
+
+MODELS = {"gpt2": lambda: gpt2("tiny"), "llama": lambda: llama("tiny"), "phi3": phi3, "gemma": gemma}
+ENCODERS = {"bert": lambda: bert("tiny")}  # no LM head: the hidden states are the output
+
+
+@functools.lru_cache(maxsize=None)
+def spec_and_graph(name: str):
+    torch.manual_seed(0)
+    spec = {**MODELS, **ENCODERS}[name]()
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+    return spec, fxopt.PassManager("canonicalize,dce").run(graph).graph
+
+
+@functools.lru_cache(maxsize=None)
+def split(name: str, n: int):
+    return tensor_parallel_graphs(spec_and_graph(name)[1], n)
+
+
+# Split first, then the fusions and 8-bit quantization in groups of 32 input
+# channels, which lie inside one rank's shard (the down projection keeps 64 of 128).
+AFTER_SPLIT = "fuse-attention,merge-linears,quantize(granularity=group,group_size=32),fuse-linear-act,fuse-norm,dce"
+
+
+@functools.lru_cache(maxsize=None)
+def cases(n: int) -> dict:
+    names = (*MODELS, *ENCODERS) if n == 2 else ("gpt2", "llama")
+    out = {name: (split(name, n), spec_and_graph(name)[0].example_inputs) for name in names}
+    if n == 2:
+        spec, graph = spec_and_graph("llama")
+        out["llama-quantized"] = (tensor_parallel_graphs(graph, 2, pipeline=AFTER_SPLIT), spec.example_inputs)
+        out["gemma-vocab-embeddings"] = (tensor_parallel_graphs(spec_and_graph("gemma")[1], 2, embeddings="vocab"),
+                                         spec_and_graph("gemma")[0].example_inputs)
+        out["gpt2-whole"] = spec_and_graph("gpt2")[1], spec_and_graph("gpt2")[0].example_inputs
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def logits(n: int) -> dict:
+    """Every case of ``n`` ranks, run in one group of ``n`` forked processes."""
+    return run_ranks(n, cases(n))
+
+
+LAYERS = 2  # every test config has two transformer layers
+
+
+# Every rank returns the whole model's logits, within 1e-5 of one process (fp32).
+@pytest.mark.parametrize("name", list(MODELS))
+def test_two_ranks_match_the_model(name):
+    spec, _ = spec_and_graph(name)
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)[name]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# An encoder with a padding mask (broadcast over the heads) splits the same way.
+def test_encoder_with_mask():
+    spec, _ = spec_and_graph("bert")
+    ranks = split("bert", 2)
+    assert all(all_reduce_count(g) == 2 * LAYERS and not any(n.target == ALL_GATHER for n in g.fx.nodes) for g in ranks)
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)["bert"]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# Four ranks: Llama's 2 KV heads are replicated (2 ranks share each), GPT-2's 4 heads one per rank.
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_four_ranks_match_the_model(name):
+    spec, _ = spec_and_graph(name)
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(4)[name]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# Two all-reduces per transformer layer (attention output, MLP down projection), one all-gather (the LM head).
+@pytest.mark.parametrize("name", list(MODELS))
+def test_two_all_reduces_per_layer(name):
+    for g in split(name, 2):
+        assert all_reduce_count(g) == 2 * LAYERS
+        assert sum(1 for node in g.fx.nodes if node.target == ALL_GATHER) == 1
+        assert sum(1 for node in g.fx.nodes if node.target == WAIT) == 2 * LAYERS + 1
+
+
+# Vocabulary-parallel embeddings: Gemma's table, tied to its LM head, is split
+# by rows; both read one shard, and one more all-reduce sums the lookups.
+def test_vocab_parallel_embeddings():
+    spec, graph = spec_and_graph("gemma")
+    ranks = cases(2)["gemma-vocab-embeddings"][0]
+    table = graph.constant(next(n for n in graph.fx.nodes if n.target == torch.ops.aten.embedding.default).args[0])
+    for g in ranks:
+        assert all_reduce_count(g) == 2 * LAYERS + 1
+        lookup = next(n for n in g.fx.nodes if n.target == torch.ops.aten.embedding.default)
+        head = [n for n in g.fx.nodes if n.target == torch.ops.aten.linear.default][-1]
+        assert lookup.args[0] is head.args[1] and g.constant(lookup.args[0]).shape[0] == table.shape[0] // 2
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)["gemma-vocab-embeddings"]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# compile_tensor_parallel(graph) in each process splits for that process's rank.
+def test_compile_for_this_process_rank():
+    spec, _ = spec_and_graph("gpt2")
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)["gpt2-whole"]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# Composition: the quantized, fused rank graphs keep their two all-reduces per
+# layer and stay within the quantization tolerance of the model.
+def test_split_then_quantize_and_fuse():
+    spec, _ = spec_and_graph("llama")
+    ranks = cases(2)["llama-quantized"][0]
+    assert all(all_reduce_count(g) == 2 * LAYERS for g in ranks)
+    assert all(any(str(n.target).startswith("fxopt.linear_nbits") for n in g.fx.nodes) for g in ranks)
+    want = tree_leaves(reference(spec))[0]
+    for got in logits(2)["llama-quantized"]:
+        parity = fxopt.compare(want, got)
+        assert parity.within(0.03) and parity.cosine > 0.999, parity
+
+
+# Each rank holds its shard: about half the split weights at N=2 (embeddings and norms stay whole).
+def test_rank_graphs_hold_their_shards():
+    _, graph = spec_and_graph("llama")
+    ranks = split("llama", 2)
+    assert all(g.param_bytes() < graph.param_bytes() for g in ranks)
+    q = [n for n in ranks[1].fx.nodes if n.target == torch.ops.aten.linear.default][0]
+    assert ranks[1].constant(q.args[1]).shape[0] == 32  # 2 of 4 query heads of 16
+
+
+# Before/expected: an MLP's first linear splits by output channel, the second by input
+# channel, followed by the all-reduce and then its bias, added once.
+def test_mlp_pair_structure():
+    w1, b1, w2, b2 = torch.randn(16, 8), torch.randn(16), torch.randn(4, 16), torch.randn(4)
+
+    def before(x):
+        return F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)
+
+    w1_1, b1_1, w2_1 = w1[8:].contiguous(), b1[8:].contiguous(), w2[:, 8:].contiguous()  # rank 1's shards
+
+    def rank1(x):
+        h = F.relu(F.linear(x, w1_1, b1_1))
+        partial = F.linear(h, w2_1)
+        total = torch.ops._c10d_functional.wait_tensor.default(
+            torch.ops._c10d_functional.all_reduce.default(partial, "sum", "tp"))
+        return total + b2
+
+    x = torch.randn(3, 8)
+    graph = fxopt.PassManager("canonicalize").run(graph_of(before, (x,))).graph
+    result = fxopt.PassManager("tensor-parallel(world_size=2,rank=1)").run(graph)
+    assert_structurally_equal(result.graph, graph_of(rank1, (x,)), constant_values=True)
+    assert result.records[0].stats["all_reduces"] == 1
+
+
+# Should not fire: channels that reach a norm cannot be split by a pair, and the
+# LM head is kept whole on request: the graph is left as it was.
+def test_no_pair_leaves_the_graph_alone():
+    w1, w2 = torch.randn(16, 8), torch.randn(4, 16)
+
+    def model(x):
+        return F.linear(F.layer_norm(F.linear(x, w1), (16,)), w2)
+
+    graph = fxopt.PassManager("canonicalize").run(graph_of(model, (torch.randn(3, 8),))).graph
+    result = fxopt.PassManager("tensor-parallel(world_size=2,rank=0,lm_head=replicated)").run(graph)
+    assert not result.records[0].changed
+    assert_structurally_equal(result.graph, graph, constant_values=True)
+    assert "layer_norm" in str(result.records[0].stats["unpaired"])
+
+
+# A world size that does not divide the heads fails before anything changes,
+# naming the node; the user's graph is untouched.
+def test_world_size_that_does_not_fit():
+    _, graph = spec_and_graph("gpt2")
+    text = str(graph)
+    with pytest.raises(fxopt.PassError, match=r"failed at node 'linear.*world_size=3 does not divide the 4 heads"):
+        fxopt.PassManager("tensor-parallel(world_size=3,rank=0)").run(graph)
+    assert str(graph) == text
+
+
+# Uneven heads: 4 heads over 8 ranks is refused with the reason (the MLP's 256 channels would fit).
+def test_uneven_heads_are_refused():
+    _, graph = spec_and_graph("gpt2")
+    with pytest.raises(fxopt.PassError, match=r"world_size=8 does not divide the 4 heads"):
+        fxopt.PassManager("tensor-parallel(world_size=8,rank=0)").run(graph)
+
+
+# Running a rank graph without a process group says how to launch.
+def test_missing_process_group_says_how_to_launch():
+    with pytest.raises(ProcessGroupError, match=r"torchrun --nproc-per-node 2"):
+        fxopt.compile(split("gpt2", 2)[0], "eager")
+    with pytest.raises(ProcessGroupError, match=r"torchrun --nproc-per-node N"):
+        compile_tensor_parallel(spec_and_graph("gpt2")[1])
+
+
+# The collectives are nodes of the text IR, on the literal group "tp".
+def test_collectives_in_text_ir():
+    text = str(split("gpt2", 2)[0])
+    assert "_c10d_functional.all_reduce" in text and "'tp'" in text and "all_gather_into_tensor" in text
+    assert ALL_REDUCE in {n.target for n in split("gpt2", 2)[0].fx.nodes}
