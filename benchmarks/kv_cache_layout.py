@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from fxopt.backends.onnxruntime import _session_options, new_session
+from fxopt.backends.onnxruntime import new_session, session_options
 
 from common import captured, write_result
 
@@ -71,7 +71,7 @@ def _median_us(step, runs: int) -> float:
 
 
 def measure(kind: str, *, layers, heads, kv_heads, head, batch, context, max_length, threads, runs) -> float:
-    so = _session_options(threads, 1, "all", True)
+    so = session_options(threads, 1, "all", True)
     so.log_severity_level = 3
     session = new_session(_model(layers, heads, kv_heads, head, kind).SerializeToString(), so)
     rng = np.random.default_rng(0)

@@ -444,7 +444,7 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
 
     ``share_weights`` (ONNX Runtime): both sessions take their initializers
     from one set of arrays (:class:`fxopt.backends.onnxruntime.SharedInitializers`)
-    and do not prepack them, so the weights are held once; False: each session
+    and do not prepack them (docs/generation.md has the memory measured); False: each session
     holds and prepacks its own (twice the memory; fastest kernels for
     quantized graphs). Default: shared unless a graph has quantized linears,
     whose ONNX Runtime kernels need prepacked weights to be fast.

@@ -325,7 +325,8 @@ def test_onnx_export_writes_each_weight_once(tmp_path):
     past = [torch.randn(1, 2, 6, 16) for _ in range(4)]
     inputs = (ids[:, -1:], torch.ones(1, 7, dtype=torch.long), torch.tensor([[6]]), tuple(past))
     a, b = (m(*inputs) for m in steps)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for x, y in zip(a, b):  # the reloaded session prepacks its weights: another GEMM kernel, rounding apart
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 # -- quantized pipelines ------------------------------------------------------------------------------
