@@ -267,10 +267,14 @@ def test_shared_projection_is_refused():
     assert_parity(spec, graph)
 
 
-def test_kv_cache_offset_mask_is_refused():
-    spec = tiny_gpt()  # query i sits at past + i: an explicit mask, not a padding mask
+def test_kv_cache_offset_mask_goes_to_the_cache_kernel_or_is_refused():
+    spec = tiny_gpt()  # query i sits at past + i against concat(past, new): an explicit mask, not a padding mask
     graph, stats = pack(spec)
-    assert (stats["packed"], stats["gqa"]) == (0, 0) and len(stats["refused"]) == 2
+    assert (stats["packed"], stats["gqa"], stats["cache"], stats["refused"]) == (0, 0, 2, {})
+    assert_parity(spec, graph)
+    graph, stats = pack(spec, pipeline=f"{BASE},fuse-attention,merge-linears,pack-attention(cache=false),dce")
+    assert (stats["packed"], stats["gqa"], stats["cache"]) == (0, 0, 0) and len(stats["refused"]) == 2
+    assert all("cache=false" in reason for reason in stats["refused"].values())
     assert_parity(spec, graph)
 
 
