@@ -65,6 +65,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from generate_optimum_peer import FirstTokenTimer  # noqa: E402  (the peer script imports nothing from fxopt)
 
 # The README's fused pipelines: pack-attention lowers a decode step's attention
 # against the cache to GroupQueryAttention with a past.
@@ -327,20 +328,6 @@ class Run:
     prefill_ms: float
     decode_ms: float  # the new_tokens - 1 steps after the first token
     steps: int
-
-
-class FirstTokenTimer:
-    """A ``generate`` streamer noting the time of each ``put``: the first is the
-    prompt, the second the first new token, so prefill ends at the second."""
-
-    def __init__(self):
-        self.times = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        self.times.append(time.perf_counter())
 
 
 def run_hf(model, ids: torch.Tensor, new_tokens: int) -> Run:

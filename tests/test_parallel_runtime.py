@@ -33,7 +33,7 @@ def test_onnxruntime_rank_graph_matches_single_process_at_2_ranks(two_ranks):
 
 
 def test_onnxruntime_rank_graph_is_cut_at_each_collective(two_ranks):
-    # two all-reduces (one per block) and the LM head's all-gather: three cuts, four sessions
+    # two all-reduces (one per block) and the LM head's all-gather: three cuts, four ONNX Runtime sessions
     for result in two_ranks:
         hand = result["hand"]
         assert hand["collectives"] == ["_c10d_functional::all_reduce", "_c10d_functional::all_reduce",
