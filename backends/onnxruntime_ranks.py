@@ -292,7 +292,7 @@ class OnnxRuntimeRankModel(CompiledModel):
             else:
                 x = x.contiguous()
                 out = x.new_empty((x.shape[0] * c.group_size, *x.shape[1:]))
-                dist.all_gather_into_tensor(out, x, group=group)
+                dist.all_gather_single(out, x, group=group)
         except RuntimeError as e:
             raise CollectiveError(f"{self.graph.name}: collective {c.node}", group, e) from e
         env[c.result] = out

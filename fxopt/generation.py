@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .ir.collectives import rank_of
 from .ir.decoder import CausalLMInfo, DecoderGraphs, NotACausalLMError, trace_decoder
 from .ir.graph import Graph
 
@@ -90,7 +91,9 @@ class GenerationOutput:
 
 
 class _EagerSteps:
-    """Runs the two graphs with PyTorch; the cache is a list of tensors."""
+    """Runs two compiled models called with torch tensors (eager PyTorch, or a
+    tensor-parallel rank's ONNX Runtime sessions joined by collectives); the
+    cache is a list of tensors."""
 
     def __init__(self, prefill, decode):
         self.prefill_model, self.decode_model = prefill, decode
@@ -273,7 +276,8 @@ class Generator:
         # ONNX Runtime: the initializers both sessions take (None: each session holds its own)
         self.shared_initializers = shared_initializers
         self.cache = cache
-        steps = _EagerSteps if backend != "onnxruntime" else (_OrtBufferSteps if cache == "buffer" else _OrtSteps)
+        by_torch = backend != "onnxruntime" or not hasattr(decode_model, "session")  # a rank model: several sessions
+        steps = _EagerSteps if by_torch else (_OrtBufferSteps if cache == "buffer" else _OrtSteps)
         self._steps = steps(prefill_model, decode_model)
 
     def save_onnx(self, directory) -> dict:
@@ -471,6 +475,16 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
         graphs = optimize_decoder(graphs, pipeline, check_numerics=check_numerics)
     shared = share_constants(graphs.prefill, graphs.decode)
     initializers = None
+    ranked = any(rank_of(g) is not None for g in (graphs.prefill, graphs.decode))
+    if backend == "onnxruntime" and ranked:
+        # a rank graph runs as several sessions cut at its collectives (fxopt.backends.onnxruntime_ranks)
+        if cache == "buffer":
+            raise GenerationError("cache='buffer' needs one ONNX Runtime session per step (GroupQueryAttention writes a "
+                                  "bound buffer in place); a tensor-parallel rank's step runs as several sessions "
+                                  "joined by collectives: use cache='growing'")
+        if share_weights:
+            raise GenerationError("share_weights=True: a tensor-parallel rank's sessions each hold their own weights")
+        share_weights = False
     if backend == "onnxruntime":
         if share_weights is None:
             share_weights = not (_needs_prepacking(graphs.prefill) or _needs_prepacking(graphs.decode))

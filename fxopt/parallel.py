@@ -21,6 +21,9 @@ Under ``torchrun --nproc-per-node N`` (one process per rank)::
     graph = fxopt.trace(model, example_inputs)
     run = fxopt.parallel.compile_tensor_parallel(graph)      # this process's rank
     logits = run(**inputs)                                    # the whole model's logits
+
+    gen = fxopt.parallel.compile_tensor_parallel_generator(hf_causal_lm)   # generation, cache split by heads
+    tokens = gen.generate([[5, 9, 2]], max_new_tokens=64).new_tokens      # the same on every rank
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .ir.graph import Graph
 
 __all__ = [
     "GROUP", "ProcessGroupError", "bind_process_group", "rank_graph", "tensor_parallel_graphs",
-    "compile_tensor_parallel", "rank_of", "all_reduce_count",
+    "compile_tensor_parallel", "compile_tensor_parallel_generator", "rank_of", "all_reduce_count",
 ]
 
 
@@ -63,18 +66,48 @@ def compile_tensor_parallel(graph: Graph, *, group=None, backend: str = "eager",
     same inputs. ``split_options`` go to the pass, ``options`` to the
     backend. Raises :class:`ProcessGroupError` saying how to launch when
     no process group is initialized."""
-    import torch.distributed as dist
-
     from .backends import compile
 
+    group, rank, n = _this_rank(group, "compile_tensor_parallel")
+    bound = bind_process_group(rank_graph(graph, rank, n, pipeline=pipeline, **(split_options or {})), group)
+    return compile(bound, backend, **options)
+
+
+def compile_tensor_parallel_generator(model, *, group=None, backend: str = "eager", pipeline: str = "",
+                                      split_options: dict | None = None, **options):
+    """This process's rank of a causal LM split for generation: the prefill
+    and decode-step graphs (:func:`fxopt.ir.decoder.trace_decoder`, or the
+    ``DecoderGraphs`` given) each split for this rank over ``group``, then
+    ``pipeline`` run on them, bound and compiled for ``backend``. Returns a
+    :class:`fxopt.generation.Generator`; every rank calls ``generate`` with the
+    same prompts and options and gets the same tokens. Each rank's key/value
+    cache holds only its heads (``[B, kv_heads / N, T, D]``). ``split_options``
+    go to the pass, ``options`` to :func:`fxopt.compile_generator` (backend
+    options; on ONNX Runtime each rank's step runs as sessions cut at its
+    collectives, with ``cache="growing"``)."""
+    from .generation import compile_generator
+    from .ir.decoder import DecoderGraphs, trace_decoder
+    from .passes import PassManager
+
+    group, rank, n = _this_rank(group, "compile_tensor_parallel_generator")
+    if pipeline:
+        PassManager(pipeline)  # a bad pipeline fails before tracing
+    graphs = model if isinstance(model, DecoderGraphs) else trace_decoder(model)
+    ranked = {kind: bind_process_group(rank_graph(getattr(graphs, kind), rank, n, pipeline=pipeline, **(split_options or {})), group)
+              for kind in ("prefill", "decode")}
+    return compile_generator(DecoderGraphs(ranked["prefill"], ranked["decode"], graphs.info, graphs.name, graphs.records,
+                                           graphs.pipeline), None, backend, **options)
+
+
+def _this_rank(group, what: str):
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
-        raise ProcessGroupError("compile_tensor_parallel needs an initialized torch.distributed process group: launch one "
+        raise ProcessGroupError(f"{what} needs an initialized torch.distributed process group: launch one "
                                 "process per rank with `torchrun --nproc-per-node N your_script.py` and call "
                                 "torch.distributed.init_process_group('gloo') (or 'nccl') first")
     group = group if group is not None else dist.group.WORLD
-    rank, n = dist.get_rank(group), dist.get_world_size(group)
-    bound = bind_process_group(rank_graph(graph, rank, n, pipeline=pipeline, **(split_options or {})), group)
-    return compile(bound, backend, **options)
+    return group, dist.get_rank(group), dist.get_world_size(group)
 
 
 def all_reduce_count(graph: Graph) -> int:

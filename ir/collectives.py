@@ -8,6 +8,12 @@ that ``torch.export`` traces, each followed by its ``wait_tensor``::
     ag = torch.ops._c10d_functional.all_gather_into_tensor.default(x, N, "tp")
     z = torch.ops._c10d_functional.wait_tensor.default(ag)       # [N * x.shape[0], ...]
 
+These are the ops torch's functional collectives trace to
+(``torch.distributed._functional_collectives.all_reduce`` and
+``all_gather_single``, which replaces the deprecated ``all_gather_tensor`` and
+still traces to ``all_gather_into_tensor``); at run time outside a graph the
+ONNX Runtime rank runner calls ``torch.distributed.all_gather_single``.
+
 The group is written as the literal :data:`GROUP` (``"tp"``), a name no real
 process group has: a graph is bound to the process group it runs in by
 :func:`bind_group`, which rewrites the literal into that group's

@@ -118,11 +118,15 @@ def did_you_mean(name: str, choices) -> str:
 @dataclass
 class PassResult:
     """What a pass did. ``preserved``, when given, overrides the pass's
-    ``preserves`` for this run (analyses still valid although it changed the graph)."""
+    ``preserves`` for this run (analyses still valid although it changed the graph).
+    ``sharded_outputs``: the flat output positions whose shapes the pass
+    changed on purpose (a tensor-parallel rank returns its heads of the
+    key/value cache); every other output must keep its dtype and shape."""
 
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
     preserved: tuple[type[Analysis], ...] | None = None
+    sharded_outputs: tuple[int, ...] = ()
 
 
 class PassError(RuntimeError):

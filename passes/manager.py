@@ -291,6 +291,9 @@ class PassManager:
             if self.verify:
                 work.verify()
                 now = output_signature(work)
+                if len(now) == len(state.outputs):
+                    for i in result.sharded_outputs:  # a rank's shard of an output: its new shape is the one to keep
+                        state.outputs[i] = now[i]
                 if now != state.outputs:
                     changed = next(i for i, (a, b) in enumerate(zip(now, state.outputs)) if a != b) if len(now) == len(state.outputs) else "count"
                     raise PassError(f"changed the model's outputs (output {changed}: {state.outputs[changed] if changed != 'count' else len(state.outputs)} -> "

@@ -209,9 +209,12 @@ def keep_channels(graph, deps, kept=(), heads=(), suffix: str = "shrunk") -> Non
     constants of the other channels go; splits and slices of a producer's
     output get their new sizes, and the shape entries that count heads the
     new counts (``repeat_kv`` repeats each kept KV head ``len(q) // len(kv)``
-    times). ``deps`` is the :class:`ChannelAnalysis` result they come from.
-    Structured pruning keeps the important channels; a tensor-parallel rank
-    keeps its shard. New constants are named ``<old name>.<suffix>``."""
+    times). An attention's key/value cache inputs keep the same heads: their
+    shape metadata and the graph's example inputs change with them (its cache
+    outputs follow from the shapes). ``deps`` is the :class:`ChannelAnalysis`
+    result they come from. Structured pruning keeps the important channels; a
+    tensor-parallel rank keeps its shard. New constants are named
+    ``<old name>.<suffix>``."""
     keep_rows: dict[fx.Node, torch.Tensor] = {}
 
     def keep_span(span: Span, keep: torch.Tensor) -> None:
@@ -240,6 +243,8 @@ def keep_channels(graph, deps, kept=(), heads=(), suffix: str = "shrunk") -> Non
         for consumer in attn.consumers:
             _take(graph, consumer, 1, head_channels(q, attn.v_head_dim), 1, suffix)
         _count_heads(attn, len(q), len(kv))
+        for cache in attn.cache_inputs:
+            _keep_input_heads(graph, cache, q if cache.kind == "q" else kv)
     for node, pieces in deps.pieces.items():
         _resize(node, pieces, keep_rows)
 
@@ -263,6 +268,23 @@ def _count_heads(attn, n_q: int, n_kv: int) -> None:
                 if i != edit.index and entry == attn.group and source[i] == 1:
                     shape[i] = n_q // n_kv
         edit.node.args = (edit.node.args[0], shape, *edit.node.args[2:])
+
+
+def _keep_input_heads(graph, cache, heads) -> None:
+    """Graph input ``cache.node`` holds only ``heads`` along ``cache.axis``:
+    its shape metadata and example value say so."""
+    import torch.utils._pytree as pytree
+
+    ph = cache.node
+    val = ph.meta["val"]
+    shape = list(val.shape)
+    shape[cache.axis] = len(heads)
+    ph.meta["val"] = val.new_empty(shape)
+    leaves, spec = pytree.tree_flatten((graph.example_args, graph.example_kwargs))
+    i = graph.placeholders().index(ph)
+    if i < len(leaves) and isinstance(leaves[i], torch.Tensor):
+        leaves[i] = leaves[i].index_select(cache.axis, torch.as_tensor(list(heads), dtype=torch.long)).contiguous()
+        graph.example_args, graph.example_kwargs = pytree.tree_unflatten(leaves, spec)
 
 
 def _take(graph, user: fx.Node, index: int, keep: torch.Tensor, dim: int, suffix: str) -> None:

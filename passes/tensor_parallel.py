@@ -52,7 +52,11 @@ class TensorParallel(Pass):
     (found on the graph, never from module names): an MLP's first linear, or
     gate and up (separate or merged), with its down projection; Q, K and V
     (separate or merged) with the attention output projection, split by
-    heads. The LM head (a linear outside every pair whose output is a graph
+    heads; a generation step's key/value cache (graph inputs concatenated
+    with the new keys and values, and the graph outputs returning them) goes
+    with its heads, so each rank takes and returns only its heads' cache
+    (``[B, kv_heads / N, T, D]``; with more ranks than KV heads, the one KV
+    head its query heads read). The LM head (a linear outside every pair whose output is a graph
     output) is split by vocabulary.
 
     Produces: each column linear keeps its shard of output channels (weight
@@ -121,10 +125,13 @@ class TensorParallel(Pass):
             self._vocab_embedding(graph, table, rank, n, shards)
             reduces += 1
         graph.properties.add(f"tensor-parallel-rank={rank}/{n}")
+        caches = [c for p in plan.pairs if p.attention is not None for c in p.attention.cache_outputs]
         stats = {"rank": rank, "world_size": n, "pairs": len(plan.pairs), "all_reduces": reduces,
                  "all_gathers": len(lm_heads), "vocab_parallel_embeddings": len(tables), "bytes_before": before, "bytes_after": graph.param_bytes(),
-                 "split": {p.name: p.kind for p in plan.pairs}, "unpaired": dict(plan.unpaired)}
-        return PassResult(bool(plan.pairs or lm_heads or tables), stats)
+                 "split": {p.name: p.kind for p in plan.pairs}, "unpaired": dict(plan.unpaired),
+                 "cache_inputs": sum(len(p.attention.cache_inputs) for p in plan.pairs if p.attention is not None),
+                 "cache_outputs": len(caches)}
+        return PassResult(bool(plan.pairs or lm_heads or tables), stats, sharded_outputs=_output_positions(graph, caches))
 
     def _check_fits(self, graph, plan, lm_heads, n: int) -> None:
         for pair in plan.pairs:
@@ -217,6 +224,15 @@ class TensorParallel(Pass):
         total = insert_all_reduce(graph, rows)
         for user in users:
             user.replace_input_with(table, total)
+
+
+def _output_positions(graph, caches) -> tuple[int, ...]:
+    """Flat positions of the graph outputs that are ``caches``' values."""
+    from torch.utils._pytree import tree_leaves
+
+    values = {c.node for c in caches}
+    out = next(n for n in reversed(graph.fx.nodes) if n.op == "output")
+    return tuple(i for i, leaf in enumerate(tree_leaves(out.args[0])) if leaf in values)
 
 
 def _shard(size: int, rank: int, n: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ class TinyRank(torch.nn.Module):
         for w1, b1, w2 in zip(self.w1, self.b1, self.w2):
             x = x + funcol.all_reduce(F.linear(F.gelu(F.linear(x, w1, b1)), w2), "sum", self.group)
         logits = F.linear(x, self.head)  # [B, S, VOCAB / n]
-        gathered = funcol.all_gather_tensor(logits.permute(2, 0, 1).contiguous(), 0, self.group)
+        gathered = funcol.all_gather_single(logits.permute(2, 0, 1).contiguous(), 0, self.group)
         return gathered.permute(1, 2, 0)
 
 
@@ -185,3 +185,67 @@ def check_four_ranks(mesh):
     # llama-tiny has 2 KV heads: at 4 ranks they are replicated
     return {"hand": check_onnxruntime_rank(mesh), "pass": check_tensor_parallel_pass(mesh, ["llama-tiny"])}
 
+
+
+# -- generation with the key/value cache split by heads ----------------------------------
+GEN_PROMPTS = [[5, 9, 2, 7, 1, 3], [7, 8]]  # a left-padded batch of two
+GEN_NEW_TOKENS = 64
+
+
+def causal_lm(name: str):
+    """Tiny Hugging Face decoders of random weights: GPT-2 (4 heads, merged
+    c_attn) and Llama (4 query heads, 2 KV heads)."""
+    import transformers as tf
+
+    no_tokens = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=128,
+                                                **no_tokens)).eval()
+    return tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                              max_position_embeddings=128, **no_tokens)).eval()
+
+
+def left_padded(prompts):
+    length = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def check_generation(mesh, names=("gpt2", "llama"), backends=("eager", "onnxruntime")):
+    """Greedy generation split over the group against one process and
+    Hugging Face; the cache each rank holds."""
+    from fxopt.generation import compile_generator
+    from fxopt.ir.decoder import trace_decoder
+    from fxopt.parallel import all_reduce_count, compile_tensor_parallel_generator
+
+    out = {}
+    ids, mask = left_padded(GEN_PROMPTS)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    for name in names:
+        model = causal_lm(name)
+        graphs = trace_decoder(model)
+        with torch.no_grad():
+            hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=GEN_NEW_TOKENS,
+                                min_new_tokens=GEN_NEW_TOKENS, do_sample=False, pad_token_id=0)
+        whole = compile_generator(graphs).generate(GEN_PROMPTS, max_new_tokens=GEN_NEW_TOKENS).sequences
+        split = None
+        for backend in backends:
+            options = {"intra_op_threads": 1} if backend == "onnxruntime" else {}
+            if split is None:
+                gen = compile_tensor_parallel_generator(graphs, group=mesh.tp_group, backend=backend, **options)
+                split = gen.graphs
+            else:  # the same bound rank graphs on another backend
+                gen = compile_generator(split, None, backend, **options)
+            sequences = gen.generate(GEN_PROMPTS, max_new_tokens=GEN_NEW_TOKENS).sequences
+            present = gen.prefill_model(ids, mask, positions)[1:]
+            out[f"{name}-{backend}"] = {
+                # lists, not tensors: a tensor's memory would be shared with a process that exits
+                "sequences": sequences.tolist(), "whole": whole.tolist(), "hf": hf.tolist(),
+                "present_shapes": [tuple(t.shape) for t in present],
+                "past_heads": [int(p.meta["val"].shape[1]) for p in gen.graphs.decode.placeholders()[3:]],
+                "all_reduces": {kind: all_reduce_count(getattr(gen.graphs, kind)) for kind in ("prefill", "decode")},
+                "segments": getattr(gen.decode_model, "num_segments", None)}
+    return out

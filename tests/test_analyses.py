@@ -232,7 +232,8 @@ class HeadAttention(torch.nn.Module):
     """Four heads of 8 over a 32-wide stream; ``kv_heads`` < 4 repeats keys and
     values as Llama's repeat_kv does. ``form``: 'sdpa', 'eager', 'per-head-bias'
     (scores plus a constant per head, as ALiBi), 'leak' (the queries are an output
-    too), 'cache' (keys concatenated with a key cache read from an input)."""
+    too), 'cache' (keys and values concatenated with one cache read from an input),
+    'kv-cache' (a decode step: keys and values each concatenated with their own cache input, and returned)."""
 
     def __init__(self, kv_heads=4, form="sdpa"):
         super().__init__()
@@ -243,7 +244,7 @@ class HeadAttention(torch.nn.Module):
         self.o = torch.nn.Linear(32, 32)
         self.register_buffer("slopes", torch.arange(1.0, 5.0).view(4, 1, 1))
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, past_v=None):
         b, s, _ = x.shape
         q = self.q(x).view(b, s, -1, 8).transpose(1, 2)
         k = self.k(x).view(b, s, self.kv, 8).transpose(1, 2)
@@ -251,10 +252,14 @@ class HeadAttention(torch.nn.Module):
         if self.form == "cache":
             k = torch.cat([cache, k], dim=2)
             v = torch.cat([cache, v], dim=2)
+        if self.form == "kv-cache":
+            k = torch.cat([cache, k], dim=2)
+            v = torch.cat([past_v, v], dim=2)
+            present = (k, v)
         if self.kv != 4:
             k = k[:, :, None].expand(b, self.kv, 4 // self.kv, -1, 8).reshape(b, 4, -1, 8)
             v = v[:, :, None].expand(b, self.kv, 4 // self.kv, -1, 8).reshape(b, 4, -1, 8)
-        if self.form == "sdpa" or self.form == "leak" or self.form == "cache":
+        if self.form in ("sdpa", "leak", "cache", "kv-cache"):
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(8)
@@ -262,6 +267,8 @@ class HeadAttention(torch.nn.Module):
                 scores = scores + self.slopes
             out = torch.softmax(scores, -1) @ v
         out = self.o(out.transpose(1, 2).reshape(b, s, 32))
+        if self.form == "kv-cache":
+            return (out, *present)
         return (out, q) if self.form == "leak" else out
 
 
@@ -312,7 +319,7 @@ def _gpt2_tiny():
 @pytest.mark.parametrize("form, node, why", [
     ("per-head-bias", "add", "its own value per head"),
     ("leak", "output", "from outside the attention"),
-    ("cache", "cat", "no projection computes"),
+    ("cache", "cat", "besides its concatenation"),  # one input for keys and values
 ])
 def test_heads_the_analysis_cannot_prove_are_refused_with_the_node(form, node, why):
     inputs = (X, torch.randn(2, 4, 3, 8)) if form == "cache" else (X,)
@@ -320,6 +327,23 @@ def test_heads_the_analysis_cannot_prove_are_refused_with_the_node(form, node, w
     (heads,) = deps.attentions
     assert heads.refused is not None and f"node '{node}" in heads.refused and why in heads.refused, heads.refused
     assert deps.shrinkable_attentions() == [] and deps.refused()[heads.name] == heads.refused
+
+
+# A decode step's cache: the inputs concatenated with the new keys and values,
+# and the outputs returning them, carry the KV heads along axis 1. The heads
+# can be split among ranks with the cache, not removed (that changes the inputs).
+def test_a_key_value_cache_goes_with_the_heads():
+    past = torch.randn(2, 2, 3, 8)
+    graph, deps = head_analysis(HeadAttention(kv_heads=2, form="kv-cache"), X, past, past.clone())
+    (heads,) = deps.attentions
+    assert heads.refused is None, heads.refused
+    assert (heads.num_heads, heads.num_kv_heads) == (4, 2)
+    assert [(c.node.name, c.axis, c.kind) for c in heads.cache_inputs] == [("cache", 1, "kv"), ("past_v", 1, "kv")]
+    returned = list(next(n for n in graph.fx.nodes if n.op == "output").args[0][1:])
+    assert [c.node for c in heads.cache_outputs] == returned and all(c.axis == 1 for c in heads.cache_outputs)
+    assert deps.splittable_attentions() == [heads] and deps.shrinkable_attentions() == []
+    assert "key/value cache (cache, past_v, output cat, output cat_1)" in deps.refused()[heads.name]
+    assert heads.name not in deps.refused(cache=True)
 
 
 def test_fused_attention_ops_are_refused_with_the_node():

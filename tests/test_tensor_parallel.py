@@ -273,3 +273,38 @@ def test_collectives_in_text_ir():
     text = str(split("gpt2", 2)[0])
     assert "_c10d_functional.all_reduce" in text and "'tp'" in text and "all_gather_into_tensor" in text
     assert ALL_REDUCE in {n.target for n in split("gpt2", 2)[0].fx.nodes}
+
+
+class CachedAttention(torch.nn.Module):
+    """A decode step of one layer: 4 query heads over 2 KV heads of 8, keys and
+    values concatenated with their cache inputs and returned with the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(32, n) for n in (32, 16, 16, 32))
+        self.head = torch.nn.Linear(32, 24, bias=False)
+
+    def forward(self, x, past_k, past_v):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, 4, 8).transpose(1, 2)
+        k = torch.cat([past_k, self.k(x).view(b, s, 2, 8).transpose(1, 2)], 2)
+        v = torch.cat([past_v, self.v(x).view(b, s, 2, 8).transpose(1, 2)], 2)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.head(x + self.o(out.transpose(1, 2).reshape(b, s, 32))), k, v
+
+
+# The cache goes with the heads: rank 1 of 2 takes and returns KV head 1 only;
+# the graph's example cache is its slice, the logits keep their shape.
+def test_key_value_cache_is_split_by_heads():
+    torch.manual_seed(0)
+    x, past = torch.randn(2, 1, 32), torch.randn(2, 2, 5, 8)
+    graph = fxopt.trace(CachedAttention().eval(), (x, past, past + 1))
+    result = fxopt.PassManager("canonicalize,tensor-parallel(world_size=2,rank=1,lm_head=replicated)").run(graph)
+    ranked, stats = result.graph, result.records[-1].stats
+    assert (stats["cache_inputs"], stats["cache_outputs"], stats["all_reduces"]) == (2, 2, 1)
+    assert [tuple(p.meta["val"].shape) for p in ranked.placeholders()] == [(2, 1, 32), (2, 1, 5, 8), (2, 1, 5, 8)]
+    assert torch.equal(ranked.example_args[1], past[:, 1:]) and torch.equal(ranked.example_args[2], past[:, 1:] + 1)
+    out = next(n for n in ranked.fx.nodes if n.op == "output").args[0]
+    assert [tuple(n.meta["val"].shape) for n in out] == [(2, 1, 24), (2, 1, 6, 8), (2, 1, 6, 8)]
+    # the user's graph keeps its whole cache
+    assert [tuple(p.meta["val"].shape) for p in graph.placeholders()][1:] == [(2, 2, 5, 8)] * 2

@@ -46,7 +46,17 @@ one per attention, in :attr:`ChannelDependencies.attentions`:
   ``count * factor``, ``count`` the query or the KV head count); entries
   written ``-1`` are not listed;
 * ``region``: every node between the producers and the consumers. Nothing
-  outside it (but ``sym_size``) reads a value in it.
+  outside it (but ``sym_size`` and the cache outputs below) reads a value in it;
+* ``cache_inputs`` / ``cache_outputs`` (:class:`CacheTensor`): a generation
+  step's key/value cache. An input is a graph input concatenated with the new
+  keys or values along the positions (``cat([past, k], -2)``), read by nothing
+  else; an output is keys or values (never queries, and before ``repeat_kv``)
+  that the graph returns (the prefill's ``present``, the decode step's
+  ``concat(past, new)``). They carry the KV heads as k and v do: a
+  tensor-parallel split divides them with the heads
+  (:meth:`ChannelDependencies.splittable_attentions`); shrink leaves such an
+  attention alone, since removing heads would change the model's inputs and
+  outputs.
 
 The walk goes through transposes and permutes, the view into heads
 ``[B, S, H, D]`` and the merge back, element-wise ops whose other operand is
@@ -54,9 +64,10 @@ broadcast along the head axis (rotary embeddings' ``cos`` / ``sin``, scales,
 masks), slices and concatenations of the head dimension (``rotate_half``),
 ``repeat_kv`` (``unsqueeze``, ``expand``, ``clone``, ``reshape``), and
 ``enable_gqa``. Anything else refuses the attention (``refused`` names the
-node): an operand with its own value per head (ALiBi), a key/value cache read
-from an input, a value in the region read from outside it, fxopt's fused
-attention ops (shrink before ``fuse-attention`` / ``pack-attention``).
+node): an operand with its own value per head (ALiBi), a graph input that
+joins the queries or is read other than by its concatenation, a value in the
+region read from outside it (a graph output of queries), fxopt's fused
+attention ops (shrink and split before ``fuse-attention`` / ``pack-attention``).
 """
 
 from __future__ import annotations
@@ -124,13 +135,23 @@ class ChannelDependencies:
         return [g for g in self.groups if g.refused is None]
 
     def shrinkable_attentions(self) -> list["AttentionHeads"]:
+        """Attentions whose heads can be removed: followed whole, and not
+        reaching a key/value cache (removing heads there would change the
+        model's inputs and outputs)."""
+        return [a for a in self.attentions if a.refused is None and not a.has_cache]
+
+    def splittable_attentions(self) -> list["AttentionHeads"]:
+        """Attentions whose heads can be divided among ranks: followed whole;
+        a key/value cache they read or return is divided with them."""
         return [a for a in self.attentions if a.refused is None]
 
-    def refused(self) -> dict[str, str]:
-        """Why each group or attention cannot be shrunk, by name. A group of
-        q/k/v channels that an accepted attention covers (its walk stops at
-        the view into heads) is not listed: its heads are removable."""
-        spans = [s for a in self.shrinkable_attentions() for s in (a.q, a.k, a.v)]
+    def refused(self, *, cache: bool = False) -> dict[str, str]:
+        """Why each group or attention cannot be shrunk (with ``cache``:
+        split by heads), by name. A group of q/k/v channels that an accepted
+        attention covers (its walk stops at the view into heads) is not
+        listed: its heads are removable."""
+        accepted = self.splittable_attentions() if cache else self.shrinkable_attentions()
+        spans = [s for a in accepted for s in (a.q, a.k, a.v)]
 
         def covered(g):
             return all(any(s.producer is t.producer and t.offset <= s.offset and s.offset + s.size <= t.offset + t.size
@@ -138,6 +159,9 @@ class ChannelDependencies:
 
         out = {g.name: g.refused for g in self.groups if g.refused is not None and not covered(g)}
         out.update({a.name: a.refused for a in self.attentions if a.refused is not None})
+        if not cache:
+            out.update({a.name: f"its heads reach the key/value cache {_cache_names(a)}: removing them would change "
+                                "the model's inputs and outputs" for a in self.attentions if a.refused is None and a.has_cache})
         return out
 
     def group_of(self, span: Span) -> ChannelGroup | None:
@@ -298,6 +322,11 @@ class ChannelAnalysis(Analysis):
         return ChannelDependencies(list(groups.values()), pieces, find_attention_heads(graph))
 
 
+def _cache_names(attn) -> str:
+    names = [c.node.name for c in attn.cache_inputs] + [f"output {c.node.name}" for c in attn.cache_outputs]
+    return "(" + ", ".join(names) + ")"
+
+
 def _descendants(children: dict[Span, list[Span]], span: Span) -> list[Span]:
     out, work = [], [span]
     while work:
@@ -327,6 +356,18 @@ class ShapeEdit:
     factor: int
 
 
+@dataclass(frozen=True)
+class CacheTensor:
+    """A key/value cache tensor of an attention: a graph input concatenated
+    with the new keys or values, or a graph output returning them. Its heads
+    lie along ``axis``; ``kind`` says what counts them ('kv': the key/value
+    heads, 'q': as many as the query heads, without grouped-query attention)."""
+
+    node: fx.Node
+    axis: int
+    kind: str
+
+
 @dataclass
 class AttentionHeads:
     """The heads of one attention and every node that depends on them (see
@@ -345,6 +386,13 @@ class AttentionHeads:
     shape_edits: list[ShapeEdit] = field(default_factory=list)
     region: set = field(default_factory=set)
     refused: str | None = None
+    # the key/value cache read from graph inputs and returned as graph outputs (generation's decode step)
+    cache_inputs: list[CacheTensor] = field(default_factory=list)
+    cache_outputs: list[CacheTensor] = field(default_factory=list)
+
+    @property
+    def has_cache(self) -> bool:
+        return bool(self.cache_inputs or self.cache_outputs)
 
     @property
     def group(self) -> int:
@@ -415,10 +463,15 @@ class _HeadWalk:
         self.region: set = set()
         self.edits: list[ShapeEdit] = []
         self.memo: dict = {}
+        self.role = "q"  # which of q, k, v the backward walk is on
+        # node -> {(role, axis, kind, rep_axis)}: how each value on the walk carries heads
+        self.carriers: dict[fx.Node, set] = {}
+        self.cache_inputs: list[CacheTensor] = []
 
     # -- backward: a value that carries heads along ``axis`` ----------------------------
     def back(self, node: fx.Node, axis: int, kind: str, rep_axis: int | None = None) -> tuple:
         key = (node, axis, kind, rep_axis)
+        self.carriers.setdefault(node, set()).add((self.role, axis, kind, rep_axis))
         if key not in self.memo:
             self.memo[key] = self._back(node, axis, kind, rep_axis)
         return self.memo[key]
@@ -450,9 +503,13 @@ class _HeadWalk:
             dim = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
             if dim in (axis, rep_axis):
                 raise _Refuse(node, "a concatenation along the head axis")
-            if any(x not in self.computed for x in node.args[0]):
-                raise _Refuse(node, "a concatenation with a tensor that no projection computes (a key/value cache?)")
-            return self._same([self.back(x, axis, kind, rep_axis) for x in node.args[0]], node)
+            computed = [x for x in node.args[0] if x in self.computed]
+            cached = [x for x in node.args[0] if x not in self.computed]
+            if not computed or any(x.op != "placeholder" for x in cached):
+                raise _Refuse(node, "a concatenation with a tensor that no projection computes and no graph input holds")
+            for x in cached:
+                self._cache_input(x, node, axis, kind, rep_axis)
+            return self._same([self.back(x, axis, kind, rep_axis) for x in computed], node)
         if t == aten.unsqueeze.default:
             d = _dim(node.args[1], nd)
             if d == axis:
@@ -465,6 +522,31 @@ class _HeadWalk:
         if t in _VIEWS:
             return self._back_view(node, shape, axis, kind, rep_axis)
         raise _Refuse(node, "the analysis cannot follow attention heads through this op")
+
+    def _cache_input(self, past: fx.Node, cat: fx.Node, axis: int, kind: str, rep_axis) -> None:
+        """``past``, a graph input concatenated with a projection's keys or
+        values (along the positions), is a key/value cache: it carries the
+        same heads along the same axis, and nothing else reads it."""
+        if self.role == "q" or rep_axis is not None:
+            raise _Refuse(cat, f"graph input {past.name!r} joins the queries, or keys already repeated for the query heads")
+        s, shape = _shape(past), _shape(cat)
+        if _dim(cat.args[1] if len(cat.args) > 1 else 0, len(shape)) == len(shape) - 1:
+            raise _Refuse(cat, f"graph input {past.name!r} joins along the channels of each head, not the positions")
+        if len(s) != len(shape) or s[axis] != shape[axis]:
+            raise _Refuse(cat, f"graph input {past.name!r} of shape {s} does not carry the heads along axis {axis}")
+        others = [u for u in past.users if u is not cat and u.target != aten.sym_size.int]
+        if others:
+            raise _Refuse(others[0], f"reads the key/value cache input {past.name!r} besides its concatenation")
+        self.cache_inputs.append(CacheTensor(past, axis, kind))
+
+    def cache_output(self, value: fx.Node) -> "CacheTensor | None":
+        """``value``, read by the graph output, as a key/value cache: keys or
+        values (never queries) not yet repeated for the query heads."""
+        ways = self.carriers.get(value, set())
+        if len(ways) != 1:
+            return None
+        ((role, axis, kind, rep_axis),) = ways
+        return CacheTensor(value, axis, kind) if role in ("k", "v") and rep_axis is None else None
 
     def _same(self, sources: list, node) -> tuple:
         if any(s != sources[0] for s in sources[1:]):
@@ -695,8 +777,11 @@ def find_attention_heads(graph) -> list[AttentionHeads]:
             if found is None:
                 continue
             (q, qa, qd), (k, ka, kd), (v, va, vd), kv_kind = found
+            walk.role = "q"
             q_span, q_dim, q_rep = walk.back(q, qa, "q")
+            walk.role = "k"
             k_span, k_dim, k_rep = walk.back(k, ka, kv_kind)
+            walk.role = "v"
             v_span, v_dim, v_rep = walk.back(v, va, kv_kind)
             nq, nk = _static(_shape(q)[qa]), _static(_shape(k)[ka])
             if q_rep != 1 or k_rep != v_rep or k_dim != q_dim or k_span.producer is v_span.producer and k_span.offset == v_span.offset:
@@ -714,8 +799,12 @@ def find_attention_heads(graph) -> list[AttentionHeads]:
                 raise _Refuse(node, "no linear reads the attention's output")
             for n in walk.region | {s.producer for s in (heads.q, heads.k, heads.v)}:
                 for user in n.users:
-                    if user not in walk.region and user not in heads.consumers and user.target != aten.sym_size.int:
+                    cache = walk.cache_output(n) if user.op == "output" else None
+                    if cache is not None:
+                        heads.cache_outputs.append(cache)
+                    elif user not in walk.region and user not in heads.consumers and user.target != aten.sym_size.int:
                         raise _Refuse(user, f"reads {n.name!r}, a value that carries the attention's heads, from outside the attention")
+            heads.cache_inputs = walk.cache_inputs
             _check_disjoint([heads.q, heads.k, heads.v], node)
         except _Refuse as e:
             heads.refused = str(e)

@@ -6,7 +6,9 @@ channels flow from the *column* linears (their output channels, rows of the
 weight) into the *row* linears (their input channels, columns of the weight)
 and nowhere else: an MLP's first linear (or gate and up, separate or merged)
 with its down projection; Q, K and V (separate or merged) with the attention
-output projection, where the channel walk follows heads through attention.
+output projection, where the channel walk follows heads through attention
+(and through a generation step's key/value cache: its inputs and outputs are
+split by the same heads).
 Splitting a pair's channels (or heads) across ``N`` ranks leaves each row linear with a
 partial sum that one all-reduce completes.
 
@@ -80,8 +82,8 @@ class ParallelPairs(Analysis):
         candidates = [ParallelPair(list(dict.fromkeys(s.producer for s in g.spans)), list(g.consumers), group=g)
                       for g in deps.groups if g.refused is None]
         candidates += [ParallelPair(list(dict.fromkeys(s.producer for s in (a.q, a.k, a.v))), list(a.consumers), attention=a)
-                       for a in deps.attentions if a.refused is None]
-        plan = ParallelPlan([], deps.refused())  # q/k/v groups an accepted attention covers are not listed
+                       for a in deps.splittable_attentions()]
+        plan = ParallelPlan([], deps.refused(cache=True))  # q/k/v groups an accepted attention covers are not listed
         columns: set[fx.Node] = set()
         rows: set[fx.Node] = set()
         for pair in sorted(candidates, key=lambda p: min(order[c] for c in p.columns)):
