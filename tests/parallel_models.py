@@ -214,9 +214,15 @@ def left_padded(prompts):
     return ids, mask
 
 
+# after the split: each rank's decode attention against its cache lowered to
+# fxopt.attention_with_past (ONNX Runtime GroupQueryAttention) with its own head counts
+FUSED_AFTER_SPLIT = "dce,constant-fold,cse,fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce"
+
+
 def check_generation(mesh, names=("gpt2", "llama"), backends=("eager", "onnxruntime")):
     """Greedy generation split over the group against one process and
-    Hugging Face; the cache each rank holds."""
+    Hugging Face; the cache each rank holds. Llama also through the fused
+    pipeline after the split, on ONNX Runtime."""
     from fxopt.generation import compile_generator
     from fxopt.ir.decoder import trace_decoder
     from fxopt.parallel import all_reduce_count, compile_tensor_parallel_generator
@@ -248,4 +254,16 @@ def check_generation(mesh, names=("gpt2", "llama"), backends=("eager", "onnxrunt
                 "past_heads": [int(p.meta["val"].shape[1]) for p in gen.graphs.decode.placeholders()[3:]],
                 "all_reduces": {kind: all_reduce_count(getattr(gen.graphs, kind)) for kind in ("prefill", "decode")},
                 "segments": getattr(gen.decode_model, "num_segments", None)}
+        if name == "llama":
+            gen = compile_tensor_parallel_generator(graphs, group=mesh.tp_group, backend="onnxruntime",
+                                                    pipeline=FUSED_AFTER_SPLIT, intra_op_threads=1)
+            packed = [tuple(n.args[6:8]) for n in gen.graphs.decode.fx.nodes  # (num_heads, kv_num_heads)
+                      if n.target == torch.ops.fxopt.attention_with_past.default]
+            out["llama-fused-onnxruntime"] = {
+                "sequences": gen.generate(GEN_PROMPTS, max_new_tokens=GEN_NEW_TOKENS).sequences.tolist(),
+                "whole": whole.tolist(), "hf": hf.tolist(),
+                "present_shapes": [tuple(t.shape) for t in gen.prefill_model(ids, mask, positions)[1:]],
+                "past_heads": [int(p.meta["val"].shape[1]) for p in gen.graphs.decode.placeholders()[3:]],
+                "all_reduces": {kind: all_reduce_count(getattr(gen.graphs, kind)) for kind in ("prefill", "decode")},
+                "attention_with_past": packed, "segments": gen.decode_model.num_segments}
     return out

@@ -15,7 +15,7 @@ from fxopt.launch import run_local
 pytest.importorskip("transformers")
 
 KV_HEADS = {"gpt2": 4, "llama": 2}  # tiny configs: GPT-2 4 heads; Llama 4 query heads over 2 KV heads
-CASES = [f"{name}-{backend}" for name in KV_HEADS for backend in ("eager", "onnxruntime")]
+CASES = [f"{name}-{backend}" for name in KV_HEADS for backend in ("eager", "onnxruntime")] + ["llama-fused-onnxruntime"]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,13 @@ def test_each_rank_holds_its_heads_of_the_cache(two_ranks, case):
         assert r["past_heads"] == [heads] * 4
         # attention and MLP split in both graphs: two all-reduces per layer
         assert r["all_reduces"] == {"prefill": 4, "decode": 4}
+
+
+def test_fused_pipeline_after_the_split_lowers_each_ranks_attention_against_its_cache(two_ranks):
+    # pack-attention on the rank's decode graph: fxopt.attention_with_past (ONNX Runtime
+    # GroupQueryAttention) with the rank's 2 query heads over its 1 KV head, in both layers
+    for result in two_ranks:
+        assert result["llama-fused-onnxruntime"]["attention_with_past"] == [(2, 1), (2, 1)]
 
 
 def test_onnxruntime_rank_step_is_cut_at_each_collective(two_ranks):
