@@ -20,8 +20,9 @@ size with grouped-query attention):
   thread each) against one process with one thread.
 
 Every parallel row is checked against the model in one process (max abs error
-of the logits, printed beside it). ``--models gpt2-tiny,llama-tiny`` runs it
-all in a minute.
+of the logits, printed beside it). ``--models gpt2-tiny,llama-tiny`` checks
+that it all runs; ``--backends eager`` (or ``onnxruntime``) times one fxopt
+backend only, about halving the time.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ AFTER_SPLIT = "dce,constant-fold,cse"  # the graph is canonical already: the spl
 LLAMA_GPT2_SIZE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4, vocab_size=32000)
 SHAPES = {"one-token": 1, "prefill-128": 128}
+BACKENDS = ("eager", "onnxruntime")
 
 
 def model_spec(name: str):
@@ -96,7 +98,7 @@ def traced(spec):
 
 
 # -- rank processes ---------------------------------------------------------------------
-def tensor_parallel_rank(mesh, name: str, pipeline: str, repeats: int) -> dict:
+def tensor_parallel_rank(mesh, name: str, pipeline: str, repeats: int, backends=BACKENDS) -> dict:
     """This rank's graph at N=2 on both backends, the all-reduce alone, and the DTensor peer."""
     import torch.distributed as dist
 
@@ -106,7 +108,7 @@ def tensor_parallel_rank(mesh, name: str, pipeline: str, repeats: int) -> dict:
     spec = model_spec(name)
     graph = bind_process_group(rank_graph(traced(spec), mesh.tp_rank, mesh.tensor_parallel, pipeline=pipeline), mesh.tp_group)
     out = {"param_bytes": graph.param_bytes(), "all_reduces": all_reduce_count(graph), "rows": {}}
-    for backend in ("eager", "onnxruntime"):
+    for backend in backends:
         model = fxopt.compile(graph, backend, **({"intra_op_threads": 1} if backend == "onnxruntime" else {}))
         for shape, seq in SHAPES.items():
             ids = token_ids(spec.model, seq)
@@ -188,7 +190,7 @@ def data_parallel_rank(mesh, name: str, backend: str, requests: int, seq: int) -
 
 
 # -- one process ---------------------------------------------------------------------------
-def single_process(name: str, repeats: int, requests: int, seq: int) -> dict:
+def single_process(name: str, repeats: int, requests: int, seq: int, backends=BACKENDS) -> dict:
     import fxopt
 
     spec = model_spec(name)
@@ -199,7 +201,7 @@ def single_process(name: str, repeats: int, requests: int, seq: int) -> dict:
         out["rows"][("Hugging Face eager, one process", threads)] = {
             shape: (timed(lambda: spec.model(input_ids=token_ids(spec.model, seq_)), repeats), 0.0)
             for shape, seq_ in SHAPES.items()}
-        for backend in ("eager", "onnxruntime"):
+        for backend in backends:
             model = fxopt.compile(graph, backend, **({"intra_op_threads": threads} if backend == "onnxruntime" else {}))
             rows = {}
             for shape, seq_ in SHAPES.items():
@@ -220,7 +222,7 @@ def single_process(name: str, repeats: int, requests: int, seq: int) -> dict:
     return out
 
 
-def report(name: str, one: dict, tp: list[dict], dp: dict, requests: int, seq: int) -> str:
+def report(name: str, one: dict, tp: list[dict], dp: dict, requests: int, seq: int, backends=BACKENDS) -> str:
     rank0 = tp[0]
     lines = [f"Parameter bytes per rank at N=2: {max(r['param_bytes'] for r in tp) / 1e6:.1f} MB of "
              f"{one['model_bytes'] / 1e6:.1f} MB ({max(r['param_bytes'] for r in tp) / one['model_bytes']:.3f} of the model; "
@@ -235,7 +237,7 @@ def report(name: str, one: dict, tp: list[dict], dp: dict, requests: int, seq: i
 
     for (label, threads), cells in one["rows"].items():
         row(label, f"1 x {threads}", cells)
-    for backend in ("eager", "onnxruntime"):
+    for backend in backends:
         label = f"fxopt {backend}, tensor-parallel"
         # a forward takes as long as its slowest rank
         cells = {s: (max(r["rows"][(label, s)][0] for r in tp), max(r["rows"][(label, s)][1] for r in tp)) for s in SHAPES}
@@ -247,7 +249,7 @@ def report(name: str, one: dict, tp: list[dict], dp: dict, requests: int, seq: i
         cells = {s: (max(r["dtensor"][s][0] for r in tp), max(r["dtensor"][s][1] for r in tp)) for s in SHAPES}
         row("DTensor parallelize_module (Hugging Face eager) N=2", "2 x 1", cells)
     lines.append("")
-    for backend in ("eager", "onnxruntime"):
+    for backend in backends:
         base = one["rows"][(f"fxopt {backend}, one process", 1)]
         cells = {s: max(r["rows"][(f"fxopt {backend}, tensor-parallel", s)][0] for r in tp) for s in SHAPES}
         lines.append(f"fxopt {backend}: tensor-parallel N=2 / one process 1 thread: "
@@ -264,7 +266,7 @@ def report(name: str, one: dict, tp: list[dict], dp: dict, requests: int, seq: i
               f"{payload / 1024:.1f} KiB of payload; a ring all-reduce sends 2 x 7/8 of it from each rank: "
               f"{2 * 7 / 8 * payload / 1024:.1f} KiB per rank per layer per token "
               f"({2 * 7 / 8 * payload * one['layers'] / 1024:.0f} KiB per token over {one['layers']} layers).", ""]
-    for backend in ("eager", "onnxruntime"):
+    for backend in backends:
         single, pair = one[("stream", backend)], dp[backend]
         lines.append(f"Data parallel, fxopt {backend}: {requests} requests of {seq}-{seq + 1} tokens: one process 1 thread "
                      f"{requests / single:.1f} requests/s, 2 ranks x 1 thread {requests / max(p['seconds'] for p in pair):.1f} "
@@ -284,16 +286,20 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=32, help="requests in the data-parallel stream")
     p.add_argument("--seq", type=int, default=64, help="tokens per request of the stream")
     p.add_argument("--timeout", type=float, default=300.0, help="gloo timeout per collective, seconds")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="fxopt backends to time (eager, onnxruntime or both)")
     a = p.parse_args(argv)
+    backends = tuple(b for b in a.backends.split(",") if b)
+    if not backends or set(backends) - set(BACKENDS):
+        p.error(f"--backends takes {', '.join(BACKENDS)} (comma-separated), got {a.backends!r}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     for name in a.models.split(","):
         with captured() as out:
             print(f"{name}: measuring ...", file=sys.stderr)
-            one = single_process(name, a.repeats, a.requests, a.seq)
-            tp = run_local(tensor_parallel_rank, 2, name, a.pipeline, a.repeats, timeout=a.timeout, wall=3600)
+            one = single_process(name, a.repeats, a.requests, a.seq, backends)
+            tp = run_local(tensor_parallel_rank, 2, name, a.pipeline, a.repeats, backends, timeout=a.timeout, wall=3600)
             dp = {backend: run_local(data_parallel_rank, 2, name, backend, a.requests, a.seq, timeout=a.timeout, wall=3600)
-                  for backend in ("eager", "onnxruntime")}
-            print(report(name, one, tp, dp, a.requests, a.seq))
+                  for backend in backends}
+            print(report(name, one, tp, dp, a.requests, a.seq, backends))
         write_result("parallel", "Tensor and data parallelism (gloo, processes of one host)", out.text,
                      section=name, intro=__doc__.split("\n\n")[2].replace("\n", " "))
     return 0
