@@ -760,6 +760,7 @@ def find_attention_heads(graph) -> list[AttentionHeads]:
     """Every attention of ``graph`` with its heads (see the module docstring)."""
     computed = _computed(graph)
     fused = _fused_attention_ops()
+    order = {n: i for i, n in enumerate(graph.fx.nodes)}
     out = []
     for node in graph.fx.nodes:
         if node.op != "call_function":
@@ -804,6 +805,7 @@ def find_attention_heads(graph) -> list[AttentionHeads]:
                         heads.cache_outputs.append(cache)
                     elif user not in walk.region and user not in heads.consumers and user.target != aten.sym_size.int:
                         raise _Refuse(user, f"reads {n.name!r}, a value that carries the attention's heads, from outside the attention")
+            heads.cache_outputs.sort(key=lambda c: order[c.node])  # the region is a set: graph order, every run
             heads.cache_inputs = walk.cache_inputs
             _check_disjoint([heads.q, heads.k, heads.v], node)
         except _Refuse as e:
