@@ -31,6 +31,7 @@ from fxopt.ir.trace import split_inputs  # noqa: E402
 from fxopt.passes import PassManager  # noqa: E402
 
 RUNS = 6
+RUN = "(whole run)"  # kernel_times' key for the runs' own time: kernels plus the executor between them
 
 
 def profiled_session(graph, threads: int, prefix: str):
@@ -53,8 +54,8 @@ def feed(session, graph, inputs: dict) -> dict:
 def kernel_times(session, key=lambda event: event["args"]["op_name"], skip_runs: int = 0
                  ) -> tuple[collections.Counter, collections.Counter]:
     """End the session's profile: total kernel microseconds and node-run
-    counts per ``key(event)`` (default: the op type), leaving out the nodes
-    of the first ``skip_runs`` runs (warm-ups)."""
+    counts per ``key(event)`` (default: the op type), and the runs' own under
+    :data:`RUN`, leaving out the first ``skip_runs`` runs (warm-ups)."""
     events = json.load(open(session.end_profiling()))
     runs = sorted(e["ts"] + e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
     start = runs[skip_runs - 1] if 0 < skip_runs <= len(runs) else -1
@@ -63,6 +64,9 @@ def kernel_times(session, key=lambda event: event["args"]["op_name"], skip_runs:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > start:
             total[key(e)] += e["dur"]
             count[key(e)] += 1
+        elif e.get("cat") == "Session" and e["name"] == "model_run" and e["ts"] + e["dur"] > start:
+            total[RUN] += e["dur"]
+            count[RUN] += 1
     return total, count
 
 
@@ -93,6 +97,7 @@ def main(name: str, pipeline: str | None = None, threads: int = 2, tokens: int |
     for _ in range(RUNS):
         session.run(None, data)
     total, count = kernel_times(session)
+    del total[RUN], count[RUN]
     all_us = sum(total.values())
     print(f"| op | ms per run | share | nodes |  ({name}, {pipeline or 'fused'}, {threads} threads, {tokens or 'all'} tokens)\n|---|---|---|---|")
     for op, us in total.most_common():

@@ -17,14 +17,20 @@ own optimizations, and lists the head counts of their attention ops.
 Times are ratios within one run: both variants are timed round-robin and
 each ratio is the median over rounds of pruned / unpruned in the same round.
 
-    python benchmarks/prune_speed.py                          # GPT-2 small and fxopt's Llama, 25% heads, 30% MLP
+    python benchmarks/prune_speed.py                          # GPT-2 small (25% heads) and fxopt's Llama (50%), 30% MLP
     python benchmarks/prune_speed.py --size tiny --reps 5     # a quick check at test sizes
-    python benchmarks/prune_speed.py --models llama --heads 0.5
+    python benchmarks/prune_speed.py --models gpt2 --threads 2 --profile 20   # and where the time goes
+    python benchmarks/prune_speed.py --models gpt2 --multiple-of 64           # MLP widths rounded up to 64
     python benchmarks/prune_speed.py --reps 0                 # bytes and MACs only, no timing
+
+``--profile RUNS`` adds, per length, ONNX Runtime's profile of both fused
+graphs run interleaved: kernel time per op type and MatMul width, the time
+between kernels and the whole runs' ratio. The "linear weight bytes" row is
+the one-token work: the weights every linear streams, the tied LM head once.
 
 Under grouped-query attention heads go by whole key/value groups: fxopt's
 Llama (8 query heads over 2 KV heads) cannot lose 25% of its heads, only 0 or
-50%; the table says how many were removed. Results: one section per model
+50%, so ``--heads`` defaults to 0.5 for it; the table says how many were removed. Results: one section per model
 and configuration in ``benchmarks/results/prune_speed.md``.
 """
 
@@ -88,7 +94,7 @@ def profile_pair(a_graph, b_graph, inputs: dict, runs: int, threads: int) -> lis
     the two fused graphs on ONNX Runtime's profiler, their runs interleaved so
     a load on the CPU falls on both alike: a table of each one's share and of
     pruned / unpruned time per row."""
-    from ort_profile import feed, kernel_times, profiled_session, width_key
+    from ort_profile import RUN, feed, kernel_times, profiled_session, width_key
 
     sessions = [profiled_session(g, threads or 2, label) for g, label in ((a_graph, "unpruned"), (b_graph, "pruned"))]
     feeds = [feed(s, g, inputs) for s, g in zip(sessions, (a_graph, b_graph))]
@@ -96,6 +102,8 @@ def profile_pair(a_graph, b_graph, inputs: dict, runs: int, threads: int) -> lis
         for s, f in zip(sessions, feeds):
             s.run(None, f)
     (ta, ca), (tb, cb) = (kernel_times(s, width_key, skip_runs=1) for s in sessions)
+    run_a, run_b = ta.pop(RUN), tb.pop(RUN)
+    del ca[RUN], cb[RUN]
     all_a, all_b = sum(ta.values()), sum(tb.values())
     # a pruned shape sits beside its unpruned one: rows in the unpruned order, then the pruned-only ones
     order = [k for k, _ in ta.most_common()] + [k for k, _ in tb.most_common() if k not in ta]
@@ -107,6 +115,9 @@ def profile_pair(a_graph, b_graph, inputs: dict, runs: int, threads: int) -> lis
                      f"{cb[k] // runs} | {ratio} |")
     lines.append(f"| all kernels | 100% | {sum(ca.values()) // runs} | 100% | {sum(cb.values()) // runs} | "
                  f"{all_b / all_a:.3f} |")
+    lines.append(f"| between kernels (run time less kernel time) | {100 * (run_a - all_a) / all_a:.1f}% | | "
+                 f"{100 * (run_b - all_b) / all_b:.1f}% | | {(run_b - all_b) / max(run_a - all_a, 1):.3f} |")
+    lines.append(f"| whole runs | | | | | {run_b / run_a:.3f} |")
     return lines
 
 
