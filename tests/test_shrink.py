@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fxopt
-from conftest import BASE_PIPELINE, base_graph, run
+from conftest import BASE_PIPELINE, base_graph, model_spec, run
 from fxopt.ir.nodes import call_args
 from structural import assert_rewrites_to, assert_unchanged, graph_of
 from fxopt.models import BUILTIN, ModelSpec, hf_spec, seeded
@@ -161,8 +161,7 @@ def _kinds(graph) -> collections.Counter:
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
 def test_shrunk_model_keeps_every_fusion_and_quantizes_on_both_backends(name):
-    spec = SPECS[name]()
-    graph = _graph(spec)
+    spec, graph = model_spec(name), base_graph(name)
     shrunk = fxopt.PassManager("shrink(ratio=0.3,heads=0.5,multiple_of=8)").run(graph).graph
     widths = {tuple(shrunk.constant(n.args[1]).shape) for n in shrunk.fx.nodes if n.target == aten.linear.default}
     if name == "llama-tiny":  # ceil(0.7 * 128) = 90, rounded up to a multiple of 8; 2 of 4 query heads, 1 of 2 KV heads
