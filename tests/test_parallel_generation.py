@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import parallel_models as pm
+from conftest import once_per_run
 from fxopt.launch import run_local
 
 pytest.importorskip("transformers")
@@ -20,7 +21,7 @@ CASES = [f"{name}-{backend}" for name in KV_HEADS for backend in ("eager", "onnx
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return run_local(pm.check_generation, 2)
+    return once_per_run("parallel-generation-2-ranks", lambda: run_local(pm.check_generation, 2))
 
 
 @pytest.mark.parametrize("case", CASES)
