@@ -184,7 +184,7 @@ def owl_counts(outliers: list[float], sizes: list[int], ratio: float, lam: float
 
 def refit_weights(weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor | None = None, *,
                   bias: torch.Tensor | None = None, mean: torch.Tensor | None = None, ref_mean: torch.Tensor | None = None,
-                  start: torch.Tensor | None = None, damp: float = GPTQ_DAMP, iterations: int = 200,
+                  start: torch.Tensor | None = None, damp: float = GPTQ_DAMP, iterations: int = 100,
                   tol: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kept weights (and the bias) that best reproduce the dense layer's
     output: per output row ``r``, ``w'`` (zero where ``keep`` is False) and
@@ -194,8 +194,8 @@ def refit_weights(weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tenso
     same as ``x`` when ``cross`` is None), ``d = damp * mean(diag H)``.
 
     The normal equations of each row, restricted to its kept entries, are
-    solved by Jacobi-preconditioned conjugate gradients, every row at once,
-    from ``start`` (the method's weights) until the residual falls below
+    solved by Jacobi-preconditioned conjugate gradients, every row at once
+    (products in float32, the rest in float64), from ``start`` (the method's weights) until the residual falls below
     ``tol`` times the right-hand side's or ``iterations`` pass. Returns
     float32 ``(weight, bias)`` (bias None when none was given).
     """
@@ -217,6 +217,7 @@ def refit_weights(weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tenso
     A = H + reg * torch.eye(H.shape[0], dtype=torch.float64)
     rhs = (T @ C.T + reg * T) * M
     diag = torch.diag(A).clamp(min=1e-12)
+    A32 = A.float()  # the products in float32 (the cost), the iteration in float64
     V = V0 * M
     R = rhs - (V @ A) * M
     goal = tol * rhs.norm(dim=1).clamp(min=1e-30)
@@ -226,7 +227,7 @@ def refit_weights(weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tenso
     for _ in range(iterations):
         if bool((R.norm(dim=1) <= goal).all()):
             break
-        AP = (P @ A) * M
+        AP = (P.float() @ A32).double() * M
         alpha = rz / (P * AP).sum(1).clamp(min=1e-300)
         V += alpha[:, None] * P
         R -= alpha[:, None] * AP
@@ -390,7 +391,7 @@ class Prune(LayerFilterOptions):
     refit = Option("none", str, choices=("none", "layer", "model"),
                    help="after the mask: solve the kept weights and bias by least squares to reproduce the dense layer's output "
                         "on the layer's calibration inputs (layer) or the unpruned model's output at that layer (model)")
-    refit_iterations = Option(200, int, check=lambda v: None if v >= 1 else "must be >= 1",
+    refit_iterations = Option(100, int, check=lambda v: None if v >= 1 else "must be >= 1",
                               help="refit: conjugate-gradient iterations at most")
     sequential = Option(True, help="wanda, sparsegpt: calibrate each layer on the inputs the already-pruned layers produce "
                                    "(false, or threshold=global: every layer on the unpruned model's inputs, one calibration run)")
