@@ -77,12 +77,15 @@ STUDY = [
     "prune(method=wanda,ratio=0.5,refit=model)",
     "prune(method=sparsegpt,ratio=0.5,refit=layer)",
     "prune(method=sparsegpt,ratio=0.5,refit=model)",
+    "prune(method=sparsegpt,ratio=0.5,refit=model)@512",
+    "prune(method=sparsegpt,ratio=0.5,refit=model,refit_rounds=3)",
     "prune(method=sparsegpt,ratio=0.5,allocation=owl,refit=model)",
-    "prune(method=sparsegpt,ratio=0.5,allocation=owl,refit=model)@256",
+    "prune(method=sparsegpt,ratio=0.5,allocation=owl,refit=model)@512",
     "prune(method=wanda,pattern='2:4',refit=model)",
     "prune(method=sparsegpt,pattern='2:4',refit=layer)",
     "prune(method=sparsegpt,pattern='2:4',refit=model)",
-    "prune(method=sparsegpt,pattern='2:4',refit=model)@256",
+    "prune(method=sparsegpt,pattern='2:4',refit=model)@512",
+    "prune(method=sparsegpt,pattern='2:4',refit=model,refit_rounds=3)",
 ]
 ROWS = {"minilm": PRUNE + SHARE + SHRINK, "decoder": PRUNE + SHARE + SHRINK + QUANTIZE, "minilm-sparsity": STUDY}
 DEFAULT_CALIB = {"minilm": 128, "decoder": 64, "minilm-sparsity": 128}

@@ -184,8 +184,9 @@ def owl_counts(outliers: list[float], sizes: list[int], ratio: float, lam: float
 
 def refit_weights(weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor | None = None, *,
                   bias: torch.Tensor | None = None, mean: torch.Tensor | None = None, ref_mean: torch.Tensor | None = None,
-                  start: torch.Tensor | None = None, damp: float = GPTQ_DAMP, iterations: int = 100,
-                  tol: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  start: torch.Tensor | None = None, damp: float = GPTQ_DAMP, iterations: int = 100, tol: float = 1e-7,
+                  rounds: int = 0, reselect: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kept weights (and the bias) that best reproduce the dense layer's
     output: per output row ``r``, ``w'`` (zero where ``keep`` is False) and
     ``b'`` minimize ``E ||x . w' + b' - (x_ref . w_r + b_r)||^2 + d ||w' - w_r||^2``
@@ -195,14 +196,25 @@ def refit_weights(weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tenso
 
     The normal equations of each row, restricted to its kept entries, are
     solved by Jacobi-preconditioned conjugate gradients, every row at once
-    (products in float32, the rest in float64), from ``start`` (the method's weights) until the residual falls below
-    ``tol`` times the right-hand side's or ``iterations`` pass. Returns
-    float32 ``(weight, bias)`` (bias None when none was given).
+    (products in float32, the rest in float64), from ``start`` (the method's
+    weights) until the residual falls below ``tol`` times the right-hand
+    side's or ``iterations`` pass.
+
+    ``rounds`` > 0: that many times at most, the mask is chosen again and the
+    kept weights solved again, kept only if the objective falls. Each entry is
+    scored by what it is worth to the objective with the others fixed:
+    a kept weight ``w_j^2 A_jj`` (what removing it costs), a pruned one
+    ``g_j^2 / A_jj`` (what bringing it back at its best value saves; ``g`` the
+    gradient, ``A`` the damped Hessian); ``reselect(scores) -> keep`` keeps
+    the best under the layer's pattern and count.
+
+    Returns float32 ``(weight, bias)`` (bias None when none was given).
     """
     W = weight.detach().double()
     H = hessian.double()
     C = H if cross is None else cross.double()
     M = keep.bool()
+    k = W.shape[1]
     T, V0 = W, (W if start is None else start.detach().double())
     if bias is not None:
         mu = mean.double()
@@ -215,10 +227,40 @@ def refit_weights(weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tenso
         M = torch.cat([M, torch.ones(M.shape[0], 1, dtype=torch.bool)], 1)
     reg = damp * torch.diag(hessian).double().mean().clamp(min=1e-12)
     A = H + reg * torch.eye(H.shape[0], dtype=torch.float64)
-    rhs = (T @ C.T + reg * T) * M
+    rhs = T @ C.T + reg * T
+    V = _masked_cg(A, rhs, M, V0 * M, iterations, tol)
+    if rounds and reselect is not None:
+        loss = ((V @ A) * V).sum() - 2 * (V * rhs).sum()
+        for _ in range(rounds):
+            new = torch.cat([reselect(swap_scores(V, M, A, rhs)[:, :k].float()), M[:, k:]], 1)
+            if torch.equal(new, M):
+                break
+            V2 = _masked_cg(A, rhs, new, V * new, iterations, tol)
+            loss2 = ((V2 @ A) * V2).sum() - 2 * (V2 * rhs).sum()
+            if loss2 >= loss:
+                break
+            V, M, loss = V2, new, loss2
+    if bias is None:
+        return V.float(), None
+    return V[:, :k].float(), V[:, k].float()
+
+
+def swap_scores(V: torch.Tensor, M: torch.Tensor, A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """What each entry of ``V`` is worth to ``f(v) = v A v^T - 2 v . rhs`` (per
+    row) with the others fixed: a kept one (``M``) what setting it to zero
+    costs, ``v_j^2 A_jj`` (exact at a stationary point, where ``g_j = 0``); a
+    pruned one what it saves at its best value, ``g_j^2 / A_jj``, ``g = V A - rhs``."""
+    diag = torch.diag(A)
+    return torch.where(M, V.pow(2) * diag, (V @ A - rhs).pow(2) / diag)
+
+
+def _masked_cg(A: torch.Tensor, rhs: torch.Tensor, M: torch.Tensor, V: torch.Tensor, iterations: int, tol: float) -> torch.Tensor:
+    """Per row ``r``: ``V_r`` (zero off ``M_r``) solving ``(V_r A - rhs_r)`` = 0 on ``M_r``,
+    Jacobi-preconditioned conjugate gradients from ``V``."""
+    rhs = rhs * M
     diag = torch.diag(A).clamp(min=1e-12)
     A32 = A.float()  # the products in float32 (the cost), the iteration in float64
-    V = V0 * M
+    V = V.clone()
     R = rhs - (V @ A) * M
     goal = tol * rhs.norm(dim=1).clamp(min=1e-30)
     Z = R / diag
@@ -235,10 +277,7 @@ def refit_weights(weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tenso
         rz_new = (R * Z).sum(1)
         P = Z + (rz_new / rz.clamp(min=1e-300))[:, None] * P
         rz = rz_new
-    V = V * M
-    if bias is None:
-        return V.float(), None
-    return V[:, :-1].float(), V[:, -1].float()
+    return V * M
 
 
 # -- methods ---------------------------------------------------------------------------
@@ -393,6 +432,8 @@ class Prune(LayerFilterOptions):
                         "on the layer's calibration inputs (layer) or the unpruned model's output at that layer (model)")
     refit_iterations = Option(100, int, check=lambda v: None if v >= 1 else "must be >= 1",
                               help="refit: conjugate-gradient iterations at most")
+    refit_rounds = Option(0, int, check=lambda v: None if v >= 0 else "must be >= 0",
+                          help="refit: times the mask is chosen again from the refit weights (same pattern and count)")
     sequential = Option(True, help="wanda, sparsegpt: calibrate each layer on the inputs the already-pruned layers produce "
                                    "(false, or threshold=global: every layer on the unpruned model's inputs, one calibration run)")
 
@@ -576,8 +617,15 @@ class Prune(LayerFilterOptions):
         bias_node = biases.pop() if len(biases) == 1 else None
         bias = graph.constant(bias_node) if isinstance(bias_node, fx.Node) else None
         cross = group.cross if self.refit == "model" else None
-        weight, new_bias = refit_weights(group.weight, new != 0, group.hessian, cross, bias=bias, mean=group.mean,
-                                         ref_mean=group.ref_mean, start=new, damp=self.damp, iterations=self.refit_iterations)
+        keep = new != 0
+        if self.nm:
+            reselect = lambda scores: nm_mask(scores, *self.nm)  # noqa: E731
+        else:
+            count = int((~keep).sum())
+            reselect = lambda scores: unstructured_mask(scores, 0.0, count=count)  # noqa: E731
+        weight, new_bias = refit_weights(group.weight, keep, group.hessian, cross, bias=bias, mean=group.mean,
+                                         ref_mean=group.ref_mean, start=new, damp=self.damp, iterations=self.refit_iterations,
+                                         rounds=self.refit_rounds, reselect=reselect)
         return weight, (new_bias.to(bias.dtype) if new_bias is not None else None)
 
     def _global_masks(self, groups: list[WeightGroup]) -> None:

@@ -10,7 +10,8 @@ import fxopt
 from conftest import BASE_PIPELINE, base_graph, model_spec, reference, run
 from fxopt.ir.quant import nbits_dequantize
 from fxopt.passes import OptionError, PassError, PipelineError
-from fxopt.passes.prune import nm_mask, outlier_ratio, owl_counts, refit_weights, sparsegpt_prune, unstructured_mask, wanda_scores
+from fxopt.passes.prune import (nm_mask, outlier_ratio, owl_counts, refit_weights, sparsegpt_prune, swap_scores, unstructured_mask,
+                                wanda_scores)
 
 aten = torch.ops.aten
 NBITS = torch.ops.fxopt.linear_nbits.default
@@ -422,3 +423,50 @@ def test_owl_and_refit_refusals_and_ratio_zero():
         fxopt.PassManager("prune(refit=layer)").run(g)
     result = fxopt.PassManager("prune(ratio=0,allocation=owl,refit=model)", calibration_data=[(torch.randn(4, 32),)]).run(g)
     assert not result.records[0].changed and str(result.graph) == str(g)
+
+
+def test_swap_scores_are_the_objective_changes_by_brute_force():
+    # f(v) = v A v^T - 2 v . b per row; kept entry: f(v with v_j = 0) - f(v) at the masked optimum;
+    # pruned entry: f(v) - min_t f(v with v_j = t). Brute force over a grid of t, by hand.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    A = x.T @ x / 200 + 0.01 * torch.eye(6, dtype=torch.float64)
+    b = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    M = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 0]], dtype=torch.bool)
+    V = torch.zeros(2, 6, dtype=torch.float64)
+    for r in range(2):  # the masked optimum, by hand
+        k = M[r].nonzero().flatten()
+        V[r, k] = torch.linalg.solve(A[k][:, k], b[r, k])
+    f = lambda v, r: v @ A @ v - 2 * v @ b[r]  # noqa: E731
+    ours = swap_scores(V, M, A, b)
+    for r in range(2):
+        for j in range(6):
+            if M[r, j]:
+                v = V[r].clone()
+                v[j] = 0
+                expected = f(v, r) - f(V[r], r)
+            else:
+                vs = V[r].repeat(40001, 1)
+                vs[:, j] = torch.linspace(-20, 20, 40001, dtype=torch.float64)
+                expected = f(V[r], r) - (((vs @ A) * vs).sum(1) - 2 * vs @ b[r]).min()
+            assert ours[r, j].item() == pytest.approx(expected.item(), rel=1e-3, abs=1e-6), (r, j)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_refit_rounds_keep_the_count_and_lower_the_objective(pattern):
+    w, x, held_out = _layer(k=64, n=16)
+    H = x.double().T @ x.double() / x.shape[0]
+    if pattern == "2:4":
+        keep = nm_mask(w.abs(), 2, 4)
+        reselect = lambda s: nm_mask(s, 2, 4)  # noqa: E731
+    else:
+        keep = unstructured_mask(w.abs(), 0.5)
+        reselect = lambda s: unstructured_mask(s, 0.0, count=512)  # noqa: E731
+    once, _ = refit_weights(w, keep, H, start=w * keep)
+    more, _ = refit_weights(w, keep, H, start=w * keep, rounds=5, reselect=reselect)
+    assert int((more == 0).sum()) == int((once == 0).sum()) == 512
+    if pattern == "2:4":
+        assert ((more != 0).reshape(16, -1, 4).sum(-1) == 2).all()
+    assert not torch.equal(more == 0, once == 0)
+    err = lambda p, xs: _out_err(xs, w, p)  # noqa: E731
+    assert err(more, x) < err(once, x)
