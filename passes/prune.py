@@ -17,9 +17,15 @@ Patterns: ``unstructured`` (``ratio`` of the weights, per layer or with one
 ``threshold=global`` over every selected layer) and ``N:M`` (at most N
 non-zeros in every M consecutive input channels of a row: 2:4, 4:8).
 
+Options on top of any method: ``allocation=owl`` (OWL's non-uniform per-layer
+ratios, the same total) and ``refit`` (the kept weights and bias solved by
+least squares, optionally toward the unpruned model's activations, and
+``refit_rounds`` of mask re-selection).
+
 The mask math is in plain functions (:func:`unstructured_mask`,
-:func:`nm_mask`, :func:`wanda_scores`, :func:`sparsegpt_prune`) that the tests
-check against the papers' algorithms.
+:func:`nm_mask`, :func:`wanda_scores`, :func:`sparsegpt_prune`,
+:func:`owl_counts`, :func:`refit_weights`, :func:`swap_scores`) that the tests
+check against the papers' algorithms or by-hand references.
 """
 
 from __future__ import annotations
@@ -398,6 +404,19 @@ class Prune(LayerFilterOptions):
     across layers before any mask is chosen, so it calibrates once on the
     unpruned model whatever ``sequential`` says.
 
+    Allocation (``allocation=owl``): OWL's per-layer counts, from the
+    unpruned model's outlier ratios (:func:`outlier_ratio`,
+    :func:`owl_counts`); the selected layers together lose exactly
+    ``floor(ratio * weights)``, each layer's method chooses its own mask for
+    its count (Wanda: spread over the rows).
+
+    Refit (``refit=layer|model``): each layer's kept weights and bias are then
+    solved by least squares (:func:`refit_weights`) toward the dense layer's
+    output on its calibration inputs (``layer``) or toward the unpruned
+    model's output at that layer (``model``: the sequential run carries a
+    second, unpruned stream); ``refit_rounds`` re-chooses the mask under the
+    same pattern and count. The mask's count and N:M validity never change.
+
     Stats: per layer ``sparsity`` (zeros / elements) and ``rel_err``, the
     relative output error ``||X (W - W')^T|| / ||X W^T||`` on the calibration
     inputs (the graph's example inputs when none are given; for embeddings the
@@ -405,7 +424,8 @@ class Prune(LayerFilterOptions):
 
     Refuses: N:M on a layer whose input dimension M does not divide (names the
     layer: exclude it); ``threshold=global`` with ``sparsegpt`` (its mask is
-    chosen while the weights change); filters that match no layer. ``ratio=0``
+    chosen while the weights change); ``allocation=owl`` with N:M or
+    ``threshold=global``; filters that match no layer. ``ratio=0``
     leaves the graph as it was.
     """
 
