@@ -364,8 +364,10 @@ def calibrate_sequentially(
         for node in progress(order, "calibrating layer by layer") if progress else order:
             if node in chosen:
                 stats = LinearStats(node.name, make_observer("minmax"))
-                for i, runner in enumerate(runners):
-                    stats.observe(runner.env[node.args[0]], hessian=True, ref=refs[i].env[original[node][0][0]] if reference else None)
+                rows = lambda envs, x: torch.cat([e[x].reshape(-1, e[x].shape[-1]) for e in envs])  # noqa: E731
+                # one product over every item's rows: many small ones cost far more
+                stats.observe(rows([r.env for r in runners], node.args[0]), hessian=True,
+                              ref=rows([r.env for r in refs], original[node][0][0]) if reference else None)
                 visit(node, stats.finish())
             for ref in refs:  # the graph as it was: the node with its original inputs
                 args, kwargs = original[node]
