@@ -64,28 +64,17 @@ QUANTIZE = [
 # damping and block, OWL's per-layer ratios, attention against MLP under one budget (attention is a
 # third of MiniLM's linear weights: 0.3 / 0.6 and 0.6 / 0.45 both remove half), the least-squares refit.
 STUDY = [
-    "prune(method=sparsegpt,ratio=0.5)@32",
-    "prune(method=sparsegpt,ratio=0.5)",
-    "prune(method=sparsegpt,ratio=0.5)@256",
-    "prune(method=sparsegpt,ratio=0.5,damp=0.1)",
-    "prune(method=sparsegpt,ratio=0.5,block_size=32)",
-    "prune(method=sparsegpt,ratio=0.5,allocation=owl)",
-    "prune(method=sparsegpt,ratio=0.5,allocation=owl,owl_lambda=0.15)",
-    "prune(method=sparsegpt,ratio=0.3,include=attention),prune(method=sparsegpt,ratio=0.6,exclude=attention)",
-    "prune(method=sparsegpt,ratio=0.6,include=attention),prune(method=sparsegpt,ratio=0.45,exclude=attention)",
-    "prune(method=magnitude,ratio=0.5,refit=model)",
-    "prune(method=wanda,ratio=0.5,refit=model)",
-    "prune(method=sparsegpt,ratio=0.5,refit=layer)",
     "prune(method=sparsegpt,ratio=0.5,refit=model)",
-    "prune(method=sparsegpt,ratio=0.5,refit=model)@512",
-    "prune(method=sparsegpt,ratio=0.5,refit=model,refit_rounds=3)",
-    "prune(method=sparsegpt,ratio=0.5,allocation=owl,refit=model)",
-    "prune(method=sparsegpt,ratio=0.5,allocation=owl,refit=model)@512",
-    "prune(method=wanda,pattern='2:4',refit=model)",
-    "prune(method=sparsegpt,pattern='2:4',refit=layer)",
     "prune(method=sparsegpt,pattern='2:4',refit=model)",
+    "prune(method=sparsegpt,ratio=0.5,refit=model)@512",
     "prune(method=sparsegpt,pattern='2:4',refit=model)@512",
-    "prune(method=sparsegpt,pattern='2:4',refit=model,refit_rounds=3)",
+    "prune(method=sparsegpt,ratio=0.5,allocation=owl,refit=model)@512",
+    "prune(method=sparsegpt,ratio=0.5,allocation=owl)",
+    "prune(method=sparsegpt,ratio=0.5,refit=model,refit_rounds=3)",
+    "prune(method=sparsegpt,ratio=0.5,refit=layer)",
+    "prune(method=sparsegpt,ratio=0.3,include=attention),prune(method=sparsegpt,ratio=0.6,exclude=attention)",
+    "prune(method=sparsegpt,ratio=0.5)@512",
+    "prune(method=sparsegpt,ratio=0.5)",
 ]
 ROWS = {"minilm": PRUNE + SHARE + SHRINK, "decoder": PRUNE + SHARE + SHRINK + QUANTIZE, "minilm-sparsity": STUDY}
 DEFAULT_CALIB = {"minilm": 128, "decoder": 64, "minilm-sparsity": 128}
@@ -218,11 +207,9 @@ def _study_row(row: str, calib: int) -> tuple:
     return _STUDY["score"](result.graph), linear_sparsity(result.graph), seconds
 
 
-def minilm_sparsity(rows, calib: int, log, jobs: int = 1) -> str:
+def minilm_sparsity(rows, calib: int, log, jobs: int = 1, partial=None) -> str:
     """MiniLM at 50% sparsity, row by row (``pipeline@N``: N calibration sentences), in ``jobs`` processes."""
     from concurrent.futures import ProcessPoolExecutor
-
-    from sentences import EVAL
 
     plan = [(r.rsplit("@", 1)[0], int(r.rsplit("@", 1)[1])) if "@" in r else (r, calib) for r in rows]
     with ProcessPoolExecutor(jobs) as pool:
@@ -232,6 +219,14 @@ def minilm_sparsity(rows, calib: int, log, jobs: int = 1) -> str:
             (m, lo), sparsity, seconds = future.result()
             table.append((row, n, m, lo, sparsity, seconds))
             log(f"{row} @{n}: {m:.4f} / {lo:.4f} (linear sparsity {sparsity:.4f}, {seconds:.1f} s)")
+            if partial is not None and len(table) < len(plan):  # what finished so far, should the run be cut short
+                partial(_sparsity_table(table, len(plan)))
+    return _sparsity_table(table, len(plan))
+
+
+def _sparsity_table(table, planned: int) -> str:
+    from sentences import EVAL
+
     lines = [
         f"all-MiniLM-L6-v2 (real weights), eager: every linear pruned to half its weights in total. Cosine of each of "
         f"{len(EVAL)} evaluation sentences' embedding to the fp32 model's; calibration on the first N sentences of 32 from "
@@ -244,6 +239,8 @@ def minilm_sparsity(rows, calib: int, log, jobs: int = 1) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     lines += [f"| `{row}` | {n} | {m:.4f} | {lo:.4f} | {sp:.4f} | {s:.1f} |" for row, n, m, lo, sp, s in table]
+    if len(table) < planned:
+        lines += ["", f"{len(table)} of {planned} rows measured (the run stopped there)."]
     return "\n".join(lines)
 
 
@@ -264,7 +261,9 @@ def main() -> None:
     for name in args.models:
         extra = {"size": args.decoder_size, "eval_windows": args.eval_windows} if name == "decoder" else {}
         if name == "minilm-sparsity":
-            extra = {"jobs": args.jobs}
+            title = "Accuracy of pruning, shrinking, clustering and quantization (no fine-tuning)"
+            extra = {"jobs": args.jobs, "partial": None if args.print_only else
+                     (lambda body: write_result("prune_accuracy", title, body, section="minilm-sparsity"))}
         body = MODELS[name](args.rows or ROWS[name], args.calib or DEFAULT_CALIB[name], log, **extra)
         print(body, flush=True)
         if not args.print_only:
