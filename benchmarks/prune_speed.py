@@ -17,14 +17,20 @@ own optimizations, and lists the head counts of their attention ops.
 Times are ratios within one run: both variants are timed round-robin and
 each ratio is the median over rounds of pruned / unpruned in the same round.
 
-    python benchmarks/prune_speed.py                          # GPT-2 small and fxopt's Llama, 25% heads, 30% MLP
+    python benchmarks/prune_speed.py                          # GPT-2 small (25% heads) and fxopt's Llama (50%), 30% MLP
     python benchmarks/prune_speed.py --size tiny --reps 5     # a quick check at test sizes
-    python benchmarks/prune_speed.py --models llama --heads 0.5
+    python benchmarks/prune_speed.py --models gpt2 --threads 2 --profile 20   # and where the time goes
+    python benchmarks/prune_speed.py --models gpt2 --multiple-of 64           # MLP widths rounded up to 64
     python benchmarks/prune_speed.py --reps 0                 # bytes and MACs only, no timing
+
+``--profile RUNS`` adds, per length, ONNX Runtime's profile of both fused
+graphs run interleaved: kernel time per op type and MatMul width, the time
+between kernels and the whole runs' ratio. The "linear weight bytes" row is
+the one-token work: the weights every linear streams, the tied LM head once.
 
 Under grouped-query attention heads go by whole key/value groups: fxopt's
 Llama (8 query heads over 2 KV heads) cannot lose 25% of its heads, only 0 or
-50%; the table says how many were removed. Results: one section per model
+50%, so ``--heads`` defaults to 0.5 for it; the table says how many were removed. Results: one section per model
 and configuration in ``benchmarks/results/prune_speed.md``.
 """
 
@@ -53,6 +59,9 @@ BASE = "canonicalize,dce,constant-fold,cse"
 FUSED = "fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce"
 GOALS = {"params": 0.81, "macs": 0.80, "time": 0.82}  # GPT-2 small, 25% heads and 30% MLP channels
 MODELS = {"gpt2": gpt2, "llama": llama}
+# Under grouped-query attention heads go by whole key/value groups: 25% of
+# Llama's 2 groups rounds to none, 50% is its smallest step.
+DEFAULT_HEADS = {"gpt2": 0.25, "llama": 0.5}
 
 
 def token_inputs(vocab: int, seq: int) -> dict:
@@ -66,6 +75,50 @@ def macs(graph, inputs) -> int:
     with torch.no_grad(), counter:
         model(**inputs)
     return counter.get_total_flops() // 2
+
+
+def linear_weight_bytes(graph) -> int:
+    """Bytes of the weights the linears read (each distinct weight once): what
+    a one-token forward streams from memory, the tied LM head included."""
+    seen = {}
+    for n in graph.fx.nodes:
+        if n.op == "call_function" and n.target == torch.ops.aten.linear.default:
+            w = graph.constant(n.args[1])
+            if w is not None:
+                seen[w.untyped_storage().data_ptr() or id(w)] = w.numel() * w.element_size()
+    return sum(seen.values())
+
+
+def profile_pair(a_graph, b_graph, inputs: dict, runs: int, threads: int) -> list[str]:
+    """Kernel time per op type (MatMuls and Attentions by width) of
+    the two fused graphs on ONNX Runtime's profiler, their runs interleaved so
+    a load on the CPU falls on both alike: a table of each one's share and of
+    pruned / unpruned time per row."""
+    from ort_profile import RUN, feed, kernel_times, profiled_session, width_key
+
+    sessions = [profiled_session(g, threads or 2, label) for g, label in ((a_graph, "unpruned"), (b_graph, "pruned"))]
+    feeds = [feed(s, g, inputs) for s, g in zip(sessions, (a_graph, b_graph))]
+    for _ in range(runs + 1):  # the first run of each is a warm-up, left out
+        for s, f in zip(sessions, feeds):
+            s.run(None, f)
+    (ta, ca), (tb, cb) = (kernel_times(s, width_key, skip_runs=1) for s in sessions)
+    run_a, run_b = ta.pop(RUN), tb.pop(RUN)
+    del ca[RUN], cb[RUN]
+    all_a, all_b = sum(ta.values()), sum(tb.values())
+    # a pruned shape sits beside its unpruned one: rows in the unpruned order, then the pruned-only ones
+    order = [k for k, _ in ta.most_common()] + [k for k, _ in tb.most_common() if k not in ta]
+    lines = ["| kernel (width in->out) | unpruned share | nodes | pruned share | nodes | pruned / unpruned time |",
+             "|---|---|---|---|---|---|"]
+    for k in order:
+        ratio = f"{tb[k] / ta[k]:.3f}" if ta[k] and tb[k] else "-"
+        lines.append(f"| {k} | {100 * ta[k] / all_a:.1f}% | {ca[k] // runs} | {100 * tb[k] / all_b:.1f}% | "
+                     f"{cb[k] // runs} | {ratio} |")
+    lines.append(f"| all kernels | 100% | {sum(ca.values()) // runs} | 100% | {sum(cb.values()) // runs} | "
+                 f"{all_b / all_a:.3f} |")
+    lines.append(f"| between kernels (run time less kernel time) | {100 * (run_a - all_a) / all_a:.1f}% | | "
+                 f"{100 * (run_b - all_b) / all_b:.1f}% | | {(run_b - all_b) / max(run_a - all_a, 1):.3f} |")
+    lines.append(f"| whole runs | | | | | {run_b / run_a:.3f} |")
+    return lines
 
 
 def attention_heads(graph) -> list[str]:
@@ -113,12 +166,13 @@ def time_pair(a, b, reps: int) -> float:
     return statistics.median(ratios)
 
 
-def run_model(name: str, size: str, heads: float, ratio: float, prefill: int, reps: int, threads: int) -> tuple[list[str], list[str]]:
+def run_model(name: str, size: str, heads: float, ratio: float, prefill: int, reps: int, threads: int,
+              multiple_of: int = 1, profile: int = 0) -> tuple[list[str], list[str]]:
     spec = MODELS[name](size)
     vocab = spec.model.config.vocab_size
-    shrink = f"shrink(heads={heads},ratio={ratio})"
+    shrink = f"shrink(heads={heads},ratio={ratio}" + (f",multiple_of={multiple_of})" if multiple_of != 1 else ")")
     lines, goals = [], []
-    rows = {}
+    rows, profiles = {}, {}
     for label, seq in (("prefill", prefill), ("one token", 1)):
         inputs = token_inputs(vocab, seq)
         # traced at this length (static shapes): the unpruned and pruned graphs get the same treatment
@@ -131,6 +185,10 @@ def run_model(name: str, size: str, heads: float, ratio: float, prefill: int, re
         a, b = fxopt.compile(fused, "onnxruntime", **opts), fxopt.compile(fused_pruned, "onnxruntime", **opts)
         err = fxopt.compare(fxopt.compile(pruned, "eager")(**inputs), b(**inputs)).max_abs_err
         rows[label] = dict(time=time_pair(lambda: a(**inputs), lambda: b(**inputs), reps) if reps else None, err=err)
+        if profile:
+            profiles[label] = profile_pair(fused, fused_pruned, inputs, profile, threads)
+        if label == "one token":
+            rows["streamed"] = linear_weight_bytes(pruned) / linear_weight_bytes(graph)
         if label == "prefill":
             stats = result.records[0].stats
             rows["params"] = pruned.param_bytes() / graph.param_bytes()
@@ -156,13 +214,17 @@ def run_model(name: str, size: str, heads: float, ratio: float, prefill: int, re
         "| measure | pruned / unpruned | goal (GPT-2 small) |", "|---|---|---|",
         f"| parameter bytes | {rows['params']:.3f} | {GOALS['params']} |",
         f"| prefill MACs ({prefill} tokens) | {rows['macs']:.3f} | {GOALS['macs']} |",
+        f"| linear weight bytes (streamed per token) | {rows['streamed']:.3f} | |",
         f"| fused ORT time, prefill {prefill} | {_ratio(rows['prefill']['time'])} | <= {GOALS['time']} |",
         f"| fused ORT time, one token | {_ratio(rows['one token']['time'])} | <= {GOALS['time']} |",
         "",
         f"Pruned fused ORT vs pruned float eager, max abs error: prefill {rows['prefill']['err']:.2e}, "
         f"one token {rows['one token']['err']:.2e}.", "",
     ]
-    if name == "gpt2" and size == "small" and heads == 0.25 and ratio == 0.3:
+    for label, table in profiles.items():
+        tokens = prefill if label == "prefill" else 1
+        lines += [f"ONNX Runtime's profiler, {tokens} token(s), {profile} interleaved runs of each:", "", *table, ""]
+    if name == "gpt2" and size == "small" and heads == 0.25 and ratio == 0.3 and multiple_of == 1:
         worst = max(rows["prefill"]["time"], rows["one token"]["time"]) if reps else None
         goals += [f"parameter bytes {rows['params']:.3f} (goal {GOALS['params']})", f"MACs {rows['macs']:.3f} (goal {GOALS['macs']})",
                   f"time {_ratio(worst)} (goal <= {GOALS['time']})"]
@@ -177,20 +239,28 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--size", default="small", choices=("small", "tiny"))
-    p.add_argument("--heads", type=float, default=0.25, help="fraction of each attention's heads removed")
+    p.add_argument("--heads", type=float, default=None,
+                   help="fraction of each attention's heads removed (default: GPT-2 0.25; Llama 0.5, its smallest step: "
+                        "8 query heads over 2 KV groups)")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of each MLP's channels removed")
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--reps", type=int, default=30, help="timing rounds; 0: sizes and MACs only")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: every core)")
+    p.add_argument("--multiple-of", type=int, default=1, help="shrink's multiple_of: each MLP keeps a multiple of this many channels")
+    p.add_argument("--profile", type=int, default=0, metavar="RUNS",
+                   help="also profile both fused graphs (RUNS interleaved runs each): kernel time per op type and weight shape")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     for name in args.models:
-        lines, goals = run_model(name, args.size, args.heads, args.ratio, args.prefill, args.reps, args.threads)
+        heads = args.heads if args.heads is not None else DEFAULT_HEADS[name]
+        lines, goals = run_model(name, args.size, heads, args.ratio, args.prefill, args.reps, args.threads,
+                                 args.multiple_of, args.profile)
         body = "\n".join(lines + ([f"Goals: {'; '.join(goals)}."] if goals else []))
         print(body)
         write_result("prune_speed", "Structured pruning speed (shrink), fused ONNX Runtime", body,
-                     section=f"{name}-{args.size} heads={args.heads} ratio={args.ratio} prefill={args.prefill}",
+                     section=f"{name}-{args.size} heads={heads} ratio={args.ratio} prefill={args.prefill}"
+                             + (f" multiple_of={args.multiple_of}" if args.multiple_of != 1 else ""),
                      argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])],
                      intro="Ratios of the pruned model to the unpruned one, both fused, measured in one run "
                            "(see benchmarks/prune_speed.py). Embedding and LM head are never shrunk.")

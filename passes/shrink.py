@@ -52,7 +52,10 @@ class Shrink(Pass):
     ``sum_c ||X_c|| * ||column c||`` over its output-projection columns. With
     ``compensate`` (needs ``calibration_data``), each consumer's bias takes the
     removed channels' mean contribution ``W[:, removed] @ mean(x[removed])``
-    (FLAP, An et al. 2024); MLP channels only. Each group keeps
+    (FLAP, An et al. 2024): for MLP channels the down projection's, for heads
+    the output projection's (a bias is added where it had none; a removed
+    head's output is its probability-weighted values, whose mean is what
+    the output projection keeps). Each group keeps
     ``ceil((1 - ratio) * size)`` channels, rounded up to a multiple of
     ``multiple_of``; each attention keeps ``ceil((1 - heads) * kv_heads)`` key/value
     groups (at least one); an attention where that is all of them is left
@@ -74,7 +77,7 @@ class Shrink(Pass):
                    help="fraction of each attention's heads removed (whole key/value groups under GQA)")
     importance = Option("magnitude", str, choices=("magnitude", "activation"), help="magnitude | activation (calibrated)")
     multiple_of = Option(1, int, check=lambda v: None if v >= 1 else "must be >= 1", help="keep a multiple of this many channels")
-    compensate = Option(False, help="fold the removed channels' mean contribution on calibration_data into the consumers' bias (FLAP)")
+    compensate = Option(False, help="fold the removed channels' and heads' mean contribution on calibration_data into the consumers' bias (FLAP)")
     include = Option(None, str, check=regex_problem, help="regex: only groups whose name matches (re.search)")
     exclude = Option(None, str, check=regex_problem, help="regex: skip groups whose name matches")
 
@@ -100,17 +103,19 @@ class Shrink(Pass):
                             + [({a.q.producer, a.k.producer, a.v.producer}, a.consumers, a.name) for a in attentions])
         norms = self._activation_norms(graph, [c for g in groups for c in g.consumers] + [c for a in attentions for c in a.consumers]) \
             if self.importance == "activation" else {}
-        means = self._input_means(graph, groups) if self.compensate else {}
         kept = [(group, self._choose(graph, group, norms)) for group in groups]
-        if self.compensate:
-            for group, keep in kept:
-                for consumer in group.consumers:
-                    self._fold_removed(graph, consumer, keep, means[consumer])
         heads = []
         for attn in attentions:
             keep = self._choose_heads(graph, attn, norms)
             if len(keep) < attn.num_kv_heads:  # else the fraction rounds to no whole key/value group: left untouched
                 heads.append((attn, attn.query_heads(keep), keep))
+        if self.compensate:
+            # each consumer with the input channels it keeps: a group's channels, or the kept heads' columns
+            folds = [(c, keep) for group, keep in kept for c in group.consumers] + \
+                    [(c, head_channels(q, attn.v_head_dim)) for attn, q, _ in heads for c in attn.consumers]
+            means = self._input_means(graph, [c for c, _ in folds])
+            for consumer, keep in folds:
+                self._fold_removed(graph, consumer, keep, means[consumer])
         before = graph.param_bytes()
         keep_channels(graph, deps, kept, heads)
         per_group = {group.name: {"kept": int(keep.numel()), "of": group.size} for group, keep in kept}
@@ -145,8 +150,7 @@ class Shrink(Pass):
         stats = collect_linear_stats(graph, self.context.get("calibration_data"), consumers, hessian=True)
         return {c: torch.diag(stats[c.name].hessian).clamp(min=0).sqrt().float() for c in consumers}
 
-    def _input_means(self, graph, groups: list[ChannelGroup]) -> dict[fx.Node, torch.Tensor]:
-        consumers = [c for g in groups for c in g.consumers]
+    def _input_means(self, graph, consumers: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
         stats = collect_linear_stats(graph, self.context.get("calibration_data"), consumers, keep_rows=1 << 30)
         return {c: stats[c.name].sample().double().mean(0) for c in consumers}
 

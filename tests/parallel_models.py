@@ -182,6 +182,12 @@ def check_two_ranks(mesh):
 
 
 def check_four_ranks(mesh):
-    # llama-tiny has 2 KV heads: at 4 ranks they are replicated
-    return {"hand": check_onnxruntime_rank(mesh), "pass": check_tensor_parallel_pass(mesh, ["llama-tiny"])}
+    """Everything the 4-rank tests read, from one start of the processes:
+    tensor parallel over all four (llama-tiny's 2 KV heads are replicated),
+    then the same processes as a mesh of 2 data-parallel x 2 tensor-parallel."""
+    from fxopt.launch import init
+
+    out = {"hand": check_onnxruntime_rank(mesh), "pass": check_tensor_parallel_pass(mesh, ["llama-tiny"])}
+    out["mesh"] = check_mesh(init(tensor_parallel=2, timeout=mesh.timeout_s))
+    return out
 

@@ -16,6 +16,7 @@ from fxopt.ir.trace import split_inputs
 from fxopt.models import bert, gpt2, llama, tiny_gpt
 from fxopt.passes import OptionError, PassManager, PipelineError
 from fxopt.passes.attention import FuseAttention
+from conftest import built, trace_once
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -23,7 +24,7 @@ PIPELINE = "canonicalize,dce,constant-fold,cse,fuse-attention,dce"
 
 
 def fuse(spec, pipeline=PIPELINE):
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    graph = trace_once(spec)
     result = PassManager(pipeline, check_numerics=True).run(graph)
     stats = next(r.stats for r in result.records if r.name.startswith("fuse-attention"))
     return result.graph, stats
@@ -35,7 +36,8 @@ def sdpa_nodes(graph):
 
 def assert_parity_on_backends(spec, graph, backends=("eager", "onnxruntime"), tol=1e-4, **options):
     """The fused graph matches the original model on every backend, on the
-    traced inputs and on inputs of other sizes (dynamic dims stay dynamic)."""
+    traced inputs and on inputs of other sizes (dynamic dims stay dynamic);
+    returns the compiled models, by backend."""
     models = {b: fxopt.compile(graph, b, **(options if b == "onnxruntime" else {})) for b in backends}
     for inputs in [spec.example_inputs, *spec.other_inputs]:
         args, kwargs = split_inputs(inputs)
@@ -45,6 +47,7 @@ def assert_parity_on_backends(spec, graph, backends=("eager", "onnxruntime"), to
             out = model(*args, **kwargs)
             parity = fxopt.compare(ref, out)
             assert parity.within(tol), (backend, parity)
+    return models
 
 
 # -- the models: match counts, causal proof, parity -------------------------------------------
@@ -53,7 +56,7 @@ def assert_parity_on_backends(spec, graph, backends=("eager", "onnxruntime"), to
 def test_gpt2_eager_attention_is_fused_and_proved_causal():
     # transformers 5 builds GPT-2's causal mask from position ids (index/le/cumsum);
     # the symbolic evaluation reduces it to "key <= query", so the mask is dropped.
-    spec = gpt2("tiny", attn_implementation="eager")
+    spec = built(gpt2, "tiny", attn_implementation="eager")
     graph, stats = fuse(spec)
     assert (stats["fused"], stats["causal"], stats["masked"], stats["misses"]) == (2, 2, 0, {})
     assert all(n.kwargs["is_causal"] and n.kwargs["attn_mask"] is None for n in sdpa_nodes(graph))
@@ -62,7 +65,7 @@ def test_gpt2_eager_attention_is_fused_and_proved_causal():
 
 
 def test_bert_padding_mask_stays_an_attn_mask():
-    spec = bert("tiny", attn_implementation="eager")
+    spec = built(bert, "tiny", attn_implementation="eager")
     graph, stats = fuse(spec)
     assert (stats["fused"], stats["causal"], stats["masked"]) == (2, 0, 2)
     assert all(not n.kwargs["is_causal"] and n.kwargs["attn_mask"] is not None for n in sdpa_nodes(graph))
@@ -78,14 +81,14 @@ def test_tiny_gpt_kv_cache_offset_mask_is_not_plain_causal():
 
 
 def test_llama_gqa_eager_attention_keeps_repeat_kv():
-    spec = llama("tiny", attn_implementation="eager")
+    spec = built(llama, "tiny", attn_implementation="eager")
     graph, stats = fuse(spec)
     assert (stats["fused"], stats["causal"], stats["gqa"]) == (2, 2, 2)
     assert_parity_on_backends(spec, graph)
 
 
 def test_sdpa_models_have_nothing_to_fuse_and_say_so():
-    spec = gpt2("tiny")  # transformers' default implementation already exports SDPA
+    spec = built(gpt2, "tiny")  # transformers' default implementation already exports SDPA
     graph, stats = fuse(spec)
     assert (stats["fused"], stats["softmax"], stats["sdpa_present"]) == (0, 0, 2)
 
@@ -94,8 +97,8 @@ def test_sdpa_models_have_nothing_to_fuse_and_say_so():
 def test_default_sdpa_boolean_causal_mask_becomes_is_causal(name):
     # transformers' default attention passes SDPA a boolean mask built from
     # index comparisons: proved causal, it is dropped for is_causal
-    spec = {"gpt2": gpt2, "llama": llama}[name]("tiny")
-    before = PassManager("canonicalize,dce,constant-fold,cse").run(fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)).graph
+    spec = built({"gpt2": gpt2, "llama": llama}[name], "tiny")
+    before = PassManager("canonicalize,dce,constant-fold,cse").run(trace_once(spec)).graph
     assert all(n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None) is not None for n in sdpa_nodes(before))
     graph, stats = fuse(spec)
     assert (stats["fused"], stats["sdpa_made_causal"]) == (0, 2)
@@ -273,20 +276,23 @@ def test_bad_option_is_named():
 
 
 def onnx_ops(graph, **options):
-    proto = fxopt.backends.onnxruntime.export_onnx_program(graph, **options).model_proto
+    """(domain, op) of each node of ``graph``'s ONNX export, or of the model a
+    compiled ONNX Runtime model runs."""
+    program = graph.program if hasattr(graph, "program") else fxopt.backends.onnxruntime.export_onnx_program(graph, **options)
+    proto = program.model_proto
     onnx.checker.check_model(proto)
     return [(n.domain, n.op_type) for n in proto.graph.node]
 
 
 def test_onnx_model_uses_multihead_attention_and_can_opt_out():
-    spec = bert("tiny", attn_implementation="eager")
+    spec = built(bert, "tiny", attn_implementation="eager")
     graph, _ = fuse(spec)
     ops = onnx_ops(graph)
     assert ops.count(("com.microsoft", "MultiHeadAttention")) == 2
     assert ("", "Softmax") not in ops
-    plain = onnx_ops(graph, disable_lowerings=["contrib-attention"])
+    plain = assert_parity_on_backends(spec, graph, backends=("onnxruntime",), disable_lowerings=["contrib-attention"])
+    plain = onnx_ops(plain["onnxruntime"])
     assert ("com.microsoft", "MultiHeadAttention") not in plain and ("", "Softmax") in plain
-    assert_parity_on_backends(spec, graph, backends=("onnxruntime",), disable_lowerings=["contrib-attention"])
 
 
 def test_unknown_lowering_group_is_an_error():
@@ -317,17 +323,16 @@ COUNTS = {
     ("tiny-gpt", False): (2, 0, 2, 0), ("tiny-gpt", True): (2, 0, 2, 0),
 }
 MODELS = {
-    "gpt2-tiny": lambda: gpt2("tiny", attn_implementation="eager"),
-    "bert-tiny": lambda: bert("tiny", attn_implementation="eager"),
-    "llama-tiny": lambda: llama("tiny", attn_implementation="eager"),
-    "tiny-gpt": tiny_gpt,
+    "gpt2-tiny": lambda: built(gpt2, "tiny", attn_implementation="eager"),
+    "bert-tiny": lambda: built(bert, "tiny", attn_implementation="eager"),
+    "llama-tiny": lambda: built(llama, "tiny", attn_implementation="eager"),
+    "tiny-gpt": lambda: built(tiny_gpt),
 }
 
 
 @pytest.mark.parametrize("name,dynamic", list(COUNTS))
 def test_fused_counts_are_unchanged(name, dynamic):
-    spec = MODELS[name]()
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes if dynamic else None)
+    graph = trace_once(MODELS[name](), dynamic=dynamic)
     stats = PassManager(PIPELINE).run(graph).records[4].stats
     assert (stats["fused"], stats["causal"], stats["masked"], stats["gqa"]) == COUNTS[(name, dynamic)]
     assert stats["misses"] == {} and stats["softmax"] == 2

@@ -3,7 +3,6 @@ Attention) and fxopt.group_query_attention (com.microsoft GroupQueryAttention)."
 
 from __future__ import annotations
 
-import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +12,7 @@ import fxopt
 from fxopt.ir.trace import split_inputs
 from fxopt.models import ModelSpec, bert, gpt2, llama, tiny_gpt
 from fxopt.passes import PassManager
+from conftest import built, trace_once
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -25,7 +25,7 @@ PIPELINE = f"{BASE},fuse-attention,merge-linears,pack-attention,fuse-linear-act,
 
 
 def pack(spec, pipeline=PIPELINE, dynamic=True):
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes if dynamic else None)
+    graph = trace_once(spec, dynamic=dynamic)
     result = PassManager(pipeline, check_numerics=True).run(graph)
     stats = next((r.stats for r in result.records if r.name.startswith("pack-attention")), None)
     return result.graph, stats
@@ -35,9 +35,11 @@ def count(graph, target) -> int:
     return sum(n.target == target for n in graph.fx.nodes)
 
 
-def assert_parity(spec, graph, inputs=None, tol=1e-4):
-    """Matches the original model on eager and ONNX Runtime."""
-    models = {backend: fxopt.compile(graph, backend) for backend in ("eager", "onnxruntime")}
+def assert_parity(spec, graph, inputs=None, tol=1e-4, models=None):
+    """Matches the original model on eager and ONNX Runtime (``models``: the
+    graph compiled for both, if the test has them already); returns the ONNX
+    Runtime model (for :func:`onnx_ops`)."""
+    models = models or {backend: fxopt.compile(graph, backend) for backend in ("eager", "onnxruntime")}
     for example in inputs or [spec.example_inputs, *spec.other_inputs]:
         args, kwargs = split_inputs(example)
         with torch.no_grad():
@@ -45,13 +47,14 @@ def assert_parity(spec, graph, inputs=None, tol=1e-4):
         for backend, model in models.items():
             parity = fxopt.compare(ref, model(*args, **kwargs))
             assert parity.within(tol), (backend, parity)
+    return models["onnxruntime"]
 
 
-def onnx_ops(graph, tmp_path) -> list[tuple[str, str]]:
-    """(domain, op) of every node; Transpose only counts when it moves an
-    activation (ONNX Runtime folds one of an initializer at load time)."""
-    path = fxopt.export_onnx(graph, tmp_path / "model.onnx")
-    model = onnx.load(str(path))
+def onnx_ops(model) -> list[tuple[str, str]]:
+    """(domain, op) of every node of the ONNX model that ``model`` (compiled
+    for ONNX Runtime) runs; Transpose only counts when it moves an activation
+    (ONNX Runtime folds one of an initializer at load time)."""
+    model = model.program.model_proto
     weights = {i.name for i in model.graph.initializer}
     nodes = [*model.graph.node, *(n for f in model.functions for n in f.node)]
     return [(n.domain, n.op_type) for n in nodes if not (n.op_type == "Transpose" and n.input[0] in weights)]
@@ -60,8 +63,8 @@ def onnx_ops(graph, tmp_path) -> list[tuple[str, str]]:
 # -- the models: before / after ---------------------------------------------------------------
 
 
-def test_gpt2_causal_attention_becomes_one_attention_op(tmp_path):
-    spec = gpt2("tiny", attn_implementation="eager")
+def test_gpt2_causal_attention_becomes_one_attention_op():
+    spec = built(gpt2, "tiny", attn_implementation="eager")
     before, _ = pack(spec, pipeline=PIPELINE.replace("pack-attention,", ""))
     graph, stats = pack(spec)
     assert (count(before, SDPA), count(before, aten.transpose.int)) == (2, 8)
@@ -69,8 +72,7 @@ def test_gpt2_causal_attention_becomes_one_attention_op(tmp_path):
     # the QKV linear, split, head split/merge and SDPA are all inside the op
     assert (count(graph, PACKED), count(graph, SDPA), count(graph, aten.transpose.int), count(graph, aten.split.Tensor)) == (2, 0, 0, 0)
     assert all(n.args[5] is True and n.args[3] is None for n in graph.fx.nodes if n.target == PACKED)
-    assert_parity(spec, graph)  # traced inputs and another batch/length: dynamic shapes
-    ops = onnx_ops(graph, tmp_path)
+    ops = onnx_ops(assert_parity(spec, graph))  # traced inputs and another batch/length: dynamic shapes
     assert ops.count(("com.microsoft", "Attention")) == 2
     assert ("com.microsoft", "MultiHeadAttention") not in ops and ("", "Transpose") not in ops
 
@@ -79,7 +81,7 @@ def test_gpt2_causal_attention_becomes_one_attention_op(tmp_path):
 def test_default_sdpa_attention_is_packed(name, form):
     # transformers' default attention: SDPA with a boolean causal mask, which
     # fuse-attention proves causal, so pack-attention can take it
-    spec = {"gpt2": gpt2, "llama": llama}[name]("tiny")
+    spec = built({"gpt2": gpt2, "llama": llama}[name], "tiny")
     graph, stats = pack(spec)
     assert (stats[form], stats["refused"]) == (2, {})
     assert_parity(spec, graph)
@@ -89,14 +91,14 @@ def test_default_sdpa_attention_is_packed(name, form):
 def test_static_shapes_folded_causal_mask(name):
     # traced without dynamic dims, constant-fold turns the causal mask into a
     # constant: it is recognised from its values
-    spec = {"gpt2": gpt2, "llama": llama}[name]("tiny", attn_implementation="eager")
+    spec = built({"gpt2": gpt2, "llama": llama}[name], "tiny", attn_implementation="eager")
     graph, stats = pack(spec, dynamic=False)
     assert (stats["packed"] + stats["gqa"], stats["refused"]) == (2, {})
     assert_parity(spec, graph, inputs=[spec.example_inputs])
 
 
-def test_bert_key_padding_mask_becomes_the_mask_input(tmp_path):
-    spec = bert("tiny", attn_implementation="eager")
+def test_bert_key_padding_mask_becomes_the_mask_input():
+    spec = built(bert, "tiny", attn_implementation="eager")
     graph, stats = pack(spec)
     assert (stats["packed"], stats["masked"], stats["refused"]) == (2, 2, {})
     nodes = [n for n in graph.fx.nodes if n.target == PACKED]
@@ -105,13 +107,12 @@ def test_bert_key_padding_mask_becomes_the_mask_input(tmp_path):
     assert all(n.args[7] == torch.finfo(torch.float32).min for n in nodes)  # HF's fill, kept exactly
     assert not any(n.target == aten.where.ScalarOther and n.users for n in graph.fx.nodes)
     assert spec.example_inputs["attention_mask"].min() == 0  # padding is exercised
-    assert_parity(spec, graph)
-    assert onnx_ops(graph, tmp_path).count(("com.microsoft", "Attention")) == 2
+    assert onnx_ops(assert_parity(spec, graph)).count(("com.microsoft", "Attention")) == 2
 
 
 def test_bert_fully_padded_row_matches():
     # every key of a row masked: HF spreads attention evenly; so must the kernel
-    spec = bert("tiny", attn_implementation="eager")
+    spec = built(bert, "tiny", attn_implementation="eager")
     graph, _ = pack(spec)
     inputs = {k: v.clone() for k, v in spec.example_inputs.items()}
     inputs["attention_mask"][0] = 0
@@ -119,19 +120,19 @@ def test_bert_fully_padded_row_matches():
 
 
 @pytest.mark.parametrize("quant", ["", "quantize(mode=dynamic,act_granularity=tensor),"], ids=["float", "int8"])
-def test_default_sdpa_boolean_padding_mask_is_packed(quant, tmp_path):
+def test_default_sdpa_boolean_padding_mask_is_packed(quant):
     # transformers' default attention hands SDPA the boolean attention_mask[b, k] != 0:
     # fill -inf, so an all-padding sequence gives 0 (torch), not the mean of the values
-    spec = bert("tiny")
+    spec = built(bert, "tiny")
     graph, stats = pack(spec, pipeline=PIPELINE.replace("pack-attention,", quant + "pack-attention,"))
     assert (stats["packed"], stats["masked"], stats["refused"]) == (2, 2, {})
     target = PACKED_INT8 if quant else PACKED
     assert [n.args[-1] for n in graph.fx.nodes if n.target == target] == [-torch.inf] * 2
     all_padding = {k: v.clone() for k, v in spec.example_inputs.items()}
     all_padding["attention_mask"][0] = 0
-    assert_parity(spec, graph, inputs=[spec.example_inputs, *spec.other_inputs, all_padding], tol=1e-4 if not quant else 5e-3)
+    ort = assert_parity(spec, graph, inputs=[spec.example_inputs, *spec.other_inputs, all_padding], tol=1e-4 if not quant else 5e-3)
     kernel = ("com.microsoft", "QAttention" if quant else "Attention")
-    assert onnx_ops(graph, tmp_path).count(kernel) == 2
+    assert onnx_ops(ort).count(kernel) == 2
 
 
 def left_padded(spec: ModelSpec) -> ModelSpec:
@@ -190,8 +191,8 @@ def test_fully_masked_query_rows_give_zeros_on_onnxruntime(kind, kv_heads):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_llama_gqa_drops_repeat_kv(tmp_path):
-    spec = llama("tiny", attn_implementation="eager")
+def test_llama_gqa_drops_repeat_kv():
+    spec = built(llama, "tiny", attn_implementation="eager")
     before, _ = pack(spec, pipeline=PIPELINE.replace("pack-attention,", ""))
     graph, stats = pack(spec)
     assert (count(before, SDPA), count(before, aten.expand.default)) == (2, 4)  # repeat_kv of k and v
@@ -199,8 +200,7 @@ def test_llama_gqa_drops_repeat_kv(tmp_path):
     assert (count(graph, GQA), count(graph, SDPA), count(graph, aten.expand.default)) == (2, 0, 0)
     heads = [(n.args[3], n.args[4]) for n in graph.fx.nodes if n.target == GQA]
     assert heads == [(4, 2), (4, 2)]
-    assert_parity(spec, graph)
-    ops = onnx_ops(graph, tmp_path)
+    ops = onnx_ops(assert_parity(spec, graph))
     assert ops.count(("com.microsoft", "GroupQueryAttention")) == 2
 
 
@@ -282,7 +282,7 @@ def test_quantized_projection_stays_quantized():
     # pack-attention runs after quantize, which keeps the QKV weight quantized
     with pytest.raises(Exception, match="must run after 'quantize'"):
         PassManager(f"{BASE},merge-linears,pack-attention,quantize(bits=4,group_size=32)").check()
-    spec = gpt2("tiny", attn_implementation="eager")
+    spec = built(gpt2, "tiny", attn_implementation="eager")
     graph, stats = pack(spec, pipeline=f"{BASE},fuse-attention,merge-linears,quantize(bits=4,group_size=32),pack-attention,dce")
     assert stats["packed"] == 0 and all("is not a linear" in r for r in stats["refused"].values())
 
@@ -291,9 +291,9 @@ W8A8 = "quantize(mode=dynamic,act_granularity=tensor)"
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
-def test_dynamic_int8_projection_becomes_one_qattention(name, tmp_path):
+def test_dynamic_int8_projection_becomes_one_qattention(name):
     # quantize, then pack-attention: the int8 QKV linear moves into the op
-    spec = {"gpt2": gpt2, "bert": bert}[name]("tiny", attn_implementation="eager")
+    spec = built({"gpt2": gpt2, "bert": bert}[name], "tiny", attn_implementation="eager")
     quantized = f"{BASE},fuse-attention,merge-linears,{W8A8}"
     before, _ = pack(spec, pipeline=f"{quantized},dce")
     graph, stats = pack(spec, pipeline=f"{quantized},pack-attention,dce")
@@ -301,29 +301,29 @@ def test_dynamic_int8_projection_becomes_one_qattention(name, tmp_path):
     assert (count(graph, PACKED_INT8), count(graph, PACKED), count(graph, SDPA)) == (2, 0, 0)
     assert count(graph, LINEAR_INT8) == count(before, LINEAR_INT8) - 2  # the QKV linears, and only those
     # against the unpacked int8 graph (the same quantized weights): tight, on both backends
+    unpacked = {backend: fxopt.compile(before, backend) for backend in ("eager", "onnxruntime")}
+    packed = {backend: fxopt.compile(graph, backend) for backend in ("eager", "onnxruntime")}
     for example in [spec.example_inputs, *spec.other_inputs]:
         args, kwargs = split_inputs(example)
         for backend in ("eager", "onnxruntime"):
-            ref = fxopt.compile(before, backend)(*args, **kwargs)
-            assert fxopt.compare(ref, fxopt.compile(graph, backend)(*args, **kwargs)).within(1e-5), backend
-    assert_parity(spec, graph, tol=0.05)  # against the float original: W8A8's error
-    ops = onnx_ops(graph, tmp_path)
+            assert fxopt.compare(unpacked[backend](*args, **kwargs), packed[backend](*args, **kwargs)).within(1e-5), backend
+    ops = onnx_ops(assert_parity(spec, graph, tol=0.05, models=packed))  # against the float original: W8A8's error
     assert ops.count(("com.microsoft", "QAttention")) == 2
     assert ("com.microsoft", "MultiHeadAttention") not in ops and ("", "Transpose") not in ops
 
 
 def test_per_token_int8_projection_is_refused():
     # QAttention takes one activation scale: a per-token projection stays as it is
-    spec = gpt2("tiny", attn_implementation="eager")
+    spec = built(gpt2, "tiny", attn_implementation="eager")
     graph, stats = pack(spec, pipeline=f"{BASE},fuse-attention,merge-linears,quantize(mode=dynamic,act_granularity=token),pack-attention,dce")
     assert stats["packed"] == 0 and all("per-tensor dynamic int8" in r for r in stats["refused"].values())
     assert count(graph, SDPA) == 2
 
 
 def test_options_switch_each_form_off():
-    graph, stats = pack(llama("tiny", attn_implementation="eager"), pipeline=PIPELINE.replace("pack-attention", "pack-attention(gqa=false)"))
+    graph, stats = pack(built(llama, "tiny", attn_implementation="eager"), pipeline=PIPELINE.replace("pack-attention", "pack-attention(gqa=false)"))
     assert stats["gqa"] == 0 and all("gqa=false" in r for r in stats["refused"].values())
-    graph, stats = pack(gpt2("tiny", attn_implementation="eager"), pipeline=PIPELINE.replace("pack-attention", "pack-attention(packed=false)"))
+    graph, stats = pack(built(gpt2, "tiny", attn_implementation="eager"), pipeline=PIPELINE.replace("pack-attention", "pack-attention(packed=false)"))
     assert stats["packed"] == 0 and count(graph, SDPA) == 2
 
 
@@ -434,7 +434,7 @@ def trace_cached(model, queries: int = 1):
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
-def test_decode_step_attention_becomes_group_query_attention_with_past(kv_heads, tmp_path):
+def test_decode_step_attention_becomes_group_query_attention_with_past(kv_heads):
     torch.manual_seed(0)
     model = CachedAttention(kv_heads=kv_heads)
     graph = trace_cached(model)
@@ -444,9 +444,9 @@ def test_decode_step_attention_becomes_group_query_attention_with_past(kv_heads,
     assert (stats["cache"], stats["refused"]) == (1, {})
     assert (count(out, WITH_PAST), count(out, SDPA), count(out, aten.cat.default), count(out, aten.expand.default)) == (1, 0, 0, 0)
     assert [n.args[6:8] for n in out.fx.nodes if n.target == WITH_PAST] == [(4, kv_heads)]
-    ops = onnx_ops(out, tmp_path)
-    assert ops.count(("com.microsoft", "GroupQueryAttention")) == 1 and ("com.microsoft", "MultiHeadAttention") not in ops
     compiled = {backend: fxopt.compile(out, backend) for backend in ("eager", "onnxruntime")}
+    ops = onnx_ops(compiled["onnxruntime"])
+    assert ops.count(("com.microsoft", "GroupQueryAttention")) == 1 and ("com.microsoft", "MultiHeadAttention") not in ops
     for batch, past in ((2, 6), (3, 11)):  # other batch and cache lengths: dynamic
         inputs = cached_inputs(batch, 1, past, kv_heads, seed=past)
         with torch.no_grad():

@@ -5,7 +5,7 @@ import torch
 from torch.export import Dim
 
 import fxopt
-from conftest import model_spec, reference, run
+from conftest import model_spec, reference, run, trace_once
 
 aten = torch.ops.aten
 
@@ -57,7 +57,7 @@ def test_canonicalize_turns_constant_matmuls_into_linear():
 
 def test_canonicalize_drops_dropout_asserts_and_identity_views():
     spec = model_spec("gpt2-tiny")
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    graph = trace_once(spec)
     before = targets(graph)
     # eval-mode dropout is a clone once the traced graph is functionalized
     assert aten.clone.default in before and aten._assert_tensor_metadata.default in before

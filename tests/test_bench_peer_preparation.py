@@ -60,3 +60,38 @@ def test_fold_transposed_initializers_lets_quantize_dynamic_reach_the_lm_head(tm
     reference = spec.model(**spec.example_inputs).logits.detach()
     quantized = torch.from_numpy(_run(tmp_path / "q_folded.onnx", input_ids))
     assert fxopt.compare(reference, quantized).cosine > 0.99
+
+
+_H2H_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "int4_head_to_head.py"
+_h2h_spec = importlib.util.spec_from_file_location("int4_head_to_head", _H2H_PATH)
+int4_head_to_head = importlib.util.module_from_spec(_h2h_spec)
+_h2h_spec.loader.exec_module(int4_head_to_head)
+
+
+def test_fused_int4_lowering_is_what_onnx_runtime_runs_for_its_own_int4(tmp_path):
+    """fxopt's fused int4 GPT-2 (LM head included) and ONNX Runtime's
+    MatMulNBitsQuantizer on the folded fp32 export, each after ONNX Runtime's
+    optimizer: the same MatMulNBits kernels (K, N, bits, block, accuracy
+    level 4, uint8 zero points, bias as an input, no g_idx), no more nodes
+    than the peer around them, the same accuracy, and ONNX Runtime's output
+    equal to fxopt's eager one."""
+    spec = gpt2("tiny")
+    paths, fused = int4_head_to_head.build(spec, tmp_path, block=32)
+    graphs = {k: int4_head_to_head.optimized_graph(p) for k, p in paths.items()}
+    signatures = {k: int4_head_to_head.matmulnbits_signatures(g) for k, g in graphs.items()}
+    assert signatures["fxopt"] == signatures["peer"]
+    assert sum(signatures["fxopt"].values()) == 9  # 2 layers x 4 linears + the tied LM head
+    assert all(key[4] == 4 and key[5] and not key[7] for key in signatures["fxopt"])  # accuracy 4, zero points, no g_idx
+    assert (64, 256, 4, 32, 4, True, False, False) in signatures["fxopt"]  # the LM head: int4, no bias
+    counts = {k: int4_head_to_head.op_counts(g) for k, g in graphs.items()}
+    assert sum(counts["fxopt"].values()) <= sum(counts["peer"].values())
+    assert counts["fxopt"]["Cast"] == 0 and counts["fxopt"]["Add"] <= counts["peer"]["Add"]
+
+    input_ids = spec.example_inputs["input_ids"].numpy()
+    outputs = {k: torch.from_numpy(_run(p, input_ids)) for k, p in paths.items()}
+    eager = fxopt.compile(fused, "eager")(**spec.example_inputs)
+    eager = eager.logits if hasattr(eager, "logits") else eager[0]
+    assert fxopt.compare(eager, outputs["fxopt"]).cosine > 0.999
+    reference = spec.model(**spec.example_inputs).logits.detach()
+    cos = {k: fxopt.compare(reference, v).cosine for k, v in outputs.items()}
+    assert abs(cos["fxopt"] - cos["peer"]) < 2e-3, cos

@@ -13,7 +13,7 @@ from fxopt.passes.quantize.calibration import (
     collect_linear_stats,
     linear_nodes,
 )
-from conftest import BASE_PIPELINE, model_spec
+from conftest import BASE_PIPELINE, model_spec, trace_once
 
 
 def test_minmax_observer_keeps_extremes_and_zero():
@@ -70,7 +70,7 @@ def test_bad_observer_options_are_clear():
 
 def _mlp_graph():
     spec = model_spec("mlp")
-    g = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name="mlp")
+    g = trace_once(spec, graph_name="mlp")
     return spec, fxopt.PassManager(BASE_PIPELINE).run(g).graph
 
 
@@ -112,7 +112,7 @@ def test_collect_selected_nodes_with_percentile_observer():
 
 def test_collect_on_a_transformer_with_keyword_inputs():
     spec = model_spec("bert-tiny")
-    g = fxopt.PassManager(BASE_PIPELINE).run(fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)).graph
+    g = fxopt.PassManager(BASE_PIPELINE).run(trace_once(spec)).graph
     stats = collect_linear_stats(g, [spec.example_inputs] + spec.other_inputs, observer="moving-average")
     assert len(stats) == len(linear_nodes(g)) == 12
     assert all(s.rows == 2 * 16 + 3 * 11 for s in stats.values())
@@ -137,7 +137,7 @@ def test_collect_rejects_bad_calibration_input():
 ])
 def test_long_steps_report_progress_to_the_runs_progress_input(pipeline, steps):
     spec = model_spec("mlp")
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    graph = trace_once(spec)
     calibration = [(torch.randn(4, 32),) for _ in range(3)]
     seen = {}
 

@@ -11,12 +11,12 @@ from fxopt.backends import InputRangeError
 from fxopt.passes import FixedPoint, PassManager, PipelineError, parse_pipeline
 from fxopt.passes import REGISTRY
 from fxopt.passes.pipeline import MAX_NESTING
-from conftest import model_spec
+from conftest import model_spec, trace_once
 
 
 def _traced(name):
     spec = model_spec(name)
-    return spec, fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+    return spec, trace_once(spec, graph_name=name)
 
 
 def _caret_column(error: PipelineError) -> int:

@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.backends import export_onnx_program
 from fxopt.ir.ops import ACTIVATIONS, registered_ops
 from fxopt.passes import Pass, PassManager, PassResult, register_pass
 from fxopt.passes.registry import PassRegistry
-from conftest import model_spec, reference, run
+from conftest import model_spec, reference, run, trace_once
 
 aten = torch.ops.aten
 
@@ -64,15 +63,15 @@ class LinearGelu(Pass):
 @pytest.mark.parametrize("name,activation_op", [("mlp", "BiasGelu"), ("tiny-gpt", "FastGelu")])
 def test_fxopt_op_runs_on_both_backends_and_lowers_to_contrib_ops(name, activation_op):
     spec = model_spec(name)
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    graph = trace_once(spec)
     pm = PassManager([fxopt.REGISTRY.create("canonicalize"), LinearGelu()])
     result = pm.run(graph)
     fused = result.records[-1].stats["fused"]
     assert fused == 2
     for backend in ("eager", "onnxruntime"):
-        out = run(fxopt.compile(result.graph, backend), spec.example_inputs)
-        assert fxopt.compare(reference(spec), out).within(1e-4)
-    proto = export_onnx_program(result.graph).model_proto
+        compiled = fxopt.compile(result.graph, backend)
+        assert fxopt.compare(reference(spec), run(compiled, spec.example_inputs)).within(1e-4)
+    proto = compiled.program.model_proto  # the ONNX Runtime model's
     ops = [(n.domain, n.op_type) for n in proto.graph.node]
     assert ("com.microsoft", activation_op) in ops
     onnx.checker.check_model(proto)

@@ -11,6 +11,7 @@ import torch
 import fxopt
 from fxopt.generation import GenerationError, compile_generator, next_tokens, optimize_decoder, SamplingOptions
 from fxopt.ir.decoder import NotACausalLMError, trace_decoder
+from conftest import once_per_run
 
 # pack-attention lowers the decode step's attention against its cache to GroupQueryAttention with past
 FUSED = "canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce"
@@ -53,12 +54,15 @@ def left_padded(prompts):
     return ids, mask
 
 
-@functools.lru_cache(maxsize=None)
 def hf_tokens(name: str, batch: int) -> torch.Tensor:
-    ids, mask = left_padded(PROMPTS if batch == 4 else PROMPTS[:1])
-    with torch.no_grad():
-        return causal_lm(name).generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                        do_sample=False, pad_token_id=0)
+    """Hugging Face's greedy tokens, generated once per test run."""
+    def generate():
+        ids, mask = left_padded(PROMPTS if batch == 4 else PROMPTS[:1])
+        with torch.no_grad():
+            return causal_lm(name).generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                                            min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+
+    return once_per_run(f"hf-tokens-{name}-{batch}", generate)
 
 
 @functools.lru_cache(maxsize=None)
@@ -337,11 +341,15 @@ QUANTIZED = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def quantized(scheme: str):
+    return optimize_decoder(traced("llama"), QUANTIZED[scheme])
+
+
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 @pytest.mark.parametrize("scheme", sorted(QUANTIZED))
 def test_quantized_pipelines_generate(scheme, backend):
-    graphs = optimize_decoder(traced("llama"), QUANTIZED[scheme])
-    gen = compile_generator(graphs, backend=backend)
+    gen = compile_generator(quantized(scheme), backend=backend)
     out = gen.generate(PROMPTS, max_new_tokens=16)
     assert [len(t) for t in out.new_tokens] == [16] * 4
     assert all(0 <= t < 256 for row in out.new_tokens for t in row)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fxopt
-from conftest import BASE_PIPELINE, model_spec, reference, run
+from conftest import BASE_PIPELINE, model_spec, reference, run, trace_once
 from fxopt.ir.serialize import LoadError
 
 TOL = 1e-4
@@ -24,7 +24,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def saved_mlp(tmp_path_factory):
     spec = model_spec("mlp")
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name="mlp")
+    graph = trace_once(spec, graph_name="mlp")
     path = tmp_path_factory.mktemp("saved") / "mlp.pt2"
     graph.save(path)
     return path
@@ -184,7 +184,7 @@ def test_damaged_files_give_one_error_naming_the_file(saved_mlp, tmp_path):
 
 def test_onnx_file_and_foreign_archives_are_named_as_such(saved_mlp, tmp_path):
     spec = model_spec("mlp")
-    graph = fxopt.trace(spec.model, spec.example_inputs)
+    graph = trace_once(spec, dynamic=False)
     onnx_path = fxopt.export_onnx(graph, tmp_path / "m.onnx")
     with pytest.raises(LoadError, match=r"m.onnx: this is an ONNX model, not a graph saved by fxopt .*fxopt.load_compiled"):
         fxopt.load(onnx_path)
@@ -210,7 +210,7 @@ def test_saved_graphs_load_in_a_fresh_process(tmp_path):
     expected = {}
     for name in FRESH_MODELS:
         spec = model_spec(name)
-        graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+        graph = trace_once(spec, graph_name=name)
         graph = fxopt.PassManager(BASE_PIPELINE).run(graph).graph
         graph.save(tmp_path / f"{name}.pt2")
         out = reference(spec)
@@ -248,7 +248,7 @@ def test_saved_graphs_load_in_a_fresh_process(tmp_path):
 def test_compiled_models_of_both_backends_load_back_as_the_same_callable(tmp_path):
     spec = model_spec("gpt2-tiny")
     graph = fxopt.PassManager(BASE_PIPELINE).run(
-        fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name="gpt2-tiny")).graph
+        trace_once(spec, graph_name="gpt2-tiny")).graph
     other = spec.other_inputs[0]
     ids = other["input_ids"]
     for backend, suffix in (("eager", "pt2"), ("onnxruntime", "onnx")):
@@ -300,7 +300,7 @@ def test_onnx_outputs_are_named_after_the_output_structure_and_share_dimension_n
     from torch.export import Dim
 
     spec = model_spec("bert-tiny")
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    graph = trace_once(spec)
     inputs, outputs = _io(onnx.load(fxopt.export_onnx(graph, tmp_path / "bert.onnx")))
     # was: input_ids [s72, s53], attention_mask [s43, s53], output "layer_norm_4"
     assert inputs == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}

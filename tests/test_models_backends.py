@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 import fxopt
-from conftest import BASE_PIPELINE, model_spec, reference, run
+from conftest import BASE_PIPELINE, model_spec, reference, run, trace_once
 
 MODELS = ["mlp", "tiny-gpt", "gpt2-tiny", "llama-tiny", "bert-tiny", "minilm"]
 TOL = 1e-4
@@ -15,7 +15,7 @@ TOL = 1e-4
 @pytest.mark.parametrize("name", MODELS)
 def test_base_pipeline_matches_original_on_both_backends(name, dynamic):
     spec = model_spec(name)
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes if dynamic else None, name=name)
+    graph = trace_once(spec, dynamic=dynamic, graph_name=name)
     result = fxopt.PassManager(BASE_PIPELINE).run(graph)
     assert result.graph.num_nodes() <= graph.num_nodes()
     if dynamic:
@@ -32,19 +32,19 @@ def test_base_pipeline_matches_original_on_both_backends(name, dynamic):
 
 def test_output_structure_is_the_models_own():
     spec = model_spec("gpt2-tiny")
-    graph = fxopt.trace(spec.model, spec.example_inputs)
+    graph = trace_once(spec, dynamic=False)
     out_ref = reference(spec)
     for backend in ("eager", "onnxruntime"):
         out = run(fxopt.compile(graph, backend), spec.example_inputs)
         assert type(out) is type(out_ref) and list(out.keys()) == list(out_ref.keys())
     tiny = model_spec("tiny-gpt")
-    out = run(fxopt.compile(fxopt.trace(tiny.model, tiny.example_inputs), "onnxruntime"), tiny.example_inputs)
+    out = run(fxopt.compile(trace_once(tiny, dynamic=False), "onnxruntime"), tiny.example_inputs)
     assert isinstance(out, tuple) and len(out) == 3
 
 
 def test_export_onnx_keeps_dynamic_axes_and_passes_checker(tmp_path):
     spec = model_spec("bert-tiny")
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    graph = trace_once(spec)
     path = fxopt.export_onnx(graph, tmp_path / "bert.onnx")
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
@@ -61,7 +61,7 @@ def test_export_onnx_keeps_dynamic_axes_and_passes_checker(tmp_path):
 
 def test_onnxruntime_session_options_and_save(tmp_path):
     spec = model_spec("mlp")
-    graph = fxopt.trace(spec.model, spec.example_inputs)
+    graph = trace_once(spec, dynamic=False)
     compiled = fxopt.compile(graph, "onnxruntime", intra_op_threads=1, graph_optimization_level="basic", allow_spinning=False)
     assert compiled.session.get_providers() == ["CPUExecutionProvider"]
     assert fxopt.compare(reference(spec), run(compiled, spec.example_inputs)).within(TOL)
@@ -110,7 +110,7 @@ def test_onnxruntime_threads_spin_during_a_run_but_not_after_it():
 
 def test_eager_backend_save_loads_back(tmp_path):
     spec = model_spec("tiny-gpt")
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    graph = trace_once(spec)
     compiled = fxopt.compile(fxopt.PassManager(BASE_PIPELINE).run(graph).graph, "eager")
     path = compiled.save(tmp_path / "tiny.pt2")
     loaded = fxopt.load(path)
@@ -119,7 +119,7 @@ def test_eager_backend_save_loads_back(tmp_path):
 
 def test_eager_backend_with_torch_compile():
     spec = model_spec("mlp")
-    graph = fxopt.trace(spec.model, spec.example_inputs)
+    graph = trace_once(spec, dynamic=False)
     compiled = fxopt.compile(graph, "eager", torch_compile=True)
     assert fxopt.compare(reference(spec), run(compiled, spec.example_inputs)).within(TOL)
 
@@ -127,7 +127,7 @@ def test_eager_backend_with_torch_compile():
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 def test_calls_the_traced_model_cannot_take_fail_naming_the_input(backend):
     spec = model_spec("bert-tiny")
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    graph = trace_once(spec)
     compiled = fxopt.compile(graph, backend)
     ids, mask = spec.other_inputs[0]["input_ids"], spec.other_inputs[0]["attention_mask"]
     # traced with keyword inputs, called positionally: fine, as for the original (eager used to refuse)

@@ -1,15 +1,17 @@
 """Running rank graphs on torch.distributed (gloo, CPU, processes of one
 host): ONNX Runtime sessions cut at the collectives, data parallelism, the
 data-parallel x tensor-parallel mesh, launching, and failing instead of
-hanging. Each fixture starts its processes once; the tests read what the
-ranks returned. Errors are max abs errors relative to the largest logit of
-the model run whole in one process."""
+hanging. Each fixture starts its processes once per test run, whichever
+worker runs its tests; the tests read what the ranks returned. Errors are
+max abs errors relative to the largest logit of the model run whole in one
+process."""
 
 from __future__ import annotations
 
 import pytest
 
 import parallel_models as pm
+from conftest import once_per_run
 from fxopt.launch import run_local
 
 TOL = 1e-5
@@ -17,12 +19,12 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return run_local(pm.check_two_ranks, 2)
+    return once_per_run("parallel-runtime-2-ranks", lambda: run_local(pm.check_two_ranks, 2))
 
 
 @pytest.fixture(scope="module")
 def four_ranks():
-    return run_local(pm.check_four_ranks, 4)
+    return once_per_run("parallel-runtime-4-ranks", lambda: run_local(pm.check_four_ranks, 4))
 
 
 def test_onnxruntime_rank_graph_matches_single_process_at_2_ranks(two_ranks):
@@ -71,8 +73,8 @@ def test_data_parallel_stream_returns_every_request_in_order(two_ranks):
         assert len(stream) == 3 and max(stream) <= TOL
 
 
-def test_data_parallel_over_tensor_parallel_mesh_2x2():
-    results = run_local(pm.check_mesh, 4, tensor_parallel=2)
+def test_data_parallel_over_tensor_parallel_mesh_2x2(four_ranks):
+    results = [r["mesh"] for r in four_ranks]
     assert sorted((r["dp_rank"], r["tp_rank"]) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert max(r["err"] for r in results) <= TOL
 

@@ -10,7 +10,7 @@ from fxopt.passes import (
 )
 from fxopt.passes.manager import NumericsError
 from fxopt.passes.registry import PassRegistry
-from conftest import model_spec
+from conftest import model_spec, trace_once
 
 aten = torch.ops.aten
 
@@ -84,7 +84,7 @@ class Countdown(Pass):
 @pytest.fixture
 def graph():
     spec = model_spec("mlp")
-    return fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name="mlp")
+    return trace_once(spec, graph_name="mlp")
 
 
 # -- options ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxopt
-from conftest import BASE_PIPELINE, base_graph, model_spec, reference, run
+from conftest import BASE_PIPELINE, base_graph, model_spec, reference, run, trace_once
 from fxopt.ir.quant import nbits_dequantize
 from fxopt.passes import OptionError, PassError, PipelineError
 from fxopt.passes.prune import (nm_mask, outlier_ratio, owl_counts, refit_weights, sparsegpt_prune, swap_scores, unstructured_mask,
@@ -279,7 +279,7 @@ def test_pruned_weights_stay_zero_through_int4_quantize(method):
 
 def test_a_weight_read_twice_is_pruned_once_and_embeddings_by_magnitude():
     spec = model_spec("tiny-gpt")  # tied head: with skip_lm_head=false one table serves the embedding and the head
-    g = fxopt.PassManager(BASE_PIPELINE).run(fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)).graph
+    g = fxopt.PassManager(BASE_PIPELINE).run(trace_once(spec)).graph
     result = fxopt.PassManager("prune(ratio=0.5,embeddings=true,skip_lm_head=false)").run(g)
     out = result.graph
     emb = [n for n in out.fx.nodes if n.target == aten.embedding.default]

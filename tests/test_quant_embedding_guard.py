@@ -8,7 +8,7 @@ import torch
 import fxopt
 from fxopt.ir.quant import QuantConfig, quantize, to_nbits
 from fxopt.passes.quantize import Quantize
-from conftest import model_spec, reference, run
+from conftest import model_spec, reference, run, trace_once
 
 aten = torch.ops.aten
 FX_EMBEDDING = torch.ops.fxopt.embedding_nbits.default
@@ -17,7 +17,7 @@ EMBEDDINGS = r"embed|wte|wpe|embeddings"
 
 def quantized(name, **options):
     spec = model_spec(name)
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+    graph = trace_once(spec, graph_name=name)
     canon = fxopt.PassManager("canonicalize").run(graph).graph
     result = fxopt.PassManager([Quantize(**options)]).run(canon)
     return spec, canon, result.graph, result.records[-1].stats

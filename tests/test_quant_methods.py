@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxopt
-from conftest import BASE_PIPELINE, model_spec, reference, run
+from conftest import BASE_PIPELINE, model_spec, reference, run, trace_once
 from fxopt.ir.quant import QuantConfig, quantize
 from fxopt.passes import PipelineError
 from fxopt.passes.quantize.methods import awq_search, gptq_quantize
@@ -65,7 +65,7 @@ def test_gptq_with_identity_hessian_is_round_to_nearest():
 @pytest.mark.parametrize("method", ["awq", "gptq"])
 def test_methods_through_the_pass_on_both_backends(method):
     spec = model_spec("llama-tiny")
-    g = fxopt.PassManager(BASE_PIPELINE).run(fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)).graph
+    g = fxopt.PassManager(BASE_PIPELINE).run(trace_once(spec)).graph
     g2 = torch.Generator().manual_seed(3)
     calib = [{"input_ids": torch.randint(0, 256, (4, 32), generator=g2)} for _ in range(4)]
     pipeline = f"quantize(bits=4,group_size=32,method={method},accuracy_level=0)"
@@ -82,7 +82,7 @@ def test_methods_through_the_pass_on_both_backends(method):
 
 def test_methods_need_calibration_data():
     spec = model_spec("mlp")
-    g = fxopt.PassManager(BASE_PIPELINE).run(fxopt.trace(spec.model, spec.example_inputs)).graph
+    g = fxopt.PassManager(BASE_PIPELINE).run(trace_once(spec, dynamic=False)).graph
     for method in ("awq", "gptq"):
         with pytest.raises(PipelineError, match="needs input 'calibration_data'"):
             fxopt.PassManager(f"quantize(bits=4,group_size=32,method={method})").run(g)

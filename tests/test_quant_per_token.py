@@ -15,7 +15,7 @@ from fxopt.ir.ops_quant import (
 from fxopt.ir.quant import QuantConfig, quantize
 from fxopt.passes import OptionError
 from fxopt.passes.quantize import Quantize
-from conftest import model_spec, reference, run
+from conftest import model_spec, reference, run, trace_once
 
 aten = torch.ops.aten
 FX_TOKEN = torch.ops.fxopt.linear_dynamic_int8_per_token.default
@@ -44,7 +44,7 @@ def both_backends(module, x):
 
 def quantized(name, options):
     spec = model_spec(name)
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+    graph = trace_once(spec, graph_name=name)
     canon = fxopt.PassManager("canonicalize").run(graph).graph
     result = fxopt.PassManager([Quantize(**options)]).run(canon)
     return spec, result.graph, result.records[-1].stats

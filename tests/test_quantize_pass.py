@@ -13,7 +13,7 @@ from fxopt.ir.ops_quant import linear_dynamic_reference
 from fxopt.ir.quant import QuantConfig, quantize
 from fxopt.passes import OptionError, PassError, PipelineError
 from fxopt.passes.quantize import METHODS, MODES, Quantize
-from conftest import model_spec, reference, run
+from conftest import model_spec, reference, run, trace_once
 
 aten = torch.ops.aten
 FX_NBITS = torch.ops.fxopt.linear_nbits.default
@@ -22,7 +22,7 @@ FX_DYNAMIC = torch.ops.fxopt.linear_dynamic_int8.default
 
 def traced(name):
     spec = model_spec(name)
-    return spec, fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+    return spec, trace_once(spec, graph_name=name)
 
 
 def quantized(name, options):

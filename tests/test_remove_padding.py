@@ -3,14 +3,17 @@ tokens only; attention and outputs see the padded layout again."""
 
 from __future__ import annotations
 
+import functools
+
 import onnx
 import pytest
 import torch
 from torch.export import Dim
 
 import fxopt
-from fxopt.models import SentenceEmbedder, bert, gpt2
+from fxopt.models import ModelSpec, SentenceEmbedder, bert, gpt2
 from fxopt.passes import PassManager, PipelineError
+from conftest import trace_once
 
 fxopt_ops = torch.ops.fxopt
 FUSED = "canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,fuse-linear-act,fuse-norm"
@@ -24,17 +27,19 @@ def padded_batch(lengths, seq, vocab=256, seed=0):
     return {"input_ids": ids * mask, "attention_mask": mask}
 
 
-def embedder(attention="eager"):
-    """A tiny BERT + masked mean pooling (sentence-transformers' recipe)."""
+@functools.lru_cache(maxsize=None)
+def embedder(attention="eager") -> ModelSpec:
+    """A tiny BERT + masked mean pooling (sentence-transformers' recipe),
+    built once per test process."""
     model = SentenceEmbedder(bert("tiny", attn_implementation=attention).model).eval()
     inputs = padded_batch([16, 9, 3], 16)
-    dyn = {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in inputs}
-    return model, inputs, dyn
+    return ModelSpec(model, inputs, {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in inputs}, f"embedder-{attention}")
 
 
-def optimize(model, inputs, dyn, pipeline):
-    graph = fxopt.trace(model, inputs, dynamic_shapes=dyn)
-    result = PassManager(pipeline).run(graph)
+def optimize(spec: ModelSpec, pipeline: str, dynamic: bool = True):
+    """``pipeline`` on ``spec`` traced (with its dynamic dimensions unless
+    ``dynamic=False``); the graph and remove-padding's stats."""
+    result = PassManager(pipeline).run(trace_once(spec, dynamic=dynamic))
     return result.graph, next(r.stats for r in result.records if r.name.startswith("remove-padding"))
 
 
@@ -48,8 +53,8 @@ BATCHES = [padded_batch([16, 9, 3], 16), padded_batch([5, 1, 12, 7, 2], 12, seed
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])  # a float or a boolean padding mask
 def test_sentence_embedder_runs_its_layers_on_real_tokens(backend, attention):
-    model, inputs, dyn = embedder(attention)
-    graph, stats = optimize(model, inputs, dyn, FUSED + ",remove-padding,dce")
+    spec = embedder(attention)
+    graph, stats = optimize(spec, FUSED + ",remove-padding,dce")
     # 2 layers x (merged QKV, attention output, FFN up + GELU, FFN down)
     assert (stats["attention"], stats["linears"]) == (2, 8)
     assert count(graph, fxopt_ops.padding_index.default) == 1
@@ -58,14 +63,13 @@ def test_sentence_embedder_runs_its_layers_on_real_tokens(backend, attention):
     compiled = fxopt.compile(graph, backend)
     for batch in BATCHES:  # other batch sizes, lengths and paddings, no padding at all
         with torch.no_grad():
-            ref = model(**batch)
+            ref = spec.model(**batch)
         parity = fxopt.compare(ref, compiled(**batch))
         assert parity.max_abs_err < 1e-5, (batch["attention_mask"].sum(1).tolist(), parity)
 
 
 def test_onnx_graph_gathers_and_scatters_rows(tmp_path):
-    model, inputs, dyn = embedder()
-    graph, _ = optimize(model, inputs, dyn, FUSED + ",remove-padding,pack-attention,dce")
+    graph, _ = optimize(embedder(), FUSED + ",remove-padding,pack-attention,dce")
     path = fxopt.export_onnx(graph, tmp_path / "m.onnx")
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("NonZero") == 1 and ops.count("ScatterND") == 7 and "Gather" in ops
@@ -80,7 +84,7 @@ def test_pack_attention_before_remove_padding_is_an_ordering_error():
 
 def test_hidden_state_output_keeps_its_padded_rows_by_default():
     spec = bert("tiny", attn_implementation="eager")  # returns last_hidden_state [B, S, D]
-    graph, stats = optimize(spec.model, spec.example_inputs, spec.dynamic_shapes, FUSED + ",remove-padding")
+    graph, stats = optimize(spec, FUSED + ",remove-padding")
     assert "padded rows are read by ops not known to be row-wise: output" in stats["reason"]
     assert "padded_outputs=zero" in stats["reason"] and count(graph, fxopt_ops.pad.default) == 0
 
@@ -88,8 +92,7 @@ def test_hidden_state_output_keeps_its_padded_rows_by_default():
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 def test_padded_outputs_zero_gives_zero_rows_and_exact_real_rows(backend):
     spec = bert("tiny", attn_implementation="eager")
-    graph, stats = optimize(spec.model, spec.example_inputs, spec.dynamic_shapes,
-                            FUSED + ",remove-padding(padded_outputs=zero),dce")
+    graph, stats = optimize(spec, FUSED + ",remove-padding(padded_outputs=zero),dce")
     assert stats["linears"] == 8
     compiled = fxopt.compile(graph, backend)
     for batch in BATCHES:
@@ -118,30 +121,30 @@ def test_pooling_by_position_keeps_everything_padded():
             return self.bert(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
     inputs = padded_batch([16, 9, 3], 16)
-    graph, stats = optimize(Pooled().eval(), inputs, {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in inputs},
+    graph, stats = optimize(ModelSpec(Pooled().eval(), inputs, {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in inputs}),
                             FUSED + ",remove-padding(padded_outputs=zero)")
     assert "(select.int)" in stats["reason"] and count(graph, fxopt_ops.unpad.default) == 0
 
 
 def test_decoder_without_key_padding_mask_is_refused():
     spec = gpt2("tiny", attn_implementation="eager")
-    graph, stats = optimize(spec.model, spec.example_inputs, spec.dynamic_shapes, FUSED + ",remove-padding")
+    graph, stats = optimize(spec, FUSED + ",remove-padding")
     assert "key-padding" in stats["reason"]
     assert count(graph, fxopt_ops.padding_index.default) == 0
 
 
 def test_per_tensor_activation_scales_keep_the_layers_padded_per_token_ones_do_not():
-    model, inputs, dyn = embedder()
+    spec = embedder()
     per_tensor = FUSED + ",quantize(mode=dynamic,act_granularity=tensor),remove-padding"
-    _, stats = optimize(model, inputs, dyn, per_tensor)
+    _, stats = optimize(spec, per_tensor)
     assert "(linear_dynamic_int8" in stats["reason"]  # its scale sees padded rows
     # the same once pack-attention (an earlier pipeline) moved the int8 QKV projection into the attention op
-    packed = PassManager(per_tensor.replace(",remove-padding", ",pack-attention")).run(fxopt.trace(model, inputs, dynamic_shapes=dyn))
+    packed = PassManager(per_tensor.replace(",remove-padding", ",pack-attention")).run(trace_once(spec))
     stats = PassManager("remove-padding").run(packed.graph).records[-1].stats
     assert "per-tensor int8 QKV projection" in stats["reason"]
 
     per_token = FUSED + ",quantize(mode=dynamic,act_granularity=token)"
-    graph = fxopt.trace(model, inputs, dynamic_shapes=dyn)
+    graph = trace_once(spec)
     quantized = PassManager(per_token).run(graph).graph
     unpadded = PassManager(per_token + ",remove-padding,dce").run(graph)
     stats = next(r.stats for r in unpadded.records if r.name == "remove-padding")
@@ -156,8 +159,9 @@ def test_per_tensor_activation_scales_keep_the_layers_padded_per_token_ones_do_n
 def test_static_shapes_with_the_mask_partly_constant_folded(attention):
     """Traced without dynamic dims, constant-fold folds the mask's aranges and
     its all-true part into constants; the padding proof reads through them."""
-    model, inputs, _ = embedder(attention)
-    graph, stats = optimize(model, inputs, None, FUSED + ",remove-padding,dce")
+    spec = embedder(attention)
+    model, inputs = spec.model, spec.example_inputs
+    graph, stats = optimize(spec, FUSED + ",remove-padding,dce", dynamic=False)
     assert stats["linears"] == 8
     compiled = {b: fxopt.compile(graph, b) for b in ("eager", "onnxruntime")}
     for batch in (inputs, padded_batch([2, 16, 7], 16, seed=3)):  # same shape, other lengths
@@ -201,7 +205,7 @@ def test_hand_written_encoder_with_a_masked_fill_padding_bias():
     model = HandWrittenEncoder().eval()
     inputs = padded_batch([16, 9, 3], 16, vocab=100)
     dyn = {k: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for k in inputs}
-    graph, stats = optimize(model, inputs, dyn, "canonicalize,dce,constant-fold,cse,fuse-attention,remove-padding,dce")
+    graph, stats = optimize(ModelSpec(model, inputs, dyn), "canonicalize,dce,constant-fold,cse,fuse-attention,remove-padding,dce")
     # out, gate, up, down on real rows; the QKV projection stays padded: its
     # heads are split by a permute across the q/k/v axis, not read through.
     assert stats.get("linears") == 4, stats
@@ -237,7 +241,7 @@ class TinyEncoder(torch.nn.Module):
 
 
 def static_run(model, pipeline, batches):
-    graph, stats = optimize(model, batches[0], None, pipeline)
+    graph, stats = optimize(ModelSpec(model, batches[0]), pipeline, dynamic=False)
     compiled = fxopt.compile(graph, "eager")
     for batch in batches:
         with torch.no_grad():
@@ -263,8 +267,9 @@ def test_static_token_mixing_tensor_that_only_looks_padded_is_left_alone():
 
 def test_attention_already_packed_by_an_earlier_pipeline():
     """pack-attention's op runs its QKV GEMM on padded rows; the rest moves."""
-    model, inputs, dyn = embedder()
-    packed = PassManager(FUSED + ",pack-attention,dce").run(fxopt.trace(model, inputs, dynamic_shapes=dyn)).graph
+    spec = embedder()
+    model = spec.model
+    packed = PassManager(FUSED + ",pack-attention,dce").run(trace_once(spec)).graph
     assert count(packed, fxopt_ops.packed_attention.default) == 2
     result = PassManager("remove-padding,dce").run(packed)
     stats = result.records[0].stats

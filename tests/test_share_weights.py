@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import fxopt
-from conftest import BASE_PIPELINE, base_graph, model_spec, reference, run
+from conftest import BASE_PIPELINE, base_graph, model_spec, reference, run, trace_once
 from fxopt.backends import export_onnx
 
 aten = torch.ops.aten
 
 
 def _graph(spec):
-    g = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    g = trace_once(spec)
     return fxopt.PassManager(BASE_PIPELINE).run(g).graph
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fxopt
-from conftest import BASE_PIPELINE, base_graph, run
+from conftest import BASE_PIPELINE, base_graph, model_spec, run
 from fxopt.ir.nodes import call_args
 from structural import assert_rewrites_to, assert_unchanged, graph_of
 from fxopt.models import BUILTIN, ModelSpec, hf_spec, seeded
@@ -161,8 +161,7 @@ def _kinds(graph) -> collections.Counter:
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
 def test_shrunk_model_keeps_every_fusion_and_quantizes_on_both_backends(name):
-    spec = SPECS[name]()
-    graph = _graph(spec)
+    spec, graph = model_spec(name), base_graph(name)
     shrunk = fxopt.PassManager("shrink(ratio=0.3,heads=0.5,multiple_of=8)").run(graph).graph
     widths = {tuple(shrunk.constant(n.args[1]).shape) for n in shrunk.fx.nodes if n.target == aten.linear.default}
     if name == "llama-tiny":  # ceil(0.7 * 128) = 90, rounded up to a multiple of 8; 2 of 4 query heads, 1 of 2 KV heads
@@ -221,6 +220,44 @@ def test_compensation_folds_constant_channels_into_the_bias():
     assert fxopt.compare(ref, run(fxopt.compile(shrunk, "onnxruntime"), spec.example_inputs)).within(1e-4)
     plain = fxopt.PassManager("shrink(ratio=0.25)").run(graph).graph
     assert not fxopt.compare(ref, run(plain, spec.example_inputs)).within(1e-4)  # without it the constant is lost
+
+
+def _constant_heads(spec, heads=(1, 3)):
+    """GPT-2 tiny (4 heads of 16) whose ``heads`` have zero q, k and v weights
+    and a value bias of their own: their output is that bias at every
+    position (the probabilities sum to 1), a constant compensation can fold."""
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for block in spec.model.transformer.h:
+            for h in heads:
+                cols = [part * 64 + h * 16 + i for part in range(3) for i in range(16)]  # Conv1D [in, out]: q, k, v columns
+                block.attn.c_attn.weight[:, cols] = 0.0
+                block.attn.c_attn.bias[128 + h * 16: 128 + (h + 1) * 16] = torch.randn(16, generator=g)
+    return spec
+
+
+def test_compensation_folds_constant_heads_into_the_output_projection_bias():
+    spec = _constant_heads(SPECS["gpt2-tiny"]())
+    graph = _graph(spec)
+    calib = [spec.example_inputs]
+    ref = run(graph, spec.example_inputs)
+    result = fxopt.PassManager("shrink(ratio=0,heads=0.5,compensate=true)", calibration_data=calib).run(graph)
+    assert result.records[0].stats["heads_removed"] == 4  # heads 1 and 3 of both layers, the zero-weight ones
+    shrunk = result.graph
+    for backend in ("eager", "onnxruntime"):
+        assert fxopt.compare(ref, run(fxopt.compile(shrunk, backend), spec.example_inputs)).within(1e-4), backend
+    plain = fxopt.PassManager("shrink(ratio=0,heads=0.5)").run(graph).graph
+    assert not fxopt.compare(ref, run(plain, spec.example_inputs)).within(1e-4)  # without it the heads' constant is lost
+
+
+def test_compensation_with_no_head_removed_changes_nothing():
+    # heads=0.2 keeps ceil(0.8 * 4) = 4 heads: nothing is removed, so no bias changes either
+    spec = _constant_heads(SPECS["gpt2-tiny"]())
+    graph = _graph(spec)
+    result = fxopt.PassManager("shrink(ratio=0,heads=0.2,compensate=true)", calibration_data=[spec.example_inputs]).run(graph)
+    assert not result.records[0].changed and str(result.graph) == str(graph)
+    assert all(torch.equal(result.graph.constant(a), graph.constant(b))
+               for a, b in zip(result.graph.fx.nodes, graph.fx.nodes) if graph.constant(b) is not None)
 
 
 # -- heads: before / expected, and where shrink must not fire -----------------------------

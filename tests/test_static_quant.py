@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 import fxopt
-from conftest import BASE_PIPELINE, model_spec, reference, run
+from conftest import BASE_PIPELINE, model_spec, reference, run, trace_once
 from fxopt.ir.ops_quant_static import linear_static_int8, linear_static_reference, static_act_qparams
 from fxopt.ir.quant import QuantConfig, quantize
 from fxopt.passes import PipelineError
@@ -17,7 +17,7 @@ STATIC_OP = torch.ops.fxopt.linear_static_int8.default
 
 def _base(name):
     spec = model_spec(name)
-    g = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+    g = trace_once(spec, graph_name=name)
     return spec, fxopt.PassManager(BASE_PIPELINE).run(g).graph
 
 

@@ -17,9 +17,9 @@ from torch.utils._pytree import tree_leaves
 
 import fxopt
 from fxopt.ir.collectives import ALL_GATHER, ALL_REDUCE, WAIT
-from fxopt.models import bert, gpt2, hf_spec, llama
+from fxopt.models import hf_spec
 from fxopt.parallel import ProcessGroupError, all_reduce_count, compile_tensor_parallel, tensor_parallel_graphs
-from conftest import reference, run
+from conftest import model_spec, once_per_run, reference, run, trace_once
 from structural import assert_structurally_equal, graph_of
 
 transformers = pytest.importorskip("transformers")
@@ -77,15 +77,21 @@ def gemma():
     return hf_spec(transformers.GemmaForCausalLM(cfg), 256, "gemma", mask=False, max_len=128)
 
 
-MODELS = {"gpt2": lambda: gpt2("tiny"), "llama": lambda: llama("tiny"), "phi3": phi3, "gemma": gemma}
-ENCODERS = {"bert": lambda: bert("tiny")}  # no LM head: the hidden states are the output
+# A built-in model's name, or a factory of a ModelSpec.
+MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny", "phi3": phi3, "gemma": gemma}
+ENCODERS = {"bert": "bert-tiny"}  # no LM head: the hidden states are the output
 
 
 @functools.lru_cache(maxsize=None)
 def spec_and_graph(name: str):
-    torch.manual_seed(0)
-    spec = {**MODELS, **ENCODERS}[name]()
-    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+    source = {**MODELS, **ENCODERS}[name]
+    if isinstance(source, str):  # traced once per test process, shared with other files' tests
+        spec = model_spec(source)
+        graph = trace_once(spec, graph_name=name)
+    else:
+        torch.manual_seed(0)
+        spec = source()
+        graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
     return spec, fxopt.PassManager("canonicalize,dce").run(graph).graph
 
 
@@ -114,8 +120,9 @@ def cases(n: int) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def logits(n: int) -> dict:
-    """Every case of ``n`` ranks, run in one group of ``n`` forked processes."""
-    return run_ranks(n, cases(n))
+    """Every case of ``n`` ranks, run in one group of ``n`` forked processes,
+    once per test run."""
+    return once_per_run(f"tensor-parallel-{n}-ranks", lambda: run_ranks(n, cases(n)))
 
 
 LAYERS = 2  # every test config has two transformer layers
