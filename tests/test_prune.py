@@ -10,7 +10,8 @@ import fxopt
 from conftest import BASE_PIPELINE, base_graph, model_spec, reference, run, trace_once
 from fxopt.ir.quant import nbits_dequantize
 from fxopt.passes import OptionError, PassError, PipelineError
-from fxopt.passes.prune import nm_mask, sparsegpt_prune, unstructured_mask, wanda_scores
+from fxopt.passes.prune import (nm_mask, outlier_ratio, owl_counts, refit_weights, sparsegpt_prune, swap_scores, unstructured_mask,
+                                wanda_scores)
 
 aten = torch.ops.aten
 NBITS = torch.ops.fxopt.linear_nbits.default
@@ -288,3 +289,184 @@ def test_a_weight_read_twice_is_pruned_once_and_embeddings_by_magnitude():
     eager = run(fxopt.compile(out, "eager"), spec.example_inputs)
     ort = run(fxopt.compile(out, "onnxruntime"), spec.example_inputs)
     assert fxopt.compare(eager, ort).within(1e-4)
+
+
+# -- OWL's layerwise ratios and the least-squares refit ----------------------------------------
+
+def test_sparsegpt_prunes_dead_input_channels_first():
+    # The paper's code: an input channel with H_jj = 0 never carries a value; its weights go first, no NaN.
+    w, x, _ = _layer(k=64)
+    x[:, [5, 40]] = 0
+    H = x.double().T @ x.double() / x.shape[0]
+    ours = sparsegpt_prune(w, H, ratio=0.5, block=32)
+    assert torch.isfinite(ours).all() and (ours[:, [5, 40]] == 0).all()
+    assert int((ours == 0).sum()) == 32 * 32
+
+
+def test_owl_ratios_are_the_papers_and_sum_exactly():
+    # OWL (Yin et al. 2024), its code: D normalized to [0, 2*lambda], keep = D - mean(D) + (1 - S), sparsity = 1 - keep.
+    scores = torch.tensor([[1.0, 1, 1, 1, 1, 1, 1, 1, 1, 30], [1.0] * 10])
+    assert outlier_ratio(scores, 5) == pytest.approx(1 / 20)
+    outliers, sizes, lam = [0.02, 0.05, 0.01, 0.03], [1000, 1000, 1000, 1000], 0.08
+    d = torch.tensor(outliers, dtype=torch.float64)
+    d = (d - d.min()) / (d.max() - d.min()) * 2 * lam
+    expected = 1 - (d - d.mean() + 0.5)
+    counts = owl_counts(outliers, sizes, 0.5, lam)
+    assert sum(counts) == 2000
+    assert all(abs(c - e * 1000) <= 1 for c, e in zip(counts, expected.tolist()))
+    assert counts[1] == min(counts) and counts[2] == max(counts)  # most outliers: fewest removed
+    # unequal sizes: still exactly floor(ratio * total), the size-weighted mean ratio is the target
+    counts = owl_counts([0.02, 0.05, 0.01], [4096, 1000, 333], 0.5, 0.1)
+    assert sum(counts) == int(0.5 * 5429) and counts[1] / 1000 < 0.5 < counts[2] / 333
+
+
+def test_unstructured_mask_with_a_count_spreads_it_over_the_rows():
+    scores = torch.randn(5, 12)
+    keep = unstructured_mask(scores, 0.0, per_row=True, count=23)
+    assert (~keep).sum(1).tolist() == [5, 5, 5, 4, 4]
+    assert int((~unstructured_mask(scores, 0.0, count=23)).sum()) == 23
+
+
+def _refit_reference(w, b, keep, x, x_ref, damp=0.01):
+    """Per row, by hand: ridge least squares of [x_kept, 1] onto x_ref . w + b, pulled toward the dense weights."""
+    x, x_ref, w, b = x.double(), x_ref.double(), w.double(), b.double()
+    n = x.shape[0]
+    reg = damp * (x.T @ x / n).diag().mean()
+    out_w, out_b = torch.zeros_like(w), torch.zeros_like(b)
+    for r in range(w.shape[0]):
+        cols = keep[r].nonzero().flatten()
+        a = torch.cat([x[:, cols], torch.ones(n, 1, dtype=x.dtype)], 1)
+        y = x_ref @ w[r] + b[r]
+        t = torch.cat([w[r, cols], b[r:r + 1]])
+        v = torch.linalg.solve(a.T @ a / n + reg * torch.eye(a.shape[1], dtype=x.dtype), a.T @ y / n + reg * t)
+        out_w[r, cols], out_b[r] = v[:-1], v[-1]
+    return out_w, out_b
+
+
+@pytest.mark.parametrize("target", ["layer", "model"])
+def test_refit_is_the_least_squares_solution_on_the_kept_weights(target):
+    w, x, held_out = _layer(k=64, n=16)
+    b = torch.randn(16)
+    x_ref = x + 0.3 * torch.randn_like(x) if target == "model" else x  # the unpruned model's input to the layer
+    keep = unstructured_mask(w.abs(), 0.5)
+    x64, r64 = x.double(), x_ref.double()
+    rows = x.shape[0]
+    ours_w, ours_b = refit_weights(w, keep, x64.T @ x64 / rows, x64.T @ r64 / rows if target == "model" else None, bias=b,
+                                   mean=x64.mean(0), ref_mean=r64.mean(0), start=w * keep, iterations=500, tol=1e-12)
+    ref_w, ref_b = _refit_reference(w, b, keep, x, x_ref)
+    assert (ours_w[~keep] == 0).all()
+    torch.testing.assert_close(ours_w.double(), ref_w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_b.double(), ref_b, rtol=1e-4, atol=1e-5)
+
+
+def test_owl_allocation_keeps_the_total_exact_and_runs_on_both_backends():
+    spec = model_spec("llama-tiny")
+    result = _prune("llama-tiny", "prune(method=wanda,ratio=0.5,allocation=owl,owl_lambda=0.1)", calibration_data=_calibration())
+    weights = [w for name, w in _weights(result.graph).items() if name != "lm_head"]
+    zeros, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+    assert zeros == int(0.5 * total) and result.records[0].stats["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    ratios = [(w == 0).float().mean().item() for w in weights]
+    assert 0.1 < max(ratios) - min(ratios) <= 0.2 + 1e-3  # spread over 2 * owl_lambda
+    assert all(0.3 - 1e-3 <= r <= 0.7 + 1e-3 for r in ratios)
+    eager = run(fxopt.compile(result.graph, "eager"), spec.example_inputs)
+    ort = run(fxopt.compile(result.graph, "onnxruntime"), spec.example_inputs)
+    assert fxopt.compare(eager, ort).within(1e-4)
+
+
+def test_refit_keeps_the_mask_lowers_the_error_and_runs_on_both_backends():
+    spec = model_spec("llama-tiny")
+    calib = _calibration()
+    plain = _prune("llama-tiny", "prune(method=wanda,pattern='2:4')", calibration_data=calib)
+    refit = _prune("llama-tiny", "prune(method=wanda,pattern='2:4',refit=model)", calibration_data=calib)
+    before, after = _weights(plain.graph), _weights(refit.graph)
+    first = "model.layers.0.self_attn.q_proj"  # later layers see other inputs (the refit layers' outputs), so other masks
+    assert torch.equal(after[first] == 0, before[first] == 0) and not torch.equal(after[first], before[first])
+    for name, w in after.items():
+        if name != "lm_head":
+            assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all(), name
+    eager = run(fxopt.compile(refit.graph, "eager"), spec.example_inputs)
+    ort = run(fxopt.compile(refit.graph, "onnxruntime"), spec.example_inputs)
+    assert fxopt.compare(eager, ort).within(1e-4)
+    dense = reference(spec)
+    assert fxopt.compare(dense, eager).cosine > fxopt.compare(dense, run(fxopt.compile(plain.graph, "eager"), spec.example_inputs)).cosine
+
+
+def test_refit_model_matches_the_unpruned_models_activations_layer_by_layer(mlp_graph):
+    # By hand: magnitude masks (data-free), each layer refit on the pruned stream's inputs toward the
+    # dense stream's outputs (weights and bias), then both streams move on.
+    g = fxopt.PassManager(BASE_PIPELINE).run(mlp_graph).graph
+    gen = torch.Generator().manual_seed(3)
+    calib = [(torch.randn(16, 32, generator=gen),) for _ in range(4)]
+    x = x_ref = torch.cat([c[0] for c in calib]).double()
+    expected = []
+    for i, layer in enumerate(model_spec("mlp").model.layers):
+        w, b = layer.weight.detach().double(), layer.bias.detach().double()
+        keep = unstructured_mask(w.abs(), 0.5)
+        pw, pb = _refit_reference(w, b, keep, x, x_ref)
+        expected.append(pw)
+        x, x_ref = x @ pw.T + pb, x_ref @ w.T + b
+        if i < 2:
+            x, x_ref = torch.nn.functional.gelu(x), torch.nn.functional.gelu(x_ref)
+    ours = fxopt.PassManager("prune(method=magnitude,ratio=0.5,refit=model,refit_iterations=500)", calibration_data=calib).run(g).graph
+    got = list(_weights(ours).values())
+    for w, e in zip(got, expected):
+        torch.testing.assert_close(w.double(), e, rtol=1e-3, atol=1e-4)
+    out = run(fxopt.compile(ours, "eager"), calib[0])
+    torch.testing.assert_close(out.double(), x[:16], rtol=1e-3, atol=1e-4)
+
+
+def test_owl_and_refit_refusals_and_ratio_zero():
+    with pytest.raises(OptionError, match="allocation=owl applies to pattern=unstructured"):
+        fxopt.REGISTRY.create("prune", pattern="2:4", allocation="owl")
+    g = base_graph("mlp")
+    with pytest.raises(PipelineError, match="needs input 'calibration_data'"):
+        fxopt.PassManager("prune(refit=layer)").run(g)
+    result = fxopt.PassManager("prune(ratio=0,allocation=owl,refit=model)", calibration_data=[(torch.randn(4, 32),)]).run(g)
+    assert not result.records[0].changed and str(result.graph) == str(g)
+
+
+def test_swap_scores_are_the_objective_changes_by_brute_force():
+    # f(v) = v A v^T - 2 v . b per row; kept entry: f(v with v_j = 0) - f(v) at the masked optimum;
+    # pruned entry: f(v) - min_t f(v with v_j = t). Brute force over a grid of t, by hand.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    A = x.T @ x / 200 + 0.01 * torch.eye(6, dtype=torch.float64)
+    b = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    M = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 0]], dtype=torch.bool)
+    V = torch.zeros(2, 6, dtype=torch.float64)
+    for r in range(2):  # the masked optimum, by hand
+        k = M[r].nonzero().flatten()
+        V[r, k] = torch.linalg.solve(A[k][:, k], b[r, k])
+    f = lambda v, r: v @ A @ v - 2 * v @ b[r]  # noqa: E731
+    ours = swap_scores(V, M, A, b)
+    for r in range(2):
+        for j in range(6):
+            if M[r, j]:
+                v = V[r].clone()
+                v[j] = 0
+                expected = f(v, r) - f(V[r], r)
+            else:
+                vs = V[r].repeat(40001, 1)
+                vs[:, j] = torch.linspace(-20, 20, 40001, dtype=torch.float64)
+                expected = f(V[r], r) - (((vs @ A) * vs).sum(1) - 2 * vs @ b[r]).min()
+            assert ours[r, j].item() == pytest.approx(expected.item(), rel=1e-3, abs=1e-6), (r, j)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_refit_rounds_keep_the_count_and_lower_the_objective(pattern):
+    w, x, held_out = _layer(k=64, n=16)
+    H = x.double().T @ x.double() / x.shape[0]
+    if pattern == "2:4":
+        keep = nm_mask(w.abs(), 2, 4)
+        reselect = lambda s: nm_mask(s, 2, 4)  # noqa: E731
+    else:
+        keep = unstructured_mask(w.abs(), 0.5)
+        reselect = lambda s: unstructured_mask(s, 0.0, count=512)  # noqa: E731
+    once, _ = refit_weights(w, keep, H, start=w * keep)
+    more, _ = refit_weights(w, keep, H, start=w * keep, rounds=5, reselect=reselect)
+    assert int((more == 0).sum()) == int((once == 0).sum()) == 512
+    if pattern == "2:4":
+        assert ((more != 0).reshape(16, -1, 4).sum(-1) == 2).all()
+    assert not torch.equal(more == 0, once == 0)
+    err = lambda p, xs: _out_err(xs, w, p)  # noqa: E731
+    assert err(more, x) < err(once, x)

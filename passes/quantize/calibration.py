@@ -177,7 +177,10 @@ def make_observer(kind: str, **options) -> Observer:
 class LinearStats:
     """What the calibration set showed about one linear layer's input ``X``
     (``[..., K]``): its range (``observer``), ``channel_absmax[k] = max|X[..., k]|``,
-    and when asked, ``hessian = X^T X / rows`` (float64) and a sample of rows."""
+    ``mean`` and ``sq_mean`` (of ``X`` and ``X^2``, float64, per channel), and when asked, ``hessian = X^T X / rows``
+    (float64) and a sample of rows. From :func:`calibrate_sequentially` with
+    ``reference``: ``cross = X^T X_ref / rows`` and ``ref_mean``, where
+    ``X_ref`` is the same input in the unchanged graph."""
 
     node: str
     observer: Observer
@@ -185,26 +188,41 @@ class LinearStats:
     hessian: torch.Tensor | None = None
     rows: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)
+    mean: torch.Tensor | None = None
+    sq_mean: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    ref_mean: torch.Tensor | None = None
 
-    def observe(self, x: torch.Tensor, hessian: bool = False, keep_rows: int = 0) -> None:
-        """Add the rows of one input ``x`` (``[..., K]``); call :meth:`finish` after the last."""
+    def observe(self, x: torch.Tensor, hessian: bool = False, keep_rows: int = 0, ref: torch.Tensor | None = None) -> None:
+        """Add the rows of one input ``x`` (``[..., K]``), and of the reference
+        input ``ref`` of the same shape when given; call :meth:`finish` after the last."""
         rows = x.detach().reshape(-1, x.shape[-1]).float()
         self.observer.update(rows)
         amax = rows.abs().amax(dim=0)
         self.channel_absmax = amax if self.channel_absmax is None else torch.maximum(self.channel_absmax, amax)
+        total, squares = rows.double().sum(0), rows.double().pow(2).sum(0)
+        self.mean = total if self.mean is None else self.mean + total
+        self.sq_mean = squares if self.sq_mean is None else self.sq_mean + squares
         if hessian:
             r64 = rows.double()
             h = r64.T @ r64
             self.hessian = h if self.hessian is None else self.hessian + h
+        if ref is not None:
+            r64, ref64 = rows.double(), ref.detach().reshape(-1, ref.shape[-1]).double()
+            c, m = r64.T @ ref64, ref64.sum(0)
+            self.cross = c if self.cross is None else self.cross + c
+            self.ref_mean = m if self.ref_mean is None else self.ref_mean + m
         kept = sum(s.shape[0] for s in self.samples)
         if kept < keep_rows:
             self.samples.append(rows[: keep_rows - kept].clone())
         self.rows += rows.shape[0]
 
     def finish(self) -> "LinearStats":
-        """``X^T X`` summed over the rows becomes ``X^T X / rows``."""
-        if self.hessian is not None:
-            self.hessian /= max(self.rows, 1)
+        """Sums over the rows become means (``X^T X / rows``, ...)."""
+        for name in ("hessian", "mean", "sq_mean", "cross", "ref_mean"):
+            value = getattr(self, name)
+            if value is not None:
+                value /= max(self.rows, 1)
         return self
 
     def sample(self) -> torch.Tensor:
@@ -292,6 +310,7 @@ def calibrate_sequentially(
     visit: Callable[[fx.Node, LinearStats], None],
     *,
     progress=None,
+    reference: bool = False,
 ) -> None:
     """Run ``graph`` on every item of ``calibration_data`` together, node by
     node in graph order, and call ``visit(node, stats)`` just before each
@@ -306,6 +325,12 @@ def calibrate_sequentially(
     compounding unseen into the next. ``visit`` must not erase nodes (erase
     the replaced weights afterwards). Memory: the live values of every item
     at once (the graph's widest point times the set's size).
+
+    ``reference``: also run the graph as it was before any visit (each node
+    with the inputs it had when the run began) and give ``visit`` the cross
+    moment ``X^T X_ref / rows`` of each chosen node's input with the unchanged
+    graph's (``stats.cross``, ``stats.ref_mean``): what a layer needs to match
+    the original model's output rather than its own (twice the memory).
     """
     data = list(calibration_data) if calibration_data is not None else []
     if not data:
@@ -319,7 +344,9 @@ def calibrate_sequentially(
     for node in order:
         for arg in node.all_input_nodes:
             last_use[arg] = node
-    runners = []
+    original = {node: (node.args, node.kwargs) for node in order} if reference else {}
+    original_inputs = {node: list(node.all_input_nodes) for node in order}
+    runners, refs = [], []
     for i, item in enumerate(data):
         args, kwargs = split_inputs(item)
         try:
@@ -329,13 +356,26 @@ def calibrate_sequentially(
         runner = fx.Interpreter(graph.module, garbage_collect_values=False)
         runner.env, runner.args_iter = {}, iter(flat)
         runners.append(runner)
+        if reference:
+            ref = fx.Interpreter(graph.module, garbage_collect_values=False)
+            ref.env, ref.args_iter = {}, iter(flat)
+            refs.append(ref)
     with torch.no_grad():
         for node in progress(order, "calibrating layer by layer") if progress else order:
             if node in chosen:
                 stats = LinearStats(node.name, make_observer("minmax"))
-                for runner in runners:
-                    stats.observe(runner.env[node.args[0]], hessian=True)
+                rows = lambda envs, x: torch.cat([e[x].reshape(-1, e[x].shape[-1]) for e in envs])  # noqa: E731
+                # one product over every item's rows: many small ones cost far more
+                stats.observe(rows([r.env for r in runners], node.args[0]), hessian=True,
+                              ref=rows([r.env for r in refs], original[node][0][0]) if reference else None)
                 visit(node, stats.finish())
+            for ref in refs:  # the graph as it was: the node with its original inputs
+                args, kwargs = original[node]
+                load = lambda n: ref.env[n]  # noqa: E731
+                ref.env[node] = getattr(ref, node.op)(node.target, fx.node.map_arg(args, load), fx.node.map_arg(kwargs, load))
+                for arg in original_inputs[node]:
+                    if last_use.get(arg) is node:
+                        del ref.env[arg]
             for runner in runners:
                 for arg in node.all_input_nodes:  # a weight the visit put in place
                     if arg not in runner.env:
