@@ -3,15 +3,13 @@
 # Extra arguments go to pytest. pytest's "no tests ran" (exit 5) is a failure.
 # Tests run in FXOPT_TEST_WORKERS pytest-xdist workers (default 2, one per core
 # of the CI machine; each worker's PyTorch then uses one thread: tests/conftest.py).
-# worksteal gives each worker a contiguous half of the suite, so the models a
-# file traces and caches are built by one worker (xdist's default deals the
-# first quarter out one test at a time, and both build them), and moves tests
-# from a busy worker's end to an idle one, so one slow file does not end the run.
+# loadfile gives each worker whole files, so the models a file traces and caches
+# are built once; tests/conftest.py orders the longest files first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh dev || exit 1
 . .venv/bin/activate
-python -m pytest -q -p no:cacheprovider -n "${FXOPT_TEST_WORKERS:-2}" --dist worksteal "$@"
+python -m pytest -q -p no:cacheprovider -n "${FXOPT_TEST_WORKERS:-2}" --dist loadfile "$@"
 code=$?
 if [ "$code" -eq 5 ]; then
   echo "scripts/test.sh: pytest collected no tests; failing" >&2

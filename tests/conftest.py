@@ -34,6 +34,23 @@ def pytest_configure(config):
         _RUN_FOLDER = Path(config.option.basetemp).parent
 
 
+# Files that take minutes, longest first. scripts/test.sh hands whole files to
+# its two workers (--dist loadfile) in collection order, each worker taking
+# the next file when it is free: starting with the longest leaves only short
+# files for the end, so the workers finish together.
+LONGEST_FILES = (
+    "test_generation.py", "test_parallel_runtime.py", "test_parallel_generation.py", "test_tensor_parallel.py",
+    "test_shrink.py", "test_models_backends.py", "test_cli.py", "test_attention_lowering.py",
+    "test_compress_compose.py", "test_prune.py", "test_bench_generate_peers.py", "test_cluster.py",
+    "test_architectures.py", "test_quant_methods.py", "test_share_weights.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: a file's own order stays
+
+
 def once_per_run(key: str, compute):
     """``compute()`` once per test run, for every worker: results that cost
     tens of seconds (processes of ranks started and run to the end,
