@@ -211,4 +211,7 @@ def trace_decoder(model: torch.nn.Module, *, name: str | None = None) -> Decoder
         _check_dynamic(decode, {"attention_mask": 1, **{ph.name: 2 for ph in decode.placeholders()[3:]}})
     finally:
         model.train(was_training)
+    if info.max_positions:  # generation keeps positions below it (the loop checks prompt + new tokens)
+        for graph in (prefill, decode):
+            graph.value_bounds["position_ids"] = info.max_positions
     return DecoderGraphs(prefill, decode, info, name)
