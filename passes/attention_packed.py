@@ -47,8 +47,9 @@ outputs). When the query and the new key are transformers' rotary embedding
 positions input alone (:mod:`.analyses.rotary`), the rotation moves into the op
 too: ``fxopt.attention_with_past(..., cos_cache, sin_cache, position_ids)``,
 GroupQueryAttention's ``do_rotary`` with the tables as constants and the
-model's positions per row (stats ``rotary``; why a rotation stayed in the
-graph: ``rotary_refused``). A prompt's rotation stays in the graph: the kernel
+model's positions per row, for heads of a multiple of 16 (the kernel's
+rotary; stats ``rotary``; why a rotation stayed in the graph:
+``rotary_refused``). A prompt's rotation stays in the graph: the kernel
 reads one start position for all rows of a prompt, and a left-padded batch's
 rows start at different positions.
 
@@ -479,6 +480,9 @@ class PackAttention(Pass):
                 raise NotRotary(f"only the {'key' if rq is None else 'query'} is rotated")
             if (rq.cos, rq.sin) != (rk.cos, rk.sin):
                 raise NotRotary("the query and the key are rotated by different tables")
+            head = val(rq.x).shape[3]
+            if head % 16:
+                raise NotRotary(f"head size {head}: GroupQueryAttention rotates heads of a multiple of 16 only")
             tables = rope.tables(rq)
         except NotRotary as e:
             stats["rotary_refused"][sdpa.name] = str(e)

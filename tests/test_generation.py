@@ -95,6 +95,8 @@ def traced_generator(name: str, backend: str):
 
 
 ARCHS = ["gpt2", "llama", "mistral", "gemma", "phi3"]
+GQA_ARCHS = {"llama", "mistral", "gemma", "phi3"}  # fewer key/value heads than query heads (SMALL)
+NOT_FOLDED_ROTARY = {"gpt2"}  # learned positions, no rotary embedding
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
@@ -103,10 +105,22 @@ def test_fused_greedy_tokens_equal_hugging_face(name, backend):
     gen = fused_generator(name, backend)
     cache = next(r.stats for r in gen.graphs.records["decode"] if r.name.startswith("pack-attention"))
     assert (cache["cache"], cache["refused"]) == (2, {})  # every layer's attention against its cache
+    # rotary models: the decode step's rotation runs inside the attention op (GroupQueryAttention's do_rotary)
+    assert (cache["rotary"], cache["rotary_refused"]) == (0 if name in NOT_FOLDED_ROTARY else 2, {})
+    prefill = next(r.stats for r in gen.graphs.records["prefill"] if r.name.startswith("pack-attention"))
+    if name in GQA_ARCHS:  # a left-padded prompt's GQA with its causal + padding mask: one kernel, no repeat_kv
+        assert (prefill["gqa"], prefill["refused"]) == (2, {})
     if backend == "onnxruntime":
         ops = onnx_op_types(gen.decode_model)
         assert ops.count("GroupQueryAttention") == 2 and "MultiHeadAttention" not in ops
         assert cache_readers(gen.decode_model) <= {"GroupQueryAttention", "Shape"}  # no Concat copies the cache
+        if name not in NOT_FOLDED_ROTARY:
+            assert not {"Sin", "Cos", "Neg"} & set(ops)
+            assert all(any(a.name == "do_rotary" and a.value == 1 for a in n.attributes.values())
+                       for n in gen.decode_model.program.model.graph if n.op_type == "GroupQueryAttention")
+        if name in GQA_ARCHS:
+            prefill_ops = onnx_op_types(gen.prefill_model)
+            assert prefill_ops.count("GroupQueryAttention") == 2 and "MultiHeadAttention" not in prefill_ops
     for batch in (1, 4):
         out = gen.generate(PROMPTS[:batch], max_new_tokens=NEW_TOKENS)
         expected = hf_tokens(name, batch)
