@@ -80,7 +80,8 @@ PREPARATION = {
         "`torch.compile(model)` with inductor's `freezing` on, as its x86 CPU guides recommend, and the config's "
         "own recommended inductor settings (`set_inductor_config=True`).",
     "torchao-int4-compile": "Conv1D converted to nn.Linear; `quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=128))` "
-        "(torchao's CPU int4 weight-only path: Int4OpaqueTensor, `_weight_int4pack_mm_for_cpu`), then "
+        "(torchao's CPU int4 weight-only path: Int4OpaqueTensor, `_weight_int4pack_mm_for_cpu`), on every linear whose "
+        "output width is a multiple of 16, as that kernel requires (the tied LM head, 50257 rows, stays fp32), then "
         "`torch.compile(model)` with `freezing` on.",
     "ort-fp32": "fxopt's fp32 export, ONNX Runtime graph optimization level `all`.",
     "ort-quantize-dynamic-int8": "`Transpose(W)` of the tied LM head folded into an initializer; ONNX Runtime's "
@@ -243,12 +244,14 @@ def _torchao(variant: str):
 
     model = _conv1d_to_linear(_gpt2_model().model)
     if variant == "torchao-int8-compile":
-        config = Int8DynamicActivationInt8WeightConfig(reduce_range=should_reduce_range(torch.device("cpu")))
+        quantize_(model, Int8DynamicActivationInt8WeightConfig(reduce_range=should_reduce_range(torch.device("cpu"))))
     else:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
-        config = PrototypeInt4WeightOnlyConfig(group_size=128)
-    quantize_(model, config)
+        # The CPU int4 kernel packs output rows in tiles of 16 and refuses other
+        # widths (GPT-2's tied LM head has 50257 rows): such layers stay fp32.
+        quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=128),
+                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m.out_features % 16 == 0)
     kinds = {type(m.weight).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)}
     quantized = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m.weight).__name__ not in ("Parameter", "Tensor"))
     inductor_config.freezing = True
