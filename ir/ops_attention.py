@@ -34,10 +34,16 @@ therefore take the mask as a finite bias and zero those rows afterwards.
   DynamicQuantizeLinear + com.microsoft ``QAttention``, whose int8 QKV GEMM
   writes the heads itself (timings, and the whole-model effect measured by
   ``python benchmarks/pack_attention_ab.py``: docs/kernels.md).
-* ``fxopt::group_query_attention(q, k, v, num_heads, kv_num_heads, scale)``:
-  causal grouped-query attention on ``[B, S, heads * H]`` tensors, kv head ``j``
-  shared by query heads ``j * N/kvN ..``; lowers to com.microsoft
-  ``GroupQueryAttention`` (prefill: no past, ``seqlens_k = S - 1``).
+* ``fxopt::group_query_attention(q, k, v, num_heads, kv_num_heads, scale, mask,
+  causal)``: grouped-query attention on ``[B, S, heads * H]`` tensors, kv head
+  ``j`` shared by query heads ``j * N/kvN ..``, causal or with a mask; lowers to
+  com.microsoft ``GroupQueryAttention`` (prefill: no past, ``seqlens_k = S - 1``;
+  a mask goes in as the finite ``attention_bias`` with ``causal=0``).
+* ``fxopt::attention_with_past(q, k, v, past_k, past_v, mask, num_heads,
+  kv_num_heads, scale, cos_cache, sin_cache, position_ids)``: a decode step
+  against its key/value cache, optionally rotating q and k first (the rotary
+  tables indexed by each row's positions); lowers to ``GroupQueryAttention``
+  with past/present (and ``do_rotary``).
 """
 
 from __future__ import annotations
