@@ -299,10 +299,17 @@ class SharedInitializers:
     """Initializers held once by several ONNX Runtime sessions (a generator's
     prefill and decode step): each distinct tensor (dtype, shape, bytes) is one
     ``OrtValue`` over its array, given to every session with
-    ``SessionOptions.add_external_initializers``; the models reach ONNX Runtime
-    without their data. The arrays are the exported program's own (views of
-    the graph's torch tensors where the exporter kept them, the folded ones
-    otherwise), so ONNX Runtime makes no copy of them.
+    ``SessionOptions.add_initializer``, which ONNX Runtime uses as it is (no
+    copy; ``add_external_initializers`` copies each tensor into every session).
+    The models reach ONNX Runtime without their data: each large initializer
+    is external data in a sparse placeholder file that ONNX Runtime never reads,
+    since the shared value overrides it. The arrays are the exported program's
+    own (views of the graph's torch tensors where the exporter kept them).
+
+    A ``Transpose`` of a large initializer (a linear's weight read as ``[in,
+    out]`` when the exporter did not fold it) is folded here, once for every
+    session: left in the model, ONNX Runtime's constant folding would make a
+    transposed copy per session.
 
     ONNX Runtime's Python API cannot share *prepacked* weights between sessions
     (its C API's ``PrepackedWeightsContainer`` is not exposed): a session that
@@ -310,9 +317,14 @@ class SharedInitializers:
     layouts) holds its own packed copy beside the shared one. Hence
     ``prepack`` per session in :meth:`attach`."""
 
+    PLACEHOLDER = "fxopt-shared-placeholder.bin"
+
     def __init__(self, min_bytes: int = 1024):
         self.min_bytes = min_bytes
         self._values: dict[tuple, tuple[np.ndarray, object]] = {}
+        self._transposed: dict[tuple, np.ndarray] = {}  # (key of the source, perm) -> folded array
+        self._dir = tempfile.TemporaryDirectory(prefix="fxopt-shared-")
+        self._placeholder_bytes = 0
 
     @property
     def nbytes(self) -> int:
@@ -332,13 +344,49 @@ class SharedInitializers:
             if t is not None and t.nbytes >= self.min_bytes:
                 yield name, value, t
 
+    def fold_transposes(self, program) -> int:
+        """Replace each ``Transpose`` of a large initializer in ``program`` by
+        an initializer holding the transposed array, one array per distinct
+        (source, perm) across every program given here; returns how many."""
+        import onnx_ir as ir
+
+        graph = program.model.graph
+        folded = 0
+        for node in list(graph):
+            if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+                continue
+            source = node.inputs[0]
+            t = source.const_value if source is not None and source.is_initializer() else None
+            if t is None or t.nbytes < self.min_bytes:
+                continue
+            arr = np.ascontiguousarray(t.numpy())
+            perm = node.attributes.get_ints("perm", None)
+            perm = tuple(perm) if perm is not None else tuple(reversed(range(arr.ndim)))
+            index = (self.key(arr), perm)
+            if index not in self._transposed:
+                self._transposed[index] = np.ascontiguousarray(arr.transpose(perm))
+            out = node.outputs[0]
+            value = ir.Value(name=f"{source.name}_transposed", shape=ir.Shape(self._transposed[index].shape),
+                             type=ir.TensorType(t.dtype), const_value=ir.Tensor(self._transposed[index]))
+            while value.name in graph.initializers:
+                value.name += "_"
+            graph.register_initializer(value)
+            out.replace_all_uses_with(value, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            if not source.uses() and not source.is_graph_output() and not source.is_graph_input():
+                del graph.initializers[source.name]
+            folded += 1
+        return folded
+
     def attach(self, program, options, *, prepack: bool = True) -> tuple[bytes, int]:
-        """The serialized model of ``program`` with its large initializers
-        left out, and the bytes of those initializers; ``options`` are set to
-        take them from the shared ones."""
+        """The serialized model of ``program`` (its large transposes of
+        initializers folded, :meth:`fold_transposes`) with its large
+        initializers left out, and the bytes of those initializers; ``options``
+        are set to take them from the shared ones."""
         import onnx_ir as ir
         import onnxruntime as ort
 
+        self.fold_transposes(program)
         names, values, swapped = [], [], []
         try:
             for name, value, t in self._large(program):
@@ -349,14 +397,19 @@ class SharedInitializers:
                 names.append(name)
                 values.append(self._values[key][1])
                 swapped.append((value, t))
-                # a placeholder that serializes as external data, without reading it
-                value.const_value = ir.ExternalTensor(f"fxopt-shared/{key[2]}", 0, arr.nbytes, t.dtype, shape=t.shape, name=name)
+                self._placeholder_bytes = max(self._placeholder_bytes, arr.nbytes)
+                # external data in the placeholder file, overridden by the shared value (never read)
+                value.const_value = ir.ExternalTensor(self.PLACEHOLDER, 0, arr.nbytes, t.dtype, shape=t.shape, name=name)
             proto = ir.to_proto(program.model)
         finally:
             for value, t in swapped:
                 value.const_value = t
         if names:
-            options.add_external_initializers(names, values)
+            with open(os.path.join(self._dir.name, self.PLACEHOLDER), "ab") as f:
+                f.truncate(max(self._placeholder_bytes, f.tell()))  # sparse: no data is written
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", self._dir.name)
+            for name, value in zip(names, values):
+                options.add_initializer(name, value)
         if not prepack:
             options.add_session_config_entry("session.disable_prepacking", "1")
         return proto.SerializeToString(), sum(v.tensor_size_in_bytes() for v in values)
@@ -433,6 +486,8 @@ class OnnxRuntimeModel(CompiledModel):
         self._tmp = self._source = None
         # the serialized model's size (the bytes themselves are not kept: a copy of the weights)
         self._bytes = None
+        # the sessions read the shared arrays in place: they must live as long as this model
+        self._shared = shared_initializers
         if shared_initializers is not None:
             source, external = shared_initializers.attach(self.program, options, prepack=prepack)
             self._bytes = len(source) + external

@@ -30,10 +30,10 @@ Sliding-window models (Mistral) keep their whole cache here and the window
 lives in the mask, which gives the same attention as Hugging Face's cropped
 cache.
 
-**Weights held once.** Both graphs are traced from the same module, so their
-parameters are the same tensors; :func:`share_constants` makes the equal
-constants that passes create in each graph (merged or quantized weights) one
-tensor again.
+**Weights held once.** Both graphs are traced from the same module and read
+its parameters (``share_weights``), so they are the model's own tensors;
+:func:`share_constants` makes the equal constants that passes create in each
+graph (merged or quantized weights) one tensor again.
 
 Models: any Hugging Face ``*ForCausalLM`` that takes a ``Cache`` object
 (GPT-2, Llama, Qwen2, Mistral, Phi-3, Gemma, OPT, GPT-NeoX, ...), and any
@@ -182,9 +182,14 @@ def _check_dynamic(graph: Graph, dims: dict[str, int]) -> None:
                          "the model's code specializes on it, so the traced step would run one cache length only")
 
 
-def trace_decoder(model: torch.nn.Module, *, name: str | None = None) -> DecoderGraphs:
+def trace_decoder(model: torch.nn.Module, *, name: str | None = None, share_weights: bool = True) -> DecoderGraphs:
     """Trace ``model`` (a causal LM) into its prefill and decode-step graphs;
-    batch, prompt length and past length are dynamic."""
+    batch, prompt length and past length are dynamic.
+
+    ``share_weights`` (default): both graphs read the model's own weights (no
+    copy: a generator adds no float weights of its own beside the model's);
+    in-place edits of the model's weights then reach the eager graphs. False:
+    each graph gets its own copy (:func:`fxopt.trace`'s default)."""
     info = causal_lm_info(model)
     name = name or getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     was_training = model.training
@@ -194,7 +199,7 @@ def trace_decoder(model: torch.nn.Module, *, name: str | None = None) -> Decoder
         seq = Dim("seq")
         # The example sizes are at least 2: torch.export takes a 0 or 1 as fixed.
         ids, mask, positions = _example(info, 2, 8, 0)
-        prefill = trace(_CausalLMStep(model, info), (ids, mask, positions),
+        prefill = trace(_CausalLMStep(model, info), (ids, mask, positions), share_weights=share_weights,
                         dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}),
                         name=f"{name}-prefill")
         with torch.no_grad():
@@ -205,10 +210,13 @@ def trace_decoder(model: torch.nn.Module, *, name: str | None = None) -> Decoder
         # but are not provable to torch.export's solver; checked below instead.
         ids1, mask1, pos1 = _example(info, 2, 1, past_cache[0].shape[-2])
         cache_dims = tuple({0: batch, 2: Dim.AUTO} for _ in past_cache)
-        decode = trace(_CausalLMStep(model, info), (ids1, mask1, pos1, tuple(past_cache)),
+        decode = trace(_CausalLMStep(model, info), (ids1, mask1, pos1, tuple(past_cache)), share_weights=share_weights,
                        dynamic_shapes=({0: batch}, {0: batch, 1: Dim.AUTO}, {0: batch}, cache_dims),
                        name=f"{name}-decode")
         _check_dynamic(decode, {"attention_mask": 1, **{ph.name: 2 for ph in decode.placeholders()[3:]}})
     finally:
         model.train(was_training)
+    if info.max_positions:  # generation keeps positions below it (the loop checks prompt + new tokens)
+        for graph in (prefill, decode):
+            graph.value_bounds["position_ids"] = info.max_positions
     return DecoderGraphs(prefill, decode, info, name)

@@ -45,8 +45,8 @@ aten = torch.ops.aten
 # IndexError outside that range; ONNX Gather takes -rows..rows-1 and wraps
 # negative ids around, so the backends check these inputs before a call.
 LOOKUPS: dict[Any, Any] = {
-    aten.embedding.default: lambda n: (n.args[1], _size(n.args[0], 0)),
-    aten.index_select.default: lambda n: (n.args[2], _size(n.args[0], n.args[1])),
+    aten.embedding.default: lambda n: (n.args[1], static_size(n.args[0], 0)),
+    aten.index_select.default: lambda n: (n.args[2], static_size(n.args[0], n.args[1])),
 }
 
 # Ops whose output holds some of the integers of their first input (views,
@@ -65,7 +65,8 @@ def register_lookup(target, fn) -> None:
     LOOKUPS[target] = fn
 
 
-def _size(node, dim) -> int | None:
+def static_size(node, dim) -> int | None:
+    """Dim ``dim`` of the value ``node`` holds when it is a number, else None."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if isinstance(val, torch.Tensor) and isinstance(dim, int) and -val.dim() <= dim < val.dim():
         size = val.shape[dim]
@@ -96,6 +97,11 @@ class Graph:
         # Symbol name ("s43") -> the name of its dimension ("batch"), from the
         # user's named ``Dim``s; ONNX files call dynamic dimensions by it.
         self.dim_names: dict[str, str] = {}
+        # Input name -> n: the caller promises values in [0, n) (a decoder's
+        # positions stay below its max_position_embeddings). Passes that build
+        # a table indexed by the input (the rotary table GroupQueryAttention
+        # reads) size it from this.
+        self.value_bounds: dict[str, int] = {}
 
     # -- running -------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -339,6 +345,7 @@ class Graph:
         new = Graph(module, self.example_args, self.example_kwargs, self.name)
         new.properties = set(self.properties)
         new.dim_names = dict(self.dim_names)
+        new.value_bounds = dict(self.value_bounds)
         return new
 
     # -- shapes and re-export -----------------------------------------------

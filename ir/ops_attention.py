@@ -34,10 +34,16 @@ therefore take the mask as a finite bias and zero those rows afterwards.
   DynamicQuantizeLinear + com.microsoft ``QAttention``, whose int8 QKV GEMM
   writes the heads itself (timings, and the whole-model effect measured by
   ``python benchmarks/pack_attention_ab.py``: docs/kernels.md).
-* ``fxopt::group_query_attention(q, k, v, num_heads, kv_num_heads, scale)``:
-  causal grouped-query attention on ``[B, S, heads * H]`` tensors, kv head ``j``
-  shared by query heads ``j * N/kvN ..``; lowers to com.microsoft
-  ``GroupQueryAttention`` (prefill: no past, ``seqlens_k = S - 1``).
+* ``fxopt::group_query_attention(q, k, v, num_heads, kv_num_heads, scale, mask,
+  causal)``: grouped-query attention on ``[B, S, heads * H]`` tensors, kv head
+  ``j`` shared by query heads ``j * N/kvN ..``, causal or with a mask; lowers to
+  com.microsoft ``GroupQueryAttention`` (prefill: no past, ``seqlens_k = S - 1``;
+  a mask goes in as the finite ``attention_bias`` with ``causal=0``).
+* ``fxopt::attention_with_past(q, k, v, past_k, past_v, mask, num_heads,
+  kv_num_heads, scale, cos_cache, sin_cache, position_ids)``: a decode step
+  against its key/value cache, optionally rotating q and k first (the rotary
+  tables indexed by each row's positions); lowers to ``GroupQueryAttention``
+  with past/present (and ``do_rotary``).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from onnxscript import opset18 as op
 from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention as _generic_sdpa
 
 from .onnx_contrib import FLOAT_TYPES, Attr, AttrType, Param, declare, msft, optional_param
+from .graph import register_lookup, static_size
 from .ops import define_op, register_onnx_lowering
 from .ops_quant import linear_dynamic_int8
 
@@ -301,47 +308,73 @@ declare(
         Attr("num_heads", AttrType.INT, "number of query heads", required=True),
         Attr("kv_num_heads", AttrType.INT, "number of key/value heads", required=True),
         Attr("scale", AttrType.FLOAT, "scale of q k^T; default 1/sqrt(head_size)", required=False),
+        Attr("causal", AttrType.INT, "1 (default): causal; 0: bidirectional (attention_bias only)", required=False),
+        Attr("do_rotary", AttrType.INT, "1: rotate q and k by cos_cache / sin_cache at their positions", required=False),
+        Attr("rotary_interleaved", AttrType.INT, "0 (default): rotate the two halves of each head", required=False),
     ],
 )
 
 
-def _gqa_fake(q, k, v, num_heads, kv_num_heads, scale):
+def _gqa_fake(q, k, v, num_heads, kv_num_heads, scale, mask=None, causal=True):
     return torch.empty_like(q)
 
 
-def _gqa_onnx(q, k, v, num_heads: int = 1, kv_num_heads: int = 1, scale: float = 1.0):
-    # Prefill without a cache: every row holds all S keys, so the last valid
-    # key index (seqlens_k) is S - 1 for each row and the total length is S.
+def _gqa_onnx(q, k, v, num_heads: int = 1, kv_num_heads: int = 1, scale: float = 1.0, mask=None, causal: bool = True):
+    # Prefill without a cache: every row holds all S keys (left padding
+    # included), so the last valid key index (seqlens_k) is S - 1 for each row
+    # and the total length is S; padding reaches the kernel as the mask's bias.
     seq = op.Shape(q, start=1, end=2)
     total = op.Cast(seq, to=6)  # INT32
     seqlens = op.Expand(op.Sub(total, op.CastLike(1, total)), op.Shape(q, start=0, end=1))
+    bias = keeps_row = None
+    if mask is not None:
+        bias, keeps_row = _finite_mask(mask, q)
+        bias = op.Expand(bias, op.Concat(op.Constant(value_ints=[1, 1]), seq, seq, axis=0))
     out, _, _ = msft.GroupQueryAttention(
-        q, k, v, None, None, seqlens, op.Squeeze(total),
-        num_heads=num_heads, kv_num_heads=kv_num_heads, scale=float(scale),
+        q, k, v, None, None, seqlens, op.Squeeze(total), None, None, None, bias,
+        num_heads=num_heads, kv_num_heads=kv_num_heads, scale=float(scale), causal=1 if causal else 0,
     )
-    return out
+    return _zero_masked_rows(out, keeps_row)
+
+
+def _zero_masked_rows(out, keeps_row):
+    """``out [B, S, D]`` with the queries that see no key zeroed, as torch's
+    SDPA gives them (``keeps_row`` ``[B|1, N|1, S, 1]`` from :func:`_finite_mask`)."""
+    if keeps_row is None:
+        return out
+    return op.Mul(out, op.ReduceMax(keeps_row, op.Constant(value_ints=[1]), keepdims=0))
 
 
 @define_op("group_query_attention", fake=_gqa_fake, onnx=_gqa_onnx)
 def group_query_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, kv_num_heads: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, kv_num_heads: int, scale: float,
+    mask: torch.Tensor | None = None, causal: bool = True,
 ) -> torch.Tensor:
-    """Causal grouped-query attention on ``[B, S, heads * H]`` tensors: ``q``
-    has ``num_heads`` heads, ``k`` and ``v`` have ``kv_num_heads``, and query
-    head ``i`` reads kv head ``i // (num_heads // kv_num_heads)``. Returns ``[B,
-    S, num_heads * H]``. Lowers to com.microsoft GroupQueryAttention."""
+    """Grouped-query attention on ``[B, S, heads * H]`` tensors: ``q`` has
+    ``num_heads`` heads, ``k`` and ``v`` have ``kv_num_heads``, and query head
+    ``i`` reads kv head ``i // (num_heads // kv_num_heads)``. Causal
+    (``causal``), or with ``mask``: an SDPA ``attn_mask`` (boolean: True
+    attends; float: added) broadcastable to ``[B, num_heads, S, S]`` (a
+    left-padded prompt's causal and padding mask), where a query whose every
+    key is masked gives 0, as torch's SDPA does. Returns ``[B, S, num_heads *
+    H]``. Lowers to com.microsoft GroupQueryAttention (with a mask: ``causal=0``
+    and the mask as a finite ``attention_bias``)."""
     if num_heads % kv_num_heads:
         raise ValueError(f"fxopt::group_query_attention: num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}")
+    if mask is not None and causal:
+        raise ValueError("fxopt::group_query_attention: a mask or causal, not both (the mask holds the causal part)")
     rep = num_heads // kv_num_heads
     qh = _split_heads(q, num_heads)
     kh, vh = (_split_heads(t, kv_num_heads).repeat_interleave(rep, 1) for t in (k, v))
-    return _merge_heads(torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale))
+    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale)
+    return _merge_heads(out)
 
 
 # --------------------------------------------------------------------------
 # attention of a decode step against its key/value cache -> com.microsoft.GroupQueryAttention
 
-def _attention_with_past_fake(q, k, v, past_k, past_v, mask, num_heads, kv_num_heads, scale):
+def _attention_with_past_fake(q, k, v, past_k, past_v, mask, num_heads, kv_num_heads, scale, cos_cache=None,
+                              sin_cache=None, position_ids=None):
     # each past keeps its own length symbol (a traced cache tensor's dim is its own)
     present_k = past_k.new_empty((*past_k.shape[:2], past_k.shape[2] + k.shape[1], past_k.shape[3]))
     present_v = past_v.new_empty((*past_v.shape[:2], past_v.shape[2] + v.shape[1], past_v.shape[3]))
@@ -349,10 +382,11 @@ def _attention_with_past_fake(q, k, v, past_k, past_v, mask, num_heads, kv_num_h
 
 
 def _attention_with_past_onnx(q, k, v, past_k, past_v, mask=None, num_heads: int = 1, kv_num_heads: int = 1,
-                              scale: float = 1.0):
+                              scale: float = 1.0, cos_cache=None, sin_cache=None, position_ids=None):
     # Every row of a left-padded batch holds the same number of positions
     # (padding included): seqlens_k = past + S - 1 for each row; the padding
-    # reaches the kernel as the finite bias of the mask.
+    # reaches the kernel as the finite bias of the mask. The rotary positions
+    # are the model's own (real tokens counted from 0), given per row.
     total = op.Cast(op.Add(op.Shape(past_k, start=2, end=3), op.Shape(k, start=1, end=2)), to=6)  # INT32 [1]
     seqlens = op.Expand(op.Sub(total, op.CastLike(1, total)), op.Shape(q, start=0, end=1))
     bias = keeps_row = None
@@ -361,19 +395,34 @@ def _attention_with_past_onnx(q, k, v, past_k, past_v, mask=None, num_heads: int
         # GroupQueryAttention reads the bias as (B or 1, N or 1, S, total): broadcast the last two dims
         size = op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(q, start=1, end=2), op.Cast(total, to=7), axis=0)
         bias = op.Expand(bias, size)
+    rotary = {}
+    if cos_cache is not None:
+        position_ids = op.Cast(position_ids, to=7)  # INT64 (a no-op for the int64 positions of a decoder)
+        rotary = dict(do_rotary=1, rotary_interleaved=0)
     out, present_k, present_v = msft.GroupQueryAttention(
-        q, k, v, past_k, past_v, seqlens, op.Squeeze(total), None, None, None, bias,
-        num_heads=num_heads, kv_num_heads=kv_num_heads, scale=float(scale),
+        q, k, v, past_k, past_v, seqlens, op.Squeeze(total), cos_cache, sin_cache, position_ids, bias,
+        num_heads=num_heads, kv_num_heads=kv_num_heads, scale=float(scale), **rotary,
     )
-    if keeps_row is not None:  # [B|1, N|1, S, 1] -> [B|1, S, 1]: zero the queries that see no key
-        out = op.Mul(out, op.ReduceMax(keeps_row, op.Constant(value_ints=[1]), keepdims=0))
-    return out, present_k, present_v
+    return _zero_masked_rows(out, keeps_row), present_k, present_v
+
+
+def apply_rotary(x: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, n, S, H]`` rotated as Hugging Face's ``apply_rotary_pos_emb``
+    (the two halves of the first ``R = 2 * cos_cache.shape[1]`` dims of each
+    head, the rest passed through): ``x * cos + rotate_half(x) * sin`` with
+    ``cos = cat(c, c)``, ``c = cos_cache[position_ids]`` ``[B, S, R/2]``."""
+    half = cos_cache.shape[1]
+    cos, sin = (torch.cat([t[position_ids]] * 2, -1).unsqueeze(1) for t in (cos_cache, sin_cache))
+    rot, rest = x[..., :2 * half], x[..., 2 * half:]
+    out = rot * cos + torch.cat([-rot[..., half:], rot[..., :half]], -1) * sin
+    return out if rest.shape[-1] == 0 else torch.cat([out, rest], -1)
 
 
 @define_op("attention_with_past", fake=_attention_with_past_fake, onnx=_attention_with_past_onnx)
 def attention_with_past(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
     mask: torch.Tensor | None, num_heads: int, kv_num_heads: int, scale: float,
+    cos_cache: torch.Tensor | None = None, sin_cache: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention of new queries against a key/value cache, the cache grown by
     the new keys and values. ``q`` ``[B, S, num_heads * H]``; ``k``, ``v``
@@ -384,13 +433,29 @@ def attention_with_past(
     present keys, query head ``i`` reading kv head ``i // (num_heads //
     kv_num_heads)``; ``mask`` (optional): an SDPA ``attn_mask`` (boolean: True
     attends; float: added) broadcastable to ``[B, num_heads, S, P + S]``; a
-    query whose every key is masked gives 0, as torch's SDPA does. Lowers to
-    com.microsoft GroupQueryAttention with past/present."""
+    query whose every key is masked gives 0, as torch's SDPA does.
+
+    With ``cos_cache`` / ``sin_cache`` ``[max positions, R/2]`` and
+    ``position_ids`` ``[B, S]``, the new queries and keys are first rotated
+    (:func:`apply_rotary`: Hugging Face's rotary embedding, the two halves of
+    each head), and the cache holds the rotated keys. Lowers to com.microsoft
+    GroupQueryAttention with past/present (and ``do_rotary``)."""
     if num_heads % kv_num_heads:
         raise ValueError(f"fxopt::attention_with_past: num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}")
-    present_k = torch.cat([past_k, _split_heads(k, kv_num_heads)], dim=2)
+    qh, kh_new = _split_heads(q, num_heads), _split_heads(k, kv_num_heads)
+    if cos_cache is not None:
+        if sin_cache is None or position_ids is None:
+            raise ValueError("fxopt::attention_with_past: cos_cache needs sin_cache and position_ids")
+        qh, kh_new = (apply_rotary(t, cos_cache, sin_cache, position_ids) for t in (qh, kh_new))
+    present_k = torch.cat([past_k, kh_new], dim=2)
     present_v = torch.cat([past_v, _split_heads(v, kv_num_heads)], dim=2)
     rep = num_heads // kv_num_heads
     kh, vh = (t.repeat_interleave(rep, 1) if rep > 1 else t for t in (present_k, present_v))
-    out = torch.nn.functional.scaled_dot_product_attention(_split_heads(q, num_heads), kh, vh, attn_mask=mask, scale=scale)
+    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     return _merge_heads(out), present_k, present_v
+
+
+# The rotary tables are indexed by the positions: a position outside them is
+# an input error, checked before a call as token ids are.
+register_lookup(attention_with_past, lambda n: (n.args[11] if len(n.args) > 11 else None,
+                                                static_size(n.args[9], 0) if len(n.args) > 9 else None))

@@ -82,6 +82,7 @@ def save(graph, path) -> None:
         "inputs": _encode_inputs(graph.example_args, graph.example_kwargs),
         "structure_modules": structure_modules(*_specs(graph)),
         "dim_names": graph.dim_names,
+        "value_bounds": graph.value_bounds,
     }
     torch.export.save(ep, str(path), extra_files={"fxopt.json": json.dumps(info)})
 
@@ -406,4 +407,5 @@ def load(path):
     graph = graph_from_exported_program(ep, args, kwargs, name=str(info.get("name", "model")))
     graph.properties = set(info.get("properties", ()))
     graph.dim_names = {str(k): str(v) for k, v in dict(info.get("dim_names", {})).items()}
+    graph.value_bounds = {str(k): int(v) for k, v in dict(info.get("value_bounds", {})).items()}
     return graph

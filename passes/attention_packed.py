@@ -27,11 +27,13 @@ After ``quantize(mode=dynamic, act_granularity=tensor)`` the projection is an
 QAttention: the int8 QKV GEMM writes the heads itself), so the projection stays
 int8.
 
-GQA (Llama): SDPA with ``is_causal`` and no mask whose key and value are
-``repeat_kv`` of fewer heads (unsqueeze, expand, [clone], reshape), or that has
-``enable_gqa``, becomes ``fxopt.group_query_attention`` on ``[B, S, heads*H]``
-tensors (com.microsoft GroupQueryAttention); repeat_kv is dropped, and a
-``view + transpose`` head split is read through instead of copied back.
+GQA (Llama): SDPA whose key and value are ``repeat_kv`` of fewer heads
+(unsqueeze, expand, [clone], reshape), or that has ``enable_gqa``, with
+``is_causal`` or with a mask (a left-padded prompt's causal + padding mask, any
+mask: the kernel then runs with ``causal=0`` and takes it as its bias), becomes
+``fxopt.group_query_attention`` on ``[B, S, heads*H]`` tensors (com.microsoft
+GroupQueryAttention); repeat_kv is dropped, and a ``view + transpose`` head
+split is read through instead of copied back.
 
 A decode step (a KV cache): SDPA whose key and value are ``cat([past, new],
 dim=2)`` (behind repeat_kv or not), one query per sequence, no ``is_causal``,
@@ -40,7 +42,16 @@ mask, N, kvN, scale)`` (com.microsoft GroupQueryAttention with past_key /
 past_value: the kernel appends the new keys and values itself and takes the
 mask as ``attention_bias``; GQA without repeat_kv, MHA as kvN = N), whose
 present key/value replace the concatenations' other uses (the graph's cache
-outputs). The rotary embedding stays in the graph before it.
+outputs). When the query and the new key are transformers' rotary embedding
+(``x * cos + rotate_half(x) * sin``) by tables that are a function of the
+positions input alone (:mod:`.analyses.rotary`), the rotation moves into the op
+too: ``fxopt.attention_with_past(..., cos_cache, sin_cache, position_ids)``,
+GroupQueryAttention's ``do_rotary`` with the tables as constants and the
+model's positions per row, for heads of a multiple of 16 (the kernel's
+rotary; stats ``rotary``; why a rotation stayed in the graph:
+``rotary_refused``). A prompt's rotation stays in the graph: the kernel
+reads one start position for all rows of a prompt, and a left-padded batch's
+rows start at different positions.
 
 Refuses (the SDPA stays, for the generic MultiHeadAttention lowering; the
 reason is in ``stats["refused"]``, node name -> reason): a float or boolean
@@ -48,7 +59,7 @@ mask that is not a key-padding one, a mask together with ``is_causal``, dropout,
 q/k/v that are not the three equal parts of one linear with a constant weight,
 intermediate values used elsewhere (the projection would run twice), non-static
 heads or head size,
-GQA with a mask or without ``is_causal``, queries and keys of different
+GQA with both a mask and ``is_causal``, queries and keys of different
 lengths that are not a cache concatenation, a cache with more than one query
 or with ``is_causal``, a QKV projection that ``quantize`` replaced by
 anything but a per-tensor dynamic int8 linear (per-token scales, weight-only
@@ -79,7 +90,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.nodes import VIEWS, call_args, dim_index, is_call, same_shape, val
-from .analyses import CausalMasks, KeyPaddingMasks, Liveness, NotKeyPadding
+from .analyses import CausalMasks, KeyPaddingMasks, Liveness, NotKeyPadding, NotRotary, RotaryEmbeddings
 from .base import Option, Pass, PassResult
 from .registry import register_pass
 from .rewrite import Match, Pattern, Reject, Size, explain_at, match_at
@@ -267,24 +278,29 @@ class PackAttention(Pass):
     head merge after SDPA is absorbed.
     Refuses (stats ``refused``: node -> reason) anything the kernels would not
     compute exactly: masks other than key padding, mask plus causal, dropout,
-    KV caches (queries and keys of different lengths), GQA with a mask, shared
-    intermediates. See the module docstring.
+    KV caches (queries and keys of different lengths), GQA with a mask and
+    is_causal, shared intermediates. A decode step's rotary embedding moves
+    into its op (``rotary``). See the module docstring.
     """
 
     packed = Option(True, help="lower packed-QKV attention to fxopt.packed_attention")
     gqa = Option(True, help="lower grouped-query attention to fxopt.group_query_attention")
     cache = Option(True, help="lower a decode step's attention against concat(past, new) to fxopt.attention_with_past")
+    rotary = Option(True, help="fold the rotary embedding of a decode step's query and key into fxopt.attention_with_past "
+                               "(GroupQueryAttention's do_rotary)")
     # After quantize: a per-tensor dynamic int8 QKV projection moves into the
     # int8 packed op; any other quantized one is kept (its attention refused)
     # rather than left in float inside the packed op.
     runs_after = ("fuse-attention", "merge-linears", "quantize")
     requires = ("canonical-linear",)
     # facts about a mask are facts about its value, which packing attention keeps
-    preserves = (CausalMasks, KeyPaddingMasks)
+    preserves = (CausalMasks, KeyPaddingMasks, RotaryEmbeddings)
 
     def run(self, graph) -> PassResult:
-        stats = {"packed": 0, "gqa": 0, "cache": 0, "causal": 0, "masked": 0, "dynamic_int8": 0, "refused": {}}
+        stats = {"packed": 0, "gqa": 0, "cache": 0, "causal": 0, "masked": 0, "dynamic_int8": 0, "rotary": 0,
+                 "refused": {}, "rotary_refused": {}}
         self._dead = self.analysis(Liveness, graph).dead
+        self._tables: dict[int, tuple[fx.Node, fx.Node]] = {}  # rotary tables -> their constants
         for node in self.walk(graph, target=SDPA):
             try:
                 kind = self._lower(graph, node, stats)
@@ -310,7 +326,7 @@ class PackAttention(Pass):
         if _cache_parts(k_cat) and _cache_parts(v_cat):
             if not self.cache:
                 raise Refuse("attention with a KV cache (cache=false)")
-            return self._lower_cache(graph, sdpa, q, k, k_cat, v, v_cat, mask, causal, scale, heads, head)
+            return self._lower_cache(graph, sdpa, q, k, k_cat, v, v_cat, mask, causal, scale, heads, head, stats)
         if not same_shape(qv.shape[2:3], kv.shape[2:3]):
             raise Refuse(f"queries ({qv.shape[2]}) and keys ({kv.shape[2]}) differ in length (a KV cache that is not "
                          "concat(past, new) on the sequence dim)")
@@ -396,8 +412,10 @@ class PackAttention(Pass):
 
     # -- grouped-query ------------------------------------------------------------
     def _lower_gqa(self, graph, sdpa, q, k, v, k_src, v_src, mask, causal, scale) -> str:
-        if mask is not None or not causal:
-            raise Refuse("GQA is lowered for causal attention without a mask only")
+        if mask is not None and causal:
+            raise Refuse("GQA with both a mask and is_causal")
+        if mask is not None and val(mask).dim() > 4:
+            raise Refuse("mask of more than 4 dims")
         qv, kv = val(q), val(k_src)
         heads, kv_heads, head = qv.shape[1], kv.shape[1], qv.shape[3]
         if not (_static_int(kv_heads) and heads % kv_heads == 0) or val(v_src).shape[1] != kv_heads:
@@ -405,12 +423,13 @@ class PackAttention(Pass):
         merged = _merge_of(graph, sdpa, self._dead)
         with graph.fx.inserting_before(merged or sdpa):
             qs, ks, vs = (_to_bsd(graph, t) for t in (q, k_src, v_src))
-            out = graph.fx.call_function(torch.ops.fxopt.group_query_attention.default, (qs, ks, vs, heads, kv_heads, scale))
+            args = (qs, ks, vs, heads, kv_heads, scale) + (() if causal else (mask, False))
+            out = graph.fx.call_function(torch.ops.fxopt.group_query_attention.default, args)
             self._replace(graph, sdpa, merged, out, heads, head)
         return "gqa"
 
     # -- a decode step against its KV cache ----------------------------------------
-    def _lower_cache(self, graph, sdpa, q, k, k_all, v, v_all, mask, causal, scale, heads, head) -> str:
+    def _lower_cache(self, graph, sdpa, q, k, k_all, v, v_all, mask, causal, scale, heads, head, stats) -> str:
         (past_k, new_k), (past_v, new_v) = _cache_parts(k_all), _cache_parts(v_all)
         if causal:
             raise Refuse("is_causal against a KV cache (torch aligns that mask with the first key, not the last)")
@@ -434,14 +453,45 @@ class PackAttention(Pass):
         if early:
             raise Refuse(f"the grown cache is read before the attention by {early}")
         merged = _merge_of(graph, sdpa, self._dead)
+        q_in, k_in, rotary = self._rotary(graph, sdpa, q, new_k, stats)
         with graph.fx.inserting_before(sdpa):
-            qs, ks, vs = (_to_bsd(graph, t) for t in (q, new_k, new_v))
-            node = graph.fx.call_function(ATTENTION_WITH_PAST, (qs, ks, vs, past_k, past_v, mask, heads, kv_heads, scale))
+            qs, ks, vs = (_to_bsd(graph, t) for t in (q_in, k_in, new_v))
+            node = graph.fx.call_function(ATTENTION_WITH_PAST, (qs, ks, vs, past_k, past_v, mask, heads, kv_heads, scale,
+                                                                *rotary))
             out, present_k, present_v = (graph.fx.call_function(operator.getitem, (node, i)) for i in range(3))
         k_all.replace_all_uses_with(present_k, delete_user_cb=lambda u: u not in chain)
         v_all.replace_all_uses_with(present_v, delete_user_cb=lambda u: u not in chain)
         self._replace(graph, sdpa, merged, out, heads, head)
         return "cache"
+
+    def _rotary(self, graph, sdpa, q, k, stats) -> tuple[fx.Node, fx.Node, tuple]:
+        """``(x_q, x_k, (cos table, sin table, positions))`` when ``q`` and ``k``
+        are the rotary embedding of ``x_q`` and ``x_k`` by one pair of tables
+        the kernel can take (:mod:`.analyses.rotary`); else ``(q, k, ())``, the
+        rotation left in the graph (why in ``stats["rotary_refused"]``)."""
+        if not self.rotary:
+            return q, k, ()
+        rope = self.analysis(RotaryEmbeddings, graph)
+        rq, rk = rope.rotation(q), rope.rotation(k)
+        if rq is None and rk is None:
+            return q, k, ()
+        try:
+            if rq is None or rk is None:
+                raise NotRotary(f"only the {'key' if rq is None else 'query'} is rotated")
+            if (rq.cos, rq.sin) != (rk.cos, rk.sin):
+                raise NotRotary("the query and the key are rotated by different tables")
+            head = val(rq.x).shape[3]
+            if head % 16:
+                raise NotRotary(f"head size {head}: GroupQueryAttention rotates heads of a multiple of 16 only")
+            tables = rope.tables(rq)
+        except NotRotary as e:
+            stats["rotary_refused"][sdpa.name] = str(e)
+            return q, k, ()
+        if id(tables) not in self._tables:
+            self._tables[id(tables)] = (graph.add_constant(tables.cos, "rotary_cos_cache"),
+                                        graph.add_constant(tables.sin, "rotary_sin_cache"))
+        stats["rotary"] += 1
+        return rq.x, rk.x, (*self._tables[id(tables)], tables.positions)
 
     @staticmethod
     def _replace(graph, sdpa, merged, out, heads, head) -> None:

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..ir.nodes import is_assert, is_pure, same_shape, val
+from ..ir.nodes import dim_index, is_assert, is_pure, same_shape, val
 from .base import Option, Pass, PassResult
 from .registry import register_pass
 
@@ -61,7 +61,9 @@ class Canonicalize(Pass):
       views are dropped and ``linear`` takes the N-d input;
     * ``dropout(x, train=False)``, ``clone`` (layout kept), ``alias``/``detach``, casts to the dtype and
       device ``x`` already has, and views, reshapes, expands and full slices that
-      keep the shape -> ``x``;
+      keep the shape -> ``x``; ``cat([x, empty, ...])`` whose other parts are
+      statically empty on the concatenated dim (Phi-3's rotary appends the
+      zero-width ``q[..., head:]``) -> ``x``;
     * runtime asserts (``_assert_tensor_metadata``, ``_assert_scalar``,
       ``sym_constrain_range*``) -> removed;
     * ``linear(x, W, b) * c`` (or ``/ c``) with ``c`` a constant scalar ->
@@ -83,7 +85,7 @@ class Canonicalize(Pass):
     def run(self, graph) -> PassResult:
         counts: dict[str, int] = {}
         self._transposed: dict[str, fx.Node] = {}  # one W^T copy per weight, however many matmuls read it
-        rules: list[tuple[str, Callable]] = [("identity", self._identity)]
+        rules: list[tuple[str, Callable]] = [("identity", self._identity), ("identity", self._one_part_concat)]
         if self.linear:
             rules.append(("linear", self._to_linear))
         if not self.keep_asserts:
@@ -141,6 +143,24 @@ class Canonicalize(Pass):
             graph.fx.erase_node(node)
             return True
         return False
+
+    def _one_part_concat(self, graph, node) -> bool:
+        if node.target != aten.cat.default or not isinstance(val(node), torch.Tensor):
+            return False
+        out = val(node)
+        dim = dim_index(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), out.dim())
+        parts = [p for p in node.args[0] if not (isinstance(p, fx.Node) and isinstance(val(p), torch.Tensor)
+                                                 and val(p).dim() == out.dim() and val(p).shape[dim] == 0)]
+        if len(parts) != 1 or not isinstance(parts[0], fx.Node) or len(node.args[0]) == 1:
+            return False
+        source, inp = parts[0], val(parts[0])
+        # the concatenation was a new tensor: no user may write into what replaces it
+        writes = any(getattr(getattr(u.target, "_schema", None), "is_mutable", False) for u in node.users)
+        if not (inp.dtype == out.dtype and same_shape(inp.shape, out.shape)) or writes:
+            return False
+        node.replace_all_uses_with(source)
+        graph.fx.erase_node(node)
+        return True
 
     def _constant_weight(self, graph, node) -> tuple[fx.Node, bool] | None:
         """``(get_attr node, is_transposed)`` when ``node`` is a constant 2-D

@@ -158,7 +158,10 @@ def test_left_padded_batch_matches_on_every_row(make, pipeline):
     # spread the NaN to every real token.
     spec = left_padded(make("tiny"))
     graph, _ = pack(spec, pipeline=pipeline)
-    assert count(graph, SDPA) == 2  # the padding keeps the mask (not provably causal)
+    # the padding keeps the mask (not provably causal); with fewer kv heads, pack-attention gives it to
+    # GroupQueryAttention (causal=0, the mask as its bias), else SDPA stays for MultiHeadAttention
+    masked_gqa = pipeline == PIPELINE and make is llama
+    assert (count(graph, SDPA), count(graph, GQA)) == ((0, 2) if masked_gqa else (2, 0))
     assert_parity(spec, graph)
 
 
@@ -466,3 +469,93 @@ def test_cache_attention_refuses_what_the_kernel_would_change(causal, queries, r
     assert [reason in r for r in stats["refused"].values()] == [True]
     disabled = PassManager(f"{BASE},fuse-attention,pack-attention(cache=false),dce").run(trace_cached(CachedAttention()))
     assert "cache=false" in str(next(r.stats for r in disabled.records if r.name.startswith("pack-attention"))["refused"])
+
+
+# -- the rotary embedding of a decode step -> GroupQueryAttention's do_rotary ----------------------------------
+
+class RotaryCachedAttention(CachedAttention):
+    """A decode step of a Llama-style attention: q and the new k rotated by
+    transformers' ``apply_rotary_pos_emb`` at each row's positions before the
+    cache append. ``second_half_scale`` != 1 makes tables whose halves differ
+    (not the standard half rotation's ``cat(freqs, freqs)``)."""
+
+    def __init__(self, second_half_scale: float = 1.0, head: int = 16):
+        super().__init__(head=head)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, self.head, 2).float() / self.head))
+        self.second_half_scale = second_half_scale
+
+    @staticmethod
+    def rotate_half(x):
+        return torch.cat([-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]], -1)
+
+    def forward(self, x, mask, position_ids, past_k, past_v):
+        b, s, _ = x.shape
+        freqs = position_ids[:, :, None].float() * self.inv_freq
+        emb = torch.cat([freqs, freqs * self.second_half_scale], -1)
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+        q = self.q(x).view(b, s, self.heads, self.head).transpose(1, 2)
+        k, v = (t.view(b, s, self.kv_heads, self.head).transpose(1, 2) for t in self.kv(x).chunk(2, -1))
+        q, k = (t * cos + self.rotate_half(t) * sin for t in (q, k))
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        rep, t = self.heads // self.kv_heads, k.shape[2]
+        kr, vr = (c[:, :, None].expand(b, self.kv_heads, rep, t, self.head).reshape(b, self.heads, t, self.head) for c in (k, v))
+        out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask[:, None, None, :].bool())
+        return out.transpose(1, 2).reshape(b, s, -1), k, v
+
+
+def rotary_inputs(batch: int, past: int, seed: int = 0, head: int = 16):
+    x, mask, _, _ = cached_inputs(batch, 1, past, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    past_k, past_v = (torch.randn(batch, 2, past, head, generator=g) for _ in range(2))
+    positions = (mask.sum(-1, keepdim=True) - 1)  # each row's real tokens counted from 0 (row 0 is padded)
+    return x, mask, positions, past_k, past_v
+
+
+def trace_rotary(model, bound: int | None = 64):
+    batch = Dim("batch")
+    graph = fxopt.trace(model.eval(), rotary_inputs(2, 6, head=model.head), dynamic_shapes=(
+        {0: batch}, {0: batch, 1: Dim.AUTO}, {0: batch}, {0: batch, 2: Dim.AUTO}, {0: batch, 2: Dim.AUTO}))
+    if bound:
+        graph.value_bounds["position_ids"] = bound
+    return graph
+
+
+def pack_rotary(graph):
+    result = PassManager(f"{BASE},fuse-attention,pack-attention,dce", check_numerics=True).run(graph)
+    return result.graph, next(r.stats for r in result.records if r.name.startswith("pack-attention"))
+
+
+def test_decode_rotary_moves_into_group_query_attention(tmp_path):
+    torch.manual_seed(0)
+    model = RotaryCachedAttention()
+    out, stats = pack_rotary(trace_rotary(model))
+    assert (stats["cache"], stats["rotary"], stats["rotary_refused"]) == (1, 1, {})
+    # the rotation's ops are gone: the op rotates q and k itself, from tables of 64 positions
+    assert all(count(out, op) == 0 for op in (aten.cos.default, aten.sin.default, aten.neg.default, aten.cat.default))
+    (node,) = [n for n in out.fx.nodes if n.target == WITH_PAST]
+    assert node.args[11].name == "position_ids" and tuple(out.constant(node.args[9]).shape) == (64, 8)
+    model_onnx = onnx.load(str(fxopt.export_onnx(out, tmp_path / "m.onnx")))
+    (gqa,) = [n for n in model_onnx.graph.node if n.op_type == "GroupQueryAttention"]
+    assert {a.name: a.i for a in gqa.attribute if a.name in ("do_rotary", "rotary_interleaved")} == {"do_rotary": 1, "rotary_interleaved": 0}
+    assert not {"Sin", "Cos", "Neg"} & {n.op_type for n in model_onnx.graph.node}
+    compiled = {backend: fxopt.compile(out, backend) for backend in ("eager", "onnxruntime")}
+    for batch, past in ((2, 6), (3, 11)):  # rows at different positions (row 0 left-padded), other sizes
+        inputs = rotary_inputs(batch, past, seed=past)
+        with torch.no_grad():
+            ref = model(*inputs)
+        for backend, run in compiled.items():
+            assert fxopt.compare(ref, run(*inputs)).within(1e-5), backend
+    with pytest.raises(Exception, match="position_ids"):  # a position outside the tables is an input error
+        compiled["onnxruntime"](*rotary_inputs(2, 6)[:2], torch.tensor([[64], [3]]), *rotary_inputs(2, 6)[3:])
+
+
+@pytest.mark.parametrize("model, bound, reason", [
+    (RotaryCachedAttention(), None, "no bound on %position_ids"),
+    (RotaryCachedAttention(second_half_scale=2.0), 64, "halves differ"),
+    (RotaryCachedAttention(head=8), 64, "multiple of 16"),  # what GroupQueryAttention's rotary takes
+], ids=["no-bound", "not-half-rotation", "head-8"])
+def test_decode_rotary_stays_in_the_graph_when_the_tables_cannot_be_read(model, bound, reason):
+    out, stats = pack_rotary(trace_rotary(model, bound))  # check_numerics: the graph still computes the model
+    assert (stats["cache"], stats["rotary"]) == (1, 0)
+    assert [reason in r for r in stats["rotary_refused"].values()] == [True], stats["rotary_refused"]
+    assert count(out, aten.cos.default) == 1 and [len(n.args) for n in out.fx.nodes if n.target == WITH_PAST] == [9]
