@@ -121,7 +121,10 @@ class Interface:
         for i, node in enumerate(graph.placeholders()):
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
-                inputs.append({"name": node.name, "dtype": val.dtype, "ndim": val.dim()})
+                # A dynamic dimension's symbol: inputs that share one must agree at run time.
+                symbols = {d: str(s.node.expr) for d, s in enumerate(val.shape)
+                           if isinstance(s, torch.SymInt) and getattr(s.node.expr, "is_Symbol", False)}
+                inputs.append({"name": node.name, "dtype": val.dtype, "ndim": val.dim(), "symbols": symbols})
             else:
                 inputs.append({"name": node.name, "value": example[i] if i < len(example) else val})
         return cls(graph.name, info.orig_args, info.in_spec, info.out_spec, inputs)
@@ -162,6 +165,14 @@ class Interface:
             if leaf.dtype != dtype or leaf.dim() != ndim:
                 raise ValueError(f"input '{name}' is {leaf.dtype} with {leaf.dim()} dims; {self.name} was traced with "
                                  f"{dtype} with {ndim} dims: convert it (e.g. .to({dtype})) or trace with such an input")
+        bound: dict[str, tuple[str, int, int]] = {}  # symbol -> (input, dim, size) that set it
+        for record, leaf in zip(self.inputs, leaves):
+            for dim, symbol in record.get("symbols", {}).items():
+                size = leaf.shape[dim]
+                first = bound.setdefault(symbol, (record["name"], dim, size))
+                if first[2] != size:
+                    raise ValueError(f"input '{record['name']}' has size {size} in dim {dim}, but '{first[0]}' has "
+                                     f"{first[2]} in dim {first[1]}: {self.name} was traced with these dims equal")
 
     def unflatten_outputs(self, flat: list):
         return pytree.tree_unflatten(list(flat), self.out_spec)

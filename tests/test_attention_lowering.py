@@ -3,6 +3,7 @@ Attention) and fxopt.group_query_attention (com.microsoft GroupQueryAttention)."
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
