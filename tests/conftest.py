@@ -54,8 +54,8 @@ def pytest_collection_modifyitems(config, items):
 def once_per_run(key: str, compute):
     """``compute()`` once per test run, for every worker: results that cost
     tens of seconds (processes of ranks started and run to the end,
-    reference generations) and are read by tests that worksteal may hand to
-    either worker. The first worker to ask computes it while the others wait
+    reference generations) read by tests of several files, which the two
+    workers may run. The first worker to ask computes it while the others wait
     on a lock, and leaves it pickled in the run's temporary folder."""
     if key in _ONCE:
         return _ONCE[key]
