@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -75,6 +76,83 @@ def _contiguous_before_views(graph: Graph) -> Graph:
     return graph
 
 
+aten = torch.ops.aten
+
+
+def _diff_by_slices(graph, node) -> torch.fx.Node | None:
+    """``aten.diff(x, 1, dim, prepend, append)`` as ``c[1:] - c[:-1]`` along
+    ``dim`` of ``c = cat([prepend, x, append])`` (``!=`` for booleans)."""
+    defaults = {"n": 1, "dim": -1, "prepend": None, "append": None}
+    x, n, dim, prepend, append = [node.args[0], *node.args[1:], *[node.kwargs.get(k, v) for k, v in defaults.items()][len(node.args) - 1:]]
+    if n != 1:
+        return None
+    parts = [p for p in (prepend, x, append) if p is not None]
+    whole = graph.call_function(aten.cat.default, (parts, dim)) if len(parts) > 1 else x
+    later = graph.call_function(aten.slice.Tensor, (whole, dim, 1, sys.maxsize))
+    earlier = graph.call_function(aten.slice.Tensor, (whole, dim, 0, -1))
+    boolean = node.meta.get("val") is not None and node.meta["val"].dtype == torch.bool
+    return graph.call_function(aten.ne.Tensor if boolean else aten.sub.Tensor, (later, earlier))
+
+
+# Ops the exporter has no translation for, each with an equivalent it has one for.
+_TRANSLATABLE = {
+    aten.__and__.Tensor: lambda graph, node: graph.call_function(aten.bitwise_and.Tensor, node.args, node.kwargs),
+    aten.__or__.Tensor: lambda graph, node: graph.call_function(aten.bitwise_or.Tensor, node.args, node.kwargs),
+    aten.diff.default: _diff_by_slices,
+}
+
+
+def _translatable(graph: Graph) -> Graph:
+    """``graph``, or a copy whose ops of :data:`_TRANSLATABLE` are written
+    with ops the exporter translates, so that its decomposition re-trace can
+    be skipped (:func:`_decompose_only_when_needed`)."""
+    if not any(n.op == "call_function" and n.target in _TRANSLATABLE for n in graph.fx.nodes):
+        return graph
+    graph = graph.copy()
+    for node in [n for n in graph.fx.nodes if n.op == "call_function" and n.target in _TRANSLATABLE]:
+        with graph.fx.inserting_before(node):
+            equivalent = _TRANSLATABLE[node.target](graph.fx, node)
+        if equivalent is not None:
+            equivalent.meta = dict(node.meta)
+            node.replace_all_uses_with(equivalent)
+            graph.fx.erase_node(node)
+    graph.recompile()
+    return graph
+
+
+@functools.lru_cache(maxsize=4)
+def _decomposed_by_exporter(registry) -> frozenset:
+    from torch.onnx._internal.exporter import _decomp
+
+    return frozenset(_decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry))))
+
+
+@contextlib.contextmanager
+def _decompose_only_when_needed():
+    """torch.onnx re-traces the whole program to decompose the ops it has no
+    translation for: about 40% of an export. A graph fxopt traced is ATen
+    already; when none of its ops is in the exporter's decomposition table
+    the re-trace would return the same program, and is skipped."""
+    try:
+        from torch.onnx._internal.exporter import _fx_passes
+        original = _fx_passes.decompose_with_registry
+    except (ImportError, AttributeError):  # another torch's exporter: it decomposes as it always does
+        yield
+        return
+
+    def decompose(program, registry):
+        table = _decomposed_by_exporter(registry)
+        if any(n.op == "call_function" and n.target in table for n in program.graph.nodes):
+            return original(program, registry)
+        return program
+
+    _fx_passes.decompose_with_registry = decompose
+    try:
+        yield
+    finally:
+        _fx_passes.decompose_with_registry = original
+
+
 def _name_outputs(model, names: list[str]) -> None:
     """Name the ONNX model's outputs after the model's own output structure
     (``logits``, ``past_key_values.0.key``) instead of the internal nodes
@@ -129,7 +207,7 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
         # The exporter would drop the writes: every run would start from the traced state.
         raise BackendError(f"{graph.name} writes its buffer(s) {written} during forward (state kept between calls); "
                            "an ONNX model keeps no state between runs: use the eager backend, or pass the state in and out as inputs and outputs")
-    exported = _contiguous_before_views(graph)
+    exported = _translatable(_contiguous_before_views(graph))
     dims = exported.dynamic_shapes()
     try:
         ep = exported.to_exported_program(dims)
@@ -139,7 +217,7 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
     if dims:  # the exporter names each dynamic dimension after its Dim: one name per shared dimension
         kwargs["dynamic_shapes"] = dims
     try:
-        with _quiet_exporter():
+        with _quiet_exporter(), _decompose_only_when_needed():
             program = torch.onnx.export(
                 ep,
                 dynamo=True,
