@@ -20,7 +20,7 @@ import torch.fx
 import torch.utils._pytree
 
 from ..ir.graph import Graph
-from ..ir.meta import shape_env_rollback
+from ..ir.meta import meta_snapshot, refresh_changed_meta, shape_env_rollback
 from ..ir.parity import compare
 from .analysis import AnalysisManager
 from .base import Pass, PassContext, PassError, PassResult, did_you_mean
@@ -270,6 +270,7 @@ class PassManager:
         p.analyses = state.analyses
         nodes_before, bytes_before = work.num_nodes(), work.param_bytes()
         existing = set(work.fx.nodes)
+        before = meta_snapshot(work)
         for inst in state.instruments:
             inst.before_pass(p, work)
         start = time.perf_counter()
@@ -285,7 +286,7 @@ class PassManager:
             work.recompile()
             work.prune_unreferenced_attributes()
             if result.changed:
-                work.refresh_meta_all()
+                refresh_changed_meta(work, before)
             else:
                 work.refresh_meta()
             if self.verify:

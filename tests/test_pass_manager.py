@@ -336,3 +336,82 @@ def test_analyses_are_dropped_when_nodes_were_replaced_though_nothing_changed(ml
     SEEN.clear()
     result = PassManager("read-gelus,respawn-gelus,read-gelus", registry=REG).run(mlp_graph)
     assert result.analyses.computed == {"GeluCount": 2}
+
+
+# After a changing pass the manager recomputes the metadata of what changed and
+# of what lies downstream of a changed shape, not of the whole graph.
+
+class MetaAsIfRecomputed(fxopt.passes.manager.Instrument):
+    """After each pass: every node's value equals a full recompute's."""
+
+    def __init__(self):
+        self.checked = []
+
+    def after_pass(self, p, graph, record):
+        from fxopt.ir.meta import same_value  # the comparison the manager itself makes
+
+        kept = {n.name: n.meta.get("val") for n in graph.fx.nodes}
+        again = graph.copy()
+        again.refresh_meta_all()
+        stale = [n.name for n in again.fx.nodes if n.op != "output" and not same_value(kept[n.name], n.meta["val"])]
+        assert not stale, f"after {p}: stale metadata on {stale[:5]}"
+        self.checked.append(str(p))
+
+
+@register_pass("double-hidden", registry=REG)
+class DoubleHidden(Pass):
+    """Doubles the first linear's outputs by replacing its parameters (no node
+    changes), and the next linear's inputs to match: every shape in between
+    changes though no node's arguments do."""
+
+    def run(self, graph):
+        weights = [n for n in graph.fx.nodes if n.op == "get_attr" and n.target.endswith("weight")]
+        biases = [n for n in graph.fx.nodes if n.op == "get_attr" and n.target.endswith("bias")]
+        w0, b0, w1 = (graph.get_attr(n.target).detach() for n in (weights[0], biases[0], weights[1]))
+        for node, value in [(weights[0], torch.cat([w0, w0])), (biases[0], torch.cat([b0, b0])),
+                            (weights[1], torch.cat([w1, w1], dim=1) / 2)]:
+            owner, _, name = node.target.rpartition(".")
+            module = graph.get_attr(owner) if owner else graph.module
+            delattr(module, name)
+            module.register_buffer(name, value)
+        return PassResult(True)
+
+
+def test_metadata_downstream_of_a_replaced_parameter_is_recomputed(mlp_graph):
+    check = MetaAsIfRecomputed()
+    result = PassManager("double-hidden", registry=REG, instruments=[check]).run(mlp_graph)
+    gelu = next(n for n in result.graph.fx.nodes if n.target is aten.gelu.default)
+    assert gelu.meta["val"].shape[-1] == 2 * next(n for n in mlp_graph.fx.nodes if n.target is aten.gelu.default).meta["val"].shape[-1]
+    assert check.checked == ["double-hidden"]
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(result.graph(x), mlp_graph(x))
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_metadata_after_each_pass_of_a_quantized_fused_pipeline_equals_a_full_recompute(name):
+    check = MetaAsIfRecomputed()
+    pipeline = ("canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,"
+                "quantize(bits=4,group_size=16,skip_lm_head=false),pack-attention,fuse-linear-act,fuse-norm,dce")
+    PassManager(pipeline, instruments=[check]).run(trace_once(name))
+    assert len(check.checked) == 11
+
+
+@register_pass("gelu-reads-a-weight", registry=REG)
+class GeluReadsAWeight(Pass):
+    """Points the first gelu at the second linear's [64, 64] weight, an existing
+    node whose value does not change: only the gelu's arguments tell that its
+    shape, and every shape after it, changed."""
+
+    def run(self, graph):
+        gelu = next(n for n in graph.fx.nodes if n.target is aten.gelu.default)
+        weight = [n for n in graph.fx.nodes if n.op == "get_attr" and n.target.endswith("weight")][1]
+        gelu.replace_input_with(gelu.args[0], weight)
+        return PassResult(True)
+
+
+def test_metadata_after_an_argument_edit_follows_the_new_input(mlp_graph):
+    check = MetaAsIfRecomputed()
+    result = PassManager("gelu-reads-a-weight", registry=REG, instruments=[check], verify=False).run(mlp_graph)
+    last = [n for n in result.graph.fx.nodes if n.op == "call_function"][-1]
+    assert tuple(last.meta["val"].shape) == (64, 16)  # was (batch, 16)
+    assert check.checked == ["gelu-reads-a-weight"]
