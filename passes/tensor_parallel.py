@@ -74,8 +74,11 @@ class TensorParallel(Pass):
     tied to the LM head then stores one shard for both).
     Collectives use the group ``"tp"``, bound at run time.
 
-    Refuses: ``world_size`` that does not divide a pair's channels (or heads)
-    or the vocabulary, with the node at fault, before changing anything.
+    A vocabulary that ``world_size`` does not divide is padded with zero rows
+    to the next multiple; the padding's logits are dropped after the gather.
+
+    Refuses: ``world_size`` that does not divide a pair's channels (or heads),
+    with the node at fault, before changing anything.
     Groups the analysis cannot pair stay whole (stats ``unpaired`` gives the
     reason). ``world_size=1`` leaves the graph as it was.
     """
@@ -108,7 +111,7 @@ class TensorParallel(Pass):
         lm_heads = plan.lm_heads if self.lm_head == "vocab" else []
         tables = [e for e in graph.fx.nodes if e.op == "call_function" and e.target == aten.embedding.default
                   and graph.constant(e.args[0]) is not None and e.args[1].op == "placeholder"] if self.embeddings == "vocab" else []
-        self._check_fits(graph, plan, lm_heads + tables, n)
+        self._check_fits(plan, n)
         before = graph.param_bytes()
         kept = [(p.group, _shard(p.group.size, rank, n)) for p in plan.pairs if p.attention is None]
         heads = [(p.attention, *_head_shard(p.attention, rank, n)) for p in plan.pairs if p.attention is not None]
@@ -133,7 +136,7 @@ class TensorParallel(Pass):
                  "cache_outputs": len(caches)}
         return PassResult(bool(plan.pairs or lm_heads or tables), stats, sharded_outputs=_output_positions(graph, caches))
 
-    def _check_fits(self, graph, plan, lm_heads, n: int) -> None:
+    def _check_fits(self, plan, n: int) -> None:
         for pair in plan.pairs:
             if pair.attention is not None:
                 a = pair.attention
@@ -144,13 +147,6 @@ class TensorParallel(Pass):
                                     f"heads of {a.name}", a.k.producer)
             elif pair.group.size % n:
                 raise self.fail(f"world_size={n} does not divide the {pair.group.size} channels of {pair.name}", pair.columns[0])
-        for head in lm_heads:
-            weight = head.args[1] if head.target == aten.linear.default else head.args[0]
-            vocab = graph.constant(weight).shape[0]
-            if vocab % n:
-                option = "lm_head" if head.target == aten.linear.default else "embeddings"
-                raise self.fail(f"world_size={n} does not divide the {vocab} rows of {weight.target!r} "
-                                f"(option {option}=replicated keeps it whole)", head)
 
     @staticmethod
     def _reduce_after(graph, row: fx.Node) -> None:
@@ -168,21 +164,26 @@ class TensorParallel(Pass):
             user.replace_input_with(row, total)
 
     def _shard_rows(self, graph, user: fx.Node, index: int, rank: int, n: int, shards: dict) -> None:
-        """``user.args[index]`` (a constant) replaced by its rows ``rank`` of ``n``."""
+        """``user.args[index]`` (a constant) replaced by its rows ``rank`` of
+        ``n``: ``ceil(rows / n)`` of them, the last ranks' padded with zero rows."""
         old = user.args[index]
         full = graph.constant(old)
         if full is None:
             raise self.fail("a weight or bias to split by vocabulary is computed, not a constant", user)
         if id(full) not in shards:
-            size = full.shape[0] // n
-            shards[id(full)] = graph.add_constant(full[rank * size:(rank + 1) * size].contiguous(), f"{old.target}.rank{rank}")
+            size = _vocab_shard_size(full.shape[0], n)
+            rows = full[rank * size:(rank + 1) * size]
+            padding = rows.new_zeros((size - rows.shape[0], *rows.shape[1:]))
+            shards[id(full)] = graph.add_constant(torch.cat([rows, padding]).contiguous(), f"{old.target}.rank{rank}")
         user.replace_input_with(old, shards[id(full)])
         if not old.users:
             graph.fx.erase_node(old)
 
     def _vocab_parallel(self, graph, head: fx.Node, rank: int, n: int, shards: dict) -> None:
         """The LM head keeps rows ``rank`` of ``n`` of its weight; its logits are
-        all-gathered (stacked along dim 0) and put back side by side."""
+        all-gathered (stacked along dim 0) and put back side by side, less the
+        padding's columns when ``n`` does not divide the vocabulary."""
+        vocab = graph.constant(head.args[1] if head.target == aten.linear.default else head.args[0]).shape[0]
         for i in (1, 2):
             if i < len(head.args) and head.args[i] is not None:
                 self._shard_rows(graph, head, i, rank, n, shards)
@@ -198,6 +199,9 @@ class TensorParallel(Pass):
             pieces.append(last)
         with graph.fx.inserting_after(last):
             logits = graph.fx.call_function(aten.cat.default, (pieces, -1))
+        if vocab % n:
+            with graph.fx.inserting_after(logits):
+                logits = graph.fx.call_function(aten.slice.Tensor, (logits, -1, 0, vocab))
         for user in users:
             user.replace_input_with(head, logits)
 
@@ -205,7 +209,7 @@ class TensorParallel(Pass):
         """``embedding(W, ids)`` -> ``all_reduce(embedding(W_r, local) * in_shard)``
         with ``local = ids - start`` where the id falls in rank ``rank``'s rows
         ``start ..`` and 0 elsewhere; the ranks' rows add up to the lookup."""
-        size = graph.constant(table.args[0]).shape[0] // n
+        size = _vocab_shard_size(graph.constant(table.args[0]).shape[0], n)
         self._shard_rows(graph, table, 0, rank, n, shards)
         ids = table.args[1]
         users = list(table.users)
@@ -233,6 +237,13 @@ def _output_positions(graph, caches) -> tuple[int, ...]:
     values = {c.node for c in caches}
     out = next(n for n in reversed(graph.fx.nodes) if n.op == "output")
     return tuple(i for i, leaf in enumerate(tree_leaves(out.args[0])) if leaf in values)
+
+
+def _vocab_shard_size(rows: int, n: int) -> int:
+    """Rows of a table each of ``n`` ranks keeps: GPT-2's 50257 do not split
+    evenly, so every rank keeps ``ceil(rows / n)``, the padding zeros (Megatron
+    pads its vocabulary the same way)."""
+    return -(-rows // n)
 
 
 def _shard(size: int, rank: int, n: int) -> torch.Tensor:

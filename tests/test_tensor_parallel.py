@@ -77,14 +77,20 @@ def gemma():
     return hf_spec(transformers.GemmaForCausalLM(cfg), 256, "gemma", mask=False, max_len=128)
 
 
+def gpt2_odd_vocabulary():
+    """GPT-2's own vocabulary (50257) is odd, as this one is: no world size divides it."""
+    return fxopt.models.gpt2("tiny", vocab_size=255)
+
+
 # A built-in model's name, or a factory of a ModelSpec.
 MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny", "phi3": phi3, "gemma": gemma}
-ENCODERS = {"bert": "bert-tiny"}  # no LM head: the hidden states are the output
+ENCODERS = {"bert": "bert-tiny"}
+ODD = {"gpt2-odd-vocabulary": gpt2_odd_vocabulary}  # no LM head: the hidden states are the output
 
 
 @functools.lru_cache(maxsize=None)
 def spec_and_graph(name: str):
-    source = {**MODELS, **ENCODERS}[name]
+    source = {**MODELS, **ENCODERS, **ODD}[name]
     if isinstance(source, str):  # traced once per test process, shared with other files' tests
         spec = model_spec(source)
         graph = trace_once(spec, graph_name=name)
@@ -115,6 +121,8 @@ def cases(n: int) -> dict:
         out["gemma-vocab-embeddings"] = (tensor_parallel_graphs(spec_and_graph("gemma")[1], 2, embeddings="vocab"),
                                          spec_and_graph("gemma")[0].example_inputs)
         out["gpt2-whole"] = spec_and_graph("gpt2")[1], spec_and_graph("gpt2")[0].example_inputs
+        spec, graph = spec_and_graph("gpt2-odd-vocabulary")
+        out["gpt2-odd-vocabulary"] = tensor_parallel_graphs(graph, 2, embeddings="vocab"), spec.example_inputs
     return out
 
 
@@ -178,6 +186,22 @@ def test_vocab_parallel_embeddings():
         assert lookup.args[0] is head.args[1] and g.constant(lookup.args[0]).shape[0] == table.shape[0] // 2
     want = tree_leaves(reference(spec))[0]
     for got in logits(2)["gemma-vocab-embeddings"]:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# A vocabulary the ranks do not divide (255 over 2): each keeps 128 rows of the
+# tied table, the last padded with a zero row; the padding's logits are dropped.
+def test_odd_vocabulary_is_padded_and_its_logits_dropped():
+    spec, graph = spec_and_graph("gpt2-odd-vocabulary")
+    table = graph.constant(next(n for n in graph.fx.nodes if n.target == torch.ops.aten.embedding.default).args[0])
+    padded = torch.cat([table, table.new_zeros(1, 64)])
+    for rank, g in enumerate(cases(2)["gpt2-odd-vocabulary"][0]):
+        head = [n for n in g.fx.nodes if n.target == torch.ops.aten.linear.default][-1]
+        torch.testing.assert_close(g.constant(head.args[1]), padded[rank * 128:(rank + 1) * 128], atol=0, rtol=0)
+        assert any(n.target == torch.ops.aten.slice.Tensor and n.args[1:] == (-1, 0, 255) for n in g.fx.nodes)
+    want = tree_leaves(reference(spec))[0]
+    assert want.shape[-1] == 255
+    for got in logits(2)["gpt2-odd-vocabulary"]:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -104,7 +104,7 @@ def gpt2(size: str = "small", **overrides) -> ModelSpec:
 
     seeded()
     sizes = {"small": {}, "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=128)}
-    cfg = transformers.GPT2Config(use_cache=False, **sizes[size], **overrides)
+    cfg = transformers.GPT2Config(use_cache=False, **{**sizes[size], **overrides})
     cfg.bos_token_id = cfg.eos_token_id = None
     return hf_spec(transformers.GPT2LMHeadModel(cfg), cfg.vocab_size, f"gpt2-{size}" if size != "small" else "gpt2", mask=False,
                max_len=cfg.n_positions)
