@@ -435,8 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=_positive, default=1)
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     g.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime alike (0: their defaults)")
-    g.add_argument("--cache", choices=("growing", "buffer"), default="growing",
-                   help="KV cache layout (buffer: preallocated, written in place; onnxruntime with pack-attention)")
+    g.add_argument("--cache", choices=("auto", "growing", "buffer"), default="auto",
+                   help="KV cache layout (buffer: preallocated, written in place; onnxruntime with pack-attention; "
+                        "auto: buffer where it applies)")
     g.add_argument("--report", help="write a JSON report here")
     g.add_argument("--plugin", action="append", help="import this module first (it may register passes); repeatable")
     g.set_defaults(func=cmd_generate)

@@ -114,6 +114,8 @@ def test_fused_greedy_tokens_equal_hugging_face(name, backend):
     prefill = next(r.stats for r in gen.graphs.records["prefill"] if r.name.startswith("pack-attention"))
     if name in GQA_ARCHS:  # a left-padded prompt's GQA with its causal + padding mask: one kernel, no repeat_kv
         assert (prefill["gqa"], prefill["refused"]) == (2, {})
+    # the default cache: a preallocated buffer where GroupQueryAttention reads and writes it in place
+    assert gen.cache == ("buffer" if backend == "onnxruntime" else "growing")
     if backend == "onnxruntime":
         ops = onnx_op_types(gen.decode_model)
         assert ops.count("GroupQueryAttention") == 2 and "MultiHeadAttention" not in ops
@@ -136,6 +138,7 @@ def test_fused_greedy_tokens_equal_hugging_face(name, backend):
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 def test_traced_graphs_without_a_pipeline_equal_hugging_face(backend):
     gen = traced_generator("llama", backend)
+    assert gen.cache == "growing"  # no attention lowered against the cache: it grows by Concat
     out = gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
     assert torch.equal(out.sequences, hf_tokens("llama", 4))
 
