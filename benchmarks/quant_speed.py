@@ -381,6 +381,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--threads", type=int, default=THREADS, help="threads for every variant (default: all cores)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    ap.add_argument("--variant-timeout", type=float, default=1200.0, help="seconds a variant may take before its row says it did not finish")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_onnx", help=argparse.SUPPRESS)
     ap.add_argument("--_repeat", type=int, help=argparse.SUPPRESS)
@@ -405,7 +406,13 @@ def main() -> None:
         del graph
         for v in variants:
             cmd = [sys.executable, __file__, "--_child", v, "--_onnx", fp32_onnx, "--_repeat", str(repeat), "--threads", str(THREADS)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
+            except subprocess.TimeoutExpired:
+                rows.append({"variant": v, "note": f"did not finish within {args.variant_timeout:.0f} s ({repeat} pairs of blocks of {BLOCK} runs per shape)"})
+                print(f"{v}: {rows[-1]}", file=sys.stderr)
+                _write(rows, variants, args.quick, repeat)
+                continue
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
                 rows.append({"variant": v, "note": "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]})
