@@ -82,8 +82,8 @@ aten = torch.ops.aten
 def _diff_by_slices(graph, node) -> torch.fx.Node | None:
     """``aten.diff(x, 1, dim, prepend, append)`` as ``c[1:] - c[:-1]`` along
     ``dim`` of ``c = cat([prepend, x, append])`` (``!=`` for booleans)."""
-    defaults = {"n": 1, "dim": -1, "prepend": None, "append": None}
-    x, n, dim, prepend, append = [node.args[0], *node.args[1:], *[node.kwargs.get(k, v) for k, v in defaults.items()][len(node.args) - 1:]]
+    x, given = node.args[0], dict(zip(("n", "dim", "prepend", "append"), node.args[1:]), **node.kwargs)
+    n, dim, prepend, append = given.get("n", 1), given.get("dim", -1), given.get("prepend"), given.get("append")
     if n != 1:
         return None
     parts = [p for p in (prepend, x, append) if p is not None]
