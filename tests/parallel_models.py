@@ -163,8 +163,9 @@ def check_tensor_parallel_pass(mesh, names):
     from fxopt.parallel import all_reduce_count, compile_tensor_parallel
 
     out = {}
+    factories = {**BUILTIN, "gpt2-tiny-odd-vocabulary": lambda: fxopt.models.gpt2("tiny", vocab_size=255)}
     for name in names:
-        spec = BUILTIN[name]()
+        spec = factories[name]()
         graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
         model = compile_tensor_parallel(graph, group=mesh.tp_group, backend="onnxruntime", intra_op_threads=1)
         errs = []
@@ -177,7 +178,7 @@ def check_tensor_parallel_pass(mesh, names):
 
 def check_two_ranks(mesh):
     """Everything the 2-rank tests read, from one start of the processes."""
-    return {"hand": check_onnxruntime_rank(mesh), "pass": check_tensor_parallel_pass(mesh, ["gpt2-tiny", "llama-tiny"]),
+    return {"hand": check_onnxruntime_rank(mesh), "pass": check_tensor_parallel_pass(mesh, ["gpt2-tiny", "llama-tiny", "gpt2-tiny-odd-vocabulary"]),
             "data_parallel": check_data_parallel(mesh)}
 
 
