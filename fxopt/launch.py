@@ -146,7 +146,7 @@ def _rank_entry(fn, rank, world, port, results, tensor_parallel, timeout, thread
 
 
 def run_local(fn, world: int, *args, tensor_parallel: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-              threads: int = 1, wall: float = 600.0, check: bool = True):
+              threads: int = 1, wall: float = 600.0, check: bool = True, start: str = "spawn"):
     """Run ``fn(mesh, *args)`` in ``world`` new processes of this host, each
     a rank of a gloo process group (``timeout`` seconds per collective) with
     ``threads`` threads, ``tensor_parallel`` ranks per model (default: all);
@@ -154,10 +154,24 @@ def run_local(fn, world: int, *args, tensor_parallel: int | None = None, timeout
     rank returned, in rank order. With ``check=False``, returns ``{rank:
     ("ok", value) | ("error", traceback)}`` for the ranks that reported
     within ``wall`` seconds instead of raising :class:`RankFailed`. Processes
-    still running after ``wall`` seconds are killed."""
+    still running after ``wall`` seconds are killed.
+
+    ``start="fork"`` (POSIX) starts the ranks as copies of this process: no
+    fresh interpreter imports torch again, and what this process has built
+    (traced rewrite patterns, models) is there already, which saves seconds
+    per rank. Only from a process that is not itself a rank of a process
+    group."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    if start not in ("spawn", "fork", "forkserver"):
+        raise ValueError(f"run_local: start={start!r}; use 'spawn', 'fork' or 'forkserver' (multiprocessing start methods)")
+    if start == "fork":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            raise RuntimeError("run_local(start='fork') from a rank of a process group: the copies would share its "
+                               "connections; use start='spawn'")
+    ctx = mp.get_context(start)
     results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_rank_entry, args=(fn, r, world, port, results, tensor_parallel or world, timeout, threads, args))

@@ -5,6 +5,7 @@ spawned processes, so they live in an importable module)."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -163,10 +164,8 @@ def check_tensor_parallel_pass(mesh, names):
     from fxopt.parallel import all_reduce_count, compile_tensor_parallel
 
     out = {}
-    factories = {**BUILTIN, "gpt2-tiny-odd-vocabulary": lambda: fxopt.models.gpt2("tiny", vocab_size=255)}
     for name in names:
-        spec = factories[name]()
-        graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+        spec, graph = traced_builtin(name)
         model = compile_tensor_parallel(graph, group=mesh.tp_group, backend="onnxruntime", intra_op_threads=1)
         errs = []
         for inputs in (spec.example_inputs, *spec.other_inputs):
@@ -176,10 +175,31 @@ def check_tensor_parallel_pass(mesh, names):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def traced_builtin(name: str):
+    """A built-in model's spec and graph; a parent that calls this before
+    ``run_local(..., start="fork")`` hands its ranks the trace."""
+    import fxopt
+    from fxopt.models import BUILTIN
+
+    factories = {**BUILTIN, "gpt2-tiny-odd-vocabulary": lambda: fxopt.models.gpt2("tiny", vocab_size=255)}
+    spec = factories[name]()
+    return spec, fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)
+
+
+TWO_RANK_MODELS = ["llama-tiny", "gpt2-tiny-odd-vocabulary"]
+
+
+def prepare_ranks(names) -> None:
+    """Trace the models every rank splits, once, in a parent that then forks the ranks."""
+    for name in names:
+        traced_builtin(name)
+
+
 def check_two_ranks(mesh):
     """Everything the 2-rank tests read, from one start of the processes."""
     # GPT-2 with 255 tokens: everything gpt2-tiny checks, plus the padded vocabulary shards
-    return {"hand": check_onnxruntime_rank(mesh), "pass": check_tensor_parallel_pass(mesh, ["llama-tiny", "gpt2-tiny-odd-vocabulary"]),
+    return {"hand": check_onnxruntime_rank(mesh), "pass": check_tensor_parallel_pass(mesh, TWO_RANK_MODELS),
             "data_parallel": check_data_parallel(mesh)}
 
 
@@ -227,25 +247,48 @@ def left_padded(prompts):
 FUSED_AFTER_SPLIT = "dce,constant-fold,cse,fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce"
 
 
+@functools.lru_cache(maxsize=None)
+def generation_baseline(name: str):
+    """The model, its traced prefill/decode graphs, Hugging Face's greedy
+    tokens and one process's: the same on every rank, so a parent computes it
+    once before ``run_local(..., start="fork")``."""
+    from fxopt.generation import compile_generator
+    from fxopt.ir.decoder import trace_decoder
+
+    model = causal_lm(name)
+    graphs = trace_decoder(model)
+    ids, mask = left_padded(GEN_PROMPTS)
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=GEN_NEW_TOKENS,
+                            min_new_tokens=GEN_NEW_TOKENS, do_sample=False, pad_token_id=0)
+    whole = compile_generator(graphs).generate(GEN_PROMPTS, max_new_tokens=GEN_NEW_TOKENS).sequences
+    return graphs, hf.tolist(), whole.tolist()
+
+
+def prepare_generation() -> None:
+    """What every rank of :func:`check_generation` computes alike, done once
+    in a parent that then forks the ranks: the baselines, and the fused
+    pipeline's rewrite patterns (traced on first use, kept per process)."""
+    from fxopt.generation import optimize_decoder
+
+    for name in ("gpt2", "llama"):
+        generation_baseline(name)
+    optimize_decoder(generation_baseline("llama")[0], f"canonicalize,{FUSED_AFTER_SPLIT}")
+
+
 def check_generation(mesh, backends={"gpt2": ("eager", "onnxruntime"), "llama": ("eager",)}):
     """Greedy generation split over the group against one process and
     Hugging Face; the cache each rank holds. Llama on ONNX Runtime through
     the fused pipeline after the split (its attention then runs as
     GroupQueryAttention against the rank's cache)."""
     from fxopt.generation import compile_generator
-    from fxopt.ir.decoder import trace_decoder
     from fxopt.parallel import all_reduce_count, compile_tensor_parallel_generator
 
     out = {}
     ids, mask = left_padded(GEN_PROMPTS)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     for name, on in backends.items():
-        model = causal_lm(name)
-        graphs = trace_decoder(model)
-        with torch.no_grad():
-            hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=GEN_NEW_TOKENS,
-                                min_new_tokens=GEN_NEW_TOKENS, do_sample=False, pad_token_id=0)
-        whole = compile_generator(graphs).generate(GEN_PROMPTS, max_new_tokens=GEN_NEW_TOKENS).sequences
+        graphs, hf, whole = generation_baseline(name)
         split = None
         for backend in on:
             options = {"intra_op_threads": 1} if backend == "onnxruntime" else {}
@@ -258,7 +301,7 @@ def check_generation(mesh, backends={"gpt2": ("eager", "onnxruntime"), "llama": 
             present = gen.prefill_model(ids, mask, positions)[1:]
             out[f"{name}-{backend}"] = {
                 # lists, not tensors: a tensor's memory would be shared with a process that exits
-                "sequences": sequences.tolist(), "whole": whole.tolist(), "hf": hf.tolist(),
+                "sequences": sequences.tolist(), "whole": whole, "hf": hf,
                 "present_shapes": [tuple(t.shape) for t in present],
                 "past_heads": [int(p.meta["val"].shape[1]) for p in gen.graphs.decode.placeholders()[3:]],
                 "all_reduces": {kind: all_reduce_count(getattr(gen.graphs, kind)) for kind in ("prefill", "decode")},
@@ -270,7 +313,7 @@ def check_generation(mesh, backends={"gpt2": ("eager", "onnxruntime"), "llama": 
                       if n.target == torch.ops.fxopt.attention_with_past.default]
             out["llama-fused-onnxruntime"] = {
                 "sequences": gen.generate(GEN_PROMPTS, max_new_tokens=GEN_NEW_TOKENS).sequences.tolist(),
-                "whole": whole.tolist(), "hf": hf.tolist(),
+                "whole": whole, "hf": hf,
                 "present_shapes": [tuple(t.shape) for t in gen.prefill_model(ids, mask, positions)[1:]],
                 "past_heads": [int(p.meta["val"].shape[1]) for p in gen.graphs.decode.placeholders()[3:]],
                 "all_reduces": {kind: all_reduce_count(getattr(gen.graphs, kind)) for kind in ("prefill", "decode")},

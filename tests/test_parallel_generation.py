@@ -21,7 +21,11 @@ CASES = ["gpt2-eager", "gpt2-onnxruntime", "llama-eager", "llama-fused-onnxrunti
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return once_per_run("parallel-generation-2-ranks", lambda: run_local(pm.check_generation, 2))
+    def run():
+        pm.prepare_generation()
+        return run_local(pm.check_generation, 2, start="fork")
+
+    return once_per_run("parallel-generation-2-ranks", run)
 
 
 @pytest.mark.parametrize("case", CASES)

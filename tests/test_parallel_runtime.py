@@ -19,12 +19,20 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return once_per_run("parallel-runtime-2-ranks", lambda: run_local(pm.check_two_ranks, 2))
+    def run():
+        pm.prepare_ranks(pm.TWO_RANK_MODELS)
+        return run_local(pm.check_two_ranks, 2, start="fork")
+
+    return once_per_run("parallel-runtime-2-ranks", run)
 
 
 @pytest.fixture(scope="module")
 def four_ranks():
-    return once_per_run("parallel-runtime-4-ranks", lambda: run_local(pm.check_four_ranks, 4))
+    def run():
+        pm.prepare_ranks(["llama-tiny"])
+        return run_local(pm.check_four_ranks, 4, start="fork")
+
+    return once_per_run("parallel-runtime-4-ranks", run)
 
 
 def test_onnxruntime_rank_graph_matches_single_process_at_2_ranks(two_ranks):
@@ -83,7 +91,7 @@ def test_data_parallel_over_tensor_parallel_mesh_2x2(four_ranks):
 
 
 def test_a_rank_that_dies_fails_the_others_within_the_timeout():
-    results = run_local(pm.check_dead_peer, 2, timeout=5.0, wall=120.0, check=False)
+    results = run_local(pm.check_dead_peer, 2, timeout=5.0, wall=120.0, check=False, start="fork")
     status, survivor = results[0]
     assert status == "ok", survivor
     assert survivor["error"] == "CollectiveError", survivor
