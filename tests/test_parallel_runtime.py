@@ -121,6 +121,19 @@ def test_mesh_refuses_a_world_that_is_not_data_times_tensor_parallel():
         dist.destroy_process_group()
 
 
+def test_run_local_refuses_an_unknown_start_and_a_fork_from_a_rank():
+    import torch.distributed as dist
+
+    with pytest.raises(ValueError, match="start='thread'"):
+        run_local(pm.check_dead_peer, 2, start="thread")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="from a rank of a process group"):
+            run_local(pm.check_dead_peer, 2, start="fork")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_optimize_refuses_out_for_a_parallel_run(tmp_path, capsys):
     from fxopt.cli import main
 
