@@ -98,7 +98,7 @@ def traced(spec):
 
 
 # -- rank processes ---------------------------------------------------------------------
-def tensor_parallel_rank(mesh, name: str, pipeline: str, repeats: int, backends=BACKENDS) -> dict:
+def tensor_parallel_rank(mesh, name: str, pipeline: str, repeats: int, backends=BACKENDS, embeddings: str = "vocab") -> dict:
     """This rank's graph at N=2 on both backends, the all-reduce alone, and the DTensor peer."""
     import torch.distributed as dist
 
@@ -106,7 +106,8 @@ def tensor_parallel_rank(mesh, name: str, pipeline: str, repeats: int, backends=
     from fxopt.parallel import all_reduce_count, bind_process_group, rank_graph
 
     spec = model_spec(name)
-    graph = bind_process_group(rank_graph(traced(spec), mesh.tp_rank, mesh.tensor_parallel, pipeline=pipeline), mesh.tp_group)
+    graph = bind_process_group(rank_graph(traced(spec), mesh.tp_rank, mesh.tensor_parallel, pipeline=pipeline,
+                                          embeddings=embeddings), mesh.tp_group)
     out = {"param_bytes": graph.param_bytes(), "all_reduces": all_reduce_count(graph), "rows": {}}
     for backend in backends:
         model = fxopt.compile(graph, backend, **({"intra_op_threads": 1} if backend == "onnxruntime" else {}))
@@ -168,8 +169,12 @@ def dtensor_peer(mesh, name: str, repeats: int) -> dict:
     return rows
 
 
+DP_MODES = {"all": "every output to every rank", 0: "every output to rank 0", "none": "each rank keeps its own"}
+
+
 def data_parallel_rank(mesh, name: str, backend: str, requests: int, seq: int) -> dict:
-    """Requests through this rank's replica; the stream's time on the slowest rank."""
+    """Requests through this rank's replica, once per ``DataParallel.map``
+    destination (``DP_MODES``); the stream's time on the slowest rank."""
     import torch.distributed as dist
 
     import fxopt
@@ -180,22 +185,31 @@ def data_parallel_rank(mesh, name: str, backend: str, requests: int, seq: int) -
     stream = [{"input_ids": token_ids(spec.model, seq + i % 2)} for i in range(requests)]
     dp = DataParallel(model, mesh.dp_group)
     dp.map(stream[: mesh.data_parallel])  # warm-up
-    dist.barrier()
-    start = time.perf_counter()
-    outputs = dp.map(stream)
-    seconds = time.perf_counter() - start
-    with torch.no_grad():
-        err = max((logits(o) - logits(spec.model(**r))).abs().max().item() for o, r in zip(outputs[:4], stream[:4]))
-    return {"seconds": seconds, "err": err}
+    out = {}
+    for to in DP_MODES:
+        dist.barrier()
+        start = time.perf_counter()
+        outputs = dp.map(stream, to=to)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            err = max((logits(o) - logits(spec.model(**r))).abs().max().item()
+                      for o, r in zip(outputs, stream) if o is not None)
+        out[to] = {"seconds": seconds, "err": err, "received": sum(o is not None for o in outputs)}
+        del outputs
+    return out
 
 
 # -- one process ---------------------------------------------------------------------------
-def single_process(name: str, repeats: int, requests: int, seq: int, backends=BACKENDS) -> dict:
+def single_process(name: str, repeats: int, requests: int, seq: int, backends=BACKENDS, pipeline: str = AFTER_SPLIT) -> dict:
     import fxopt
+    from fxopt.parallel import rank_graph
 
     spec = model_spec(name)
     graph = traced(spec)
     out = {"model_bytes": graph.param_bytes(), "rows": {}, "hidden": hidden_size(spec.model), "layers": layers(spec.model)}
+    # bytes per rank of both token-table settings (the timed split uses --embeddings)
+    out["rank_bytes"] = {e: max(rank_graph(graph, r, 2, pipeline=pipeline, embeddings=e).param_bytes() for r in range(2))
+                         for e in ("replicated", "vocab")}
     for threads in (1, 2):
         torch.set_num_threads(threads)
         out["rows"][("Hugging Face eager, one process", threads)] = {
@@ -215,18 +229,22 @@ def single_process(name: str, repeats: int, requests: int, seq: int, backends=BA
                 model(**stream[0])
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    for r in stream:
-                        model(**r)
+                    outputs = [model(**r) for r in stream]  # kept, as DataParallel.map keeps them
                 out[("stream", backend)] = time.perf_counter() - start
+                del outputs
     torch.set_num_threads(1)
     return out
 
 
-def report(name: str, one: dict, tp: list[dict], dp: dict, requests: int, seq: int, backends=BACKENDS) -> str:
+def report(name: str, one: dict, tp: list[dict], dp: dict, requests: int, seq: int, backends=BACKENDS,
+           embeddings: str = "vocab") -> str:
     rank0 = tp[0]
-    lines = [f"Parameter bytes per rank at N=2: {max(r['param_bytes'] for r in tp) / 1e6:.1f} MB of "
-             f"{one['model_bytes'] / 1e6:.1f} MB ({max(r['param_bytes'] for r in tp) / one['model_bytes']:.3f} of the model; "
-             f"goal <= 0.55). All-reduces per forward: {rank0['all_reduces']}.", "",
+    model = one["model_bytes"]
+    other = {"vocab": "replicated", "replicated": "vocab"}[embeddings]
+    lines = [f"Parameter bytes per rank at N=2 (`embeddings={embeddings}`, timed below): {max(r['param_bytes'] for r in tp) / 1e6:.1f} MB "
+             f"of {model / 1e6:.1f} MB ({max(r['param_bytes'] for r in tp) / model:.3f} of the model; goal <= 0.55); "
+             f"with `embeddings={other}`: {one['rank_bytes'][other] / model:.3f}. "
+             f"All-reduces per forward: {rank0['all_reduces']}.", "",
              "| variant | processes x threads | one-token ms | prefill-128 ms | max abs err (one-token, prefill) |",
              "|---|---|---|---|---|"]
 
@@ -266,12 +284,16 @@ def report(name: str, one: dict, tp: list[dict], dp: dict, requests: int, seq: i
               f"{payload / 1024:.1f} KiB of payload; a ring all-reduce sends 2 x 7/8 of it from each rank: "
               f"{2 * 7 / 8 * payload / 1024:.1f} KiB per rank per layer per token "
               f"({2 * 7 / 8 * payload * one['layers'] / 1024:.0f} KiB per token over {one['layers']} layers).", ""]
+    lines += [f"Data parallel: {requests} requests of {seq}-{seq + 1} tokens (each output the logits of every position), "
+              "2 ranks x 1 thread against one process x 1 thread (goal >= 1.8x):", "",
+              "| backend | outputs (`DataParallel.map(to=...)`) | one process requests/s | 2 ranks requests/s | ratio | max abs err |",
+              "|---|---|---:|---:|---:|---:|"]
     for backend in backends:
-        single, pair = one[("stream", backend)], dp[backend]
-        lines.append(f"Data parallel, fxopt {backend}: {requests} requests of {seq}-{seq + 1} tokens: one process 1 thread "
-                     f"{requests / single:.1f} requests/s, 2 ranks x 1 thread {requests / max(p['seconds'] for p in pair):.1f} "
-                     f"requests/s ({single / max(p['seconds'] for p in pair):.2f}x; goal >= 1.8x); "
-                     f"max abs err {max(p['err'] for p in pair):.1e}")
+        single = one[("stream", backend)]
+        for to, label in DP_MODES.items():
+            seconds = max(p[to]["seconds"] for p in dp[backend])  # the stream ends with its slowest rank
+            lines.append(f"| {backend} | {label} (`{to!r}`) | {requests / single:.1f} | {requests / seconds:.1f} | "
+                         f"{single / seconds:.2f}x | {max(p[to]['err'] for p in dp[backend]):.1e} |")
     return "\n".join(lines)
 
 
@@ -287,6 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=64, help="tokens per request of the stream")
     p.add_argument("--timeout", type=float, default=300.0, help="gloo timeout per collective, seconds")
     p.add_argument("--backends", default=",".join(BACKENDS), help="fxopt backends to time (eager, onnxruntime or both)")
+    p.add_argument("--embeddings", default="vocab", choices=("vocab", "replicated"),
+                   help="the token table in the timed split: vocabulary-parallel (one more all-reduce) or replicated")
     a = p.parse_args(argv)
     backends = tuple(b for b in a.backends.split(",") if b)
     if not backends or set(backends) - set(BACKENDS):
@@ -295,11 +319,11 @@ def main(argv=None) -> int:
     for name in a.models.split(","):
         with captured() as out:
             print(f"{name}: measuring ...", file=sys.stderr)
-            one = single_process(name, a.repeats, a.requests, a.seq, backends)
-            tp = run_local(tensor_parallel_rank, 2, name, a.pipeline, a.repeats, backends, timeout=a.timeout, wall=3600)
+            one = single_process(name, a.repeats, a.requests, a.seq, backends, a.pipeline)
+            tp = run_local(tensor_parallel_rank, 2, name, a.pipeline, a.repeats, backends, a.embeddings, timeout=a.timeout, wall=3600)
             dp = {backend: run_local(data_parallel_rank, 2, name, backend, a.requests, a.seq, timeout=a.timeout, wall=3600)
                   for backend in backends}
-            print(report(name, one, tp, dp, a.requests, a.seq, backends))
+            print(report(name, one, tp, dp, a.requests, a.seq, backends, a.embeddings))
         write_result("parallel", "Tensor and data parallelism (gloo, processes of one host)", out.text,
                      section=name, intro=__doc__.split("\n\n")[2].replace("\n", " "))
     return 0

@@ -21,6 +21,9 @@ import torch.utils._pytree as pytree
 from .backends import CollectiveError
 
 
+ALIGN = 16  # bytes: the largest element size (complex128)
+
+
 class DataParallelError(RuntimeError):
     pass
 
@@ -92,25 +95,88 @@ class DataParallel:
         return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
 
     # -- a stream of requests --------------------------------------------------------
-    def map(self, requests: list) -> list:
+    def map(self, requests: list, *, to: str | int = "all") -> list:
         """Every request's output, in order: request ``j`` runs on the rank
         whose contiguous part of ``range(len(requests))`` holds it. A request
         is a tuple of positional inputs, a dict of keyword inputs, or a single
-        input. Requests may differ in shape (each rank runs its own one by
-        one); outputs travel pickled (``all_gather_object``)."""
-        import torch.distributed as dist
+        input; requests may differ in shape (each rank runs its own one by one).
 
+        ``to`` says which ranks receive the outputs: ``"all"`` (every rank
+        returns every output), a rank of the group (it returns every output;
+        the others return their own, ``None`` in the other places), or
+        ``"none"`` (each rank returns its own outputs, ``None`` elsewhere: a
+        server whose ranks answer their own requests moves no output at all).
+        Tensors travel as one byte buffer per rank through ``all_gather`` /
+        ``gather``, not pickled; the outputs' structure, shapes and any
+        non-tensor values travel pickled, which is small."""
+        if not (to in ("all", "none") or (isinstance(to, int) and not isinstance(to, bool) and 0 <= to < self.size)):
+            raise DataParallelError(f"map(to={to!r}): 'all', 'none' or a rank of the group (0 to {self.size - 1})")
         from .ir.trace import split_inputs
 
         parts = torch.arange(len(requests)).tensor_split(self.size)
+        mine = parts[self.rank].tolist()
         outputs = []
         with torch.inference_mode():
-            for j in parts[self.rank].tolist():
+            for j in mine:
                 args, kwargs = split_inputs(requests[j])
                 outputs.append(self.model(*args, **kwargs))
-        everyone: list = [None] * self.size
+        result: list = [None] * len(requests)
+        for j, out in zip(mine, outputs):
+            result[j] = out
+        if to == "none":
+            return result
+        received = self._exchange(outputs, to)
+        if received is not None:
+            for rank, rank_outputs in enumerate(received):
+                for j, out in zip(parts[rank].tolist(), rank_outputs):
+                    result[j] = out
+        return result
+
+    def _exchange(self, outputs: list, to: str | int) -> list | None:
+        """Every rank's ``outputs`` (in rank order) on the ranks that ``to``
+        names, ``None`` on the others."""
+        import torch.distributed as dist
+
+        leaves, spec = pytree.tree_flatten(outputs)
+        tensors = [x.detach().contiguous() for x in leaves if isinstance(x, torch.Tensor)]
+        layout = (spec, [(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else ("value", x) for x in leaves])
+        chunks = []
+        for t in tensors:  # each starts at a multiple of ALIGN bytes, where any dtype can view it
+            chunks.append(t.reshape(-1).view(torch.uint8))
+            if -chunks[-1].numel() % ALIGN:
+                chunks.append(torch.zeros(-chunks[-1].numel() % ALIGN, dtype=torch.uint8))
+        buffer = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+        layouts: list = [None] * self.size
         try:
-            dist.all_gather_object(everyone, outputs, group=self.group)
+            dist.all_gather_object(layouts, (layout, buffer.numel()), group=self.group)
+            longest = max(n for _, n in layouts)
+            padded = torch.cat([buffer, buffer.new_zeros(longest - buffer.numel())]) if buffer.numel() < longest else buffer
+            if to == "all":
+                buffers = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.size)]
+                dist.all_gather(buffers, padded, group=self.group)
+            else:
+                dst = dist.get_global_rank(self.group, to)
+                buffers = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.size)] if self.rank == to else None
+                dist.gather(padded, buffers, dst=dst, group=self.group)
         except RuntimeError as e:
             raise CollectiveError("data-parallel gather of the requests' outputs", self.group, e) from e
-        return [out for rank_outputs in everyone for out in rank_outputs]
+        if buffers is None:
+            return None
+        return [_unpack(rank_layout, data) for (rank_layout, _), data in zip(layouts, buffers)]
+
+
+def _unpack(layout, data: torch.Tensor):
+    """The outputs one rank packed: tensors as views of ``data``."""
+    spec, entries = layout
+    leaves, at = [], 0
+    for kind, what in entries:
+        if kind == "value":
+            leaves.append(what)
+            continue
+        count = 1
+        for d in what:
+            count *= d
+        size = count * kind.itemsize
+        leaves.append(data[at:at + size].view(kind).reshape(what))
+        at += size + (-size % ALIGN)
+    return pytree.tree_unflatten(leaves, spec)

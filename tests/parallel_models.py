@@ -121,8 +121,17 @@ def check_data_parallel(mesh):
     batch = ids(5, 6)
     requests = [(ids(2, s, seed=s),) for s in (3, 4, 5)]
     stream = dp.map(requests)
+    errors = lambda outs: [None if out is None else max_err(out, reference(r[0])) for out, r in zip(outs, requests)]  # noqa: E731
+
+    def mixed(x):  # outputs of several dtypes and sizes (packed into one buffer) and a plain value
+        return {"half": x[..., :3].half() / 7, "sum": x.sum(-1), "big": x > 5, "length": x.shape[-1], "none": None}
+
+    packed = DataParallel(mixed, mesh.dp_group).map([ids(2, s, seed=s) for s in (3, 4, 5, 6, 7)])
+    want = [mixed(ids(2, s, seed=s)) for s in (3, 4, 5, 6, 7)]
     return {"batch": max_err(dp(batch), reference(batch)),
-            "stream": [max_err(out, reference(r[0])) for out, r in zip(stream, requests)],
+            "stream": errors(stream), "to_rank_0": errors(dp.map(requests, to=0)), "none": errors(dp.map(requests, to="none")),
+            "mixed": [all(torch.equal(o[k], w[k]) and o[k].dtype == w[k].dtype for k in ("half", "sum", "big"))
+                      and (o["length"], o["none"]) == (w["length"], None) for o, w in zip(packed, want)],
             "small_batch": max_err(dp(ids(1, 4)), reference(ids(1, 4)))}
 
 

@@ -9,6 +9,7 @@ process."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import parallel_models as pm
 from conftest import once_per_run
@@ -82,6 +83,17 @@ def test_data_parallel_stream_returns_every_request_in_order(two_ranks):
     for result in two_ranks:
         stream = result["data_parallel"]["stream"]
         assert len(stream) == 3 and max(stream) <= TOL
+        # outputs of mixed dtypes, sizes and plain values travel packed in one buffer per rank
+        assert result["data_parallel"]["mixed"] == [True] * 5
+
+
+def test_data_parallel_stream_to_one_rank_or_none(two_ranks):
+    # 3 requests on 2 ranks: rank 0 runs requests 0 and 1, rank 1 request 2
+    rank0, rank1 = (r["data_parallel"] for r in two_ranks)
+    assert len(rank0["to_rank_0"]) == 3 and max(rank0["to_rank_0"]) <= TOL
+    assert rank1["to_rank_0"][:2] == [None, None] and rank1["to_rank_0"][2] <= TOL
+    assert rank0["none"][2] is None and max(rank0["none"][:2]) <= TOL
+    assert rank1["none"][:2] == [None, None] and rank1["none"][2] <= TOL
 
 
 def test_data_parallel_over_tensor_parallel_mesh_2x2(four_ranks):
@@ -130,6 +142,22 @@ def test_run_local_refuses_an_unknown_start_and_a_fork_from_a_rank():
     try:
         with pytest.raises(RuntimeError, match="from a rank of a process group"):
             run_local(pm.check_dead_peer, 2, start="fork")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_map_refuses_a_destination_outside_the_group():
+    import torch.distributed as dist
+
+    from fxopt.data_parallel import DataParallel, DataParallelError
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        dp = DataParallel(lambda x: x + 1)
+        for to in (1, True, "rank0"):
+            with pytest.raises(DataParallelError, match=r"'all', 'none' or a rank of the group \(0 to 0\)"):
+                dp.map([torch.ones(2)], to=to)
+        assert [t.tolist() for t in dp.map([torch.ones(2), torch.zeros(1)], to=0)] == [[2.0, 2.0], [1.0]]
     finally:
         dist.destroy_process_group()
 
