@@ -232,7 +232,60 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
         raise BackendError(f"ONNX export of {graph.name} failed: {summary}") from e
     _name_outputs(program.model, graph.interface().output_names())
     _drop_unused_outputs(program.model)
+    if optimize and share_dimension_shapes(program.model):
+        import onnx_ir.passes.common as common
+
+        # the per-layer computations over the now shared sizes are the same: keep one
+        common.CommonSubexpressionEliminationPass()(program.model)
+        common.RemoveUnusedNodesPass()(program.model)
     return program
+
+
+def share_dimension_shapes(model) -> int:
+    """Point every one-dimension ``Shape`` whose dimension is a named
+    (symbolic) size of a graph input at one ``Shape`` of that input, and
+    return how many moved. The exporter names a dimension after the size
+    torch.export proved it equals, but each layer still reads it from its own
+    tensor (a decode step's attention from its own past, the batch from its own
+    query), so ONNX Runtime computes the same lengths and masks once per layer;
+    read from one place, common-subexpression elimination keeps one of each."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    sources: dict[str, tuple] = {}
+    for value in graph.inputs:
+        for axis, dim in enumerate(value.shape or ()):
+            if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+                sources.setdefault(dim.value, (value, axis))
+    shared: dict[tuple, ir.Value] = {}
+    moved = 0
+    for node in list(graph):
+        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None or node.inputs[0].shape is None:
+            continue
+        x = node.inputs[0]
+        rank = len(x.shape)
+        start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", rank)
+        start, end = (min(max(i + rank if i < 0 else i, 0), rank) for i in (start, end))
+        if end - start != 1 or node.outputs[0].is_graph_output():
+            continue
+        dim = x.shape[start]
+        if not (isinstance(dim, ir.SymbolicDim) and dim.value in sources):
+            continue
+        source, axis = sources[dim.value]
+        key = (source.name, axis)
+        if key not in shared:
+            if x is source and start == axis:
+                shared[key] = node.outputs[0]
+                continue
+            first = ir.node("Shape", [source], {"start": axis, "end": axis + 1})
+            graph.insert_before(next(iter(graph)), first)
+            shared[key] = first.outputs[0]
+        if shared[key] is node.outputs[0]:
+            continue
+        node.outputs[0].replace_all_uses_with(shared[key])
+        graph.remove(node, safe=True)
+        moved += 1
+    return moved
 
 
 def _drop_unused_outputs(model) -> None:

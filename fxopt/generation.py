@@ -217,10 +217,15 @@ def read_cache_length_from_mask(model) -> None:
         for node, _ in list(value.uses()):
             if node.op_type != "Shape":
                 continue
+            start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", 4)
+            if (start, end) in ((2, 3), (-2, -1)):  # the length alone: the mask's, shared by every layer
+                node.outputs[0].replace_all_uses_with(held.outputs[0])
+                if not node.outputs[0].is_graph_output():
+                    graph.remove(node, safe=True)
+                continue
             lead = ir.node("Shape", [value], {"start": 0, "end": 2})
             tail = ir.node("Shape", [value], {"start": 3})
             full = ir.node("Concat", [lead.outputs[0], held.outputs[0], tail.outputs[0]], {"axis": 0})
-            start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", 4)
             starts, ends, axes = const([start]), const([end]), const([0])
             part = ir.node("Slice", [full.outputs[0], starts.outputs[0], ends.outputs[0], axes.outputs[0]])
             new_nodes += [lead, tail, full, starts, ends, axes, part]
