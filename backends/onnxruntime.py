@@ -153,6 +153,38 @@ def _decompose_only_when_needed():
         _fx_passes.decompose_with_registry = original
 
 
+@contextlib.contextmanager
+def _type_promotion_reads_meta():
+    """torch.onnx inserts the casts that ATen's implicit type promotion implies
+    by re-running every node of the program on fake tensors (about a fifth of
+    an export), though each node's ``meta["val"]`` already holds that result.
+    Here each node gives its ``meta["val"]``; only the nodes the promotion
+    changes (which it re-runs and whose ``meta["val"]`` it updates), the casts
+    it inserts, and nodes without a value still run."""
+    try:
+        from torch.onnx._internal.fx.passes import type_promotion
+        interpreter = type_promotion._TypePromotionInterpreter
+        rule_of = type_promotion.get_type_promotion_rule
+    except (ImportError, AttributeError):  # another torch's exporter: it promotes as it always does
+        yield
+        return
+    original = interpreter.run_node
+
+    def run_node(self, n):
+        if n.op != "call_function" or not isinstance(n.meta.get("val"), (torch.Tensor, tuple, list)):
+            return original(self, n)
+        with self._set_current_node(n):
+            if rule := rule_of(n, self.type_promotion_table):
+                self._maybe_promote_node(n, rule)  # a promoted node runs here, and its meta["val"] is updated
+        return n.meta["val"]
+
+    interpreter.run_node = run_node
+    try:
+        yield
+    finally:
+        interpreter.run_node = original
+
+
 def _name_outputs(model, names: list[str]) -> None:
     """Name the ONNX model's outputs after the model's own output structure
     (``logits``, ``past_key_values.0.key``) instead of the internal nodes
@@ -217,7 +249,7 @@ def export_onnx_program(graph: Graph, *, opset: int | None = None, optimize: boo
     if dims:  # the exporter names each dynamic dimension after its Dim: one name per shared dimension
         kwargs["dynamic_shapes"] = dims
     try:
-        with _quiet_exporter(), _decompose_only_when_needed():
+        with _quiet_exporter(), _decompose_only_when_needed(), _type_promotion_reads_meta():
             program = torch.onnx.export(
                 ep,
                 dynamo=True,

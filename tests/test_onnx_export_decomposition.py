@@ -59,3 +59,37 @@ def test_decomposition_runs_only_when_an_op_needs_it_and_both_match_eager(model,
         for got, want in zip(compiled(*args), model(*args)):
             assert got.dtype == want.dtype
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class MixedTypes(torch.nn.Module):
+    """ATen promotes implicitly where ONNX needs casts: int64 times float32,
+    float16 plus float32, an int64 tensor divided by a Python float."""
+
+    def forward(self, x, ids, h):
+        scaled = x * ids.unsqueeze(-1) + h.unsqueeze(-1)
+        return scaled.relu().sum(-1), ids / 3.0
+
+
+def test_type_promotion_runs_only_the_promoted_nodes_and_matches_eager(monkeypatch):
+    runs = []
+    original = torch.fx.Interpreter.run_node
+
+    def counted(self, n):  # the nodes the exporter's type promotion runs on fake tensors
+        if n.op == "call_function" and type(self).__name__ == "_TypePromotionInterpreter":
+            runs.append(n.target)
+        return original(self, n)
+
+    model = MixedTypes()
+    example = (torch.randn(2, 5, 8), torch.randint(0, 9, (2, 5)), torch.randn(2, 5).half())
+    graph = fxopt.trace(model, example, dynamic_shapes=({0: Dim("batch")}, {0: Dim("batch")}, {0: Dim("batch")}))
+    monkeypatch.setattr(torch.fx.Interpreter, "run_node", counted)
+    compiled = fxopt.compile(graph, "onnxruntime")
+    monkeypatch.undo()
+    # only the promoted mul, add and div and the three casts inserted before them run on fake tensors
+    assert sorted(map(str, runs)) == sorted(["aten.mul.Tensor", "aten.add.Tensor", "aten.div.Scalar"]
+                                            + ["prims.convert_element_type.default"] * 3), runs
+    for batch in (2, 5):
+        args = (torch.randn(batch, 5, 8), torch.randint(0, 9, (batch, 5)), torch.randn(batch, 5).half())
+        for got, want in zip(compiled(*args), model(*args)):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
