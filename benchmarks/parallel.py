@@ -184,6 +184,8 @@ def data_parallel_rank(mesh, name: str, backend: str, requests: int, seq: int) -
     model = fxopt.compile(traced(spec), backend, **({"intra_op_threads": 1} if backend == "onnxruntime" else {}))
     stream = [{"input_ids": token_ids(spec.model, seq + i % 2)} for i in range(requests)]
     dp = DataParallel(model, mesh.dp_group)
+    if dp.size != 2:
+        raise RuntimeError(f"data-parallel group of {dp.size} ranks, expected 2 replicas")
     dp.map(stream[: mesh.data_parallel])  # warm-up
     out = {}
     for to in DP_MODES:
@@ -321,7 +323,9 @@ def main(argv=None) -> int:
             print(f"{name}: measuring ...", file=sys.stderr)
             one = single_process(name, a.repeats, a.requests, a.seq, backends, a.pipeline)
             tp = run_local(tensor_parallel_rank, 2, name, a.pipeline, a.repeats, backends, a.embeddings, timeout=a.timeout, wall=3600)
-            dp = {backend: run_local(data_parallel_rank, 2, name, backend, a.requests, a.seq, timeout=a.timeout, wall=3600)
+            # tensor_parallel=1: two replicas (run_local's default makes every rank one tensor-parallel shard)
+            dp = {backend: run_local(data_parallel_rank, 2, name, backend, a.requests, a.seq, tensor_parallel=1,
+                                     timeout=a.timeout, wall=3600)
                   for backend in backends}
             print(report(name, one, tp, dp, a.requests, a.seq, backends, a.embeddings))
         write_result("parallel", "Tensor and data parallelism (gloo, processes of one host)", out.text,

@@ -112,12 +112,14 @@ def check_onnxruntime_rank(mesh):
 
 def check_data_parallel(mesh):
     """A replica per rank: an uneven batch and a stream of requests of
-    different lengths, gathered in order."""
+    different lengths, gathered in order. The replicas are all the ranks
+    (the group the processes started as is one tensor-parallel group)."""
     import fxopt
     from fxopt.data_parallel import DataParallel
 
     graph = fxopt.trace(Tiny(), (ids(),), dynamic_shapes=DYNAMIC, name="tiny")
-    dp = DataParallel(fxopt.compile(graph, "onnxruntime", intra_op_threads=1), mesh.dp_group)
+    dp = DataParallel(fxopt.compile(graph, "onnxruntime", intra_op_threads=1), dist.group.WORLD)
+    assert dp.size == mesh.world_size == 2, (dp.size, mesh.world_size)
     batch = ids(5, 6)
     requests = [(ids(2, s, seed=s),) for s in (3, 4, 5)]
     stream = dp.map(requests)
@@ -126,7 +128,7 @@ def check_data_parallel(mesh):
     def mixed(x):  # outputs of several dtypes and sizes (packed into one buffer) and a plain value
         return {"half": x[..., :3].half() / 7, "sum": x.sum(-1), "big": x > 5, "length": x.shape[-1], "none": None}
 
-    packed = DataParallel(mixed, mesh.dp_group).map([ids(2, s, seed=s) for s in (3, 4, 5, 6, 7)])
+    packed = DataParallel(mixed, dist.group.WORLD).map([ids(2, s, seed=s) for s in (3, 4, 5, 6, 7)])
     want = [mixed(ids(2, s, seed=s)) for s in (3, 4, 5, 6, 7)]
     return {"batch": max_err(dp(batch), reference(batch)),
             "stream": errors(stream), "to_rank_0": errors(dp.map(requests, to=0)), "none": errors(dp.map(requests, to="none")),
