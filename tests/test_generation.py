@@ -303,6 +303,16 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def test_decode_step_computes_the_cache_length_once_for_every_layer():
+    gen = fused_generator("llama", "onnxruntime")
+    graph = gen.decode_model.program.model.graph
+    gqa = [n for n in graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2
+    # seqlens_k and total_sequence_length: one value each, read by every layer
+    assert gqa[0].inputs[5] is gqa[1].inputs[5] and gqa[0].inputs[6] is gqa[1].inputs[6]
+    assert cache_readers(gen.decode_model) == {"GroupQueryAttention"}
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident size from /proc")
 def test_onnxruntime_generator_holds_the_weights_once():
     import gc

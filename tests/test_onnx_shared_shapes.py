@@ -1,16 +1,14 @@
 """``share_dimension_shapes``: a one-dimension ``Shape`` of a size the exporter
 named after a graph input's dimension reads that input, so that what each
 layer computes from it (a decode step's cache length, its batch) is computed
-once."""
+once. The decode step's case is in tests/test_generation.py, beside the
+generator it reads."""
 
 from __future__ import annotations
 
 import onnx_ir as ir
-import pytest
 
 from fxopt.backends.onnxruntime import share_dimension_shapes
-
-pytest.importorskip("transformers")
 
 
 def _model():
@@ -40,14 +38,3 @@ def test_a_named_size_is_read_from_the_first_input_that_has_it():
     assert {"n_of_x", "width"} <= set(shapes)
     assert share_dimension_shapes(model) == 0
 
-
-def test_decode_step_computes_the_cache_length_once_for_every_layer():
-    from test_generation import cache_readers, fused_generator
-
-    gen = fused_generator("llama", "onnxruntime")
-    graph = gen.decode_model.program.model.graph
-    gqa = [n for n in graph if n.op_type == "GroupQueryAttention"]
-    assert len(gqa) == 2
-    # seqlens_k and total_sequence_length: one value each, read by every layer
-    assert gqa[0].inputs[5] is gqa[1].inputs[5] and gqa[0].inputs[6] is gqa[1].inputs[6]
-    assert cache_readers(gen.decode_model) == {"GroupQueryAttention"}
