@@ -573,8 +573,7 @@ class SharedInitializers:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", self._dir.name)
             for name, value in zip(names, values):
                 options.add_initializer(name, value)
-        if not prepack:
-            options.add_session_config_entry("session.disable_prepacking", "1")
+        options.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
         return proto.SerializeToString(), sum(v.tensor_size_in_bytes() for v in values)
 
     def write(self, programs: dict[str, object], directory, weights: str = "weights.bin") -> dict[str, Path]:

@@ -16,7 +16,9 @@ Variants, each at its best documented setup, all with ``--threads`` threads:
 * ``fxopt-fp32-eager`` / ``fxopt-fp32-ort``: the fused pipeline (``FUSED``) on
   both graphs, on eager PyTorch / ONNX Runtime.
 * ``fxopt-int8-ort`` / ``fxopt-int4-ort``: the README's fused W8A8 and fused int4
-  pipelines (``INT8``, ``INT4`` in groups of 64), LM head quantized too, on ONNX Runtime.
+  pipelines (``INT8``; ``INT4`` symmetric in groups of 64), LM head quantized too, on ONNX Runtime.
+  ``fxopt-fp32-ort``'s decode session prepacks the weights it shares with the
+  prefill (``compile_generator(..., prepack="decode")``).
   On ONNX Runtime fxopt keeps the cache as ``--cache`` says (default ``buffer``:
   preallocated, written in place by GroupQueryAttention).
 * ``ortgenai-fp32`` / ``ortgenai-int4``: onnxruntime-genai's model builder
@@ -30,8 +32,10 @@ Variants, each at its best documented setup, all with ``--threads`` threads:
   runs in its own virtual environment (``--optimum-python``, see
   ``generate_optimum_peer.py``); without one the row says so.
 
-Timing: one warm-up generate (a short prompt at the same batch), then one timed
-generate per (batch, context): prefill is the time to the first new token, decode
+Timing: every variant is built first; then for each (batch, context) every
+variant runs in turns, ``--repeats`` times (default 3), each run after a
+warm-up generate (a short prompt at the same batch), and a row is the median
+run (optimum's peer runs once, in its own process): prefill is the time to the first new token, decode
 the time of the other ``new_tokens - 1`` steps. ``tokens/s`` counts every
 sequence of the batch. ``limit ms``: the time to stream the weights a step reads
 (embedding tables that are only gathered from excluded) plus the KV cache at the
@@ -74,14 +78,21 @@ INT8 = ("canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,"
         "quantize(mode=dynamic,act_granularity=tensor,skip_lm_head=false),pack-attention,fuse-linear-act,fuse-norm,dce")
 # Groups of 64 divide both models' widths (the Llama's hidden size 576 is not a
 # multiple of 128); onnxruntime-genai's builder quantizes in blocks of 32.
+# Symmetric (no zero points), as the builder's default: on the Llama config at
+# context 512 fxopt's int4 decode ran at 0.97x ortgenai-int4's tokens/s with
+# it and at 0.88x with the min-max scheme (medians of 6 alternating runs).
 INT4 = ("canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,"
-        "quantize(bits=4,group_size=64,skip_lm_head=false),pack-attention,fuse-linear-act,fuse-norm,dce")
+        "quantize(bits=4,scheme=sym,group_size=64,skip_lm_head=false),pack-attention,fuse-linear-act,fuse-norm,dce")
 FXOPT = {
     "fxopt-fp32-eager": (FUSED, "eager"),
     "fxopt-fp32-ort": (FUSED, "onnxruntime"),
     "fxopt-int8-ort": (INT8, "onnxruntime"),
     "fxopt-int4-ort": (INT4, "onnxruntime"),
 }
+# fp32 on ONNX Runtime: the decode step's session prepacks the weights it
+# shares with the prefill (``prepack="decode"``: MLAS's packed GEMM, one packed
+# copy of the weights beside the shared arrays).
+FXOPT_OPTIONS = {"fxopt-fp32-ort": {"prepack": "decode"}}
 REFERENCE = "hf-eager-fp32"
 VARIANTS = [REFERENCE, *FXOPT, "ortgenai-fp32", "ortgenai-int4", "optimum-ort-fp32"]
 MODELS = {"gpt2": "gpt2", "gpt2-tiny": "gpt2-tiny", "llama-135m": "llama-135m", "llama-tiny": "llama-tiny"}
@@ -428,6 +439,13 @@ def row_from_run(name, variant, batch, prompt, run: Run, weight_bytes, model, ne
     return row
 
 
+def median_run(runs: list[Run]) -> Run:
+    """One run standing for several of the same variant: the median prefill
+    and the median decode step (tokens from the first: greedy repeats them)."""
+    step = float(np.median([r.decode_ms / r.steps for r in runs])) if runs[0].steps else 0.0
+    return Run(runs[0].tokens, float(np.median([r.prefill_ms for r in runs])), step * runs[0].steps, runs[0].steps)
+
+
 def bench_model(name: str, a, variants: list[str], bandwidth: float) -> list[dict]:
     from fxopt.generation import compile_generator
     from fxopt.ir.decoder import trace_decoder
@@ -442,11 +460,16 @@ def bench_model(name: str, a, variants: list[str], bandwidth: float) -> list[dic
     references: dict = {}
     traced = None
     checkpoint = None
+    ready: dict = {}  # variant -> (built, weight_bytes, precomputed runs)
+    reasons: dict = {}
     try:
+        # Every variant is built first, then each (batch, context) runs them
+        # all in turns, ``--repeats`` times: the ratios the goals read come
+        # from runs minutes apart at most, not from one variant's minutes
+        # against another's.
         for variant in variants:
             runs: dict = {}
             weight_bytes = None
-            reason = None
             built = None
             start = time.perf_counter()
             try:
@@ -459,7 +482,7 @@ def bench_model(name: str, a, variants: list[str], bandwidth: float) -> list[dic
                     opts = {"intra_op_threads": a.threads, "inter_op_threads": 1} if backend == "onnxruntime" else {}
                     if backend == "onnxruntime" and "cache" in inspect.signature(compile_generator).parameters:
                         opts["cache"] = a.cache
-                    built = compile_generator(traced, pipeline, backend, **opts)
+                    built = compile_generator(traced, pipeline, backend, **opts, **FXOPT_OPTIONS.get(variant, {}))
                     weight_bytes = graph_streamed_bytes(built.graphs.decode)
                 elif variant.startswith("ortgenai") or variant.startswith("optimum"):
                     if variant.startswith("optimum") and (why := optimum_unavailable(a.optimum_python)):
@@ -474,38 +497,53 @@ def bench_model(name: str, a, variants: list[str], bandwidth: float) -> list[dic
                                                         a.new_tokens, a.threads, work)
                         runs = {(b, p): by_key[f"b{b}_c{p}"] for b, p in prompts}
                     weight_bytes = onnx_streamed_bytes(onnx_path)
+                ready[variant] = (built, weight_bytes, runs)
                 print(f"[{name}] {variant}: ready in {time.perf_counter() - start:.1f} s (at {time.perf_counter() - T0:.0f} s)",
                       flush=True)
             except Exception as e:  # a variant that cannot run is a row saying why
-                reason = describe(e)
-                print(f"[{name}] {variant}: {reason}", flush=True)
-            for batch, prompt, note in runnable:
-                if reason is not None:
-                    rows.append(dict(model=name, variant=variant, batch=batch, context=prompt, note=reason))
+                reasons[variant] = describe(e)
+                print(f"[{name}] {variant}: {reasons[variant]}", flush=True)
+        timed: list[dict] = []
+        for batch, prompt, note in runnable:
+            ids = prompts[(batch, prompt)]
+            taken: dict = {v: [] for v in ready}
+            failed: dict = {}
+            for _ in range(a.repeats):
+                for variant, (built, _, runs) in ready.items():
+                    if variant in failed or (taken[variant] and (batch, prompt) in runs):
+                        continue
+                    try:
+                        if (batch, prompt) in runs:  # the optimum peer ran in its own process
+                            run = runs[(batch, prompt)]
+                        elif variant == REFERENCE:
+                            run = run_hf(model, ids, a.new_tokens)
+                        elif variant in FXOPT:
+                            run = run_fxopt(built, ids, a.new_tokens)
+                        else:
+                            run = run_ortgenai(built, ids, a.new_tokens)
+                    except Exception as e:
+                        failed[variant] = describe(e)
+                        continue
+                    taken[variant].append(run)
+            for variant in ready:
+                if variant in failed:
+                    timed.append(dict(model=name, variant=variant, batch=batch, context=prompt, note=failed[variant]))
                     continue
-                ids = prompts[(batch, prompt)]
-                try:
-                    if (batch, prompt) in runs:
-                        run = runs[(batch, prompt)]
-                    elif variant == REFERENCE:
-                        run = run_hf(model, ids, a.new_tokens)
-                    elif variant in FXOPT:
-                        run = run_fxopt(built, ids, a.new_tokens)
-                    else:
-                        run = run_ortgenai(built, ids, a.new_tokens)
-                except Exception as e:
-                    rows.append(dict(model=name, variant=variant, batch=batch, context=prompt, note=describe(e)))
-                    continue
+                run = median_run(taken[variant])
                 if variant == REFERENCE:
                     references[(batch, prompt)] = run.tokens
-                row = row_from_run(name, variant, batch, prompt, run, weight_bytes, model, a.new_tokens, bandwidth,
+                row = row_from_run(name, variant, batch, prompt, run, ready[variant][1], model, a.new_tokens, bandwidth,
                                    references.get((batch, prompt)), note)
-                rows.append(row)
+                timed.append(row)
                 print(f"[{name}] {variant} batch {batch} context {prompt}: prefill {row['prefill_ms']:.1f} ms, "
                       f"{row['tokens_per_s']:.1f} tokens/s, agree {row.get('agree', float('nan')):.3f} "
-                      f"(at {time.perf_counter() - T0:.0f} s)", flush=True)
-            del built
-            gc.collect()
+                      f"({len(taken[variant])} run(s), at {time.perf_counter() - T0:.0f} s)", flush=True)
+        for variant, reason in reasons.items():
+            timed += [dict(model=name, variant=variant, batch=b, context=p, note=reason) for b, p, _ in runnable]
+        order = {v: i for i, v in enumerate(variants)}
+        rows += sorted(timed, key=lambda r: order[r["variant"]])
+        ready.clear()
+        gc.collect()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -611,6 +649,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip batch > 1 configurations with more prompt tokens than this (0: none skipped)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each variant per (batch, context), in turns; the row is their median")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--cache", default="buffer", choices=("growing", "buffer"),
                    help="fxopt's KV cache layout on ONNX Runtime (buffer: preallocated, written in place)")

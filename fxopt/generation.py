@@ -57,6 +57,10 @@ def next_tokens(logits: torch.Tensor, options: SamplingOptions, generator: torch
     """The next token of each row of ``logits`` ``[B, V]``, processed in the
     order Hugging Face's ``generate`` applies them (temperature, top-k, top-p)."""
     if not options.do_sample:
+        if logits.dtype == torch.float32:
+            # numpy's argmax runs on the calling thread: torch's wakes its thread
+            # pool, which then competes with ONNX Runtime's for the same cores
+            return torch.from_numpy(logits.numpy().argmax(-1))
         return logits.argmax(-1)
     scores = logits.float() / options.temperature
     if options.top_k:
@@ -173,7 +177,11 @@ class _OrtBufferSteps(_OrtSteps):
             buffers.append(ort.OrtValue.ortvalue_from_numpy(array))
         model = self.decode_model
         binding = self._bindings[id(model)] = model.session.io_binding()
-        binding.bind_output(model.output_names[0], "cpu")
+        # the logits too go to one array written in place by every step: a
+        # step then allocates nothing and reads no output list back
+        self._logits = np.empty((ids.shape[0], 1, logits.shape[-1]), dtype=logits.numpy().dtype)
+        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
+        binding.bind_ortvalue_output(model.output_names[0], self._logits_value)
         for name, value in zip(model.input_names[3:], buffers):
             binding.bind_ortvalue_input(name, value)
         for name, value in zip(model.output_names[1:], buffers):
@@ -185,7 +193,7 @@ class _OrtBufferSteps(_OrtSteps):
         for name, value in zip(model.input_names, (ids, mask, positions)):
             binding.bind_cpu_input(name, value)
         model.session.run_with_iobinding(binding)
-        return torch.from_numpy(binding.get_outputs()[0].numpy()[:, -1]), cache
+        return torch.from_numpy(self._logits[:, -1]), cache
 
 
 def read_cache_length_from_mask(model) -> None:
@@ -454,8 +462,8 @@ def cache_read_in_place(decode: Graph) -> bool:
 
 
 def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | None = None, backend: str = "eager", *,
-                      check_numerics: bool = False, share_weights: bool | None = None, cache: str = "auto",
-                      **backend_options) -> Generator:
+                      check_numerics: bool = False, share_weights: bool | None = None, prepack: str = "none",
+                      cache: str = "auto", **backend_options) -> Generator:
     """Trace ``model`` (a causal LM, or graphs :func:`fxopt.ir.decoder.trace_decoder`
     made) for generation, optimize both graphs with ``pipeline`` and lower them
     to ``backend``; ``backend_options`` go to :func:`fxopt.compile` for both.
@@ -466,6 +474,12 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
     holds and prepacks its own (twice the memory; fastest kernels for
     quantized graphs). Default: shared unless a graph has quantized linears,
     whose ONNX Runtime kernels need prepacked weights to be fast.
+
+    ``prepack`` (ONNX Runtime, shared weights): ``"none"`` (default), no
+    session prepacks, the weights are held once; ``"decode"``, the decode
+    step's session prepacks them (MLAS's packed GEMM: one packed copy beside
+    the shared arrays) and the prefill reads the shared arrays, for the step
+    generation repeats per token (docs/generation.md has both measured).
 
     ``cache`` (ONNX Runtime): ``"growing"``, each step returns the cache one
     position longer (a new tensor); ``"buffer"``, a buffer of prompt + new
@@ -480,6 +494,11 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
 
     if backend not in ("eager", "onnxruntime"):
         raise GenerationError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
+    if prepack not in ("none", "decode"):
+        raise GenerationError(f"prepack must be 'none' or 'decode', got {prepack!r}")
+    if prepack != "none" and (backend != "onnxruntime" or share_weights is False):
+        raise GenerationError("prepack='decode' applies to ONNX Runtime sessions sharing their weights "
+                              "(share_weights=False: each session holds and prepacks its own)")
     if cache not in ("auto", "growing", "buffer"):
         raise GenerationError(f"cache must be 'auto', 'growing' or 'buffer', got {cache!r}")
     if cache == "buffer" and backend != "onnxruntime":
@@ -501,12 +520,13 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
             raise GenerationError("cache='buffer' needs one ONNX Runtime session per step (GroupQueryAttention writes a "
                                   "bound buffer in place); a tensor-parallel rank's step runs as several sessions "
                                   "joined by collectives: use cache='growing'")
-        if share_weights:
-            raise GenerationError("share_weights=True: a tensor-parallel rank's sessions each hold their own weights")
+        if share_weights or prepack != "none":
+            raise GenerationError(f"{'share_weights=True' if share_weights else f'prepack={prepack!r}'}: a tensor-parallel "
+                                  "rank's sessions each hold and prepack their own weights")
         share_weights = False
     if backend == "onnxruntime":
         if share_weights is None:
-            share_weights = not (_needs_prepacking(graphs.prefill) or _needs_prepacking(graphs.decode))
+            share_weights = prepack == "decode" or not (_needs_prepacking(graphs.prefill) or _needs_prepacking(graphs.decode))
         if share_weights:
             from .backends.onnxruntime import SharedInitializers
 
@@ -515,6 +535,8 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
     prefill = compile_graph(graphs.prefill, backend, **backend_options)
     if cache == "buffer":
         backend_options = dict(backend_options, rewrite_onnx=read_cache_length_from_mask)
+    if initializers is not None and prepack == "decode":
+        backend_options = dict(backend_options, prepack=True)
     decode = compile_graph(graphs.decode, backend, **backend_options)
     return Generator(graphs, prefill, decode, backend, shared, initializers, cache)
 

@@ -156,7 +156,7 @@ def test_benchmark_runs_end_to_end_and_writes_rows_goals_and_plot(tmp_path, monk
     # onnxruntime-genai's rows are built the same way; its builder has its own test above
     variants = "hf-eager-fp32,fxopt-fp32-eager,fxopt-int4-ort"
     bench.main(["--models", "llama-tiny", "--contexts", "16,32", "--batches", "1,2", "--max-batch-tokens", "40",
-                "--new-tokens", "4", "--threads", "1", "--variants", variants])
+                "--new-tokens", "4", "--threads", "1", "--repeats", "2", "--variants", variants])
     text = (tmp_path / "generate.md").read_text()
     assert (tmp_path / "generate.png").exists()
     assert "`python benchmarks/generate.py --models llama-tiny" in text and "Check run at reduced sizes" in text

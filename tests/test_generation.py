@@ -411,6 +411,27 @@ def test_preallocated_cache_gives_the_same_tokens(name):
         assert torch.equal(out.sequences, hf_tokens(name, batch)), f"{name} batch {batch}"
 
 
+def test_decode_session_alone_prepacks_the_shared_weights():
+    gen = compile_generator(fused("llama"), backend="onnxruntime", prepack="decode")
+    disabled = {kind: model.session.get_session_options().get_session_config_entry("session.disable_prepacking")
+                for kind, model in (("prefill", gen.prefill_model), ("decode", gen.decode_model))}
+    assert disabled == {"prefill": "1", "decode": "0"}
+    assert gen.shared_initializers is not None  # both sessions still read one set of arrays
+    for batch in (1, 4):
+        out = gen.generate(PROMPTS[:batch], max_new_tokens=NEW_TOKENS)
+        assert torch.equal(out.sequences, hf_tokens("llama", batch)), f"batch {batch}"
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(prepack="prefill"), "prepack must be"),
+    (dict(prepack="decode", share_weights=False), "sharing their weights"),
+    (dict(prepack="decode", backend="eager"), "sharing their weights"),
+])
+def test_prepack_option_is_checked(options, message):
+    with pytest.raises(GenerationError, match=message):
+        compile_generator(fused("llama"), **{"backend": "onnxruntime", **options})
+
+
 def test_preallocated_cache_needs_every_attention_lowered():
     with pytest.raises(GenerationError, match="pack-attention"):
         compile_generator(traced("gpt2"), backend="onnxruntime", cache="buffer")
