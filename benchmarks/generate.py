@@ -681,8 +681,9 @@ def write(a, rows: list[dict], bandwidth: float, minutes: float, argv: list[str]
         f"{a.threads} threads for every variant; copy bandwidth {bandwidth:.1f} GB/s (read + written, "
         f"{a.threads} threads); the run took {minutes:.1f} min.",
         "",
-        f"{a.new_tokens} greedy new tokens after a random prompt of `context` tokens, one timed run per row after a "
-        "warm-up. `decode tokens/s`: all sequences of the batch; `step ms`: one decode step; `limit ms`: the weights the "
+        f"{a.new_tokens} greedy new tokens after a random prompt of `context` tokens; every variant runs in turns, "
+        f"{a.repeats} time(s) per (batch, context), each run after a warm-up, and a row is the median prefill and "
+        "median step (optimum's peer runs once, in its own process). `decode tokens/s`: all sequences of the batch; `step ms`: one decode step; `limit ms`: the weights the "
         "step reads plus the KV cache, streamed once at the copy bandwidth; `x limit`: step / limit; `agree`: fraction "
         f"of greedy new tokens equal to {REFERENCE}'s.",
     ]

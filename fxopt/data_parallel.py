@@ -74,25 +74,35 @@ class DataParallel:
     def _gather(self, x: torch.Tensor, sizes: list[int], index: int) -> torch.Tensor:
         """The ranks' parts of output ``index`` joined in rank order; each part
         padded to the largest so that one all-gather carries them."""
-        import torch.distributed as dist
-
         dim = self.batch_dim
         if x.dim() <= dim:
             raise DataParallelError(f"output #{index} has {x.dim()} dims, no batch dimension {dim} to gather along")
         if x.shape[dim] != max(sizes[self.rank], 1):
             raise DataParallelError(f"output #{index} has {x.shape[dim]} rows along dimension {dim} for an input part of "
                                     f"{sizes[self.rank]}: not split by batch; give DataParallel the batch_dim of the outputs")
-        longest = max(max(sizes), 1)
         x = x.narrow(dim, 0, sizes[self.rank]) if sizes[self.rank] else x.narrow(dim, 0, 0)
-        pad = list(x.shape)
-        pad[dim] = longest - x.shape[dim]
-        padded = torch.cat([x, x.new_zeros(pad)], dim).contiguous() if pad[dim] else x.contiguous()
-        parts = [torch.empty_like(padded) for _ in range(self.size)]
         try:
-            dist.all_gather(parts, padded, group=self.group)
+            parts = self._gather_padded(x, dim, max(max(sizes), 1))
         except RuntimeError as e:
             raise CollectiveError(f"data-parallel gather of output #{index}", self.group, e) from e
         return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
+
+    def _gather_padded(self, x: torch.Tensor, dim: int, longest: int, to: str | int = "all") -> list | None:
+        """Every rank's ``x``, each padded with zeros to ``longest`` along
+        ``dim`` so that one collective carries them, in rank order on the
+        ranks ``to`` names (``"all"`` or one rank; ``None`` on the others)."""
+        import torch.distributed as dist
+
+        pad = list(x.shape)
+        pad[dim] = longest - x.shape[dim]
+        padded = (torch.cat([x, x.new_zeros(pad)], dim) if pad[dim] else x).contiguous()
+        if to == "all":
+            parts = [torch.empty_like(padded) for _ in range(self.size)]
+            dist.all_gather(parts, padded, group=self.group)
+            return parts
+        parts = [torch.empty_like(padded) for _ in range(self.size)] if self.rank == to else None
+        dist.gather(padded, parts, dst=dist.get_global_rank(self.group, to), group=self.group)
+        return parts
 
     # -- a stream of requests --------------------------------------------------------
     def map(self, requests: list, *, to: str | int = "all") -> list:
@@ -149,15 +159,7 @@ class DataParallel:
         layouts: list = [None] * self.size
         try:
             dist.all_gather_object(layouts, (layout, buffer.numel()), group=self.group)
-            longest = max(n for _, n in layouts)
-            padded = torch.cat([buffer, buffer.new_zeros(longest - buffer.numel())]) if buffer.numel() < longest else buffer
-            if to == "all":
-                buffers = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.size)]
-                dist.all_gather(buffers, padded, group=self.group)
-            else:
-                dst = dist.get_global_rank(self.group, to)
-                buffers = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.size)] if self.rank == to else None
-                dist.gather(padded, buffers, dst=dst, group=self.group)
+            buffers = self._gather_padded(buffer, 0, max(n for _, n in layouts), to)
         except RuntimeError as e:
             raise CollectiveError("data-parallel gather of the requests' outputs", self.group, e) from e
         if buffers is None:
