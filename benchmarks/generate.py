@@ -78,9 +78,8 @@ INT8 = ("canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,"
         "quantize(mode=dynamic,act_granularity=tensor,skip_lm_head=false),pack-attention,fuse-linear-act,fuse-norm,dce")
 # Groups of 64 divide both models' widths (the Llama's hidden size 576 is not a
 # multiple of 128); onnxruntime-genai's builder quantizes in blocks of 32.
-# Symmetric (no zero points), as the builder's default: on the Llama config at
-# context 512 fxopt's int4 decode ran at 0.97x ortgenai-int4's tokens/s with
-# it and at 0.88x with the min-max scheme (medians of 6 alternating runs).
+# Symmetric (no zero points), as the builder's default: MatMulNBits' one-row
+# kernel then skips the zero points' work.
 INT4 = ("canonicalize,dce,constant-fold,cse,fuse-attention,merge-linears,"
         "quantize(bits=4,scheme=sym,group_size=64,skip_lm_head=false),pack-attention,fuse-linear-act,fuse-norm,dce")
 FXOPT = {
