@@ -14,11 +14,11 @@ Variants, each at its best documented setup, all with ``--threads`` threads:
 * ``hf-eager-fp32``: ``model.generate(do_sample=False)``, the reference for the
   ``agree`` column (fraction of greedy new tokens equal to it).
 * ``fxopt-fp32-eager`` / ``fxopt-fp32-ort``: the fused pipeline (``FUSED``) on
-  both graphs, on eager PyTorch / ONNX Runtime.
+  both graphs, on eager PyTorch / ONNX Runtime; ``fxopt-fp32-ort``'s decode
+  session prepacks the weights it shares with the prefill
+  (``compile_generator(..., prepack="decode")``).
 * ``fxopt-int8-ort`` / ``fxopt-int4-ort``: the README's fused W8A8 and fused int4
   pipelines (``INT8``; ``INT4`` symmetric in groups of 64), LM head quantized too, on ONNX Runtime.
-  ``fxopt-fp32-ort``'s decode session prepacks the weights it shares with the
-  prefill (``compile_generator(..., prepack="decode")``).
   On ONNX Runtime fxopt keeps the cache as ``--cache`` says (default ``buffer``:
   preallocated, written in place by GroupQueryAttention).
 * ``ortgenai-fp32`` / ``ortgenai-int4``: onnxruntime-genai's model builder

@@ -150,6 +150,14 @@ def test_goals_are_judged_at_batch_1_context_512_from_the_rows():
     assert judged["fxopt-fp32-ort step <= 1.3x its copy-bandwidth limit"][1] == "not met"
 
 
+def test_a_row_of_repeated_runs_is_their_median_prefill_and_step():
+    tokens = torch.tensor([[4, 5]])
+    runs = [bench.Run(tokens, 300.0, 90.0, 3), bench.Run(tokens, 100.0, 30.0, 3), bench.Run(tokens, 200.0, 300.0, 3)]
+    run = bench.median_run(runs)
+    assert (run.prefill_ms, run.decode_ms / run.steps, run.steps) == (200.0, 30.0, 3)
+    assert torch.equal(run.tokens, tokens)
+
+
 def test_benchmark_runs_end_to_end_and_writes_rows_goals_and_plot(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
