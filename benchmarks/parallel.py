@@ -1,4 +1,4 @@
-"""Tensor and data parallelism on torch.distributed (gloo, processes of one host).
+"""Tensor and data parallelism on torch.distributed (processes of one host).
 
     python benchmarks/parallel.py --models gpt2,llama --repeats 20 --requests 32
 
@@ -9,13 +9,16 @@ size with grouped-query attention):
 * latency of one forward of one token and of a 128-token prefill (batch 1):
   fxopt's graph in one process with 1 and 2 threads, and its tensor-parallel
   rank graphs at N=2 with one thread per rank, on eager PyTorch and on ONNX
-  Runtime (sessions between the collectives); the peer, PyTorch DTensor's
+  Runtime (sessions between the collectives), with the tensor-parallel group
+  on each transport (``--transports``: fxopt's shared-memory group
+  ``fxopt_shm``, and gloo); the peer, PyTorch DTensor's
   ``parallelize_module`` with ColwiseParallel / RowwiseParallel on the same
-  Hugging Face model, at N=2 with one thread per rank, beside the model in one
-  process;
-* the all-reduce on its own: a gloo all_reduce of one token's hidden state
-  (and of 128 tokens') between the two ranks, times the all-reduces per
-  forward; on paper, the all-reduce bytes per token per layer at 8 ranks;
+  Hugging Face model, at N=2 with one thread per rank on the same groups,
+  beside the model in one process;
+* the all-reduce on its own, on each transport: an all_reduce of one token's
+  hidden state (and of 128 tokens') between the two ranks, times the
+  all-reduces per forward; on paper, the all-reduce bytes per token per layer
+  at 8 ranks;
 * data-parallel throughput: a stream of requests through 2 replicas (one
   thread each) against one process with one thread.
 
@@ -44,6 +47,7 @@ LLAMA_GPT2_SIZE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layer
                        num_key_value_heads=4, vocab_size=32000)
 SHAPES = {"one-token": 1, "prefill-128": 128}
 BACKENDS = ("eager", "onnxruntime")
+TRANSPORTS = ("shm", "gloo")  # fxopt.launch.init's names
 
 
 def model_spec(name: str):
@@ -108,7 +112,7 @@ def tensor_parallel_rank(mesh, name: str, pipeline: str, repeats: int, backends=
     spec = model_spec(name)
     graph = bind_process_group(rank_graph(traced(spec), mesh.tp_rank, mesh.tensor_parallel, pipeline=pipeline,
                                           embeddings=embeddings), mesh.tp_group)
-    out = {"param_bytes": graph.param_bytes(), "all_reduces": all_reduce_count(graph), "rows": {}}
+    out = {"param_bytes": graph.param_bytes(), "all_reduces": all_reduce_count(graph), "rows": {}, "transport": mesh.transport}
     for backend in backends:
         model = fxopt.compile(graph, backend, **({"intra_op_threads": 1} if backend == "onnxruntime" else {}))
         for shape, seq in SHAPES.items():
@@ -238,8 +242,10 @@ def single_process(name: str, repeats: int, requests: int, seq: int, backends=BA
     return out
 
 
-def report(name: str, one: dict, tp: list[dict], dp: dict, requests: int, seq: int, backends=BACKENDS,
+def report(name: str, one: dict, tps: dict[str, list[dict]], dp: dict, requests: int, seq: int, backends=BACKENDS,
            embeddings: str = "vocab") -> str:
+    """``tps``: each transport's tensor-parallel ranks' results."""
+    tp = next(iter(tps.values()))
     rank0 = tp[0]
     model = one["model_bytes"]
     other = {"vocab": "replicated", "replicated": "vocab"}[embeddings]
@@ -257,29 +263,33 @@ def report(name: str, one: dict, tp: list[dict], dp: dict, requests: int, seq: i
 
     for (label, threads), cells in one["rows"].items():
         row(label, f"1 x {threads}", cells)
-    for backend in backends:
-        label = f"fxopt {backend}, tensor-parallel"
-        # a forward takes as long as its slowest rank
-        cells = {s: (max(r["rows"][(label, s)][0] for r in tp), max(r["rows"][(label, s)][1] for r in tp)) for s in SHAPES}
-        row(f"{label} N=2", "2 x 1", cells)
-    peer = rank0["dtensor"]
-    if "not_run" in peer:
-        lines.append(f"| DTensor parallelize_module N=2 | 2 x 1 | not run | not run | {peer['not_run']} |")
-    else:
-        cells = {s: (max(r["dtensor"][s][0] for r in tp), max(r["dtensor"][s][1] for r in tp)) for s in SHAPES}
-        row("DTensor parallelize_module (Hugging Face eager) N=2", "2 x 1", cells)
+    for transport, tp in tps.items():
+        for backend in backends:
+            label = f"fxopt {backend}, tensor-parallel"
+            # a forward takes as long as its slowest rank
+            cells = {s: (max(r["rows"][(label, s)][0] for r in tp), max(r["rows"][(label, s)][1] for r in tp)) for s in SHAPES}
+            row(f"{label} N=2, {tp[0]['transport']}", "2 x 1", cells)
+    for transport, tp in tps.items():
+        peer = tp[0]["dtensor"]
+        label = f"DTensor parallelize_module (Hugging Face eager) N=2, {tp[0]['transport']}"
+        if "not_run" in peer:
+            lines.append(f"| {label} | 2 x 1 | not run | not run | {peer['not_run']} |")
+        else:
+            row(label, "2 x 1", {s: (max(r["dtensor"][s][0] for r in tp), max(r["dtensor"][s][1] for r in tp)) for s in SHAPES})
     lines.append("")
-    for backend in backends:
-        base = one["rows"][(f"fxopt {backend}, one process", 1)]
-        cells = {s: max(r["rows"][(f"fxopt {backend}, tensor-parallel", s)][0] for r in tp) for s in SHAPES}
-        lines.append(f"fxopt {backend}: tensor-parallel N=2 / one process 1 thread: "
-                     + ", ".join(f"{s} {cells[s] / base[s][0]:.2f}" for s in SHAPES) + " (goal one-token <= 0.65)")
-    lines += ["", "All-reduce alone (gloo, 2 ranks of one host; median per call, times the all-reduces per forward):", ""]
+    for transport, tp in tps.items():
+        for backend in backends:
+            base = one["rows"][(f"fxopt {backend}, one process", 1)]
+            cells = {s: max(r["rows"][(f"fxopt {backend}, tensor-parallel", s)][0] for r in tp) for s in SHAPES}
+            lines.append(f"- fxopt {backend}, {tp[0]['transport']}: tensor-parallel N=2 / one process 1 thread: "
+                         + ", ".join(f"{s} {cells[s] / base[s][0]:.2f}" for s in SHAPES) + " (goal one-token <= 0.65)")
+    lines += ["", "All-reduce alone (2 ranks of one host; median per call, times the all-reduces per forward):", ""]
     hidden, count = one["hidden"], rank0["all_reduces"]
-    for s, seq_ in SHAPES.items():
-        per = max(r[("all_reduce", s)] for r in tp)
-        lines.append(f"- {s}: {seq_ * hidden} floats ({seq_ * hidden * 4 / 1024:.1f} KiB) in {per:.3f} ms per all-reduce, "
-                     f"x {count} = {per * count:.2f} ms per forward")
+    for transport, tp in tps.items():
+        for s, seq_ in SHAPES.items():
+            per = max(r[("all_reduce", s)] for r in tp)
+            lines.append(f"- {tp[0]['transport']}, {s}: {seq_ * hidden} floats ({seq_ * hidden * 4 / 1024:.1f} KiB) in "
+                         f"{per:.3f} ms per all-reduce, x {count} = {per * count:.2f} ms per forward")
     per_layer = count / one["layers"]
     payload = per_layer * hidden * 4
     lines += ["", f"On paper at 8 ranks: {per_layer:g} all-reduce(s) of {hidden} floats per layer per token = "
@@ -309,7 +319,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--requests", type=int, default=32, help="requests in the data-parallel stream")
     p.add_argument("--seq", type=int, default=64, help="tokens per request of the stream")
-    p.add_argument("--timeout", type=float, default=300.0, help="gloo timeout per collective, seconds")
+    p.add_argument("--timeout", type=float, default=300.0, help="timeout per collective, seconds")
+    p.add_argument("--transports", default=",".join(TRANSPORTS),
+                   help="what the tensor-parallel group runs on: shm (fxopt's shared-memory group), gloo, or both")
     p.add_argument("--backends", default=",".join(BACKENDS), help="fxopt backends to time (eager, onnxruntime or both)")
     p.add_argument("--embeddings", default="vocab", choices=("vocab", "replicated"),
                    help="the token table in the timed split: vocabulary-parallel (one more all-reduce) or replicated")
@@ -317,18 +329,23 @@ def main(argv=None) -> int:
     backends = tuple(b for b in a.backends.split(",") if b)
     if not backends or set(backends) - set(BACKENDS):
         p.error(f"--backends takes {', '.join(BACKENDS)} (comma-separated), got {a.backends!r}")
+    transports = tuple(t for t in a.transports.split(",") if t)
+    if not transports or set(transports) - set(TRANSPORTS):
+        p.error(f"--transports takes {', '.join(TRANSPORTS)} (comma-separated), got {a.transports!r}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     for name in a.models.split(","):
         with captured() as out:
             print(f"{name}: measuring ...", file=sys.stderr)
             one = single_process(name, a.repeats, a.requests, a.seq, backends, a.pipeline)
-            tp = run_local(tensor_parallel_rank, 2, name, a.pipeline, a.repeats, backends, a.embeddings, timeout=a.timeout, wall=3600)
+            tps = {t: run_local(tensor_parallel_rank, 2, name, a.pipeline, a.repeats, backends, a.embeddings,
+                                timeout=a.timeout, wall=3600, transport=t)
+                   for t in transports}
             # tensor_parallel=1: two replicas (run_local's default makes every rank one tensor-parallel shard)
             dp = {backend: run_local(data_parallel_rank, 2, name, backend, a.requests, a.seq, tensor_parallel=1,
                                      timeout=a.timeout, wall=3600)
                   for backend in backends}
-            print(report(name, one, tp, dp, a.requests, a.seq, backends, a.embeddings))
-        write_result("parallel", "Tensor and data parallelism (gloo, processes of one host)", out.text,
+            print(report(name, one, tps, dp, a.requests, a.seq, backends, a.embeddings))
+        write_result("parallel", "Tensor and data parallelism (processes of one host)", out.text,
                      section=name, intro=__doc__.split("\n\n")[2].replace("\n", " "))
     return 0
 

@@ -239,7 +239,7 @@ def cmd_optimize_parallel(a) -> int:
     from .ir.parity import compare
     from .parallel import all_reduce_count, bind_process_group, rank_graph
 
-    mesh = launch.init(a.tensor_parallel, a.data_parallel, timeout=a.timeout)
+    mesh = launch.init(a.tensor_parallel, a.data_parallel, timeout=a.timeout, transport=a.transport)
     if a.threads:
         torch.set_num_threads(a.threads)
     _import_plugins(a)
@@ -263,7 +263,7 @@ def cmd_optimize_parallel(a) -> int:
     rank_bytes = graph.param_bytes()
     if mesh.rank == 0:
         print(f"{spec.name}: tensor-parallel {a.tensor_parallel} x data-parallel {a.data_parallel} -> {a.backend} "
-              f"({world} processes)\n"
+              f"({world} processes, tensor-parallel collectives on {mesh.transport})\n"
               f"params per rank {_bytes(rank_bytes)} of {_bytes(model_bytes)} ({rank_bytes / model_bytes:.2f}), "
               f"all-reduces per forward {all_reduce_count(graph)}\n"
               f"max abs err {parity.max_abs_err:.3g} (output scale {parity.scale:.3g}), cosine {parity.cosine:.6f}\n"
@@ -272,7 +272,7 @@ def cmd_optimize_parallel(a) -> int:
             Path(a.report).parent.mkdir(parents=True, exist_ok=True)
             Path(a.report).write_text(json.dumps({
                 "model": spec.name, "pipeline": a.pipeline, "backend": a.backend, "tensor_parallel": a.tensor_parallel,
-                "data_parallel": a.data_parallel, "param_bytes_model": model_bytes, "param_bytes_rank": rank_bytes,
+                "data_parallel": a.data_parallel, "transport": mesh.transport, "param_bytes_model": model_bytes, "param_bytes_rank": rank_bytes,
                 "all_reduces": all_reduce_count(graph), "max_abs_err": parity.max_abs_err, "output_scale": parity.scale,
                 "cosine": parity.cosine, "latency_ms": {"reference": ref_ms, "parallel": opt_ms, "repeats": a.repeats},
             }, indent=2) + "\n")
@@ -424,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="M replicas (of the N-rank split), each running its part of the batch; N x M processes in all")
     o.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a rank waits for the others in a collective before failing (a dead or stuck rank)")
+    o.add_argument("--transport", choices=("auto", "shm", "gloo"), default="auto",
+                   help="what the tensor-parallel collectives run on: shm (fxopt's shared-memory group, ranks of one "
+                        "x86-64 host), gloo, or auto (shm where it can)")
     o.set_defaults(func=cmd_optimize)
 
     g = sub.add_parser("generate", help="prefill + greedy decode of a causal LM through the optimized graphs, timed and checked")

@@ -62,20 +62,31 @@ class Mesh:
     tp_group: object
     dp_group: object
     timeout_s: float
+    transport: str = "gloo"  # what the tensor-parallel group runs on: gloo, nccl or fxopt_shm
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel * self.data_parallel
 
 
+TRANSPORTS = ("auto", "gloo", "shm")
+
+
 def init(tensor_parallel: int = 1, data_parallel: int | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
-         backend: str | None = None) -> Mesh:
+         backend: str | None = None, transport: str = "auto") -> Mesh:
     """Join the default process group (initializing it from torchrun's
     environment if nobody has: gloo on CPU, NCCL with CUDA) and build the
     mesh's groups. ``timeout`` (seconds) bounds every collective: when a rank
     dies or stops answering, the others fail with an error within it instead
     of waiting forever. ``data_parallel`` defaults to the world size over
-    ``tensor_parallel``. Every rank must call it with the same arguments."""
+    ``tensor_parallel``. Every rank must call it with the same arguments.
+
+    ``transport`` is what the tensor-parallel groups (several collectives per
+    layer and token) run on when the default group is gloo: ``shm``, fxopt's
+    shared-memory group (:mod:`fxopt.shared_memory_group`; every rank of each
+    tensor-parallel group on one host, x86-64), ``gloo``, or ``auto``
+    (default): ``shm`` where those conditions hold, gloo elsewhere. The
+    data-parallel groups stay on the default group's backend."""
     import torch.distributed as dist
 
     if tensor_parallel < 1 or (data_parallel is not None and data_parallel < 1):
@@ -97,11 +108,13 @@ def init(tensor_parallel: int = 1, data_parallel: int | None = None, *, timeout:
         raise LaunchError(f"{world} processes cannot form a mesh of data_parallel={data_parallel} x "
                           f"tensor_parallel={tensor_parallel} ({tensor_parallel * data_parallel} ranks); "
                           f"{how_to_launch(tensor_parallel * data_parallel)}")
+    tp_backend = _tensor_parallel_backend(transport, tensor_parallel, data_parallel)
     tp_group = dp_group = dist.group.WORLD
     # new_group must be called by every rank for every group, in the same order.
-    if tensor_parallel < world:
+    if tensor_parallel < world or tp_backend is not None:
         for d in range(data_parallel):
-            group = dist.new_group([d * tensor_parallel + t for t in range(tensor_parallel)], timeout=wait)
+            group = dist.new_group([d * tensor_parallel + t for t in range(tensor_parallel)], timeout=wait,
+                                   backend=tp_backend)
             if d == rank // tensor_parallel:
                 tp_group = group
     if data_parallel < world:
@@ -110,7 +123,31 @@ def init(tensor_parallel: int = 1, data_parallel: int | None = None, *, timeout:
             if t == rank % tensor_parallel:
                 dp_group = group
     return Mesh(tensor_parallel, data_parallel, rank, rank % tensor_parallel, rank // tensor_parallel,
-                tp_group, dp_group, float(timeout))
+                tp_group, dp_group, float(timeout), tp_backend or dist.get_backend())
+
+
+def _tensor_parallel_backend(transport: str, tensor_parallel: int, data_parallel: int) -> str | None:
+    """The backend for the tensor-parallel groups (None: the default
+    group's). Decided alike on every rank: from every rank's host name."""
+    import torch.distributed as dist
+
+    from . import shared_memory_group as shm
+
+    if transport not in TRANSPORTS:
+        raise LaunchError(f"transport={transport!r}: use one of {', '.join(TRANSPORTS)}")
+    if transport == "gloo" or tensor_parallel == 1 or dist.get_backend() != "gloo":
+        return None
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, (socket.gethostname(), shm.supported()))
+    groups = [hosts[d * tensor_parallel:(d + 1) * tensor_parallel] for d in range(data_parallel)]
+    local = all(len({h for h, _ in g}) == 1 for g in groups) and all(ok for _, ok in hosts)
+    if transport == "shm" and not local:
+        raise LaunchError("transport='shm' needs every rank of each tensor-parallel group on one x86-64 host; "
+                          f"hosts and support by rank: {hosts}; use transport='gloo' (or 'auto')")
+    if not local:
+        return None
+    shm.register()
+    return shm.BACKEND
 
 
 def relaunch(argv: list[str], nproc: int, *, module: str = "fxopt") -> int:
@@ -134,23 +171,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_entry(fn, rank, world, port, results, tensor_parallel, timeout, threads, args):
+def _rank_entry(fn, rank, world, port, results, tensor_parallel, timeout, threads, transport, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS=str(threads))
     try:
         torch.set_num_threads(threads)
-        mesh = init(tensor_parallel=tensor_parallel, timeout=timeout)
+        mesh = init(tensor_parallel=tensor_parallel, timeout=timeout, transport=transport)
         results.put((rank, "ok", fn(mesh, *args)))
     except BaseException as e:  # noqa: BLE001 - sent to the parent, which reports it
         results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
 def run_local(fn, world: int, *args, tensor_parallel: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-              threads: int = 1, wall: float = 600.0, check: bool = True, start: str = "spawn"):
+              threads: int = 1, wall: float = 600.0, check: bool = True, start: str = "spawn", transport: str = "auto"):
     """Run ``fn(mesh, *args)`` in ``world`` new processes of this host, each
     a rank of a gloo process group (``timeout`` seconds per collective) with
     ``threads`` threads, ``tensor_parallel`` ranks per model (default: all);
-    ``fn`` must be importable (a module-level function). Returns what each
+    ``fn`` must be importable (a module-level function); ``transport`` as in
+    :func:`init`. Returns what each
     rank returned, in rank order. With ``check=False``, returns ``{rank:
     ("ok", value) | ("error", traceback)}`` for the ranks that reported
     within ``wall`` seconds instead of raising :class:`RankFailed`. Processes
@@ -174,7 +212,8 @@ def run_local(fn, world: int, *args, tensor_parallel: int | None = None, timeout
     ctx = mp.get_context(start)
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(fn, r, world, port, results, tensor_parallel or world, timeout, threads, args))
+    procs = [ctx.Process(target=_rank_entry, args=(fn, r, world, port, results, tensor_parallel or world, timeout, threads,
+                                                    transport, args))
              for r in range(world)]
     for p in procs:
         p.start()

@@ -330,3 +330,86 @@ def check_generation(mesh, backends={"gpt2": ("eager", "onnxruntime"), "llama": 
                 "all_reduces": {kind: all_reduce_count(getattr(gen.graphs, kind)) for kind in ("prefill", "decode")},
                 "attention_with_past": packed, "segments": gen.decode_model.num_segments}
     return out
+
+
+# -- the shared-memory process group ------------------------------------------------
+def rank_input(rank: int, shape=(3, 5), dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """What rank ``rank`` contributes: every rank can compute every rank's."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100 + rank)).to(dtype)
+
+
+def check_collectives(mesh):
+    """Every collective of the tensor-parallel group against what the ranks'
+    inputs give computed locally, in rank order; returns the mismatches."""
+    g, r, n = mesh.tp_group, mesh.tp_rank, mesh.tensor_parallel
+    everyone = lambda **kw: [rank_input(q, **kw) for q in range(n)]  # noqa: E731
+    wrong = []
+
+    def check(what, got, want, exact=True):
+        ok = torch.equal(got, want) if exact else torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+        if not ok:
+            wrong.append(what)
+
+    ops = {"sum": (dist.ReduceOp.SUM, lambda xs: functools.reduce(torch.add, xs)),
+           "max": (dist.ReduceOp.MAX, lambda xs: torch.stack(xs).amax(0)),
+           "min": (dist.ReduceOp.MIN, lambda xs: torch.stack(xs).amin(0)),
+           "product": (dist.ReduceOp.PRODUCT, lambda xs: functools.reduce(torch.mul, xs))}
+    if mesh.transport != "gloo":  # gloo has no AVG
+        ops["avg"] = (dist.ReduceOp.AVG, lambda xs: functools.reduce(torch.add, xs) / n)
+    for name, (op, local) in ops.items():
+        x = rank_input(r)
+        dist.all_reduce(x, op, group=g)
+        check(f"all_reduce {name}", x, local(everyone()), exact=name != "avg")
+    x = rank_input(r, dtype=torch.bfloat16)
+    dist.all_reduce(x, group=g)
+    check("all_reduce bfloat16", x, functools.reduce(torch.add, everyone(dtype=torch.bfloat16)))
+    # in place through a transposed view, and on an inference tensor outside inference mode
+    x = rank_input(r, (5, 3)).t()
+    dist.all_reduce(x, group=g)
+    check("all_reduce of a view", x, functools.reduce(torch.add, everyone(shape=(5, 3))).t())
+    with torch.inference_mode():
+        x = rank_input(r)
+    dist.all_reduce(x, group=g)
+    check("all_reduce of an inference tensor", x, functools.reduce(torch.add, everyone()))
+    # sizes that outgrow the shared slots, then small ones again, alternating (two rounds in flight)
+    for k, numel in enumerate([7, 1 << 20, 3, 3 << 19, 11, 5]):
+        x = rank_input(r, (numel,), seed=k + 1)
+        dist.all_reduce(x, group=g)
+        check(f"all_reduce of {numel}", x, functools.reduce(torch.add, everyone(shape=(numel,), seed=k + 1)))
+    outs = [torch.empty(3, 5) for _ in range(n)]
+    dist.all_gather(outs, rank_input(r), group=g)
+    check("all_gather", torch.stack(outs), torch.stack(everyone()))
+    out = torch.empty(n * 3, 5)
+    dist.all_gather_into_tensor(out, rank_input(r), group=g)
+    check("all_gather_into_tensor", out, torch.cat(everyone()))
+    got = funcol.wait_tensor(torch.ops._c10d_functional.all_gather_into_tensor(rank_input(r), n, g.group_name))
+    check("functional all_gather_into_tensor", got, torch.cat(everyone()))
+    got = funcol.wait_tensor(torch.ops._c10d_functional.all_reduce(rank_input(r), "sum", g.group_name))
+    check("functional all_reduce", got, functools.reduce(torch.add, everyone()))
+    x = rank_input(r, (12, 5))
+    out = torch.empty(12 // n, 5)
+    dist.reduce_scatter_tensor(out, x, group=g)
+    check("reduce_scatter_tensor", out, functools.reduce(torch.add, everyone(shape=(12, 5))).chunk(n)[r], exact=False)
+    x = rank_input(r)
+    dist.broadcast(x, src=dist.get_global_rank(g, n - 1), group=g)
+    check("broadcast", x, rank_input(n - 1))
+    dist.barrier(group=g)
+    return {"transport": mesh.transport, "wrong": wrong}
+
+
+def tiny_logits(mesh):
+    """The hand-written rank graph's logits on both backends, run on the mesh's group."""
+    import fxopt
+
+    graph = rank_graph(mesh)
+    model = fxopt.compile(graph, "onnxruntime", intra_op_threads=1)
+    with torch.no_grad():  # numpy arrays: they travel to the parent by value
+        return {"transport": mesh.transport, "eager": graph.module(ids()).numpy(), "onnxruntime": model(ids()).numpy()}
+
+
+def refuse_point_to_point(mesh):
+    try:
+        dist.send(torch.ones(2), dst=dist.get_global_rank(mesh.tp_group, 1 - mesh.tp_rank), group=mesh.tp_group)
+    except RuntimeError as e:
+        return str(e)
+    return None

@@ -1,0 +1,305 @@
+"""A torch.distributed process group for the ranks of one host, through shared memory.
+
+gloo carries every collective over TCP sockets, even between two processes of
+one machine, and hands it to its own I/O threads: an all-reduce of one
+token's hidden state (768 floats) costs ~0.3-0.8 ms, longer when the ranks
+hold every core, and a tensor-parallel decoder does two per layer. Ranks of
+one host can exchange through memory instead: each rank writes its tensor into
+its own slot of a file mapped by all of them, publishes a sequence number, and
+waits, spinning, until every rank has published the same one; then every rank
+reduces the slots in rank order, so all ranks hold bitwise-equal results.
+
+The group is an ordinary torch.distributed process group, registered as the
+backend ``fxopt_shm`` (:data:`BACKEND`)::
+
+    fxopt.shared_memory_group.register()
+    group = torch.distributed.new_group(ranks, backend="fxopt_shm")
+
+so ``torch.distributed.all_reduce(x, group=group)`` and the functional
+collectives of a bound rank graph (``_c10d_functional.all_reduce(x, "sum",
+group.group_name)``) run through it; rendezvous goes through the store of the
+default (gloo) group. :func:`fxopt.launch.init` builds the tensor-parallel group
+on it when every rank of that group runs on one host (``transport="auto"``).
+
+Supported: ``all_reduce`` (sum, avg, max, min, product), ``all_gather`` /
+``all_gather_into_tensor``, ``reduce_scatter_tensor`` (sum), ``broadcast`` and
+``barrier``; the others raise and name the collective. A rank that stops answering makes the others raise
+after the group's timeout. Only on x86-64: it relies on stores becoming
+visible to other cores in program order (the slot before the sequence number),
+which x86's memory model guarantees and weaker ones (ARM, POWER) do not.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import tempfile
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+BACKEND = "fxopt_shm"
+_LINE = 64  # one cache line per rank's sequence number: ranks never write the same line
+_SPIN = 2000  # busy polls before the waiting rank starts yielding its core
+
+
+def supported() -> bool:
+    """This process can use the shared-memory group (x86-64, torch.distributed)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and dist.is_available()
+
+
+def register() -> None:
+    """Make ``backend="fxopt_shm"`` known to torch.distributed in this process
+    (idempotent; every rank that creates such a group must call it)."""
+    if not supported():
+        raise RuntimeError(f"the {BACKEND} process group needs x86-64 (this is {platform.machine()}); use gloo")
+    if BACKEND.upper() not in dist.Backend._plugins:
+        dist.Backend.register_backend(BACKEND, SharedMemoryGroup, devices=["cpu"])
+
+
+def _directory() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+class _Mapping:
+    """A file of ``size`` bytes that every rank maps: rank 0 creates it and
+    publishes its path in the store, the others open it, and the last rank to
+    map it unlinks the name (the mappings stay valid)."""
+
+    def __init__(self, store, rank: int, world: int, key: str, size: int):
+        if rank == 0:
+            path = os.path.join(_directory(), f"fxopt-shm-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            os.ftruncate(fd, size)
+            store.set(key, path)
+        else:
+            path = store.get(key).decode()
+            fd = os.open(path, os.O_RDWR)
+        try:
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        if store.add(f"{key}/mapped", 1) == world:
+            os.unlink(path)
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:  # a tensor still views it; the OS frees it with the process
+            pass
+
+
+def _inference_mode(collective):
+    def run(*args, **kwargs):
+        with torch.inference_mode():
+            return collective(*args, **kwargs)
+
+    run.__name__, run.__doc__ = collective.__name__, collective.__doc__
+    return run
+
+
+class SharedMemoryGroup(dist.ProcessGroup):
+    """The ``fxopt_shm`` process group: collectives of ranks on one host
+    through one shared mapping (see the module docstring). Created by
+    torch.distributed (``new_group(..., backend="fxopt_shm")``) with the
+    group's prefixed store, this rank's place, the group size and timeout."""
+
+    def __init__(self, store, rank: int, world: int, timeout: timedelta):
+        super().__init__(rank, world)
+        self._store, self._rank, self._world = store, rank, world
+        self._timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+        self._name = ""
+        self._seq = 0
+        self._others = [r for r in range(world) if r != rank]
+        control = _Mapping(store, rank, world, "control", _LINE * world)
+        self._control = control
+        self._flags = np.ndarray((world, _LINE // 8), dtype=np.int64, buffer=control.map)
+        self._data: _Mapping | None = None
+        self._slots: torch.Tensor | None = None  # [2, world, capacity] bytes: two rounds, one slot per rank
+        self._capacity = 0
+        self._generation = 0
+        self._views: dict = {}  # (shape, dtype) -> each round's (this rank's slot, all slots)
+        # A lock-prefixed instruction (taking a lock) drains this core's store buffer,
+        # non-temporal stores of a large copy included, before the sequence number is written.
+        self._fence = threading.Lock()
+
+    # torch.distributed names the group after creating it; the binding's own
+    # group_name does not read back what a Python subclass was given.
+    def _set_group_name(self, name: str) -> None:
+        self._name = name
+        super()._set_group_name(name)
+
+    @property
+    def group_name(self) -> str:
+        return self._name
+
+    def getBackendName(self) -> str:  # noqa: N802 - torch.distributed's name
+        return BACKEND
+
+    def __del__(self):
+        self._slots = None
+        self._views = {}
+        for m in (self._data, getattr(self, "_control", None)):
+            if m is not None:
+                m.close()
+
+    # -- the exchange ---------------------------------------------------------
+    def _grow(self, nbytes: int) -> None:
+        """Every rank reaches the same collectives with the same sizes, so all
+        grow the mapping at the same call; a rank still reading the previous
+        round keeps its old mapping until it grows too."""
+        capacity = max(1 << 16, 1 << (nbytes - 1).bit_length())
+        self._generation += 1
+        data = _Mapping(self._store, self._rank, self._world, f"data{self._generation}", 2 * self._world * capacity)
+        self._views.clear()
+        self._slots = torch.frombuffer(data.map, dtype=torch.uint8).view(2, self._world, capacity)
+        if self._data is not None:
+            self._data.close()
+        self._data, self._capacity = data, capacity
+
+    def _exchange(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        """Every rank's ``x`` (same shape and dtype on all), as a ``[world,
+        x.numel()]`` view of the shared slots, valid until this rank's next
+        collective but one."""
+        key = (x.shape, x.dtype)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = self._slot_views(x)
+        self._seq += 1
+        seq = self._seq
+        mine, parts = views[seq & 1]
+        if mine is not None:
+            mine.copy_(x)
+        with self._fence:
+            self._flags[self._rank, 0] = seq
+        self._wait(seq, what)
+        return parts
+
+    def _slot_views(self, x: torch.Tensor):
+        """For each of the two rounds: this rank's slot shaped like ``x``, and
+        every rank's slot flattened, ``[world, numel]``."""
+        nbytes = x.numel() * x.element_size()
+        if nbytes > self._capacity:
+            self._grow(nbytes)
+        if nbytes == 0:
+            return [(None, x.new_empty((self._world, 0)))] * 2
+        rounds = []
+        for half in self._slots:
+            parts = half[:, :nbytes].view(x.dtype)
+            rounds.append((parts[self._rank].view(x.shape), parts))
+        return rounds
+
+    def _wait(self, seq: int, what: str) -> None:
+        flags = self._flags
+        for r in self._others:
+            if flags[r, 0] >= seq:
+                continue
+            spins, start = 0, time.monotonic()
+            while flags[r, 0] < seq:
+                spins += 1
+                if spins > _SPIN:  # oversubscribed cores: let the rank we wait for run
+                    os.sched_yield()
+                    if spins % 256 == 0 and time.monotonic() - start > self._timeout_s:
+                        late = [q for q in self._others if flags[q, 0] < seq]
+                        raise RuntimeError(
+                            f"{BACKEND} group {self._name!r}: {what} #{seq} on rank {self._rank}: rank(s) {late} "
+                            f"did not reach it within the group's timeout ({self._timeout_s:g} s); they exited or stopped")
+
+    @staticmethod
+    def _done(result) -> dist.Work:
+        fut = torch.futures.Future()
+        fut.set_result(result)
+        return torch._C._distributed_c10d._create_work_from_future(fut)
+
+    # -- collectives ------------------------------------------------------------
+    # Each runs in inference mode: the tensors may be inference tensors (a KV
+    # cache made under torch.inference_mode), which only it may write in place.
+    @_inference_mode
+    def allreduce(self, tensors, opts=None):
+        op = opts.reduceOp if opts is not None else dist.ReduceOp.SUM
+        for t in tensors:
+            parts = self._exchange(t, "all_reduce")
+            out = t.view(-1) if t.is_contiguous() else torch.empty(t.numel(), dtype=t.dtype)
+            if op == dist.ReduceOp.SUM or op == dist.ReduceOp.AVG:
+                torch.add(parts[0], parts[1], out=out) if self._world == 2 else torch.sum(parts, 0, out=out)
+                if op == dist.ReduceOp.AVG:
+                    out.div_(self._world)
+            elif op == dist.ReduceOp.MAX:
+                torch.amax(parts, 0, out=out)
+            elif op == dist.ReduceOp.MIN:
+                torch.amin(parts, 0, out=out)
+            elif op == dist.ReduceOp.PRODUCT:
+                torch.prod(parts, 0, out=out)
+            else:
+                raise RuntimeError(f"{BACKEND} group {self._name!r}: all_reduce with {op} is not supported; "
+                                   "use sum, avg, max, min or product, or a gloo group")
+            if not t.is_contiguous():
+                t.copy_(out.view(t.shape))
+        return self._done(tensors)
+
+    @_inference_mode
+    def allgather(self, output_tensors, input_tensors, opts=None):
+        for outs, x in zip(output_tensors, input_tensors):
+            parts = self._exchange(x, "all_gather")
+            for r, out in enumerate(outs):
+                out.copy_(parts[r].view(x.shape))
+        return self._done(output_tensors)
+
+    @_inference_mode
+    def all_gather_single(self, output, input, opts=None):
+        parts = self._exchange(input, "all_gather_into_tensor")
+        output.view(self._world, -1).copy_(parts)
+        return self._done([output])
+
+    _allgather_base = all_gather_single
+
+    def all_gather_single_coalesced(self, outputs, inputs, opts=None):
+        for output, x in zip(outputs, inputs):  # what the functional all_gather_into_tensor reaches
+            self.all_gather_single(output, x, opts)
+        return self._done(outputs)
+
+    @_inference_mode
+    def broadcast(self, tensors, opts=None):
+        root = opts.rootRank if opts is not None else 0
+        for t in tensors:
+            parts = self._exchange(t, "broadcast")
+            if self._rank != root:
+                t.copy_(parts[root].view(t.shape))
+        return self._done(tensors)
+
+    @_inference_mode
+    def barrier(self, opts=None):
+        self._exchange(torch.empty(0), "barrier")
+        return self._done([])
+
+    @_inference_mode
+    def reduce_scatter_single(self, output, input, opts=None):
+        """Sum over ranks, then this rank's ``output.numel()`` elements (rank order)."""
+        if opts is not None and opts.reduceOp != dist.ReduceOp.SUM:
+            raise RuntimeError(f"{BACKEND} group {self._name!r}: reduce_scatter supports sum only, not {opts.reduceOp}")
+        parts = self._exchange(input, "reduce_scatter")
+        n = output.numel()
+        mine = parts[:, self._rank * n:(self._rank + 1) * n]
+        torch.sum(mine, 0, out=output.view(-1)) if output.is_contiguous() else output.copy_(mine.sum(0).view(output.shape))
+        return self._done([output])
+
+
+def _unsupported(name: str):
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError(f"{BACKEND} group {self._name!r}: {name} is not supported (all_reduce, all_gather, "
+                           "reduce_scatter, broadcast and barrier are); run it on a gloo group")
+
+    refuse.__name__ = name
+    return refuse
+
+
+# The point-to-point and rooted collectives a tensor-parallel graph does not use.
+for _name in ("send", "recv", "recv_anysource", "alltoall", "alltoall_base", "all_to_all_single", "gather", "scatter",
+              "reduce", "reduce_scatter", "allreduce_coalesced", "allgather_coalesced"):
+    setattr(SharedMemoryGroup, _name, _unsupported(_name))

@@ -1,0 +1,91 @@
+"""fxopt's shared-memory process group (``fxopt_shm``): the tensor-parallel
+group of ranks of one host. Its collectives against the ranks' inputs reduced
+locally (and the same checks on gloo, which shows the checks are right), a
+rank graph's logits equal on both transports, refusals, and the choice that
+``fxopt.launch.init`` makes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import parallel_models as pm
+from conftest import once_per_run
+from fxopt import shared_memory_group
+from fxopt.launch import LaunchError, run_local
+
+pytestmark = pytest.mark.skipif(not shared_memory_group.supported(), reason="the shared-memory group needs x86-64")
+
+
+@pytest.fixture(scope="module")
+def both_transports():
+    def run():
+        return {t: run_local(pm.check_collectives, 2, start="fork", transport=t, timeout=30) for t in ("shm", "gloo")}
+
+    return once_per_run("shared-memory-collectives", run)
+
+
+def test_every_collective_equals_the_inputs_reduced_in_rank_order(both_transports):
+    for rank in both_transports["shm"]:
+        assert rank["transport"] == "fxopt_shm"
+        assert rank["wrong"] == []
+
+
+def test_the_same_checks_pass_on_gloo(both_transports):
+    for rank in both_transports["gloo"]:
+        assert rank["transport"] == "gloo"
+        assert rank["wrong"] == []
+
+
+def test_rank_graph_logits_are_bitwise_equal_on_both_transports():
+    logits = {t: run_local(pm.tiny_logits, 2, start="fork", transport=t) for t in ("shm", "gloo")}
+    reference = pm.reference(pm.ids())
+    for shm, gloo in zip(logits["shm"], logits["gloo"]):
+        assert (shm["transport"], gloo["transport"]) == ("fxopt_shm", "gloo")
+        for backend in ("eager", "onnxruntime"):
+            # two ranks: a + b in either order is the same float
+            assert (shm[backend] == gloo[backend]).all(), backend
+            assert pm.max_err(torch.from_numpy(shm[backend]), reference) <= 1e-5
+
+
+def test_an_unsupported_collective_is_named():
+    messages = run_local(pm.refuse_point_to_point, 2, start="fork", transport="shm")
+    for message in messages:
+        assert "fxopt_shm group" in message and "send is not supported" in message and "gloo group" in message
+
+
+def test_a_rank_that_dies_is_named_by_the_survivor():
+    results = run_local(pm.check_dead_peer, 2, timeout=3.0, wall=120.0, check=False, start="fork", transport="shm")
+    status, survivor = results[0]
+    assert status == "ok", survivor
+    assert survivor["error"] == "CollectiveError", survivor
+    assert "rank(s) [1] did not reach it within the group's timeout (3 s)" in survivor["message"]
+    assert survivor["seconds"] < 8, survivor
+
+
+def test_init_refuses_an_unknown_transport():
+    import torch.distributed as dist
+
+    import fxopt.launch
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(LaunchError, match=r"transport='tcp': use one of auto, gloo, shm"):
+            fxopt.launch.init(transport="tcp")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cli_runs_tensor_parallel_on_shared_memory(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    report = tmp_path / "tp.json"
+    done = subprocess.run([sys.executable, "-m", "fxopt", "optimize", "mlp", "--tensor-parallel", "2", "--transport", "shm",
+                           "--backend", "onnxruntime", "--report", str(report)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tensor-parallel collectives on fxopt_shm" in done.stdout
+    r = json.loads(report.read_text())
+    assert r["transport"] == "fxopt_shm" and r["tensor_parallel"] == 2
+    assert r["max_abs_err"] <= 1e-5 * max(1.0, r["output_scale"])
