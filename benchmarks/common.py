@@ -116,3 +116,40 @@ class captured:
         sys.stdout = self._stdout
         self.text = self._buffer.getvalue()
         return False
+
+
+def copy_bandwidth_gbs(threads: int) -> float:
+    """Bytes read plus written per second by a 256 MiB tensor copy, on
+    ``threads`` threads (the median of 5 after one warm-up)."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    src = torch.ones(64 * 2 ** 20, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / sorted(times[1:])[2] / 1e9
+
+
+def matvec_read_gbs(threads: int) -> float:
+    """Bytes read per second by a matrix-vector product over a 256 MiB
+    float32 matrix (what a one-token linear does), on ``threads`` threads
+    (the median of 5 after one warm-up)."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    w = torch.ones(4096, 16384)
+    v = torch.ones(16384)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        torch.mv(w, v)
+        times.append(time.perf_counter() - start)
+    return w.numel() * 4 / sorted(times[1:])[2] / 1e9

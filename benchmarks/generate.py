@@ -198,20 +198,6 @@ def onnx_streamed_bytes(path: str | Path) -> int:
     return total
 
 
-def copy_bandwidth_gbs(threads: int) -> float:
-    """Bytes read plus written per second by a 256 MiB tensor copy, on
-    ``threads`` threads (the median of 5 after one warm-up)."""
-    torch.set_num_threads(threads)
-    src = torch.ones(64 * 2 ** 20, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(6):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / sorted(times[1:])[2] / 1e9
-
-
 # -- the peers' preparation -----------------------------------------------------------------
 
 def special_token_ids(vocab_size: int) -> dict[str, int]:
@@ -663,7 +649,7 @@ def main(argv: list[str] | None = None) -> None:
     if REFERENCE in variants:  # the reference runs first: every other row is compared with it
         variants = [REFERENCE] + [v for v in variants if v != REFERENCE]
     torch.set_num_threads(a.threads)
-    bandwidth = copy_bandwidth_gbs(a.threads)
+    bandwidth = common.copy_bandwidth_gbs(a.threads)
     print(f"copy bandwidth: {bandwidth:.1f} GB/s on {a.threads} threads", flush=True)
     start = time.perf_counter()
     rows = [row for name in a.models.split(",") for row in bench_model(name, a, variants, bandwidth)]

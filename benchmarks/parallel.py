@@ -47,7 +47,7 @@ LLAMA_GPT2_SIZE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layer
                        num_key_value_heads=4, vocab_size=32000)
 SHAPES = {"one-token": 1, "prefill-128": 128}
 BACKENDS = ("eager", "onnxruntime")
-TRANSPORTS = ("shm", "gloo")  # fxopt.launch.init's names
+TRANSPORTS = ("shm", "gloo")  # fxopt.launch.init's names, timed in this order
 
 
 def model_spec(name: str):
@@ -112,20 +112,46 @@ def tensor_parallel_rank(mesh, name: str, pipeline: str, repeats: int, backends=
     spec = model_spec(name)
     graph = bind_process_group(rank_graph(traced(spec), mesh.tp_rank, mesh.tensor_parallel, pipeline=pipeline,
                                           embeddings=embeddings), mesh.tp_group)
-    out = {"param_bytes": graph.param_bytes(), "all_reduces": all_reduce_count(graph), "rows": {}, "transport": mesh.transport}
+    out = {"param_bytes": graph.param_bytes(), "all_reduces": all_reduce_count(graph), "rows": {}, "transport": mesh.transport,
+           "turns": {}}
+    whole = traced(spec)
     for backend in backends:
-        model = fxopt.compile(graph, backend, **({"intra_op_threads": 1} if backend == "onnxruntime" else {}))
+        options = {"intra_op_threads": 1} if backend == "onnxruntime" else {}
+        model = fxopt.compile(graph, backend, **options)
         for shape, seq in SHAPES.items():
             ids = token_ids(spec.model, seq)
             with torch.no_grad():
                 err = (logits(model(input_ids=ids)) - logits(spec.model(input_ids=ids))).abs().max().item()
             out["rows"][(f"fxopt {backend}, tensor-parallel", shape)] = (timed(lambda: model(input_ids=ids), repeats, mesh.tp_group), err)
+        single = fxopt.compile(whole, backend, **options) if mesh.rank == 0 else None
+        ids = token_ids(spec.model, 1)
+        out["turns"][backend] = in_turns(mesh, lambda: single(input_ids=ids), lambda: model(input_ids=ids), repeats)
     hidden = hidden_size(spec.model)
     for shape, seq in SHAPES.items():
         x = torch.randn(seq * hidden)
         out[("all_reduce", shape)] = timed(lambda: dist.all_reduce(x, group=mesh.tp_group), max(repeats * 5, 50), mesh.tp_group)
     out["dtensor"] = dtensor_peer(mesh, name, repeats)
     return out
+
+
+def in_turns(mesh, one_process, split, repeats: int, rounds: int = 3) -> tuple[float, float]:
+    """Median ms of ``one_process()`` on rank 0 (the other rank waiting in a
+    gloo barrier, which sleeps) and of ``split()`` on both ranks, timed in
+    turns ``rounds`` times, so that a CPU whose speed drifts during the run
+    gives both the same conditions."""
+    import torch.distributed as dist
+
+    alone, together = [], []
+    with torch.inference_mode():
+        if mesh.rank == 0:
+            one_process()
+        for _ in range(rounds):
+            dist.barrier()  # the default group: gloo
+            if mesh.rank == 0:
+                alone.append(timed(one_process, repeats))
+            dist.barrier()
+            together.append(timed(split, repeats, mesh.tp_group))
+    return (statistics.median(alone) if alone else float("nan"), statistics.median(together))
 
 
 def dtensor_plan(model) -> dict:
@@ -212,7 +238,10 @@ def single_process(name: str, repeats: int, requests: int, seq: int, backends=BA
 
     spec = model_spec(name)
     graph = traced(spec)
-    out = {"model_bytes": graph.param_bytes(), "rows": {}, "hidden": hidden_size(spec.model), "layers": layers(spec.model)}
+    from common import matvec_read_gbs
+
+    out = {"model_bytes": graph.param_bytes(), "rows": {}, "hidden": hidden_size(spec.model), "layers": layers(spec.model),
+           "bandwidth": {t: matvec_read_gbs(t) for t in (1, 2)}}
     # bytes per rank of both token-table settings (the timed split uses --embeddings)
     out["rank_bytes"] = {e: max(rank_graph(graph, r, 2, pipeline=pipeline, embeddings=e).param_bytes() for r in range(2))
                          for e in ("replicated", "vocab")}
@@ -283,6 +312,19 @@ def report(name: str, one: dict, tps: dict[str, list[dict]], dp: dict, requests:
             cells = {s: max(r["rows"][(f"fxopt {backend}, tensor-parallel", s)][0] for r in tp) for s in SHAPES}
             lines.append(f"- fxopt {backend}, {tp[0]['transport']}: tensor-parallel N=2 / one process 1 thread: "
                          + ", ".join(f"{s} {cells[s] / base[s][0]:.2f}" for s in SHAPES) + " (goal one-token <= 0.65)")
+    lines += ["", "One token in turns (one process with one thread on rank 0's core while the other rank sleeps, then "
+              "the split; 3 rounds, median; a forward takes as long as its slowest rank):", ""]
+    for transport, tp in tps.items():
+        for backend in backends:
+            alone = tp[0]["turns"][backend][0]
+            split = max(r["turns"][backend][1] for r in tp)
+            lines.append(f"- fxopt {backend}, {tp[0]['transport']}: one process {alone:.2f} ms, tensor-parallel N=2 "
+                         f"{split:.2f} ms: {split / alone:.2f} (goal <= 0.65)")
+    bw = one["bandwidth"]
+    lines += ["", f"Memory: a matrix-vector product over 256 MiB (what a one-token linear does) reads {bw[1]:.1f} GB/s on "
+              f"one thread and {bw[2]:.1f} GB/s on two ({bw[2] / bw[1]:.2f}x). A one-token forward streams its weights: "
+              "where one core already draws most of what the memory gives, two ranks reading half the weights each "
+              "gain little over one process, whatever the transport."]
     lines += ["", "All-reduce alone (2 ranks of one host; median per call, times the all-reduces per forward):", ""]
     hidden, count = one["hidden"], rank0["all_reduces"]
     for transport, tp in tps.items():

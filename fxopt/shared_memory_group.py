@@ -22,11 +22,14 @@ default (gloo) group. :func:`fxopt.launch.init` builds the tensor-parallel group
 on it when every rank of that group runs on one host (``transport="auto"``).
 
 Supported: ``all_reduce`` (sum, avg, max, min, product), ``all_gather`` /
-``all_gather_into_tensor``, ``reduce_scatter_tensor`` (sum), ``broadcast`` and
-``barrier``; the others raise and name the collective. A rank that stops answering makes the others raise
-after the group's timeout. Only on x86-64: it relies on stores becoming
-visible to other cores in program order (the slot before the sequence number),
-which x86's memory model guarantees and weaker ones (ARM, POWER) do not.
+``all_gather_into_tensor``, ``reduce_scatter_tensor`` (sum), ``broadcast``,
+``scatter``, ``gather`` and ``barrier``; the others raise and name the
+collective. A rank that stops
+answering makes the others raise after the group's timeout, and one whose
+process is gone within a tenth of a second (where the ranks see each other's
+process ids). Only on x86-64: it relies on stores becoming visible to other
+cores in program order (the slot before the sequence number), which x86's
+memory model guarantees and weaker ones (ARM, POWER) do not.
 """
 
 from __future__ import annotations
@@ -65,6 +68,23 @@ def register() -> None:
 
 def _directory() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def _exists(pid: int) -> bool:
+    """A process ``pid`` runs (an exited one not yet reaped by its parent does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: signal 0 tells whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 class _Mapping:
@@ -125,6 +145,11 @@ class SharedMemoryGroup(dist.ProcessGroup):
         self._capacity = 0
         self._generation = 0
         self._views: dict = {}  # (shape, dtype) -> each round's (this rank's slot, all slots)
+        # Process ids, to fail at once when a peer exits; only where every peer's is
+        # visible (ranks in other PID namespaces leave it to the timeout).
+        store.set(f"pid/{rank}", str(os.getpid()))
+        pids = {q: int(store.get(f"pid/{q}")) for q in range(world)}
+        self._pids = pids if all(_exists(p) for p in pids.values()) else {}
         # A lock-prefixed instruction (taking a lock) drains this core's store buffer,
         # non-temporal stores of a large copy included, before the sequence number is written.
         self._fence = threading.Lock()
@@ -163,10 +188,12 @@ class SharedMemoryGroup(dist.ProcessGroup):
             self._data.close()
         self._data, self._capacity = data, capacity
 
-    def _exchange(self, x: torch.Tensor, what: str) -> torch.Tensor:
+    def _exchange(self, x: torch.Tensor, what: str, contribute: bool = True) -> torch.Tensor:
         """Every rank's ``x`` (same shape and dtype on all), as a ``[world,
         x.numel()]`` view of the shared slots, valid until this rank's next
-        collective but one."""
+        collective but one. With ``contribute=False`` this rank's slot is left
+        unwritten (only ``x``'s shape and dtype count: a rooted collective's
+        other ranks)."""
         key = (x.shape, x.dtype)
         views = self._views.get(key)
         if views is None:
@@ -174,7 +201,7 @@ class SharedMemoryGroup(dist.ProcessGroup):
         self._seq += 1
         seq = self._seq
         mine, parts = views[seq & 1]
-        if mine is not None:
+        if mine is not None and contribute:
             mine.copy_(x)
         with self._fence:
             self._flags[self._rank, 0] = seq
@@ -200,16 +227,30 @@ class SharedMemoryGroup(dist.ProcessGroup):
         for r in self._others:
             if flags[r, 0] >= seq:
                 continue
-            spins, start = 0, time.monotonic()
+            spins, start, checked = 0, time.monotonic(), 0.0
             while flags[r, 0] < seq:
                 spins += 1
                 if spins > _SPIN:  # oversubscribed cores: let the rank we wait for run
                     os.sched_yield()
-                    if spins % 256 == 0 and time.monotonic() - start > self._timeout_s:
-                        late = [q for q in self._others if flags[q, 0] < seq]
-                        raise RuntimeError(
-                            f"{BACKEND} group {self._name!r}: {what} #{seq} on rank {self._rank}: rank(s) {late} "
-                            f"did not reach it within the group's timeout ({self._timeout_s:g} s); they exited or stopped")
+                    if spins % 256 == 0:
+                        waited = time.monotonic() - start
+                        if waited > self._timeout_s:
+                            self._fail(seq, what, f"did not reach it within the group's timeout ({self._timeout_s:g} s); "
+                                                  "they exited or stopped")
+                        if waited - checked > 0.1:
+                            checked = waited
+                            gone = [q for q in self._others if not self._alive(q)]
+                            if gone:
+                                self._fail(seq, what, f"exited before reaching it ({gone})", late=gone)
+
+    def _alive(self, rank: int) -> bool:
+        """Whether rank ``rank``'s process still exists (True where this
+        process cannot see the others' process ids)."""
+        return not self._pids or _exists(self._pids[rank])
+
+    def _fail(self, seq: int, what: str, reason: str, late=None):
+        late = late if late is not None else [q for q in self._others if self._flags[q, 0] < seq]
+        raise RuntimeError(f"{BACKEND} group {self._name!r}: {what} #{seq} on rank {self._rank}: rank(s) {late} {reason}")
 
     @staticmethod
     def _done(result) -> dist.Work:
@@ -274,6 +315,29 @@ class SharedMemoryGroup(dist.ProcessGroup):
         return self._done(tensors)
 
     @_inference_mode
+    def scatter(self, output_tensors, input_tensors, opts=None):
+        """The root's ``input_tensors[0][r]`` to rank ``r`` (DTensor shards weights with it)."""
+        root = opts.rootRank if opts is not None else 0
+        out = output_tensors[0]
+        if self._rank == root:
+            parts = self._exchange(torch.stack(list(input_tensors[0])), "scatter")
+        else:
+            parts = self._exchange(out.new_empty((self._world, *out.shape)), "scatter", contribute=False)
+        out.copy_(parts[root].view(self._world, *out.shape)[self._rank])
+        return self._done(output_tensors)
+
+    @_inference_mode
+    def gather(self, output_tensors, input_tensors, opts=None):
+        """Every rank's ``input_tensors[0]`` into the root's ``output_tensors[0]`` list."""
+        root = opts.rootRank if opts is not None else 0
+        x = input_tensors[0]
+        parts = self._exchange(x, "gather")
+        if self._rank == root:
+            for r, out in enumerate(output_tensors[0]):
+                out.copy_(parts[r].view(x.shape))
+        return self._done(output_tensors)
+
+    @_inference_mode
     def barrier(self, opts=None):
         self._exchange(torch.empty(0), "barrier")
         return self._done([])
@@ -293,13 +357,13 @@ class SharedMemoryGroup(dist.ProcessGroup):
 def _unsupported(name: str):
     def refuse(self, *args, **kwargs):
         raise RuntimeError(f"{BACKEND} group {self._name!r}: {name} is not supported (all_reduce, all_gather, "
-                           "reduce_scatter, broadcast and barrier are); run it on a gloo group")
+                           "reduce_scatter, broadcast, scatter, gather and barrier are); run it on a gloo group")
 
     refuse.__name__ = name
     return refuse
 
 
 # The point-to-point and rooted collectives a tensor-parallel graph does not use.
-for _name in ("send", "recv", "recv_anysource", "alltoall", "alltoall_base", "all_to_all_single", "gather", "scatter",
-              "reduce", "reduce_scatter", "allreduce_coalesced", "allgather_coalesced"):
+for _name in ("send", "recv", "recv_anysource", "alltoall", "alltoall_base", "all_to_all_single", "reduce",
+              "reduce_scatter", "allreduce_coalesced", "allgather_coalesced"):
     setattr(SharedMemoryGroup, _name, _unsupported(_name))

@@ -103,7 +103,8 @@ def test_data_parallel_over_tensor_parallel_mesh_2x2(four_ranks):
 
 
 def test_a_rank_that_dies_fails_the_others_within_the_timeout():
-    results = run_local(pm.check_dead_peer, 2, timeout=5.0, wall=120.0, check=False, start="fork")
+    # gloo: the peer's connections close (the shared-memory group's case: tests/test_shared_memory_group.py)
+    results = run_local(pm.check_dead_peer, 2, timeout=5.0, wall=120.0, check=False, start="fork", transport="gloo")
     status, survivor = results[0]
     assert status == "ok", survivor
     assert survivor["error"] == "CollectiveError", survivor
