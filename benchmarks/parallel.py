@@ -292,13 +292,13 @@ def report(name: str, one: dict, tps: dict[str, list[dict]], dp: dict, requests:
 
     for (label, threads), cells in one["rows"].items():
         row(label, f"1 x {threads}", cells)
-    for transport, tp in tps.items():
+    for tp in tps.values():
         for backend in backends:
             label = f"fxopt {backend}, tensor-parallel"
             # a forward takes as long as its slowest rank
             cells = {s: (max(r["rows"][(label, s)][0] for r in tp), max(r["rows"][(label, s)][1] for r in tp)) for s in SHAPES}
             row(f"{label} N=2, {tp[0]['transport']}", "2 x 1", cells)
-    for transport, tp in tps.items():
+    for tp in tps.values():
         peer = tp[0]["dtensor"]
         label = f"DTensor parallelize_module (Hugging Face eager) N=2, {tp[0]['transport']}"
         if "not_run" in peer:
@@ -306,7 +306,7 @@ def report(name: str, one: dict, tps: dict[str, list[dict]], dp: dict, requests:
         else:
             row(label, "2 x 1", {s: (max(r["dtensor"][s][0] for r in tp), max(r["dtensor"][s][1] for r in tp)) for s in SHAPES})
     lines.append("")
-    for transport, tp in tps.items():
+    for tp in tps.values():
         for backend in backends:
             base = one["rows"][(f"fxopt {backend}, one process", 1)]
             cells = {s: max(r["rows"][(f"fxopt {backend}, tensor-parallel", s)][0] for r in tp) for s in SHAPES}
@@ -314,7 +314,7 @@ def report(name: str, one: dict, tps: dict[str, list[dict]], dp: dict, requests:
                          + ", ".join(f"{s} {cells[s] / base[s][0]:.2f}" for s in SHAPES) + " (goal one-token <= 0.65)")
     lines += ["", "One token in turns (one process with one thread on rank 0's core while the other rank sleeps, then "
               "the split; 3 rounds, median; a forward takes as long as its slowest rank):", ""]
-    for transport, tp in tps.items():
+    for tp in tps.values():
         for backend in backends:
             alone = tp[0]["turns"][backend][0]
             split = max(r["turns"][backend][1] for r in tp)
@@ -327,7 +327,7 @@ def report(name: str, one: dict, tps: dict[str, list[dict]], dp: dict, requests:
               "gain little over one process, whatever the transport."]
     lines += ["", "All-reduce alone (2 ranks of one host; median per call, times the all-reduces per forward):", ""]
     hidden, count = one["hidden"], rank0["all_reduces"]
-    for transport, tp in tps.items():
+    for tp in tps.values():
         for s, seq_ in SHAPES.items():
             per = max(r[("all_reduce", s)] for r in tp)
             lines.append(f"- {tp[0]['transport']}, {s}: {seq_ * hidden} floats ({seq_ * hidden * 4 / 1024:.1f} KiB) in "

@@ -83,10 +83,12 @@ def init(tensor_parallel: int = 1, data_parallel: int | None = None, *, timeout:
 
     ``transport`` is what the tensor-parallel groups (several collectives per
     layer and token) run on when the default group is gloo: ``shm``, fxopt's
-    shared-memory group (:mod:`fxopt.shared_memory_group`; every rank of each
-    tensor-parallel group on one host, x86-64), ``gloo``, or ``auto``
-    (default): ``shm`` where those conditions hold, gloo elsewhere. The
-    data-parallel groups stay on the default group's backend."""
+    shared-memory group (:mod:`fxopt.shared_memory_group`; the ranks of each
+    tensor-parallel group on one x86-64 host, sharing its shared-memory
+    folder, which every rank checks with a probe file), ``gloo``, or ``auto``
+    (default): ``shm`` where every group meets those conditions, gloo
+    otherwise. The data-parallel groups stay on the default group's
+    backend."""
     import torch.distributed as dist
 
     if tensor_parallel < 1 or (data_parallel is not None and data_parallel < 1):
@@ -128,7 +130,7 @@ def init(tensor_parallel: int = 1, data_parallel: int | None = None, *, timeout:
 
 def _tensor_parallel_backend(transport: str, tensor_parallel: int, data_parallel: int) -> str | None:
     """The backend for the tensor-parallel groups (None: the default
-    group's). Decided alike on every rank: from every rank's host name."""
+    group's). Decided alike on every rank, from what every rank reports."""
     import torch.distributed as dist
 
     from . import shared_memory_group as shm
@@ -137,17 +139,48 @@ def _tensor_parallel_backend(transport: str, tensor_parallel: int, data_parallel
         raise LaunchError(f"transport={transport!r}: use one of {', '.join(TRANSPORTS)}")
     if transport == "gloo" or tensor_parallel == 1 or dist.get_backend() != "gloo":
         return None
-    hosts = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, (socket.gethostname(), shm.supported()))
-    groups = [hosts[d * tensor_parallel:(d + 1) * tensor_parallel] for d in range(data_parallel)]
-    local = all(len({h for h, _ in g}) == 1 for g in groups) and all(ok for _, ok in hosts)
+    reports = _shared_memory_reports()
+    groups = [range(d * tensor_parallel, (d + 1) * tensor_parallel) for d in range(data_parallel)]
+    local = all(reports[r][0] and set(g) <= reports[r][1] for g in groups for r in g)
     if transport == "shm" and not local:
-        raise LaunchError("transport='shm' needs every rank of each tensor-parallel group on one x86-64 host; "
-                          f"hosts and support by rank: {hosts}; use transport='gloo' (or 'auto')")
+        described = "; ".join(f"rank {r}: {'x86-64' if ok else 'not x86-64'}, sees the files of ranks {sorted(seen)}"
+                              for r, (ok, seen) in enumerate(reports))
+        raise LaunchError(f"transport='shm' needs the ranks of each tensor-parallel group on one x86-64 host, sharing "
+                          f"{shm.directory()}: {described}; use transport='gloo' (or 'auto')")
     if not local:
         return None
     shm.register()
     return shm.BACKEND
+
+
+def _shared_memory_reports() -> list[tuple[bool, set[int]]]:
+    """Per rank: whether it can run the shared-memory group, and the ranks
+    whose probe file it sees in its shared-memory folder (the same host name
+    is not enough: containers may share one and not the folder)."""
+    import uuid
+
+    import torch.distributed as dist
+
+    from . import shared_memory_group as shm
+
+    nonce = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(nonce)
+    prefix = f"fxopt-probe-{nonce[0]}-"
+    path = os.path.join(shm.directory(), f"{prefix}{dist.get_rank()}")
+    try:
+        open(path, "x").close()
+    except OSError:
+        path = None
+    dist.barrier()
+    try:
+        seen = {int(n[len(prefix):]) for n in os.listdir(shm.directory()) if n.startswith(prefix)}
+    except OSError:
+        seen = set()
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (shm.supported() and path is not None, seen))
+    if path is not None:
+        os.unlink(path)
+    return reports
 
 
 def relaunch(argv: list[str], nproc: int, *, module: str = "fxopt") -> int:

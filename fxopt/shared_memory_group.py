@@ -19,15 +19,16 @@ so ``torch.distributed.all_reduce(x, group=group)`` and the functional
 collectives of a bound rank graph (``_c10d_functional.all_reduce(x, "sum",
 group.group_name)``) run through it; rendezvous goes through the store of the
 default (gloo) group. :func:`fxopt.launch.init` builds the tensor-parallel group
-on it when every rank of that group runs on one host (``transport="auto"``).
+on it when every rank of that group sees the others' files in the same
+shared-memory folder (``transport="auto"``).
 
 Supported: ``all_reduce`` (sum, avg, max, min, product), ``all_gather`` /
 ``all_gather_into_tensor``, ``reduce_scatter_tensor`` (sum), ``broadcast``,
 ``scatter``, ``gather`` and ``barrier``; the others raise and name the
-collective. A rank that stops
-answering makes the others raise after the group's timeout, and one whose
-process is gone within a tenth of a second (where the ranks see each other's
-process ids). Only on x86-64: it relies on stores becoming visible to other
+collective. Every rank must call each collective with the same sizes (checked:
+a rank that does not raises). A rank that stops answering makes the others
+raise after the group's timeout, and one whose process is gone within a tenth
+of a second (where the ranks share a PID namespace). Only on x86-64: it relies on stores becoming visible to other
 cores in program order (the slot before the sequence number), which x86's
 memory model guarantees and weaker ones (ARM, POWER) do not.
 """
@@ -50,6 +51,8 @@ import torch.distributed as dist
 BACKEND = "fxopt_shm"
 _LINE = 64  # one cache line per rank's sequence number: ranks never write the same line
 _SPIN = 2000  # busy polls before the waiting rank starts yielding its core
+_DOZE_S = 1e-3  # after yielding this long, a waiting rank sleeps between polls instead of burning its core
+_PREFIX = "fxopt-shm-"
 
 
 def supported() -> bool:
@@ -64,10 +67,35 @@ def register() -> None:
         raise RuntimeError(f"the {BACKEND} process group needs x86-64 (this is {platform.machine()}); use gloo")
     if BACKEND.upper() not in dist.Backend._plugins:
         dist.Backend.register_backend(BACKEND, SharedMemoryGroup, devices=["cpu"])
+        _sweep()
 
 
-def _directory() -> str:
+def directory() -> str:
+    """Where the shared files live: ``/dev/shm`` (memory), else the temporary folder."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def _sweep() -> None:
+    """Remove the files of creators that died before every rank had mapped
+    them (the name holds the creator's process id)."""
+    try:
+        names = [n for n in os.listdir(directory()) if n.startswith(_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(_PREFIX):].partition("-")[0]
+        if pid.isdigit() and not _exists(int(pid)):
+            try:
+                os.unlink(os.path.join(directory(), name))
+            except OSError:
+                pass
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "unknown"
 
 
 def _exists(pid: int) -> bool:
@@ -87,41 +115,34 @@ def _exists(pid: int) -> bool:
         return True
 
 
-class _Mapping:
+def _shared_map(store, rank: int, world: int, key: str, size: int) -> mmap.mmap:
     """A file of ``size`` bytes that every rank maps: rank 0 creates it and
     publishes its path in the store, the others open it, and the last rank to
-    map it unlinks the name (the mappings stay valid)."""
-
-    def __init__(self, store, rank: int, world: int, key: str, size: int):
-        if rank == 0:
-            path = os.path.join(_directory(), f"fxopt-shm-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            os.ftruncate(fd, size)
-            store.set(key, path)
-        else:
-            path = store.get(key).decode()
-            fd = os.open(path, os.O_RDWR)
+    map it unlinks the name (the mappings stay valid). The memory is
+    allocated up front, so a full ``/dev/shm`` raises here rather than killing
+    a rank with SIGBUS at its first write. The mapping is unmapped when the
+    last tensor viewing it goes (tensors keep the mmap object alive)."""
+    if rank == 0:
+        path = os.path.join(directory(), f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            self.map = mmap.mmap(fd, size)
-        finally:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
             os.close(fd)
-        if store.add(f"{key}/mapped", 1) == world:
             os.unlink(path)
-
-    def close(self) -> None:
-        try:
-            self.map.close()
-        except BufferError:  # a tensor still views it; the OS frees it with the process
-            pass
-
-
-def _inference_mode(collective):
-    def run(*args, **kwargs):
-        with torch.inference_mode():
-            return collective(*args, **kwargs)
-
-    run.__name__, run.__doc__ = collective.__name__, collective.__doc__
-    return run
+            raise RuntimeError(f"{BACKEND}: cannot allocate {size} bytes in {directory()} ({e}); free space there or "
+                               "use transport='gloo'") from None
+        store.set(key, path)
+    else:
+        path = store.get(key).decode()
+        fd = os.open(path, os.O_RDWR)
+    try:
+        mapped = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    if store.add(f"{key}/mapped", 1) == world:
+        os.unlink(path)
+    return mapped
 
 
 class SharedMemoryGroup(dist.ProcessGroup):
@@ -137,19 +158,18 @@ class SharedMemoryGroup(dist.ProcessGroup):
         self._name = ""
         self._seq = 0
         self._others = [r for r in range(world) if r != rank]
-        control = _Mapping(store, rank, world, "control", _LINE * world)
-        self._control = control
-        self._flags = np.ndarray((world, _LINE // 8), dtype=np.int64, buffer=control.map)
-        self._data: _Mapping | None = None
+        # Per rank, one cache line each: [sequence number, bytes of the even round's, of the odd round's collective].
+        self._flags = np.ndarray((world, _LINE // 8), dtype=np.int64,
+                                 buffer=_shared_map(store, rank, world, "control", _LINE * world))
         self._slots: torch.Tensor | None = None  # [2, world, capacity] bytes: two rounds, one slot per rank
         self._capacity = 0
         self._generation = 0
         self._views: dict = {}  # (shape, dtype) -> each round's (this rank's slot, all slots)
-        # Process ids, to fail at once when a peer exits; only where every peer's is
-        # visible (ranks in other PID namespaces leave it to the timeout).
-        store.set(f"pid/{rank}", str(os.getpid()))
-        pids = {q: int(store.get(f"pid/{q}")) for q in range(world)}
-        self._pids = pids if all(_exists(p) for p in pids.values()) else {}
+        # Process ids, to fail at once when a peer exits; only where every rank is in
+        # this PID namespace (elsewhere a peer's id means another process or none).
+        store.set(f"pid/{rank}", f"{os.getpid()} {_pid_namespace()}")
+        pids = [store.get(f"pid/{q}").decode().split() for q in range(world)]
+        self._pids = [int(p) for p, _ in pids] if len({ns for _, ns in pids}) == 1 else []
         # A lock-prefixed instruction (taking a lock) drains this core's store buffer,
         # non-temporal stores of a large copy included, before the sequence number is written.
         self._fence = threading.Lock()
@@ -167,13 +187,6 @@ class SharedMemoryGroup(dist.ProcessGroup):
     def getBackendName(self) -> str:  # noqa: N802 - torch.distributed's name
         return BACKEND
 
-    def __del__(self):
-        self._slots = None
-        self._views = {}
-        for m in (self._data, getattr(self, "_control", None)):
-            if m is not None:
-                m.close()
-
     # -- the exchange ---------------------------------------------------------
     def _grow(self, nbytes: int) -> None:
         """Every rank reaches the same collectives with the same sizes, so all
@@ -181,12 +194,10 @@ class SharedMemoryGroup(dist.ProcessGroup):
         round keeps its old mapping until it grows too."""
         capacity = max(1 << 16, 1 << (nbytes - 1).bit_length())
         self._generation += 1
-        data = _Mapping(self._store, self._rank, self._world, f"data{self._generation}", 2 * self._world * capacity)
+        data = _shared_map(self._store, self._rank, self._world, f"data{self._generation}", 2 * self._world * capacity)
         self._views.clear()
-        self._slots = torch.frombuffer(data.map, dtype=torch.uint8).view(2, self._world, capacity)
-        if self._data is not None:
-            self._data.close()
-        self._data, self._capacity = data, capacity
+        self._slots = torch.frombuffer(data, dtype=torch.uint8).view(2, self._world, capacity)
+        self._capacity = capacity
 
     def _exchange(self, x: torch.Tensor, what: str, contribute: bool = True) -> torch.Tensor:
         """Every rank's ``x`` (same shape and dtype on all), as a ``[world,
@@ -203,9 +214,16 @@ class SharedMemoryGroup(dist.ProcessGroup):
         mine, parts = views[seq & 1]
         if mine is not None and contribute:
             mine.copy_(x)
+        nbytes = x.numel() * x.element_size()
+        # A rank may already be one collective ahead: sizes are kept per round, like the slots.
         with self._fence:
+            self._flags[self._rank, 1 + (seq & 1)] = nbytes
             self._flags[self._rank, 0] = seq
         self._wait(seq, what)
+        sizes = self._flags[:, 1 + (seq & 1)]
+        if (sizes != nbytes).any():
+            raise RuntimeError(f"{BACKEND} group {self._name!r}: {what} #{seq}: the ranks gave {sizes.tolist()} bytes "
+                               f"(rank order); every rank must give the same shape and dtype")
         return parts
 
     def _slot_views(self, x: torch.Tensor):
@@ -223,25 +241,31 @@ class SharedMemoryGroup(dist.ProcessGroup):
         return rounds
 
     def _wait(self, seq: int, what: str) -> None:
+        """Until every rank has published ``seq``: spinning, then yielding the
+        core (ranks may outnumber cores), then sleeping between polls; failing
+        after the timeout, or once a late rank's process is gone."""
         flags = self._flags
+        spins, start, checked = 0, 0.0, 0.0
         for r in self._others:
-            if flags[r, 0] >= seq:
-                continue
-            spins, start, checked = 0, time.monotonic(), 0.0
             while flags[r, 0] < seq:
                 spins += 1
-                if spins > _SPIN:  # oversubscribed cores: let the rank we wait for run
+                if spins <= _SPIN:
+                    continue
+                if spins == _SPIN + 1:
+                    start = time.monotonic()
+                waited = time.monotonic() - start
+                if waited < _DOZE_S:
                     os.sched_yield()
-                    if spins % 256 == 0:
-                        waited = time.monotonic() - start
-                        if waited > self._timeout_s:
-                            self._fail(seq, what, f"did not reach it within the group's timeout ({self._timeout_s:g} s); "
-                                                  "they exited or stopped")
-                        if waited - checked > 0.1:
-                            checked = waited
-                            gone = [q for q in self._others if not self._alive(q)]
-                            if gone:
-                                self._fail(seq, what, f"exited before reaching it ({gone})", late=gone)
+                    continue
+                time.sleep(50e-6)
+                if waited > self._timeout_s:
+                    self._fail(seq, what, f"did not reach it within the group's timeout ({self._timeout_s:g} s); "
+                                          "they exited or stopped")
+                if waited - checked > 0.1:
+                    checked = waited
+                    gone = [q for q in self._others if flags[q, 0] < seq and not self._alive(q)]
+                    if gone:
+                        self._fail(seq, what, "exited before reaching it", late=gone)
 
     def _alive(self, rank: int) -> bool:
         """Whether rank ``rank``'s process still exists (True where this
@@ -261,7 +285,7 @@ class SharedMemoryGroup(dist.ProcessGroup):
     # -- collectives ------------------------------------------------------------
     # Each runs in inference mode: the tensors may be inference tensors (a KV
     # cache made under torch.inference_mode), which only it may write in place.
-    @_inference_mode
+    @torch.inference_mode()
     def allreduce(self, tensors, opts=None):
         op = opts.reduceOp if opts is not None else dist.ReduceOp.SUM
         for t in tensors:
@@ -284,7 +308,7 @@ class SharedMemoryGroup(dist.ProcessGroup):
                 t.copy_(out.view(t.shape))
         return self._done(tensors)
 
-    @_inference_mode
+    @torch.inference_mode()
     def allgather(self, output_tensors, input_tensors, opts=None):
         for outs, x in zip(output_tensors, input_tensors):
             parts = self._exchange(x, "all_gather")
@@ -292,10 +316,13 @@ class SharedMemoryGroup(dist.ProcessGroup):
                 out.copy_(parts[r].view(x.shape))
         return self._done(output_tensors)
 
-    @_inference_mode
+    @torch.inference_mode()
     def all_gather_single(self, output, input, opts=None):
         parts = self._exchange(input, "all_gather_into_tensor")
-        output.view(self._world, -1).copy_(parts)
+        if output.is_contiguous():
+            output.view(self._world, -1).copy_(parts)
+        else:
+            output.copy_(parts.reshape(output.shape))
         return self._done([output])
 
     _allgather_base = all_gather_single
@@ -305,16 +332,18 @@ class SharedMemoryGroup(dist.ProcessGroup):
             self.all_gather_single(output, x, opts)
         return self._done(outputs)
 
-    @_inference_mode
+    allgather_into_tensor_coalesced = all_gather_single_coalesced  # its name in older torch
+
+    @torch.inference_mode()
     def broadcast(self, tensors, opts=None):
         root = opts.rootRank if opts is not None else 0
         for t in tensors:
-            parts = self._exchange(t, "broadcast")
+            parts = self._exchange(t, "broadcast", contribute=self._rank == root)
             if self._rank != root:
                 t.copy_(parts[root].view(t.shape))
         return self._done(tensors)
 
-    @_inference_mode
+    @torch.inference_mode()
     def scatter(self, output_tensors, input_tensors, opts=None):
         """The root's ``input_tensors[0][r]`` to rank ``r`` (DTensor shards weights with it)."""
         root = opts.rootRank if opts is not None else 0
@@ -326,7 +355,7 @@ class SharedMemoryGroup(dist.ProcessGroup):
         out.copy_(parts[root].view(self._world, *out.shape)[self._rank])
         return self._done(output_tensors)
 
-    @_inference_mode
+    @torch.inference_mode()
     def gather(self, output_tensors, input_tensors, opts=None):
         """Every rank's ``input_tensors[0]`` into the root's ``output_tensors[0]`` list."""
         root = opts.rootRank if opts is not None else 0
@@ -337,12 +366,12 @@ class SharedMemoryGroup(dist.ProcessGroup):
                 out.copy_(parts[r].view(x.shape))
         return self._done(output_tensors)
 
-    @_inference_mode
+    @torch.inference_mode()
     def barrier(self, opts=None):
         self._exchange(torch.empty(0), "barrier")
         return self._done([])
 
-    @_inference_mode
+    @torch.inference_mode()
     def reduce_scatter_single(self, output, input, opts=None):
         """Sum over ranks, then this rank's ``output.numel()`` elements (rank order)."""
         if opts is not None and opts.reduceOp != dist.ReduceOp.SUM:
@@ -352,6 +381,15 @@ class SharedMemoryGroup(dist.ProcessGroup):
         mine = parts[:, self._rank * n:(self._rank + 1) * n]
         torch.sum(mine, 0, out=output.view(-1)) if output.is_contiguous() else output.copy_(mine.sum(0).view(output.shape))
         return self._done([output])
+
+    _reduce_scatter_base = reduce_scatter_single  # its name in older torch
+
+    def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
+        for output, x in zip(outputs, inputs):  # what the functional reduce_scatter_tensor reaches
+            self.reduce_scatter_single(output, x, opts)
+        return self._done(outputs)
+
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
 
 def _unsupported(name: str):

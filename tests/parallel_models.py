@@ -346,7 +346,8 @@ def check_collectives(mesh):
     wrong = []
 
     def check(what, got, want, exact=n == 2):  # two ranks: a + b in either order is the same float
-        ok = torch.equal(got, want) if exact else torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        tol = 1e-2 if got.dtype == torch.bfloat16 else 1e-5  # more than two ranks: the order of the sum may differ
+        ok = torch.equal(got, want) if exact else torch.allclose(got, want, rtol=tol, atol=tol)
         if not ok:
             wrong.append(what)
 

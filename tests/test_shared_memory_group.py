@@ -31,6 +31,23 @@ def test_every_collective_equals_the_inputs_reduced_in_rank_order(both_transport
         assert rank["wrong"] == []
 
 
+def test_three_ranks_oversubscribing_two_cores_on_auto():
+    # the group chosen by transport="auto", and the torch.sum reduction of more than two slots
+    for rank in run_local(pm.check_collectives, 3, start="fork", timeout=60):
+        assert rank["transport"] == "fxopt_shm"
+        assert rank["wrong"] == []
+
+
+def test_a_late_rank_never_reads_the_next_round():
+    for rank in run_local(pm.stress_rounds, 2, start="fork", transport="shm"):
+        assert rank["wrong"] == []
+
+
+def test_ranks_giving_different_sizes_fail_with_the_sizes():
+    for message in run_local(pm.mismatched_sizes, 2, start="fork", transport="shm"):
+        assert "the ranks gave [12, 16] bytes (rank order)" in message
+
+
 def test_the_same_checks_pass_on_gloo(both_transports):
     for rank in both_transports["gloo"]:
         assert rank["transport"] == "gloo"
@@ -54,13 +71,22 @@ def test_an_unsupported_collective_is_named():
         assert "fxopt_shm group" in message and "send is not supported" in message and "gloo group" in message
 
 
-def test_a_rank_that_dies_is_named_by_the_survivor():
-    results = run_local(pm.check_dead_peer, 2, timeout=3.0, wall=120.0, check=False, start="fork", transport="shm")
+def test_a_rank_that_dies_is_named_at_once():
+    results = run_local(pm.check_dead_peer, 2, timeout=30.0, wall=120.0, check=False, start="fork", transport="shm")
     status, survivor = results[0]
     assert status == "ok", survivor
     assert survivor["error"] == "CollectiveError", survivor
-    assert "rank(s) [1] did not reach it within the group's timeout (3 s)" in survivor["message"]
-    assert survivor["seconds"] < 8, survivor
+    assert "rank(s) [1] exited before reaching it" in survivor["message"]
+    assert survivor["seconds"] < 5, survivor  # its process is gone: no need to wait out the 30 s
+
+
+def test_a_rank_that_hangs_fails_the_others_after_the_timeout():
+    results = run_local(pm.check_stuck_peer, 2, timeout=2.0, wall=120.0, check=False, start="fork", transport="shm")
+    status, survivor = results[0]
+    assert status == "ok", survivor
+    assert survivor["error"] == "CollectiveError", survivor
+    assert "rank(s) [1] did not reach it within the group's timeout (2 s)" in survivor["message"]
+    assert 2 <= survivor["seconds"] < 7, survivor
 
 
 def test_init_refuses_an_unknown_transport():
