@@ -152,13 +152,20 @@ def check_dead_peer(mesh):
     """Rank 1 exits; rank 0 must fail in its first collective, not wait."""
     import os
 
+    return _forward_without_rank_1(mesh, lambda: os._exit(3), settle=0.5)
+
+
+def _forward_without_rank_1(mesh, rank_1_does, settle: float = 0.0):
+    """Rank 0 runs the rank model while rank 1 does ``rank_1_does()``
+    instead; how rank 0's forward ended and how long it took."""
     import fxopt
 
     model = fxopt.compile(rank_graph(mesh), "onnxruntime", intra_op_threads=1)
     dist.barrier()
     if mesh.rank == 1:
-        os._exit(3)
-    time.sleep(0.5)
+        rank_1_does()
+        return {"error": None}
+    time.sleep(settle)
     start = time.monotonic()
     try:
         model(ids())
@@ -426,19 +433,7 @@ def refuse_point_to_point(mesh):
 
 def check_stuck_peer(mesh):
     """Rank 1 stops answering for longer than the timeout; rank 0 must give up."""
-    import fxopt
-
-    model = fxopt.compile(rank_graph(mesh), "onnxruntime", intra_op_threads=1)
-    dist.barrier()
-    if mesh.rank == 1:
-        time.sleep(8)
-        return {"error": None}
-    start = time.monotonic()
-    try:
-        model(ids())
-    except Exception as e:  # noqa: BLE001 - the error is what is checked
-        return {"error": type(e).__name__, "message": str(e), "seconds": time.monotonic() - start}
-    return {"error": None, "seconds": time.monotonic() - start}
+    return _forward_without_rank_1(mesh, lambda: time.sleep(8))
 
 
 def stress_rounds(mesh, rounds: int = 40, numel: int = 1 << 16):

@@ -71,22 +71,25 @@ def test_an_unsupported_collective_is_named():
         assert "fxopt_shm group" in message and "send is not supported" in message and "gloo group" in message
 
 
+def survivor(check, timeout: float) -> dict:
+    """Rank 0's report of ``check`` (rank 1 exits or hangs), which must have
+    failed with a CollectiveError."""
+    status, report = run_local(check, 2, timeout=timeout, wall=120.0, check=False, start="fork", transport="shm")[0]
+    assert status == "ok", report
+    assert report["error"] == "CollectiveError", report
+    return report
+
+
 def test_a_rank_that_dies_is_named_at_once():
-    results = run_local(pm.check_dead_peer, 2, timeout=30.0, wall=120.0, check=False, start="fork", transport="shm")
-    status, survivor = results[0]
-    assert status == "ok", survivor
-    assert survivor["error"] == "CollectiveError", survivor
-    assert "rank(s) [1] exited before reaching it" in survivor["message"]
-    assert survivor["seconds"] < 5, survivor  # its process is gone: no need to wait out the 30 s
+    report = survivor(pm.check_dead_peer, timeout=30.0)
+    assert "rank(s) [1] exited before reaching it" in report["message"]
+    assert report["seconds"] < 5, report  # its process is gone: no need to wait out the 30 s
 
 
 def test_a_rank_that_hangs_fails_the_others_after_the_timeout():
-    results = run_local(pm.check_stuck_peer, 2, timeout=2.0, wall=120.0, check=False, start="fork", transport="shm")
-    status, survivor = results[0]
-    assert status == "ok", survivor
-    assert survivor["error"] == "CollectiveError", survivor
-    assert "rank(s) [1] did not reach it within the group's timeout (2 s)" in survivor["message"]
-    assert 2 <= survivor["seconds"] < 7, survivor
+    report = survivor(pm.check_stuck_peer, timeout=2.0)
+    assert "rank(s) [1] did not reach it within the group's timeout (2 s)" in report["message"]
+    assert 2 <= report["seconds"] < 7, report
 
 
 def test_init_refuses_an_unknown_transport():
