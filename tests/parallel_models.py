@@ -398,6 +398,8 @@ def check_collectives(mesh):
     out = torch.empty(12 // n, 5)  # 12 rows: whole shares for 2, 3 or 4 ranks
     dist.reduce_scatter_tensor(out, x, group=g)
     check("reduce_scatter_tensor", out, functools.reduce(torch.add, everyone(shape=(12, 5))).chunk(n)[r])
+    got = funcol.wait_tensor(torch.ops._c10d_functional.reduce_scatter_tensor(x, "sum", n, g.group_name))
+    check("functional reduce_scatter_tensor", got, functools.reduce(torch.add, everyone(shape=(12, 5))).chunk(n)[r])
     x = rank_input(r)
     dist.broadcast(x, src=dist.get_global_rank(g, n - 1), group=g)
     check("broadcast", x, rank_input(n - 1))
