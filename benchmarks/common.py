@@ -118,38 +118,35 @@ class captured:
         return False
 
 
-def copy_bandwidth_gbs(threads: int) -> float:
-    """Bytes read plus written per second by a 256 MiB tensor copy, on
-    ``threads`` threads (the median of 5 after one warm-up)."""
+def _median_seconds(fn, threads: int) -> float:
+    """Seconds of ``fn()`` on ``threads`` threads: the median of 5 after one warm-up."""
     import time
 
     import torch
 
     torch.set_num_threads(threads)
-    src = torch.ones(64 * 2 ** 20, dtype=torch.float32)
-    dst = torch.empty_like(src)
     times = []
     for _ in range(6):
         start = time.perf_counter()
-        dst.copy_(src)
+        fn()
         times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / sorted(times[1:])[2] / 1e9
+    return sorted(times[1:])[2]
+
+
+def copy_bandwidth_gbs(threads: int) -> float:
+    """Bytes read plus written per second by a 256 MiB tensor copy, on ``threads`` threads."""
+    import torch
+
+    src = torch.ones(64 * 2 ** 20, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _median_seconds(lambda: dst.copy_(src), threads) / 1e9
 
 
 def matvec_read_gbs(threads: int) -> float:
     """Bytes read per second by a matrix-vector product over a 256 MiB
-    float32 matrix (what a one-token linear does), on ``threads`` threads
-    (the median of 5 after one warm-up)."""
-    import time
-
+    float32 matrix (what a one-token linear does), on ``threads`` threads."""
     import torch
 
-    torch.set_num_threads(threads)
     w = torch.ones(4096, 16384)
     v = torch.ones(16384)
-    times = []
-    for _ in range(6):
-        start = time.perf_counter()
-        torch.mv(w, v)
-        times.append(time.perf_counter() - start)
-    return w.numel() * 4 / sorted(times[1:])[2] / 1e9
+    return w.numel() * 4 / _median_seconds(lambda: torch.mv(w, v), threads) / 1e9

@@ -1,9 +1,10 @@
 """A torch.distributed process group for the ranks of one host, through shared memory.
 
 gloo carries every collective over TCP sockets, even between two processes of
-one machine, and hands it to its own I/O threads: an all-reduce of one
-token's hidden state (768 floats) costs ~0.3-0.8 ms, longer when the ranks
-hold every core, and a tensor-parallel decoder does two per layer. Ranks of
+one machine, and hands it to its own I/O threads: an all-reduce of one token's
+hidden state (768 floats) costs a large part of a millisecond
+(benchmarks/results/parallel.md), and a tensor-parallel decoder does two per
+layer. Ranks of
 one host can exchange through memory instead: each rank writes its tensor into
 its own slot of a file mapped by all of them, publishes a sequence number, and
 waits, spinning, until every rank has published the same one; then every rank
