@@ -363,10 +363,9 @@ def group_query_attention(
         raise ValueError(f"fxopt::group_query_attention: num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}")
     if mask is not None and causal:
         raise ValueError("fxopt::group_query_attention: a mask or causal, not both (the mask holds the causal part)")
-    rep = num_heads // kv_num_heads
-    qh = _split_heads(q, num_heads)
-    kh, vh = (_split_heads(t, kv_num_heads).repeat_interleave(rep, 1) for t in (k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale)
+    qh, kh, vh = _split_heads(q, num_heads), _split_heads(k, kv_num_heads), _split_heads(v, kv_num_heads)
+    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale,
+                                                           enable_gqa=num_heads != kv_num_heads)
     return _merge_heads(out)
 
 
@@ -411,8 +410,16 @@ def apply_rotary(x: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tens
     (the two halves of the first ``R = 2 * cos_cache.shape[1]`` dims of each
     head, the rest passed through): ``x * cos + rotate_half(x) * sin`` with
     ``cos = cat(c, c)``, ``c = cos_cache[position_ids]`` ``[B, S, R/2]``."""
-    half = cos_cache.shape[1]
-    cos, sin = (torch.cat([t[position_ids]] * 2, -1).unsqueeze(1) for t in (cos_cache, sin_cache))
+    return _rotate(x, *_rotary_angles(cos_cache, sin_cache, position_ids))
+
+
+def _rotary_angles(cos_cache, sin_cache, position_ids):
+    """``cos``, ``sin`` ``[B, 1, S, R]`` at ``position_ids``, each half repeated."""
+    return (torch.cat([t[position_ids]] * 2, -1).unsqueeze(1) for t in (cos_cache, sin_cache))
+
+
+def _rotate(x, cos, sin):
+    half = cos.shape[-1] // 2
     rot, rest = x[..., :2 * half], x[..., 2 * half:]
     out = rot * cos + torch.cat([-rot[..., half:], rot[..., :half]], -1) * sin
     return out if rest.shape[-1] == 0 else torch.cat([out, rest], -1)
@@ -446,12 +453,13 @@ def attention_with_past(
     if cos_cache is not None:
         if sin_cache is None or position_ids is None:
             raise ValueError("fxopt::attention_with_past: cos_cache needs sin_cache and position_ids")
-        qh, kh_new = (apply_rotary(t, cos_cache, sin_cache, position_ids) for t in (qh, kh_new))
+        cos, sin = _rotary_angles(cos_cache, sin_cache, position_ids)  # one lookup for the queries and the keys
+        qh, kh_new = _rotate(qh, cos, sin), _rotate(kh_new, cos, sin)
     present_k = torch.cat([past_k, kh_new], dim=2)
     present_v = torch.cat([past_v, _split_heads(v, kv_num_heads)], dim=2)
-    rep = num_heads // kv_num_heads
-    kh, vh = (t.repeat_interleave(rep, 1) if rep > 1 else t for t in (present_k, present_v))
-    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    # SDPA reads each kv head for its group of query heads: no copy of the cache per query head
+    out = torch.nn.functional.scaled_dot_product_attention(qh, present_k, present_v, attn_mask=mask, scale=scale,
+                                                           enable_gqa=num_heads != kv_num_heads)
     return _merge_heads(out), present_k, present_v
 
 
