@@ -594,7 +594,8 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> bool:
     """Decode tokens/s against context, one panel per model, one line per
-    variant and batch (dashed: batch > 1)."""
+    variant and batch: one colour per variant (the same in every panel),
+    circles and solid lines for batch 1, squares and dashes for larger batches."""
     try:
         import matplotlib
 
@@ -607,12 +608,14 @@ def plot(rows: list[dict], path: Path) -> bool:
     models = list(dict.fromkeys(r["model"] for r in timed))
     if not models:
         return False
+    colours = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(dict.fromkeys(r["variant"] for r in timed))}
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
         for variant, batch in dict.fromkeys((r["variant"], r["batch"]) for r in timed if r["model"] == model):
             pts = sorted((r["context"], r["tokens_per_s"]) for r in timed
                          if (r["model"], r["variant"], r["batch"]) == (model, variant, batch))
-            ax.plot(*zip(*pts), marker="o", linestyle="-" if batch == 1 else "--", label=f"{variant} b{batch}")
+            ax.plot(*zip(*pts), color=colours[variant], marker="o" if batch == 1 else "s",
+                    linestyle="-" if batch == 1 else "--", label=f"{variant} b{batch}")
         ax.set_title(model)
         ax.set_xlabel("context (prompt tokens)")
         ax.set_ylabel("decode tokens/s (all sequences)")
