@@ -172,6 +172,7 @@ class OnnxRuntimeRankModel(CompiledModel):
         self.graph = graph
         self.interface = graph.interface()
         self._groups: dict[str, object] = {}
+        self._direct: dict[str, object] = {}
         marked, self.collectives = _with_markers(graph)
         program = export_onnx_program(marked, opset=opset, disable_lowerings=tuple(disable_lowerings),
                                       lowerings=_marker_lowering())
@@ -271,6 +272,20 @@ class OnnxRuntimeRankModel(CompiledModel):
                                    "graph to a group of this run with fxopt.parallel.bind_process_group") from None
         return self._groups[name]
 
+    def _direct_all_reduce(self, name: str, group):
+        """The group's own in-place all-reduce where its backend offers one
+        (``all_reduce_tensor``: fxopt's shared-memory group), else None
+        (``dist.all_reduce``). A one-token step runs two collectives per layer,
+        and torch.distributed's way into a backend written in Python costs more
+        than the exchange itself."""
+        if name not in self._direct:
+            try:
+                backend = group._get_backend(torch.device("cpu"))
+            except (AttributeError, RuntimeError):
+                backend = group
+            self._direct[name] = getattr(backend, "all_reduce_tensor", None)
+        return self._direct[name]
+
     def _collective(self, c: Collective, env: dict, fed: set) -> None:
         import torch.distributed as dist
 
@@ -284,7 +299,10 @@ class OnnxRuntimeRankModel(CompiledModel):
                 out = x if own else x.contiguous().clone()
                 op = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX,
                       "min": dist.ReduceOp.MIN, "product": dist.ReduceOp.PRODUCT}[c.reduce_op]
-                if op == dist.ReduceOp.AVG and dist.get_backend(group) == "gloo":  # gloo has no AVG
+                direct = self._direct_all_reduce(c.group, group)
+                if direct is not None:
+                    direct(out, op)
+                elif op == dist.ReduceOp.AVG and dist.get_backend(group) == "gloo":  # gloo has no AVG
                     dist.all_reduce(out, dist.ReduceOp.SUM, group=group)
                     out /= dist.get_world_size(group)
                 else:
