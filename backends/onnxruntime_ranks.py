@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import onnx
 import torch
 
-from ..ir.collectives import ALL_GATHER, ALL_REDUCE, GROUP, WAIT, bind_process_group, group_names
+from ..ir.collectives import ALL_GATHER, ALL_REDUCE, GROUP, WAIT, bind_process_group, group_names, in_place_all_reduce
 from ..ir.graph import Graph
 from .base import BackendError, CompiledModel
 from .onnxruntime import default_providers, export_onnx_program, new_session, run_without_copies, session_options
@@ -273,17 +273,9 @@ class OnnxRuntimeRankModel(CompiledModel):
         return self._groups[name]
 
     def _direct_all_reduce(self, name: str, group):
-        """The group's own in-place all-reduce where its backend offers one
-        (``all_reduce_tensor``: fxopt's shared-memory group), else None
-        (``dist.all_reduce``). A one-token step runs two collectives per layer,
-        and torch.distributed's way into a backend written in Python costs more
-        than the exchange itself."""
+        """:func:`~fxopt.ir.collectives.in_place_all_reduce` of the group, once per group."""
         if name not in self._direct:
-            try:
-                backend = group._get_backend(torch.device("cpu"))
-            except (AttributeError, RuntimeError):
-                backend = group
-            self._direct[name] = getattr(backend, "all_reduce_tensor", None)
+            self._direct[name] = in_place_all_reduce(group)
         return self._direct[name]
 
     def _collective(self, c: Collective, env: dict, fed: set) -> None:

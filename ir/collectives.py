@@ -76,6 +76,20 @@ def bind_group(graph, group_name: str, placeholder: str = GROUP):
     return bound
 
 
+def in_place_all_reduce(group):
+    """``group``'s own all-reduce of a tensor in place, ``fn(tensor, op)``
+    (``op`` a ``torch.distributed.ReduceOp``), where the group offers one
+    (``all_reduce_tensor``: fxopt's shared-memory group), else None. The
+    backends call it instead of torch.distributed's entry points, whose way into
+    a group written in Python (the dispatcher calling back into Python, a
+    ``Work`` per call) costs more than the exchange of one token's hidden state."""
+    try:
+        backend = group._get_backend(torch.device("cpu"))
+    except (AttributeError, RuntimeError):  # the group is the backend itself
+        backend = group
+    return getattr(backend, "all_reduce_tensor", None)
+
+
 class ProcessGroupError(RuntimeError):
     """A graph with collectives was run without a process group that fits it."""
 

@@ -416,22 +416,29 @@ def check_collectives(mesh):
 
 
 def tiny_logits(mesh):
-    """The hand-written rank graph's logits on both backends, run on the mesh's group."""
+    """The hand-written rank graph's logits on both backends, run on the mesh's
+    group, and how often each backend went through torch.distributed's entry
+    points into the group (``dist.all_reduce``, or the group's ``allreduce``
+    that torch.distributed calls) rather than the group's own in-place
+    all-reduce."""
     import fxopt
+    from fxopt.shared_memory_group import SharedMemoryGroup
 
     graph = rank_graph(mesh)
-    model = fxopt.compile(graph, "onnxruntime", intra_op_threads=1)
-    through_dist = []  # the ONNX Runtime runner's calls of dist.all_reduce
-    all_reduce = dist.all_reduce
-    dist.all_reduce = lambda *args, **kwargs: (through_dist.append(1), all_reduce(*args, **kwargs))[1]
-    try:
-        with torch.no_grad():  # numpy arrays: they travel to the parent by value
-            out = model(ids()).numpy()
-    finally:
-        dist.all_reduce = all_reduce
-    with torch.no_grad():
-        eager = graph.module(ids()).numpy()
-    return {"transport": mesh.transport, "eager": eager, "onnxruntime": out, "through_dist": len(through_dist)}
+    models = {"eager": fxopt.compile(graph, "eager"), "onnxruntime": fxopt.compile(graph, "onnxruntime", intra_op_threads=1)}
+    report = {"transport": mesh.transport}
+    all_reduce, allreduce = dist.all_reduce, SharedMemoryGroup.allreduce
+    for backend, model in models.items():
+        entries = []
+        dist.all_reduce = lambda *args, **kwargs: (entries.append(1), all_reduce(*args, **kwargs))[1]
+        SharedMemoryGroup.allreduce = lambda self, *args, **kwargs: (entries.append(1), allreduce(self, *args, **kwargs))[1]
+        try:
+            with torch.no_grad():  # numpy arrays: they travel to the parent by value
+                report[backend] = model(ids()).numpy()
+        finally:
+            dist.all_reduce, SharedMemoryGroup.allreduce = all_reduce, allreduce
+        report[f"{backend} through torch.distributed"] = len(entries)
+    return report
 
 
 def refuse_point_to_point(mesh):
