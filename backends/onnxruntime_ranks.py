@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import onnx
 import torch
 
-from ..ir.collectives import ALL_GATHER, ALL_REDUCE, GROUP, WAIT, bind_process_group, group_names, in_place_all_reduce
+from ..ir.collectives import (ALL_GATHER, ALL_REDUCE, GROUP, WAIT, bind_process_group, group_names, in_place_all_reduce,
+                              process_group_named, reduce_op)
 from ..ir.graph import Graph
 from .base import BackendError, CompiledModel
 from .onnxruntime import default_providers, export_onnx_program, new_session, run_without_copies, session_options
@@ -259,14 +260,13 @@ class OnnxRuntimeRankModel(CompiledModel):
         """The process group a collective's group name resolves to."""
         if name not in self._groups:
             import torch.distributed as dist
-            from torch.distributed.distributed_c10d import _resolve_process_group
 
             if not dist.is_available() or not dist.is_initialized():
                 raise BackendError(f"{self.graph.name} holds collectives but no process group is initialized: launch "
                                    "with `torchrun --nproc-per-node N ...` (or `fxopt optimize ... --tensor-parallel N`) "
                                    "and call fxopt.launch.init() before running it")
             try:
-                self._groups[name] = _resolve_process_group(name)
+                self._groups[name] = process_group_named(name)
             except Exception as e:
                 raise BackendError(f"{self.graph.name}: no process group named {name!r} in this process ({e}); bind the "
                                    "graph to a group of this run with fxopt.parallel.bind_process_group") from None
@@ -289,8 +289,7 @@ class OnnxRuntimeRankModel(CompiledModel):
                 # (a session may hand an input back as an output).
                 own = c.in_place and x.is_contiguous() and x.untyped_storage().data_ptr() not in fed
                 out = x if own else x.contiguous().clone()
-                op = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX,
-                      "min": dist.ReduceOp.MIN, "product": dist.ReduceOp.PRODUCT}[c.reduce_op]
+                op = reduce_op(c.reduce_op)
                 direct = self._direct_all_reduce(c.group, group)
                 if direct is not None:
                     direct(out, op)

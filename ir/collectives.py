@@ -76,6 +76,25 @@ def bind_group(graph, group_name: str, placeholder: str = GROUP):
     return bound
 
 
+REDUCE_OPS = ("sum", "avg", "max", "min", "product")  # the ``op`` strings of ``all_reduce``
+
+
+def reduce_op(name: str):
+    """``torch.distributed.ReduceOp`` of an ``all_reduce``'s ``op`` string."""
+    import torch.distributed as dist
+
+    return {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
+            "product": dist.ReduceOp.PRODUCT}[name]
+
+
+def process_group_named(name: str):
+    """This process's process group named ``name`` (``ProcessGroup.group_name``,
+    what a bound graph's collectives name); raises if there is none."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
 def in_place_all_reduce(group):
     """``group``'s own all-reduce of a tensor in place, ``fn(tensor, op)``
     (``op`` a ``torch.distributed.ReduceOp``), where the group offers one
