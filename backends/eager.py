@@ -86,6 +86,8 @@ def reducing_in_place(graph: Graph) -> torch.nn.Module:
     attributes and in which that all-reduce and its ``wait_tensor`` are one
     :class:`InPlaceAllReduce`. ``graph`` itself (what is saved and printed)
     keeps the functional collectives."""
+    if not any(n.op == "call_function" and n.target == ALL_REDUCE for n in graph.fx.nodes):
+        return graph.module
     fx_graph = copy.deepcopy(graph.fx)
     replaced = []
     for node in [n for n in fx_graph.nodes if n.op == "call_function" and n.target == ALL_REDUCE]:
