@@ -297,8 +297,9 @@ class SharedMemoryGroup(dist.ProcessGroup):
     def all_reduce_tensor(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
         """``t`` reduced over the group in place: ``dist.all_reduce(t, op,
         group)`` without torch.distributed's round trip (its dispatcher calling
-        back into Python and a ``Work`` per call, tens of microseconds against a
-        few for the exchange). The ONNX Runtime rank runner calls it directly."""
+        back into Python and a ``Work`` per call, which cost more than the
+        exchange itself). Both backends call it directly
+        (:func:`fxopt.ir.collectives.in_place_all_reduce`)."""
         parts = self._exchange(t, "all_reduce")
         out = t.view(-1) if t.is_contiguous() else torch.empty(t.numel(), dtype=t.dtype)
         if op == dist.ReduceOp.SUM or op == dist.ReduceOp.AVG:
