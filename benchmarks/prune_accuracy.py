@@ -65,6 +65,11 @@ QUANTIZE = [
 # per-layer ratios, attention against MLP under one budget (attention is a third of MiniLM's linear
 # weights: 30% of it and 60% of the MLP remove half). Most important first: rows run in that order.
 STUDY = [
+    "prune(method=sparsegpt,ratio=0.5,refit=model,refit_rounds=8)@2048",
+    "prune(method=sparsegpt,pattern='2:4',refit=model,refit_rounds=3)@2048",
+    "prune(method=sparsegpt,ratio=0.5,refit=model,refit_rounds=3)@512",
+    "prune(method=sparsegpt,ratio=0.5,refit=model)@2048",
+    "prune(method=sparsegpt,pattern='2:4',refit=model)@2048",
     "prune(method=sparsegpt,ratio=0.5,refit=model)",
     "prune(method=sparsegpt,pattern='2:4',refit=model)",
     "prune(method=sparsegpt,ratio=0.5,refit=model)@512",
