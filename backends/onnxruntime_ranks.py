@@ -173,7 +173,7 @@ class OnnxRuntimeRankModel(CompiledModel):
         self.graph = graph
         self.interface = graph.interface()
         self._groups: dict[str, object] = {}
-        self._direct: dict[str, object] = {}
+        self._in_place: dict[str, object] = {}  # group name -> its own in-place all-reduce, or None
         marked, self.collectives = _with_markers(graph)
         program = export_onnx_program(marked, opset=opset, disable_lowerings=tuple(disable_lowerings),
                                       lowerings=_marker_lowering())
@@ -270,13 +270,8 @@ class OnnxRuntimeRankModel(CompiledModel):
             except Exception as e:
                 raise BackendError(f"{self.graph.name}: no process group named {name!r} in this process ({e}); bind the "
                                    "graph to a group of this run with fxopt.parallel.bind_process_group") from None
+            self._in_place[name] = in_place_all_reduce(self._groups[name])
         return self._groups[name]
-
-    def _direct_all_reduce(self, name: str, group):
-        """:func:`~fxopt.ir.collectives.in_place_all_reduce` of the group, once per group."""
-        if name not in self._direct:
-            self._direct[name] = in_place_all_reduce(group)
-        return self._direct[name]
 
     def _collective(self, c: Collective, env: dict, fed: set) -> None:
         import torch.distributed as dist
@@ -290,7 +285,7 @@ class OnnxRuntimeRankModel(CompiledModel):
                 own = c.in_place and x.is_contiguous() and x.untyped_storage().data_ptr() not in fed
                 out = x if own else x.contiguous().clone()
                 op = reduce_op(c.reduce_op)
-                direct = self._direct_all_reduce(c.group, group)
+                direct = self._in_place[c.group]
                 if direct is not None:
                     direct(out, op)
                 elif op == dist.ReduceOp.AVG and dist.get_backend(group) == "gloo":  # gloo has no AVG

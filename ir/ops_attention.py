@@ -405,20 +405,17 @@ def _attention_with_past_onnx(q, k, v, past_k, past_v, mask=None, num_heads: int
     return _zero_masked_rows(out, keeps_row), present_k, present_v
 
 
-def apply_rotary(x: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[B, n, S, H]`` rotated as Hugging Face's ``apply_rotary_pos_emb``
-    (the two halves of the first ``R = 2 * cos_cache.shape[1]`` dims of each
-    head, the rest passed through): ``x * cos + rotate_half(x) * sin`` with
-    ``cos = cat(c, c)``, ``c = cos_cache[position_ids]`` ``[B, S, R/2]``."""
-    return _rotate(x, *_rotary_angles(cos_cache, sin_cache, position_ids))
-
-
 def _rotary_angles(cos_cache, sin_cache, position_ids):
-    """``cos``, ``sin`` ``[B, 1, S, R]`` at ``position_ids``, each half repeated."""
+    """``cos``, ``sin`` ``[B, 1, S, R]``: ``cat(c, c)`` with ``c =
+    cos_cache[position_ids]`` ``[B, S, R/2]`` (and the same for sin), looked up
+    once for the queries and the keys."""
     return (torch.cat([t[position_ids]] * 2, -1).unsqueeze(1) for t in (cos_cache, sin_cache))
 
 
 def _rotate(x, cos, sin):
+    """``x`` ``[B, n, S, H]`` rotated as Hugging Face's ``apply_rotary_pos_emb``:
+    ``x * cos + rotate_half(x) * sin`` on the first ``R`` dims of each head
+    (its two halves), the rest passed through."""
     half = cos.shape[-1] // 2
     rot, rest = x[..., :2 * half], x[..., 2 * half:]
     out = rot * cos + torch.cat([-rot[..., half:], rot[..., :half]], -1) * sin
@@ -444,8 +441,7 @@ def attention_with_past(
 
     With ``cos_cache`` / ``sin_cache`` ``[max positions, R/2]`` and
     ``position_ids`` ``[B, S]``, the new queries and keys are first rotated
-    (:func:`apply_rotary`: Hugging Face's rotary embedding, the two halves of
-    each head), and the cache holds the rotated keys. Lowers to com.microsoft
+    (Hugging Face's rotary embedding, the two halves of each head), and the cache holds the rotated keys. Lowers to com.microsoft
     GroupQueryAttention with past/present (and ``do_rotary``)."""
     if num_heads % kv_num_heads:
         raise ValueError(f"fxopt::attention_with_past: num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}")
@@ -453,7 +449,7 @@ def attention_with_past(
     if cos_cache is not None:
         if sin_cache is None or position_ids is None:
             raise ValueError("fxopt::attention_with_past: cos_cache needs sin_cache and position_ids")
-        cos, sin = _rotary_angles(cos_cache, sin_cache, position_ids)  # one lookup for the queries and the keys
+        cos, sin = _rotary_angles(cos_cache, sin_cache, position_ids)
         qh, kh_new = _rotate(qh, cos, sin), _rotate(kh_new, cos, sin)
     present_k = torch.cat([past_k, kh_new], dim=2)
     present_v = torch.cat([past_v, _split_heads(v, kv_num_heads)], dim=2)
