@@ -35,10 +35,12 @@ therefore take the mask as a finite bias and zero those rows afterwards.
   writes the heads itself (timings, and the whole-model effect measured by
   ``python benchmarks/pack_attention_ab.py``: docs/kernels.md).
 * ``fxopt::group_query_attention(q, k, v, num_heads, kv_num_heads, scale, mask,
-  causal)``: grouped-query attention on ``[B, S, heads * H]`` tensors, kv head
-  ``j`` shared by query heads ``j * N/kvN ..``, causal or with a mask; lowers to
-  com.microsoft ``GroupQueryAttention`` (prefill: no past, ``seqlens_k = S - 1``;
-  a mask goes in as the finite ``attention_bias`` with ``causal=0``).
+  causal, cos_cache, sin_cache)``: grouped-query attention on ``[B, S, heads *
+  H]`` tensors, kv head ``j`` shared by query heads ``j * N/kvN ..``, causal or
+  with a mask, optionally rotating q and k first at positions 0 .. S-1; lowers
+  to com.microsoft ``GroupQueryAttention`` (prefill: no past, ``seqlens_k = S -
+  1``; a mask goes in as the finite ``attention_bias`` with ``causal=0``; the
+  tables with ``do_rotary``).
 * ``fxopt::attention_with_past(q, k, v, past_k, past_v, mask, num_heads,
   kv_num_heads, scale, cos_cache, sin_cache, position_ids)``: a decode step
   against its key/value cache, optionally rotating q and k first (the rotary
@@ -315,14 +317,16 @@ declare(
 )
 
 
-def _gqa_fake(q, k, v, num_heads, kv_num_heads, scale, mask=None, causal=True):
+def _gqa_fake(q, k, v, num_heads, kv_num_heads, scale, mask=None, causal=True, cos_cache=None, sin_cache=None):
     return torch.empty_like(q)
 
 
-def _gqa_onnx(q, k, v, num_heads: int = 1, kv_num_heads: int = 1, scale: float = 1.0, mask=None, causal: bool = True):
+def _gqa_onnx(q, k, v, num_heads: int = 1, kv_num_heads: int = 1, scale: float = 1.0, mask=None, causal: bool = True,
+              cos_cache=None, sin_cache=None):
     # Prefill without a cache: every row holds all S keys (left padding
     # included), so the last valid key index (seqlens_k) is S - 1 for each row
     # and the total length is S; padding reaches the kernel as the mask's bias.
+    # A first prompt's rotary positions are 0 .. S-1 in the kernel too.
     seq = op.Shape(q, start=1, end=2)
     total = op.Cast(seq, to=6)  # INT32
     seqlens = op.Expand(op.Sub(total, op.CastLike(1, total)), op.Shape(q, start=0, end=1))
@@ -330,9 +334,10 @@ def _gqa_onnx(q, k, v, num_heads: int = 1, kv_num_heads: int = 1, scale: float =
     if mask is not None:
         bias, keeps_row = _finite_mask(mask, q)
         bias = op.Expand(bias, op.Concat(op.Constant(value_ints=[1, 1]), seq, seq, axis=0))
+    rotary = {} if cos_cache is None else dict(do_rotary=1, rotary_interleaved=0)
     out, _, _ = msft.GroupQueryAttention(
-        q, k, v, None, None, seqlens, op.Squeeze(total), None, None, None, bias,
-        num_heads=num_heads, kv_num_heads=kv_num_heads, scale=float(scale), causal=1 if causal else 0,
+        q, k, v, None, None, seqlens, op.Squeeze(total), cos_cache, sin_cache, None, bias,
+        num_heads=num_heads, kv_num_heads=kv_num_heads, scale=float(scale), causal=1 if causal else 0, **rotary,
     )
     return _zero_masked_rows(out, keeps_row)
 
@@ -348,7 +353,8 @@ def _zero_masked_rows(out, keeps_row):
 @define_op("group_query_attention", fake=_gqa_fake, onnx=_gqa_onnx)
 def group_query_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, kv_num_heads: int, scale: float,
-    mask: torch.Tensor | None = None, causal: bool = True,
+    mask: torch.Tensor | None = None, causal: bool = True, cos_cache: torch.Tensor | None = None,
+    sin_cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grouped-query attention on ``[B, S, heads * H]`` tensors: ``q`` has
     ``num_heads`` heads, ``k`` and ``v`` have ``kv_num_heads``, and query head
@@ -357,13 +363,25 @@ def group_query_attention(
     attends; float: added) broadcastable to ``[B, num_heads, S, S]`` (a
     left-padded prompt's causal and padding mask), where a query whose every
     key is masked gives 0, as torch's SDPA does. Returns ``[B, S, num_heads *
-    H]``. Lowers to com.microsoft GroupQueryAttention (with a mask: ``causal=0``
-    and the mask as a finite ``attention_bias``)."""
+    H]``. With ``cos_cache`` / ``sin_cache`` ``[rows >= S, R/2]``, query and
+    key ``s`` of every sequence are first rotated by row ``s`` (Hugging Face's
+    rotary embedding, the two halves of each head: positions counted from 0,
+    as in a prompt). Lowers to com.microsoft GroupQueryAttention (with a mask:
+    ``causal=0`` and the mask as a finite ``attention_bias``; with the tables:
+    ``do_rotary``)."""
     if num_heads % kv_num_heads:
         raise ValueError(f"fxopt::group_query_attention: num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}")
     if mask is not None and causal:
         raise ValueError("fxopt::group_query_attention: a mask or causal, not both (the mask holds the causal part)")
     qh, kh, vh = _split_heads(q, num_heads), _split_heads(k, kv_num_heads), _split_heads(v, kv_num_heads)
+    if cos_cache is not None:
+        seq = q.shape[1]
+        if sin_cache is None or cos_cache.shape[0] < seq:
+            raise ValueError(f"fxopt::group_query_attention: rotary tables of {cos_cache.shape[0]} rows (and a sin_cache) "
+                             f"needed for {seq} positions")
+        positions = torch.arange(seq, device=q.device)[None]
+        cos, sin = _rotary_angles(cos_cache, sin_cache, positions)
+        qh, kh = _rotate(qh, cos, sin), _rotate(kh, cos, sin)
     out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale,
                                                            enable_gqa=num_heads != kv_num_heads)
     return _merge_heads(out)

@@ -49,9 +49,14 @@ too: ``fxopt.attention_with_past(..., cos_cache, sin_cache, position_ids)``,
 GroupQueryAttention's ``do_rotary`` with the tables as constants and the
 model's positions per row, for heads of a multiple of 16 (the kernel's
 rotary; stats ``rotary``; why a rotation stayed in the graph:
-``rotary_refused``). A prompt's rotation stays in the graph: the kernel
-reads one start position for all rows of a prompt, and a left-padded batch's
-rows start at different positions.
+``rotary_refused``). A prompt's rotation moves into
+``fxopt.group_query_attention(..., cos_cache, sin_cache)`` when its tables
+read no input (a forward traced with static shapes that counts its positions
+from 0 itself: the tables, evaluated, are the rows of positions 0 .. S-1,
+which the kernel reads for a prompt) and nothing else reads the rotated query
+and key; a prompt at the positions of an input stays rotated in the graph: the
+kernel counts every row of a prompt from 0, and a left-padded batch's rows
+start elsewhere.
 
 Refuses (the SDPA stays, for the generic MultiHeadAttention lowering; the
 reason is in ``stats["refused"]``, node name -> reason): a float or boolean
@@ -286,8 +291,8 @@ class PackAttention(Pass):
     packed = Option(True, help="lower packed-QKV attention to fxopt.packed_attention")
     gqa = Option(True, help="lower grouped-query attention to fxopt.group_query_attention")
     cache = Option(True, help="lower a decode step's attention against concat(past, new) to fxopt.attention_with_past")
-    rotary = Option(True, help="fold the rotary embedding of a decode step's query and key into fxopt.attention_with_past "
-                               "(GroupQueryAttention's do_rotary)")
+    rotary = Option(True, help="fold the rotary embedding of the query and key into the attention op "
+                               "(GroupQueryAttention's do_rotary): a decode step's, and a prompt's of fixed positions")
     # After quantize: a per-tensor dynamic int8 QKV projection moves into the
     # int8 packed op; any other quantized one is kept (its attention refused)
     # rather than left in float inside the packed op.
@@ -336,7 +341,7 @@ class PackAttention(Pass):
         if kv_heads != heads or val(v_src).shape[1] != heads:
             if not self.gqa:
                 raise Refuse("grouped-query attention (gqa=false)")
-            return self._lower_gqa(graph, sdpa, q, k, v, k_src, v_src, mask, causal, scale)
+            return self._lower_gqa(graph, sdpa, q, k, v, k_src, v_src, mask, causal, scale, stats)
         if enable_gqa and kv.shape[1] != heads:
             raise Refuse("enable_gqa with mismatched heads")
         if not self.packed:
@@ -411,7 +416,7 @@ class PackAttention(Pass):
         return "packed"
 
     # -- grouped-query ------------------------------------------------------------
-    def _lower_gqa(self, graph, sdpa, q, k, v, k_src, v_src, mask, causal, scale) -> str:
+    def _lower_gqa(self, graph, sdpa, q, k, v, k_src, v_src, mask, causal, scale, stats) -> str:
         if mask is not None and causal:
             raise Refuse("GQA with both a mask and is_causal")
         if mask is not None and val(mask).dim() > 4:
@@ -421,10 +426,11 @@ class PackAttention(Pass):
         if not (_static_int(kv_heads) and heads % kv_heads == 0) or val(v_src).shape[1] != kv_heads:
             raise Refuse(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
         merged = _merge_of(graph, sdpa, self._dead)
+        q_in, k_in, rotary = self._rotary(graph, sdpa, q, k_src, stats, prompt=True)
         with graph.fx.inserting_before(merged or sdpa):
-            qs, ks, vs = (_to_bsd(graph, t) for t in (q, k_src, v_src))
-            args = (qs, ks, vs, heads, kv_heads, scale) + (() if causal else (mask, False))
-            out = graph.fx.call_function(torch.ops.fxopt.group_query_attention.default, args)
+            qs, ks, vs = (_to_bsd(graph, t) for t in (q_in, k_in, v_src))
+            args = (qs, ks, vs, heads, kv_heads, scale) + (() if causal and not rotary else (mask, bool(causal)))
+            out = graph.fx.call_function(torch.ops.fxopt.group_query_attention.default, args + rotary)
             self._replace(graph, sdpa, merged, out, heads, head)
         return "gqa"
 
@@ -453,7 +459,7 @@ class PackAttention(Pass):
         if early:
             raise Refuse(f"the grown cache is read before the attention by {early}")
         merged = _merge_of(graph, sdpa, self._dead)
-        q_in, k_in, rotary = self._rotary(graph, sdpa, q, new_k, stats)
+        q_in, k_in, rotary = self._rotary(graph, sdpa, q, new_k, stats, prompt=False)
         with graph.fx.inserting_before(sdpa):
             qs, ks, vs = (_to_bsd(graph, t) for t in (q_in, k_in, new_v))
             node = graph.fx.call_function(ATTENTION_WITH_PAST, (qs, ks, vs, past_k, past_v, mask, heads, kv_heads, scale,
@@ -464,11 +470,13 @@ class PackAttention(Pass):
         self._replace(graph, sdpa, merged, out, heads, head)
         return "cache"
 
-    def _rotary(self, graph, sdpa, q, k, stats) -> tuple[fx.Node, fx.Node, tuple]:
-        """``(x_q, x_k, (cos table, sin table, positions))`` when ``q`` and ``k``
-        are the rotary embedding of ``x_q`` and ``x_k`` by one pair of tables
-        the kernel can take (:mod:`.analyses.rotary`); else ``(q, k, ())``, the
-        rotation left in the graph (why in ``stats["rotary_refused"]``)."""
+    def _rotary(self, graph, sdpa, q, k, stats, prompt: bool) -> tuple[fx.Node, fx.Node, tuple]:
+        """``(x_q, x_k, (cos table, sin table[, positions]))`` when ``q`` and
+        ``k`` are the rotary embedding of ``x_q`` and ``x_k`` by one pair of
+        tables the kernel can take (:mod:`.analyses.rotary`): a decode step's
+        indexed by a positions input, a prompt's fixed (positions 0 .. S-1, what
+        the kernel counts for a prompt); else ``(q, k, ())``, the rotation left
+        in the graph (why in ``stats["rotary_refused"]``)."""
         if not self.rotary:
             return q, k, ()
         rope = self.analysis(RotaryEmbeddings, graph)
@@ -484,6 +492,13 @@ class PackAttention(Pass):
             if head % 16:
                 raise NotRotary(f"head size {head}: GroupQueryAttention rotates heads of a multiple of 16 only")
             tables = rope.tables(rq)
+            if prompt and tables.positions is not None:
+                raise NotRotary(f"a prompt rotated at the positions of %{tables.positions.name}: GroupQueryAttention "
+                                "rotates a prompt from position 0 in every row (a left-padded row starts elsewhere)")
+            if not prompt and tables.positions is None:
+                raise NotRotary("the rotary tables read no positions input: a decode step's positions are not fixed")
+            if prompt and (_users(q, self._dead) - {sdpa} or _users(k, self._dead) - _chain(sdpa.args[1], k) - {sdpa}):
+                raise NotRotary("the rotated query or key is read elsewhere (a cache output): the rotation would run twice")
         except NotRotary as e:
             stats["rotary_refused"][sdpa.name] = str(e)
             return q, k, ()
@@ -491,7 +506,7 @@ class PackAttention(Pass):
             self._tables[id(tables)] = (graph.add_constant(tables.cos, "rotary_cos_cache"),
                                         graph.add_constant(tables.sin, "rotary_sin_cache"))
         stats["rotary"] += 1
-        return rq.x, rk.x, (*self._tables[id(tables)], tables.positions)
+        return rq.x, rk.x, (*self._tables[id(tables)], *(() if prompt else (tables.positions,)))
 
     @staticmethod
     def _replace(graph, sdpa, merged, out, heads, head) -> None:

@@ -560,3 +560,89 @@ def test_decode_rotary_stays_in_the_graph_when_the_tables_cannot_be_read(model, 
     assert (stats["cache"], stats["rotary"]) == (1, 0)
     assert [reason in r for r in stats["rotary_refused"].values()] == [True], stats["rotary_refused"]
     assert count(out, aten.cos.default) == 1 and [len(n.args) for n in out.fx.nodes if n.target == WITH_PAST] == [9]
+
+
+# -- the rotary embedding of a prompt at fixed positions -> group_query_attention's do_rotary ------------------
+
+class RotaryPromptAttention(torch.nn.Module):
+    """A Llama-style prompt attention (4 query heads over 2 KV heads, causal):
+    q and k rotated by transformers' ``apply_rotary_pos_emb``. ``positions``:
+    ``"counted"`` (``arange`` of the length, as a forward without a positions
+    input), ``"input"`` (read from ``position_ids``); ``emit_key`` also
+    returns the rotated key (as a prefill returns its cache)."""
+
+    def __init__(self, positions: str = "counted", emit_key: bool = False, heads: int = 4, kv_heads: int = 2, head: int = 16):
+        super().__init__()
+        self.positions, self.emit_key = positions, emit_key
+        self.heads, self.kv_heads, self.head = heads, kv_heads, head
+        self.q = torch.nn.Linear(32, heads * head, bias=False)
+        self.kv = torch.nn.Linear(32, 2 * kv_heads * head, bias=False)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, head, 2).float() / head))
+
+    def forward(self, x, position_ids):
+        b, s, _ = x.shape
+        pos = position_ids if self.positions == "input" else torch.arange(s)[None].expand(b, s)
+        freqs = pos[:, :, None].float() * self.inv_freq
+        emb = torch.cat([freqs, freqs], -1)
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+        q = self.q(x).view(b, s, self.heads, self.head).transpose(1, 2)
+        k, v = (t.view(b, s, self.kv_heads, self.head).transpose(1, 2) for t in self.kv(x).chunk(2, -1))
+        q, k = (t * cos + RotaryCachedAttention.rotate_half(t) * sin for t in (q, k))
+        rep = self.heads // self.kv_heads
+        kr, vr = (c[:, :, None].expand(b, self.kv_heads, rep, s, self.head).reshape(b, self.heads, s, self.head) for c in (k, v))
+        out = F.scaled_dot_product_attention(q, kr, vr, is_causal=True).transpose(1, 2).reshape(b, s, -1)
+        return (out, k) if self.emit_key else out
+
+
+def prompt_inputs(batch=2, seq=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, seq, 32, generator=g), torch.arange(seq)[None].expand(batch, seq).contiguous()
+
+
+def trace_prompt(model, dynamic=False):
+    torch.manual_seed(0)
+    dims = ({0: Dim("batch"), 1: Dim("seq")}, {0: Dim("batch"), 1: Dim("seq")}) if dynamic else None
+    graph = fxopt.trace(model.eval(), prompt_inputs(), dynamic_shapes=dims)
+    graph.value_bounds["position_ids"] = 64
+    return graph
+
+
+def test_prompt_rotary_at_counted_positions_moves_into_group_query_attention(tmp_path):
+    model = RotaryPromptAttention()
+    out, stats = pack_rotary(trace_prompt(model))
+    assert (stats["gqa"], stats["rotary"], stats["rotary_refused"]) == (1, 1, {})
+    assert all(count(out, op) == 0 for op in (aten.cos.default, aten.sin.default, aten.neg.default, aten.cat.default))
+    (node,) = [n for n in out.fx.nodes if n.target == GQA]
+    assert tuple(out.constant(node.args[8]).shape) == (7, 8)  # the rows of positions 0 .. 6, half a head each
+    model_onnx = onnx.load(str(fxopt.export_onnx(out, tmp_path / "m.onnx")))
+    (gqa,) = [n for n in model_onnx.graph.node if n.op_type == "GroupQueryAttention"]
+    assert {a.name: a.i for a in gqa.attribute if a.name in ("do_rotary", "rotary_interleaved")} == {"do_rotary": 1, "rotary_interleaved": 0}
+    assert not {"Sin", "Cos", "Neg"} & {n.op_type for n in model_onnx.graph.node}
+    for seed in (0, 1):
+        inputs = prompt_inputs(seed=seed)
+        with torch.no_grad():
+            ref = model(*inputs)
+        for backend in ("eager", "onnxruntime"):
+            assert fxopt.compare(ref, fxopt.compile(out, backend)(*inputs)).within(1e-5), backend
+
+
+def test_static_llama_prompt_rotation_runs_inside_the_attention_op():
+    spec = built(llama, "tiny", attn_implementation="eager")
+    graph, stats = pack(spec, dynamic=False)
+    assert (stats["gqa"], stats["rotary"], stats["rotary_refused"]) == (2, 2, {})
+    assert count(graph, aten.neg.default) == 0
+    assert len({n.args[8] for n in graph.fx.nodes if n.target == GQA}) == 1  # one pair of tables for both layers
+    ops = onnx_ops(assert_parity(spec, graph, inputs=[spec.example_inputs]))
+    assert ops.count(("com.microsoft", "GroupQueryAttention")) == 2 and ("", "Neg") not in ops
+
+
+@pytest.mark.parametrize("model, dynamic, reason", [
+    (RotaryPromptAttention(positions="input"), False, "a prompt rotated at the positions of %position_ids"),
+    (RotaryPromptAttention(emit_key=True), False, "read elsewhere"),
+    (RotaryPromptAttention(), True, "symbolic length"),
+], ids=["positions-input", "key-emitted", "dynamic-length"])
+def test_prompt_rotary_stays_in_the_graph_when_the_kernel_would_differ(model, dynamic, reason):
+    out, stats = pack_rotary(trace_prompt(model, dynamic))  # check_numerics: the graph still computes the model
+    assert (stats["gqa"], stats["rotary"]) == (1, 0)
+    assert [reason in r for r in stats["rotary_refused"].values()] == [True], stats["rotary_refused"]
+    assert count(out, aten.neg.default) == 2 and [len(n.args) for n in out.fx.nodes if n.target == GQA] == [6]

@@ -31,6 +31,15 @@ with the reason): another input or an op that is not position-wise in the
 slice, positions that are not an integer input with a bound, tables whose
 halves differ (interleaved or other layouts), a dtype other than the
 query's.
+
+**Fixed tables**: a forward traced without a positions input computes its
+positions itself (``arange`` of the sequence length). When the slice reads no
+graph input at all and its shapes are static, it is evaluated once: row ``s``
+of the result is the angle of query ``s`` of every sequence, which is what a
+prompt kernel that counts positions from 0 reads at row ``s``
+(``RotaryTables.positions`` is None). Refused: a symbolic sequence length (the
+tables' length is not known), sequences of the batch rotated differently, an
+op that is not pure in the slice.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ...ir.nodes import is_call, same_shape, val
+from ...ir.nodes import is_call, is_pure, same_shape, val
 from ..analysis import Analysis
 from ..rewrite import Match, Pattern, Reject, match_at
 
@@ -64,11 +73,13 @@ class Rotation:
 @dataclass(frozen=True)
 class RotaryTables:
     """``cos_node[b, 0, s] == cat(cos[p], cos[p])`` with ``p = positions[b, s]``
-    (and the same for sin): ``cos`` and ``sin`` are ``[rows, H/2]``."""
+    (and the same for sin): ``cos`` and ``sin`` are ``[rows, H/2]``. Fixed
+    tables (``positions`` None): ``p = s`` for every sequence, ``rows`` the
+    traced sequence length."""
 
     cos: torch.Tensor
     sin: torch.Tensor
-    positions: fx.Node
+    positions: fx.Node | None
 
 
 def _rotate_half(x, cos, sin, half: int):  # transformers' apply_rotary_pos_emb, one of q / k
@@ -124,7 +135,16 @@ class RotaryFacts:
 
     # -- reading the tables ---------------------------------------------------------
     def _read(self, r: Rotation) -> RotaryTables:
-        nodes, inputs = self._slice([r.cos, r.sin])
+        nodes, inputs, mixing = self._slice([r.cos, r.sin])
+        if not inputs:
+            return self._fixed(r, nodes)
+        sizes = [n for n in nodes if is_call(n, {aten.sym_size.int})]
+        if sizes and all(u in sizes for p in inputs for u in p.users if u in nodes):
+            raise NotRotary(f"the rotary tables read only the symbolic length of {sorted(p.name for p in inputs)} "
+                            "(positions counted from 0 by the graph): their length is not known before a call")
+        if mixing is not None:
+            raise NotRotary(f"%{mixing.name} ({mixing.target}) is not a position-wise op: the rotary tables could mix "
+                            "positions")
         if len(inputs) != 1:
             raise NotRotary(f"the rotary tables read {len(inputs)} graph inputs "
                             f"({sorted(p.name for p in inputs)}), not one (the positions)")
@@ -144,6 +164,27 @@ class RotaryFacts:
         for table, spot in ((cos, env[r.cos]), (sin, env[r.sin])):
             if not torch.allclose(spot[:, 0], table[at], rtol=1e-6, atol=1e-6):
                 raise NotRotary("the rotary tables are not a function of each token's position alone")
+        return self._halves(cos, sin, xv, positions)
+
+    def _fixed(self, r: Rotation, nodes: list[fx.Node]) -> RotaryTables:
+        impure = [n for n in nodes if n.op == "call_function" and not is_pure(n)]
+        if impure:
+            raise NotRotary(f"%{impure[0].name} ({impure[0].target}) is not a pure op: the rotary tables cannot be "
+                            "evaluated ahead of time")
+        xv = val(r.x)
+        if not all(isinstance(d, int) for t in (r.cos, r.sin) for d in val(t).shape):
+            raise NotRotary(f"the rotary tables read no positions input and the sequence length {xv.shape[2]} is "
+                            "symbolic: their length is not known before a call")
+        env = self._evaluate(nodes, None, None)
+        cos, sin = env[r.cos], env[r.sin]  # [B|1, 1, S, H]
+        if not (torch.equal(cos, cos[:1].expand_as(cos)) and torch.equal(sin, sin[:1].expand_as(sin))):
+            raise NotRotary("the sequences of the batch are rotated by different tables")
+        return self._halves(cos[0, 0], sin[0, 0], xv, None)
+
+    @staticmethod
+    def _halves(cos, sin, xv, positions) -> RotaryTables:
+        """The kernel's tables: the first half of ``cos`` / ``sin`` ``[rows, H]``
+        rows, whose halves must be equal (the standard half rotation)."""
         half = cos.shape[1] // 2
         for name, table in (("cos", cos), ("sin", sin)):
             if not torch.allclose(table[:, :half], table[:, half:], rtol=1e-6, atol=1e-6):
@@ -152,8 +193,10 @@ class RotaryFacts:
             raise NotRotary(f"rotary tables in {cos.dtype}, the query in {xv.dtype}")
         return RotaryTables(cos[:, :half].contiguous(), sin[:, :half].contiguous(), positions)
 
-    def _slice(self, roots: list[fx.Node]) -> tuple[list[fx.Node], set[fx.Node]]:
-        seen, inputs, stack = set(), set(), list(roots)
+    def _slice(self, roots: list[fx.Node]) -> tuple[list[fx.Node], set[fx.Node], fx.Node | None]:
+        """The backward slice of ``roots`` in graph order, the graph inputs it
+        reads, and its first op that is not position-wise (None if none)."""
+        seen, inputs, stack, mixing = set(), set(), list(roots), None
         while stack:
             n = stack.pop()
             if n in seen:
@@ -164,12 +207,14 @@ class RotaryFacts:
             elif n.op == "get_attr":
                 if self.graph.constant(n) is None:
                     raise NotRotary(f"%{n.name} is not a constant")
-            elif n.op == "call_function" and (n.target in _POSITION_WISE or self._last_dim_cat(n)):
+            elif n.op == "call_function":
+                if mixing is None and not (n.target in _POSITION_WISE or self._last_dim_cat(n)):
+                    mixing = n
                 stack += n.all_input_nodes
             else:
-                raise NotRotary(f"%{n.name} ({n.target}) is not a position-wise op: the rotary tables could mix positions")
+                raise NotRotary(f"%{n.name} ({n.op}) cannot be read as part of a rotary table")
         order = {n: i for i, n in enumerate(self.graph.fx.nodes)}
-        return sorted(seen, key=order.__getitem__), inputs
+        return sorted(seen, key=order.__getitem__), inputs, mixing
 
     @staticmethod
     def _last_dim_cat(n: fx.Node) -> bool:
@@ -180,7 +225,7 @@ class RotaryFacts:
 
     def _evaluate(self, nodes: list[fx.Node], positions: fx.Node, at: torch.Tensor) -> dict[fx.Node, object]:
         """Every node of the slice, run with ``positions`` = ``at``."""
-        env: dict[fx.Node, object] = {positions: at}
+        env: dict[fx.Node, object] = {} if positions is None else {positions: at}
         with torch.no_grad():
             for n in nodes:
                 if n.op == "get_attr":
