@@ -51,6 +51,7 @@ therefore take the mask as a finite bias and zero those rows afterwards.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from onnxscript import opset18 as op
@@ -366,7 +367,9 @@ def group_query_attention(
     H]``. With ``cos_cache`` / ``sin_cache`` ``[rows >= S, R/2]``, query and
     key ``s`` of every sequence are first rotated by row ``s`` (Hugging Face's
     rotary embedding, the two halves of each head: positions counted from 0,
-    as in a prompt). Lowers to com.microsoft GroupQueryAttention (with a mask:
+    as in a prompt). A mask that is exactly causal at the call (a prompt
+    without padding) runs as ``is_causal``. Lowers to com.microsoft
+    GroupQueryAttention (with a mask:
     ``causal=0`` and the mask as a finite ``attention_bias``; with the tables:
     ``do_rotary``)."""
     if num_heads % kv_num_heads:
@@ -382,9 +385,47 @@ def group_query_attention(
         positions = torch.arange(seq, device=q.device)[None]
         cos, sin = _rotary_angles(cos_cache, sin_cache, positions)
         qh, kh = _rotate(qh, cos, sin), _rotate(kh, cos, sin)
+    if mask is not None and _mask_is_causal(mask, q.shape[1]):
+        mask, causal = None, True  # the causal kernel skips the blocks above the diagonal
     out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale,
                                                            enable_gqa=num_heads != kv_num_heads)
     return _merge_heads(out)
+
+
+class _LastMask(threading.local):
+    tensor: torch.Tensor | None = None
+    version: int = -1
+    causal: bool = False
+    lower: torch.Tensor | None = None  # the causal mask of the last length checked
+
+
+_LAST_MASK = _LastMask()
+
+
+def _mask_is_causal(mask: torch.Tensor, seq: int) -> bool:
+    """Whether a prompt's ``mask`` ``[B|1, N|1, S, S]`` is, at this call,
+    exactly the causal mask (boolean: True on and below the diagonal only;
+    float: 0 there and <= -1e30 above, which weighs exactly 0), as it is for
+    a batch without padding. One mask goes to every layer of a forward: the
+    answer for the last mask is kept with the tensor itself (held, so that its
+    identity and version counter name it and no other tensor takes its place);
+    an inference-mode tensor has no version counter and is checked each call."""
+    last = _LAST_MASK
+    tracked = not mask.is_inference()
+    if tracked and last.tensor is mask and last.version == mask._version:
+        return last.causal
+    causal = False
+    if mask.dim() == 4 and tuple(mask.shape[-2:]) == (seq, seq):
+        lower = last.lower
+        if lower is None or lower.shape[0] != seq or lower.device != mask.device:
+            lower = last.lower = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
+        if mask.dtype == torch.bool:
+            causal = torch.equal(mask, lower.expand(mask.shape))
+        elif mask.is_floating_point():
+            causal = bool(((mask == 0) == lower).all()) and bool((mask.masked_fill(lower, -math.inf) <= -1e30).all())
+    if tracked:
+        last.tensor, last.version, last.causal = mask, mask._version, causal
+    return causal
 
 
 # --------------------------------------------------------------------------

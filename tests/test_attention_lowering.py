@@ -176,6 +176,34 @@ class MaskedSDPA(torch.nn.Module):
                                               enable_gqa=self.kv_heads < q.shape[1])
 
 
+@pytest.mark.parametrize("inference", [False, True], ids=["tracked", "inference-mode"])
+def test_group_query_attention_runs_a_mask_that_is_causal_as_is_causal(monkeypatch, inference):
+    """An unpadded prompt's mask is exactly causal: the eager kernel gives it to
+    SDPA as ``is_causal`` (whose kernel skips the blocks above the diagonal);
+    a padded one, or one changed in place since, stays a mask."""
+    torch.manual_seed(0)
+    q, (k, v) = torch.randn(2, 6, 4 * 16), (torch.randn(2, 6, 2 * 16) for _ in range(2))
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append((kw["attn_mask"] is None, kw["is_causal"])) or sdpa(*a, **kw))
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].clone()
+    padded = causal.expand(2, 1, 6, 6).clone()
+    padded[1, :, :, 0] = False  # row 1 left-padded by one token
+    additive = torch.zeros(1, 1, 6, 6).masked_fill(~causal, -torch.inf)
+    with torch.inference_mode(inference):
+        for mask, as_causal in ((causal, True), (causal, True), (padded, False), (additive, True)):
+            calls.clear()
+            out = torch.ops.fxopt.group_query_attention(q, k, v, 4, 2, 0.25, mask, False)
+            assert calls == [(as_causal, as_causal)]
+            ref = sdpa(*(t.view(2, 6, -1, 16).transpose(1, 2) for t in (q, k, v)), attn_mask=mask, scale=0.25, enable_gqa=True)
+            torch.testing.assert_close(out, ref.transpose(1, 2).reshape(2, 6, -1), atol=1e-6, rtol=1e-6)
+        calls.clear()
+        torch.ops.fxopt.group_query_attention(q, k, v, 4, 2, 0.25, causal, False)
+        causal[0, 0, 5, 2] = False  # the tensor just found causal, changed in place: checked again
+        torch.ops.fxopt.group_query_attention(q, k, v, 4, 2, 0.25, causal, False)
+        assert calls == [(True, True), (False, False)]
+
+
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["multihead-attention", "generic-lowering"])
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_fully_masked_query_rows_give_zeros_on_onnxruntime(kind, kv_heads):
