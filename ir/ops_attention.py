@@ -39,8 +39,8 @@ therefore take the mask as a finite bias and zero those rows afterwards.
   H]`` tensors, kv head ``j`` shared by query heads ``j * N/kvN ..``, causal or
   with a mask, optionally rotating q and k first at positions 0 .. S-1; lowers
   to com.microsoft ``GroupQueryAttention`` (prefill: no past, ``seqlens_k = S -
-  1``; a mask goes in as the finite ``attention_bias`` with ``causal=0``; the
-  tables with ``do_rotary``).
+  1``; a mask goes in as the finite ``attention_bias``, with ``causal=1`` when
+  the mask masks every key after its query; the tables with ``do_rotary``).
 * ``fxopt::attention_with_past(q, k, v, past_k, past_v, mask, num_heads,
   kv_num_heads, scale, cos_cache, sin_cache, position_ids)``: a decode step
   against its key/value cache, optionally rotating q and k first (the rotary
@@ -363,20 +363,20 @@ def group_query_attention(
     (``causal``), or with ``mask``: an SDPA ``attn_mask`` (boolean: True
     attends; float: added) broadcastable to ``[B, num_heads, S, S]`` (a
     left-padded prompt's causal and padding mask), where a query whose every
-    key is masked gives 0, as torch's SDPA does. Returns ``[B, S, num_heads *
+    key is masked gives 0, as torch's SDPA does; ``causal`` with a mask says
+    the mask masks every key after its query (the kernel may skip them). Returns ``[B, S, num_heads *
     H]``. With ``cos_cache`` / ``sin_cache`` ``[rows >= S, R/2]``, query and
     key ``s`` of every sequence are first rotated by row ``s`` (Hugging Face's
     rotary embedding, the two halves of each head: positions counted from 0,
     as in a prompt). A mask that is exactly causal at the call (a prompt
     without padding) runs as ``is_causal``. Lowers to com.microsoft
-    GroupQueryAttention (with a mask:
-    ``causal=0`` and the mask as a finite ``attention_bias``; with the tables:
-    ``do_rotary``)."""
+    GroupQueryAttention (with a mask: the mask as a finite ``attention_bias``,
+    ``causal`` as given; with the tables: ``do_rotary``)."""
     if num_heads % kv_num_heads:
         raise ValueError(f"fxopt::group_query_attention: num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}")
-    if mask is not None and causal:
-        raise ValueError("fxopt::group_query_attention: a mask or causal, not both (the mask holds the causal part)")
     qh, kh, vh = _split_heads(q, num_heads), _split_heads(k, kv_num_heads), _split_heads(v, kv_num_heads)
+    if mask is not None:
+        causal = False  # the mask masks every key after its query itself
     if cos_cache is not None:
         seq = q.shape[1]
         if sin_cache is None or cos_cache.shape[0] < seq:

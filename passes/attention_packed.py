@@ -30,10 +30,13 @@ int8.
 GQA (Llama): SDPA whose key and value are ``repeat_kv`` of fewer heads
 (unsqueeze, expand, [clone], reshape), or that has ``enable_gqa``, with
 ``is_causal`` or with a mask (a left-padded prompt's causal + padding mask, any
-mask: the kernel then runs with ``causal=0`` and takes it as its bias), becomes
+mask: the kernel takes it as its bias), becomes
 ``fxopt.group_query_attention`` on ``[B, S, heads*H]`` tensors (com.microsoft
 GroupQueryAttention); repeat_kv is dropped, and a ``view + transpose`` head
-split is read through instead of copied back.
+split is read through instead of copied back. A mask proved to stay within
+the causal triangle (``CausalMasks.within_causal``: a causal part and'ed with
+padding, a window, anything; stats ``causal_mask``) goes with ``causal`` set:
+the kernel then reads no key after its query and applies the mask to the rest.
 
 A decode step (a KV cache): SDPA whose key and value are ``cat([past, new],
 dim=2)`` (behind repeat_kv or not), one query per sequence, no ``is_causal``,
@@ -303,7 +306,7 @@ class PackAttention(Pass):
 
     def run(self, graph) -> PassResult:
         stats = {"packed": 0, "gqa": 0, "cache": 0, "causal": 0, "masked": 0, "dynamic_int8": 0, "rotary": 0,
-                 "refused": {}, "rotary_refused": {}}
+                 "causal_mask": 0, "refused": {}, "rotary_refused": {}}
         self._dead = self.analysis(Liveness, graph).dead
         self._tables: dict[int, tuple[fx.Node, fx.Node]] = {}  # rotary tables -> their constants
         for node in self.walk(graph, target=SDPA):
@@ -426,10 +429,14 @@ class PackAttention(Pass):
         if not (_static_int(kv_heads) and heads % kv_heads == 0) or val(v_src).shape[1] != kv_heads:
             raise Refuse(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
         merged = _merge_of(graph, sdpa, self._dead)
+        if mask is not None and self.analysis(CausalMasks, graph).within_causal(mask):
+            causal = True  # the kernel runs causal and applies the mask to the keys it reads
+            stats["causal_mask"] += 1
         q_in, k_in, rotary = self._rotary(graph, sdpa, q, k_src, stats, prompt=True)
         with graph.fx.inserting_before(merged or sdpa):
             qs, ks, vs = (_to_bsd(graph, t) for t in (q_in, k_in, v_src))
-            args = (qs, ks, vs, heads, kv_heads, scale) + (() if causal and not rotary else (mask, bool(causal)))
+            args = (qs, ks, vs, heads, kv_heads, scale) + (() if causal and mask is None and not rotary
+                                                           else (mask, bool(causal)))
             out = graph.fx.call_function(torch.ops.fxopt.group_query_attention.default, args + rotary)
             self._replace(graph, sdpa, merged, out, heads, head)
         return "gqa"

@@ -160,7 +160,7 @@ def test_left_padded_batch_matches_on_every_row(make, pipeline):
     spec = left_padded(make("tiny"))
     graph, _ = pack(spec, pipeline=pipeline)
     # the padding keeps the mask (not provably causal); with fewer kv heads, pack-attention gives it to
-    # GroupQueryAttention (causal=0, the mask as its bias), else SDPA stays for MultiHeadAttention
+    # GroupQueryAttention (causal, the mask as its bias), else SDPA stays for MultiHeadAttention
     masked_gqa = pipeline == PIPELINE and make is llama
     assert (count(graph, SDPA), count(graph, GQA)) == ((0, 2) if masked_gqa else (2, 0))
     assert_parity(spec, graph)
@@ -174,6 +174,51 @@ class MaskedSDPA(torch.nn.Module):
     def forward(self, q, k, v, mask):
         return F.scaled_dot_product_attention(q, k[:, : self.kv_heads], v[:, : self.kv_heads], attn_mask=mask,
                                               enable_gqa=self.kv_heads < q.shape[1])
+
+
+class PaddedGQA(torch.nn.Module):
+    """SDPA over 4 query heads and 2 key/value heads with a boolean mask built
+    from a ``[B, S]`` padding input: ``causal&padding`` (a left-padded prompt's),
+    ``padding`` (bidirectional), ``prefix`` (the first two keys seen by every
+    query, causal after them: not within the causal triangle)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, padding):
+        s = q.shape[2]
+        query, key = torch.arange(s)[:, None], torch.arange(s)[None, :]
+        keep = padding.bool()[:, None, None, :]
+        seen = {"causal&padding": key <= query, "padding": torch.ones(s, s, dtype=torch.bool),
+                "prefix": (key <= query) | (key < 2)}[self.kind]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=seen & keep, enable_gqa=True)
+
+
+def padded_gqa_inputs(batch, seq, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(batch, 4, seq, 16, generator=g), *(torch.randn(batch, 2, seq, 16, generator=g) for _ in range(2))
+    padding = torch.ones(batch, seq, dtype=torch.long)
+    padding[0, :3] = 0  # row 0 left-padded
+    return q, k, v, padding
+
+
+@pytest.mark.parametrize("kind, within", [("causal&padding", 1), ("padding", 0), ("prefix", 0)])
+def test_gqa_mask_within_the_causal_triangle_runs_the_causal_kernel(kind, within):
+    model = PaddedGQA(kind).eval()
+    batch, seq = Dim("batch"), Dim("seq")
+    graph = fxopt.trace(model, padded_gqa_inputs(2, 7, 0), dynamic_shapes=(
+        {0: batch, 2: seq}, {0: batch, 2: seq}, {0: batch, 2: seq}, {0: batch, 1: seq}))
+    result = PassManager(f"{BASE},fuse-attention,pack-attention,dce", check_numerics=True).run(graph)
+    stats = next(r.stats for r in result.records if r.name.startswith("pack-attention"))
+    assert (stats["gqa"], stats["causal_mask"], stats["refused"]) == (1, within, {})
+    (node,) = [n for n in result.graph.fx.nodes if n.target == GQA]
+    assert node.args[7] is bool(within)  # causal, with the mask as the kernel's bias
+    for backend in ("eager", "onnxruntime"):
+        run = fxopt.compile(result.graph, backend)
+        for inputs in (padded_gqa_inputs(2, 7, 0), padded_gqa_inputs(3, 11, 1)):
+            with torch.no_grad():
+                assert fxopt.compare(model(*inputs), run(*inputs)).within(1e-5), (backend, kind)
 
 
 @pytest.mark.parametrize("inference", [False, True], ids=["tracked", "inference-mode"])

@@ -112,8 +112,9 @@ def test_fused_greedy_tokens_equal_hugging_face(name, backend):
     # rotary models: the decode step's rotation runs inside the attention op (GroupQueryAttention's do_rotary)
     assert (cache["rotary"], cache["rotary_refused"]) == (0 if name in NOT_FOLDED_ROTARY else 2, {})
     prefill = next(r.stats for r in gen.graphs.records["prefill"] if r.name.startswith("pack-attention"))
-    if name in GQA_ARCHS:  # a left-padded prompt's GQA with its causal + padding mask: one kernel, no repeat_kv
-        assert (prefill["gqa"], prefill["refused"]) == (2, {})
+    if name in GQA_ARCHS:  # a left-padded prompt's GQA with its causal + padding mask: one kernel, no repeat_kv,
+        # run causal (the mask and's a causal part: no key after its query is read)
+        assert (prefill["gqa"], prefill["causal_mask"], prefill["refused"]) == (2, 2, {})
     # the default cache: a preallocated buffer where GroupQueryAttention reads and writes it in place
     assert gen.cache == ("buffer" if backend == "onnxruntime" else "growing")
     if backend == "onnxruntime":

@@ -75,6 +75,14 @@ class CausalMaskFacts:
         when ``k <= q``, for every batch, head and size."""
         return _is_causal(self._algebra, mask, blocked)
 
+    def within_causal(self, mask: fx.Node) -> bool:
+        """True when ``mask`` (additive float or boolean "attend") provably
+        allows no key after its query (``k > q`` always masked), whatever else
+        it masks: a causal mask and'ed with padding, a window or anything read
+        from an input. A causal kernel may then skip the blocks above the
+        diagonal and apply the mask to the rest."""
+        return _within_causal(self._algebra, mask)
+
     def is_constant_causal(self, mask, q_len, *, blocked_max: float = -1e4) -> bool:
         """A constant mask (static shapes: constant-fold folds the causal mask
         before attention passes see it) that is causal: attend (0 / True) on and
@@ -140,8 +148,11 @@ class _IndexAlgebra:
     Models ``arange``, ``tril``/``triu``, unsqueeze/expand/view-to-same-size, ``slice``,
     ``index.Tensor``, ``diff``, ``cumsum`` of zeros, arithmetic, comparisons,
     boolean logic, ``where``, casts, scalar constants and two-valued triangular
-    tables (:meth:`_triangle`); anything else (a graph
-    input, a data-dependent op) makes the mask opaque, so it is never called causal.
+    tables (:meth:`_triangle`). A tensor graph input is an uninterpreted function
+    of its position (``attention_mask[b, k]`` stays that, unknown but exact), so
+    a mask that and's one with a causal part is still known to stay within the
+    causal triangle; anything else (a data-dependent op) makes the mask opaque,
+    so it is never called causal.
     """
 
     def __init__(self, graph):
@@ -211,6 +222,10 @@ class _IndexAlgebra:
             if t is not None:
                 return self._triangle(n.name, t)
             raise _Opaque(f"{n.name} is not a tensor constant")
+        if n.op == "placeholder" and isinstance(val(n), torch.Tensor):
+            rank = val(n).dim()
+            return sympy.Function(f"input_{n.name}")(*(self.r(j) for j in reversed(range(rank)))) if rank else \
+                sympy.Symbol(f"input_{n.name}")
         if n.op != "call_function":
             raise _Opaque(f"{n.op} {n.name}")
         t, args = n.target, n.args
@@ -368,6 +383,22 @@ def _is_causal(algebra: "_IndexAlgebra", mask: fx.Node, blocked: bool) -> bool:
             return False
     q, k = _IndexAlgebra.r(1), _IndexAlgebra.r(0)
     return _equivalent_le(sympy.simplify(allowed), k, q)
+
+
+def _within_causal(algebra: "_IndexAlgebra", mask: fx.Node) -> bool:
+    try:
+        e = algebra.value(mask)
+    except (_Opaque, TypeError, ValueError, AttributeError):
+        return False
+    v = val(mask)
+    if not isinstance(v, torch.Tensor):
+        return False
+    allowed = e if v.dtype == torch.bool else _zero_where(e)
+    if allowed is None or not isinstance(allowed, sympy.logic.boolalg.Boolean):
+        return False
+    q, k = _IndexAlgebra.r(1), _IndexAlgebra.r(0)
+    terms = allowed.args if isinstance(allowed, sympy.And) else (allowed,)
+    return any(_equivalent_le(sympy.simplify(t), k, q) for t in terms)
 
 
 def is_constant_causal_mask(graph, mask, q_len, *, blocked_max: float = -1e4) -> bool:
