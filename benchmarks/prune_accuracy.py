@@ -21,6 +21,7 @@ attention heads (each attention keeps ``ceil((1 - r) * heads)``).
     python benchmarks/prune_accuracy.py                                   # both models, every row
     python benchmarks/prune_accuracy.py --models minilm --rows "prune(method=sparsegpt,ratio=0.5)"
     python benchmarks/prune_accuracy.py --models minilm-sparsity --jobs 2  # what reaches MiniLM's 50% goals
+    python benchmarks/prune_accuracy.py --models decoder --decoder-size small   # the 10.8M decoder (section decoder-small)
 
 Writes ``benchmarks/results/prune_accuracy.md``, one section per model
 (command, CPU model and core count in each).
@@ -273,8 +274,10 @@ def main() -> None:
         body = MODELS[name](args.rows or ROWS[name], args.calib or DEFAULT_CALIB[name], log, **extra)
         print(body, flush=True)
         if not args.print_only:
+            # each decoder size its own section (mini, the default, keeps the name "decoder")
+            section = f"decoder-{args.decoder_size}" if name == "decoder" and args.decoder_size != "mini" else name
             write_result("prune_accuracy", "Accuracy of pruning, shrinking, clustering and quantization (no fine-tuning)", body,
-                         section=name)
+                         section=section)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ file), and caches the weights outside the repository
 moves the folder). Other benchmarks call :func:`load_decoder`, which trains on
 first use and loads afterwards.
 
-Sizes: ``mini`` (4 layers, width 192, 1.9M parameters, 400 steps; the
-default, about 10 minutes of one busy core), ``small`` (6 layers, width 384,
-10.8M parameters, 160 steps; 25-40 s a step of 16 windows was measured
-on two busy cores, not yet on idle ones), ``tiny`` (a smoke
-model).
+Sizes: ``mini`` (4 layers, width 192, 1.9M parameters, 2000 steps; the
+default: a few minutes on two cores, the time is in the results file),
+``small`` (6 layers, width 384, 10.8M parameters, 1000 steps, each about
+four times a mini step), ``tiny`` (a smoke model).
 
     python benchmarks/train_decoder.py                   # train (or load) and measure held-out perplexity
     python benchmarks/train_decoder.py --size small
@@ -51,7 +50,7 @@ SIZES = {
     "mini": dict(n_layer=4, n_embd=192, n_head=4),  # 1.9M parameters
     "small": dict(n_layer=6, n_embd=384, n_head=6),  # 10.8M parameters with the 256-byte vocabulary
 }
-STEPS = {"tiny": 300, "mini": 400, "small": 160}  # batch 8 of 128 bytes
+STEPS = {"tiny": 300, "mini": 2000, "small": 1000}  # batch 8 of 128 bytes
 CONTEXT = 128
 # Python's standard library and fxopt's own dependencies: present wherever fxopt runs.
 PACKAGES = ("stdlib", "numpy", "onnx", "onnxscript", "rich")
