@@ -365,36 +365,31 @@ def _as_bool(e):
 
 
 
-def _is_causal(algebra: "_IndexAlgebra", mask: fx.Node, blocked: bool) -> bool:
+def _allowed(algebra: "_IndexAlgebra", mask: fx.Node, blocked: bool = False):
+    """The condition under which ``mask`` lets a key through (boolean "attend",
+    with ``blocked`` boolean "do not attend", or an additive 0 / very negative
+    mask), as an expression over the positions; None when it cannot be read."""
     try:
         e = algebra.value(mask)
     except (_Opaque, TypeError, ValueError, AttributeError):
-        return False
+        return None
     v = val(mask)
     if not isinstance(v, torch.Tensor):
-        return False
+        return None
     if v.dtype == torch.bool:
-        allowed = sympy.Not(e) if blocked else e
-    else:
-        if blocked:
-            return False
-        allowed = _zero_where(e)
-        if allowed is None:
-            return False
+        return sympy.Not(e) if blocked else e
+    return None if blocked else _zero_where(e)
+
+
+def _is_causal(algebra: "_IndexAlgebra", mask: fx.Node, blocked: bool) -> bool:
+    allowed = _allowed(algebra, mask, blocked)
     q, k = _IndexAlgebra.r(1), _IndexAlgebra.r(0)
-    return _equivalent_le(sympy.simplify(allowed), k, q)
+    return allowed is not None and _equivalent_le(sympy.simplify(allowed), k, q)
 
 
 def _within_causal(algebra: "_IndexAlgebra", mask: fx.Node) -> bool:
-    try:
-        e = algebra.value(mask)
-    except (_Opaque, TypeError, ValueError, AttributeError):
-        return False
-    v = val(mask)
-    if not isinstance(v, torch.Tensor):
-        return False
-    allowed = e if v.dtype == torch.bool else _zero_where(e)
-    if allowed is None or not isinstance(allowed, sympy.logic.boolalg.Boolean):
+    allowed = _allowed(algebra, mask)
+    if not isinstance(allowed, sympy.logic.boolalg.Boolean):
         return False
     q, k = _IndexAlgebra.r(1), _IndexAlgebra.r(0)
     terms = allowed.args if isinstance(allowed, sympy.And) else (allowed,)
