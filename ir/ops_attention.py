@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import torch
 from onnxscript import opset18 as op
@@ -393,8 +394,8 @@ def group_query_attention(
 
 
 class _LastMask(threading.local):
-    tensor: torch.Tensor | None = None
-    version: int = -1
+    tensor: "weakref.ref | None" = None
+    key: tuple = ()
     causal: bool = False
     lower: torch.Tensor | None = None  # the causal mask of the last length checked
 
@@ -407,12 +408,18 @@ def _mask_is_causal(mask: torch.Tensor, seq: int) -> bool:
     exactly the causal mask (boolean: True on and below the diagonal only;
     float: 0 there and <= -1e30 above, which weighs exactly 0), as it is for
     a batch without padding. One mask goes to every layer of a forward: the
-    answer for the last mask is kept with the tensor itself (held, so that its
-    identity and version counter name it and no other tensor takes its place);
-    an inference-mode tensor has no version counter and is checked each call."""
+    answer for the last mask is kept, named by the tensor's identity (a weak
+    reference: a tensor freed since cannot match), its version counter (which
+    in-place writes through any view bump; writes through ``.data`` or numpy
+    do not), its shape and ``seq``. An inference-mode tensor has no version
+    counter and is checked at each call; none is checked while a CUDA graph is
+    being captured (the check reads the mask on the host)."""
+    if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
     last = _LAST_MASK
     tracked = not mask.is_inference()
-    if tracked and last.tensor is mask and last.version == mask._version:
+    key = (mask._version, tuple(mask.shape), seq) if tracked else ()
+    if tracked and last.tensor is not None and last.tensor() is mask and last.key == key:
         return last.causal
     causal = False
     if mask.dim() == 4 and tuple(mask.shape[-2:]) == (seq, seq):
@@ -424,7 +431,7 @@ def _mask_is_causal(mask: torch.Tensor, seq: int) -> bool:
         elif mask.is_floating_point():
             causal = bool(((mask == 0) == lower).all()) and bool((mask.masked_fill(lower, -math.inf) <= -1e30).all())
     if tracked:
-        last.tensor, last.version, last.causal = mask, mask._version, causal
+        last.tensor, last.key, last.causal = weakref.ref(mask), key, causal
     return causal
 
 

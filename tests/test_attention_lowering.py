@@ -177,14 +177,15 @@ class MaskedSDPA(torch.nn.Module):
 
 
 class PaddedGQA(torch.nn.Module):
-    """SDPA over 4 query heads and 2 key/value heads with a boolean mask built
-    from a ``[B, S]`` padding input: ``causal&padding`` (a left-padded prompt's),
+    """SDPA over 4 query heads and 2 key/value heads with a mask built from a
+    ``[B, S]`` padding input: ``causal&padding`` (a left-padded prompt's),
     ``padding`` (bidirectional), ``prefix`` (the first two keys seen by every
-    query, causal after them: not within the causal triangle)."""
+    query, causal after them: not within the causal triangle); boolean, or
+    additive with ``fill`` where masked."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, fill: float | None = None):
         super().__init__()
-        self.kind = kind
+        self.kind, self.fill = kind, fill
 
     def forward(self, q, k, v, padding):
         s = q.shape[2]
@@ -192,7 +193,10 @@ class PaddedGQA(torch.nn.Module):
         keep = padding.bool()[:, None, None, :]
         seen = {"causal&padding": key <= query, "padding": torch.ones(s, s, dtype=torch.bool),
                 "prefix": (key <= query) | (key < 2)}[self.kind]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=seen & keep, enable_gqa=True)
+        mask = seen & keep
+        if self.fill is not None:
+            mask = torch.zeros(mask.shape).masked_fill(~mask, self.fill)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def padded_gqa_inputs(batch, seq, seed):
@@ -203,9 +207,13 @@ def padded_gqa_inputs(batch, seq, seed):
     return q, k, v, padding
 
 
-@pytest.mark.parametrize("kind, within", [("causal&padding", 1), ("padding", 0), ("prefix", 0)])
-def test_gqa_mask_within_the_causal_triangle_runs_the_causal_kernel(kind, within):
-    model = PaddedGQA(kind).eval()
+@pytest.mark.parametrize("kind, fill, within", [
+    ("causal&padding", None, 1), ("causal&padding", -torch.inf, 1),
+    # a finite fill: the padded query that sees no key averages every key in torch, not keys 0..q
+    ("causal&padding", torch.finfo(torch.float32).min, 0),
+    ("padding", None, 0), ("prefix", None, 0)], ids=["bool", "-inf", "finite-fill", "padding", "prefix"])
+def test_gqa_mask_within_the_causal_triangle_runs_the_causal_kernel(kind, fill, within):
+    model = PaddedGQA(kind, fill).eval()
     batch, seq = Dim("batch"), Dim("seq")
     graph = fxopt.trace(model, padded_gqa_inputs(2, 7, 0), dynamic_shapes=(
         {0: batch, 2: seq}, {0: batch, 2: seq}, {0: batch, 2: seq}, {0: batch, 1: seq}))
@@ -246,6 +254,11 @@ def test_group_query_attention_runs_a_mask_that_is_causal_as_is_causal(monkeypat
         torch.ops.fxopt.group_query_attention(q, k, v, 4, 2, 0.25, causal, False)
         causal[0, 0, 5, 2] = False  # the tensor just found causal, changed in place: checked again
         torch.ops.fxopt.group_query_attention(q, k, v, 4, 2, 0.25, causal, False)
+        assert calls == [(True, True), (False, False)]
+        one = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # causal for one query, all-attend broadcast over six
+        calls.clear()
+        torch.ops.fxopt.group_query_attention(q[:, :1], k[:, :1], v[:, :1], 4, 2, 0.25, one, False)
+        torch.ops.fxopt.group_query_attention(q, k, v, 4, 2, 0.25, one, False)
         assert calls == [(True, True), (False, False)]
 
 

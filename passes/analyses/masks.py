@@ -76,11 +76,12 @@ class CausalMaskFacts:
         return _is_causal(self._algebra, mask, blocked)
 
     def within_causal(self, mask: fx.Node) -> bool:
-        """True when ``mask`` (additive float or boolean "attend") provably
-        allows no key after its query (``k > q`` always masked), whatever else
-        it masks: a causal mask and'ed with padding, a window or anything read
-        from an input. A causal kernel may then skip the blocks above the
-        diagonal and apply the mask to the rest."""
+        """True when ``mask`` (boolean "attend", or additive 0 / -inf) provably
+        allows no key after its query (``k > q`` always masked): its condition
+        is a conjunction one of whose terms is ``k <= q``, whatever the others
+        read (padding, a window, an integer input). A causal kernel may then
+        skip the blocks above the diagonal and apply the mask to the rest. A
+        finite fill is refused: a query that sees no key averages every key."""
         return _within_causal(self._algebra, mask)
 
     def is_constant_causal(self, mask, q_len, *, blocked_max: float = -1e4) -> bool:
@@ -147,7 +148,7 @@ class _IndexAlgebra:
 
     Models ``arange``, ``tril``/``triu``, unsqueeze/expand/view-to-same-size, ``slice``,
     ``index.Tensor``, ``diff``, ``cumsum`` of zeros, arithmetic, comparisons,
-    boolean logic, ``where``, casts, scalar constants and two-valued triangular
+    boolean logic, ``where``, ``masked_fill``, casts, scalar constants and two-valued triangular
     tables (:meth:`_triangle`). A tensor graph input is an uninterpreted function
     of its position (``attention_mask[b, k]`` stays that, unknown but exact), so
     a mask that and's one with a causal part is still known to stay within the
@@ -222,7 +223,9 @@ class _IndexAlgebra:
             if t is not None:
                 return self._triangle(n.name, t)
             raise _Opaque(f"{n.name} is not a tensor constant")
-        if n.op == "placeholder" and isinstance(val(n), torch.Tensor):
+        # integers and booleans only: x - x == 0 and x * 0 == 0 do not hold for a float's inf and NaN
+        if n.op == "placeholder" and isinstance(val(n), torch.Tensor) and not val(n).dtype.is_floating_point \
+                and not val(n).dtype.is_complex:
             rank = val(n).dim()
             return sympy.Function(f"input_{n.name}")(*(self.r(j) for j in reversed(range(rank)))) if rank else \
                 sympy.Symbol(f"input_{n.name}")
@@ -259,6 +262,8 @@ class _IndexAlgebra:
             return sympy.Not(_as_bool(A(0)))
         if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):
             return sympy.Piecewise((A(1), _as_bool(A(0))), (A(2), True))
+        if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            return sympy.Piecewise((A(2), _as_bool(A(1))), (A(0), True))
         if t in (aten.to.dtype, aten.to.device, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default,
                  aten.clone.default, aten.contiguous.default, aten.alias.default):
             x = A(0)
@@ -390,6 +395,10 @@ def _is_causal(algebra: "_IndexAlgebra", mask: fx.Node, blocked: bool) -> bool:
 def _within_causal(algebra: "_IndexAlgebra", mask: fx.Node) -> bool:
     allowed = _allowed(algebra, mask)
     if not isinstance(allowed, sympy.logic.boolalg.Boolean):
+        return False
+    if val(mask).dtype != torch.bool and -sympy.oo not in (piece for piece, _ in algebra.value(mask).args):
+        # a finite fill: a query with every key masked averages all of them (torch's SDPA), which a
+        # causal kernel reading keys 0..q would not
         return False
     q, k = _IndexAlgebra.r(1), _IndexAlgebra.r(0)
     terms = allowed.args if isinstance(allowed, sympy.And) else (allowed,)

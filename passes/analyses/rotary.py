@@ -173,8 +173,8 @@ class RotaryFacts:
                             "evaluated ahead of time")
         xv = val(r.x)
         if not all(isinstance(d, int) for t in (r.cos, r.sin) for d in val(t).shape):
-            raise NotRotary(f"the rotary tables read no positions input and the sequence length {xv.shape[2]} is "
-                            "symbolic: their length is not known before a call")
+            raise NotRotary(f"the rotary tables read no positions input and their shape {tuple(val(r.cos).shape)} is "
+                            "symbolic: they cannot be evaluated before a call")
         env = self._evaluate(nodes, None, None)
         cos, sin = env[r.cos], env[r.sin]  # [B|1, 1, S, H]
         if not (torch.equal(cos, cos[:1].expand_as(cos)) and torch.equal(sin, sin[:1].expand_as(sin))):
