@@ -655,17 +655,19 @@ class RotaryPromptAttention(torch.nn.Module):
     q and k rotated by transformers' ``apply_rotary_pos_emb``. ``positions``:
     ``"counted"`` (``arange`` of the length, as a forward without a positions
     input), ``"input"`` (read from ``position_ids``); ``emit_key`` also
-    returns the rotated key (as a prefill returns its cache)."""
+    returns the rotated key (as a prefill returns its cache); ``padded``
+    attends through the causal mask and'ed with the ``keep`` padding input."""
 
-    def __init__(self, positions: str = "counted", emit_key: bool = False, heads: int = 4, kv_heads: int = 2, head: int = 16):
+    def __init__(self, positions: str = "counted", emit_key: bool = False, padded: bool = False, heads: int = 4,
+                 kv_heads: int = 2, head: int = 16):
         super().__init__()
-        self.positions, self.emit_key = positions, emit_key
+        self.positions, self.emit_key, self.padded = positions, emit_key, padded
         self.heads, self.kv_heads, self.head = heads, kv_heads, head
         self.q = torch.nn.Linear(32, heads * head, bias=False)
         self.kv = torch.nn.Linear(32, 2 * kv_heads * head, bias=False)
         self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, head, 2).float() / head))
 
-    def forward(self, x, position_ids):
+    def forward(self, x, position_ids, keep):
         b, s, _ = x.shape
         pos = position_ids if self.positions == "input" else torch.arange(s)[None].expand(b, s)
         freqs = pos[:, :, None].float() * self.inv_freq
@@ -676,27 +678,35 @@ class RotaryPromptAttention(torch.nn.Module):
         q, k = (t * cos + RotaryCachedAttention.rotate_half(t) * sin for t in (q, k))
         rep = self.heads // self.kv_heads
         kr, vr = (c[:, :, None].expand(b, self.kv_heads, rep, s, self.head).reshape(b, self.heads, s, self.head) for c in (k, v))
-        out = F.scaled_dot_product_attention(q, kr, vr, is_causal=True).transpose(1, 2).reshape(b, s, -1)
+        if self.padded:
+            mask = (torch.arange(s)[None, :] <= torch.arange(s)[:, None]) & keep.bool()[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+        out = out.transpose(1, 2).reshape(b, s, -1)
         return (out, k) if self.emit_key else out
 
 
 def prompt_inputs(batch=2, seq=7, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, seq, 32, generator=g), torch.arange(seq)[None].expand(batch, seq).contiguous()
+    keep = torch.ones(batch, seq, dtype=torch.long)
+    keep[0, :2] = 0  # row 0 left-padded (read only by the padded model)
+    return torch.randn(batch, seq, 32, generator=g), torch.arange(seq)[None].expand(batch, seq).contiguous(), keep
 
 
 def trace_prompt(model, dynamic=False):
     torch.manual_seed(0)
-    dims = ({0: Dim("batch"), 1: Dim("seq")}, {0: Dim("batch"), 1: Dim("seq")}) if dynamic else None
+    dims = tuple({0: Dim("batch"), 1: Dim("seq")} for _ in range(3)) if dynamic else None
     graph = fxopt.trace(model.eval(), prompt_inputs(), dynamic_shapes=dims)
     graph.value_bounds["position_ids"] = 64
     return graph
 
 
-def test_prompt_rotary_at_counted_positions_moves_into_group_query_attention(tmp_path):
-    model = RotaryPromptAttention()
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "causal&padding-mask"])
+def test_prompt_rotary_at_counted_positions_moves_into_group_query_attention(tmp_path, padded):
+    model = RotaryPromptAttention(padded=padded)
     out, stats = pack_rotary(trace_prompt(model))
-    assert (stats["gqa"], stats["rotary"], stats["rotary_refused"]) == (1, 1, {})
+    assert (stats["gqa"], stats["rotary"], stats["rotary_refused"], stats["causal_mask"]) == (1, 1, {}, int(padded))
     assert all(count(out, op) == 0 for op in (aten.cos.default, aten.sin.default, aten.neg.default, aten.cat.default))
     (node,) = [n for n in out.fx.nodes if n.target == GQA]
     assert tuple(out.constant(node.args[8]).shape) == (7, 8)  # the rows of positions 0 .. 6, half a head each
