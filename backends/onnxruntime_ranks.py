@@ -11,8 +11,10 @@ process group the graph is bound to (:func:`fxopt.ir.collectives.bind_process_gr
 Segment ``k`` holds the nodes that depend, through their inputs, on ``k``
 collectives in a row; a value several segments read is an output of the one
 that computes it and an input of the others (shape computations included:
-they are small int64 tensors); constant nodes are copied into every segment
-that reads them. Tensors cross between ONNX Runtime and torch without copies
+they are small int64 tensors); a node computed from weights and constants
+alone (a Constant, the transpose a tied LM head reads) is copied into every
+segment that reads it, where ONNX Runtime folds it once at load instead of
+computing it in the first segment at every call. Tensors cross between ONNX Runtime and torch without copies
 (:func:`~fxopt.backends.onnxruntime.run_without_copies`), and a sum is
 all-reduced in place in the memory ONNX Runtime wrote it to when nothing else
 reads it.
@@ -35,6 +37,8 @@ from .onnxruntime import default_providers, export_onnx_program, new_session, ru
 # has finished when the next segment starts).
 CUT_AT = (ALL_REDUCE, ALL_GATHER)
 CUT_DOMAIN = "fxopt.cut"
+# Nodes of no runtime input that still may not be computed once per segment.
+NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
 def has_collectives(graph: Graph) -> bool:
@@ -97,6 +101,8 @@ class Segment:
     outputs: list[str]
     model_bytes: int = 0
     collectives: list[Collective] = field(default_factory=list)  # run after this segment
+    # values it computes from weights alone (a tied LM head's transpose), which ONNX Runtime folds at load
+    folded: list[str] = field(default_factory=list)
 
 
 def _with_markers(graph: Graph) -> tuple[Graph, list[Collective]]:
@@ -153,6 +159,25 @@ def _chunks_as_selects(fx_graph) -> None:
         fx_graph.erase_node(node)
 
 
+def _computing(values: list[str], constants: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The constant nodes ``values`` need, their own inputs' first, each once."""
+    order: list[onnx.NodeProto] = []
+    seen: set[int] = set()
+
+    def visit(v: str) -> None:
+        node = constants.get(v)
+        if node is None or id(node) in seen:
+            return
+        seen.add(id(node))
+        for u in node.input:
+            visit(u)
+        order.append(node)
+
+    for v in values:
+        visit(v)
+    return order
+
+
 class OnnxRuntimeRankModel(CompiledModel):
     """A rank graph (a graph with ``_c10d_functional`` collectives) on ONNX
     Runtime: one session per segment between collectives, the collectives
@@ -186,7 +211,11 @@ class OnnxRuntimeRankModel(CompiledModel):
         g = model.graph
         initializers = {t.name: t for t in g.initializer}
         types = {v.name: v for v in [*g.input, *g.value_info, *g.output]}
-        constants: dict[str, onnx.NodeProto] = {}  # value -> the Constant node computing it
+        # value -> the node computing it from initializers and constants alone (a Constant, a
+        # tied LM head's Transpose): copied into every segment that reads it, where ONNX
+        # Runtime folds it once at load, rather than computed each call in segment 0
+        constants: dict[str, onnx.NodeProto] = {}
+        computed = {v.name for v in g.output} | {n.input[0] for n in g.node if n.domain == CUT_DOMAIN}
         stage: dict[str, int] = {v.name: 0 for v in g.input}  # the segment after which a value exists
         placed: list[tuple[onnx.NodeProto, int]] = []
         marks: list[tuple[onnx.NodeProto, int]] = []
@@ -199,8 +228,8 @@ class OnnxRuntimeRankModel(CompiledModel):
             if node.domain == CUT_DOMAIN:
                 marks.append((node, s))
                 stage[node.output[0]] = s + 1
-            elif node.op_type == "Constant" and not inputs:
-                constants[node.output[0]] = node
+            elif not inputs and node.op_type not in NONDETERMINISTIC and not computed & set(node.output):
+                constants.update((o, node) for o in node.output)
             else:
                 placed.append((node, s))
                 stage.update((o, s) for o in node.output)
@@ -222,14 +251,16 @@ class OnnxRuntimeRankModel(CompiledModel):
             read = list(dict.fromkeys(v for n in nodes for v in n.input if v))
             inputs = [v for v in read if v not in made and v not in initializers and v not in constants]
             outputs = [o for n in nodes for o in n.output if readers.get(o, set()) - {k}]
-            session = None
+            session, folded = None, []
             if nodes:
                 missing = [v for v in inputs + outputs if v not in types]
                 if missing:
                     raise BackendError(f"{self.graph.name}: the ONNX model gives no type for {missing[:3]}, which "
                                        f"cross between segments {k} and others")
+                folded = _computing(read, constants)
+                read += [v for n in folded for v in n.input if v and v not in read]
                 sub = onnx.helper.make_graph(
-                    [constants[v] for v in read if v in constants] + nodes, f"{g.name}.segment{k}",
+                    folded + nodes, f"{g.name}.segment{k}",
                     [types[v] for v in inputs], [types[v] for v in outputs],
                     [initializers[v] for v in read if v in initializers])
                 sub_model = onnx.helper.make_model(sub, opset_imports=opsets, ir_version=model.ir_version,
@@ -239,7 +270,8 @@ class OnnxRuntimeRankModel(CompiledModel):
                 except Exception as e:  # onnxruntime's own exception types
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                     raise BackendError(f"{self.graph.name}: ONNX Runtime could not load segment {k}: {first}") from e
-            self.segments.append(Segment(session, inputs, outputs, sub_model.ByteSize() if nodes else 0))
+            self.segments.append(Segment(session, inputs, outputs, sub_model.ByteSize() if nodes else 0,
+                                         folded=[o for n in folded if n.op_type != "Constant" for o in n.output]))
         for node, s in marks:
             index = next(a.i for a in node.attribute if a.name == "index")
             c = self.collectives[index]
