@@ -142,11 +142,10 @@ def copy_bandwidth_gbs(threads: int) -> float:
     return 2 * src.numel() * 4 / _median_seconds(lambda: dst.copy_(src), threads) / 1e9
 
 
-def matvec_read_gbs(threads: int) -> float:
-    """Bytes read per second by a matrix-vector product over a 256 MiB
-    float32 matrix (what a one-token linear does), on ``threads`` threads."""
+def read_gbs(threads: int) -> float:
+    """Bytes read per second summing a 256 MiB float32 tensor on ``threads``
+    threads: the rate at which a forward can stream its weights at best."""
     import torch
 
-    w = torch.ones(4096, 16384)
-    v = torch.ones(16384)
-    return w.numel() * 4 / _median_seconds(lambda: torch.mv(w, v), threads) / 1e9
+    w = torch.ones(64 << 20)
+    return w.numel() * 4 / _median_seconds(lambda: w.sum(), threads) / 1e9
