@@ -49,9 +49,14 @@ PRUNE = [
     "prune(method=wanda,pattern='2:4')",
     "prune(method=sparsegpt,pattern='2:4')",
 ]
+# k-means codebooks against the uniform grid at the same width: plain, fitted to the output
+# (weighted by the inputs' mean square), and chosen with GPTQ's error feedback like the grid's GPTQ row
 SHARE = [
     "cluster(bits=4,granularity=channel)",
+    "cluster(bits=4,granularity=channel,weighting=activation)",
+    "cluster(bits=4,granularity=channel,assign=gptq)",
     "quantize(bits=4,granularity=channel,accuracy_level=0)",
+    "quantize(bits=4,granularity=channel,method=gptq,accuracy_level=0)",
 ]
 # MLP channels and attention heads, by calibrated importance; with and without FLAP's bias compensation (MLP channels)
 SHRINK = [f"shrink(ratio={r},heads={r},importance=activation{c})" for r in (0.1, 0.2, 0.3) for c in ("", ",compensate=true")]

@@ -14,49 +14,102 @@ import torch.fx as fx
 
 from ..ir.ops_codebook import decode_codebook
 from ..ir.quant import QuantizedTensor, relative_error
-from .base import Option, PassResult
+from .base import Option, OptionError, PassResult
 from .layers import Layer, LayerFilterOptions
+from .quantize.calibration import collect_linear_stats
 from .quantize.config import LayerConfig
 from .quantize.lowering import lower_weight_only
+from .quantize.methods import GPTQ_BLOCK, GPTQ_DAMP, inverse_hessian_factor
 from .registry import register_pass
 
 aten = torch.ops.aten
 
 
 def kmeans_codebook(weight: torch.Tensor, bits: int, granularity: str = "channel", group_size: int = 128,
-                    iterations: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+                    iterations: int = 20, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indices uint8 [N, K], codebook float32 [blocks, 2^bits])`` with
     ``codebook[block_of(i, j), indices[i, j]] ~= weight[i, j]``: Lloyd's
     k-means in one dimension per block, started from the block's min-max
-    uniform grid (deterministic), minimising the squared weight error. Blocks are numbered
+    uniform grid (deterministic), minimising the squared weight error, each
+    weight's term scaled by ``importance[j]`` of its input column when given
+    (``E[x_j^2]``: the output error of a linear whose weights are independent
+    errors). Blocks are numbered
     row-major: ``block_of(i, j) = i * groups + j // group_size`` (one block for
     ``tensor``, ``groups = 1`` for ``channel``)."""
     n, k = weight.shape
     w = weight.detach().float()
+    h = torch.ones(k) if importance is None else importance.detach().float().reshape(k)
+    if not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
+        raise ValueError("importance must be finite and >= 0 in every input column")
+    h = h.expand(n, k)
     if granularity == "tensor":
-        blocks = w.reshape(1, -1)
+        blocks, h = w.reshape(1, -1), h.reshape(1, -1)
     elif granularity == "channel":
         blocks = w
     else:
         if k % group_size:
             raise ValueError(f"group size {group_size} does not divide the input dimension K={k}")
-        blocks = w.reshape(n * (k // group_size), group_size)
+        blocks, h = w.reshape(n * (k // group_size), group_size), h.reshape(n * (k // group_size), group_size)
     levels = 2**bits
     # Started from the min-max grid round-to-nearest uses: each Lloyd step can
-    # only lower the squared error, so the result is never worse than that grid.
+    # only lower the (weighted) squared error, so the result is never worse
+    # than that grid. The weights leave the nearest centroid unchanged; they
+    # move each centroid to its members' weighted mean.
     lo, hi = blocks.amin(1, keepdim=True), blocks.amax(1, keepdim=True)
     centroids = lo + (hi - lo) * torch.linspace(0, 1, levels)[None, :]  # [B, levels]
     for _ in range(iterations):
         centroids = centroids.sort(dim=1).values
         mids = (centroids[:, 1:] + centroids[:, :-1]) / 2
         assign = torch.searchsorted(mids.contiguous(), blocks.contiguous())
-        sums = torch.zeros_like(centroids).scatter_add_(1, assign, blocks)
-        counts = torch.zeros_like(centroids).scatter_add_(1, assign, torch.ones_like(blocks))
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        sums = torch.zeros_like(centroids).scatter_add_(1, assign, blocks * h)
+        mass = torch.zeros_like(centroids).scatter_add_(1, assign, h.contiguous())
+        centroids = torch.where(mass > 0, sums / mass.clamp(min=torch.finfo(mass.dtype).tiny), centroids)
     centroids = centroids.sort(dim=1).values
     mids = (centroids[:, 1:] + centroids[:, :-1]) / 2
     assign = torch.searchsorted(mids.contiguous(), blocks.contiguous())
     return assign.reshape(n, k).to(torch.uint8), centroids
+
+
+def gptq_assign(weight: torch.Tensor, codebook: torch.Tensor, granularity: str, group_size: int,
+                hessian: torch.Tensor, damp: float = GPTQ_DAMP) -> torch.Tensor:
+    """Indices ``uint8 [N, K]`` into ``codebook`` (sorted rows, as
+    :func:`kmeans_codebook` returns it) chosen column by column with GPTQ's
+    error feedback: each column takes its nearest entries, and its error is
+    spread over the columns not yet assigned through the inverse of the
+    calibration inputs' ``hessian = X^T X / rows`` (the one-dimensional case of
+    GPTVQ, van Baalen et al. 2024). The columns left compensate what the
+    codebook could not represent, which lowers the error of ``x W^T`` rather
+    than of ``W``."""
+    W = weight.detach().double().clone()
+    n, k = W.shape
+    Hinv, dead = inverse_hessian_factor(hessian, damp)
+    W[:, dead] = 0.0
+    books = codebook.double()
+    if granularity == "tensor":
+        books = books.expand(n, -1)[:, None, :]
+    elif granularity == "channel":
+        books = books[:, None, :]
+    else:
+        books = books.reshape(n, k // group_size, -1)
+    width = k // books.shape[1]  # columns per codebook
+    mids = (books[..., 1:] + books[..., :-1]) / 2
+    indices = torch.zeros(n, k, dtype=torch.long)
+    for b0 in range(0, k, GPTQ_BLOCK):
+        b1 = min(b0 + GPTQ_BLOCK, k)
+        W1 = W[:, b0:b1].clone()
+        Err = torch.zeros_like(W1)
+        Hb = Hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            book, mid = books[:, col // width], mids[:, col // width]
+            w = W1[:, j]
+            q = torch.searchsorted(mid.contiguous(), w[:, None].contiguous())
+            indices[:, col] = q[:, 0]
+            err = (w - book.gather(1, q)[:, 0]) / Hb[j, j]
+            W1[:, j:] -= err[:, None] * Hb[j, j:][None, :]
+            Err[:, j] = err
+        W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
+    return indices.to(torch.uint8)
 
 
 def codebook_group(shape, granularity: str, group_size: int) -> int:
@@ -136,6 +189,18 @@ class Cluster(LayerFilterOptions):
       run by ``fxopt.linear_nbits``: half a byte per weight in the file and in
       memory, the int4 kernel's speed, the grid's accuracy.
 
+    ``weighting=activation`` (needs ``calibration_data``) fits each codebook to
+    the layer's output rather than its weights: each weight's squared error
+    counts ``E[x_j^2]`` of its input column on the calibration inputs (the
+    diagonal of ``X^T X``, as in SqueezeLLM's sensitivity-weighted k-means), so
+    the entries sit where the large inputs' weights are.
+
+    ``assign=gptq`` (needs ``calibration_data``) keeps the codebooks and
+    chooses each weight's entry column by column, the error of each column
+    fed into the columns after it through the inverse of ``X^T X``
+    (:func:`gptq_assign`): the layer's output error falls where the nearest
+    entry alone leaves it.
+
     Stats: per layer ``rel_err`` (relative weight error of what the graph
     holds), ``kmeans_rel_err`` (of the codebook before snapping, ``nbits``)
     and ``bytes`` stored.
@@ -153,6 +218,10 @@ class Cluster(LayerFilterOptions):
     lowering = Option("decode", str, choices=("decode", "gather", "nbits"),
                       help="decode: indices decoded to float at load; gather: at every call; nbits: snapped to MatMulNBits' grid")
     accuracy_level = Option(4, int, choices=(0, 1, 2, 3, 4), help="lowering=nbits: MatMulNBits accuracy level (4: int8 compute)")
+    weighting = Option("none", str, choices=("none", "activation"),
+                       help="activation: each weight's error weighted by its input's mean square on calibration_data")
+    assign = Option("nearest", str, choices=("nearest", "gptq"),
+                    help="gptq: entries chosen column by column with GPTQ's error feedback on calibration_data")
 
     runs_after = ("canonicalize", "prune", "shrink", "constant-fold")
     runs_before = ("quantize",)
@@ -160,6 +229,13 @@ class Cluster(LayerFilterOptions):
 
     def validate_options(self) -> None:
         self.numerics_tolerance = min(1.0, 16.0 * 2.0**-self.bits)
+        if self.assign == "gptq" and self.lowering == "nbits":
+            # snapping puts each weight on the grid point nearest to it, which undoes GPTQ's choices
+            raise OptionError("pass 'cluster': assign=gptq chooses codebook entries, which lowering=nbits replaces by the "
+                              "uniform grid; for GPTQ on MatMulNBits' grid use quantize(bits=4,method=gptq)")
+
+    def required_inputs(self) -> tuple[str, ...]:
+        return ("calibration_data",) if self.weighting == "activation" or self.assign == "gptq" else ()
 
     def run(self, graph) -> PassResult:
         selection = self.select_layers(graph)
@@ -172,19 +248,20 @@ class Cluster(LayerFilterOptions):
             if self.lowering == "nbits" and not nbits_block(k, codebook_group((n, k), self.granularity, self.group_size)):
                 raise self.fail(f"layer {layer.name!r} (weight {(n, k)}): lowering=nbits needs a MatMulNBits block, a power of two "
                                 f">= 16 dividing K={k} and the codebook's columns; use lowering=decode or leave it out", layer.node)
+        inputs = self._input_statistics(graph, layers)
         done: dict[int, tuple[fx.Node, dict]] = {}  # a weight read by several layers is clustered once
         per_layer = {}
         for layer in layers:
             self.current_node = layer.node
             if self.lowering == "nbits":
                 with graph.fx.inserting_before(layer.node):
-                    new, per_layer[layer.name] = self._snapped(graph, layer)
+                    new, per_layer[layer.name] = self._snapped(graph, layer, inputs.get(id(layer.weight)))
                 new.meta.update({key: v for key, v in layer.node.meta.items() if key != "val"})
                 layer.node.replace_all_uses_with(new)
                 graph.fx.erase_node(layer.node)
             else:
                 if id(layer.weight) not in done:
-                    done[id(layer.weight)] = self._codebook(graph, layer)
+                    done[id(layer.weight)] = self._codebook(graph, layer, inputs.get(id(layer.weight)))
                 decoded, per_layer[layer.name] = done[id(layer.weight)]
                 layer.node.replace_input_with(layer.weight_node, decoded)
             if not layer.weight_node.users:
@@ -192,14 +269,36 @@ class Cluster(LayerFilterOptions):
         self.current_node = None
         return PassResult(bool(per_layer), {"clustered": len(per_layer), "skipped": skipped, "layers": per_layer})
 
-    def _kmeans(self, layer: Layer):
+    def _input_statistics(self, graph, layers: list[Layer]) -> dict[int, torch.Tensor]:
+        """Per weight (by identity), ``X^T X / rows`` of its input over every
+        call of every layer that reads it on the calibration data (only its
+        diagonal, ``E[x_j^2]``, unless ``assign=gptq``)."""
+        if (self.weighting, self.assign) == ("none", "nearest") or not layers:
+            return {}
+        full = self.assign == "gptq"
+        stats = collect_linear_stats(graph, self.context.get("calibration_data"), [l.node for l in layers], hessian=full)
+        sums: dict[int, list] = {}
+        for layer in layers:
+            st = stats[layer.node.name]
+            second = st.hessian if full else st.sq_mean
+            acc = sums.setdefault(id(layer.weight), [torch.zeros_like(second), 0])
+            acc[0] += second * st.rows
+            acc[1] += st.rows
+        return {key: total / max(rows, 1) for key, (total, rows) in sums.items()}
+
+    def _kmeans(self, layer: Layer, second: torch.Tensor | None):
         w = layer.weight
-        indices, codebook = kmeans_codebook(w, self.bits, self.granularity, self.group_size, self.iterations)
+        importance = None
+        if second is not None and self.weighting == "activation":
+            importance = (second.diagonal() if second.dim() == 2 else second).float()
+        indices, codebook = kmeans_codebook(w, self.bits, self.granularity, self.group_size, self.iterations, importance)
+        if self.assign == "gptq":
+            indices = gptq_assign(w, codebook, self.granularity, self.group_size, second)
         group = codebook_group(w.shape, self.granularity, self.group_size)
         return indices, codebook, group, relative_error(w, decode_codebook(indices, codebook, group))
 
-    def _codebook(self, graph, layer: Layer) -> tuple[fx.Node, dict]:
-        indices, codebook, group, rel = self._kmeans(layer)
+    def _codebook(self, graph, layer: Layer, second: torch.Tensor | None) -> tuple[fx.Node, dict]:
+        indices, codebook, group, rel = self._kmeans(layer, second)
         w = layer.weight
         idx = graph.add_constant(indices, f"{layer.name}.indices")
         book = graph.add_constant(codebook.to(w.dtype), f"{layer.name}.codebook")
@@ -209,8 +308,8 @@ class Cluster(LayerFilterOptions):
         stored = indices.numel() + codebook.numel() * w.element_size()
         return decoded, {"bits": self.bits, "granularity": self.granularity, "rel_err": round(rel, 6), "bytes": stored}
 
-    def _snapped(self, graph, layer: Layer) -> tuple[fx.Node, dict]:
-        indices, codebook, group, rel = self._kmeans(layer)
+    def _snapped(self, graph, layer: Layer, second: torch.Tensor | None) -> tuple[fx.Node, dict]:
+        indices, codebook, group, rel = self._kmeans(layer, second)
         grid_bits = 4 if self.bits <= 4 else 8
         block = nbits_block(layer.weight.shape[1], group)
         qt = snap_to_grid(layer.weight, indices, codebook, group, grid_bits, block)

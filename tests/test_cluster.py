@@ -8,8 +8,8 @@ import torch
 import fxopt
 from conftest import base_graph, model_spec, reference, run
 from fxopt.ir.quant import QuantConfig, quantize
-from fxopt.passes import PassError
-from fxopt.passes.cluster import decode, kmeans_codebook
+from fxopt.passes import PassError, PipelineError
+from fxopt.passes.cluster import decode, gptq_assign, kmeans_codebook
 
 aten = torch.ops.aten
 
@@ -25,6 +25,39 @@ def test_kmeans_beats_round_to_nearest_at_the_same_width(bits, granularity):
     rows_or_blocks = {"tensor": 1, "channel": 64, "group": 64 * 4}[granularity]
     assert codebook.shape == (rows_or_blocks, 2**bits)
     assert (approx - w).norm() < (rtn - w).norm()
+
+
+def test_weighted_kmeans_moves_each_entry_to_its_members_weighted_mean():
+    # one row, two entries: {0, 1} and {9, 10}; the second input column counts three times
+    w = torch.tensor([[0.0, 1.0, 9.0, 10.0]])
+    _, plain = kmeans_codebook(w, 1, "channel")
+    _, weighted = kmeans_codebook(w, 1, "channel", importance=torch.tensor([1.0, 3.0, 1.0, 1.0]))
+    assert plain.tolist() == [[0.5, 9.5]]
+    assert weighted.tolist() == [[0.75, 9.5]]
+    with pytest.raises(ValueError, match="importance"):
+        kmeans_codebook(w, 1, "channel", importance=torch.tensor([1.0, -1.0, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_gptq_assignment_is_the_nearest_entry_for_uncorrelated_inputs(granularity):
+    # a diagonal X^T X feeds no column's error into another: every weight keeps its nearest entry
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    indices, codebook = kmeans_codebook(w, 3, granularity, group_size=16)
+    scales = torch.linspace(0.5, 2.0, 64)
+    assert torch.equal(gptq_assign(w, codebook, granularity, 16, torch.diag(scales)), indices)
+
+
+def test_gptq_assignment_lowers_the_output_error_on_correlated_inputs():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 64, generator=gen)
+    x = torch.randn(512, 8, generator=gen) @ torch.randn(8, 64, generator=gen) + 0.1 * torch.randn(512, 64, generator=gen)
+    indices, codebook = kmeans_codebook(w, 3, "channel")
+    fed = gptq_assign(w, codebook, "channel", 128, x.T @ x / len(x))
+
+    def output_error(i):
+        return (x @ (w - decode(i, codebook, "channel", 128)).T).norm() / (x @ w.T).norm()
+
+    assert output_error(fed) < 0.5 * output_error(indices)
 
 
 def _matches_on_both_backends(g, spec, compiled_ort=None):
@@ -46,6 +79,33 @@ def test_clustered_model_runs_on_both_backends_and_stores_indices():
     # the graph stores one byte per weight plus the codebooks
     assert sum(g.constant(n).numel() for n in g.fx.nodes if n.op == "get_attr" and g.constant(n).dtype == torch.uint8) == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)  # q, o; k, v; gate, up, down
     _matches_on_both_backends(g, spec)
+
+
+def _token_batches(vocab=256, batches=4, seq=32):
+    g = torch.Generator().manual_seed(7)
+    return [{"input_ids": torch.randint(0, vocab, (2, seq), generator=g)} for _ in range(batches)]
+
+
+def test_calibrated_codebooks_run_on_both_backends_closer_to_the_model():
+    spec = model_spec("llama-tiny")
+    g = base_graph("llama-tiny")
+    nearest = fxopt.PassManager("cluster(bits=4)").run(g).graph
+    result = fxopt.PassManager("cluster(bits=4,weighting=activation,assign=gptq)", calibration_data=_token_batches()).run(g)
+    assert result.records[0].stats["clustered"] == 14
+    _matches_on_both_backends(result.graph, spec)
+    ref = reference(spec)
+    error = {name: fxopt.compare(ref, run(fxopt.compile(graph, "eager"), spec.example_inputs)).max_abs_err
+             for name, graph in (("nearest", nearest), ("gptq", result.graph))}
+    assert error["gptq"] < error["nearest"], error
+
+
+def test_calibrated_codebooks_need_calibration_data_and_refuse_the_nbits_grid():
+    with pytest.raises(PipelineError, match="cluster.*calibration_data"):
+        fxopt.PassManager("cluster(assign=gptq)").run(base_graph("mlp"))
+    with pytest.raises(PipelineError, match="cluster.*calibration_data"):
+        fxopt.PassManager("cluster(weighting=activation)").run(base_graph("mlp"))
+    with pytest.raises(PipelineError, match="assign=gptq.*lowering=nbits"):
+        fxopt.PassManager("cluster(assign=gptq,lowering=nbits)", calibration_data=_token_batches())
 
 
 def test_group_size_that_does_not_divide_names_the_layer():
