@@ -14,9 +14,11 @@ that computes it and an input of the others (shape computations included:
 they are small int64 tensors); a node computed from weights and constants
 alone (a Constant, the transpose a tied LM head reads) is copied into every
 segment that reads it, where ONNX Runtime folds it once at load instead of
-computing it in the first segment at every call. Tensors cross between ONNX Runtime and torch without copies
-(:func:`~fxopt.backends.onnxruntime.run_without_copies`), and a sum is
-all-reduced in place in the memory ONNX Runtime wrote it to when nothing else
+computing it in the first segment at every call (at
+``graph_optimization_level="disable"``, which folds nothing, only Constants
+are copied). Tensors reach ONNX Runtime as numpy views of their memory
+(:func:`~fxopt.backends.onnxruntime.run_on_tensors`), and a sum is
+all-reduced in place in the array ONNX Runtime returned when nothing else
 reads it.
 """
 
@@ -31,7 +33,7 @@ from ..ir.collectives import (ALL_GATHER, ALL_REDUCE, GROUP, WAIT, bind_process_
                               process_group_named, reduce_op)
 from ..ir.graph import Graph
 from .base import BackendError, CompiledModel
-from .onnxruntime import default_providers, export_onnx_program, new_session, run_without_copies, session_options
+from .onnxruntime import default_providers, export_onnx_program, new_session, run_on_tensors, session_options
 
 # Collectives the model is cut at; ``wait_tensor`` disappears (each collective
 # has finished when the next segment starts).
@@ -204,16 +206,17 @@ class OnnxRuntimeRankModel(CompiledModel):
                                       lowerings=_marker_lowering())
         options = session_options(intra_op_threads, inter_op_threads, graph_optimization_level, allow_spinning)
         providers = list(providers) if providers else default_providers()
-        self._cut(program.model_proto, options, providers)
+        self._cut(program.model_proto, options, providers, folding=graph_optimization_level != "disable")
 
     # -- cutting ---------------------------------------------------------------
-    def _cut(self, model: onnx.ModelProto, options, providers) -> None:
+    def _cut(self, model: onnx.ModelProto, options, providers, folding: bool = True) -> None:
         g = model.graph
         initializers = {t.name: t for t in g.initializer}
         types = {v.name: v for v in [*g.input, *g.value_info, *g.output]}
         # value -> the node computing it from initializers and constants alone (a Constant, a
         # tied LM head's Transpose): copied into every segment that reads it, where ONNX
-        # Runtime folds it once at load, rather than computed each call in segment 0
+        # Runtime folds it once at load, rather than computed each call in segment 0 and
+        # handed on (``folding=False``: a session that folds nothing, only Constants copied)
         constants: dict[str, onnx.NodeProto] = {}
         computed = {v.name for v in g.output} | {n.input[0] for n in g.node if n.domain == CUT_DOMAIN}
         stage: dict[str, int] = {v.name: 0 for v in g.input}  # the segment after which a value exists
@@ -228,7 +231,8 @@ class OnnxRuntimeRankModel(CompiledModel):
             if node.domain == CUT_DOMAIN:
                 marks.append((node, s))
                 stage[node.output[0]] = s + 1
-            elif not inputs and node.op_type not in NONDETERMINISTIC and not computed & set(node.output):
+            elif (not inputs and node.op_type not in NONDETERMINISTIC and not computed & set(node.output)
+                  and (folding or node.op_type == "Constant")):
                 constants.update((o, node) for o in node.output)
             else:
                 placed.append((node, s))
@@ -258,7 +262,7 @@ class OnnxRuntimeRankModel(CompiledModel):
                     raise BackendError(f"{self.graph.name}: the ONNX model gives no type for {missing[:3]}, which "
                                        f"cross between segments {k} and others")
                 folded = _computing(read, constants)
-                read += [v for n in folded for v in n.input if v and v not in read]
+                read = list(dict.fromkeys([*read, *(v for n in folded for v in n.input if v)]))
                 sub = onnx.helper.make_graph(
                     folded + nodes, f"{g.name}.segment{k}",
                     [types[v] for v in inputs], [types[v] for v in outputs],
@@ -342,7 +346,7 @@ class OnnxRuntimeRankModel(CompiledModel):
                 feed = {v: env[v] for v in segment.inputs}
                 fed.update(t.untyped_storage().data_ptr() for t in feed.values())
                 try:
-                    env.update(zip(segment.outputs, run_without_copies(segment.session, feed, segment.outputs)))
+                    env.update(zip(segment.outputs, run_on_tensors(segment.session, feed, segment.outputs)))
                 except Exception as e:  # onnxruntime's own exception types
                     shapes = ", ".join(f"{name} {list(t.shape)}" for name, t in feed.items())
                     raise BackendError(f"{self.graph.name}: ONNX Runtime failed in segment {k} on {shapes}: "

@@ -191,8 +191,9 @@ def check_tensor_parallel_pass(mesh, names, **split_options):
             with torch.no_grad():
                 errs.append(max_err(model(**inputs).logits, spec.model(**inputs).logits))
         out[name] = {"errors": errs, "segments": model.num_segments, "all_reduces": all_reduce_count(model.graph),
-                     "folded": [v for s in model.segments for v in s.folded],
-                     "crossing": [v for s in model.segments for v in s.outputs]}
+                     # what the session before the logits' all-gather (the LM head's) folds at load
+                     "head_folded": next(s.folded for s in model.segments
+                                         if any(c.kind.name().endswith("all_gather_into_tensor") for c in s.collectives))}
     return out
 
 
