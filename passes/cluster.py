@@ -79,11 +79,14 @@ def gptq_assign(weight: torch.Tensor, codebook: torch.Tensor, granularity: str, 
     calibration inputs' ``hessian = X^T X / rows`` (the one-dimensional case of
     GPTVQ, van Baalen et al. 2024). The columns left compensate what the
     codebook could not represent, which lowers the error of ``x W^T`` rather
-    than of ``W``."""
+    than of ``W``. Weights that are exactly zero (pruned) stay zero through
+    the feedback and take the entry nearest zero, as the nearest assignment
+    gives them; an input column the calibration never saw non-zero takes its
+    nearest entries (no error flows into or out of it)."""
     W = weight.detach().double().clone()
     n, k = W.shape
-    Hinv, dead = inverse_hessian_factor(hessian, damp)
-    W[:, dead] = 0.0
+    pruned = W == 0
+    Hinv, _ = inverse_hessian_factor(hessian, damp)
     books = codebook.double()
     if granularity == "tensor":
         books = books.expand(n, -1)[:, None, :]
@@ -107,8 +110,10 @@ def gptq_assign(weight: torch.Tensor, codebook: torch.Tensor, granularity: str, 
             indices[:, col] = q[:, 0]
             err = (w - book.gather(1, q)[:, 0]) / Hb[j, j]
             W1[:, j:] -= err[:, None] * Hb[j, j:][None, :]
+            W1[:, j:].masked_fill_(pruned[:, col:b1], 0.0)
             Err[:, j] = err
         W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
+        W[:, b1:].masked_fill_(pruned[:, b1:], 0.0)
     return indices.to(torch.uint8)
 
 
@@ -192,7 +197,8 @@ class Cluster(LayerFilterOptions):
     ``weighting=activation`` (needs ``calibration_data``) fits each codebook to
     the layer's output rather than its weights: each weight's squared error
     counts ``E[x_j^2]`` of its input column on the calibration inputs (the
-    diagonal of ``X^T X``, as in SqueezeLLM's sensitivity-weighted k-means), so
+    diagonal of ``X^T X``, the layer's own Hessian, where SqueezeLLM's
+    sensitivity-weighted k-means weighs by the loss's Fisher information), so
     the entries sit where the large inputs' weights are.
 
     ``assign=gptq`` (needs ``calibration_data``) keeps the codebooks and
@@ -208,7 +214,9 @@ class Cluster(LayerFilterOptions):
     Refuses: a group size that does not divide a selected layer's K, and for
     ``nbits`` a layer without a MatMulNBits block (a power of two >= 16
     dividing K and the group size); names the layer. Filters that match no
-    layer.
+    layer. ``assign=gptq`` with ``lowering=nbits`` (the snap to the grid
+    would choose every entry again), and either calibrated option without
+    ``calibration_data``.
     """
 
     bits = Option(4, int, check=lambda v: None if 2 <= v <= 8 else "bits must be from 2 to 8", help="codebook of 2^bits entries")
@@ -276,7 +284,8 @@ class Cluster(LayerFilterOptions):
         if (self.weighting, self.assign) == ("none", "nearest") or not layers:
             return {}
         full = self.assign == "gptq"
-        stats = collect_linear_stats(graph, self.context.get("calibration_data"), [l.node for l in layers], hessian=full)
+        stats = collect_linear_stats(graph, self.context.get("calibration_data"), [l.node for l in layers], hessian=full,
+                                     progress=self.progress)
         sums: dict[int, list] = {}
         for layer in layers:
             st = stats[layer.node.name]

@@ -60,6 +60,18 @@ def test_gptq_assignment_lowers_the_output_error_on_correlated_inputs():
     assert output_error(fed) < 0.5 * output_error(indices)
 
 
+def test_gptq_assignment_keeps_pruned_weights_at_the_entry_nearest_zero():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 64, generator=gen)
+    w[torch.rand(32, 64, generator=gen) < 0.5] = 0.0
+    x = torch.randn(512, 8, generator=gen) @ torch.randn(8, 64, generator=gen) + 0.1 * torch.randn(512, 64, generator=gen)
+    nearest, codebook = kmeans_codebook(w, 3, "channel")
+    fed = gptq_assign(w, codebook, "channel", 128, x.T @ x / len(x))
+    pruned = w == 0
+    assert torch.equal(fed[pruned], nearest[pruned])
+    assert not torch.equal(fed[~pruned], nearest[~pruned])  # the feedback did move the others
+
+
 def _matches_on_both_backends(g, spec, compiled_ort=None):
     """Eager and ONNX Runtime agree, and stay close to the original model."""
     eager = run(fxopt.compile(g, "eager"), spec.example_inputs)
@@ -90,6 +102,8 @@ def test_calibrated_codebooks_run_on_both_backends_closer_to_the_model():
     spec = model_spec("llama-tiny")
     g = base_graph("llama-tiny")
     nearest = fxopt.PassManager("cluster(bits=4)").run(g).graph
+    weighted = fxopt.PassManager("cluster(bits=4,weighting=activation)", calibration_data=_token_batches()).run(g).graph
+    _matches_on_both_backends(weighted, spec)
     result = fxopt.PassManager("cluster(bits=4,weighting=activation,assign=gptq)", calibration_data=_token_batches()).run(g)
     assert result.records[0].stats["clustered"] == 14
     _matches_on_both_backends(result.graph, spec)
