@@ -69,7 +69,7 @@ def test_vocabulary_parallel_tied_head_on_onnxruntime_folds_its_transpose_once(t
         r = result["vocab"]["gpt2-tiny-odd-vocabulary"]
         assert max(r["errors"]) <= TOL, r["errors"]
         # the LM head reads the rank's half of the token table transposed: folded at load in the
-        # session that reads it, not computed in the first session each call and handed to the last
+        # session that reads it, not computed in segment 0 each call and handed to the last segment
         assert r["head_folded"], r
 
 
