@@ -19,7 +19,7 @@ from .layers import Layer, LayerFilterOptions
 from .quantize.calibration import collect_linear_stats
 from .quantize.config import LayerConfig
 from .quantize.lowering import lower_weight_only
-from .quantize.methods import GPTQ_BLOCK, GPTQ_DAMP, inverse_hessian_factor
+from .quantize.methods import GPTQ_DAMP, gptq_sweep, inverse_hessian_factor
 from .registry import register_pass
 
 aten = torch.ops.aten
@@ -97,23 +97,14 @@ def gptq_assign(weight: torch.Tensor, codebook: torch.Tensor, granularity: str, 
     width = k // books.shape[1]  # columns per codebook
     mids = (books[..., 1:] + books[..., :-1]) / 2
     indices = torch.zeros(n, k, dtype=torch.long)
-    for b0 in range(0, k, GPTQ_BLOCK):
-        b1 = min(b0 + GPTQ_BLOCK, k)
-        W1 = W[:, b0:b1].clone()
-        Err = torch.zeros_like(W1)
-        Hb = Hinv[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            col = b0 + j
-            book, mid = books[:, col // width], mids[:, col // width]
-            w = W1[:, j]
-            q = torch.searchsorted(mid.contiguous(), w[:, None].contiguous())
-            indices[:, col] = q[:, 0]
-            err = (w - book.gather(1, q)[:, 0]) / Hb[j, j]
-            W1[:, j:] -= err[:, None] * Hb[j, j:][None, :]
-            W1[:, j:].masked_fill_(pruned[:, col:b1], 0.0)
-            Err[:, j] = err
-        W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
-        W[:, b1:].masked_fill_(pruned[:, b1:], 0.0)
+
+    def nearest_entry(col: int, w: torch.Tensor, ahead) -> torch.Tensor:
+        book, mid = books[:, col // width], mids[:, col // width]
+        q = torch.searchsorted(mid.contiguous(), w[:, None].contiguous())
+        indices[:, col] = q[:, 0]
+        return book.gather(1, q)[:, 0]
+
+    gptq_sweep(W, Hinv, nearest_entry, pruned)
     return indices.to(torch.uint8)
 
 

@@ -101,8 +101,39 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = GPTQ_DAMP) -> tu
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
 
 
+def gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, round_column, pruned: torch.Tensor | None = None) -> None:
+    """GPTQ's sweep with lazy batch updates over the columns of ``W`` (float64
+    ``[N, K]``, updated in place), in order: column ``c`` takes the value
+    ``round_column(c, w, ahead)`` returns (``w``: the column as the errors of the
+    columns before it left it; ``ahead(width)``: the next ``width`` columns as
+    they stand, ``c`` first), and its error is spread over the columns after it
+    through ``Hinv``, the upper factor :func:`inverse_hessian_factor` gives.
+    Entries where ``pruned`` is True stay zero."""
+    k = W.shape[1]
+    for b0 in range(0, k, GPTQ_BLOCK):
+        b1 = min(b0 + GPTQ_BLOCK, k)
+        W1 = W[:, b0:b1].clone()
+        Err = torch.zeros_like(W1)
+        Hb = Hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+
+            def ahead(width: int, j: int = j) -> torch.Tensor:
+                return torch.cat([W1[:, j:], W[:, b1:]], dim=1)[:, :width]
+
+            w = W1[:, j]
+            err = (w - round_column(col, w, ahead)) / Hb[j, j]
+            W1[:, j:] -= err[:, None] * Hb[j, j:][None, :]
+            if pruned is not None:
+                W1[:, j:].masked_fill_(pruned[:, col:b1], 0.0)
+            Err[:, j] = err
+        W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
+        if pruned is not None:
+            W[:, b1:].masked_fill_(pruned[:, b1:], 0.0)
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, damp: float = GPTQ_DAMP) -> QuantizedTensor:
-    """GPTQ with error feedback; scales and zero points come from the
+    """GPTQ with error feedback (:func:`gptq_sweep`); scales and zero points come from the
     reference quantizer (:func:`fxopt.ir.quant.quantize`) applied to each
     group's columns as they stand when the group starts (per channel: to the
     whole weight up front), so the result dequantizes like any
@@ -122,32 +153,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
     scales = torch.zeros(n if config.granularity != "tensor" else 1, groups, dtype=torch.float32)
     zps = torch.zeros_like(scales, dtype=torch.int32) if config.scheme == "asym" else None
     scale = zp = None
-    for b0 in range(0, k, GPTQ_BLOCK):
-        b1 = min(b0 + GPTQ_BLOCK, k)
-        W1 = W[:, b0:b1].clone()
-        Err = torch.zeros_like(W1)
-        Hb = Hinv[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            col = b0 + j
-            if col % gs == 0:
-                # Parameters of the group from its columns as updated so far.
-                block = torch.cat([W1[:, j:], W[:, b1:]], dim=1)[:, :gs].float()
-                ref = quantize(block, channel)
-                scale, zp = ref.scale[:, 0].double(), (None if ref.zero_point is None else ref.zero_point[:, 0].double())
-                scales[:, col // gs] = ref.scale[:, 0]
-                if zps is not None:
-                    zps[:, col // gs] = ref.zero_point[:, 0]
-            w = W1[:, j]
-            offset = 0 if zp is None else zp
-            q = torch.clamp(torch.round(w / scale) + offset, lo, hi)
-            Q[:, col] = q
-            dq = (q - offset) * scale
-            err = (w - dq) / Hb[j, j]
-            W1[:, j:] -= err[:, None] * Hb[j, j:][None, :]
-            W1[:, j:].masked_fill_(pruned[:, col:b1], 0.0)
-            Err[:, j] = err
-        W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
-        W[:, b1:].masked_fill_(pruned[:, b1:], 0.0)
+
+    def round_column(col: int, w: torch.Tensor, ahead) -> torch.Tensor:
+        nonlocal scale, zp
+        if col % gs == 0:
+            # Parameters of the group from its columns as updated so far.
+            ref = quantize(ahead(gs).float(), channel)
+            scale, zp = ref.scale[:, 0].double(), (None if ref.zero_point is None else ref.zero_point[:, 0].double())
+            scales[:, col // gs] = ref.scale[:, 0]
+            if zps is not None:
+                zps[:, col // gs] = ref.zero_point[:, 0]
+        offset = 0 if zp is None else zp
+        q = torch.clamp(torch.round(w / scale) + offset, lo, hi)
+        Q[:, col] = q
+        return (q - offset) * scale
+
+    gptq_sweep(W, Hinv, round_column, pruned)
     qdtype = torch.int8 if config.scheme == "sym" else torch.uint8
     return QuantizedTensor(Q.to(qdtype), scales, zps, config.bits, config.scheme, config.granularity, gs)
 
