@@ -16,7 +16,7 @@ from ..ir.ops_codebook import decode_codebook
 from ..ir.quant import QuantizedTensor, relative_error
 from .base import Option, OptionError, PassResult
 from .layers import Layer, LayerFilterOptions
-from .quantize.calibration import collect_linear_stats
+from .quantize.calibration import collect_linear_stats, pooled
 from .quantize.config import LayerConfig
 from .quantize.lowering import lower_weight_only
 from .quantize.methods import GPTQ_DAMP, gptq_sweep, inverse_hessian_factor
@@ -277,14 +277,10 @@ class Cluster(LayerFilterOptions):
         full = self.assign == "gptq"
         stats = collect_linear_stats(graph, self.context.get("calibration_data"), [l.node for l in layers], hessian=full,
                                      progress=self.progress)
-        sums: dict[int, list] = {}
+        calls: dict[int, list] = {}
         for layer in layers:
-            st = stats[layer.node.name]
-            second = st.hessian if full else st.sq_mean
-            acc = sums.setdefault(id(layer.weight), [torch.zeros_like(second), 0])
-            acc[0] += second * st.rows
-            acc[1] += st.rows
-        return {key: total / max(rows, 1) for key, (total, rows) in sums.items()}
+            calls.setdefault(id(layer.weight), []).append(stats[layer.node.name])
+        return {key: pooled(group, "hessian" if full else "sq_mean") for key, group in calls.items()}
 
     def _kmeans(self, layer: Layer, second: torch.Tensor | None):
         w = layer.weight

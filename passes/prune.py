@@ -41,7 +41,7 @@ import torch.fx as fx
 from .base import Option, OptionError, PassResult
 from .fusion import fuse_linear_act, split_linear_act
 from .layers import Layer, LayerFilterOptions
-from .quantize.calibration import LinearStats, calibrate_sequentially, collect_linear_stats
+from .quantize.calibration import LinearStats, calibrate_sequentially, collect_linear_stats, pooled
 from .quantize.methods import GPTQ_DAMP, inverse_hessian_factor
 from .registry import register_pass
 
@@ -370,11 +370,10 @@ def _pattern_problem(v) -> str | None:
 
 def _combine(group: WeightGroup, calls: list[LinearStats]) -> None:
     """The input statistics of a group's calls, weighted by their rows."""
-    rows = max(sum(s.rows for s in calls), 1)
     for name in ("hessian", "mean", "cross", "ref_mean"):
-        parts = [getattr(s, name) for s in calls]
-        if all(p is not None for p in parts):
-            setattr(group, name, sum(p * s.rows for p, s in zip(parts, calls)) / rows)
+        value = pooled(calls, name)
+        if value is not None:
+            setattr(group, name, value)
 
 
 # -- the pass ------------------------------------------------------------------------
@@ -623,8 +622,7 @@ class Prune(LayerFilterOptions):
         outliers = []
         for group in groups:
             calls = [stats[l.node.name] for l in group.layers]
-            rows = sum(s.rows for s in calls)
-            norm = (sum(s.sq_mean * s.rows for s in calls) / max(rows, 1)).clamp(min=0).sqrt()
+            norm = pooled(calls, "sq_mean").clamp(min=0).sqrt()
             outliers.append(outlier_ratio(wanda_scores(group.weight, norm), self.owl_m))
         counts = owl_counts(outliers, [g.weight.numel() for g in groups], self.ratio, self.owl_lambda)
         for group, count in zip(groups, counts):

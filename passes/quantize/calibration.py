@@ -254,6 +254,16 @@ class _Recorder(fx.Interpreter):
         return super().run_node(n)
 
 
+def pooled(calls: Sequence["LinearStats"], name: str) -> torch.Tensor | None:
+    """Statistic ``name`` (``sq_mean``, ``hessian``, ...) of several calls'
+    inputs taken together: their means weighted by rows (None where a call
+    lacks it), for a weight several layers or calls read."""
+    parts = [getattr(s, name) for s in calls]
+    if not parts or any(p is None for p in parts):
+        return None
+    return sum(p * s.rows for p, s in zip(parts, calls)) / max(sum(s.rows for s in calls), 1)
+
+
 def collect_linear_stats(
     graph,
     calibration_data: Sequence[Any],
