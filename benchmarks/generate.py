@@ -14,9 +14,10 @@ Variants, each at its best documented setup, all with ``--threads`` threads:
 * ``hf-eager-fp32``: ``model.generate(do_sample=False)``, the reference for the
   ``agree`` column (fraction of greedy new tokens equal to it).
 * ``fxopt-fp32-eager`` / ``fxopt-fp32-ort``: the fused pipeline (``FUSED``) on
-  both graphs, on eager PyTorch / ONNX Runtime; ``fxopt-fp32-ort``'s decode
-  session prepacks the weights it shares with the prefill
-  (``compile_generator(..., prepack="decode")``).
+  both graphs, on eager PyTorch / ONNX Runtime. Eager runs both graphs'
+  linears on one oneDNN-packed copy of their weights
+  (``compile_generator(..., prepack="all")``); ``fxopt-fp32-ort``'s decode
+  session prepacks the weights it shares with the prefill (``prepack="decode"``).
 * ``fxopt-int8-ort`` / ``fxopt-int4-ort``: the README's fused W8A8 and fused int4
   pipelines (``INT8``; ``INT4`` symmetric in groups of 64), LM head quantized too, on ONNX Runtime.
   On ONNX Runtime fxopt keeps the cache as ``--cache`` says (default ``buffer``:
@@ -90,8 +91,9 @@ FXOPT = {
 }
 # fp32 on ONNX Runtime: the decode step's session prepacks the weights it
 # shares with the prefill (``prepack="decode"``: MLAS's packed GEMM, one packed
-# copy of the weights beside the shared arrays).
-FXOPT_OPTIONS = {"fxopt-fp32-ort": {"prepack": "decode"}}
+# copy of the weights beside the shared arrays); on eager both graphs' linears
+# run on one oneDNN-packed copy (``prepack="all"``).
+FXOPT_OPTIONS = {"fxopt-fp32-ort": {"prepack": "decode"}, "fxopt-fp32-eager": {"prepack": "all"}}
 REFERENCE = "hf-eager-fp32"
 VARIANTS = [REFERENCE, *FXOPT, "ortgenai-fp32", "ortgenai-int4", "optimum-ort-fp32"]
 MODELS = {"gpt2": "gpt2", "gpt2-tiny": "gpt2-tiny", "llama-135m": "llama-135m", "llama-tiny": "llama-tiny"}

@@ -356,7 +356,7 @@ def cmd_generate(a) -> int:
         options = {"intra_op_threads": a.threads} if a.backend == "onnxruntime" else {}
     noise = io.StringIO()
     with contextlib.redirect_stderr(noise) if not a.debug else contextlib.nullcontext():
-        gen = compile_generator(model, a.pipeline, a.backend, cache=a.cache, **options)
+        gen = compile_generator(model, a.pipeline, a.backend, cache=a.cache, prepack=a.prepack, **options)
     # no stop token on either side: both generate exactly --max-new-tokens
     run = lambda n: gen.generate(ids, max_new_tokens=n, eos_token_id=())
     gen_kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
@@ -441,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", choices=("auto", "growing", "buffer"), default="auto",
                    help="KV cache layout (buffer: preallocated, written in place; onnxruntime with pack-attention; "
                         "auto: buffer where it applies)")
+    g.add_argument("--prepack", choices=("none", "decode", "all"), default="none",
+                   help="weights in the kernels' packed layout, one more copy in memory: onnxruntime 'decode' (the "
+                        "decode session); eager 'decode' or 'all' (oneDNN-packed linears, one copy both graphs read)")
     g.add_argument("--report", help="write a JSON report here")
     g.add_argument("--plugin", action="append", help="import this module first (it may register passes); repeatable")
     g.set_defaults(func=cmd_generate)

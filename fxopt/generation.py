@@ -475,11 +475,14 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
     quantized graphs). Default: shared unless a graph has quantized linears,
     whose ONNX Runtime kernels need prepacked weights to be fast.
 
-    ``prepack`` (ONNX Runtime, shared weights): ``"none"`` (default), no
-    session prepacks, the weights are held once; ``"decode"``, the decode
-    step's session prepacks them (MLAS's packed GEMM: one packed copy beside
-    the shared arrays) and the prefill reads the shared arrays, for the step
-    generation repeats per token (docs/generation.md has both measured).
+    ``prepack``: ``"none"`` (default), the weights are held once, as traced.
+    ONNX Runtime (shared weights): ``"decode"``, the decode step's session
+    prepacks them (MLAS's packed GEMM: one packed copy beside the shared
+    arrays) and the prefill reads the shared arrays, for the step generation
+    repeats per token. Eager: ``"decode"``, the decode graph's float32 linears
+    run on oneDNN-blocked copies of their weights; ``"all"``, both graphs run
+    on one such copy (:class:`fxopt.backends.eager.PackedLinearWeights`).
+    docs/generation.md has them measured.
 
     ``cache`` (ONNX Runtime): ``"growing"``, each step returns the cache one
     position longer (a new tensor); ``"buffer"``, a buffer of prompt + new
@@ -494,11 +497,14 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
 
     if backend not in ("eager", "onnxruntime"):
         raise GenerationError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
-    if prepack not in ("none", "decode"):
-        raise GenerationError(f"prepack must be 'none' or 'decode', got {prepack!r}")
-    if prepack != "none" and (backend != "onnxruntime" or share_weights is False):
-        raise GenerationError("prepack='decode' applies to ONNX Runtime sessions sharing their weights "
-                              "(share_weights=False: each session holds and prepacks its own)")
+    if prepack not in ("none", "decode", "all"):
+        raise GenerationError(f"prepack must be 'none', 'decode' or 'all', got {prepack!r}")
+    if prepack != "none" and backend == "onnxruntime" and (share_weights is False or prepack == "all"):
+        raise GenerationError(f"prepack={prepack!r}: on onnxruntime prepack='decode' applies to sessions sharing their "
+                              "weights; share_weights=False makes each session hold and prepack its own")
+    if prepack != "none" and backend == "eager" and (backend_options.get("torch_compile") or "prepack" in backend_options):
+        raise GenerationError(f"prepack={prepack!r} packs the eager graphs' linears: not with torch_compile or the "
+                              "backend option prepack")
     if cache not in ("auto", "growing", "buffer"):
         raise GenerationError(f"cache must be 'auto', 'growing' or 'buffer', got {cache!r}")
     if cache == "buffer" and backend != "onnxruntime":
@@ -532,6 +538,13 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
 
             initializers = SharedInitializers()
             backend_options = dict(backend_options, shared_initializers=initializers, prepack=False)
+    if backend == "eager" and prepack != "none":
+        from .backends.eager import PackedLinearWeights
+
+        packed = PackedLinearWeights()  # one packed copy of a weight both graphs read
+        prefill = compile_graph(graphs.prefill, backend, **backend_options, prepack=packed if prepack == "all" else False)
+        decode = compile_graph(graphs.decode, backend, **backend_options, prepack=packed)
+        return Generator(graphs, prefill, decode, backend, shared, initializers, cache)
     prefill = compile_graph(graphs.prefill, backend, **backend_options)
     if cache == "buffer":
         backend_options = dict(backend_options, rewrite_onnx=read_cache_length_from_mask)

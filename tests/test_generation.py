@@ -289,6 +289,18 @@ def test_cli_generate_reports_speed_and_equal_tokens(tmp_path, capsys):
     assert "greedy tokens equal the reference's: yes" in capsys.readouterr().err
 
 
+def test_cli_generate_eager_with_packed_linears(tmp_path):
+    import json
+
+    from fxopt.cli import main
+
+    report = tmp_path / "r.json"
+    assert main(["generate", "gpt2-tiny", "--pipeline", FUSED, "--prepack", "all", "--prompt-tokens", "12",
+                 "--max-new-tokens", "8", "--threads", "1", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["tokens_equal_reference"] is True
+    assert main(["generate", "gpt2-tiny", "--backend", "onnxruntime", "--prepack", "all"]) == 1  # refused, named
+
+
 def test_cli_generate_refuses_a_model_without_a_causal_lm_head(capsys):
     from fxopt.cli import main
 
@@ -423,10 +435,31 @@ def test_decode_session_alone_prepacks_the_shared_weights():
         assert torch.equal(out.sequences, hf_tokens("llama", batch)), f"batch {batch}"
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gemma", "phi3"])
+def test_eager_packed_linears_give_the_same_tokens(name):
+    from fxopt.backends.eager import packed_linear
+
+    for prepack in ("decode", "all"):
+        gen = compile_generator(fused(name), backend="eager", prepack=prepack)
+        linears = {kind: sum(n.target in (torch.ops.aten.linear.default, torch.ops.fxopt.linear_act.default)
+                             for n in getattr(gen.graphs, kind).fx.nodes) for kind in ("prefill", "decode")}
+        running = {kind: [n.target for n in model.running_graph.nodes if n.op == "call_function"]
+                   for kind, model in (("prefill", gen.prefill_model), ("decode", gen.decode_model))}
+        assert running["decode"].count(packed_linear) == linears["decode"] > 0
+        assert running["prefill"].count(packed_linear) == (linears["prefill"] if prepack == "all" else 0)
+        if prepack == "all":  # one packed copy of each weight, read by both graphs (gemma's head is its embedding)
+            assert gen.prefill_model.packed is gen.decode_model.packed
+            assert len(gen.decode_model.packed) == linears["decode"]
+        for batch in (1, 4):
+            out = gen.generate(PROMPTS[:batch], max_new_tokens=NEW_TOKENS)
+            assert torch.equal(out.sequences, hf_tokens(name, batch)), f"{name} prepack={prepack} batch {batch}"
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(prepack="prefill"), "prepack must be"),
     (dict(prepack="decode", share_weights=False), "sharing their weights"),
-    (dict(prepack="decode", backend="eager"), "sharing their weights"),
+    (dict(prepack="all"), "applies to sessions sharing"),
+    (dict(prepack="all", backend="eager", torch_compile=True), "not with torch_compile"),
 ])
 def test_prepack_option_is_checked(options, message):
     with pytest.raises(GenerationError, match=message):

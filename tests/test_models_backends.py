@@ -2,6 +2,7 @@
 pipeline, and match the original model within 1e-4 x the output's scale."""
 
 import onnx
+import torch
 import pytest
 
 import fxopt
@@ -143,3 +144,35 @@ def test_tracing_a_dynamic_dim_of_size_one_says_to_trace_with_two():
     batch_one = {k: v[:1] for k, v in spec.example_inputs.items()}
     with pytest.raises(fxopt.TraceError, match="trace with at least 2 along each dynamic dimension"):
         fxopt.trace(spec.model, batch_one, dynamic_shapes=spec.dynamic_shapes)
+
+
+class Linears(torch.nn.Module):
+    """A float32 linear on a constant weight (packed), one with a GELU (fxopt's
+    linear_act after fusion, packed), one on a computed weight and one in
+    bfloat16 (both left as they are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16, bias=False)
+        self.narrow = torch.nn.Linear(16, 8).to(torch.bfloat16)
+
+    def forward(self, x, w):
+        h = self.down(torch.nn.functional.gelu(self.up(x)))
+        return torch.nn.functional.linear(h, w), self.narrow(h.bfloat16())
+
+
+def test_eager_prepack_runs_constant_float_linears_on_packed_weights():
+    from fxopt.backends.eager import packed_linear
+
+    torch.manual_seed(0)
+    model, inputs = Linears().eval(), (torch.randn(2, 3, 16), torch.randn(4, 16))
+    graph = fxopt.PassManager("canonicalize,fuse-linear-act").run(fxopt.trace(model, inputs)).graph
+    plain, packed = fxopt.compile(graph, "eager"), fxopt.compile(graph, "eager", prepack=True)
+    targets = [n.target for n in packed.running_graph.nodes if n.op == "call_function"]
+    assert targets.count(packed_linear) == 2 and len(packed.packed) == 2
+    assert targets.count(torch.ops.aten.linear.default) == 2  # the computed weight and the bfloat16 one
+    assert packed.running_graph is not graph.fx and plain.running_graph is graph.fx  # the graph itself is unchanged
+    for want, got in zip(plain(*inputs), packed(*inputs)):
+        assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), atol=1e-5)
+    with pytest.raises(fxopt.BackendError, match="torch_compile"):
+        fxopt.compile(graph, "eager", prepack=True, torch_compile=True)
