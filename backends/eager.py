@@ -13,6 +13,7 @@ from ..ir.collectives import (ALL_REDUCE, GROUP, REDUCE_OPS, WAIT, bind_process_
                               process_group_named, reduce_op)
 from ..ir.graph import Graph
 from ..ir.ops import ACTIVATIONS
+from ..ir.ops_attention import attention_with_past_in_buffer
 from .base import BackendError, CompiledModel
 
 
@@ -20,17 +21,23 @@ class EagerModel(CompiledModel):
     backend = "eager"
 
     def __init__(self, graph: Graph, *, torch_compile: bool = False, compile_options: dict | None = None,
-                 prepack: bool | PackedLinearWeights = False):
+                 prepack: bool | PackedLinearWeights = False, cache_in_buffer: bool = False):
         """``prepack``: run the graph's float32 linears on oneDNN-blocked copies
         of their weights (:class:`PackedLinearWeights`, which may be shared
-        with other models so that a weight is packed once): 0.57x of
-        ``torch.nn.functional.linear``'s time at one row and 0.87x at 512 rows
-        on a decoder's layers (``benchmarks/generate.py`` measures the step),
-        for one more copy of those weights in memory. ``torch.compile`` packs
-        weights its own way (freezing), so the two are not combined."""
-        if prepack is not False and torch_compile:
-            raise BackendError("eager backend: prepack and torch_compile do not combine (torch.compile packs weights "
-                               "itself under freezing)")
+        with other models so that a weight is packed once): faster than
+        ``torch.nn.functional.linear`` where the weights stream from memory,
+        most at a decode step's few rows (``benchmarks/generate.py`` measures
+        it), for one more copy of those weights in memory. ``torch.compile`` packs
+        weights its own way (freezing), so the two are not combined.
+
+        ``cache_in_buffer``: a decode step's ``fxopt.attention_with_past``
+        grows each past key/value in place when the caller passes it as a
+        prefix view of a longer buffer
+        (:func:`~fxopt.ir.ops_attention.attention_with_past_in_buffer`), as a
+        generator with ``cache="buffer"`` does; other pasts are concatenated."""
+        if (prepack is not False or cache_in_buffer) and torch_compile:
+            raise BackendError("eager backend: prepack and cache_in_buffer rewrite the graph that runs, torch_compile "
+                               "compiles its own (and packs weights itself under freezing)")
         if prepack is not False and not torch.backends.mkldnn.is_available():
             raise BackendError("eager backend: prepack needs a PyTorch built with oneDNN (torch.backends.mkldnn)")
         if GROUP in group_names(graph):
@@ -41,7 +48,7 @@ class EagerModel(CompiledModel):
         if torch_compile:
             self._fn = torch.compile(graph.module, **(compile_options or {}))
         else:
-            self._fn = runnable_module(graph, self.packed)
+            self._fn = runnable_module(graph, self.packed, cache_in_buffer)
 
     def __call__(self, *args, **kwargs):
         # Rebuilt in the traced structure, so that a model traced with keyword
@@ -132,6 +139,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 LINEARS = (torch.ops.aten.linear.default, torch.ops.fxopt.linear_act.default)
+ATTENTION_WITH_PAST = torch.ops.fxopt.attention_with_past.default
 
 
 def _float32(node) -> bool:
@@ -204,17 +212,23 @@ def _reduce_in_place(fx_graph: fx.Graph) -> list[tuple[str, torch.nn.Module]]:
     return replaced
 
 
-def runnable_module(graph: Graph, packed: PackedLinearWeights | None = None) -> torch.nn.Module:
+def runnable_module(graph: Graph, packed: PackedLinearWeights | None = None, cache_in_buffer: bool = False
+                    ) -> torch.nn.Module:
     """The module that runs ``graph``: its own, or one that shares its
     attributes in which all-reduces run in place where their group can
-    (:func:`_reduce_in_place`) and, given ``packed``, the float32 linears on
-    constant weights run on packed copies (:func:`_pack_linears`). ``graph``
-    itself (what is saved and printed) is unchanged."""
+    (:func:`_reduce_in_place`), given ``packed`` the float32 linears on
+    constant weights run on packed copies (:func:`_pack_linears`), and with
+    ``cache_in_buffer`` attention against a cache grows it in place where it
+    is a buffer's prefix. ``graph`` itself (what is saved and printed) is
+    unchanged."""
     fx_graph = copy.deepcopy(graph.fx)
     submodules = _reduce_in_place(fx_graph) if any(
         n.op == "call_function" and n.target == ALL_REDUCE for n in fx_graph.nodes) else []
     attributes = _pack_linears(fx_graph, graph.module, packed) if packed is not None else []
-    if not submodules and not attributes:
+    in_buffer = [n for n in fx_graph.nodes if n.op == "call_function" and n.target == ATTENTION_WITH_PAST] if cache_in_buffer else []
+    for node in in_buffer:
+        node.target = attention_with_past_in_buffer
+    if not submodules and not attributes and not in_buffer:
         return graph.module
     # built on the unchanged graph (which names every attribute to take over), then given the rewritten one
     module = fx.GraphModule(graph.module, copy.deepcopy(graph.fx), class_name=type(graph.module).__name__)

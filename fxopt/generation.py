@@ -112,6 +112,25 @@ class _EagerSteps:
         return out[0][:, -1], list(out[1:])
 
 
+class _EagerBufferSteps(_EagerSteps):
+    """The eager cache in preallocated buffers of ``length`` positions: each
+    step's past is the filled prefix of its buffer, which the decode graph's
+    attention grows in place (the decode model runs with ``cache_in_buffer``);
+    the prefill's cache is copied into the buffers once."""
+
+    length: int | None = None
+
+    def prefill(self, ids, mask, positions):
+        logits, cache = super().prefill(ids, mask, positions)
+        views = []
+        for value in cache:
+            b, heads, held, width = value.shape
+            buffer = value.new_empty((b, heads, max(self.length, held), width))
+            buffer[:, :, :held] = value
+            views.append(buffer[:, :, :held])
+        return logits, views
+
+
 class _OrtSteps:
     """Runs the two ONNX Runtime sessions with I/O binding: the cache outputs of
     one run are ``OrtValue``s in ONNX Runtime's memory and are bound as the
@@ -290,7 +309,10 @@ class Generator:
         self.shared_initializers = shared_initializers
         self.cache = cache
         by_torch = backend != "onnxruntime" or not hasattr(decode_model, "session")  # a rank model: several sessions
-        steps = _EagerSteps if by_torch else (_OrtBufferSteps if cache == "buffer" else _OrtSteps)
+        if by_torch:
+            steps = _EagerBufferSteps if cache == "buffer" else _EagerSteps
+        else:
+            steps = _OrtBufferSteps if cache == "buffer" else _OrtSteps
         self._steps = steps(prefill_model, decode_model)
 
     def save_onnx(self, directory) -> dict:
@@ -385,7 +407,7 @@ class Generator:
 
         # Positions as Hugging Face's generate counts them: real tokens from 0, padding at 0.
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        if isinstance(self._steps, _OrtBufferSteps):  # room for every position the steps feed back
+        if isinstance(self._steps, (_OrtBufferSteps, _EagerBufferSteps)):  # room for every position the steps feed back
             self._steps.length = prompt_len + max_new_tokens - 1
         start = time.perf_counter()
         logits, cache = self._steps.prefill(ids, mask, positions)
@@ -484,14 +506,15 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
     on one such copy (:class:`fxopt.backends.eager.PackedLinearWeights`).
     docs/generation.md has them measured.
 
-    ``cache`` (ONNX Runtime): ``"growing"``, each step returns the cache one
-    position longer (a new tensor); ``"buffer"``, a buffer of prompt + new
-    tokens positions per layer, allocated once per :meth:`Generator.generate`
-    and written in place by GroupQueryAttention (needs ``pack-attention`` in
-    the pipeline: every decode attention lowered to it); ``"auto"`` (default),
-    the buffer where it can be used, else growing. The buffer spared 75-78% of
-    a GPT-2 small decode step's attention time at contexts 128-1024
-    (``benchmarks/kv_cache_layout.py``)."""
+    ``cache``: ``"growing"``, each step returns the cache one position
+    longer (a new tensor); ``"buffer"``, a buffer of prompt + new tokens
+    positions per layer, allocated once per :meth:`Generator.generate` and
+    written in place by the decode step's attention (needs ``pack-attention``
+    in the pipeline: every decode attention lowered to
+    ``fxopt.attention_with_past``, GroupQueryAttention on ONNX Runtime);
+    ``"auto"`` (default), the buffer where it can be used, else growing. On
+    ONNX Runtime the buffer spared 75-78% of a GPT-2 small decode step's
+    attention time at contexts 128-1024 (``benchmarks/kv_cache_layout.py``)."""
     from .backends import compile as compile_graph
     from .passes import PassManager
 
@@ -507,9 +530,6 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
                               "backend option prepack")
     if cache not in ("auto", "growing", "buffer"):
         raise GenerationError(f"cache must be 'auto', 'growing' or 'buffer', got {cache!r}")
-    if cache == "buffer" and backend != "onnxruntime":
-        raise GenerationError("cache='buffer' runs on onnxruntime (GroupQueryAttention writes the buffer in place); "
-                              "eager grows the cache")
     if pipeline:
         PassManager(pipeline)  # a bad pipeline fails before tracing
     graphs = model if isinstance(model, DecoderGraphs) else trace_decoder(model)
@@ -519,7 +539,11 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
     initializers = None
     ranked = any(rank_of(g) is not None for g in (graphs.prefill, graphs.decode))
     if cache == "auto":
-        cache = "buffer" if backend == "onnxruntime" and not ranked and cache_read_in_place(graphs.decode) else "growing"
+        in_place = not backend_options.get("torch_compile") if backend == "eager" else not ranked
+        cache = "buffer" if in_place and cache_read_in_place(graphs.decode) else "growing"
+    if cache == "buffer" and backend == "eager" and not cache_read_in_place(graphs.decode):
+        raise GenerationError("cache='buffer' needs every read of the decode step's cache to be an "
+                              "fxopt.attention_with_past (pack-attention in the pipeline), which writes the buffer in place")
     if backend == "onnxruntime" and ranked:
         # a rank graph runs as several sessions cut at its collectives (fxopt.backends.onnxruntime_ranks)
         if cache == "buffer":
@@ -538,12 +562,13 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
 
             initializers = SharedInitializers()
             backend_options = dict(backend_options, shared_initializers=initializers, prepack=False)
-    if backend == "eager" and prepack != "none":
+    if backend == "eager":
         from .backends.eager import PackedLinearWeights
 
-        packed = PackedLinearWeights()  # one packed copy of a weight both graphs read
+        packed = PackedLinearWeights() if prepack != "none" else False  # one packed copy of a weight both graphs read
         prefill = compile_graph(graphs.prefill, backend, **backend_options, prepack=packed if prepack == "all" else False)
-        decode = compile_graph(graphs.decode, backend, **backend_options, prepack=packed)
+        decode = compile_graph(graphs.decode, backend, **backend_options, prepack=packed,
+                               cache_in_buffer=cache == "buffer")
         return Generator(graphs, prefill, decode, backend, shared, initializers, cache)
     prefill = compile_graph(graphs.prefill, backend, **backend_options)
     if cache == "buffer":

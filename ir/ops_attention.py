@@ -509,6 +509,12 @@ def attention_with_past(
     ``position_ids`` ``[B, S]``, the new queries and keys are first rotated
     (Hugging Face's rotary embedding, the two halves of each head), and the cache holds the rotated keys. Lowers to com.microsoft
     GroupQueryAttention with past/present (and ``do_rotary``)."""
+    return _attend_with_past(q, k, v, past_k, past_v, mask, num_heads, kv_num_heads, scale, cos_cache, sin_cache,
+                             position_ids, lambda past, new: torch.cat([past, new], dim=2))
+
+
+def _attend_with_past(q, k, v, past_k, past_v, mask, num_heads, kv_num_heads, scale, cos_cache, sin_cache, position_ids,
+                      grow):
     if num_heads % kv_num_heads:
         raise ValueError(f"fxopt::attention_with_past: num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}")
     qh, kh_new = _split_heads(q, num_heads), _split_heads(k, kv_num_heads)
@@ -517,12 +523,40 @@ def attention_with_past(
             raise ValueError("fxopt::attention_with_past: cos_cache needs sin_cache and position_ids")
         cos, sin = _rotary_angles(cos_cache, sin_cache, position_ids)
         qh, kh_new = _rotate(qh, cos, sin), _rotate(kh_new, cos, sin)
-    present_k = torch.cat([past_k, kh_new], dim=2)
-    present_v = torch.cat([past_v, _split_heads(v, kv_num_heads)], dim=2)
+    present_k, present_v = grow(past_k, kh_new), grow(past_v, _split_heads(v, kv_num_heads))
     # SDPA reads each kv head for its group of query heads: no copy of the cache per query head
     out = torch.nn.functional.scaled_dot_product_attention(qh, present_k, present_v, attn_mask=mask, scale=scale,
                                                            enable_gqa=num_heads != kv_num_heads)
     return _merge_heads(out), present_k, present_v
+
+
+def grown_in_buffer(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``cat(past, new)`` along the positions (dim 2) of ``[B, heads, P, H]``
+    caches, written in place after ``past`` when ``past`` is the first ``P``
+    positions of a longer buffer ``[B, heads, L, H]`` (its strides) with room
+    for ``new``: the result is then a view of that buffer, and no position is
+    copied. Any other ``past`` (a tensor of its own) is concatenated."""
+    b, heads, held, width = past.shape
+    total = held + new.shape[2]
+    s0, s1, s2, s3 = past.stride()
+    end = past.storage_offset() + (b - 1) * s0 + (heads - 1) * s1 + total * s2
+    if (s3 != 1 or s2 != width or s1 < total * width or s0 < heads * s1 or new.dtype != past.dtype
+            or end * past.element_size() > past.untyped_storage().nbytes()):
+        return torch.cat([past, new], dim=2)
+    grown = past.as_strided((b, heads, total, width), past.stride())
+    grown[:, :, held:].copy_(new)
+    return grown
+
+
+def attention_with_past_in_buffer(q, k, v, past_k, past_v, mask, num_heads, kv_num_heads, scale, cos_cache=None,
+                                  sin_cache=None, position_ids=None):
+    """:func:`attention_with_past` whose cache grows in place when each past
+    is a prefix view of a longer buffer (:func:`grown_in_buffer`): the eager
+    backend runs a generator's decode step with it (``cache_in_buffer``),
+    where the generator owns the buffers. Not an op: it writes memory its
+    inputs only view."""
+    return _attend_with_past(q, k, v, past_k, past_v, mask, num_heads, kv_num_heads, scale, cos_cache, sin_cache,
+                             position_ids, grown_in_buffer)
 
 
 # The rotary tables are indexed by the positions: a position outside them is

@@ -115,8 +115,15 @@ def test_fused_greedy_tokens_equal_hugging_face(name, backend):
     if name in GQA_ARCHS:  # a left-padded prompt's GQA with its causal + padding mask: one kernel, no repeat_kv,
         # run causal (the mask and's a causal part: no key after its query is read)
         assert (prefill["gqa"], prefill["causal_mask"], prefill["refused"]) == (2, 2, {})
-    # the default cache: a preallocated buffer where GroupQueryAttention reads and writes it in place
-    assert gen.cache == ("buffer" if backend == "onnxruntime" else "growing")
+    # the default cache: a preallocated buffer the attention reads and writes in place
+    # (GroupQueryAttention on ONNX Runtime, attention_with_past_in_buffer on eager)
+    assert gen.cache == "buffer"
+    if backend == "eager":
+        from fxopt.ir.ops_attention import attention_with_past_in_buffer
+
+        targets = [n.target for n in gen.decode_model.running_graph.nodes if n.op == "call_function"]
+        assert targets.count(attention_with_past_in_buffer) == 2
+        assert torch.ops.fxopt.attention_with_past.default not in targets
     if backend == "onnxruntime":
         ops = onnx_op_types(gen.decode_model)
         assert ops.count("GroupQueryAttention") == 2 and "MultiHeadAttention" not in ops
@@ -416,6 +423,24 @@ def test_quantized_pipelines_generate(scheme, backend):
 # -- ONNX Runtime: the cache in a preallocated buffer written in place ---------------------------------
 
 
+def test_a_cache_grows_in_place_only_as_a_prefix_of_a_buffer_with_room():
+    from fxopt.ir.ops_attention import grown_in_buffer
+
+    torch.manual_seed(0)
+    buffer, new = torch.randn(2, 3, 8, 4), torch.randn(2, 3, 1, 4)
+    for past, in_place in [(buffer[:, :, :5], True),  # the generator's case: written at position 5, no copy
+                           (buffer[:, :, :8], False),  # no room left
+                           (buffer[:, :, :5].clone(), False),  # a tensor of its own
+                           (torch.randn(2, 8, 3, 4).transpose(1, 2)[:, :, :5], False)]:  # positions strided apart
+        want = torch.cat([past, new], dim=2)
+        before = buffer.clone()
+        got = grown_in_buffer(past, new)
+        assert torch.equal(got, want)
+        assert (got.data_ptr() == past.data_ptr() and got.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()) == in_place
+        if not in_place:
+            assert torch.equal(buffer, before)  # nothing outside past was written
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "mistral"])
 def test_preallocated_cache_gives_the_same_tokens(name):
     gen = compile_generator(fused(name), backend="onnxruntime", cache="buffer")
@@ -469,5 +494,5 @@ def test_prepack_option_is_checked(options, message):
 def test_preallocated_cache_needs_every_attention_lowered():
     with pytest.raises(GenerationError, match="pack-attention"):
         compile_generator(traced("gpt2"), backend="onnxruntime", cache="buffer")
-    with pytest.raises(GenerationError, match="onnxruntime"):
+    with pytest.raises(GenerationError, match="pack-attention"):
         compile_generator(traced("gpt2"), backend="eager", cache="buffer")
