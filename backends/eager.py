@@ -61,7 +61,8 @@ class EagerModel(CompiledModel):
     @property
     def running_graph(self) -> fx.Graph | None:
         """The fx graph that runs (``graph`` with the backend's rewrites: packed
-        linears, in-place all-reduces); None under ``torch.compile``."""
+        linears, the cache grown in its buffer, in-place all-reduces); None
+        under ``torch.compile``."""
         return getattr(self._fn, "graph", None) if isinstance(self._fn, fx.GraphModule) else None
 
     def save(self, path) -> Path:
@@ -126,10 +127,6 @@ class PackedLinearWeights:
 
     def __len__(self) -> int:
         return len(self._packed)
-
-    def nbytes(self) -> int:
-        """Bytes the packed copies hold (a blocked copy is the size of its weight)."""
-        return sum(w.numel() * w.element_size() for w, _ in self._packed.values())
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none") -> torch.Tensor:

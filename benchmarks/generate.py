@@ -20,8 +20,8 @@ Variants, each at its best documented setup, all with ``--threads`` threads:
   session prepacks the weights it shares with the prefill (``prepack="decode"``).
 * ``fxopt-int8-ort`` / ``fxopt-int4-ort``: the README's fused W8A8 and fused int4
   pipelines (``INT8``; ``INT4`` symmetric in groups of 64), LM head quantized too, on ONNX Runtime.
-  On ONNX Runtime fxopt keeps the cache as ``--cache`` says (default ``buffer``:
-  preallocated, written in place by GroupQueryAttention).
+  fxopt keeps the cache as ``--cache`` says (default ``buffer``: preallocated,
+  written in place by the decode step's attention, GroupQueryAttention on ONNX Runtime).
 * ``ortgenai-fp32`` / ``ortgenai-int4``: onnxruntime-genai's model builder
   (``python -m onnxruntime_genai.models.builder -i CHECKPOINT -o OUT -p fp32|int4 -e cpu``)
   on the model saved with ``save_pretrained`` beside a word-level tokenizer, its
@@ -467,7 +467,7 @@ def bench_model(name: str, a, variants: list[str], bandwidth: float) -> list[dic
                         traced = trace_decoder(model)
                     pipeline, backend = FXOPT[variant]
                     opts = {"intra_op_threads": a.threads, "inter_op_threads": 1} if backend == "onnxruntime" else {}
-                    if backend == "onnxruntime" and "cache" in inspect.signature(compile_generator).parameters:
+                    if "cache" in inspect.signature(compile_generator).parameters:
                         opts["cache"] = a.cache
                     built = compile_generator(traced, pipeline, backend, **opts, **FXOPT_OPTIONS.get(variant, {}))
                     weight_bytes = graph_streamed_bytes(built.graphs.decode)
@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="runs of each variant per (batch, context), in turns; the row is their median")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--cache", default="buffer", choices=("growing", "buffer"),
-                   help="fxopt's KV cache layout on ONNX Runtime (buffer: preallocated, written in place)")
+                   help="fxopt's KV cache layout, both backends (buffer: preallocated, written in place)")
     p.add_argument("--optimum-python", default=os.environ.get("FXOPT_OPTIMUM_PYTHON"),
                    help="python of a virtual environment with optimum-onnx (it needs transformers < 4.58)")
     a = p.parse_args(argv)
