@@ -13,8 +13,9 @@ size with grouped-query attention):
   on each transport (``--transports``: fxopt's shared-memory group
   ``fxopt_shm``, and gloo); the peer, PyTorch DTensor's
   ``parallelize_module`` with ColwiseParallel / RowwiseParallel on the same
-  Hugging Face model, at N=2 with one thread per rank on the same groups,
-  beside the model in one process;
+  Hugging Face model (GPT-2 prepared as its users do: :func:`linear_gpt2`),
+  at N=2 with one thread per rank on the same groups, beside the model in one
+  process;
 * the all-reduce on its own, on each transport: an all_reduce of one token's
   hidden state (and of 128 tokens') between the two ranks, times the
   all-reduces per forward; on paper, the all-reduce bytes per token per layer
@@ -171,24 +172,61 @@ def in_turns(mesh, one_process, split, repeats: int, rounds: int = 3) -> tuple[f
     return (statistics.median(alone) if alone else float("nan"), statistics.median(together))
 
 
+def linear_gpt2(model, world_size: int):
+    """GPT-2 ``model`` (changed in place) made shardable by ColwiseParallel /
+    RowwiseParallel, as a DTensor user does by hand: each Conv1D becomes the
+    ``nn.Linear`` with its transposed weight; ``c_attn``'s output rows are
+    ordered so that each of the ``world_size`` contiguous blocks a column
+    split gives holds one rank's heads of Q, then K, then V; and each
+    attention splits its ``c_attn`` output in one rank's share
+    (``split_size``; the heads of a view are counted from the width).
+    Returns ``model``; a model without Conv1D is returned as it is."""
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if blocks is None or not any(isinstance(m, Conv1D) for m in model.modules()):
+        return model
+    for block in blocks:
+        attn = block.attn
+        width = attn.embed_dim
+        if attn.num_heads % world_size:
+            raise ValueError(f"{attn.num_heads} heads do not split over {world_size} ranks")
+        for parent, name in ((attn, "c_attn"), (attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+            conv = getattr(parent, name)
+            linear = torch.nn.Linear(*conv.weight.shape)
+            with torch.no_grad():
+                linear.weight.copy_(conv.weight.t())
+                linear.bias.copy_(conv.bias)
+            setattr(parent, name, linear)
+        share = width // world_size
+        order = torch.cat([torch.arange(part * width + rank * share, part * width + (rank + 1) * share)
+                           for rank in range(world_size) for part in range(3)])
+        with torch.no_grad():
+            attn.c_attn.weight.copy_(attn.c_attn.weight[order])
+            attn.c_attn.bias.copy_(attn.c_attn.bias[order])
+        attn.split_size = share
+    return model
+
+
 def dtensor_plan(model) -> dict:
     """ColwiseParallel / RowwiseParallel by module name, Megatron's layout: the
-    Q/K/V and gate/up linears by output channel, the attention output and
-    down projections by input channel. Raises ValueError where the model's
-    linears are not ``nn.Linear`` (GPT-2's Conv1D, whose fused QKV a column
-    split would cut across Q, K and V)."""
+    Q/K/V (GPT-2's ``c_attn``), gate/up and first MLP linears by output
+    channel, the attention output and down projections by input channel.
+    Raises ValueError where those linears are not ``nn.Linear`` (GPT-2's
+    Conv1D before :func:`linear_gpt2`)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     plan = {}
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
-        if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-            plan[name] = ColwiseParallel()
-        elif leaf in ("o_proj", "down_proj"):
-            plan[name] = RowwiseParallel()
-        elif leaf in ("c_attn", "c_fc", "c_proj") and not isinstance(module, torch.nn.Linear):
+        if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc", "c_proj", "o_proj",
+                    "down_proj") and not isinstance(module, torch.nn.Linear):
             raise ValueError(f"{type(model).__name__}.{name} is {type(module).__name__}, not nn.Linear: "
                              "ColwiseParallel / RowwiseParallel shard nn.Linear and nn.Embedding only")
+        if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc"):
+            plan[name] = ColwiseParallel()
+        elif leaf in ("o_proj", "down_proj", "c_proj"):
+            plan[name] = RowwiseParallel()
     if not plan:
         raise ValueError(f"no Q/K/V, gate/up, output or down projections found in {type(model).__name__}")
     return plan
@@ -202,11 +240,12 @@ def dtensor_peer(mesh, name: str, repeats: int) -> dict:
     spec = model_spec(name)
     reference = {shape: logits(spec.model(input_ids=token_ids(spec.model, seq))).detach() for shape, seq in SHAPES.items()}
     try:
-        plan = dtensor_plan(spec.model)
+        prepared = linear_gpt2(spec.model, mesh.tp_group.size())
+        plan = dtensor_plan(prepared)
     except ValueError as e:
         return {"not_run": str(e)}
     device_mesh = DeviceMesh.from_group(mesh.tp_group, "cpu")
-    model = parallelize_module(spec.model, device_mesh, plan)
+    model = parallelize_module(prepared, device_mesh, plan)
     rows = {}
     for shape, seq in SHAPES.items():
         ids = token_ids(spec.model, seq)
