@@ -14,8 +14,8 @@ BACKENDS: dict[str, type[CompiledModel]] = {"eager": EagerModel, "onnxruntime": 
 
 def compile(graph: Graph, backend: str = "eager", **options) -> CompiledModel:
     """Lower ``graph`` to ``backend`` ("eager" or "onnxruntime"); options go to the
-    backend (eager: ``torch_compile``; onnxruntime: threads, optimization level,
-    providers, ``allow_spinning``). Returns a callable with the model's
+    backend (eager: ``torch_compile``, ``prepack``, ``cache_in_buffer``;
+    onnxruntime: threads, optimization level, providers, ``allow_spinning``). Returns a callable with the model's
     input/output structure and a ``.save(path)``."""
     if not isinstance(graph, Graph):
         raise TypeError(f"fxopt.compile expects an fxopt Graph (from fxopt.trace), got {type(graph).__name__}")

@@ -26,15 +26,19 @@ class EagerModel(CompiledModel):
         of their weights (:class:`PackedLinearWeights`, which may be shared
         with other models so that a weight is packed once): faster than
         ``torch.nn.functional.linear`` where the weights stream from memory,
-        most at a decode step's few rows (``benchmarks/generate.py`` measures
-        it), for one more copy of those weights in memory. ``torch.compile`` packs
-        weights its own way (freezing), so the two are not combined.
+        most at a decode step's few rows (``benchmarks/eager_linears.py``),
+        for one more copy of those weights in memory. The copies are made
+        here: later in-place changes to a weight are not seen.
+        ``torch.compile`` packs weights its own way (freezing), so the two are
+        not combined.
 
         ``cache_in_buffer``: a decode step's ``fxopt.attention_with_past``
         grows each past key/value in place when the caller passes it as a
         prefix view of a longer buffer
         (:func:`~fxopt.ir.ops_attention.attention_with_past_in_buffer`), as a
         generator with ``cache="buffer"`` does; other pasts are concatenated."""
+        if not isinstance(prepack, (bool, PackedLinearWeights)):
+            raise BackendError(f"eager backend: prepack must be True, False or a PackedLinearWeights, got {prepack!r}")
         if (prepack is not False or cache_in_buffer) and torch_compile:
             raise BackendError("eager backend: prepack and cache_in_buffer rewrite the graph that runs, torch_compile "
                                "compiles its own (and packs weights itself under freezing)")
@@ -116,11 +120,12 @@ class PackedLinearWeights:
     when a model is compiled; changing it in place later is not seen."""
 
     def __init__(self):
-        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, packed)
+        # keyed by id(weight); the weight is held beside its packed copy so that its id is not reused
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         entry = self._packed.get(id(weight))
-        if entry is None or entry[0] is not weight:
+        if entry is None:
             with torch.no_grad():
                 entry = self._packed[id(weight)] = (weight, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
         return entry[1]
@@ -144,27 +149,27 @@ def _float32(node) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype == torch.float32
 
 
-def _constant(root: torch.nn.Module, node) -> torch.Tensor | None:
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    value = root
-    for part in node.target.split("."):
-        value = getattr(value, part, None)
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _pack_linears(fx_graph: fx.Graph, root: torch.nn.Module, packed: PackedLinearWeights) -> list[tuple[str, torch.Tensor]]:
+def _pack_linears(fx_graph: fx.Graph, graph: Graph, packed: PackedLinearWeights) -> list[tuple[str, torch.Tensor]]:
     """Each float32 linear (``aten.linear``, ``fxopt.linear_act``) of
-    ``fx_graph`` whose weight is one of ``root``'s 2-D CPU tensors becomes a
-    :func:`packed_linear` on ``packed``'s copy; the attributes to add to the
-    module that runs it. Linears on computed weights, other dtypes or devices
-    stay as they are."""
+    ``fx_graph`` (a copy of ``graph``'s) whose weight is one of ``graph``'s
+    2-D CPU tensors becomes a :func:`packed_linear` on ``packed``'s copy; the
+    attributes to add to the module that runs it. Linears on computed
+    weights, on attributes the graph writes (a packed copy would not follow),
+    other dtypes or devices stay as they are."""
+    written = set(graph.written_attributes())
+
+    def constant(node) -> torch.Tensor | None:
+        if not isinstance(node, fx.Node) or node.op != "get_attr" or node.target in written:
+            return None
+        value = graph.get_attr(node.target)
+        return value if isinstance(value, torch.Tensor) else None
+
     attributes: dict[int, tuple[str, torch.Tensor]] = {}
     for node in [n for n in fx_graph.nodes if n.op == "call_function" and n.target in LINEARS]:
         args = list(node.args) + [None] * (4 - len(node.args))
         x, weight_node, bias = args[0], args[1], node.kwargs.get("bias", args[2])
         activation = args[3] if node.target != torch.ops.aten.linear.default else "none"
-        weight = _constant(root, weight_node)
+        weight = constant(weight_node)
         if (weight is None or weight.dtype != torch.float32 or weight.dim() != 2 or weight.device.type != "cpu"
                 or weight.layout != torch.strided or not _float32(x) or x.meta["val"].dim() < 2
                 or (bias is not None and not _float32(bias)) or set(node.kwargs) - {"bias"}):
@@ -221,7 +226,7 @@ def runnable_module(graph: Graph, packed: PackedLinearWeights | None = None, cac
     fx_graph = copy.deepcopy(graph.fx)
     submodules = _reduce_in_place(fx_graph) if any(
         n.op == "call_function" and n.target == ALL_REDUCE for n in fx_graph.nodes) else []
-    attributes = _pack_linears(fx_graph, graph.module, packed) if packed is not None else []
+    attributes = _pack_linears(fx_graph, graph, packed) if packed is not None else []
     in_buffer = [n for n in fx_graph.nodes if n.op == "call_function" and n.target == ATTENTION_WITH_PAST] if cache_in_buffer else []
     for node in in_buffer:
         node.target = attention_with_past_in_buffer

@@ -189,11 +189,13 @@ def linear_gpt2(model, world_size: int):
     for block in blocks:
         attn = block.attn
         width = attn.embed_dim
+        if getattr(attn, "is_cross_attention", False):
+            raise ValueError("cross-attention GPT-2 (c_attn holds K and V only, q_attn Q) is not prepared")
         if attn.num_heads % world_size:
             raise ValueError(f"{attn.num_heads} heads do not split over {world_size} ranks")
         for parent, name in ((attn, "c_attn"), (attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
             conv = getattr(parent, name)
-            linear = torch.nn.Linear(*conv.weight.shape)
+            linear = torch.nn.Linear(*conv.weight.shape, dtype=conv.weight.dtype, device=conv.weight.device)
             with torch.no_grad():
                 linear.weight.copy_(conv.weight.t())
                 linear.bias.copy_(conv.bias)

@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     g.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime alike (0: their defaults)")
     g.add_argument("--cache", choices=("auto", "growing", "buffer"), default="auto",
-                   help="KV cache layout (buffer: preallocated, written in place; onnxruntime with pack-attention; "
+                   help="KV cache layout (buffer: preallocated, written in place; needs pack-attention in the pipeline; "
                         "auto: buffer where it applies)")
     g.add_argument("--prepack", choices=("none", "decode", "all"), default="none",
                    help="weights in the kernels' packed layout, one more copy in memory: onnxruntime 'decode' (the "

@@ -477,10 +477,19 @@ def _needs_prepacking(graph: Graph) -> bool:
 def cache_read_in_place(decode: Graph) -> bool:
     """Whether every read of the decode step's past keys and values is an
     ``fxopt.attention_with_past`` (GroupQueryAttention, which can write a
-    preallocated buffer in place) or a size: what ``cache="buffer"`` needs."""
+    preallocated buffer in place) or a size, and each past is the cache of
+    exactly one attention (two writing one buffer would overwrite each
+    other's position): what ``cache="buffer"`` needs."""
+    attention = torch.ops.fxopt.attention_with_past.default
     pasts = decode.placeholders()[3:]
-    readers = {user.target for past in pasts for user in past.users}
-    return bool(pasts) and readers <= {torch.ops.fxopt.attention_with_past.default, torch.ops.aten.sym_size.int}
+    for past in pasts:
+        attentions = [u for u in past.users if u.target == attention]
+        if any(u.target not in (attention, torch.ops.aten.sym_size.int) for u in past.users) or len(attentions) != 1:
+            return False
+        user = attentions[0]
+        if [i for i, a in enumerate(user.args) if a is past] not in ([3], [4]):  # read as its past_k or past_v only
+            return False
+    return bool(pasts)
 
 
 def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | None = None, backend: str = "eager", *,
@@ -512,8 +521,12 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
     written in place by the decode step's attention (needs ``pack-attention``
     in the pipeline: every decode attention lowered to
     ``fxopt.attention_with_past``, GroupQueryAttention on ONNX Runtime);
-    ``"auto"`` (default), the buffer where it can be used, else growing. On
-    ONNX Runtime the buffer spared 75-78% of a GPT-2 small decode step's
+    ``"auto"`` (default), the buffer where it can be used, else growing. With
+    the buffer the generator's decode model writes each step's position just
+    after a past it is given as a prefix view of a longer tensor (the buffers
+    the generator allocates); a caller that drives ``decode_model`` itself
+    with such views (branching two steps from one prefix) must pass copies
+    or compile with ``cache="growing"``. On ONNX Runtime the buffer spared 75-78% of a GPT-2 small decode step's
     attention time at contexts 128-1024 (``benchmarks/kv_cache_layout.py``)."""
     from .backends import compile as compile_graph
     from .passes import PassManager
@@ -522,12 +535,17 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
         raise GenerationError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
     if prepack not in ("none", "decode", "all"):
         raise GenerationError(f"prepack must be 'none', 'decode' or 'all', got {prepack!r}")
-    if prepack != "none" and backend == "onnxruntime" and (share_weights is False or prepack == "all"):
-        raise GenerationError(f"prepack={prepack!r}: on onnxruntime prepack='decode' applies to sessions sharing their "
-                              "weights; share_weights=False makes each session hold and prepack its own")
-    if prepack != "none" and backend == "eager" and (backend_options.get("torch_compile") or "prepack" in backend_options):
-        raise GenerationError(f"prepack={prepack!r} packs the eager graphs' linears: not with torch_compile or the "
-                              "backend option prepack")
+    if prepack == "all" and backend == "onnxruntime":
+        raise GenerationError("prepack='all' runs on eager (one packed copy both graphs read); on onnxruntime "
+                              "prepack='decode' lets the decode session prepack the shared weights")
+    if prepack == "decode" and backend == "onnxruntime" and share_weights is False:
+        raise GenerationError("prepack='decode' applies to ONNX Runtime sessions sharing their weights; "
+                              "share_weights=False makes each session hold and prepack its own")
+    if prepack != "none" and backend == "eager" and backend_options.get("torch_compile"):
+        raise GenerationError(f"prepack={prepack!r} packs the eager graphs' linears: not with torch_compile "
+                              "(it packs weights itself under freezing)")
+    if "cache_in_buffer" in backend_options:
+        raise GenerationError("cache_in_buffer is set by cache='buffer' (or 'auto'), not as a backend option")
     if cache not in ("auto", "growing", "buffer"):
         raise GenerationError(f"cache must be 'auto', 'growing' or 'buffer', got {cache!r}")
     if pipeline:
@@ -541,9 +559,15 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
     if cache == "auto":
         in_place = not backend_options.get("torch_compile") if backend == "eager" else not ranked
         cache = "buffer" if in_place and cache_read_in_place(graphs.decode) else "growing"
-    if cache == "buffer" and backend == "eager" and not cache_read_in_place(graphs.decode):
-        raise GenerationError("cache='buffer' needs every read of the decode step's cache to be an "
-                              "fxopt.attention_with_past (pack-attention in the pipeline), which writes the buffer in place")
+    if cache == "buffer" and backend == "eager":
+        if backend_options.get("torch_compile"):
+            raise GenerationError("cache='buffer' on eager runs the decode graph with its attention swapped for one that "
+                                  "writes the buffer in place; torch_compile compiles the graph as traced: use "
+                                  "cache='growing'")
+        if not cache_read_in_place(graphs.decode):
+            raise GenerationError("cache='buffer' needs every read of the decode step's cache to be one "
+                                  "fxopt.attention_with_past (pack-attention in the pipeline), which writes the buffer "
+                                  "in place")
     if backend == "onnxruntime" and ranked:
         # a rank graph runs as several sessions cut at its collectives (fxopt.backends.onnxruntime_ranks)
         if cache == "buffer":

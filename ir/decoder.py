@@ -23,8 +23,9 @@ cache one position longer (``concat(past, new)``), as Hugging Face's
 both backends, with no maximum length fixed at trace time. ``pack-attention``
 lowers each layer's concatenation and attention to
 ``fxopt.attention_with_past`` (ONNX Runtime's GroupQueryAttention with a past),
-and on ONNX Runtime the generator can keep the cache in a preallocated buffer
-that kernel writes in place (``compile_generator(..., cache="buffer")``).
+and the generator can then keep the cache in a preallocated buffer that the
+attention writes in place, on both backends (``compile_generator(...,
+cache="buffer")``).
 
 Sliding-window models (Mistral) keep their whole cache here and the window
 lives in the mask, which gives the same attention as Hugging Face's cropped

@@ -541,6 +541,7 @@ def grown_in_buffer(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     s0, s1, s2, s3 = past.stride()
     end = past.storage_offset() + (b - 1) * s0 + (heads - 1) * s1 + total * s2
     if (s3 != 1 or s2 != width or s1 < total * width or s0 < heads * s1 or new.dtype != past.dtype
+            or new.device != past.device or new.shape[:2] != past.shape[:2] or new.shape[3] != width
             or end * past.element_size() > past.untyped_storage().nbytes()):
         return torch.cat([past, new], dim=2)
     grown = past.as_strided((b, heads, total, width), past.stride())

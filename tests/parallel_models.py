@@ -332,17 +332,24 @@ def check_generation(mesh, backends={"gpt2": ("eager", "onnxruntime"), "llama": 
                 "all_reduces": {kind: all_reduce_count(getattr(gen.graphs, kind)) for kind in ("prefill", "decode")},
                 "segments": getattr(gen.decode_model, "num_segments", None)}
         if name == "llama":
-            gen = compile_tensor_parallel_generator(graphs, group=mesh.tp_group, backend="onnxruntime",
-                                                    pipeline=FUSED_AFTER_SPLIT, intra_op_threads=1)
-            packed = [tuple(n.args[6:8]) for n in gen.graphs.decode.fx.nodes  # (num_heads, kv_num_heads)
-                      if n.target == torch.ops.fxopt.attention_with_past.default]
-            out["llama-fused-onnxruntime"] = {
-                "sequences": gen.generate(GEN_PROMPTS, max_new_tokens=GEN_NEW_TOKENS).sequences.tolist(),
-                "whole": whole, "hf": hf,
-                "present_shapes": [tuple(t.shape) for t in gen.prefill_model(ids, mask, positions)[1:]],
-                "past_heads": [int(p.meta["val"].shape[1]) for p in gen.graphs.decode.placeholders()[3:]],
-                "all_reduces": {kind: all_reduce_count(getattr(gen.graphs, kind)) for kind in ("prefill", "decode")},
-                "attention_with_past": packed, "segments": gen.decode_model.num_segments}
+            fused = None
+            for backend in ("onnxruntime", "eager"):  # eager: the rank's cache in buffers grown in place
+                if fused is None:
+                    gen = compile_tensor_parallel_generator(graphs, group=mesh.tp_group, backend=backend,
+                                                            pipeline=FUSED_AFTER_SPLIT, intra_op_threads=1)
+                    fused = gen.graphs
+                else:
+                    gen = compile_generator(fused, None, backend)
+                packed = [tuple(n.args[6:8]) for n in gen.graphs.decode.fx.nodes  # (num_heads, kv_num_heads)
+                          if n.target == torch.ops.fxopt.attention_with_past.default]
+                out[f"llama-fused-{backend}"] = {
+                    "sequences": gen.generate(GEN_PROMPTS, max_new_tokens=GEN_NEW_TOKENS).sequences.tolist(),
+                    "whole": whole, "hf": hf,
+                    "present_shapes": [tuple(t.shape) for t in gen.prefill_model(ids, mask, positions)[1:]],
+                    "past_heads": [int(p.meta["val"].shape[1]) for p in gen.graphs.decode.placeholders()[3:]],
+                    "all_reduces": {kind: all_reduce_count(getattr(gen.graphs, kind)) for kind in ("prefill", "decode")},
+                    "attention_with_past": packed, "segments": getattr(gen.decode_model, "num_segments", None),
+                    "cache": gen.cache}
     return out
 
 

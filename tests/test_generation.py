@@ -212,8 +212,10 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert seen == {0, 1}
 
 
-def test_stop_tokens_end_a_row_and_pad_it_while_others_go_on():
-    gen = traced_generator("gpt2", "eager")
+@pytest.mark.parametrize("cache", ["growing", "buffer"])
+def test_stop_tokens_end_a_row_and_pad_it_while_others_go_on(cache):
+    gen = traced_generator("gpt2", "eager") if cache == "growing" else fused_generator("gpt2", "eager")
+    assert gen.cache == cache
     free = gen.generate(PROMPTS, max_new_tokens=12).new_tokens
     stop = free[0][3]
     streamed = []
@@ -296,7 +298,7 @@ def test_cli_generate_reports_speed_and_equal_tokens(tmp_path, capsys):
     assert "greedy tokens equal the reference's: yes" in capsys.readouterr().err
 
 
-def test_cli_generate_eager_with_packed_linears(tmp_path):
+def test_cli_generate_eager_with_packed_linears(tmp_path, capsys):
     import json
 
     from fxopt.cli import main
@@ -305,7 +307,8 @@ def test_cli_generate_eager_with_packed_linears(tmp_path):
     assert main(["generate", "gpt2-tiny", "--pipeline", FUSED, "--prepack", "all", "--prompt-tokens", "12",
                  "--max-new-tokens", "8", "--threads", "1", "--report", str(report)]) == 0
     assert json.loads(report.read_text())["tokens_equal_reference"] is True
-    assert main(["generate", "gpt2-tiny", "--backend", "onnxruntime", "--prepack", "all"]) == 1  # refused, named
+    assert main(["generate", "gpt2-tiny", "--backend", "onnxruntime", "--prepack", "all"]) == 1
+    assert "prepack='all' runs on eager" in capsys.readouterr().err
 
 
 def test_cli_generate_refuses_a_model_without_a_causal_lm_head(capsys):
@@ -460,6 +463,35 @@ def test_decode_session_alone_prepacks_the_shared_weights():
         assert torch.equal(out.sequences, hf_tokens("llama", batch)), f"batch {batch}"
 
 
+def test_a_past_two_attentions_read_is_not_grown_in_place():
+    from fxopt.generation import cache_read_in_place
+
+    decode = fused("llama").decode.copy()
+    assert cache_read_in_place(decode)
+    first = next(n for n in decode.fx.nodes if n.target == torch.ops.fxopt.attention_with_past.default)
+    with decode.fx.inserting_after(first):  # a second attention on the first layer's cache: both would write it
+        decode.fx.call_function(first.target, first.args, first.kwargs)
+    assert not cache_read_in_place(decode)
+
+
+def test_eager_decode_step_grows_its_buffer_in_place():
+    gen = fused_generator("llama", "eager")
+    assert gen.cache == "buffer"
+    plain = fxopt.compile(gen.graphs.decode, "eager")  # the graph as traced: the cache concatenated
+    torch.manual_seed(0)
+    layers, held, room = len(gen.graphs.decode.placeholders()) - 3, 5, 9
+    buffers = [torch.randn(1, 2, room, 16) for _ in range(layers)]  # SMALL: 2 kv heads of 16
+    for step in range(3):
+        length = held + step
+        inputs = (torch.tensor([[3 + step]]), torch.ones(1, length + 1, dtype=torch.long), torch.tensor([[length]]))
+        want = plain(*inputs, tuple(b[:, :, :length].clone() for b in buffers))
+        got = gen.decode_model(*inputs, tuple(b[:, :, :length] for b in buffers))
+        assert torch.allclose(got[0], want[0], atol=1e-5)
+        for present, expected, buffer in zip(got[1:], want[1:], buffers):
+            assert present.data_ptr() == buffer.data_ptr() and present.shape[2] == length + 1  # a view of the buffer
+            assert torch.equal(present, expected) and torch.equal(buffer[:, :, :length + 1], expected)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "gemma", "phi3"])
 def test_eager_packed_linears_give_the_same_tokens(name):
     from fxopt.backends.eager import packed_linear
@@ -483,8 +515,10 @@ def test_eager_packed_linears_give_the_same_tokens(name):
 @pytest.mark.parametrize("options, message", [
     (dict(prepack="prefill"), "prepack must be"),
     (dict(prepack="decode", share_weights=False), "sharing their weights"),
-    (dict(prepack="all"), "applies to sessions sharing"),
+    (dict(prepack="all"), "runs on eager"),
     (dict(prepack="all", backend="eager", torch_compile=True), "not with torch_compile"),
+    (dict(cache="buffer", backend="eager", torch_compile=True), "use cache='growing'"),
+    (dict(backend="eager", cache_in_buffer=True), "set by cache="),
 ])
 def test_prepack_option_is_checked(options, message):
     with pytest.raises(GenerationError, match=message):

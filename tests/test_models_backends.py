@@ -2,8 +2,8 @@
 pipeline, and match the original model within 1e-4 x the output's scale."""
 
 import onnx
-import torch
 import pytest
+import torch
 
 import fxopt
 from conftest import BASE_PIPELINE, model_spec, reference, run, trace_once
@@ -176,3 +176,5 @@ def test_eager_prepack_runs_constant_float_linears_on_packed_weights():
         assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), atol=1e-5)
     with pytest.raises(fxopt.BackendError, match="torch_compile"):
         fxopt.compile(graph, "eager", prepack=True, torch_compile=True)
+    with pytest.raises(fxopt.BackendError, match="prepack must be"):
+        fxopt.compile(graph, "eager", prepack="none")

@@ -16,7 +16,7 @@ from fxopt.launch import run_local
 pytest.importorskip("transformers")
 
 KV_HEADS = {"gpt2": 4, "llama": 2}  # tiny configs: GPT-2 4 heads; Llama 4 query heads over 2 KV heads
-CASES = ["gpt2-eager", "gpt2-onnxruntime", "llama-eager", "llama-fused-onnxruntime"]
+CASES = ["gpt2-eager", "gpt2-onnxruntime", "llama-eager", "llama-fused-onnxruntime", "llama-fused-eager"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,11 @@ def test_fused_pipeline_after_the_split_lowers_each_ranks_attention_against_its_
     # pack-attention on the rank's decode graph: fxopt.attention_with_past (ONNX Runtime
     # GroupQueryAttention) with the rank's 2 query heads over its 1 KV head, in both layers
     for result in two_ranks:
-        assert result["llama-fused-onnxruntime"]["attention_with_past"] == [(2, 1), (2, 1)]
+        for backend in ("onnxruntime", "eager"):
+            assert result[f"llama-fused-{backend}"]["attention_with_past"] == [(2, 1), (2, 1)]
+        # on eager the rank's step grows its cache in place in one process: buffers; ONNX Runtime's
+        # sessions joined by collectives cannot share one bound buffer: growing
+        assert (result["llama-fused-eager"]["cache"], result["llama-fused-onnxruntime"]["cache"]) == ("buffer", "growing")
 
 
 def test_onnxruntime_rank_step_is_cut_at_each_collective(two_ranks):
