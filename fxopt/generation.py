@@ -526,8 +526,9 @@ def compile_generator(model: torch.nn.Module | DecoderGraphs, pipeline: str | No
     after a past it is given as a prefix view of a longer tensor (the buffers
     the generator allocates); a caller that drives ``decode_model`` itself
     with such views (branching two steps from one prefix) must pass copies
-    or compile with ``cache="growing"``. On ONNX Runtime the buffer spared 75-78% of a GPT-2 small decode step's
-    attention time at contexts 128-1024 (``benchmarks/kv_cache_layout.py``)."""
+    or compile with ``cache="growing"``. On ONNX Runtime the buffer spared
+    75-78% of a GPT-2 small decode step's attention time at contexts
+    128-1024 (``benchmarks/kv_cache_layout.py``)."""
     from .backends import compile as compile_graph
     from .passes import PassManager
 
