@@ -338,8 +338,8 @@ def check_generation(mesh, backends={"gpt2": ("eager", "onnxruntime"), "llama": 
                     gen = compile_tensor_parallel_generator(graphs, group=mesh.tp_group, backend=backend,
                                                             pipeline=FUSED_AFTER_SPLIT, intra_op_threads=1)
                     fused = gen.graphs
-                else:
-                    gen = compile_generator(fused, None, backend)
+                else:  # and its shards' linears on packed weights, beside the in-place all-reduces
+                    gen = compile_generator(fused, None, backend, prepack="all")
                 packed = [tuple(n.args[6:8]) for n in gen.graphs.decode.fx.nodes  # (num_heads, kv_num_heads)
                           if n.target == torch.ops.fxopt.attention_with_past.default]
                 out[f"llama-fused-{backend}"] = {
@@ -349,7 +349,7 @@ def check_generation(mesh, backends={"gpt2": ("eager", "onnxruntime"), "llama": 
                     "past_heads": [int(p.meta["val"].shape[1]) for p in gen.graphs.decode.placeholders()[3:]],
                     "all_reduces": {kind: all_reduce_count(getattr(gen.graphs, kind)) for kind in ("prefill", "decode")},
                     "attention_with_past": packed, "segments": getattr(gen.decode_model, "num_segments", None),
-                    "cache": gen.cache}
+                    "cache": gen.cache, "packed": len(getattr(gen.decode_model, "packed", None) or ())}
     return out
 
 

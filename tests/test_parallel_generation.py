@@ -59,6 +59,8 @@ def test_fused_pipeline_after_the_split_lowers_each_ranks_attention_against_its_
         # on eager the rank's step grows its cache in place in one process: buffers; ONNX Runtime's
         # sessions joined by collectives cannot share one bound buffer: growing
         assert (result["llama-fused-eager"]["cache"], result["llama-fused-onnxruntime"]["cache"]) == ("buffer", "growing")
+        # and its linears packed: per layer the merged QKV, the output, the merged gate/up and the down shard; the head
+        assert result["llama-fused-eager"]["packed"] == 2 * 4 + 1
 
 
 def test_onnxruntime_rank_step_is_cut_at_each_collective(two_ranks):
