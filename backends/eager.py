@@ -223,9 +223,12 @@ def runnable_module(graph: Graph, packed: PackedLinearWeights | None = None, cac
     ``cache_in_buffer`` attention against a cache grows it in place where it
     is a buffer's prefix. ``graph`` itself (what is saved and printed) is
     unchanged."""
+    targets = {n.target for n in graph.fx.nodes if n.op == "call_function"}
+    if not (ALL_REDUCE in targets or (packed is not None and targets & set(LINEARS))
+            or (cache_in_buffer and ATTENTION_WITH_PAST in targets)):
+        return graph.module  # nothing to rewrite: no copy of the graph
     fx_graph = copy.deepcopy(graph.fx)
-    submodules = _reduce_in_place(fx_graph) if any(
-        n.op == "call_function" and n.target == ALL_REDUCE for n in fx_graph.nodes) else []
+    submodules = _reduce_in_place(fx_graph)
     attributes = _pack_linears(fx_graph, graph, packed) if packed is not None else []
     in_buffer = [n for n in fx_graph.nodes if n.op == "call_function" and n.target == ATTENTION_WITH_PAST] if cache_in_buffer else []
     for node in in_buffer:
