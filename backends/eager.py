@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 from ..ir.collectives import (ALL_REDUCE, GROUP, REDUCE_OPS, WAIT, bind_process_group, group_names, in_place_all_reduce,
                               process_group_named, reduce_op)
 from ..ir.graph import Graph
-from ..ir.ops import ACTIVATIONS
+from ..ir.ops import ACTIVATIONS, registered_ops
 from ..ir.ops_attention import attention_with_past_in_buffer
 from .base import BackendError, CompiledModel
 
@@ -48,6 +48,8 @@ class EagerModel(CompiledModel):
             # a tensor-parallel rank graph runs its collectives in this process's group
             graph = bind_process_group(graph)
         self.graph = graph
+        # built once: rebuilding it (its symbols printed) costs more than a small decode step's kernels
+        self.interface = graph.interface()
         self.packed = None if prepack is False else prepack if isinstance(prepack, PackedLinearWeights) else PackedLinearWeights()
         if torch_compile:
             self._fn = torch.compile(graph.module, **(compile_options or {}))
@@ -57,7 +59,7 @@ class EagerModel(CompiledModel):
     def __call__(self, *args, **kwargs):
         # Rebuilt in the traced structure, so that a model traced with keyword
         # inputs can be called positionally too, as the original can.
-        leaves = self.graph_inputs(self.graph, args, kwargs, self.index_bounds)
+        leaves = self.graph_inputs(self.interface, args, kwargs, self.index_bounds)
         args, kwargs = pytree.tree_unflatten(leaves, self.graph.fx._codegen.pytree_info.in_spec)
         with torch.inference_mode():
             return self._fn(*args, **kwargs)
@@ -214,18 +216,36 @@ def _reduce_in_place(fx_graph: fx.Graph) -> list[tuple[str, torch.nn.Module]]:
     return replaced
 
 
+def _call_kernels(fx_graph: fx.Graph) -> bool:
+    """Each fxopt op of ``fx_graph`` calls its eager kernel directly, as a
+    function: an op's dispatch costs more than the kernel itself on a decode
+    step's single row (a norm of 576 values). Unused attribute reads, which
+    the generated code would still run, are dropped. Whether anything changed."""
+    kernels = {d.overload: d.kernel for d in registered_ops().values()}
+    changed = False
+    for node in list(fx_graph.nodes):
+        if node.op == "call_function" and node.target in kernels:
+            node.target, changed = kernels[node.target], True
+        elif node.op == "get_attr" and not node.users:
+            fx_graph.erase_node(node)
+            changed = True
+    return changed
+
+
 def runnable_module(graph: Graph, packed: PackedLinearWeights | None = None, cache_in_buffer: bool = False
                     ) -> torch.nn.Module:
     """The module that runs ``graph``: its own, or one that shares its
     attributes in which all-reduces run in place where their group can
     (:func:`_reduce_in_place`), given ``packed`` the float32 linears on
-    constant weights run on packed copies (:func:`_pack_linears`), and with
+    constant weights run on packed copies (:func:`_pack_linears`), with
     ``cache_in_buffer`` attention against a cache grows it in place where it
-    is a buffer's prefix. ``graph`` itself (what is saved and printed) is
-    unchanged."""
+    is a buffer's prefix, and fxopt ops call their kernels without the op's
+    dispatch (:func:`_call_kernels`). ``graph`` itself (what is saved and
+    printed) is unchanged."""
+    kernels = {d.overload for d in registered_ops().values()}
     targets = {n.target for n in graph.fx.nodes if n.op == "call_function"}
-    if not (ALL_REDUCE in targets or (packed is not None and targets & set(LINEARS))
-            or (cache_in_buffer and ATTENTION_WITH_PAST in targets)):
+    if not (ALL_REDUCE in targets or targets & kernels or (packed is not None and targets & set(LINEARS))
+            or any(n.op == "get_attr" and not n.users for n in graph.fx.nodes)):
         return graph.module  # nothing to rewrite: no copy of the graph
     fx_graph = copy.deepcopy(graph.fx)
     submodules = _reduce_in_place(fx_graph)
@@ -233,7 +253,7 @@ def runnable_module(graph: Graph, packed: PackedLinearWeights | None = None, cac
     in_buffer = [n for n in fx_graph.nodes if n.op == "call_function" and n.target == ATTENTION_WITH_PAST] if cache_in_buffer else []
     for node in in_buffer:
         node.target = attention_with_past_in_buffer
-    if not submodules and not attributes and not in_buffer:
+    if not _call_kernels(fx_graph) and not submodules and not attributes and not in_buffer:
         return graph.module
     # built on the unchanged graph (which names every attribute to take over), then given the rewritten one
     module = fx.GraphModule(graph.module, copy.deepcopy(graph.fx), class_name=type(graph.module).__name__)

@@ -32,6 +32,7 @@ class OpDef:
     overload: torch._ops.OpOverload
     onnx: Callable | None
     doc: str
+    kernel: Callable  # the eager kernel as a plain function, without the op's dispatch
 
 
 _REGISTRY: dict[str, OpDef] = {}
@@ -75,7 +76,7 @@ def define_op(name: str, *, fake: Callable, onnx: Callable | None = None, onnx_f
         custom.register_fake(fake)
         overload = getattr(getattr(torch.ops, NAMESPACE), name).default
         lowering = float32_lowering(onnx) if onnx is not None and onnx_float32 else onnx
-        _REGISTRY[name] = OpDef(name, overload, lowering, (fn.__doc__ or "").strip())
+        _REGISTRY[name] = OpDef(name, overload, lowering, (fn.__doc__ or "").strip(), fn)
         return overload
 
     return wrap

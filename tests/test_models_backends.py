@@ -161,6 +161,40 @@ class Linears(torch.nn.Module):
         return torch.nn.functional.linear(h, w), self.narrow(h.bfloat16())
 
 
+def test_eager_runs_fxopt_kernels_without_the_op_dispatch():
+    from fxopt.ir.ops import is_fxopt_op, registered_ops
+
+    torch.manual_seed(0)
+    model, inputs = Linears().eval(), (torch.randn(2, 3, 16), torch.randn(4, 16))
+    unfused = fxopt.PassManager("canonicalize,dce").run(fxopt.trace(model, inputs)).graph
+    graph = fxopt.PassManager("fuse-linear-act").run(unfused).graph
+    compiled = fxopt.compile(graph, "eager")
+    running = [n.target for n in compiled.running_graph.nodes if n.op == "call_function"]
+    assert running.count(registered_ops()["linear_act"].kernel) == 1 and not any(map(is_fxopt_op, running))
+    assert torch.ops.fxopt.linear_act.default in {n.target for n in graph.fx.nodes}  # the graph keeps its op
+    assert not [n for n in compiled.running_graph.nodes if n.op == "get_attr" and not n.users]
+    for want, got in zip(graph.module(*inputs), compiled(*inputs)):
+        assert torch.equal(want, got)
+    # nothing to rewrite: the graph's own module runs
+    assert fxopt.compile(unfused, "eager").running_graph is unfused.fx
+
+
+def test_eager_checks_calls_against_the_interface_read_once(monkeypatch):
+    # reading a graph's interface prints its symbols: a compiled model reads it once, not per call
+    torch.manual_seed(0)
+    model, inputs = Linears().eval(), (torch.randn(2, 3, 16), torch.randn(4, 16))
+    graph = fxopt.trace(model, inputs)
+    compiled = fxopt.compile(graph, "eager")
+
+    def rebuilt(self):
+        raise AssertionError("interface read again")
+
+    monkeypatch.setattr(fxopt.Graph, "interface", rebuilt)
+    assert torch.equal(compiled(*inputs)[0], model(*inputs)[0])
+    with pytest.raises(fxopt.BackendError, match="input 'x' is torch.float64"):
+        compiled(inputs[0].double(), inputs[1])
+
+
 def test_eager_prepack_runs_constant_float_linears_on_packed_weights():
     from fxopt.backends.eager import packed_linear
 
@@ -171,7 +205,7 @@ def test_eager_prepack_runs_constant_float_linears_on_packed_weights():
     targets = [n.target for n in packed.running_graph.nodes if n.op == "call_function"]
     assert targets.count(packed_linear) == 2 and len(packed.packed) == 2
     assert targets.count(torch.ops.aten.linear.default) == 2  # the computed weight and the bfloat16 one
-    assert packed.running_graph is not graph.fx and plain.running_graph is graph.fx  # the graph itself is unchanged
+    assert torch.ops.fxopt.linear_act.default in {n.target for n in graph.fx.nodes}  # the graph itself is unchanged
     for want, got in zip(plain(*inputs), packed(*inputs)):
         assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), atol=1e-5)
     with pytest.raises(fxopt.BackendError, match="torch_compile"):
