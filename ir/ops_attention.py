@@ -522,7 +522,9 @@ def _attend_with_past(q, k, v, past_k, past_v, mask, num_heads, kv_num_heads, sc
         if sin_cache is None or position_ids is None:
             raise ValueError("fxopt::attention_with_past: cos_cache needs sin_cache and position_ids")
         cos, sin = _rotary_angles(cos_cache, sin_cache, position_ids)
-        qh, kh_new = _rotate(qh, cos, sin), _rotate(kh_new, cos, sin)
+        # the query and key heads rotated as one tensor: half the small kernels of a decode step
+        rotated = _rotate(torch.cat([qh, kh_new], 1), cos, sin)
+        qh, kh_new = rotated[:, :num_heads], rotated[:, num_heads:]
     present_k, present_v = grow(past_k, kh_new), grow(past_v, _split_heads(v, kv_num_heads))
     # SDPA reads each kv head for its group of query heads: no copy of the cache per query head
     out = torch.nn.functional.scaled_dot_product_attention(qh, present_k, present_v, attn_mask=mask, scale=scale,
