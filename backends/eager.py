@@ -219,8 +219,10 @@ def _reduce_in_place(fx_graph: fx.Graph) -> list[tuple[str, torch.nn.Module]]:
 def _call_kernels(fx_graph: fx.Graph) -> bool:
     """Each fxopt op of ``fx_graph`` calls its eager kernel directly, as a
     function: an op's dispatch costs more than the kernel itself on a decode
-    step's single row (a norm of 576 values). Unused attribute reads, which
-    the generated code would still run, are dropped. Whether anything changed."""
+    step's single row (a norm of 576 values). What the dispatch also checked,
+    that no output aliases an input, holds for every kernel (each returns new
+    tensors). Unused attribute reads, which the generated code would still
+    run, are dropped. Whether anything changed."""
     kernels = {d.overload: d.kernel for d in registered_ops().values()}
     changed = False
     for node in list(fx_graph.nodes):

@@ -14,6 +14,7 @@ Passes create these ops; the backends consult :func:`onnx_translation_table`.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -77,6 +78,10 @@ def define_op(name: str, *, fake: Callable, onnx: Callable | None = None, onnx_f
         overload = getattr(getattr(torch.ops, NAMESPACE), name).default
         lowering = float32_lowering(onnx) if onnx is not None and onnx_float32 else onnx
         _REGISTRY[name] = OpDef(name, overload, lowering, (fn.__doc__ or "").strip(), fn)
+        # The decorated name becomes the op: the kernel gets a module-level name
+        # of its own, which code calling it directly (the eager backend's) names.
+        fn.__name__ = fn.__qualname__ = f"{fn.__name__}_kernel"
+        setattr(sys.modules[fn.__module__], fn.__name__, fn)
         return overload
 
     return wrap

@@ -1,6 +1,8 @@
 """Every built-in model x backend x static/dynamic shapes: trace, run the base
 pipeline, and match the original model within 1e-4 x the output's scale."""
 
+import importlib
+
 import onnx
 import pytest
 import torch
@@ -175,6 +177,9 @@ def test_eager_runs_fxopt_kernels_without_the_op_dispatch():
     assert not [n for n in compiled.running_graph.nodes if n.op == "get_attr" and not n.users]
     for want, got in zip(graph.module(*inputs), compiled(*inputs)):
         assert torch.equal(want, got)
+    # the code fx generates names each kernel by a module-level name that is the kernel, not the op
+    for kernel in (d.kernel for d in registered_ops().values()):
+        assert getattr(importlib.import_module(kernel.__module__), kernel.__name__) is kernel
     # nothing to rewrite: the graph's own module runs
     assert fxopt.compile(unfused, "eager").running_graph is unfused.fx
 
@@ -206,6 +211,8 @@ def test_eager_prepack_runs_constant_float_linears_on_packed_weights():
     assert targets.count(packed_linear) == 2 and len(packed.packed) == 2
     assert targets.count(torch.ops.aten.linear.default) == 2  # the computed weight and the bfloat16 one
     assert torch.ops.fxopt.linear_act.default in {n.target for n in graph.fx.nodes}  # the graph itself is unchanged
+    # the packed weights' own reads are gone from the module that runs
+    assert not [n for n in packed.running_graph.nodes if n.op == "get_attr" and not n.users]
     for want, got in zip(plain(*inputs), packed(*inputs)):
         assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), atol=1e-5)
     with pytest.raises(fxopt.BackendError, match="torch_compile"):
