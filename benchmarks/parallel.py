@@ -8,8 +8,9 @@ size with grouped-query attention):
 * parameter bytes of one rank's graph at N=2 against the whole model's;
 * latency of one forward of one token and of a 128-token prefill (batch 1):
   fxopt's graph in one process with 1 and 2 threads, and its tensor-parallel
-  rank graphs at N=2 with one thread per rank, on eager PyTorch and on ONNX
-  Runtime (sessions between the collectives), with the tensor-parallel group
+  rank graphs at N=2 with one thread per rank, on eager PyTorch (linears on
+  packed weights: ``prepack=True``) and on ONNX Runtime (sessions between the
+  collectives), with the tensor-parallel group
   on each transport (``--transports``: fxopt's shared-memory group
   ``fxopt_shm``, and gloo); the peer, PyTorch DTensor's
   ``parallelize_module`` with ColwiseParallel / RowwiseParallel on the same
@@ -48,6 +49,12 @@ AFTER_SPLIT = "dce,constant-fold,cse"  # the graph is canonical already: the spl
 LLAMA_GPT2_SIZE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4, vocab_size=32000)
 SHAPES = {"one-token": 1, "prefill-128": 128}
+
+
+def backend_options(backend: str, threads: int) -> dict:
+    """Each fxopt backend at its best documented setup: ONNX Runtime's
+    threads; eager linears on packed weights (``prepack``)."""
+    return {"intra_op_threads": threads} if backend == "onnxruntime" else {"prepack": True}
 BACKENDS = ("eager", "onnxruntime")
 TRANSPORTS = ("shm", "gloo")  # fxopt.launch.init's names, timed in this order
 
@@ -134,7 +141,7 @@ def tensor_parallel_rank(mesh, name: str, pipeline: str, repeats: int, backends=
     if mesh.rank != 0:  # only rank 0 times the model in one process
         one_process = None
     for backend in backends:
-        options = {"intra_op_threads": 1} if backend == "onnxruntime" else {}
+        options = backend_options(backend, 1)
         model = fxopt.compile(graph, backend, **options)
         for shape, seq in SHAPES.items():
             ids = token_ids(spec.model, seq)
@@ -269,7 +276,7 @@ def data_parallel_rank(mesh, name: str, backend: str, requests: int, seq: int, p
     from fxopt.data_parallel import DataParallel
 
     spec = model_spec(name)
-    model = fxopt.compile(whole(traced(spec), pipeline), backend, **({"intra_op_threads": 1} if backend == "onnxruntime" else {}))
+    model = fxopt.compile(whole(traced(spec), pipeline), backend, **backend_options(backend, 1))
     stream = [{"input_ids": token_ids(spec.model, seq + i % 2)} for i in range(requests)]
     dp = DataParallel(model, mesh.dp_group)
     if dp.size != 2:
@@ -310,7 +317,7 @@ def single_process(name: str, repeats: int, requests: int, seq: int, backends=BA
             shape: (timed(lambda: spec.model(input_ids=token_ids(spec.model, seq_)), repeats), 0.0)
             for shape, seq_ in SHAPES.items()}
         for backend in backends:
-            model = fxopt.compile(one_process, backend, **({"intra_op_threads": threads} if backend == "onnxruntime" else {}))
+            model = fxopt.compile(one_process, backend, **backend_options(backend, threads))
             rows = {}
             for shape, seq_ in SHAPES.items():
                 ids = token_ids(spec.model, seq_)
