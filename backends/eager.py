@@ -216,14 +216,23 @@ def _reduce_in_place(fx_graph: fx.Graph) -> list[tuple[str, torch.nn.Module]]:
     return replaced
 
 
-def _call_kernels(fx_graph: fx.Graph) -> bool:
-    """Each fxopt op of ``fx_graph`` calls its eager kernel directly, as a
-    function: an op's dispatch costs more than the kernel itself on a decode
-    step's single row (a norm of 576 values). What the dispatch also checked,
-    that no output aliases an input, holds for every kernel (each returns new
-    tensors). Unused attribute reads, which the generated code would still
-    run, are dropped. Whether anything changed."""
+def _kernels(cache_in_buffer: bool) -> dict:
+    """fxopt op -> the function the running module calls for it: its eager
+    kernel (without the op's dispatch, which costs more than the kernel itself
+    on a decode step's single row, a norm of 576 values), and with
+    ``cache_in_buffer`` attention against a cache that grows it in place where
+    it is a buffer's prefix. What the dispatch also checked, that no output
+    aliases an input, holds for every kernel (each returns new tensors)."""
     kernels = {d.overload: d.kernel for d in registered_ops().values()}
+    if cache_in_buffer:
+        kernels[ATTENTION_WITH_PAST] = attention_with_past_in_buffer
+    return kernels
+
+
+def _call_kernels(fx_graph: fx.Graph, kernels: dict) -> bool:
+    """Each node of ``fx_graph`` calling one of ``kernels``' ops calls its
+    function instead; unused attribute reads, which the generated code would
+    still run, are dropped. Whether anything changed."""
     changed = False
     for node in list(fx_graph.nodes):
         if node.op == "call_function" and node.target in kernels:
@@ -239,23 +248,19 @@ def runnable_module(graph: Graph, packed: PackedLinearWeights | None = None, cac
     """The module that runs ``graph``: its own, or one that shares its
     attributes in which all-reduces run in place where their group can
     (:func:`_reduce_in_place`), given ``packed`` the float32 linears on
-    constant weights run on packed copies (:func:`_pack_linears`), with
-    ``cache_in_buffer`` attention against a cache grows it in place where it
-    is a buffer's prefix, and fxopt ops call their kernels without the op's
-    dispatch (:func:`_call_kernels`). ``graph`` itself (what is saved and
-    printed) is unchanged."""
-    kernels = {d.overload for d in registered_ops().values()}
+    constant weights run on packed copies (:func:`_pack_linears`), and fxopt
+    ops call their functions directly (:func:`_kernels`: with
+    ``cache_in_buffer``, attention grows a buffered cache in place).
+    ``graph`` itself (what is saved and printed) is unchanged."""
+    kernels = _kernels(cache_in_buffer)
     targets = {n.target for n in graph.fx.nodes if n.op == "call_function"}
-    if not (ALL_REDUCE in targets or targets & kernels or (packed is not None and targets & set(LINEARS))
+    if not (ALL_REDUCE in targets or targets & kernels.keys() or (packed is not None and targets & set(LINEARS))
             or any(n.op == "get_attr" and not n.users for n in graph.fx.nodes)):
         return graph.module  # nothing to rewrite: no copy of the graph
     fx_graph = copy.deepcopy(graph.fx)
     submodules = _reduce_in_place(fx_graph)
     attributes = _pack_linears(fx_graph, graph, packed) if packed is not None else []
-    in_buffer = [n for n in fx_graph.nodes if n.op == "call_function" and n.target == ATTENTION_WITH_PAST] if cache_in_buffer else []
-    for node in in_buffer:
-        node.target = attention_with_past_in_buffer
-    if not _call_kernels(fx_graph) and not submodules and not attributes and not in_buffer:
+    if not _call_kernels(fx_graph, kernels) and not submodules and not attributes:
         return graph.module
     # built on the unchanged graph (which names every attribute to take over), then given the rewritten one
     module = fx.GraphModule(graph.module, copy.deepcopy(graph.fx), class_name=type(graph.module).__name__)
