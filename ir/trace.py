@@ -6,6 +6,7 @@ runs the model's Python for real on fake tensors and records ATen ops.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -54,7 +55,7 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), traceable_experts(model):
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
             # Functionalize (an empty decomposition table keeps linear, sdpa,
             # layer_norm... whole): in-place ops would make constant folding and
@@ -78,6 +79,40 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, dynamic_shapes: Any = 
     graph.own_tensors(share_weights=share_weights)
     graph.dim_names = _user_dim_names(graph)
     return graph
+
+
+# Hugging Face's mixture-of-experts layers run their experts through a
+# selectable implementation. The default on CPU ("grouped_mm") calls a custom
+# op (``transformers::grouped_mm_fallback``) that no backend lowers, and
+# "eager" loops over the tokens routed to each expert, a data-dependent size
+# torch.export cannot trace. "batched_mm" gathers each token's chosen experts'
+# weights and multiplies them batched: plain ATen ops, the same result.
+TRACEABLE_EXPERTS = "batched_mm"
+
+
+@contextlib.contextmanager
+def traceable_experts(model: torch.nn.Module):
+    """Runs the experts of every Hugging Face model in ``model`` (itself or
+    wrapped) as ``TRACEABLE_EXPERTS`` inside the block and restores each
+    model's own choice after it. Models without experts (Hugging Face leaves
+    their setting as it is) and other modules are left alone; so is an
+    implementation that cannot be switched after loading (the trace then names
+    the op it stops at)."""
+    switched = []
+    for module in model.modules():
+        get = getattr(module, "get_experts_implementation", None)
+        current = get() if callable(get) else None
+        if current and any(v != TRACEABLE_EXPERTS for v in current.values()):
+            try:
+                module.set_experts_implementation(TRACEABLE_EXPERTS)
+                switched.append((module, current))
+            except (ValueError, RuntimeError, KeyError):
+                pass
+    try:
+        yield
+    finally:
+        for module, current in reversed(switched):
+            module.set_experts_implementation(current)
 
 
 def _user_dim_names(graph: Graph) -> dict[str, str]:

@@ -3,7 +3,7 @@ fusion pipeline and fused W8A8 run on each, on both backends, and match the
 original. Each brings a form the built-ins do not: T5 (RMSNorm without a mean,
 relative position bias, a view of SDPA's output that plain
 ``torch.onnx.export`` cannot decompose), OPT (scaled Q projection, ReLU MLP),
-Qwen2 (eager GQA attention with biased QKV), ViT (image patches, no tokens),
+Qwen2 (eager GQA attention with biased QKV), Mixtral (a mixture of experts), ViT (image patches, no tokens),
 MobileBERT (trigram embedding through ``aten.pad``, whose fake kernel once
 specialized the dynamic dimensions when shapes were recomputed)."""
 
@@ -45,6 +45,12 @@ def qwen2_eager():
     return hf_spec(transformers.Qwen2ForCausalLM(cfg), 256, "qwen2", mask=False, max_len=cfg.max_position_embeddings)
 
 
+def mixtral():
+    cfg = transformers.MixtralConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, use_cache=False, max_position_embeddings=128, **SMALL)
+    return hf_spec(transformers.MixtralForCausalLM(cfg), 256, "mixtral", mask=False, max_len=cfg.max_position_embeddings)
+
+
 def mobilebert():
     cfg = transformers.MobileBertConfig(hidden_size=64, intermediate_size=64, embedding_size=32, intra_bottleneck_size=32,
                                         true_hidden_size=32, num_feedforward_networks=2, max_position_embeddings=128, **SMALL)
@@ -66,6 +72,7 @@ MODELS = {
     "opt": (opt, {"add_layer_norm": 1, "linear_act": 2, "packed_attention": 2}),  # its query scale folded
     "qwen2": (qwen2_eager, {"group_query_attention": 2, "add_rms_norm": 4}),
     "vit": (vit, {"add_layer_norm": 4, "linear_act": 2}),
+    "mixtral": (mixtral, {"group_query_attention": 2, "add_rms_norm": 4}),  # top-2 of 4 experts
     "mobilebert": (mobilebert, {"linear_act": 4}),
 }
 
@@ -104,3 +111,21 @@ def test_fusions_and_w8a8_on_other_architectures(name):
                 out = main_output(run(model, inputs))
                 err = ((out - ref).norm() / ref.norm()).item()
                 assert err < tol, (backend, variant, err)
+
+
+def test_experts_trace_as_aten_ops_and_the_models_own_choice_is_restored():
+    # transformers runs experts on CPU through a custom op by default
+    # ("grouped_mm"), which no backend lowers: the trace switches to batched
+    # matmuls for its duration only
+    torch.manual_seed(0)
+    spec = mixtral()
+    assert spec.model.get_experts_implementation() == {"": "grouped_mm"}
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name="mixtral")
+    assert spec.model.get_experts_implementation() == {"": "grouped_mm"}
+    namespaces = {n.target.namespace for n in graph.fx.nodes if n.op == "call_function" and hasattr(n.target, "namespace")}
+    assert namespaces <= {"aten", "fxopt"}
+    assert {str(n.target) for n in graph.fx.nodes} >= {"aten.bmm.default"}
+    with torch.no_grad():
+        ref = main_output(run(spec.model, spec.example_inputs))
+        out = main_output(run(fxopt.compile(graph, backend="onnxruntime"), spec.example_inputs))
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5

@@ -36,6 +36,12 @@ def _config(name: str):
         return tf.GemmaForCausalLM, tf.GemmaConfig(**SMALL, head_dim=16, tie_word_embeddings=True)
     if name == "phi3":
         return tf.Phi3ForCausalLM, tf.Phi3Config(**SMALL)
+    # mixtures of experts: top-2 of 4 experts; Qwen2-MoE adds a shared expert behind a sigmoid gate
+    if name == "mixtral":
+        return tf.MixtralForCausalLM, tf.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2)
+    if name == "qwen2_moe":
+        return tf.Qwen2MoeForCausalLM, tf.Qwen2MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                         shared_expert_intermediate_size=64)
     raise KeyError(name)
 
 
@@ -98,8 +104,8 @@ def traced_generator(name: str, backend: str):
     return compile_generator(traced(name), backend=backend)
 
 
-ARCHS = ["gpt2", "llama", "mistral", "gemma", "phi3"]
-GQA_ARCHS = {"llama", "mistral", "gemma", "phi3"}  # fewer key/value heads than query heads (SMALL)
+ARCHS = ["gpt2", "llama", "mistral", "gemma", "phi3", "mixtral", "qwen2_moe"]
+GQA_ARCHS = {"llama", "mistral", "gemma", "phi3", "mixtral", "qwen2_moe"}  # fewer key/value heads than query heads (SMALL)
 NOT_FOLDED_ROTARY = {"gpt2"}  # learned positions, no rotary embedding
 
 
