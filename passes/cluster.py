@@ -167,7 +167,7 @@ class Cluster(LayerFilterOptions):
     """Replaces the weights of ``aten.linear`` layers by k-means codebooks.
 
     Matches: the layers ``quantize`` would select with the same filters
-    (``include``, ``exclude``, ``min_size``, ``skip_lm_head``).
+    (``include``, ``exclude``, ``min_size``, ``skip_lm_head``, ``skip_router``).
 
     Produces, per layer, ``uint8`` indices ``[N, K]`` and a codebook of
     ``2^bits`` entries per tensor, output row, or group of ``group_size``

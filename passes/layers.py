@@ -32,6 +32,10 @@ aten = torch.ops.aten
 LAYER_KINDS = ("linear", "embedding")
 # Names an output projection goes by in the model families fxopt traces.
 LM_HEAD_NAME = re.compile(r"(^|[._])(lm_head|head|output|classifier)$")
+# What may stand between a mixture of experts' router linear and the topk
+# that picks the experts: a softmax or sigmoid, a cast, a view, a bias.
+ROUTER_STEPS = {aten.softmax.int, aten._softmax.default, aten.sigmoid.default, aten._to_copy.default,
+                aten.to.dtype, aten.view.default, aten.reshape.default, aten.add.Tensor}
 
 
 class LayerSelectionError(ValueError):
@@ -86,8 +90,21 @@ def layer_name(node: fx.Node) -> str:
     return module_path(node)
 
 
+def is_router(node: fx.Node, steps: int = 4) -> bool:
+    """Whether ``node``'s output chooses experts: it reaches an ``aten.topk``
+    within ``steps`` of :data:`ROUTER_STEPS` (Mixtral, Qwen2-MoE and OLMoE:
+    softmax then topk; DeepSeek's: sigmoid, a bias, then topk)."""
+    frontier = [node]
+    for _ in range(steps):
+        frontier = [u for n in frontier for u in n.users]
+        if any(u.target == aten.topk.default for u in frontier):
+            return True
+        frontier = [u for u in frontier if u.target in ROUTER_STEPS]
+    return False
+
+
 def select_layers(graph, *, kinds: tuple[str, ...] = ("linear",), include: str | None = None, exclude: str | None = None,
-                  min_size: int = 0, skip_lm_head: bool = True) -> LayerSelection:
+                  min_size: int = 0, skip_lm_head: bool = True, skip_router: bool = True) -> LayerSelection:
     """The layers of ``graph`` of the given ``kinds`` that the filters keep.
 
     * ``include`` / ``exclude``: regular expressions searched (``re.search``)
@@ -95,7 +112,10 @@ def select_layers(graph, *, kinds: tuple[str, ...] = ("linear",), include: str |
     * ``min_size``: weights with fewer elements are left out;
     * ``skip_lm_head``: leaves out the output projection (a linear named
       ``lm_head``/``head``/``output``/``classifier``, or one reading an
-      embedding table: a tied head) and an embedding table an LM head reads.
+      embedding table: a tied head) and an embedding table an LM head reads;
+    * ``skip_router``: leaves out a mixture of experts' router (a linear
+      whose scores pick experts through ``topk``, :func:`is_router`): a small
+      weight whose error changes which experts a token meets.
 
     Weights that are not constant 2-D float tensors are skipped as
     ``weight-not-constant``. Raises :class:`LayerSelectionError` when
@@ -126,6 +146,9 @@ def select_layers(graph, *, kinds: tuple[str, ...] = ("linear",), include: str |
         if skip_lm_head and kind == "embedding" and id(weight) in linear_weights:
             out.skip("tied-lm-head")
             continue
+        if skip_router and kind == "linear" and is_router(node):
+            out.skip("router")
+            continue
         out.candidates.append(layer)
     names = [l.name for l in out.candidates]
     for label, pattern in (("include", include), ("exclude", exclude)):
@@ -145,19 +168,21 @@ def select_layers(graph, *, kinds: tuple[str, ...] = ("linear",), include: str |
 
 class LayerFilterOptions(Pass):
     """The layer filters as pass options (``include``, ``exclude``,
-    ``min_size``, ``skip_lm_head``); a pass derives from this class and calls
+    ``min_size``, ``skip_lm_head``, ``skip_router``); a pass derives from this class and calls
     :meth:`select_layers`. Not a pass by itself (it registers no name)."""
 
     include = Option(None, str, check=regex_problem, help="regex: only layers whose name matches (re.search)")
     exclude = Option(None, str, check=regex_problem, help="regex: skip layers whose name matches")
     min_size = Option(0, int, check=lambda v: None if v >= 0 else "must be >= 0", help="skip weights with fewer elements")
     skip_lm_head = Option(True, help="leave the LM head (output projection or tied embedding) alone")
+    skip_router = Option(True, help="leave mixture-of-experts routers (a linear whose scores pick experts by topk) alone")
 
     def select_layers(self, graph, kinds: tuple[str, ...] = ("linear",)) -> LayerSelection:
         """:func:`select_layers` with this pass's options; a filter that
         matches nothing fails the pass with the layers' names."""
         try:
             return select_layers(graph, kinds=kinds, include=self.include, exclude=self.exclude,
-                                 min_size=self.min_size, skip_lm_head=self.skip_lm_head)
+                                 min_size=self.min_size, skip_lm_head=self.skip_lm_head,
+                                 skip_router=self.skip_router)
         except LayerSelectionError as e:
             raise self.fail(str(e)) from None

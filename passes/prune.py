@@ -384,7 +384,7 @@ class Prune(LayerFilterOptions):
     ``aten.embedding`` tables) to exactly zero.
 
     Matches: the layers ``quantize`` would select with the same filters
-    (``include``, ``exclude``, ``min_size``, ``skip_lm_head``), constant 2-D
+    (``include``, ``exclude``, ``min_size``, ``skip_lm_head``, ``skip_router``), constant 2-D
     float weights. A weight read by several selected layers (a layer called
     twice) is pruned once, on the inputs of all its calls.
 

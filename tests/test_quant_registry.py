@@ -86,6 +86,40 @@ def test_select_layers_is_the_filter_quantize_uses():
         select_layers(graph, include="mlp")
 
 
+class Experts(torch.nn.Module):
+    """A mixture of experts written by hand: ``router`` scores 4 experts and
+    ``topk`` keeps 2 (``sigmoid`` + a bias, DeepSeek's way, or ``softmax``);
+    ``classify``'s softmax picks nothing."""
+
+    def __init__(self, scoring: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.scoring = scoring
+        self.router = torch.nn.Linear(32, 4, bias=False)
+        self.bias = torch.nn.Parameter(torch.randn(4))
+        self.experts = torch.nn.Parameter(torch.randn(4, 32, 32))
+        self.classify = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        logits = self.router(x)
+        scores = torch.sigmoid(logits) + self.bias if self.scoring == "sigmoid" else torch.softmax(logits.float(), -1)
+        weights, chosen = torch.topk(scores, 2, dim=-1)
+        y = torch.einsum("tk,tkio,ti->to", weights, self.experts[chosen], x)
+        return torch.softmax(self.classify(y), -1)
+
+
+@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+def test_a_router_that_picks_experts_is_left_float(scoring):
+    graph = canonical(Experts(scoring))
+    assert [l.name for l in select_layers(graph).selected] == ["classify"]  # its softmax feeds no topk
+    assert select_layers(graph).skipped == {"router": 1}
+    assert [l.name for l in select_layers(graph, skip_router=False).selected] == ["router", "classify"]
+    result = fxopt.PassManager("quantize(mode=dynamic)").run(graph)
+    assert result.records[0].stats["skipped"] == {"router": 1}
+    targets = {n.target for n in result.graph.fx.nodes}
+    assert torch.ops.aten.linear.default in targets  # the router's
+
+
 # -- non-finite weights ----------------------------------------------------------------
 
 @pytest.mark.parametrize("value,options,message", [

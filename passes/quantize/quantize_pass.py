@@ -102,7 +102,8 @@ class Quantize(LayerFilterOptions):
 
     Refuses (leaves float, counted in stats): weights that are not constants,
     layers outside ``include``/inside ``exclude``, smaller than ``min_size``
-    elements, the LM head with ``skip_lm_head`` (passes/layers.py), and with
+    elements, the LM head with ``skip_lm_head``, mixture-of-experts routers with
+    ``skip_router`` (passes/layers.py), and with
     ``guard`` layers whose quantized kernel is not faster than the float one on
     ``guard_backend`` (each distinct layer shape timed once; the times are in
     the layer's stats).
