@@ -10,6 +10,7 @@ from . import ops_quant_fused  # noqa: F401  quantized linear + activation
 from . import ops_attention  # noqa: F401  SDPA -> com.microsoft attention lowering
 from . import ops_padding  # noqa: F401  padding_index, unpad, pad (remove-padding)
 from . import ops_codebook  # noqa: F401  codebook_weight (cluster)
+from . import ops_experts  # noqa: F401  experts_swiglu (fuse-experts)
 from .graph import Graph
 from .meta import MetaError, propagate_meta
 from .serialize import LoadError

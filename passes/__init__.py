@@ -15,6 +15,7 @@ from . import attention_packed  # noqa: E402,F401
 from . import padding  # noqa: E402,F401
 from . import cluster, prune, share_weights, shrink  # noqa: E402,F401
 from . import tensor_parallel  # noqa: E402,F401
+from . import experts  # noqa: E402,F401
 
 __all__ = [
     "Analysis", "AnalysisManager",

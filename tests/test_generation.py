@@ -150,6 +150,17 @@ def test_fused_greedy_tokens_equal_hugging_face(name, backend):
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_fused_experts_give_the_same_tokens(backend):
+    # each expert runs once on its tokens (ONNX Runtime: its MoE kernel) in the prompt and in every step
+    graphs = optimize_decoder(traced("mixtral"), FUSED.replace("cse,", "cse,fuse-experts,"))
+    for graph in (graphs.prefill, graphs.decode):
+        assert [n.target for n in graph.fx.nodes].count(torch.ops.fxopt.experts_swiglu.default) == 2
+    gen = compile_generator(graphs, backend=backend)
+    for batch in (1, 4):
+        assert torch.equal(gen.generate(PROMPTS[:batch], max_new_tokens=NEW_TOKENS).sequences, hf_tokens("mixtral", batch))
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 def test_traced_graphs_without_a_pipeline_equal_hugging_face(backend):
     gen = traced_generator("llama", backend)
     assert gen.cache == "growing"  # no attention lowered against the cache: it grows by Concat

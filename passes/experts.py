@@ -1,0 +1,92 @@
+"""``fuse-experts``: a mixture of experts' batched form -> one
+``fxopt.experts_swiglu`` op (ir/ops_experts.py)."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from .registry import register_pass
+from .rewrite import Match, Pattern, Reject, RewritePass, Size, is_constant
+
+aten = torch.ops.aten
+fxopt_ops = torch.ops.fxopt
+
+
+def _batched_swiglu_experts(x, chosen, weights, gate_up, down, k: int, i: int, t: Size, h: Size):
+    # transformers' ``batched_mm`` experts (fxopt.trace's choice for them):
+    # each token repeated once per chosen expert, that expert's weights
+    # gathered, two batched matmuls, the outputs weighted and summed per token
+    expert = chosen.view(-1)
+    hidden = torch.bmm(gate_up[expert], x.repeat_interleave(k, 0).unsqueeze(-1)).squeeze(-1)
+    gate, up = hidden.split(i, -1)
+    y = torch.bmm(down[expert], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+    return (y * weights.view(-1).unsqueeze(-1)).view(t, k, h).sum(1)
+
+
+# Ops a routing weight may pass through after topk without changing sign: a
+# renormalization by its own sum, a cast, a view, a positive scale.
+_SIGN_KEEPING = {aten.div.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten._to_copy.default, aten.view.default,
+                 aten.reshape.default}
+_NON_NEGATIVE_SCORES = {aten.softmax.int, aten._softmax.default, aten.sigmoid.default}
+
+
+def _non_negative_routing(node) -> bool:
+    """``node`` is a topk's values over softmax / sigmoid scores, through
+    renormalizations, casts, views and positive constant scales."""
+    while node.target in _SIGN_KEEPING:
+        others = [a for a in node.args[1:] if not isinstance(a, (list, tuple))]
+        if node.target in (aten.div.Tensor, aten.mul.Tensor, aten.mul.Scalar) and not all(
+                isinstance(a, (int, float)) and a > 0 or _sums_of(a, node.args[0]) for a in others):
+            return False
+        node = node.args[0]
+    if node.target is not operator.getitem or node.args[1] != 0 or node.args[0].target != aten.topk.default:
+        return False
+    return node.args[0].args[0].target in _NON_NEGATIVE_SCORES
+
+
+def _sums_of(divisor, weights) -> bool:
+    """``divisor`` is ``weights.sum(-1, keepdim=True)``."""
+    return getattr(divisor, "target", None) == aten.sum.dim_IntList and divisor.args[0] is weights
+
+
+def _fuse(m: Match, graph):
+    gate_up, down = m.constant("gate_up"), m.constant("down")
+    experts, rows, width = gate_up.shape
+    if down.shape != (experts, width, rows // 2) or m["i"] != rows // 2:
+        raise Reject(f"expert weights {tuple(gate_up.shape)} and {tuple(down.shape)} are not gate/up and down of one MLP")
+    if not _non_negative_routing(m["weights"]):
+        raise Reject("routing weights not proven non-negative (a topk of softmax or sigmoid scores)")
+    # ONNX Runtime's MoE reads gate and up rows interleaved
+    interleaved = torch.stack(gate_up.split(rows // 2, dim=1), dim=2).reshape(experts, rows, width)
+    fused = graph.add_constant(interleaved, "interleaved_" + m["gate_up"].target)
+    return graph.fx.call_function(fxopt_ops.experts_swiglu.default,
+                                  (m["x"], m["chosen"], m["weights"], fused, m["down"], m["k"]))
+
+
+_SHAPES = {"x": (3, 8), "chosen": torch.zeros(3, 2, dtype=torch.long), "weights": (3, 2), "gate_up": (4, 10, 8),
+           "down": (4, 8, 5), "k": 2, "i": 5, "t": 3, "h": 8}
+
+
+@register_pass("fuse-experts")
+class FuseExperts(RewritePass):
+    """Fuses a mixture of experts with SwiGLU experts into one op.
+
+    Matches the batched form ``fxopt.trace`` gives Hugging Face's experts
+    (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, ...): per token and chosen expert,
+    the expert's gate/up and down weights gathered by index and applied by
+    ``bmm``, ``silu(gate) * up`` between them, outputs weighted by the
+    routing weights and summed per token.
+    Produces ``fxopt.experts_swiglu(x, chosen, weights, gate_up, down, k)``
+    with gate and up rows interleaved in a new constant: eager runs each
+    expert once on its tokens (no weight copies); ONNX Runtime runs its
+    ``MoE`` kernel.
+    Refuses: expert weights that are not constants or not gate/up and down
+    of one MLP, and routing weights it cannot prove non-negative (the ONNX
+    lowering routes through their logarithm).
+    """
+
+    patterns = [Pattern("batched-swiglu-experts", _batched_swiglu_experts, build=_fuse,
+                        where={"gate_up": is_constant, "down": is_constant}, inputs=_SHAPES)]

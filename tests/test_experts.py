@@ -1,0 +1,102 @@
+"""``fuse-experts``: a mixture of experts' batched form (gathered expert
+weights, two ``bmm``) -> one ``fxopt.experts_swiglu`` op, ONNX Runtime's
+``MoE`` on that backend; the routing it refuses; parity on both backends."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.export import Dim
+
+import fxopt
+from fxopt.models import hf_spec
+from conftest import run
+
+transformers = pytest.importorskip("transformers")
+aten = torch.ops.aten
+EXPERTS = torch.ops.fxopt.experts_swiglu.default
+PREPARE = "canonicalize,dce,constant-fold,cse"
+
+
+def moe_model(kind: str):
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=256, max_position_embeddings=128, use_cache=False)
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**small, num_local_experts=4, num_experts_per_tok=2))
+    else:  # renormalization off, a sigmoid-gated shared expert beside the routed ones
+        model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            **small, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64))
+    return hf_spec(model, 256, kind, mask=False, max_len=128)
+
+
+def onnx_ops(compiled) -> list[str]:
+    return [n.op_type for n in compiled.program.model_proto.graph.node]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_batched_experts_become_one_op_and_onnx_runtime_moe(kind):
+    spec = moe_model(kind)
+    graph = fxopt.PassManager(PREPARE).run(fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)).graph
+    assert sum(n.target == aten.bmm.default for n in graph.fx.nodes) == 4  # before: two bmm per layer
+    result = fxopt.PassManager("fuse-experts,dce").run(graph)
+    assert result.records[0].stats["batched-swiglu-experts"] == {"found": 2, "rewritten": 2, "skipped": {}}
+    targets = [n.target for n in result.graph.fx.nodes]
+    assert targets.count(EXPERTS) == 2 and aten.bmm.default not in targets
+    gathers = [n for n in result.graph.fx.nodes if n.target == aten.index.Tensor and n.args[0].op == "get_attr"]
+    assert gathers == []  # no expert weights copied per token any more
+    for backend in ("eager", "onnxruntime"):
+        compiled = fxopt.compile(result.graph, backend=backend)
+        if backend == "onnxruntime":
+            assert onnx_ops(compiled).count("MoE") == 2
+        for inputs in (spec.example_inputs, *spec.other_inputs):
+            with torch.no_grad():
+                ref = run(spec.model, inputs).logits
+            out = run(compiled, inputs)
+            out = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-5, backend
+
+
+class RoutedExperts(torch.nn.Module):
+    """Experts written in the batched form, routed by ``scoring``: a softmax
+    (weights >= 0) or the raw router logits (any sign)."""
+
+    def __init__(self, scoring: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.scoring = scoring
+        self.router = torch.nn.Linear(16, 4, bias=False)
+        self.gate_up = torch.nn.Parameter(torch.randn(4, 16, 16) * 0.2)  # [experts, gate rows | up rows, hidden]
+        self.down = torch.nn.Parameter(torch.randn(4, 16, 8) * 0.2)
+
+    def forward(self, x):
+        logits = self.router(x)
+        scores = torch.softmax(logits, -1) if self.scoring == "softmax" else logits
+        weights, chosen = torch.topk(scores, 2, dim=-1)
+        expert = chosen.view(-1)
+        hidden = torch.bmm(self.gate_up[expert], x.repeat_interleave(2, 0).unsqueeze(-1)).squeeze(-1)
+        gate, up = hidden.split(8, -1)
+        y = torch.bmm(self.down[expert], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+        return (y * weights.view(-1).unsqueeze(-1)).view(x.shape[0], 2, 16).sum(1)
+
+
+def test_hand_written_experts_fuse_with_the_same_output():
+    model = RoutedExperts("softmax").eval()
+    x = torch.randn(6, 16)
+    graph = fxopt.trace(model, (x,), dynamic_shapes=({0: Dim("tokens")},))
+    fused = fxopt.PassManager(PREPARE + ",fuse-experts,dce").run(graph).graph
+    assert [n.target for n in fused.fx.nodes].count(EXPERTS) == 1
+    for backend in ("eager", "onnxruntime"):
+        compiled = fxopt.compile(fused, backend=backend)
+        for inputs in (x, torch.randn(3, 16), torch.randn(1, 16)):
+            assert fxopt.compare(model(inputs), compiled(inputs)).within(1e-5), backend
+
+
+def test_routing_weights_of_any_sign_are_refused():
+    # the ONNX lowering routes through log(weights): raw logits may be negative
+    model = RoutedExperts("logits").eval()
+    graph = fxopt.trace(model, (torch.randn(6, 16),), dynamic_shapes=({0: Dim("tokens")},))
+    result = fxopt.PassManager(PREPARE + ",fuse-experts").run(graph)
+    stats = result.records[-1].stats["batched-swiglu-experts"]
+    assert (stats["rewritten"], stats["skipped"]) == (0, {"declined": 1})
+    assert stats["skip_reasons"] == ["declined: routing weights not proven non-negative (a topk of softmax or sigmoid scores)"]
+    assert EXPERTS not in [n.target for n in result.graph.fx.nodes]
