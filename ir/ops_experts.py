@@ -17,7 +17,8 @@ ONNX lowering: ``com.microsoft.MoE`` with interleaved SwiGLU. That kernel
 chooses the experts itself, as the top ``K`` of a softmax over router logits;
 the logits it is given are ``log(weights)`` at the chosen experts and ``-inf``
 elsewhere, so it picks exactly ``chosen`` with softmax weights
-``weights / sum(weights)``, and the output is multiplied back by ``sum(weights)``.
+``weights / sum(weights)``, and the output is multiplied back by ``sum(weights)``
+(equal up to rounding; a zero weight's route the kernel skips, as it should).
 That needs non-negative weights: ``fuse-experts`` fuses only weights it proves
 come from a softmax or sigmoid.
 """
@@ -68,11 +69,12 @@ def _experts_onnx(x, chosen, weights, gate_up, down, top_k: int):
 def experts_swiglu(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                    down: torch.Tensor, top_k: int) -> torch.Tensor:
     """Each token through its ``top_k`` chosen SwiGLU experts, outputs summed
-    with the routing weights; ``gate_up`` rows interleaved (module docstring)."""
-    out = torch.zeros_like(x)
+    with the routing weights in float32 (as transformers sums them) and cast
+    back to ``x``'s dtype; ``gate_up`` rows interleaved (module docstring)."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(chosen).tolist():
         token, slot = (chosen == e).nonzero(as_tuple=True)
         h = F.linear(x[token], gate_up[e])
         y = F.linear(F.silu(h[:, 0::2]) * h[:, 1::2], down[e])
-        out.index_add_(0, token, y * weights[token, slot].unsqueeze(-1).to(y.dtype))
-    return out
+        out.index_add_(0, token, y.float() * weights[token, slot].unsqueeze(-1).float())
+    return out.to(x.dtype)

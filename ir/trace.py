@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -99,20 +100,23 @@ def traceable_experts(model: torch.nn.Module):
     implementation that cannot be switched after loading (the trace then names
     the op it stops at)."""
     switched = []
-    for module in model.modules():
-        get = getattr(module, "get_experts_implementation", None)
-        current = get() if callable(get) else None
-        if current and any(v != TRACEABLE_EXPERTS for v in current.values()):
-            try:
-                module.set_experts_implementation(TRACEABLE_EXPERTS)
-                switched.append((module, current))
-            except (ValueError, RuntimeError, KeyError):
-                pass
     try:
+        for module in model.modules():
+            get = getattr(module, "get_experts_implementation", None)
+            current = get() if callable(get) else None
+            if current and any(v != TRACEABLE_EXPERTS for v in current.values()):
+                switched.append((module, current))  # before switching: a switch that fails halfway is undone too
+                try:
+                    module.set_experts_implementation(TRACEABLE_EXPERTS)
+                except (ValueError, RuntimeError, KeyError):
+                    pass
         yield
     finally:
         for module, current in reversed(switched):
-            module.set_experts_implementation(current)
+            try:
+                module.set_experts_implementation(current)
+            except Exception as e:  # the others are still restored; an export error in flight stays the error
+                warnings.warn(f"could not restore {type(module).__name__}'s experts implementation {current}: {e}")
 
 
 def _user_dim_names(graph: Graph) -> dict[str, str]:

@@ -8,6 +8,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
+from ..ir.nodes import val
 from .registry import register_pass
 from .rewrite import Match, Pattern, Reject, RewritePass, Size, is_constant
 
@@ -33,18 +34,19 @@ _SIGN_KEEPING = {aten.div.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten._to_cop
 _NON_NEGATIVE_SCORES = {aten.softmax.int, aten._softmax.default, aten.sigmoid.default}
 
 
-def _non_negative_routing(node) -> bool:
-    """``node`` is a topk's values over softmax / sigmoid scores, through
-    renormalizations, casts, views and positive constant scales."""
+def _routing_topk(node):
+    """The ``topk`` whose values ``node`` is, over softmax / sigmoid scores,
+    through renormalizations, casts, views and positive constant scales; None
+    where the sign is not proven."""
     while node.target in _SIGN_KEEPING:
         others = [a for a in node.args[1:] if not isinstance(a, (list, tuple))]
         if node.target in (aten.div.Tensor, aten.mul.Tensor, aten.mul.Scalar) and not all(
                 isinstance(a, (int, float)) and a > 0 or _sums_of(a, node.args[0]) for a in others):
-            return False
+            return None
         node = node.args[0]
     if node.target is not operator.getitem or node.args[1] != 0 or node.args[0].target != aten.topk.default:
-        return False
-    return node.args[0].args[0].target in _NON_NEGATIVE_SCORES
+        return None
+    return node.args[0] if node.args[0].args[0].target in _NON_NEGATIVE_SCORES else None
 
 
 def _sums_of(divisor, weights) -> bool:
@@ -54,16 +56,26 @@ def _sums_of(divisor, weights) -> bool:
 
 def _fuse(m: Match, graph):
     gate_up, down = m.constant("gate_up"), m.constant("down")
-    experts, rows, width = gate_up.shape
-    if down.shape != (experts, width, rows // 2) or m["i"] != rows // 2:
+    half, k = m["i"], m["k"]
+    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[1] != 2 * half \
+            or tuple(down.shape) != (gate_up.shape[0], gate_up.shape[2], half):
         raise Reject(f"expert weights {tuple(gate_up.shape)} and {tuple(down.shape)} are not gate/up and down of one MLP")
-    if not _non_negative_routing(m["weights"]):
+    x, chosen, weights = (val(m[name]) for name in ("x", "chosen", "weights"))
+    if x.dim() != 2 or chosen.dim() != 2 or weights.dim() != 2 or chosen.shape[1] != k or weights.shape[1] != k:
+        raise Reject(f"tokens {tuple(x.shape)}, chosen experts {tuple(chosen.shape)} and weights "
+                     f"{tuple(weights.shape)} are not [T, H], [T, {k}], [T, {k}]")
+    topk = _routing_topk(m["weights"])
+    if topk is None:
         raise Reject("routing weights not proven non-negative (a topk of softmax or sigmoid scores)")
+    if not (m["chosen"].target is operator.getitem and m["chosen"].args == (topk, 1)):
+        # the ONNX lowering scatters weights at the chosen experts: distinct ones, as one topk gives
+        raise Reject("the chosen experts are not the indices of the topk the routing weights come from")
     # ONNX Runtime's MoE reads gate and up rows interleaved
-    interleaved = torch.stack(gate_up.split(rows // 2, dim=1), dim=2).reshape(experts, rows, width)
+    experts, rows, width = gate_up.shape
+    interleaved = torch.stack(gate_up.split(half, dim=1), dim=2).reshape(experts, rows, width)
     fused = graph.add_constant(interleaved, "interleaved_" + m["gate_up"].target)
     return graph.fx.call_function(fxopt_ops.experts_swiglu.default,
-                                  (m["x"], m["chosen"], m["weights"], fused, m["down"], m["k"]))
+                                  (m["x"], m["chosen"], m["weights"], fused, m["down"], k))
 
 
 _SHAPES = {"x": (3, 8), "chosen": torch.zeros(3, 2, dtype=torch.long), "weights": (3, 2), "gate_up": (4, 10, 8),
@@ -84,9 +96,14 @@ class FuseExperts(RewritePass):
     expert once on its tokens (no weight copies); ONNX Runtime runs its
     ``MoE`` kernel.
     Refuses: expert weights that are not constants or not gate/up and down
-    of one MLP, and routing weights it cannot prove non-negative (the ONNX
-    lowering routes through their logarithm).
+    of one MLP, tokens and routing not ``[T, H]`` / ``[T, k]``, routing
+    weights it cannot prove non-negative (the ONNX lowering routes through
+    their logarithm) and chosen experts that are not the indices of the same
+    ``topk``. The interleaved gate/up weights are a new constant: one more
+    copy of them beside the model's own.
     """
+
+    runs_after = ("canonicalize",)
 
     patterns = [Pattern("batched-swiglu-experts", _batched_swiglu_experts, build=_fuse,
                         where={"gate_up": is_constant, "down": is_constant}, inputs=_SHAPES)]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..ir.nodes import call_args, module_path, same_shape, val
 from ..ir.ops import QUICK_GELU_ALPHA
 from .base import Option, PassResult
+from .layers import is_router
 from .registry import register_pass
 from .rewrite import Match, Pattern, PatternError, RewritePass, RewriteResult, function, is_constant, rewrite
 
@@ -300,6 +301,8 @@ def _merged_module_stack(linears: Sequence) -> dict:
 
 def _mergeable(n: int, bias: bool) -> Callable:
     def check(m: Match) -> bool:
+        if any(is_router(m.outputs[i]) for i in range(n)):
+            return False  # merged, its scores would reach topk through a split: skip_router could not see it
         ws = [m[f"w{i}"] for i in range(n)]
         consts = [m.constant(f"w{i}") for i in range(n)]
         if len({id(w) for w in ws}) < n or any(c is None or c.dim() != 2 for c in consts):
@@ -343,7 +346,8 @@ class MergeLinears(RewritePass):
     The merged linear is named after its parts (``model.layers.0.self_attn.q_proj+k_proj+v_proj``),
     so ``quantize`` quantizes and reports it as one layer under that name.
     Refuses: a weight or bias that is a graph input, mixed dtypes, linears
-    with and without bias together. Runs before ``fuse-linear-act`` (a fused
+    with and without bias together, a mixture of experts' router
+    (:func:`~fxopt.passes.layers.is_router`, which ``skip_router`` keeps float). Runs before ``fuse-linear-act`` (a fused
     linear no longer merges) and before ``quantize`` (a quantized one neither).
     """
 

@@ -58,7 +58,8 @@ def test_batched_experts_become_one_op_and_onnx_runtime_moe(kind):
 
 class RoutedExperts(torch.nn.Module):
     """Experts written in the batched form, routed by ``scoring``: a softmax
-    (weights >= 0) or the raw router logits (any sign)."""
+    or a sigmoid (weights >= 0), the raw router logits or a softmax scaled by
+    -1 (weights of any sign)."""
 
     def __init__(self, scoring: str):
         super().__init__()
@@ -70,8 +71,10 @@ class RoutedExperts(torch.nn.Module):
 
     def forward(self, x):
         logits = self.router(x)
-        scores = torch.softmax(logits, -1) if self.scoring == "softmax" else logits
+        scores = {"softmax": torch.softmax(logits, -1), "sigmoid": torch.sigmoid(logits)}.get(self.scoring, logits)
         weights, chosen = torch.topk(scores, 2, dim=-1)
+        if self.scoring == "negated":
+            weights = weights * -1.0
         expert = chosen.view(-1)
         hidden = torch.bmm(self.gate_up[expert], x.repeat_interleave(2, 0).unsqueeze(-1)).squeeze(-1)
         gate, up = hidden.split(8, -1)
@@ -79,8 +82,9 @@ class RoutedExperts(torch.nn.Module):
         return (y * weights.view(-1).unsqueeze(-1)).view(x.shape[0], 2, 16).sum(1)
 
 
-def test_hand_written_experts_fuse_with_the_same_output():
-    model = RoutedExperts("softmax").eval()
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_hand_written_experts_fuse_with_the_same_output(scoring):
+    model = RoutedExperts(scoring).eval()
     x = torch.randn(6, 16)
     graph = fxopt.trace(model, (x,), dynamic_shapes=({0: Dim("tokens")},))
     fused = fxopt.PassManager(PREPARE + ",fuse-experts,dce").run(graph).graph
@@ -91,12 +95,24 @@ def test_hand_written_experts_fuse_with_the_same_output():
             assert fxopt.compare(model(inputs), compiled(inputs)).within(1e-5), backend
 
 
-def test_routing_weights_of_any_sign_are_refused():
-    # the ONNX lowering routes through log(weights): raw logits may be negative
-    model = RoutedExperts("logits").eval()
+@pytest.mark.parametrize("scoring", ["logits", "negated"])
+def test_routing_weights_of_any_sign_are_refused(scoring):
+    # the ONNX lowering routes through log(weights): these may be negative
+    model = RoutedExperts(scoring).eval()
     graph = fxopt.trace(model, (torch.randn(6, 16),), dynamic_shapes=({0: Dim("tokens")},))
     result = fxopt.PassManager(PREPARE + ",fuse-experts").run(graph)
     stats = result.records[-1].stats["batched-swiglu-experts"]
     assert (stats["rewritten"], stats["skipped"]) == (0, {"declined": 1})
     assert stats["skip_reasons"] == ["declined: routing weights not proven non-negative (a topk of softmax or sigmoid scores)"]
     assert EXPERTS not in [n.target for n in result.graph.fx.nodes]
+
+
+def test_merge_linears_leaves_the_router_alone():
+    # Qwen2-MoE's router reads the same input as the shared expert's gate/up
+    # and its own gate: merged with them, quantize would no longer see it
+    spec = moe_model("qwen2_moe")
+    graph = fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    result = fxopt.PassManager(PREPARE + ",merge-linears,quantize(mode=dynamic)").run(graph)
+    assert result.records[-1].stats["skipped"]["router"] == 2
+    routers = [n for n in result.graph.fx.nodes if n.target == aten.linear.default and n.args[1].target.endswith("mlp.gate.weight")]
+    assert len(routers) == 2
