@@ -129,3 +129,20 @@ def test_experts_trace_as_aten_ops_and_the_models_own_choice_is_restored():
         ref = main_output(run(spec.model, spec.example_inputs))
         out = main_output(run(fxopt.compile(graph, backend="onnxruntime"), spec.example_inputs))
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_a_failed_trace_still_restores_the_models_experts():
+    spec = mixtral()
+
+    class Failing(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            self.inner(input_ids=input_ids)
+            raise ValueError("stop here")
+
+    with pytest.raises(fxopt.TraceError, match="stop here"):
+        fxopt.trace(Failing(spec.model), (spec.example_inputs["input_ids"],))
+    assert spec.model.get_experts_implementation() == {"": "grouped_mm"}

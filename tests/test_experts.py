@@ -116,3 +116,18 @@ def test_merge_linears_leaves_the_router_alone():
     assert result.records[-1].stats["skipped"]["router"] == 2
     routers = [n for n in result.graph.fx.nodes if n.target == aten.linear.default and n.args[1].target.endswith("mlp.gate.weight")]
     assert len(routers) == 2
+
+
+def test_a_float16_model_keeps_float16_experts():
+    spec = moe_model("mixtral")
+    spec.model.half()
+    graph = fxopt.PassManager(PREPARE + ",fuse-experts,dce").run(
+        fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)).graph
+    assert [n.target for n in graph.fx.nodes].count(EXPERTS) == 2
+    with torch.no_grad():
+        ref = run(spec.model, spec.example_inputs).logits
+    for backend, tol in (("eager", 1e-3), ("onnxruntime", 5e-3)):
+        out = run(fxopt.compile(graph, backend=backend), spec.example_inputs)
+        out = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+        assert out.dtype == torch.float16
+        assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < tol, backend
