@@ -49,7 +49,8 @@ def main(argv=None):
     variants = {"hf-eager-fp32": None}
     for backend in ("eager", "onnxruntime"):
         for experts, g in graphs.items():
-            options = dict(intra_op_threads=args.threads, inter_op_threads=1) if backend == "onnxruntime" else {}
+            # as generate.py's rows: eager linears on packed weights (the experts' are not linears)
+            options = dict(intra_op_threads=args.threads, inter_op_threads=1) if backend == "onnxruntime" else {"prepack": "all"}
             variants[f"fxopt {backend}, {experts}"] = compile_generator(g, backend=backend, **options)
     ids = prompt_ids(CONFIG["vocab_size"], 1, args.prompt)
     runs = {name: [] for name in variants}
