@@ -29,7 +29,7 @@ from common import captured, write_result
 
 BASE = "canonicalize,dce,constant-fold,cse"
 PIPELINES = {
-    "fused": BASE + ",fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce",
+    "fused": BASE + ",fuse-experts,fuse-attention,merge-linears,pack-attention,fuse-linear-act,fuse-norm,dce",
     "W8A8 token": BASE + ",quantize(mode=dynamic)",
     "fused + W8A8 tensor": BASE + ",fuse-attention,merge-linears,quantize(mode=dynamic,act_granularity=tensor),pack-attention,fuse-linear-act,fuse-norm,dce",
     "int4 g32": BASE + ",quantize(bits=4,group_size=32)",
@@ -121,6 +121,11 @@ MODELS = {
                                shared_expert_intermediate_size=64, **DECODER),
     "olmoe": _config_model("OlmoeConfig", "OlmoeForCausalLM", "olmoe", False, num_experts=4, num_experts_per_tok=2,
                            **DECODER),
+    # sigmoid routing with a group-limited topk, latent attention, its first layer dense
+    "deepseek-v3": _config_model("DeepseekV3Config", "DeepseekV3ForCausalLM", "deepseek-v3", False, moe_intermediate_size=32,
+                                 n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                                 n_shared_experts=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                 v_head_dim=16, num_key_value_heads=4, **DECODER),
     "electra": _config_model("ElectraConfig", "ElectraModel", "electra", True, hidden_size=64, intermediate_size=128,
                              embedding_size=32, max_position_embeddings=128, **LAYERS),
     "mobilebert": _config_model("MobileBertConfig", "MobileBertModel", "mobilebert", True, hidden_size=64,

@@ -35,22 +35,39 @@ _NON_NEGATIVE_SCORES = {aten.softmax.int, aten._softmax.default, aten.sigmoid.de
 
 
 def _routing_topk(node):
-    """The ``topk`` whose values ``node`` is, over softmax / sigmoid scores,
-    through renormalizations, casts, views and positive constant scales; None
-    where the sign is not proven."""
+    """The ``topk`` that chose the experts ``node`` weights, where ``node`` is
+    provably non-negative: that topk's values over softmax / sigmoid scores
+    (Mixtral, Qwen-MoE, OLMoE), or softmax / sigmoid scores gathered at its
+    indices (DeepSeek-V3, whose topk runs on biased scores), through
+    renormalizations, casts, views and positive constant scales. None where
+    the sign is not proven."""
     while node.target in _SIGN_KEEPING:
         others = [a for a in node.args[1:] if not isinstance(a, (list, tuple))]
         if node.target in (aten.div.Tensor, aten.mul.Tensor, aten.mul.Scalar) and not all(
                 isinstance(a, (int, float)) and a > 0 or _sums_of(a, node.args[0]) for a in others):
             return None
         node = node.args[0]
-    if node.target is not operator.getitem or node.args[1] != 0 or node.args[0].target != aten.topk.default:
+    if node.target is aten.gather.default:
+        scores, _dim, index = node.args[:3]
+        if scores.target in _NON_NEGATIVE_SCORES and _topk_output(index, 1) is not None:
+            return _topk_output(index, 1)
         return None
-    return node.args[0] if node.args[0].args[0].target in _NON_NEGATIVE_SCORES else None
+    topk = _topk_output(node, 0)
+    return topk if topk is not None and topk.args[0].target in _NON_NEGATIVE_SCORES else None
+
+
+def _topk_output(node, which: int):
+    """The ``topk`` whose output ``which`` (0 values, 1 indices) ``node`` is, or None."""
+    if node.target is operator.getitem and node.args[1] == which and node.args[0].target == aten.topk.default:
+        return node.args[0]
+    return None
 
 
 def _sums_of(divisor, weights) -> bool:
-    """``divisor`` is ``weights.sum(-1, keepdim=True)``."""
+    """``divisor`` is ``weights.sum(-1, keepdim=True)``, or that plus a positive
+    constant (DeepSeek's ``+ 1e-20``)."""
+    if getattr(divisor, "target", None) == aten.add.Tensor and isinstance(divisor.args[1], (int, float)) and divisor.args[1] > 0:
+        divisor = divisor.args[0]
     return getattr(divisor, "target", None) == aten.sum.dim_IntList and divisor.args[0] is weights
 
 
@@ -67,7 +84,7 @@ def _fuse(m: Match, graph):
     topk = _routing_topk(m["weights"])
     if topk is None:
         raise Reject("routing weights not proven non-negative (a topk of softmax or sigmoid scores)")
-    if not (m["chosen"].target is operator.getitem and m["chosen"].args == (topk, 1)):
+    if _topk_output(m["chosen"], 1) is not topk:
         # the ONNX lowering scatters weights at the chosen experts: distinct ones, as one topk gives
         raise Reject("the chosen experts are not the indices of the topk the routing weights come from")
     # ONNX Runtime's MoE reads gate and up rows interleaved
@@ -87,7 +104,7 @@ class FuseExperts(RewritePass):
     """Fuses a mixture of experts with SwiGLU experts into one op.
 
     Matches the batched form ``fxopt.trace`` gives Hugging Face's experts
-    (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, ...): per token and chosen expert,
+    (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, ...): per token and chosen expert,
     the expert's gate/up and down weights gathered by index and applied by
     ``bmm``, ``silu(gate) * up`` between them, outputs weighted by the
     routing weights and summed per token.

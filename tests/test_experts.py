@@ -23,31 +23,43 @@ def moe_model(kind: str):
     torch.manual_seed(0)
     if kind == "mixtral":
         model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**small, num_local_experts=4, num_experts_per_tok=2))
-    else:  # renormalization off, a sigmoid-gated shared expert beside the routed ones
+    elif kind == "qwen2_moe":  # renormalization off, a sigmoid-gated shared expert beside the routed ones
         model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
             **small, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64))
+    else:  # DeepSeek-V3: sigmoid scores, group-limited topk on biased scores, weights gathered at its indices,
+        # then renormalized and scaled; its first layer dense, latent attention
+        model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+            **{**small, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+            n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=32,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16))
     return hf_spec(model, 256, kind, mask=False, max_len=128)
+
+
+MOE_LAYERS = {"mixtral": 2, "qwen2_moe": 2, "deepseek_v3": 1}
 
 
 def onnx_ops(compiled) -> list[str]:
     return [n.op_type for n in compiled.program.model_proto.graph.node]
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("kind", list(MOE_LAYERS))
 def test_batched_experts_become_one_op_and_onnx_runtime_moe(kind):
     spec = moe_model(kind)
+    layers = MOE_LAYERS[kind]
     graph = fxopt.PassManager(PREPARE).run(fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)).graph
-    assert sum(n.target == aten.bmm.default for n in graph.fx.nodes) == 4  # before: two bmm per layer
+    assert sum(n.target == aten.bmm.default for n in graph.fx.nodes) >= 2 * layers  # before: two bmm per MoE layer
     result = fxopt.PassManager("fuse-experts,dce").run(graph)
-    assert result.records[0].stats["batched-swiglu-experts"] == {"found": 2, "rewritten": 2, "skipped": {}}
+    assert result.records[0].stats["batched-swiglu-experts"] == {"found": layers, "rewritten": layers, "skipped": {}}
     targets = [n.target for n in result.graph.fx.nodes]
-    assert targets.count(EXPERTS) == 2 and aten.bmm.default not in targets
+    assert targets.count(EXPERTS) == layers
+    gathered = [n for n in result.graph.fx.nodes if n.target == aten.bmm.default and n.args[0].target == aten.index.Tensor]
+    assert gathered == []
     gathers = [n for n in result.graph.fx.nodes if n.target == aten.index.Tensor and n.args[0].op == "get_attr"]
     assert gathers == []  # no expert weights copied per token any more
     for backend in ("eager", "onnxruntime"):
         compiled = fxopt.compile(result.graph, backend=backend)
         if backend == "onnxruntime":
-            assert onnx_ops(compiled).count("MoE") == 2
+            assert onnx_ops(compiled).count("MoE") == layers
         for inputs in (spec.example_inputs, *spec.other_inputs):
             with torch.no_grad():
                 ref = run(spec.model, inputs).logits
