@@ -58,7 +58,10 @@ def _experts_fake(x, chosen, weights, gate_up, down, top_k):
 def _experts_onnx(x, chosen, weights, gate_up, down, top_k: int):
     rows = op.Concat(op.Shape(x, start=0, end=1), op.Shape(down, start=0, end=1), axis=0)
     never = op.Expand(op.CastLike(float("-inf"), x), rows)
-    logits = op.ScatterElements(never, chosen, op.Log(op.CastLike(weights, x)), axis=1)
+    # log of the weights over their row's largest, in the weights' own dtype: the kernel's softmax
+    # is blind to the shift, and the dominant weights keep full precision in a float16 model
+    relative = op.Log(op.Div(weights, op.ReduceMax(weights, op.Constant(value_ints=[-1]), keepdims=1)))
+    logits = op.ScatterElements(never, chosen, op.CastLike(relative, x), axis=1)
     y = msft.MoE(x, logits, gate_up, None, down, k=top_k, activation_type="swiglu", swiglu_fusion=1,
                  activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1)
     total = op.ReduceSum(op.CastLike(weights, x), op.Constant(value_ints=[-1]), keepdims=1)
@@ -69,12 +72,12 @@ def _experts_onnx(x, chosen, weights, gate_up, down, top_k: int):
 def experts_swiglu(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                    down: torch.Tensor, top_k: int) -> torch.Tensor:
     """Each token through its ``top_k`` chosen SwiGLU experts, outputs summed
-    with the routing weights in float32 (as transformers sums them) and cast
-    back to ``x``'s dtype; ``gate_up`` rows interleaved (module docstring)."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    with the routing weights in float32 at least (as transformers sums them)
+    and cast back to ``x``'s dtype; ``gate_up`` rows interleaved (module docstring)."""
+    out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     for e in torch.unique(chosen).tolist():
         token, slot = (chosen == e).nonzero(as_tuple=True)
         h = F.linear(x[token], gate_up[e])
         y = F.linear(F.silu(h[:, 0::2]) * h[:, 1::2], down[e])
-        out.index_add_(0, token, y.float() * weights[token, slot].unsqueeze(-1).float())
+        out.index_add_(0, token, y.to(out.dtype) * weights[token, slot].unsqueeze(-1).to(out.dtype))
     return out.to(x.dtype)

@@ -57,16 +57,21 @@ def _routing_topk(node):
 
 
 def _topk_output(node, which: int):
-    """The ``topk`` whose output ``which`` (0 values, 1 indices) ``node`` is, or None."""
-    if node.target is operator.getitem and node.args[1] == which and node.args[0].target == aten.topk.default:
-        return node.args[0]
-    return None
+    """The ``topk`` over the last dim (distinct experts per row) whose output
+    ``which`` (0 values, 1 indices) ``node`` is, or None."""
+    if node.target is not operator.getitem or node.args[1] != which or node.args[0].target != aten.topk.default:
+        return None
+    topk = node.args[0]
+    scores = val(topk.args[0])
+    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    return topk if scores is not None and dim in (-1, scores.dim() - 1) else None
 
 
 def _sums_of(divisor, weights) -> bool:
     """``divisor`` is ``weights.sum(-1, keepdim=True)``, or that plus a positive
     constant (DeepSeek's ``+ 1e-20``)."""
-    if getattr(divisor, "target", None) == aten.add.Tensor and isinstance(divisor.args[1], (int, float)) and divisor.args[1] > 0:
+    if getattr(divisor, "target", None) == aten.add.Tensor and isinstance(divisor.args[1], (int, float)) \
+            and divisor.args[1] > 0 and divisor.kwargs.get("alpha", 1) > 0:
         divisor = divisor.args[0]
     return getattr(divisor, "target", None) == aten.sum.dim_IntList and divisor.args[0] is weights
 
@@ -78,6 +83,8 @@ def _fuse(m: Match, graph):
             or tuple(down.shape) != (gate_up.shape[0], gate_up.shape[2], half):
         raise Reject(f"expert weights {tuple(gate_up.shape)} and {tuple(down.shape)} are not gate/up and down of one MLP")
     x, chosen, weights = (val(m[name]) for name in ("x", "chosen", "weights"))
+    if x is None or chosen is None or weights is None:
+        raise Reject("tokens, chosen experts or weights without shape metadata")
     if x.dim() != 2 or chosen.dim() != 2 or weights.dim() != 2 or chosen.shape[1] != k or weights.shape[1] != k:
         raise Reject(f"tokens {tuple(x.shape)}, chosen experts {tuple(chosen.shape)} and weights "
                      f"{tuple(weights.shape)} are not [T, H], [T, {k}], [T, {k}]")
@@ -91,8 +98,11 @@ def _fuse(m: Match, graph):
     experts, rows, width = gate_up.shape
     interleaved = torch.stack(gate_up.split(half, dim=1), dim=2).reshape(experts, rows, width)
     fused = graph.add_constant(interleaved, "interleaved_" + m["gate_up"].target)
-    return graph.fx.call_function(fxopt_ops.experts_swiglu.default,
-                                  (m["x"], m["chosen"], m["weights"], fused, m["down"], k))
+    out = graph.fx.call_function(fxopt_ops.experts_swiglu.default, (m["x"], m["chosen"], m["weights"], fused, m["down"], k))
+    dtype = val(m.outputs[0]).dtype
+    if dtype != x.dtype:  # float32 routing weights promote the traced sum (Mixtral in float16): keep its dtype
+        out = graph.fx.call_function(aten._to_copy.default, (out,), {"dtype": dtype})
+    return out
 
 
 _SHAPES = {"x": (3, 8), "chosen": torch.zeros(3, 2, dtype=torch.long), "weights": (3, 2), "gate_up": (4, 10, 8),
