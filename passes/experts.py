@@ -37,8 +37,9 @@ _NON_NEGATIVE_SCORES = {aten.softmax.int, aten._softmax.default, aten.sigmoid.de
 def _routing_topk(node):
     """The ``topk`` that chose the experts ``node`` weights, where ``node`` is
     provably non-negative: that topk's values over softmax / sigmoid scores
-    (Mixtral, Qwen-MoE, OLMoE), or softmax / sigmoid scores gathered at its
-    indices (DeepSeek-V3, whose topk runs on biased scores), through
+    (Mixtral, Qwen-MoE, OLMoE), a softmax of its values (GraniteMoE), or
+    softmax / sigmoid scores gathered at its indices (DeepSeek-V3, whose topk
+    runs on biased scores), through
     renormalizations, casts, views and positive constant scales. None where
     the sign is not proven."""
     while node.target in _SIGN_KEEPING:
@@ -52,6 +53,8 @@ def _routing_topk(node):
         if scores.target in _NON_NEGATIVE_SCORES and _topk_output(index, 1) is not None:
             return _topk_output(index, 1)
         return None
+    if node.target in _NON_NEGATIVE_SCORES:  # a softmax of the topk's values (GraniteMoE)
+        return _topk_output(node.args[0], 0)
     topk = _topk_output(node, 0)
     return topk if topk is not None and topk.args[0].target in _NON_NEGATIVE_SCORES else None
 
@@ -114,7 +117,7 @@ class FuseExperts(RewritePass):
     """Fuses a mixture of experts with SwiGLU experts into one op.
 
     Matches the batched form ``fxopt.trace`` gives Hugging Face's experts
-    (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, ...): per token and chosen expert,
+    (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, DeepSeek-V3, ...): per token and chosen expert,
     the expert's gate/up and down weights gathered by index and applied by
     ``bmm``, ``silu(gate) * up`` between them, outputs weighted by the
     routing weights and summed per token.

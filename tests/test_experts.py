@@ -26,6 +26,9 @@ def moe_model(kind: str):
     elif kind == "qwen2_moe":  # renormalization off, a sigmoid-gated shared expert beside the routed ones
         model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
             **small, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64))
+    elif kind == "granitemoe":  # topk of the router logits, then a softmax of the k values
+        model = transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(
+            **{**small, "intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2))
     else:  # DeepSeek-V3: sigmoid scores, group-limited topk on biased scores, weights gathered at its indices,
         # then renormalized and scaled; its first layer dense, latent attention
         model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
@@ -35,7 +38,7 @@ def moe_model(kind: str):
     return hf_spec(model, 256, kind, mask=False, max_len=128)
 
 
-MOE_LAYERS = {"mixtral": 2, "qwen2_moe": 2, "deepseek_v3": 1}
+MOE_LAYERS = {"mixtral": 2, "qwen2_moe": 2, "granitemoe": 2, "deepseek_v3": 1}
 
 
 def onnx_ops(compiled) -> list[str]:
