@@ -39,9 +39,8 @@ def _routing_topk(node):
     provably non-negative: that topk's values over softmax / sigmoid scores
     (Mixtral, Qwen-MoE, OLMoE), a softmax of its values (GraniteMoE), or
     softmax / sigmoid scores gathered at its indices (DeepSeek-V3, whose topk
-    runs on biased scores), through
-    renormalizations, casts, views and positive constant scales. None where
-    the sign is not proven."""
+    runs on biased scores), through renormalizations, casts, views and
+    positive constant scales. None where the sign is not proven."""
     while node.target in _SIGN_KEEPING:
         others = [a for a in node.args[1:] if not isinstance(a, (list, tuple))]
         if node.target in (aten.div.Tensor, aten.mul.Tensor, aten.mul.Scalar) and not all(
@@ -117,8 +116,8 @@ class FuseExperts(RewritePass):
     """Fuses a mixture of experts with SwiGLU experts into one op.
 
     Matches the batched form ``fxopt.trace`` gives Hugging Face's experts
-    (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, DeepSeek-V3, ...): per token and chosen expert,
-    the expert's gate/up and down weights gathered by index and applied by
+    (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, DeepSeek-V3, ...): per
+    token and chosen expert, the expert's gate/up and down weights gathered by index and applied by
     ``bmm``, ``silu(gate) * up`` between them, outputs weighted by the
     routing weights and summed per token.
     Produces ``fxopt.experts_swiglu(x, chosen, weights, gate_up, down, k)``

@@ -347,7 +347,8 @@ class MergeLinears(RewritePass):
     so ``quantize`` quantizes and reports it as one layer under that name.
     Refuses: a weight or bias that is a graph input, mixed dtypes, linears
     with and without bias together, a mixture of experts' router
-    (:func:`~fxopt.passes.layers.is_router`, which ``skip_router`` keeps float). Runs before ``fuse-linear-act`` (a fused
+    (:func:`~fxopt.passes.layers.is_router`, which ``skip_router`` keeps
+    float). Runs before ``fuse-linear-act`` (a fused
     linear no longer merges) and before ``quantize`` (a quantized one neither).
     """
 
