@@ -138,33 +138,59 @@ class DataParallel:
         received = self._exchange(outputs, to)
         if received is not None:
             for rank, rank_outputs in enumerate(received):
-                for j, out in zip(parts[rank].tolist(), rank_outputs):
+                for j, out in zip(parts[rank].tolist(), rank_outputs or ()):
                     result[j] = out
         return result
 
     def _exchange(self, outputs: list, to: str | int) -> list | None:
-        """Every rank's ``outputs`` (in rank order) on the ranks that ``to``
-        names, ``None`` on the others."""
+        """Every other rank's ``outputs`` (in rank order, ``None`` in this
+        rank's place) on the ranks that ``to`` names, ``None`` on the others.
+
+        Each rank packs its tensors into one byte buffer that it keeps from
+        call to call, and a receiving rank gathers its own part into a second
+        kept buffer: a fresh buffer of a batch's logits would cost more in
+        first-touch page faults than the copy itself. Only the other ranks'
+        parts are new memory, and the outputs returned are views of them."""
         import torch.distributed as dist
 
         leaves, spec = pytree.tree_flatten(outputs)
-        tensors = [x.detach().contiguous() for x in leaves if isinstance(x, torch.Tensor)]
+        tensors = [x.detach() for x in leaves if isinstance(x, torch.Tensor)]
         layout = (spec, [(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else ("value", x) for x in leaves])
-        chunks = []
-        for t in tensors:  # each starts at a multiple of ALIGN bytes, where any dtype can view it
-            chunks.append(t.reshape(-1).view(torch.uint8))
-            if -chunks[-1].numel() % ALIGN:
-                chunks.append(torch.zeros(-chunks[-1].numel() % ALIGN, dtype=torch.uint8))
-        buffer = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+        # each tensor starts at a multiple of ALIGN bytes, where any dtype can view it
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        nbytes = sum(n + (-n % ALIGN) for n in sizes)
         layouts: list = [None] * self.size
         try:
-            dist.all_gather_object(layouts, (layout, buffer.numel()), group=self.group)
-            buffers = self._gather_padded(buffer, 0, max(n for _, n in layouts), to)
+            dist.all_gather_object(layouts, (layout, nbytes), group=self.group)
+            longest = max(n for _, n in layouts)
+            send = self._kept("_send", longest)
+            at = 0
+            for t, n in zip(tensors, sizes):
+                send[at:at + n].view(t.dtype).view(t.shape).copy_(t)
+                at += n + (-n % ALIGN)
+            send[at:].zero_()
+            receives = to == "all" or to == self.rank
+            parts = ([self._kept("_own", longest) if r == self.rank else torch.empty(longest, dtype=torch.uint8)
+                      for r in range(self.size)] if receives else None)
+            if to == "all":
+                dist.all_gather(parts, send, group=self.group)
+            else:
+                dist.gather(send, parts, dst=dist.get_global_rank(self.group, to), group=self.group)
         except RuntimeError as e:
             raise CollectiveError("data-parallel gather of the requests' outputs", self.group, e) from e
-        if buffers is None:
+        if not receives:
             return None
-        return [_unpack(rank_layout, data) for (rank_layout, _), data in zip(layouts, buffers)]
+        return [None if r == self.rank else _unpack(rank_layout, data)
+                for r, ((rank_layout, _), data) in enumerate(zip(layouts, parts))]
+
+    def _kept(self, name: str, nbytes: int) -> torch.Tensor:
+        """A byte buffer of this object's, ``nbytes`` long, grown (never
+        shrunk) to the largest exchange so far."""
+        buffer = getattr(self, name, None)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            setattr(self, name, buffer)
+        return buffer[:nbytes]
 
 
 def _unpack(layout, data: torch.Tensor):

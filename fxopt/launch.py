@@ -63,6 +63,7 @@ class Mesh:
     dp_group: object
     timeout_s: float
     transport: str = "gloo"  # what the tensor-parallel group runs on: gloo, nccl or fxopt_shm
+    dp_transport: str = "gloo"  # what the data-parallel group runs on
 
     @property
     def world_size(self) -> int:
@@ -81,14 +82,16 @@ def init(tensor_parallel: int = 1, data_parallel: int | None = None, *, timeout:
     of waiting forever. ``data_parallel`` defaults to the world size over
     ``tensor_parallel``. Every rank must call it with the same arguments.
 
-    ``transport`` is what the tensor-parallel groups (several collectives per
-    layer and token) run on when the default group is gloo: ``shm``, fxopt's
-    shared-memory group (:mod:`fxopt.shared_memory_group`; the ranks of each
-    tensor-parallel group on one x86-64 host, sharing its shared-memory
+    ``transport`` is what the mesh's groups (a tensor-parallel group: several
+    collectives per layer and token; a data-parallel group: every output of a
+    batch, megabytes of logits) run on when the default group is gloo:
+    ``shm``, fxopt's shared-memory group (:mod:`fxopt.shared_memory_group`;
+    the ranks of each group on one x86-64 host, sharing its shared-memory
     folder, which every rank checks with a probe file), ``gloo``, or ``auto``
-    (default): ``shm`` where every group meets those conditions, gloo
-    otherwise. The data-parallel groups stay on the default group's
-    backend."""
+    (default): ``shm`` for the tensor-parallel groups where every one meets
+    those conditions, and likewise for the data-parallel groups, gloo
+    otherwise. With ``shm`` the tensor-parallel groups must meet them; the
+    data-parallel groups (often across hosts) take it where they do."""
     import torch.distributed as dist
 
     if tensor_parallel < 1 or (data_parallel is not None and data_parallel < 1):
@@ -110,42 +113,45 @@ def init(tensor_parallel: int = 1, data_parallel: int | None = None, *, timeout:
         raise LaunchError(f"{world} processes cannot form a mesh of data_parallel={data_parallel} x "
                           f"tensor_parallel={tensor_parallel} ({tensor_parallel * data_parallel} ranks); "
                           f"{how_to_launch(tensor_parallel * data_parallel)}")
-    tp_backend = _tensor_parallel_backend(transport, tensor_parallel, data_parallel)
+    if transport not in TRANSPORTS:
+        raise LaunchError(f"transport={transport!r}: use one of {', '.join(TRANSPORTS)}")
+    tp_ranks = [[d * tensor_parallel + t for t in range(tensor_parallel)] for d in range(data_parallel)]
+    dp_ranks = [[d * tensor_parallel + t for d in range(data_parallel)] for t in range(tensor_parallel)]
+    reports = _shared_memory_reports() if transport != "gloo" and dist.get_backend() == "gloo" and world > 1 else None
+    tp_backend = _local_backend(reports, tp_ranks, "tensor-parallel", required=transport == "shm")
+    dp_backend = _local_backend(reports, dp_ranks, "data-parallel", required=False)
     tp_group = dp_group = dist.group.WORLD
     # new_group must be called by every rank for every group, in the same order.
     if tensor_parallel < world or tp_backend is not None:
-        for d in range(data_parallel):
-            group = dist.new_group([d * tensor_parallel + t for t in range(tensor_parallel)], timeout=wait,
-                                   backend=tp_backend)
-            if d == rank // tensor_parallel:
+        for ranks in tp_ranks:
+            group = dist.new_group(ranks, timeout=wait, backend=tp_backend)
+            if rank in ranks:
                 tp_group = group
-    if data_parallel < world:
-        for t in range(tensor_parallel):
-            group = dist.new_group([d * tensor_parallel + t for d in range(data_parallel)], timeout=wait)
-            if t == rank % tensor_parallel:
+    if data_parallel < world or dp_backend is not None:
+        for ranks in dp_ranks:
+            group = dist.new_group(ranks, timeout=wait, backend=dp_backend)
+            if rank in ranks:
                 dp_group = group
     return Mesh(tensor_parallel, data_parallel, rank, rank % tensor_parallel, rank // tensor_parallel,
-                tp_group, dp_group, float(timeout), tp_backend or dist.get_backend())
+                tp_group, dp_group, float(timeout), tp_backend or dist.get_backend(), dp_backend or dist.get_backend())
 
 
-def _tensor_parallel_backend(transport: str, tensor_parallel: int, data_parallel: int) -> str | None:
-    """The backend for the tensor-parallel groups (None: the default
-    group's). Decided alike on every rank, from what every rank reports."""
-    import torch.distributed as dist
-
+def _local_backend(reports, groups: list[list[int]], what: str, required: bool) -> str | None:
+    """fxopt's shared-memory backend for ``groups`` (the mesh's tensor- or
+    data-parallel groups) where every rank of each sees the others' probe
+    files; None (the default group's backend) where they do not, where a group
+    has one rank, or without ``reports`` (gloo asked for, or a default group
+    that is not gloo). ``required``: refuse instead of falling back. Decided
+    alike on every rank, from what every rank reports."""
     from . import shared_memory_group as shm
 
-    if transport not in TRANSPORTS:
-        raise LaunchError(f"transport={transport!r}: use one of {', '.join(TRANSPORTS)}")
-    if transport == "gloo" or tensor_parallel == 1 or dist.get_backend() != "gloo":
+    if reports is None or all(len(g) == 1 for g in groups):
         return None
-    reports = _shared_memory_reports()
-    groups = [range(d * tensor_parallel, (d + 1) * tensor_parallel) for d in range(data_parallel)]
     local = all(reports[r][0] and set(g) <= reports[r][1] for g in groups for r in g)
-    if transport == "shm" and not local:
+    if required and not local:
         described = "; ".join(f"rank {r}: {'x86-64' if ok else 'not x86-64'}, sees the files of ranks {sorted(seen)}"
                               for r, (ok, seen) in enumerate(reports))
-        raise LaunchError(f"transport='shm' needs the ranks of each tensor-parallel group on one x86-64 host, sharing "
+        raise LaunchError(f"transport='shm' needs the ranks of each {what} group on one x86-64 host, sharing "
                           f"{shm.directory()}: {described}; use transport='gloo' (or 'auto')")
     if not local:
         return None

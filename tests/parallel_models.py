@@ -112,26 +112,39 @@ def check_onnxruntime_rank(mesh):
 
 def check_data_parallel(mesh):
     """A replica per rank: an uneven batch and a stream of requests of
-    different lengths, gathered in order. The replicas are all the ranks
-    (the group the processes started as is one tensor-parallel group)."""
+    different lengths, gathered in order, on gloo and on the shared-memory
+    group. The replicas are all the ranks (the group the processes started as
+    is one tensor-parallel group, on shared memory)."""
+    assert mesh.transport == "fxopt_shm", mesh.transport
+    return {name: _data_parallel_on(mesh, group) for name, group in (("gloo", dist.group.WORLD), ("shm", mesh.tp_group))}
+
+
+def _data_parallel_on(mesh, group):
     import fxopt
     from fxopt.data_parallel import DataParallel
 
     graph = fxopt.trace(Tiny(), (ids(),), dynamic_shapes=DYNAMIC, name="tiny")
-    dp = DataParallel(fxopt.compile(graph, "onnxruntime", intra_op_threads=1), dist.group.WORLD)
+    dp = DataParallel(fxopt.compile(graph, "onnxruntime", intra_op_threads=1), group)
     assert dp.size == mesh.world_size == 2, (dp.size, mesh.world_size)
     batch = ids(5, 6)
     requests = [(ids(2, s, seed=s),) for s in (3, 4, 5)]
     stream = dp.map(requests)
     errors = lambda outs: [None if out is None else max_err(out, reference(r[0])) for out, r in zip(outs, requests)]  # noqa: E731
+    # later exchanges reuse each rank's kept buffers: the outputs already returned stay as they were
+    longer = [(ids(2, s, seed=s),) for s in (9, 8, 7)]
+    kept = dp.map(longer)
+    kept_copy = [out.clone() for out in kept]
+    to_rank_0 = dp.map(requests, to=0)
+    dp.map(longer[::-1])
 
     def mixed(x):  # outputs of several dtypes and sizes (packed into one buffer) and a plain value
         return {"half": x[..., :3].half() / 7, "sum": x.sum(-1), "big": x > 5, "length": x.shape[-1], "none": None}
 
-    packed = DataParallel(mixed, dist.group.WORLD).map([ids(2, s, seed=s) for s in (3, 4, 5, 6, 7)])
+    packed = DataParallel(mixed, group).map([ids(2, s, seed=s) for s in (3, 4, 5, 6, 7)])
     want = [mixed(ids(2, s, seed=s)) for s in (3, 4, 5, 6, 7)]
     return {"batch": max_err(dp(batch), reference(batch)),
-            "stream": errors(stream), "to_rank_0": errors(dp.map(requests, to=0)), "none": errors(dp.map(requests, to="none")),
+            "stream": errors(stream), "to_rank_0": errors(to_rank_0), "none": errors(dp.map(requests, to="none")),
+            "kept": (all(torch.equal(a, b) for a, b in zip(kept, kept_copy)), [max_err(o, reference(r[0])) for o, r in zip(kept, longer)]),
             "mixed": [all(torch.equal(o[k], w[k]) and o[k].dtype == w[k].dtype for k in ("half", "sum", "big"))
                       and (o["length"], o["none"]) == (w["length"], None) for o, w in zip(packed, want)],
             "small_batch": max_err(dp(ids(1, 4)), reference(ids(1, 4)))}
@@ -145,7 +158,11 @@ def check_mesh(mesh):
     model = fxopt.compile(rank_graph(mesh), "onnxruntime", intra_op_threads=1)
     dp = DataParallel(model, mesh.dp_group)
     batch = ids(3, 4)
-    return {"err": max_err(dp(batch), reference(batch)), "tp_rank": mesh.tp_rank, "dp_rank": mesh.dp_rank}
+    requests = [ids(2, s) for s in (3, 4, 5)]
+    return {"err": max_err(dp(batch), reference(batch)), "tp_rank": mesh.tp_rank, "dp_rank": mesh.dp_rank,
+            "transports": (mesh.transport, mesh.dp_transport),
+            # every replica's tensor-parallel ranks send their part to the replica of dp rank 0
+            "stream": [None if out is None else max_err(out, reference(r)) for out, r in zip(dp.map(requests, to=0), requests)]}
 
 
 def check_dead_peer(mesh):
@@ -509,3 +526,13 @@ def mismatched_sizes(mesh):
     except RuntimeError as e:
         return str(e)
     return None
+
+
+def data_parallel_transports(mesh):
+    """What ``init`` put the mesh's groups on, and a stream gathered to rank 0 over the data-parallel group."""
+    from fxopt.data_parallel import DataParallel
+
+    requests = [ids(2, s) for s in (3, 4, 5)]
+    outs = DataParallel(reference, mesh.dp_group).map(requests, to=0)
+    return {"transports": (mesh.transport, mesh.dp_transport), "dp_size": dist.get_world_size(mesh.dp_group),
+            "stream": [None if out is None else max_err(out, reference(r)) for out, r in zip(outs, requests)]}
