@@ -233,7 +233,11 @@ class HeadAttention(torch.nn.Module):
     values as Llama's repeat_kv does. ``form``: 'sdpa', 'eager', 'per-head-bias'
     (scores plus a constant per head, as ALiBi), 'leak' (the queries are an output
     too), 'cache' (keys and values concatenated with one cache read from an input),
-    'kv-cache' (a decode step: keys and values each concatenated with their own cache input, and returned)."""
+    'kv-cache' (a decode step: keys and values each concatenated with their own cache input, and returned),
+    'head-norm' (q and k normalized per head, as Qwen3's q_norm / k_norm), 'soft-cap' (eager scores
+    through ``c * tanh(s / c)``, as Gemma 2), 'interleaved-rotary' (GPT-J's rotate_every_two: a stack
+    and a view within each head), 'width-norm' (q normalized over all heads together, as OLMo2's
+    q_norm) and 'cross-head-norm' (over the heads axis and each head's channels)."""
 
     def __init__(self, kv_heads=4, form="sdpa"):
         super().__init__()
@@ -246,7 +250,10 @@ class HeadAttention(torch.nn.Module):
 
     def forward(self, x, cache=None, past_v=None):
         b, s, _ = x.shape
-        q = self.q(x).view(b, s, -1, 8).transpose(1, 2)
+        q = self.q(x)
+        if self.form == "width-norm":
+            q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)
+        q = q.view(b, s, -1, 8).transpose(1, 2)
         k = self.k(x).view(b, s, self.kv, 8).transpose(1, 2)
         v = self.v(x).view(b, s, -1, 8).transpose(1, 2)
         if self.form == "cache":
@@ -256,15 +263,25 @@ class HeadAttention(torch.nn.Module):
             k = torch.cat([cache, k], dim=2)
             v = torch.cat([past_v, v], dim=2)
             present = (k, v)
+        if self.form in ("head-norm", "cross-head-norm"):
+            dims = (-1,) if self.form == "head-norm" else (1, -1)  # [B, H, S, D]: channels, or heads and channels
+            q = q * torch.rsqrt(q.pow(2).mean(dims, keepdim=True) + 1e-6)
+            k = k * torch.rsqrt(k.pow(2).mean(dims, keepdim=True) + 1e-6)
+        if self.form == "interleaved-rotary":
+            def every_two(t):  # [B, H, S, 8]: pairs (x0, x1) -> (-x1, x0) within each head
+                return torch.stack((-t[..., 1::2], t[..., ::2]), -1).reshape(t.shape)
+            q, k = q * 0.5 + every_two(q) * 0.25, k * 0.5 + every_two(k) * 0.25
         if self.kv != 4:
             k = k[:, :, None].expand(b, self.kv, 4 // self.kv, -1, 8).reshape(b, 4, -1, 8)
             v = v[:, :, None].expand(b, self.kv, 4 // self.kv, -1, 8).reshape(b, 4, -1, 8)
-        if self.form in ("sdpa", "leak", "cache", "kv-cache"):
+        if self.form not in ("eager", "per-head-bias", "soft-cap"):
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(8)
             if self.form == "per-head-bias":
                 scores = scores + self.slopes
+            if self.form == "soft-cap":
+                scores = torch.tanh(scores / 2.0) * 2.0
             out = torch.softmax(scores, -1) @ v
         out = self.o(out.transpose(1, 2).reshape(b, s, 32))
         if self.form == "kv-cache":
@@ -301,6 +318,25 @@ def test_heads_are_followed_from_the_projections_through_attention_to_the_output
     assert not any(k.startswith(("q[", "k[", "v[")) for k in deps.refused())
 
 
+# Ops within each head: a per-head norm, a soft cap of the scores, a rotation of each head's
+# channel pairs. Removing a key/value group whose output columns are zero changes nothing.
+@pytest.mark.parametrize("form", ["head-norm", "soft-cap", "interleaved-rotary"])
+def test_heads_are_followed_through_ops_within_each_head(form):
+    module = HeadAttention(kv_heads=2, form=form).eval()
+    graph, deps = head_analysis(module, X)
+    (heads,) = deps.attentions
+    assert heads.refused is None, heads.refused
+    assert (heads.num_heads, heads.num_kv_heads, heads.q.size, heads.k.size) == (4, 2, 32, 16)
+    with torch.no_grad():
+        module.o.weight[:, 16:] = 0.0  # KV group 1: query heads 2 and 3
+    graph = PassManager("canonicalize,dce").run(fxopt.trace(module, (X,))).graph
+    shrunk = PassManager("shrink(ratio=0,heads=0.5)").run(graph)
+    assert shrunk.records[0].stats["heads_removed"] == 2
+    want = module(X)
+    for backend in ("eager", "onnxruntime"):
+        assert fxopt.compare(want, fxopt.compile(shrunk.graph, backend)(X)).within(1e-5), backend
+
+
 def test_merged_qkv_gives_three_spans_of_one_projection():
     deps = AnalysisManager().get(ChannelAnalysis, _gpt2_tiny())
     heads = deps.attentions[0]
@@ -320,6 +356,8 @@ def _gpt2_tiny():
     ("per-head-bias", "add", "its own value per head"),
     ("leak", "output", "from outside the attention"),
     ("cache", "cat", "besides its concatenation"),  # one input for keys and values
+    ("cross-head-norm", "mul", "does not carry the heads along axis 1"),  # the norm over heads is one value for all
+    ("width-norm", "mul", "cannot follow a projection's channels into heads"),  # before the view into heads
 ])
 def test_heads_the_analysis_cannot_prove_are_refused_with_the_node(form, node, why):
     inputs = (X, torch.randn(2, 4, 3, 8)) if form == "cache" else (X,)

@@ -77,13 +77,38 @@ def gemma():
     return hf_spec(transformers.GemmaForCausalLM(cfg), 256, "gemma", mask=False, max_len=128)
 
 
+def _tiny(config, model, name, **extra):
+    cfg = getattr(transformers, config)(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, use_cache=False,
+                                        pad_token_id=None, bos_token_id=None, eos_token_id=None, **extra)
+    return hf_spec(getattr(transformers, model)(cfg), 256, name, mask=True, max_len=128)
+
+
+def qwen3():
+    """Qwen3: q_norm / k_norm over each head's channels."""
+    return _tiny("Qwen3Config", "Qwen3ForCausalLM", "qwen3", head_dim=16)
+
+
+def gemma2():
+    """Gemma 2: eager attention whose scores go through a tanh soft cap."""
+    return _tiny("Gemma2Config", "Gemma2ForCausalLM", "gemma2", head_dim=16, sliding_window=16)
+
+
+def gptj():
+    """GPT-J: rotary on interleaved channel pairs (a stack and a view within each head)."""
+    cfg = transformers.GPTJConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128, rotary_dim=8,
+                                  use_cache=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return hf_spec(transformers.GPTJForCausalLM(cfg), 256, "gptj", mask=True, max_len=128)
+
+
 def gpt2_odd_vocabulary():
     """GPT-2's own vocabulary (50257) is odd, as this one is: no world size divides it."""
     return fxopt.models.gpt2("tiny", vocab_size=255)
 
 
 # A built-in model's name, or a factory of a ModelSpec.
-MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny", "phi3": phi3, "gemma": gemma}
+MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny", "phi3": phi3, "gemma": gemma, "qwen3": qwen3, "gemma2": gemma2,
+          "gptj": gptj}
 ENCODERS = {"bert": "bert-tiny"}
 ODD = {"gpt2-odd-vocabulary": gpt2_odd_vocabulary}  # no LM head: the hidden states are the output
 

@@ -61,7 +61,9 @@ one per attention, in :attr:`ChannelDependencies.attentions`:
 The walk goes through transposes and permutes, the view into heads
 ``[B, S, H, D]`` and the merge back, element-wise ops whose other operand is
 broadcast along the head axis (rotary embeddings' ``cos`` / ``sin``, scales,
-masks), slices and concatenations of the head dimension (``rotate_half``),
+masks; a soft cap's ``tanh`` of the scores), reductions within each head
+that keep their dimensions (a norm of each head's channels: Qwen3's
+``q_norm``), slices and concatenations of the head dimension (``rotate_half``),
 ``repeat_kv`` (``unsqueeze``, ``expand``, ``clone``, ``reshape``), and
 ``enable_gqa``. Anything else refuses the attention (``refused`` names the
 node): an operand with its own value per head (ALiBi), a graph input that
@@ -93,6 +95,9 @@ _UNARY = {
 _BINARY = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.add.Scalar,
            aten.sub.Scalar, aten.div.Scalar, aten.maximum.default, aten.minimum.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+# Reductions ``(x, dims, keepdim)``: within a head when ``dims`` leave its axis out (a norm of
+# each head's channels: Qwen3's and Gemma 3's q_norm / k_norm).
+_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
 
 
 @dataclass(frozen=True)
@@ -510,6 +515,12 @@ class _HeadWalk:
             for x in cached:
                 self._cache_input(x, node, axis, kind, rep_axis)
             return self._same([self.back(x, axis, kind, rep_axis) for x in computed], node)
+        if t == aten.stack.default:  # GPT-J's rotate_every_two: stack((-x[..., 1::2], x[..., ::2]), -1)
+            d = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
+            if d in (axis, rep_axis) or any(x not in self.computed for x in node.args[0]):
+                raise _Refuse(node, "a stack along the head axis, or of a tensor no projection computes")
+            inner = (axis - (axis > d), None if rep_axis is None else rep_axis - (rep_axis > d))
+            return self._same([self.back(x, inner[0], kind, inner[1]) for x in node.args[0]], node)
         if t == aten.unsqueeze.default:
             d = _dim(node.args[1], nd)
             if d == axis:
@@ -521,7 +532,23 @@ class _HeadWalk:
             return self._back_expand(node, shape, axis, kind, rep_axis)
         if t in _VIEWS:
             return self._back_view(node, shape, axis, kind, rep_axis)
+        if t in _REDUCTIONS:
+            return self._back_reduction(node, axis, kind, rep_axis)
         raise _Refuse(node, "the analysis cannot follow attention heads through this op")
+
+    def _back_reduction(self, node, axis, kind, rep_axis):
+        """A reduction that keeps its dimensions and leaves the head axis
+        (and a repeat's axis) out: each head's result reads that head only."""
+        src = node.args[0]
+        nd = len(_shape(src))
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if not keepdim or dims is None or len(_shape(node)) != nd:
+            raise _Refuse(node, "a reduction that drops dimensions")
+        reduced = {_dim(d, nd) for d in ([dims] if isinstance(dims, int) else dims)}
+        if not reduced or reduced & {axis, rep_axis}:
+            raise _Refuse(node, "a reduction across the heads")
+        return self.back(src, axis, kind, rep_axis)
 
     def _cache_input(self, past: fx.Node, cat: fx.Node, axis: int, kind: str, rep_axis) -> None:
         """``past``, a graph input concatenated with a projection's keys or
@@ -606,6 +633,14 @@ class _HeadWalk:
                 raise _Refuse(node, "a view into heads of symbolic size")
             self._edit(node, nd - 2, kind, 1)
             return self._flat_back(src, 0), dim, 1
+        lead = max(axis, -1 if rep_axis is None else rep_axis) + 1
+        if lead < nd and len(s) >= lead and s[:lead] == shape[:lead]:
+            # a view within each head, the dimensions up to the head axis as they were
+            # (GPT-J's interleaved rotary: [.., H, D / 2, 2] -> [.., H, D])
+            self._edit(node, axis, kind, 1)
+            if rep_axis is not None:
+                self._edit(node, rep_axis, kind, 1)
+            return self.back(src, axis, kind, rep_axis)
         raise _Refuse(node, f"a view {s} -> {shape} that does not split the last dimension into heads")
 
     def _edit(self, node, index, kind, factor):
@@ -719,7 +754,9 @@ def _attention_inputs(node: fx.Node, walk: _HeadWalk):
     walk.region.add(s)
     s = s.args[0]
     while s.target != aten.matmul.default:
-        if s.op != "call_function" or not (s.target in _BINARY | _SAME or s.target == aten.masked_fill.Scalar):
+        head_wise = s.target in _BINARY | _SAME or s.target == aten.masked_fill.Scalar or (
+            s.target in _UNARY and not any(isinstance(a, fx.Node) for a in s.args[1:]))  # Gemma 2's tanh soft cap
+        if s.op != "call_function" or not head_wise:
             raise _Refuse(s, "scores computed by an op the analysis cannot follow")
         walk.region.add(s)
         shape = _shape(s)
