@@ -337,6 +337,24 @@ def test_heads_are_followed_through_ops_within_each_head(form):
         assert fxopt.compare(want, fxopt.compile(shrunk.graph, backend)(X)).within(1e-5), backend
 
 
+# Reading shapes must not guard on them: with 4 positions traced, GPT-J's pairs view
+# [B, H, S, 4, 2] -> [B, H, S, 8] once compared S with 4 and pinned the sequence to 4
+# for every later pass and the export.
+def test_the_head_walk_leaves_dynamic_dimensions_dynamic():
+    from torch.export import Dim
+
+    x = torch.randn(2, 4, 32)
+    graph = fxopt.trace(HeadAttention(kv_heads=2, form="interleaved-rotary").eval(), (x,),
+                        dynamic_shapes={"x": {0: Dim("batch", max=64), 1: Dim("seq", max=64)}})
+    graph = PassManager("canonicalize,dce").run(graph).graph
+    (heads,) = AnalysisManager().get(ChannelAnalysis, graph).attentions
+    assert heads.refused is None, heads.refused
+    sizes = [graph.placeholders()[0].meta["val"].shape[d] for d in (0, 1)]
+    assert all(isinstance(s, torch.SymInt) for s in sizes) and str(sizes[1].node.expr) != "4", sizes
+    shrunk = PassManager("shrink(ratio=0,heads=0.5)").run(graph).graph
+    assert isinstance(shrunk.placeholders()[0].meta["val"].shape[1], torch.SymInt)
+
+
 def test_merged_qkv_gives_three_spans_of_one_projection():
     deps = AnalysisManager().get(ChannelAnalysis, _gpt2_tiny())
     heads = deps.attentions[0]

@@ -442,10 +442,14 @@ class _Refuse(Exception):
 
 
 def _shape(node) -> tuple:
+    """The node's sizes, a symbolic one as its expression: comparing or
+    converting a ``SymInt`` would add a guard to the graph's shape environment
+    (``s53 == 8`` holds for the traced example) and specialize the dimension
+    for every later pass and the export."""
     v = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(v, torch.Tensor):
         raise _Refuse(node, "no shape metadata")
-    return tuple(v.shape)
+    return tuple(d.node.expr if isinstance(d, torch.SymInt) else d for d in v.shape)
 
 
 def _dim(d: int, nd: int) -> int:
@@ -453,10 +457,10 @@ def _dim(d: int, nd: int) -> int:
 
 
 def _static(x) -> int | None:
-    try:
-        return int(x)
-    except Exception:  # a symbolic size
-        return None
+    """A size from :func:`_shape` as an int, None when it is symbolic."""
+    if isinstance(x, int):
+        return x
+    return int(x) if getattr(x, "is_Integer", False) else None
 
 
 class _HeadWalk:
@@ -618,7 +622,8 @@ class _HeadWalk:
         src = node.args[0]
         s = _shape(src)
         nd = len(shape)
-        if s == shape:
+        if s == shape:  # a view to the same shape may still spell the head count out
+            self._edit(node, axis, kind, 1)
             return self.back(src, axis, kind, rep_axis)
         if rep_axis is None and len(s) == nd + 1 and s[:axis] + s[axis + 2:] == shape[:axis] + shape[axis + 1:]:
             # repeat_kv's merge [B, Hkv, n_rep, S, D] -> [B, Hkv * n_rep, S, D]: the entry
@@ -628,8 +633,8 @@ class _HeadWalk:
             self._edit(node, axis, "kv", rep)
             return span, dim, rep
         if rep_axis is None and axis == nd - 2 and len(s) == nd - 1 and s[:-1] == shape[:-2]:
-            dim = _static(shape[-1])
-            if dim is None or _static(s[-1]) != dim * _static(shape[-2]):
+            dim, heads = _static(shape[-1]), _static(shape[-2])
+            if dim is None or heads is None or _static(s[-1]) != dim * heads:
                 raise _Refuse(node, "a view into heads of symbolic size")
             self._edit(node, nd - 2, kind, 1)
             return self._flat_back(src, 0), dim, 1
@@ -697,7 +702,8 @@ class _HeadWalk:
                 self.forward(user, [_dim(p, nd) for p in user.args[1]].index(axis), consumers)
             elif t in _SAME and user.args[0] is node:
                 self.forward(user, axis, consumers)
-            elif t in _VIEWS and _shape(node) == shape:
+            elif t in _VIEWS and _shape(node) == shape:  # Cohere's view of the attention's output to its own shape
+                self._edit(user, axis, "q", 1)
                 self.forward(user, axis, consumers)
             elif t in _VIEWS and axis == nd - 1 and len(_shape(node)) == nd + 1 and _shape(node)[:-2] == shape[:-1]:
                 self._edit(user, nd - 1, "q", _static(_shape(node)[-1]))
@@ -822,6 +828,8 @@ def find_attention_heads(graph) -> list[AttentionHeads]:
             walk.role = "v"
             v_span, v_dim, v_rep = walk.back(v, va, kv_kind)
             nq, nk = _static(_shape(q)[qa]), _static(_shape(k)[ka])
+            if nq is None or nk is None:
+                raise _Refuse(node, "a symbolic number of heads")
             if q_rep != 1 or k_rep != v_rep or k_dim != q_dim or k_span.producer is v_span.producer and k_span.offset == v_span.offset:
                 raise _Refuse(node, "query heads repeated, or keys and values repeated differently")
             n_kv = nk // k_rep
