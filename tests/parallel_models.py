@@ -264,7 +264,8 @@ GEN_NEW_TOKENS = 64
 
 def causal_lm(name: str):
     """Tiny Hugging Face decoders of random weights: GPT-2 (4 heads, merged
-    c_attn) and Llama (4 query heads, 2 KV heads)."""
+    c_attn), Llama (4 query heads, 2 KV heads) and Cohere (as Llama, with
+    rotary on interleaved channel pairs and a view of the attention's output)."""
     import transformers as tf
 
     no_tokens = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -272,6 +273,10 @@ def causal_lm(name: str):
     if name == "gpt2":
         return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=128,
                                                 **no_tokens)).eval()
+    if name == "cohere":
+        return tf.CohereForCausalLM(tf.CohereConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                                    max_position_embeddings=128, **no_tokens)).eval()
     return tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                                               max_position_embeddings=128, **no_tokens)).eval()
@@ -313,16 +318,16 @@ def prepare_generation() -> None:
     pipeline's rewrite patterns (traced on first use, kept per process)."""
     from fxopt.generation import optimize_decoder
 
-    for name in ("gpt2", "llama"):
+    for name in ("gpt2", "llama", "cohere"):
         generation_baseline(name)
     optimize_decoder(generation_baseline("llama")[0], f"canonicalize,{FUSED_AFTER_SPLIT}")
 
 
-def check_generation(mesh, backends={"gpt2": ("eager", "onnxruntime"), "llama": ("eager",)}):
+def check_generation(mesh, backends={"gpt2": ("eager", "onnxruntime"), "llama": ("eager",), "cohere": ("fused-onnxruntime",)}):
     """Greedy generation split over the group against one process and
-    Hugging Face; the cache each rank holds. Llama on ONNX Runtime through
-    the fused pipeline after the split (its attention then runs as
-    GroupQueryAttention against the rank's cache)."""
+    Hugging Face; the cache each rank holds. Llama and Cohere on ONNX
+    Runtime through the fused pipeline after the split (its attention then
+    runs as GroupQueryAttention against the rank's cache)."""
     from fxopt.generation import compile_generator
     from fxopt.parallel import all_reduce_count, compile_tensor_parallel_generator
 
@@ -332,16 +337,20 @@ def check_generation(mesh, backends={"gpt2": ("eager", "onnxruntime"), "llama": 
     for name, on in backends.items():
         graphs, hf, whole = generation_baseline(name)
         split = None
-        for backend in on:
+        for variant in on:
+            backend = variant.removeprefix("fused-")
             options = {"intra_op_threads": 1} if backend == "onnxruntime" else {}
-            if split is None:
+            if variant != backend:  # the fused pipeline after the split
+                gen = compile_tensor_parallel_generator(graphs, group=mesh.tp_group, backend=backend,
+                                                        pipeline=FUSED_AFTER_SPLIT, **options)
+            elif split is None:
                 gen = compile_tensor_parallel_generator(graphs, group=mesh.tp_group, backend=backend, **options)
                 split = gen.graphs
             else:  # the same bound rank graphs on another backend
                 gen = compile_generator(split, None, backend, **options)
             sequences = gen.generate(GEN_PROMPTS, max_new_tokens=GEN_NEW_TOKENS).sequences
             present = gen.prefill_model(ids, mask, positions)[1:]
-            out[f"{name}-{backend}"] = {
+            out[f"{name}-{variant}"] = {
                 # lists, not tensors: a tensor's memory would be shared with a process that exits
                 "sequences": sequences.tolist(), "whole": whole, "hf": hf,
                 "present_shapes": [tuple(t.shape) for t in present],

@@ -15,8 +15,10 @@ from fxopt.launch import run_local
 
 pytest.importorskip("transformers")
 
-KV_HEADS = {"gpt2": 4, "llama": 2}  # tiny configs: GPT-2 4 heads; Llama 4 query heads over 2 KV heads
-CASES = ["gpt2-eager", "gpt2-onnxruntime", "llama-eager", "llama-fused-onnxruntime", "llama-fused-eager"]
+KV_HEADS = {"gpt2": 4, "llama": 2, "cohere": 2}  # tiny configs: GPT-2 4 heads; Llama and Cohere 4 query heads over 2 KV heads
+# Cohere: its prompt's interleaved rotary, split and fused, exports with the prompt's length still dynamic
+CASES = ["gpt2-eager", "gpt2-onnxruntime", "llama-eager", "llama-fused-onnxruntime", "llama-fused-eager",
+         "cohere-fused-onnxruntime"]
 
 
 @pytest.fixture(scope="module")
