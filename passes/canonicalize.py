@@ -11,6 +11,14 @@ from ..ir.nodes import dim_index, is_assert, is_pure, same_shape, val
 from .base import Option, Pass, PassResult
 from .registry import register_pass
 
+
+def _is_zero(size) -> bool:
+    """A size known to be 0 without a guard (an unbacked one, rows left after
+    remove-padding, cannot be compared at all)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(size == 0)
+
 aten = torch.ops.aten
 _TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
@@ -150,7 +158,7 @@ class Canonicalize(Pass):
         out = val(node)
         dim = dim_index(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), out.dim())
         parts = [p for p in node.args[0] if not (isinstance(p, fx.Node) and isinstance(val(p), torch.Tensor)
-                                                 and val(p).dim() == out.dim() and val(p).shape[dim] == 0)]
+                                                 and val(p).dim() == out.dim() and _is_zero(val(p).shape[dim]))]
         if len(parts) != 1 or not isinstance(parts[0], fx.Node) or len(node.args[0]) == 1:
             return False
         source, inp = parts[0], val(parts[0])

@@ -216,7 +216,7 @@ def _pointwise(node, args, rank, lay: _Layout) -> Builder | None:
             continue
         shape = val(x).shape
         lead = list(shape[: max(0, len(shape) - (rank - 2))])  # dims that line up with B, S
-        if lead != [1] * len(lead) or len(shape) > rank:
+        if not all(isinstance(d, int) and d == 1 for d in lead) or len(shape) > rank:
             return None
         if len(shape) == rank:
             squeeze.append(x)

@@ -409,3 +409,34 @@ def test_fused_attention_ops_are_refused_with_the_node():
     deps = AnalysisManager().get(ChannelAnalysis, fused)
     assert len(deps.attentions) == 2 and deps.shrinkable_attentions() == []
     assert all(a.refused.startswith(f"node '{a.node.name}'") and "fused attention op" in a.refused for a in deps.attentions)
+
+
+# No pass may pin a dynamic dimension to the traced example's size: a comparison of two
+# sizes that happen to be equal there adds a replacement to the graph's shape environment,
+# and every later pass and the export then take the dimension as that constant.
+def test_passes_leave_a_decoders_dynamic_dimensions_unpinned():
+    import transformers
+
+    from fxopt.ir.decoder import trace_decoder
+    from fxopt.ir.meta import fake_mode_of
+
+    torch.manual_seed(0)
+    cfg = transformers.CohereConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+                                    bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    graphs = trace_decoder(transformers.CohereForCausalLM(cfg).eval())  # rotary on interleaved pairs: a [.., 8, 2] view
+    base = "canonicalize,dce,constant-fold,cse"
+    for kind in ("prefill", "decode"):
+        graph = getattr(graphs, kind)
+        env = fake_mode_of(graph).shape_env
+        before = dict(env.replacements)
+
+        def dynamic(g):  # which input dimensions are symbolic
+            return [[isinstance(d, torch.SymInt) for d in p.meta["val"].shape] for p in g.placeholders()]
+
+        for pipeline in (f"{base},fuse-attention,merge-linears,quantize(mode=dynamic),pack-attention,fuse-linear-act,fuse-norm",
+                         f"{base},tensor-parallel(world_size=2,rank=1)", f"{base},shrink(ratio=0.25,heads=0.5)"):
+            out = PassManager(pipeline).run(graph).graph
+            assert fake_mode_of(out).shape_env is env
+            assert env.replacements == before, (kind, pipeline, {k: v for k, v in env.replacements.items() if k not in before})
+            assert dynamic(out) == dynamic(graph), (kind, pipeline)

@@ -44,6 +44,12 @@ import torch.fx as fx
 from ...ir.nodes import CASTS, call_args, dim_index, is_call, same_shape, val
 from ..analysis import Analysis
 
+
+def _non_unit(shape) -> list:
+    """The sizes other than a literal 1, a symbolic one as its expression."""
+    return [d.node.expr if isinstance(d, torch.SymInt) else d for d in shape if not (isinstance(d, int) and d == 1)]
+
+
 aten = torch.ops.aten
 _AND = {aten.__and__.Tensor, aten.logical_and.default, aten.bitwise_and.Tensor}
 
@@ -285,7 +291,8 @@ class _IndexAlgebra:
             return A(0)
         if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
             iv, ov = val(args[0]), val(n)
-            if list(s for s in iv.shape if not (isinstance(s, int) and s == 1)) == list(s for s in ov.shape if not (isinstance(s, int) and s == 1)) and not any(isinstance(s, int) and s == 1 for s in iv.shape):
+            # sizes compared as expressions: == on two SymInts would guard on the traced example
+            if _non_unit(iv.shape) == _non_unit(ov.shape) and not any(isinstance(s, int) and s == 1 for s in iv.shape):
                 # only unit dims added: same as unsqueezes on the right-indexed view
                 x, j_in = A(0), 0
                 subs = {}
