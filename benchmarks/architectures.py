@@ -6,6 +6,13 @@ inputs and one other shape.
 
     python benchmarks/architectures.py                   # every model, eager attention
     python benchmarks/architectures.py --sdpa opt qwen2  # transformers' default attention
+    python benchmarks/architectures.py --split           # tensor-parallel on 2 ranks and shrink
+
+``--split`` instead splits each model (SDPA attention) over two local ranks
+(gloo, one thread each): the rank graphs' logits on both backends against
+the model, the all-reduces per layer, and the attentions found, those the
+split keeps whole with the analysis's reason; and ``shrink(ratio=0.25,heads=0.5)``: the
+heads and channel groups it removes.
 
 This checks correctness and coverage, not speed; tests/test_architectures.py
 runs five of these models in the test suite. Writes its section of
@@ -167,15 +174,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", default=list(MODELS), help=f"default: all ({', '.join(MODELS)})")
     ap.add_argument("--sdpa", action="store_true", help="transformers' default attention instead of eager")
+    ap.add_argument("--split", action="store_true", help="tensor-parallel over 2 ranks and shrink, instead of the pipelines")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     import transformers
 
     transformers.logging.set_verbosity_error()
     with captured() as out:
-        failures = _sweep(args)
+        failures = _split_sweep(args) if args.split else _sweep(args)
     everything = args.models == list(MODELS)
-    section = f"{'SDPA (default)' if args.sdpa else 'eager'} attention" + ("" if everything else f": {', '.join(args.models)}")
+    kind = "tensor-parallel and shrink" if args.split else f"{'SDPA (default)' if args.sdpa else 'eager'} attention"
+    section = kind + ("" if everything else f": {', '.join(args.models)}")
     write_result("architectures", "Architecture sweep: fxopt's pipelines on Hugging Face architectures", out.text, section=section,
                  intro="Tiny configs, random weights; each pipeline on both backends. Error: the worst relative error "
                        "against the original model over the traced inputs and one other shape.")
@@ -212,6 +221,68 @@ def _sweep(args) -> int:
                     cells.append(f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
                     failures += 1
             print(f"| {name} | {label} | {_ops(result)} | {cells[0]} | {cells[1]} |", flush=True)
+    print(f"\n{failures} failure(s)")
+    return failures
+
+
+# -- tensor-parallel and shrink ---------------------------------------------------------------
+_RANK_GRAPHS: dict = {}  # name -> (spec, rank graphs): built before the ranks fork, read by them
+
+
+def _run_rank(mesh, name: str) -> dict:
+    from fxopt.parallel import bind_process_group
+
+    spec, graphs = _RANK_GRAPHS[name]
+    errors = {}
+    for backend in ("eager", "onnxruntime"):
+        options = {"intra_op_threads": 1} if backend == "onnxruntime" else {}
+        errors[backend] = _worst_error(spec, fxopt.compile(bind_process_group(graphs[mesh.rank], mesh.tp_group), backend, **options))
+    return errors
+
+
+def _split_sweep(args) -> int:
+    from fxopt.launch import run_local
+    from fxopt.parallel import all_reduce_count, tensor_parallel_graphs
+    from fxopt.passes import AnalysisManager
+    from fxopt.passes.analyses import ChannelAnalysis
+
+    failures = 0
+    print("SDPA attention; tensor-parallel N=2 on two local processes (gloo); error: worst relative error of the logits vs "
+          "the original; `shrink(ratio=0.25,heads=0.5)`: heads and MLP channel groups removed\n")
+    print("| model | all-reduces per layer | attentions split | eager | onnxruntime | kept whole (the analysis's reason) | "
+          "shrink: heads removed, groups shrunk |\n|---|---|---|---|---|---|---|")
+    for name in args.models:
+        spec = MODELS[name](None)
+        try:
+            graph = fxopt.PassManager("canonicalize,dce").run(
+                fxopt.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, name=name)).graph
+            graphs = tensor_parallel_graphs(graph, 2)
+            record = fxopt.PassManager("tensor-parallel(world_size=2,rank=0)").run(graph).records[0].stats
+            shrunk = fxopt.PassManager("shrink(ratio=0.25,heads=0.5)").run(graph).records[0].stats
+        except Exception as e:
+            print(f"| {name} | {type(e).__name__}: {str(e).splitlines()[0][:160]} | | | | | |")
+            failures += 1
+            continue
+        _RANK_GRAPHS[name] = (spec, graphs)
+        try:
+            ranks = run_local(_run_rank, 2, name, start="fork", wall=600)
+            errs = {b: max(r[b] for r in ranks) for b in ("eager", "onnxruntime")}
+        except Exception as e:
+            errs = {"eager": f"{type(e).__name__}", "onnxruntime": str(e).splitlines()[-1][:100]}
+        cells = []
+        for b in ("eager", "onnxruntime"):
+            ok = isinstance(errs[b], float) and errs[b] < 1e-4
+            failures += not ok
+            cells.append(f"{errs[b]:.1e}" if isinstance(errs[b], float) else errs[b])
+        found = AnalysisManager().get(ChannelAnalysis, graph).attentions
+        whole = [a.refused for a in found if a.refused]
+        split = sum(kind == "attention" for kind in record["split"].values())
+        layers = spec.model.config.num_hidden_layers if hasattr(spec.model, "config") else None
+        per_layer = f"{all_reduce_count(graphs[0]) / layers:g}" if layers else str(all_reduce_count(graphs[0]))
+        kept = f"{len(whole)}: {whole[0][:110]}" if whole else "-"
+        print(f"| {name} | {per_layer} | {split} of {len(found)} | {cells[0]} | {cells[1]} | {kept} | "
+              f"{shrunk.get('heads_removed', 0)}, {shrunk.get('groups_shrunk', 0)} |", flush=True)
+        del _RANK_GRAPHS[name]
     print(f"\n{failures} failure(s)")
     return failures
 

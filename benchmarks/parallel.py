@@ -416,7 +416,7 @@ def report(name: str, one: dict, tps: dict[str, list[dict]], dp: dict, requests:
               f"{2 * 7 / 8 * payload / 1024:.1f} KiB per rank per layer per token "
               f"({2 * 7 / 8 * payload * one['layers'] / 1024:.0f} KiB per token over {one['layers']} layers).", ""]
     lines += [f"Data parallel: {requests} requests of {seq}-{seq + 1} tokens (each output the logits of every position), "
-              "2 ranks x 1 thread against one process x 1 thread, after one warm-up pass of the stream; median of {ROUNDS} passes (goal >= 1.8x):", "",
+              f"2 ranks x 1 thread against one process x 1 thread, after one warm-up pass of the stream; median of {ROUNDS} passes (goal >= 1.8x):", "",
               "| backend | data-parallel group | outputs (`DataParallel.map(to=...)`) | one process requests/s | 2 ranks requests/s "
               "| ratio | max abs err |",
               "|---|---|---|---:|---:|---:|---:|"]

@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a rank waits for the others in a collective before failing (a dead or stuck rank)")
     o.add_argument("--transport", choices=("auto", "shm", "gloo"), default="auto",
                    help="what the tensor-parallel collectives run on: shm (fxopt's shared-memory group, ranks of one "
-                        "x86-64 host), gloo, or auto (shm where it can)")
+                        "x86-64 host; the data-parallel gathers too), gloo, or auto (shm for tensor parallelism where it can)")
     o.set_defaults(func=cmd_optimize)
 
     g = sub.add_parser("generate", help="prefill + greedy decode of a causal LM through the optimized graphs, timed and checked")

@@ -163,15 +163,17 @@ class DataParallel:
         try:
             dist.all_gather_object(layouts, (layout, nbytes), group=self.group)
             longest = max(n for _, n in layouts)
-            send = self._kept("_send", longest)
+            device = tensors[0].device if tensors else torch.device("cpu")  # NCCL gathers CUDA buffers
+            send = self._kept("_send", longest, device)
             at = 0
             for t, n in zip(tensors, sizes):
                 send[at:at + n].view(t.dtype).view(t.shape).copy_(t)
                 at += n + (-n % ALIGN)
             send[at:].zero_()
             receives = to == "all" or to == self.rank
-            parts = ([self._kept("_own", longest) if r == self.rank else torch.empty(longest, dtype=torch.uint8)
-                      for r in range(self.size)] if receives else None)
+            parts = ([self._kept("_own", longest, device) if r == self.rank
+                      else torch.empty(longest, dtype=torch.uint8, device=device) for r in range(self.size)]
+                     if receives else None)
             if to == "all":
                 dist.all_gather(parts, send, group=self.group)
             else:
@@ -183,12 +185,12 @@ class DataParallel:
         return [None if r == self.rank else _unpack(rank_layout, data)
                 for r, ((rank_layout, _), data) in enumerate(zip(layouts, parts))]
 
-    def _kept(self, name: str, nbytes: int) -> torch.Tensor:
-        """A byte buffer of this object's, ``nbytes`` long, grown (never
-        shrunk) to the largest exchange so far."""
+    def _kept(self, name: str, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A byte buffer of this object's on ``device``, ``nbytes`` long,
+        grown (never shrunk) to the largest exchange so far."""
         buffer = getattr(self, name, None)
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if buffer is None or buffer.numel() < nbytes or buffer.device != device:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
             setattr(self, name, buffer)
         return buffer[:nbytes]
 

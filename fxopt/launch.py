@@ -82,16 +82,19 @@ def init(tensor_parallel: int = 1, data_parallel: int | None = None, *, timeout:
     of waiting forever. ``data_parallel`` defaults to the world size over
     ``tensor_parallel``. Every rank must call it with the same arguments.
 
-    ``transport`` is what the mesh's groups (a tensor-parallel group: several
-    collectives per layer and token; a data-parallel group: every output of a
-    batch, megabytes of logits) run on when the default group is gloo:
-    ``shm``, fxopt's shared-memory group (:mod:`fxopt.shared_memory_group`;
-    the ranks of each group on one x86-64 host, sharing its shared-memory
-    folder, which every rank checks with a probe file), ``gloo``, or ``auto``
-    (default): ``shm`` for the tensor-parallel groups where every one meets
-    those conditions, and likewise for the data-parallel groups, gloo
-    otherwise. With ``shm`` the tensor-parallel groups must meet them; the
-    data-parallel groups (often across hosts) take it where they do."""
+    ``transport`` is what the mesh's groups run on when the default group is
+    gloo: ``shm``, fxopt's shared-memory group
+    (:mod:`fxopt.shared_memory_group`; the ranks of each group on one x86-64
+    host, sharing its shared-memory folder, which every rank checks with a
+    probe file), ``gloo``, or ``auto`` (default): ``shm`` for the
+    tensor-parallel groups (several small collectives per layer and token)
+    where every one meets those conditions, gloo otherwise. The data-parallel
+    groups stay on gloo unless ``transport="shm"``, and then take it where
+    they meet the conditions: their exchanges are whole batches of outputs,
+    which the shared-memory group maps at twice the group's size (a
+    container's small ``/dev/shm`` may not hold them), and measured no faster
+    than gloo (``benchmarks/results/parallel.md``). With ``shm`` the
+    tensor-parallel groups must meet the conditions."""
     import torch.distributed as dist
 
     if tensor_parallel < 1 or (data_parallel is not None and data_parallel < 1):
@@ -119,7 +122,7 @@ def init(tensor_parallel: int = 1, data_parallel: int | None = None, *, timeout:
     dp_ranks = [[d * tensor_parallel + t for d in range(data_parallel)] for t in range(tensor_parallel)]
     reports = _shared_memory_reports() if transport != "gloo" and dist.get_backend() == "gloo" and world > 1 else None
     tp_backend = _local_backend(reports, tp_ranks, "tensor-parallel", required=transport == "shm")
-    dp_backend = _local_backend(reports, dp_ranks, "data-parallel", required=False)
+    dp_backend = _local_backend(reports, dp_ranks, "data-parallel", required=False) if transport == "shm" else None
     tp_group = dp_group = dist.group.WORLD
     # new_group must be called by every rank for every group, in the same order.
     if tensor_parallel < world or tp_backend is not None:

@@ -99,8 +99,11 @@ class Shrink(Pass):
         if self.include is not None and not groups and not attentions:
             listed = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:8])
             raise self.fail(f"option include={self.include!r} selects no shrinkable channel group or attention; refused: {listed}")
-        self._check_weights(graph, [({s.producer for s in g.spans}, g.consumers, g.name) for g in groups]
-                            + [({a.q.producer, a.k.producer, a.v.producer}, a.consumers, a.name) for a in attentions])
+        tied = self._tied(graph, [({s.producer for s in g.spans}, g.consumers, g.name) for g in groups]
+                          + [({a.q.producer, a.k.producer, a.v.producer}, a.consumers, a.name) for a in attentions])
+        refused = {**refused, **tied}
+        groups = [g for g in groups if g.name not in tied]
+        attentions = [a for a in attentions if a.name not in tied]
         norms = self._activation_norms(graph, [c for g in groups for c in g.consumers] + [c for a in attentions for c in a.consumers]) \
             if self.importance == "activation" else {}
         kept = [(group, self._choose(graph, group, norms)) for group in groups]
@@ -132,19 +135,24 @@ class Shrink(Pass):
         return (self.include is None or re.search(self.include, name) is not None) and \
             (self.exclude is None or re.search(self.exclude, name) is None)
 
-    def _check_weights(self, graph, units: list[tuple[set, list, str]]) -> None:
-        """Each (producers, consumers, name) unit owns its weights: no other node reads them."""
+    @staticmethod
+    def _tied(graph, units: list[tuple[set, list, str]]) -> dict[str, str]:
+        """The (producers, consumers, name) units that do not own their
+        weights, each with the reason: a weight another node reads too
+        (ALBERT's layers share theirs) would change under that reader."""
         readers: dict[int, int] = {}
         for n in graph.fx.nodes:
             for a in n.args:
                 t = graph.constant(a) if isinstance(a, fx.Node) else None
                 if t is not None:
                     readers[id(t)] = readers.get(id(t), 0) + 1
+        tied = {}
         for producers, consumers, name in units:
-            for node in set(producers) | set(consumers):
-                if readers.get(id(graph.constant(node.args[1])), 0) > 1:
-                    raise self.fail(f"the weight of {node.name!r} is read by another node too (tied): shrinking it would change "
-                                    f"that reader; exclude {name!r}", node)
+            shared = sorted(node.name for node in set(producers) | set(consumers)
+                            if readers.get(id(graph.constant(node.args[1])), 0) > 1)
+            if shared:
+                tied[name] = f"node {shared[0]!r}: its weight is read by another node too (tied); shrinking it would change that reader"
+        return tied
 
     def _activation_norms(self, graph, consumers: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
         stats = collect_linear_stats(graph, self.context.get("calibration_data"), consumers, hessian=True)

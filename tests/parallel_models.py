@@ -112,11 +112,13 @@ def check_onnxruntime_rank(mesh):
 
 def check_data_parallel(mesh):
     """A replica per rank: an uneven batch and a stream of requests of
-    different lengths, gathered in order, on gloo and on the shared-memory
-    group. The replicas are all the ranks (the group the processes started as
-    is one tensor-parallel group, on shared memory)."""
-    assert mesh.transport == "fxopt_shm", mesh.transport
-    return {name: _data_parallel_on(mesh, group) for name, group in (("gloo", dist.group.WORLD), ("shm", mesh.tp_group))}
+    different lengths, gathered in order, on gloo and (where it runs) on the
+    shared-memory group. The replicas are all the ranks (the group the
+    processes started as is one tensor-parallel group, on shared memory)."""
+    groups = {"gloo": dist.group.WORLD}
+    if mesh.transport == "fxopt_shm":  # x86-64, one shared-memory folder
+        groups["shm"] = mesh.tp_group
+    return {name: _data_parallel_on(mesh, group) for name, group in groups.items()}
 
 
 def _data_parallel_on(mesh, group):

@@ -436,7 +436,13 @@ def test_passes_leave_a_decoders_dynamic_dimensions_unpinned():
 
         for pipeline in (f"{base},fuse-attention,merge-linears,quantize(mode=dynamic),pack-attention,fuse-linear-act,fuse-norm",
                          f"{base},tensor-parallel(world_size=2,rank=1)", f"{base},shrink(ratio=0.25,heads=0.5)"):
-            out = PassManager(pipeline).run(graph).graph
+            result = PassManager(pipeline).run(graph)
+            out = result.graph
+            stats = result.records[-1].stats
+            if "tensor-parallel" in pipeline:  # the attention was split, not left whole
+                assert "attention" in stats["split"].values(), stats["unpaired"]
+            if "shrink" in pipeline:  # the MLP (heads with a cache output stay: they are the graph's interface)
+                assert stats["groups_shrunk"] > 0, stats["refused"]
             assert fake_mode_of(out).shape_env is env
             assert env.replacements == before, (kind, pipeline, {k: v for k, v in env.replacements.items() if k not in before})
             assert dynamic(out) == dynamic(graph), (kind, pipeline)

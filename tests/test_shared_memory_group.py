@@ -38,14 +38,15 @@ def test_three_ranks_oversubscribing_two_cores_on_auto():
         assert rank["wrong"] == []
 
 
-@pytest.mark.parametrize("transport, expected", [("auto", "fxopt_shm"), ("gloo", "gloo")])
-def test_data_parallel_groups_of_one_host_run_on_shared_memory_on_auto(transport, expected):
-    # two replicas, no tensor parallelism: the data-parallel group (every rank) carries the outputs
+# Two replicas, no tensor parallelism: the data-parallel group (every rank) carries whole batches
+# of outputs; on shared memory only when asked (the mapping is twice the group's largest exchange).
+@pytest.mark.parametrize("transport, expected", [("shm", "fxopt_shm"), ("auto", "gloo"), ("gloo", "gloo")])
+def test_data_parallel_groups_run_on_shared_memory_when_asked(transport, expected):
     rank0, rank1 = run_local(pm.data_parallel_transports, 2, tensor_parallel=1, start="fork", transport=transport)
     for rank in (rank0, rank1):
         assert rank["transports"] == ("gloo", expected) and rank["dp_size"] == 2
     assert len(rank0["stream"]) == 3 and max(rank0["stream"]) <= 1e-6
-    assert rank1["stream"][:2] == [None, None]
+    assert rank1["stream"][:2] == [None, None] and rank1["stream"][2] <= 1e-6
 
 
 def test_a_late_rank_never_reads_the_next_round():

@@ -342,3 +342,31 @@ def test_a_heads_fraction_too_small_to_remove_a_key_value_group_changes_nothing(
     stats = result.records[0].stats
     assert stats["attentions_shrunk"] == 0 and stats["heads_removed"] == 0
     assert list(stats["attentions"].values()) == [{"heads": 8, "of": 8, "kv_heads": 4, "kv_of": 4}]
+
+
+# ALBERT shares one layer's weights among all its layers: shrinking a shared weight would
+# change its other readers, so that group is left whole and listed, and the rest shrinks.
+class SharedLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.own_up, self.own_down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        for _ in range(2):  # the same two linears read twice
+            x = x + self.down(torch.relu(self.up(x)))
+        return x + self.own_down(torch.relu(self.own_up(x)))
+
+
+def test_a_group_whose_weights_other_nodes_read_is_left_whole():
+    x = torch.randn(2, 3, 16)
+    graph = fxopt.PassManager("canonicalize,dce").run(fxopt.trace(SharedLayer().eval(), (x,))).graph
+    result = fxopt.PassManager("shrink(ratio=0.5)").run(graph)
+    stats = result.records[0].stats
+    assert list(stats["groups"]) == ["own_up[0:32]"] and stats["groups"]["own_up[0:32]"] == {"kept": 16, "of": 32}
+    tied = {k: v for k, v in stats["refused"].items() if "(tied)" in v}
+    assert list(tied) == ["up[0:32]"] and "its weight is read by another node too" in tied["up[0:32]"], stats["refused"]
+    shapes = [tuple(result.graph.constant(n.args[1]).shape) for n in result.graph.fx.nodes
+              if n.target == torch.ops.aten.linear.default]
+    # the shared pair read twice, whole; the layer's own pair with half its channels
+    assert shapes == [(32, 16), (16, 32), (32, 16), (16, 32), (16, 16), (16, 16)]

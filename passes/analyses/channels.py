@@ -623,8 +623,9 @@ class _HeadWalk:
         s = _shape(src)
         nd = len(shape)
         if s == shape:  # a view to the same shape may still spell the head count out
-            self._edit(node, axis, kind, 1)
-            return self.back(src, axis, kind, rep_axis)
+            found = self.back(src, axis, kind, rep_axis)
+            self._edit(node, axis, kind, found[2] if kind == "kv" else 1)  # KV heads times a partial repeat
+            return found
         if rep_axis is None and len(s) == nd + 1 and s[:axis] + s[axis + 2:] == shape[:axis] + shape[axis + 1:]:
             # repeat_kv's merge [B, Hkv, n_rep, S, D] -> [B, Hkv * n_rep, S, D]: the entry
             # counts KV heads times the repeat (not the query heads: SDPA's enable_gqa may
@@ -638,14 +639,12 @@ class _HeadWalk:
                 raise _Refuse(node, "a view into heads of symbolic size")
             self._edit(node, nd - 2, kind, 1)
             return self._flat_back(src, 0), dim, 1
-        lead = max(axis, -1 if rep_axis is None else rep_axis) + 1
-        if lead < nd and len(s) >= lead and s[:lead] == shape[:lead]:
+        if rep_axis is None and axis + 1 < nd and len(s) > axis + 1 and s[:axis + 1] == shape[:axis + 1]:
             # a view within each head, the dimensions up to the head axis as they were
             # (GPT-J's interleaved rotary: [.., H, D / 2, 2] -> [.., H, D])
-            self._edit(node, axis, kind, 1)
-            if rep_axis is not None:
-                self._edit(node, rep_axis, kind, 1)
-            return self.back(src, axis, kind, rep_axis)
+            found = self.back(src, axis, kind, None)
+            self._edit(node, axis, kind, found[2] if kind == "kv" else 1)
+            return found
         raise _Refuse(node, f"a view {s} -> {shape} that does not split the last dimension into heads")
 
     def _edit(self, node, index, kind, factor):
@@ -706,7 +705,10 @@ class _HeadWalk:
                 self._edit(user, axis, "q", 1)
                 self.forward(user, axis, consumers)
             elif t in _VIEWS and axis == nd - 1 and len(_shape(node)) == nd + 1 and _shape(node)[:-2] == shape[:-1]:
-                self._edit(user, nd - 1, "q", _static(_shape(node)[-1]))
+                head = _static(_shape(node)[-1])
+                if head is None:
+                    raise _Refuse(user, "a merge of heads of symbolic size")
+                self._edit(user, nd - 1, "q", head)
                 self._flat_forward(user, consumers)
             else:
                 raise _Refuse(user, "the analysis cannot follow the attention's heads through this op")
