@@ -274,12 +274,15 @@ def _split_sweep(args) -> int:
             ok = isinstance(errs[b], float) and errs[b] < 1e-4
             failures += not ok
             cells.append(f"{errs[b]:.1e}" if isinstance(errs[b], float) else errs[b])
+        unpaired = record.get("unpaired") or {}
         found = AnalysisManager().get(ChannelAnalysis, graph).attentions
         whole = [a.refused for a in found if a.refused]
         split = sum(kind == "attention" for kind in record["split"].values())
         layers = spec.model.config.num_hidden_layers if hasattr(spec.model, "config") else None
         per_layer = f"{all_reduce_count(graphs[0]) / layers:g}" if layers else str(all_reduce_count(graphs[0]))
-        kept = f"{len(whole)}: {whole[0][:110]}" if whole else "-"
+        if not whole and split < len(found):  # found, then left whole by the split itself (its stats say why)
+            whole = [v for v in unpaired.values() if "the analysis cannot follow" not in v and "graph output" not in v]
+        kept = f"{len(found) - split}: {whole[0][:110]}" if split < len(found) and whole else "-"
         print(f"| {name} | {per_layer} | {split} of {len(found)} | {cells[0]} | {cells[1]} | {kept} | "
               f"{shrunk.get('heads_removed', 0)}, {shrunk.get('groups_shrunk', 0)} |", flush=True)
         del _RANK_GRAPHS[name]
