@@ -16,6 +16,8 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .nodes import size_expr
+
 
 def fake_mode_of(graph) -> FakeTensorMode:
     mode = getattr(graph, "_fake_mode", None)
@@ -120,21 +122,17 @@ def _same_inputs(before: tuple, node: fx.Node) -> bool:
         return False
 
 
-def _expr(size):
-    return size.node.expr if isinstance(size, torch.SymInt) else size
-
-
 def same_value(a, b) -> bool:
     """Same kind, dtype, shape and strides (symbolic sizes by expression)."""
     if a is b:
         return True
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return (a.dtype == b.dtype and a.device == b.device and [_expr(x) for x in a.shape] == [_expr(x) for x in b.shape]
-                and [_expr(x) for x in a.stride()] == [_expr(x) for x in b.stride()])
+        return (a.dtype == b.dtype and a.device == b.device and [size_expr(x) for x in a.shape] == [size_expr(x) for x in b.shape]
+                and [size_expr(x) for x in a.stride()] == [size_expr(x) for x in b.stride()])
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
     if isinstance(a, (torch.SymInt, int)) and isinstance(b, (torch.SymInt, int)):
-        return type(a) is type(b) and _expr(a) == _expr(b)
+        return type(a) is type(b) and size_expr(a) == size_expr(b)
     return type(a) is type(b) and isinstance(a, (float, bool, str, type(None))) and a == b
 
 

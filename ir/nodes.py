@@ -59,6 +59,14 @@ def module_path(node: fx.Node) -> str:
     return node.name
 
 
+def size_expr(size):
+    """A size as an int, or a symbolic one as its sympy expression: compared
+    structurally, without the guard a ``SymInt`` comparison adds to the
+    graph's shape environment (which pins the dimension to the traced
+    example's size when the two happen to agree there)."""
+    return size.node.expr if isinstance(size, torch.SymInt) else size
+
+
 def same_shape(a, b) -> bool:
     """True when two (possibly symbolic) shapes are provably equal."""
     if len(a) != len(b):

@@ -80,7 +80,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ...ir.nodes import module_path
+from ...ir.nodes import module_path, size_expr
 from ..analysis import Analysis
 
 aten = torch.ops.aten
@@ -449,7 +449,7 @@ def _shape(node) -> tuple:
     v = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(v, torch.Tensor):
         raise _Refuse(node, "no shape metadata")
-    return tuple(d.node.expr if isinstance(d, torch.SymInt) else d for d in v.shape)
+    return tuple(size_expr(d) for d in v.shape)
 
 
 def _dim(d: int, nd: int) -> int:

@@ -41,13 +41,13 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ...ir.nodes import CASTS, call_args, dim_index, is_call, same_shape, val
+from ...ir.nodes import CASTS, call_args, dim_index, is_call, same_shape, size_expr, val
 from ..analysis import Analysis
 
 
 def _non_unit(shape) -> list:
     """The sizes other than a literal 1, a symbolic one as its expression."""
-    return [d.node.expr if isinstance(d, torch.SymInt) else d for d in shape if not (isinstance(d, int) and d == 1)]
+    return [size_expr(d) for d in shape if not (isinstance(d, int) and d == 1)]
 
 
 aten = torch.ops.aten
