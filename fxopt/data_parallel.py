@@ -87,21 +87,16 @@ class DataParallel:
             raise CollectiveError(f"data-parallel gather of output #{index}", self.group, e) from e
         return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
 
-    def _gather_padded(self, x: torch.Tensor, dim: int, longest: int, to: str | int = "all") -> list | None:
-        """Every rank's ``x``, each padded with zeros to ``longest`` along
-        ``dim`` so that one collective carries them, in rank order on the
-        ranks ``to`` names (``"all"`` or one rank; ``None`` on the others)."""
+    def _gather_padded(self, x: torch.Tensor, dim: int, longest: int) -> list:
+        """Every rank's ``x`` in rank order, each padded with zeros to
+        ``longest`` along ``dim`` so that one all-gather carries them."""
         import torch.distributed as dist
 
         pad = list(x.shape)
         pad[dim] = longest - x.shape[dim]
         padded = (torch.cat([x, x.new_zeros(pad)], dim) if pad[dim] else x).contiguous()
-        if to == "all":
-            parts = [torch.empty_like(padded) for _ in range(self.size)]
-            dist.all_gather(parts, padded, group=self.group)
-            return parts
-        parts = [torch.empty_like(padded) for _ in range(self.size)] if self.rank == to else None
-        dist.gather(padded, parts, dst=dist.get_global_rank(self.group, to), group=self.group)
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self.group)
         return parts
 
     # -- a stream of requests --------------------------------------------------------
