@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from .base import Option, Pass, PassResult
-from .analyses.channels import AttentionHeads, ChannelAnalysis, ChannelGroup, Span
+from .analyses.channels import AttentionHeads, ChannelAnalysis, ChannelGroup, HeadBlock, Span
 from .layers import regex_problem
 from .quantize.calibration import collect_linear_stats
 from .registry import register_pass
@@ -229,19 +229,20 @@ def keep_channels(graph, deps, kept=(), heads=(), suffix: str = "shrunk") -> Non
     ``<old name>.<suffix>``."""
     keep_rows: dict[fx.Node, torch.Tensor] = {}
 
-    def keep_span(span: Span, keep: torch.Tensor) -> None:
+    def keep_span(span: Span | HeadBlock, keep: torch.Tensor) -> None:
+        """Of ``span``'s rows, keep only ``keep`` (the producer's row indices)."""
         rows = keep_rows.setdefault(span.producer, torch.ones(graph.constant(span.producer.args[1]).shape[0], dtype=torch.bool))
-        mask = torch.zeros(span.size, dtype=torch.bool)
-        mask[keep] = True
-        rows[span.offset: span.offset + span.size] = mask
+        rows[span.offset: span.offset + span.size] = False
+        rows[keep] = True
 
     for group, keep in kept:
         for span in group.spans:
-            keep_span(span, keep)
+            keep_span(span, span.offset + keep)
     for attn, q, kv in heads:
-        keep_span(attn.q, head_channels(q, attn.head_dim))
-        keep_span(attn.k, head_channels(kv, attn.head_dim))
-        keep_span(attn.v, head_channels(kv, attn.v_head_dim))
+        # q, k and v may share their blocks (one per head): the same heads of each are kept
+        keep_span(attn.q, attn.q.rows(q))
+        keep_span(attn.k, attn.k.rows(kv))
+        keep_span(attn.v, attn.v.rows(kv))
     for producer, rows in keep_rows.items():
         _take(graph, producer, 1, rows, 0, suffix)
         if len(producer.args) > 2 and producer.args[2] is not None:

@@ -237,7 +237,10 @@ class HeadAttention(torch.nn.Module):
     'head-norm' (q and k normalized per head, as Qwen3's q_norm / k_norm), 'soft-cap' (eager scores
     through ``c * tanh(s / c)``, as Gemma 2), 'interleaved-rotary' (GPT-J's rotate_every_two: a stack
     and a view within each head), 'width-norm' (q normalized over all heads together, as OLMo2's
-    q_norm) and 'cross-head-norm' (over the heads axis and each head's channels)."""
+    q_norm), 'cross-head-norm' (over the heads axis and each head's channels), 'per-head-qkv'
+    (GPT-NeoX's layout: one projection holding each head's q, k and v together, a block of 24 rows
+    per head, split after the view into heads) and 'overlapping-qkv' (that layout with q and k
+    reading overlapping channels of each block)."""
 
     def __init__(self, kv_heads=4, form="sdpa"):
         super().__init__()
@@ -247,15 +250,24 @@ class HeadAttention(torch.nn.Module):
         self.v = torch.nn.Linear(32, 8 * kv_heads)
         self.o = torch.nn.Linear(32, 32)
         self.register_buffer("slopes", torch.arange(1.0, 5.0).view(4, 1, 1))
+        if form in ("per-head-qkv", "overlapping-qkv"):
+            self.qkv = torch.nn.Linear(32, 96)
 
     def forward(self, x, cache=None, past_v=None):
         b, s, _ = x.shape
-        q = self.q(x)
-        if self.form == "width-norm":
-            q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)
-        q = q.view(b, s, -1, 8).transpose(1, 2)
-        k = self.k(x).view(b, s, self.kv, 8).transpose(1, 2)
-        v = self.v(x).view(b, s, -1, 8).transpose(1, 2)
+        if self.form in ("per-head-qkv", "overlapping-qkv"):
+            blocks = self.qkv(x).view(b, s, 4, 24).transpose(1, 2)
+            if self.form == "per-head-qkv":
+                q, k, v = blocks.split(8, -1)
+            else:
+                q, k, v = blocks[..., 0:8], blocks[..., 4:12], blocks[..., 16:24]
+        else:
+            q = self.q(x)
+            if self.form == "width-norm":
+                q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)
+            q = q.view(b, s, -1, 8).transpose(1, 2)
+            k = self.k(x).view(b, s, self.kv, 8).transpose(1, 2)
+            v = self.v(x).view(b, s, -1, 8).transpose(1, 2)
         if self.form == "cache":
             k = torch.cat([cache, k], dim=2)
             v = torch.cat([cache, v], dim=2)
@@ -337,6 +349,35 @@ def test_heads_are_followed_through_ops_within_each_head(form):
         assert fxopt.compare(want, fxopt.compile(shrunk.graph, backend)(X)).within(1e-5), backend
 
 
+# GPT-NeoX's QKV projection holds each head's q, k and v together: head h owns rows
+# 24h .. 24h + 23, of which q reads the first 8, k the next 8 and v the last 8. Removing
+# a head removes its whole block; with the output columns of heads 1 and 3 zero,
+# shrinking half the heads changes nothing.
+def test_heads_whose_q_k_v_share_one_block_per_head():
+    module = HeadAttention(form="per-head-qkv").eval()
+    graph, deps = head_analysis(module, X)
+    (heads,) = deps.attentions
+    assert heads.refused is None, heads.refused
+    assert heads.q.producer is heads.k.producer is heads.v.producer
+    assert [(b.offset, b.size, b.stride, b.channels) for b in (heads.q, heads.k, heads.v)] == [
+        (0, 96, 24, tuple(range(0, 8))), (0, 96, 24, tuple(range(8, 16))), (0, 96, 24, tuple(range(16, 24)))]
+    assert (heads.num_heads, heads.num_kv_heads, heads.head_dim) == (4, 4, 8)
+    assert heads.q_rows([1]).tolist() == list(range(24, 32)) and heads.v_rows([1]).tolist() == list(range(40, 48))
+    assert heads.q.rows([1]).tolist() == list(range(24, 48))  # what removing head 1 removes
+    assert heads.name not in deps.refused() and not any(k.startswith("qkv[") for k in deps.refused())
+    with torch.no_grad():
+        module.o.weight[:, 8:16] = 0.0
+        module.o.weight[:, 24:32] = 0.0
+    graph = PassManager("canonicalize,dce").run(fxopt.trace(module, (X,))).graph
+    shrunk = PassManager("shrink(ratio=0,heads=0.5)").run(graph)
+    assert shrunk.records[0].stats["heads_removed"] == 2
+    (linear,) = [n for n in shrunk.graph.fx.nodes if n.target == aten.linear.default and n.args[1].target.startswith("qkv")]
+    torch.testing.assert_close(shrunk.graph.constant(linear.args[1]), torch.cat([module.qkv.weight[:24], module.qkv.weight[48:72]]))
+    want = module(X)
+    for backend in ("eager", "onnxruntime"):
+        assert fxopt.compare(want, fxopt.compile(shrunk.graph, backend)(X)).within(1e-5), backend
+
+
 # Reading shapes must not guard on them: with 4 positions traced, GPT-J's pairs view
 # [B, H, S, 4, 2] -> [B, H, S, 8] once compared S with 4 and pinned the sequence to 4
 # for every later pass and the export.
@@ -376,6 +417,7 @@ def _gpt2_tiny():
     ("cache", "cat", "besides its concatenation"),  # one input for keys and values
     ("cross-head-norm", "mul", "does not carry the heads along axis 1"),  # the norm over heads is one value for all
     ("width-norm", "mul", "cannot follow a projection's channels into heads"),  # before the view into heads
+    ("overlapping-qkv", "scaled_dot_product_attention", "read the same rows of one projection"),
 ])
 def test_heads_the_analysis_cannot_prove_are_refused_with_the_node(form, node, why):
     inputs = (X, torch.randn(2, 4, 3, 8)) if form == "cache" else (X,)

@@ -101,6 +101,14 @@ def gptj():
     return hf_spec(transformers.GPTJForCausalLM(cfg), 256, "gptj", mask=True, max_len=128)
 
 
+def gpt_neox():
+    """GPT-NeoX: one QKV projection laid out head by head (each head's q, k, v rows together), partial rotary."""
+    cfg = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     vocab_size=256, max_position_embeddings=128, rotary_pct=0.25, use_cache=False,
+                                     bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return hf_spec(transformers.GPTNeoXForCausalLM(cfg), 256, "gpt-neox", mask=True, max_len=128)
+
+
 def gpt2_odd_vocabulary():
     """GPT-2's own vocabulary (50257) is odd, as this one is: no world size divides it."""
     return fxopt.models.gpt2("tiny", vocab_size=255)
@@ -108,7 +116,7 @@ def gpt2_odd_vocabulary():
 
 # A built-in model's name, or a factory of a ModelSpec.
 MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny", "phi3": phi3, "gemma": gemma, "qwen3": qwen3, "gemma2": gemma2,
-          "gptj": gptj}
+          "gptj": gptj, "gpt-neox": gpt_neox}
 ENCODERS = {"bert": "bert-tiny"}
 ODD = {"gpt2-odd-vocabulary": gpt2_odd_vocabulary}  # no LM head: the hidden states are the output
 

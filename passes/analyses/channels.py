@@ -29,14 +29,18 @@ attention a whole key/value group (KV head ``g`` and query heads
 ``g * group .. (g + 1) * group - 1``). :class:`AttentionHeads` is the result,
 one per attention, in :attr:`ChannelDependencies.attentions`:
 
-* ``q``, ``k``, ``v``: :class:`Span` s of the producers' rows (a merged QKV
-  projection gives three spans of one producer; its ``split``/``slice`` nodes
-  are in :attr:`ChannelDependencies.pieces`). Head ``h`` of q is rows
-  ``q.offset + h * head_dim .. + head_dim``; KV head ``g`` of k / v likewise
-  with ``head_dim`` / ``v_head_dim``. :meth:`AttentionHeads.q_rows`,
+* ``q``, ``k``, ``v``: :class:`HeadBlock` s of the producers' rows. Head
+  ``h`` of q owns rows ``q.offset + h * q.stride .. + q.stride`` and reads
+  ``q.channels`` of them; KV head ``g`` of k / v likewise. Usually each block
+  is one head's rows, read whole (a merged QKV projection split before the
+  view into heads gives three regions of one producer; its ``split``/``slice``
+  nodes are in :attr:`ChannelDependencies.pieces`); a projection laid out head
+  by head (GPT-NeoX: ``[q | k | v]`` of head 0, then of head 1, ...) gives q,
+  k and v one shared block per head, each reading its own channels, and
+  removing a head removes its block. :meth:`AttentionHeads.q_rows`,
   :meth:`~AttentionHeads.k_rows`, :meth:`~AttentionHeads.v_rows` and
-  :meth:`~AttentionHeads.columns` give the row / column indices of a set of
-  KV groups;
+  :meth:`~AttentionHeads.columns` give the row / column indices a set of KV
+  groups reads;
 * ``num_heads``, ``num_kv_heads``, ``head_dim``, ``v_head_dim``, ``group``
   (query heads per KV head);
 * ``consumers``: the linears reading the merged output; head ``h`` is their
@@ -63,7 +67,9 @@ The walk goes through transposes and permutes, the view into heads
 broadcast along the head axis (rotary embeddings' ``cos`` / ``sin``, scales,
 masks; a soft cap's ``tanh`` of the scores), reductions within each head
 that keep their dimensions (a norm of each head's channels: Qwen3's
-``q_norm``), slices and concatenations of the head dimension (``rotate_half``),
+``q_norm``), slices, splits and concatenations of the head dimension
+(``rotate_half``, a head's block split into q, k and v: each value's
+channels are followed to the block channels they read),
 ``repeat_kv`` (``unsqueeze``, ``expand``, ``clone``, ``reshape``), and
 ``enable_gqa``. Anything else refuses the attention (``refused`` names the
 node): an operand with its own value per head (ALiBi), a graph input that
@@ -75,7 +81,7 @@ attention ops (shrink and split before ``fuse-attention`` / ``pack-attention``).
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -373,6 +379,60 @@ class CacheTensor:
     kind: str
 
 
+@dataclass(frozen=True)
+class HeadBlock:
+    """Where one of q, k, v finds its heads in a projection's weight. Head
+    ``h`` owns the block of rows ``offset + h * stride .. + stride`` and
+    reads rows ``offset + h * stride + c`` for ``c`` in ``channels``: the
+    whole block, but where q, k and v share one (GPT-NeoX lays its QKV
+    projection out head by head, ``[q | k | v]`` in one block of three head
+    widths per head). ``size``: the rows of every head's block."""
+
+    producer: fx.Node
+    offset: int
+    size: int
+    stride: int
+    channels: tuple[int, ...]
+
+    def rows(self, heads) -> torch.Tensor:
+        """The blocks of ``heads``: what removing them removes."""
+        return _head_rows(self.offset, list(heads), self.stride, range(self.stride))
+
+    def read_rows(self, heads) -> torch.Tensor:
+        """The rows ``heads`` read."""
+        return _head_rows(self.offset, list(heads), self.stride, self.channels)
+
+    def shares_block(self, other: "HeadBlock") -> bool:
+        return (self.producer, self.offset, self.stride) == (other.producer, other.offset, other.stride)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What the backward walk knows of one value: its heads are the blocks of
+    ``stride`` rows of ``span.producer`` from row ``span.offset``, each repeated
+    ``rep`` times (``repeat_kv``). Along axis ``caxis`` entry ``i`` reads the
+    block's channels ``entries[i]``; where the walk cannot tell entries apart
+    (``caxis`` None) every entry may read any of ``reads``."""
+
+    span: Span
+    stride: int
+    rep: int
+    reads: frozenset
+    caxis: int | None = None
+    entries: tuple | None = None
+
+    def blurred(self) -> "_Source":
+        return replace(self, caxis=None, entries=None)
+
+    def moved(self, caxis: int | None) -> "_Source":
+        return self.blurred() if caxis is None or self.caxis is None else replace(self, caxis=caxis)
+
+    def taken(self, index) -> "_Source":
+        """Entries ``index`` along the channel axis (a slice or a split's piece)."""
+        entries = tuple(self.entries[i] for i in index)
+        return replace(self, entries=entries, reads=frozenset().union(*entries))
+
+
 @dataclass
 class AttentionHeads:
     """The heads of one attention and every node that depends on them (see
@@ -380,9 +440,9 @@ class AttentionHeads:
     the other fields are then incomplete."""
 
     node: fx.Node
-    q: Span | None = None
-    k: Span | None = None
-    v: Span | None = None
+    q: HeadBlock | None = None
+    k: HeadBlock | None = None
+    v: HeadBlock | None = None
     num_heads: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
@@ -415,25 +475,26 @@ class AttentionHeads:
         return [g * self.group + j for g in kv_groups for j in range(self.group)]
 
     def q_rows(self, kv_groups) -> torch.Tensor:
-        return _head_rows(self.q.offset, self.query_heads(kv_groups), self.head_dim)
+        """The query rows KV groups ``kv_groups`` read (``k_rows``, ``v_rows``: key and value rows)."""
+        return self.q.read_rows(self.query_heads(kv_groups))
 
     def k_rows(self, kv_groups) -> torch.Tensor:
-        return _head_rows(self.k.offset, list(kv_groups), self.head_dim)
+        return self.k.read_rows(kv_groups)
 
     def v_rows(self, kv_groups) -> torch.Tensor:
-        return _head_rows(self.v.offset, list(kv_groups), self.v_head_dim)
+        return self.v.read_rows(kv_groups)
 
     def columns(self, kv_groups) -> torch.Tensor:
         """The consumers' input columns that read KV groups ``kv_groups``."""
-        return _head_rows(0, self.query_heads(kv_groups), self.v_head_dim)
+        return _head_rows(0, self.query_heads(kv_groups), self.v_head_dim, range(self.v_head_dim))
 
     def count(self, kind: str, kv_groups: int) -> int:
         """Heads of ``kind`` ('q' or 'kv') left when ``kv_groups`` groups are kept."""
         return kv_groups * (self.group if kind == "q" else 1)
 
 
-def _head_rows(offset: int, heads: list[int], dim: int) -> torch.Tensor:
-    return torch.tensor([offset + h * dim + d for h in heads for d in range(dim)], dtype=torch.long)
+def _head_rows(offset: int, heads: list[int], stride: int, channels) -> torch.Tensor:
+    return torch.tensor([offset + h * stride + c for h in heads for c in channels], dtype=torch.long)
 
 
 class _Refuse(Exception):
@@ -478,15 +539,16 @@ class _HeadWalk:
         self.cache_inputs: list[CacheTensor] = []
 
     # -- backward: a value that carries heads along ``axis`` ----------------------------
-    def back(self, node: fx.Node, axis: int, kind: str, rep_axis: int | None = None) -> tuple:
+    def back(self, node: fx.Node, axis: int, kind: str, rep_axis: int | None = None) -> _Source:
         key = (node, axis, kind, rep_axis)
         self.carriers.setdefault(node, set()).add((self.role, axis, kind, rep_axis))
         if key not in self.memo:
             self.memo[key] = self._back(node, axis, kind, rep_axis)
         return self.memo[key]
 
-    def _back(self, node, axis, kind, rep_axis):
-        """(Span, head_dim, repeat): where the heads of ``node`` come from."""
+    def _back(self, node, axis, kind, rep_axis) -> _Source:
+        """Where the heads of ``node`` come from, and which channels of each
+        head's block its entries read."""
         if node.op != "call_function":
             raise _Refuse(node, "heads read from a graph input (a key/value cache?) cannot be removed")
         self.region.add(node)
@@ -496,18 +558,39 @@ class _HeadWalk:
         if t == aten.transpose.int:
             d0, d1 = _dim(node.args[1], nd), _dim(node.args[2], nd)
             swap = {d0: d1, d1: d0}
-            return self.back(a0, swap.get(axis, axis), kind, None if rep_axis is None else swap.get(rep_axis, rep_axis))
+            found = self.back(a0, swap.get(axis, axis), kind, None if rep_axis is None else swap.get(rep_axis, rep_axis))
+            return found.moved(None if found.caxis is None else swap.get(found.caxis, found.caxis))
         if t == aten.permute.default:
             perm = [_dim(p, nd) for p in node.args[1]]
-            return self.back(a0, perm[axis], kind, None if rep_axis is None else perm[rep_axis])
+            found = self.back(a0, perm[axis], kind, None if rep_axis is None else perm[rep_axis])
+            return found.moved(None if found.caxis is None else perm.index(found.caxis))
         if t in _SAME or (t in _UNARY and not any(isinstance(a, fx.Node) for a in node.args[1:])):
             return self.back(a0, axis, kind, rep_axis)
         if t in _BINARY or t == aten.masked_fill.Scalar:
             return self._back_elementwise(node, shape, axis, kind, rep_axis)
         if t == aten.slice.Tensor:
-            if _dim(node.args[1] if len(node.args) > 1 else 0, nd) in (axis, rep_axis):
+            d = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
+            if d in (axis, rep_axis):
                 raise _Refuse(node, "a slice of the head axis")
-            return self.back(a0, axis, kind, rep_axis)
+            found = self.back(a0, axis, kind, rep_axis)
+            if d != found.caxis:
+                return found
+            n = len(found.entries)
+            start, end, step = (list(node.args[2:5]) + [None] * 3)[:3]
+            if not all(x is None or isinstance(x, int) for x in (start, end, step)):
+                return found.blurred()
+            return found.taken(range(n)[slice(start, end, step)])
+        if t is operator.getitem and isinstance(a0, fx.Node) and a0.target in _SPLITS:
+            self.region.add(a0)
+            d = _dim(a0.args[2] if len(a0.args) > 2 else a0.kwargs.get("dim", 0), nd)
+            if d in (axis, rep_axis):
+                raise _Refuse(a0, "a split of the head axis")
+            found = self.back(a0.args[0], axis, kind, rep_axis)
+            if d != found.caxis:
+                return found
+            sizes = _split_sizes(a0, len(found.entries))
+            start = sum(sizes[: node.args[1]])
+            return found.taken(range(start, start + sizes[node.args[1]]))
         if t == aten.cat.default:
             dim = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
             if dim in (axis, rep_axis):
@@ -518,20 +601,22 @@ class _HeadWalk:
                 raise _Refuse(node, "a concatenation with a tensor that no projection computes and no graph input holds")
             for x in cached:
                 self._cache_input(x, node, axis, kind, rep_axis)
-            return self._same([self.back(x, axis, kind, rep_axis) for x in computed], node)
+            return self._merge([self.back(x, axis, kind, rep_axis) for x in computed], node, concat=dim)
         if t == aten.stack.default:  # GPT-J's rotate_every_two: stack((-x[..., 1::2], x[..., ::2]), -1)
             d = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
             if d in (axis, rep_axis) or any(x not in self.computed for x in node.args[0]):
                 raise _Refuse(node, "a stack along the head axis, or of a tensor no projection computes")
             inner = (axis - (axis > d), None if rep_axis is None else rep_axis - (rep_axis > d))
-            return self._same([self.back(x, inner[0], kind, inner[1]) for x in node.args[0]], node)
+            return self._merge([self.back(x, inner[0], kind, inner[1]) for x in node.args[0]], node).blurred()
         if t == aten.unsqueeze.default:
             d = _dim(node.args[1], nd)
             if d == axis:
                 raise _Refuse(node, "an unsqueeze at the head axis")
             if d == rep_axis:  # repeat_kv's new axis: the repeat was counted at its expand
-                return self.back(a0, axis - (axis > d), kind, None)
-            return self.back(a0, axis - (axis > d), kind, None if rep_axis is None else rep_axis - (rep_axis > d))
+                found = self.back(a0, axis - (axis > d), kind, None)
+            else:
+                found = self.back(a0, axis - (axis > d), kind, None if rep_axis is None else rep_axis - (rep_axis > d))
+            return found.moved(None if found.caxis is None else found.caxis + (found.caxis >= d))
         if t == aten.expand.default:
             return self._back_expand(node, shape, axis, kind, rep_axis)
         if t in _VIEWS:
@@ -552,7 +637,8 @@ class _HeadWalk:
         reduced = {_dim(d, nd) for d in ([dims] if isinstance(dims, int) else dims)}
         if not reduced or reduced & {axis, rep_axis}:
             raise _Refuse(node, "a reduction across the heads")
-        return self.back(src, axis, kind, rep_axis)
+        found = self.back(src, axis, kind, rep_axis)
+        return replace(found, entries=(found.reads,)) if found.caxis in reduced else found
 
     def _cache_input(self, past: fx.Node, cat: fx.Node, axis: int, kind: str, rep_axis) -> None:
         """``past``, a graph input concatenated with a projection's keys or
@@ -579,10 +665,23 @@ class _HeadWalk:
         ((role, axis, kind, rep_axis),) = ways
         return CacheTensor(value, axis, kind) if role in ("k", "v") and rep_axis is None else None
 
-    def _same(self, sources: list, node) -> tuple:
-        if any(s != sources[0] for s in sources[1:]):
+    def _merge(self, sources: list[_Source], node, concat: int | None = None) -> _Source:
+        """One source for the values an op combines: element-wise (each entry
+        reads what the operands' entries there read), or concatenated along
+        axis ``concat``."""
+        first = sources[0]
+        if any((s.span, s.stride, s.rep) != (first.span, first.stride, first.rep) for s in sources[1:]):
             raise _Refuse(node, "operands carry heads of different projections")
-        return sources[0]
+        reads = frozenset().union(*(s.reads for s in sources))
+        if any(s.caxis != first.caxis or s.entries is None for s in sources):
+            return replace(first, reads=reads).blurred()
+        if concat == first.caxis:
+            return replace(first, reads=reads, entries=sum((s.entries for s in sources), ()))
+        n = max(len(s.entries) for s in sources)
+        if any(len(s.entries) not in (1, n) for s in sources):
+            return replace(first, reads=reads).blurred()
+        entries = tuple(frozenset().union(*(s.entries[i % len(s.entries)] for s in sources)) for i in range(n))
+        return replace(first, reads=reads, entries=entries)
 
     def _back_elementwise(self, node, shape, axis, kind, rep_axis):
         nd = len(shape)
@@ -602,7 +701,7 @@ class _HeadWalk:
             raise _Refuse(node, "heads used as a mask")
         if not tracked:
             raise _Refuse(node, "no operand carries the heads")
-        return self._same([self.back(a, axis, kind, rep_axis) for a in tracked], node)
+        return self._merge([self.back(a, axis, kind, rep_axis) for a in tracked], node)
 
     def _back_expand(self, node, shape, axis, kind, rep_axis):
         src = node.args[0]
@@ -611,12 +710,14 @@ class _HeadWalk:
             raise _Refuse(node, "an expand that broadcasts along the head axis")
         self._edit(node, axis, kind, 1)
         if rep_axis is None:
-            return self.back(src, axis, kind, None)
-        rep = _static(shape[rep_axis])
-        if s[rep_axis] != 1 or rep is None:
-            raise _Refuse(node, "a repeat of key/value heads by a symbolic count")
-        span, dim, r = self.back(src, axis, kind, rep_axis)
-        return span, dim, r * rep
+            found = self.back(src, axis, kind, None)
+        else:
+            rep = _static(shape[rep_axis])
+            if s[rep_axis] != 1 or rep is None:
+                raise _Refuse(node, "a repeat of key/value heads by a symbolic count")
+            found = self.back(src, axis, kind, rep_axis)
+            found = replace(found, rep=found.rep * rep)
+        return found if found.caxis is None or s[found.caxis] == shape[found.caxis] else found.blurred()
 
     def _back_view(self, node, shape, axis, kind, rep_axis):
         src = node.args[0]
@@ -624,27 +725,28 @@ class _HeadWalk:
         nd = len(shape)
         if s == shape:  # a view to the same shape may still spell the head count out
             found = self.back(src, axis, kind, rep_axis)
-            self._edit(node, axis, kind, found[2] if kind == "kv" else 1)  # KV heads times a partial repeat
+            self._edit(node, axis, kind, found.rep if kind == "kv" else 1)  # KV heads times a partial repeat
             return found
         if rep_axis is None and len(s) == nd + 1 and s[:axis] + s[axis + 2:] == shape[:axis] + shape[axis + 1:]:
             # repeat_kv's merge [B, Hkv, n_rep, S, D] -> [B, Hkv * n_rep, S, D]: the entry
             # counts KV heads times the repeat (not the query heads: SDPA's enable_gqa may
             # take a partly repeated key/value)
-            span, dim, rep = self.back(src, axis, "kv", axis + 1)
-            self._edit(node, axis, "kv", rep)
-            return span, dim, rep
+            found = self.back(src, axis, "kv", axis + 1)
+            self._edit(node, axis, "kv", found.rep)
+            return found.moved(None if found.caxis is None else found.caxis - (found.caxis > axis))
         if rep_axis is None and axis == nd - 2 and len(s) == nd - 1 and s[:-1] == shape[:-2]:
-            dim, heads = _static(shape[-1]), _static(shape[-2])
-            if dim is None or heads is None or _static(s[-1]) != dim * heads:
+            width, heads = _static(shape[-1]), _static(shape[-2])
+            if width is None or heads is None or _static(s[-1]) != width * heads:
                 raise _Refuse(node, "a view into heads of symbolic size")
             self._edit(node, nd - 2, kind, 1)
-            return self._flat_back(src, 0), dim, 1
+            return _Source(self._flat_back(src, 0), width, 1, frozenset(range(width)), nd - 1,
+                           tuple(frozenset((c,)) for c in range(width)))
         if rep_axis is None and axis + 1 < nd and len(s) > axis + 1 and s[:axis + 1] == shape[:axis + 1]:
             # a view within each head, the dimensions up to the head axis as they were
             # (GPT-J's interleaved rotary: [.., H, D / 2, 2] -> [.., H, D])
             found = self.back(src, axis, kind, None)
-            self._edit(node, axis, kind, found[2] if kind == "kv" else 1)
-            return found
+            self._edit(node, axis, kind, found.rep if kind == "kv" else 1)
+            return found.blurred()
         raise _Refuse(node, f"a view {s} -> {shape} that does not split the last dimension into heads")
 
     def _edit(self, node, index, kind, factor):
@@ -824,23 +926,25 @@ def find_attention_heads(graph) -> list[AttentionHeads]:
                 continue
             (q, qa, qd), (k, ka, kd), (v, va, vd), kv_kind = found
             walk.role = "q"
-            q_span, q_dim, q_rep = walk.back(q, qa, "q")
+            q_src = walk.back(q, qa, "q")
             walk.role = "k"
-            k_span, k_dim, k_rep = walk.back(k, ka, kv_kind)
+            k_src = walk.back(k, ka, kv_kind)
             walk.role = "v"
-            v_span, v_dim, v_rep = walk.back(v, va, kv_kind)
+            v_src = walk.back(v, va, kv_kind)
             nq, nk = _static(_shape(q)[qa]), _static(_shape(k)[ka])
-            if nq is None or nk is None:
-                raise _Refuse(node, "a symbolic number of heads")
-            if q_rep != 1 or k_rep != v_rep or k_dim != q_dim or k_span.producer is v_span.producer and k_span.offset == v_span.offset:
+            q_dim, k_dim, v_dim = _static(_shape(q)[qd]), _static(_shape(k)[kd]), _static(_shape(v)[vd])
+            if None in (nq, nk, q_dim, v_dim):
+                raise _Refuse(node, "a symbolic number or width of heads")
+            if q_src.rep != 1 or k_src.rep != v_src.rep or k_dim != q_dim:
                 raise _Refuse(node, "query heads repeated, or keys and values repeated differently")
-            n_kv = nk // k_rep
-            if nq % n_kv or (kv_kind == "q" and k_rep * n_kv != nq):
+            n_kv = nk // k_src.rep
+            if nq % n_kv or (kv_kind == "q" and k_src.rep * n_kv != nq):
                 raise _Refuse(node, f"{nq} query heads do not divide into {n_kv} key/value heads")
-            heads.q = Span(q_span.producer, q_span.offset, nq * q_dim)
-            heads.k = Span(k_span.producer, k_span.offset, n_kv * k_dim)
-            heads.v = Span(v_span.producer, v_span.offset, n_kv * v_dim)
+            heads.q, heads.k, heads.v = (HeadBlock(src.span.producer, src.span.offset, n * src.stride, src.stride,
+                                                   tuple(sorted(src.reads)))
+                                         for src, n in ((q_src, nq), (k_src, n_kv), (v_src, n_kv)))
             heads.num_heads, heads.num_kv_heads, heads.head_dim, heads.v_head_dim = nq, n_kv, q_dim, v_dim
+            _check_blocks([heads.q, heads.k, heads.v], node)
             walk.region.add(node)
             walk.forward(node, 1, heads.consumers)
             if not heads.consumers:
@@ -854,7 +958,6 @@ def find_attention_heads(graph) -> list[AttentionHeads]:
                         raise _Refuse(user, f"reads {n.name!r}, a value that carries the attention's heads, from outside the attention")
             heads.cache_outputs.sort(key=lambda c: order[c.node])  # the region is a set: graph order, every run
             heads.cache_inputs = walk.cache_inputs
-            _check_disjoint([heads.q, heads.k, heads.v], node)
         except _Refuse as e:
             heads.refused = str(e)
         heads.shape_edits, heads.region = list(dict.fromkeys(walk.edits)), walk.region
@@ -862,8 +965,15 @@ def find_attention_heads(graph) -> list[AttentionHeads]:
     return out
 
 
-def _check_disjoint(spans: list[Span], node) -> None:
-    for i, a in enumerate(spans):
-        for b in spans[i + 1:]:
-            if a.producer is b.producer and a.offset < b.offset + b.size and b.offset < a.offset + a.size:
+def _check_blocks(blocks: list[HeadBlock], node) -> None:
+    """q, k and v read rows of their own, or share blocks (one per head, the
+    same heads) reading different channels of each."""
+    for i, a in enumerate(blocks):
+        for b in blocks[i + 1:]:
+            if a.shares_block(b):
+                if a.size != b.size:
+                    raise _Refuse(node, "query and key/value heads share blocks of a projection's rows but differ in number")
+                if set(a.channels) & set(b.channels):
+                    raise _Refuse(node, "query, key and value read the same rows of one projection")
+            elif a.producer is b.producer and a.offset < b.offset + b.size and b.offset < a.offset + a.size:
                 raise _Refuse(node, "query, key and value read overlapping rows of one projection")
