@@ -258,6 +258,8 @@ def keep_channels(graph, deps, kept=(), heads=(), suffix: str = "shrunk") -> Non
         _count_heads(attn, len(q), len(kv))
         for cache in attn.cache_inputs:
             _keep_input_heads(graph, cache, q if cache.kind == "q" else kv)
+        for operand in attn.head_operands:
+            _read_heads(graph, operand, q if operand.kind == "q" else kv, suffix)
     for node, pieces in deps.pieces.items():
         _resize(node, pieces, keep_rows)
 
@@ -281,6 +283,24 @@ def _count_heads(attn, n_q: int, n_kv: int) -> None:
                 if i != edit.index and entry == attn.group and source[i] == 1:
                     shape[i] = n_q // n_kv
         edit.node.args = (edit.node.args[0], shape, *edit.node.args[2:])
+
+
+def _read_heads(graph, operand, heads, suffix: str) -> None:
+    """``operand.user`` reads the values of ``heads`` alone of its per-head
+    operand: a constant's are taken now, a computed one's are selected by an
+    ``index_select`` before the user (the operand may have other readers)."""
+    index = torch.as_tensor(list(heads), dtype=torch.long)
+    if graph.constant(operand.node) is not None and isinstance(operand.index, int):
+        return _take(graph, operand.user, operand.index, index, operand.axis, suffix)
+    with graph.fx.inserting_before(operand.user):
+        chosen = graph.fx.call_function(aten.index_select.default, (
+            operand.node, operand.axis, graph.add_constant(index, f"{operand.user.name}.heads.{suffix}")))
+    if isinstance(operand.index, int):
+        args = list(operand.user.args)
+        args[operand.index] = chosen
+        operand.user.args = tuple(args)
+    else:
+        operand.user.kwargs = {**operand.user.kwargs, operand.index: chosen}
 
 
 def _keep_input_heads(graph, cache, heads) -> None:

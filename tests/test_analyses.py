@@ -231,7 +231,8 @@ def test_a_pass_called_directly_drops_what_it_does_not_preserve(encoder_graph):
 class HeadAttention(torch.nn.Module):
     """Four heads of 8 over a 32-wide stream; ``kv_heads`` < 4 repeats keys and
     values as Llama's repeat_kv does. ``form``: 'sdpa', 'eager', 'per-head-bias'
-    (scores plus a constant per head, as ALiBi), 'leak' (the queries are an output
+    (scores plus a constant per head, as ALiBi), 'position-bias' (scores plus a bias per
+    head and position pair computed from the sequence length, as T5's relative bias), 'leak' (the queries are an output
     too), 'cache' (keys and values concatenated with one cache read from an input),
     'kv-cache' (a decode step: keys and values each concatenated with their own cache input, and returned),
     'head-norm' (q and k normalized per head, as Qwen3's q_norm / k_norm), 'soft-cap' (eager scores
@@ -286,12 +287,15 @@ class HeadAttention(torch.nn.Module):
         if self.kv != 4:
             k = k[:, :, None].expand(b, self.kv, 4 // self.kv, -1, 8).reshape(b, 4, -1, 8)
             v = v[:, :, None].expand(b, self.kv, 4 // self.kv, -1, 8).reshape(b, 4, -1, 8)
-        if self.form not in ("eager", "per-head-bias", "soft-cap"):
+        if self.form not in ("eager", "per-head-bias", "position-bias", "soft-cap"):
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(8)
             if self.form == "per-head-bias":
                 scores = scores + self.slopes
+            if self.form == "position-bias":
+                distance = (torch.arange(s)[None, :] - torch.arange(s)[:, None]).float()
+                scores = scores + self.slopes * distance  # [4, S, S]
             if self.form == "soft-cap":
                 scores = torch.tanh(scores / 2.0) * 2.0
             out = torch.softmax(scores, -1) @ v
@@ -331,19 +335,24 @@ def test_heads_are_followed_from_the_projections_through_attention_to_the_output
 
 
 # Ops within each head: a per-head norm, a soft cap of the scores, a rotation of each head's
-# channel pairs. Removing a key/value group whose output columns are zero changes nothing.
-@pytest.mark.parametrize("form", ["head-norm", "soft-cap", "interleaved-rotary"])
+# channel pairs, a bias of the scores per head (a constant, or computed: its kept heads are
+# selected). Removing a key/value group whose output columns are zero changes nothing.
+@pytest.mark.parametrize("form", ["head-norm", "soft-cap", "interleaved-rotary", "per-head-bias", "position-bias"])
 def test_heads_are_followed_through_ops_within_each_head(form):
     module = HeadAttention(kv_heads=2, form=form).eval()
     graph, deps = head_analysis(module, X)
     (heads,) = deps.attentions
     assert heads.refused is None, heads.refused
     assert (heads.num_heads, heads.num_kv_heads, heads.q.size, heads.k.size) == (4, 2, 32, 16)
+    # the bias of the [B, 4, S, S] scores: [4, 1, 1] or [4, S, S], one value per query head along axis 0
+    assert [(op.axis, op.kind) for op in heads.head_operands] == ([(0, "q")] if "bias" in form else [])
     with torch.no_grad():
         module.o.weight[:, 16:] = 0.0  # KV group 1: query heads 2 and 3
     graph = PassManager("canonicalize,dce").run(fxopt.trace(module, (X,))).graph
     shrunk = PassManager("shrink(ratio=0,heads=0.5)").run(graph)
     assert shrunk.records[0].stats["heads_removed"] == 2
+    selects = [n for n in shrunk.graph.fx.nodes if n.target == aten.index_select.default]
+    assert len(selects) == (form == "position-bias")  # a constant bias is cut at once
     want = module(X)
     for backend in ("eager", "onnxruntime"):
         assert fxopt.compare(want, fxopt.compile(shrunk.graph, backend)(X)).within(1e-5), backend
@@ -412,7 +421,6 @@ def _gpt2_tiny():
 
 
 @pytest.mark.parametrize("form, node, why", [
-    ("per-head-bias", "add", "its own value per head"),
     ("leak", "output", "from outside the attention"),
     ("cache", "cat", "besides its concatenation"),  # one input for keys and values
     ("cross-head-norm", "mul", "does not carry the heads along axis 1"),  # the norm over heads is one value for all

@@ -109,6 +109,19 @@ def gpt_neox():
     return hf_spec(transformers.GPTNeoXForCausalLM(cfg), 256, "gpt-neox", mask=True, max_len=128)
 
 
+def mpt():
+    """MPT: ALiBi, a bias of the scores per head (each rank keeps its heads' slopes)."""
+    cfg = transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=128, use_cache=False,
+                                 bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return hf_spec(transformers.MptForCausalLM(cfg), 256, "mpt", mask=True, max_len=64)
+
+
+def t5_encoder():
+    """T5's encoder: a relative position bias per head, computed once from an embedding table and read by every layer."""
+    cfg = transformers.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=256)
+    return hf_spec(transformers.T5EncoderModel(cfg), 256, "t5-encoder", mask=True, max_len=128)
+
+
 def gpt2_odd_vocabulary():
     """GPT-2's own vocabulary (50257) is odd, as this one is: no world size divides it."""
     return fxopt.models.gpt2("tiny", vocab_size=255)
@@ -116,8 +129,8 @@ def gpt2_odd_vocabulary():
 
 # A built-in model's name, or a factory of a ModelSpec.
 MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny", "phi3": phi3, "gemma": gemma, "qwen3": qwen3, "gemma2": gemma2,
-          "gptj": gptj, "gpt-neox": gpt_neox}
-ENCODERS = {"bert": "bert-tiny"}
+          "gptj": gptj, "gpt-neox": gpt_neox, "mpt": mpt}
+ENCODERS = {"bert": "bert-tiny", "t5-encoder": t5_encoder}
 ODD = {"gpt2-odd-vocabulary": gpt2_odd_vocabulary}  # no LM head: the hidden states are the output
 
 
@@ -178,13 +191,15 @@ def test_two_ranks_match_the_model(name):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-# An encoder with a padding mask (broadcast over the heads) splits the same way.
-def test_encoder_with_mask():
-    spec, _ = spec_and_graph("bert")
-    ranks = split("bert", 2)
+# An encoder with a padding mask (broadcast over the heads) splits the same way; T5's
+# position bias, one value per head, is read for the rank's heads only.
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_encoder_with_mask(name):
+    spec, _ = spec_and_graph(name)
+    ranks = split(name, 2)
     assert all(all_reduce_count(g) == 2 * LAYERS and not any(n.target == ALL_GATHER for n in g.fx.nodes) for g in ranks)
     want = tree_leaves(reference(spec))[0]
-    for got in logits(2)["bert"]:
+    for got in logits(2)[name]:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -71,8 +71,11 @@ that keep their dimensions (a norm of each head's channels: Qwen3's
 (``rotate_half``, a head's block split into q, k and v: each value's
 channels are followed to the block channels they read),
 ``repeat_kv`` (``unsqueeze``, ``expand``, ``clone``, ``reshape``), and
-``enable_gqa``. Anything else refuses the attention (``refused`` names the
-node): an operand with its own value per head (ALiBi), a graph input that
+``enable_gqa``. An operand no projection computes with its own value per
+head (ALiBi's slopes, T5's and MPNet's relative position bias, a mask per
+head) is a :class:`HeadOperand` in ``head_operands``: a split or a shrink
+selects its heads where it is read. Anything else refuses the attention
+(``refused`` names the node): such an operand within ``repeat_kv``, a graph input that
 joins the queries or is read other than by its concatenation, a value in the
 region read from outside it (a graph output of queries), fxopt's fused
 attention ops (shrink and split before ``fuse-attention`` / ``pack-attention``).
@@ -368,6 +371,23 @@ class ShapeEdit:
 
 
 @dataclass(frozen=True)
+class HeadOperand:
+    """Operand ``index`` of ``user`` (a position in its args, or the name of a
+    keyword) holds one value per head along its axis ``axis``, counting the
+    heads of ``kind`` ('q' or 'kv'); no projection computes it. Keeping some
+    heads means reading only theirs: ``index_select`` along ``axis``."""
+
+    user: fx.Node
+    index: int | str
+    axis: int
+    kind: str
+
+    @property
+    def node(self) -> fx.Node:
+        return self.user.args[self.index] if isinstance(self.index, int) else self.user.kwargs[self.index]
+
+
+@dataclass(frozen=True)
 class CacheTensor:
     """A key/value cache tensor of an attention: a graph input concatenated
     with the new keys or values, or a graph output returning them. Its heads
@@ -454,6 +474,7 @@ class AttentionHeads:
     # the key/value cache read from graph inputs and returned as graph outputs (generation's decode step)
     cache_inputs: list[CacheTensor] = field(default_factory=list)
     cache_outputs: list[CacheTensor] = field(default_factory=list)
+    head_operands: list[HeadOperand] = field(default_factory=list)
 
     @property
     def has_cache(self) -> bool:
@@ -537,6 +558,7 @@ class _HeadWalk:
         # node -> {(role, axis, kind, rep_axis)}: how each value on the walk carries heads
         self.carriers: dict[fx.Node, set] = {}
         self.cache_inputs: list[CacheTensor] = []
+        self.head_operands: list[HeadOperand] = []
 
     # -- backward: a value that carries heads along ``axis`` ----------------------------
     def back(self, node: fx.Node, axis: int, kind: str, rep_axis: int | None = None) -> _Source:
@@ -696,7 +718,9 @@ class _HeadWalk:
                 if a in tracked and (len(s) != nd or s[ax] != shape[ax]):
                     raise _Refuse(node, f"operand {a.name!r} of shape {s} does not carry the heads along axis {ax}")
                 if a not in tracked and aligned >= 0 and s[aligned] != 1:
-                    raise _Refuse(node, f"operand {a.name!r} has its own value per head (shape {s}), not a head-wise broadcast")
+                    if ax == rep_axis:
+                        raise _Refuse(node, f"operand {a.name!r} has its own value per repeated key/value head (shape {s})")
+                    self.head_operands.append(HeadOperand(node, node.args.index(a), aligned, kind))
         if node.target == aten.masked_fill.Scalar and node.args[0] not in tracked:
             raise _Refuse(node, "heads used as a mask")
         if not tracked:
@@ -848,7 +872,7 @@ def _attention_inputs(node: fx.Node, walk: _HeadWalk):
             if mask in walk.computed:
                 raise _Refuse(node, "a mask computed from projections")
             if len(ms) >= 3 and ms[-3] != 1:
-                raise _Refuse(node, f"a mask with its own value per head (shape {ms})")
+                walk.head_operands.append(HeadOperand(node, 3 if len(node.args) > 3 else "attn_mask", len(ms) - 3, "q"))
         gqa = bool(node.kwargs.get("enable_gqa", False))
         return (q, 1, 3), (k, 1, 3), (v, 1, 3), "kv" if gqa else "q"
     # eager: matmul(probs, v), probs = softmax(scores) (through casts, masks and scales), scores = q @ kt
@@ -875,7 +899,7 @@ def _attention_inputs(node: fx.Node, walk: _HeadWalk):
                 ms = _shape(a)
                 aligned = 1 - (len(shape) - len(ms))  # the head axis of [B, H, S, T] scores
                 if aligned >= 0 and ms[aligned] != 1:
-                    raise _Refuse(s, f"operand {a.name!r} has its own value per head (shape {ms})")
+                    walk.head_operands.append(HeadOperand(s, s.args.index(a), aligned, "q"))
         tracked = [a for a in s.args if isinstance(a, fx.Node) and a in walk.computed]
         if len(tracked) != 1:
             raise _Refuse(s, "scores combined with another computed tensor")
@@ -958,6 +982,12 @@ def find_attention_heads(graph) -> list[AttentionHeads]:
                         raise _Refuse(user, f"reads {n.name!r}, a value that carries the attention's heads, from outside the attention")
             heads.cache_outputs.sort(key=lambda c: order[c.node])  # the region is a set: graph order, every run
             heads.cache_inputs = walk.cache_inputs
+            heads.head_operands = list(dict.fromkeys(walk.head_operands))
+            for op in heads.head_operands:
+                size, want = _shape(op.node)[op.axis], heads.count(op.kind, n_kv)
+                if _static(size) != want:
+                    raise _Refuse(op.user, f"operand {op.node.name!r} has {size} values along its axis {op.axis}, "
+                                           f"not one per head ({want})")
         except _Refuse as e:
             heads.refused = str(e)
         heads.shape_edits, heads.region = list(dict.fromkeys(walk.edits)), walk.region
