@@ -414,6 +414,20 @@ def test_merged_qkv_gives_three_spans_of_one_projection():
     assert (heads.num_heads, heads.num_kv_heads, heads.head_dim) == (4, 4, 16)
 
 
+# Multi-query attention as GPT-BigCode writes it: [B, S, 96] -> [B, 1, S, 96] split into
+# 64 query channels (4 heads) and one key and one value head of 16.
+def test_one_key_value_head_cut_after_the_queries():
+    import transformers
+
+    cfg = transformers.GPTBigCodeConfig(n_embd=64, n_layer=1, n_head=4, vocab_size=64, n_positions=32, use_cache=False)
+    graph, deps = head_analysis(transformers.GPTBigCodeModel(cfg).eval(), torch.randint(0, 64, (2, 5)))
+    (heads,) = deps.attentions
+    assert heads.refused is None, heads.refused
+    assert (heads.num_heads, heads.num_kv_heads, heads.head_dim) == (4, 1, 16)
+    assert [(b.offset, b.size, b.stride) for b in (heads.q, heads.k, heads.v)] == [(0, 64, 16), (64, 16, 16), (80, 16, 16)]
+    assert heads.k.producer is heads.q.producer
+
+
 def _gpt2_tiny():
     from conftest import base_graph
 

@@ -264,7 +264,8 @@ def test_compensation_with_no_head_removed_changes_nothing():
 
 def _gqa(wq, wk, wv, wo, heads, kv_heads, bias=None):
     """Grouped-query attention written as Llama writes it (repeat_kv's expand and reshape),
-    on weights given as closed-over constants; ``bias``: a constant per head added to the scores."""
+    on weights given as closed-over constants; ``bias``: added to the scores, a constant per
+    head or a function of the input."""
     def attention(x):
         b, s, _ = x.shape
         q = F.linear(x, wq).view(b, s, heads, 8).transpose(1, 2)
@@ -275,7 +276,7 @@ def _gqa(wq, wk, wv, wo, heads, kv_heads, bias=None):
         if bias is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            out = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5 + bias, -1) @ v
+            out = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5 + (bias(x) if callable(bias) else bias), -1) @ v
         return F.linear(out.transpose(1, 2).reshape(b, s, heads * 8), wo)
     return attention
 
@@ -296,15 +297,24 @@ def test_shrink_heads_before_and_expected():
     assert_rewrites_to("canonicalize,shrink(ratio=0,heads=0.5)", _gqa(WQ, WK, WV, WO, 8, 4), (XH,), expected, constant_values=True)
 
 
-def test_shrink_leaves_heads_with_their_own_score_bias():
-    # an ALiBi-like constant per head: the analysis does not follow it, so nothing is removed
+def test_shrink_heads_with_their_own_score_bias():
+    # an ALiBi-like constant per head: the kept heads keep their values of it
     per_head = torch.randn(8, 1, 1, generator=_g)
-    result = assert_unchanged("shrink(ratio=0,heads=0.5)", _gqa(WQ, WK, WV, WO, 8, 4, per_head), (XH,), prepare="canonicalize")
-    refused = result.records[0].stats["refused"]
-    why = refused["matmul_1"]  # a refused attention is named by its node: the value matmul
-    assert why.startswith("node 'add") and "its own value per head" in why
-    with pytest.raises(PassError, match=r"include='q' selects no shrinkable channel group or attention.*its own value per head"):
-        fxopt.PassManager("canonicalize,shrink(ratio=0,heads=0.5,include=q)").run(graph_of(_gqa(WQ, WK, WV, WO, 8, 4, per_head), (XH,)))
+    expected = _gqa(_rows(WQ, [0, 1, 4, 5]), _rows(WK, [0, 2]), _rows(WV, [0, 2]), _rows(WO.T, [0, 1, 4, 5]).T, 4, 2,
+                    per_head[[0, 1, 4, 5]])
+    assert_rewrites_to("canonicalize,shrink(ratio=0,heads=0.5)", _gqa(WQ, WK, WV, WO, 8, 4, per_head), (XH,), expected,
+                       constant_values=True)
+
+
+def test_shrink_leaves_heads_whose_scores_read_another_projection():
+    # a bias per head and position computed by a linear from the input: not the heads' own
+    wb = torch.randn(8, 32, generator=_g)
+    model = _gqa(WQ, WK, WV, WO, 8, 4, lambda x: F.linear(x, wb).transpose(1, 2)[..., None])
+    result = assert_unchanged("shrink(ratio=0,heads=0.5)", model, (XH,), prepare="canonicalize")
+    why = result.records[0].stats["refused"]["matmul_1"]  # a refused attention is named by its node: the value matmul
+    assert why.startswith("node 'add") and "scores combined with another computed tensor" in why
+    with pytest.raises(PassError, match=r"include='q' selects no shrinkable channel group or attention.*another computed tensor"):
+        fxopt.PassManager("canonicalize,shrink(ratio=0,heads=0.5,include=q)").run(graph_of(model, (XH,)))
 
 
 def _partly_repeated(wq, wk, wv, wo, heads, kv_heads):

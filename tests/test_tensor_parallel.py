@@ -109,6 +109,13 @@ def gpt_neox():
     return hf_spec(transformers.GPTNeoXForCausalLM(cfg), 256, "gpt-neox", mask=True, max_len=128)
 
 
+def gpt_bigcode():
+    """GPT-BigCode: multi-query attention, one key/value head cut from the QKV projection after the queries."""
+    cfg = transformers.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128, use_cache=False,
+                                        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return hf_spec(transformers.GPTBigCodeForCausalLM(cfg), 256, "gpt-bigcode", mask=True, max_len=64)
+
+
 def mpt():
     """MPT: ALiBi, a bias of the scores per head (each rank keeps its heads' slopes)."""
     cfg = transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=128, use_cache=False,
@@ -129,7 +136,7 @@ def gpt2_odd_vocabulary():
 
 # A built-in model's name, or a factory of a ModelSpec.
 MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny", "phi3": phi3, "gemma": gemma, "qwen3": qwen3, "gemma2": gemma2,
-          "gptj": gptj, "gpt-neox": gpt_neox, "mpt": mpt}
+          "gptj": gptj, "gpt-neox": gpt_neox, "gpt-bigcode": gpt_bigcode, "mpt": mpt}
 ENCODERS = {"bert": "bert-tiny", "t5-encoder": t5_encoder}
 ODD = {"gpt2-odd-vocabulary": gpt2_odd_vocabulary}  # no LM head: the hidden states are the output
 

@@ -225,6 +225,8 @@ class _Walk:
             return self.refuse(span, user, "read as a weight or bias, or by a linear whose weight is not a constant")
         if t in _UNARY and user.args[0] is node and not any(isinstance(a, fx.Node) for a in list(user.args[1:]) + list(user.kwargs.values())):
             return self._follow(user, span, seen)
+        if t == aten.unsqueeze.default and not _is_last_dim(user, 1, default=0, of_output=True):
+            return self._follow(user, span, seen)  # GPT-BigCode's [B, S, C] -> [B, 1, S, C]
         if t in _BINARY and len(user.args) == 2 and not user.kwargs:
             other = user.args[1] if user.args[0] is node else user.args[0]
             const = self.graph.constant(other) if isinstance(other, fx.Node) else None
@@ -262,9 +264,9 @@ class _Walk:
         return self.refuse(span, user, "the analysis cannot follow channels through this op")
 
 
-def _is_last_dim(user: fx.Node, index: int, default: int) -> bool:
+def _is_last_dim(user: fx.Node, index: int, default: int, of_output: bool = False) -> bool:
     dim = user.args[index] if len(user.args) > index else user.kwargs.get("dim", default)
-    val = user.args[0].meta.get("val")
+    val = (user if of_output else user.args[0]).meta.get("val")
     return isinstance(dim, int) and isinstance(val, torch.Tensor) and dim % val.dim() == val.dim() - 1
 
 
@@ -632,6 +634,13 @@ class _HeadWalk:
             return self._merge([self.back(x, inner[0], kind, inner[1]) for x in node.args[0]], node).blurred()
         if t == aten.unsqueeze.default:
             d = _dim(node.args[1], nd)
+            if d == axis and rep_axis is None and d != nd - 1:
+                # one head of the whole width (GPT-BigCode's multi-query keys and values: [B, S, C] -> [B, 1, S, C])
+                width = _static(shape[-1])
+                if width is None:
+                    raise _Refuse(node, "a head of symbolic width")
+                return _Source(self._flat_back(a0, 0), width, 1, frozenset(range(width)), nd - 1,
+                               tuple(frozenset((c,)) for c in range(width)))
             if d == axis:
                 raise _Refuse(node, "an unsqueeze at the head axis")
             if d == rep_axis:  # repeat_kv's new axis: the repeat was counted at its expand
@@ -758,7 +767,7 @@ class _HeadWalk:
             found = self.back(src, axis, "kv", axis + 1)
             self._edit(node, axis, "kv", found.rep)
             return found.moved(None if found.caxis is None else found.caxis - (found.caxis > axis))
-        if rep_axis is None and axis == nd - 2 and len(s) == nd - 1 and s[:-1] == shape[:-2]:
+        if rep_axis is None and axis == nd - 2 and [d for d in s[:-1] if d != 1] == [d for d in shape[:-2] if d != 1]:
             width, heads = _static(shape[-1]), _static(shape[-2])
             if width is None or heads is None or _static(s[-1]) != width * heads:
                 raise _Refuse(node, "a view into heads of symbolic size")
@@ -804,9 +813,9 @@ class _HeadWalk:
             if not isinstance(start, int) or start < 0 or step != 1:
                 raise _Refuse(node, "a slice with a symbolic or negative start or a step")
             return self._flat_back(node.args[0], offset + start)
-        if t in _SAME or (t in _UNARY | _BINARY and not any(isinstance(a, fx.Node) for a in node.args[1:])):
+        if t in _SAME or (t in _UNARY | _BINARY and not any(isinstance(a, fx.Node) for a in node.args[1:])) or (
+                t == aten.unsqueeze.default and _dim(node.args[1], nd) != nd - 1):
             return self._flat_back(node.args[0], offset)
-        del nd
         raise _Refuse(node, "the analysis cannot follow a projection's channels into heads through this op")
 
     # -- forward: from the attention's output ``[B, H, S, D]`` to the consumers -----------
@@ -964,9 +973,7 @@ def find_attention_heads(graph) -> list[AttentionHeads]:
             n_kv = nk // k_src.rep
             if nq % n_kv or (kv_kind == "q" and k_src.rep * n_kv != nq):
                 raise _Refuse(node, f"{nq} query heads do not divide into {n_kv} key/value heads")
-            heads.q, heads.k, heads.v = (HeadBlock(src.span.producer, src.span.offset, n * src.stride, src.stride,
-                                                   tuple(sorted(src.reads)))
-                                         for src, n in ((q_src, nq), (k_src, n_kv), (v_src, n_kv)))
+            heads.q, heads.k, heads.v = (_block(src, n) for src, n in ((q_src, nq), (k_src, n_kv), (v_src, n_kv)))
             heads.num_heads, heads.num_kv_heads, heads.head_dim, heads.v_head_dim = nq, n_kv, q_dim, v_dim
             _check_blocks([heads.q, heads.k, heads.v], node)
             walk.region.add(node)
@@ -993,6 +1000,16 @@ def find_attention_heads(graph) -> list[AttentionHeads]:
         heads.shape_edits, heads.region = list(dict.fromkeys(walk.edits)), walk.region
         out.append(heads)
     return out
+
+
+def _block(src: _Source, heads: int) -> HeadBlock:
+    """The rows of ``heads`` heads of ``src``: a lone head's block is the rows it reads
+    (GPT-BigCode's one key head is a piece of the projection's channels, after the queries)."""
+    channels = sorted(src.reads)
+    if heads == 1 and channels:
+        lo, hi = channels[0], channels[-1] + 1
+        return HeadBlock(src.span.producer, src.span.offset + lo, hi - lo, hi - lo, tuple(c - lo for c in channels))
+    return HeadBlock(src.span.producer, src.span.offset, heads * src.stride, src.stride, tuple(channels))
 
 
 def _check_blocks(blocks: list[HeadBlock], node) -> None:
