@@ -240,8 +240,10 @@ class HeadAttention(torch.nn.Module):
     and a view within each head), 'width-norm' (q normalized over all heads together, as OLMo2's
     q_norm), 'cross-head-norm' (over the heads axis and each head's channels), 'per-head-qkv'
     (GPT-NeoX's layout: one projection holding each head's q, k and v together, a block of 24 rows
-    per head, split after the view into heads) and 'overlapping-qkv' (that layout with q and k
-    reading overlapping channels of each block)."""
+    per head, split after the view into heads), 'overlapping-qkv' (that layout with q and k
+    reading overlapping channels of each block), 'split-heads' (Falcon's multi-query layout: one
+    projection viewed as 6 heads, split along the heads into 4 query heads, one key and one value
+    head) and 'split-counted-heads' (that, with the view spelling out the 6)."""
 
     def __init__(self, kv_heads=4, form="sdpa"):
         super().__init__()
@@ -253,6 +255,8 @@ class HeadAttention(torch.nn.Module):
         self.register_buffer("slopes", torch.arange(1.0, 5.0).view(4, 1, 1))
         if form in ("per-head-qkv", "overlapping-qkv"):
             self.qkv = torch.nn.Linear(32, 96)
+        if form in ("split-heads", "split-counted-heads"):
+            self.qkv = torch.nn.Linear(32, 48)
 
     def forward(self, x, cache=None, past_v=None):
         b, s, _ = x.shape
@@ -262,6 +266,10 @@ class HeadAttention(torch.nn.Module):
                 q, k, v = blocks.split(8, -1)
             else:
                 q, k, v = blocks[..., 0:8], blocks[..., 4:12], blocks[..., 16:24]
+        elif self.form in ("split-heads", "split-counted-heads"):
+            heads = self.qkv(x).view(b, s, -1 if self.form == "split-heads" else 6, 8)
+            q, k, v = (t.transpose(1, 2) for t in heads.split([4, 1, 1], dim=2))
+            k, v = (t[:, :, None].expand(b, 1, 4, s, 8).reshape(b, 4, s, 8) for t in (k, v))
         else:
             q = self.q(x)
             if self.form == "width-norm":
@@ -412,6 +420,21 @@ def test_merged_qkv_gives_three_spans_of_one_projection():
     assert heads.q.producer is heads.k.producer is heads.v.producer
     assert [(s.offset, s.size) for s in (heads.q, heads.k, heads.v)] == [(0, 64), (64, 64), (128, 64)]
     assert (heads.num_heads, heads.num_kv_heads, heads.head_dim) == (4, 4, 16)
+
+
+# Multi-query attention as Falcon writes it: the 6 heads of one projection split along the
+# heads into 4 query heads and one key and one value head, the split's sizes counting them.
+def test_heads_split_along_the_head_axis():
+    graph, deps = head_analysis(HeadAttention(form="split-heads"), X)
+    (heads,) = deps.attentions
+    assert heads.refused is None, heads.refused
+    assert (heads.num_heads, heads.num_kv_heads, heads.head_dim) == (4, 1, 8)
+    assert [(b.offset, b.size, b.stride) for b in (heads.q, heads.k, heads.v)] == [(0, 32, 8), (32, 8, 8), (40, 8, 8)]
+    split = next(n for n in graph.fx.nodes if n.target == aten.split_with_sizes.default)
+    assert sorted((e.index, e.kind) for e in heads.shape_edits if e.node is split) == [(0, "q"), (1, "kv"), (2, "kv")]
+    _, deps = head_analysis(HeadAttention(form="split-counted-heads"), X)
+    (heads,) = deps.attentions
+    assert heads.refused.startswith("node 'split_with_sizes'") and "left to the view (-1)" in heads.refused, heads.refused
 
 
 # Multi-query attention as GPT-BigCode writes it: [B, S, 96] -> [B, 1, S, 96] split into

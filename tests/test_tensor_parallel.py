@@ -116,6 +116,13 @@ def gpt_bigcode():
     return hf_spec(transformers.GPTBigCodeForCausalLM(cfg), 256, "gpt-bigcode", mask=True, max_len=64)
 
 
+def falcon():
+    """Falcon (7B's layout): [B, S, H + 2, D] split along the heads into the queries, one key and one value head."""
+    cfg = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+                                    use_cache=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return hf_spec(transformers.FalconForCausalLM(cfg), 256, "falcon", mask=True, max_len=64)
+
+
 def mpt():
     """MPT: ALiBi, a bias of the scores per head (each rank keeps its heads' slopes)."""
     cfg = transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=128, use_cache=False,
@@ -136,7 +143,8 @@ def gpt2_odd_vocabulary():
 
 # A built-in model's name, or a factory of a ModelSpec.
 MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny", "phi3": phi3, "gemma": gemma, "qwen3": qwen3, "gemma2": gemma2,
-          "gptj": gptj, "gpt-neox": gpt_neox, "gpt-bigcode": gpt_bigcode, "mpt": mpt}
+          "gptj": gptj, "gpt-neox": gpt_neox, "gpt-bigcode": gpt_bigcode, "falcon": falcon,
+          "mpt": mpt}
 ENCODERS = {"bert": "bert-tiny", "t5-encoder": t5_encoder}
 ODD = {"gpt2-odd-vocabulary": gpt2_odd_vocabulary}  # no LM head: the hidden states are the output
 

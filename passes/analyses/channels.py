@@ -607,6 +607,8 @@ class _HeadWalk:
         if t is operator.getitem and isinstance(a0, fx.Node) and a0.target in _SPLITS:
             self.region.add(a0)
             d = _dim(a0.args[2] if len(a0.args) > 2 else a0.kwargs.get("dim", 0), nd)
+            if d == axis and rep_axis is None:
+                return self._back_head_split(node, axis, kind)
             if d in (axis, rep_axis):
                 raise _Refuse(a0, "a split of the head axis")
             found = self.back(a0.args[0], axis, kind, rep_axis)
@@ -655,6 +657,23 @@ class _HeadWalk:
         if t in _REDUCTIONS:
             return self._back_reduction(node, axis, kind, rep_axis)
         raise _Refuse(node, "the analysis cannot follow attention heads through this op")
+
+    def _back_head_split(self, piece, axis, kind) -> _Source:
+        """A piece of a split of the head axis: Falcon's ``[B, S, H + 2, D]``
+        split into ``H`` query heads, one key and one value head. The piece's
+        heads are blocks further into the projection; its size counts them."""
+        split, index = piece.args[0], piece.args[1]
+        head_view = split.args[0]
+        while head_view.target in _SAME or head_view.target == aten.transpose.int:
+            head_view = head_view.args[0]
+        if split.target != aten.split_with_sizes.default or head_view.target not in _VIEWS \
+                or _shape(head_view)[-2] != _shape(split.args[0])[axis] or head_view.args[1][-2] != -1:
+            raise _Refuse(split, "a split of the head axis other than into pieces of a view into heads whose count "
+                                 "is left to the view (-1)")
+        found = self.back(split.args[0], axis, kind, None)
+        self._edit(split, index, kind, 1)
+        start = sum(int(x) for x in split.args[1][:index])
+        return replace(found, span=Span(found.span.producer, found.span.offset + start * found.stride, 0))
 
     def _back_reduction(self, node, axis, kind, rep_axis):
         """A reduction that keeps its dimensions and leaves the head axis
