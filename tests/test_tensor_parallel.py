@@ -63,77 +63,67 @@ def run_ranks(n: int, cases: dict, timeout: float = 120) -> dict:
     return {name: [torch.from_numpy(results[r][name]) for r in range(n)] for name in cases}
 
 
+def _hf(config: str, model: str, name: str, *, mask: bool = True, max_len: int = 128, **cfg):
+    """A tiny Hugging Face model with random weights, no cache and no special tokens."""
+    c = getattr(transformers, config)(use_cache=False, pad_token_id=None, bos_token_id=None, eos_token_id=None, **cfg)
+    return hf_spec(getattr(transformers, model)(c), 256, name, mask=mask, max_len=max_len)
+
+
+DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+               max_position_embeddings=128)
+
+
 def phi3():
-    cfg = transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=4, vocab_size=256, max_position_embeddings=128, use_cache=False,
-                                  pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    return hf_spec(transformers.Phi3ForCausalLM(cfg), 256, "phi3", mask=False, max_len=128)
+    return _hf("Phi3Config", "Phi3ForCausalLM", "phi3", mask=False, num_key_value_heads=4, **DECODER)
 
 
 def gemma():
-    cfg = transformers.GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=1, head_dim=16, vocab_size=256, max_position_embeddings=128,
-                                   use_cache=False, pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    return hf_spec(transformers.GemmaForCausalLM(cfg), 256, "gemma", mask=False, max_len=128)
-
-
-def _tiny(config, model, name, **extra):
-    cfg = getattr(transformers, config)(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, use_cache=False,
-                                        pad_token_id=None, bos_token_id=None, eos_token_id=None, **extra)
-    return hf_spec(getattr(transformers, model)(cfg), 256, name, mask=True, max_len=128)
+    return _hf("GemmaConfig", "GemmaForCausalLM", "gemma", mask=False, num_key_value_heads=1, head_dim=16, **DECODER)
 
 
 def qwen3():
     """Qwen3: q_norm / k_norm over each head's channels."""
-    return _tiny("Qwen3Config", "Qwen3ForCausalLM", "qwen3", head_dim=16)
+    return _hf("Qwen3Config", "Qwen3ForCausalLM", "qwen3", num_key_value_heads=2, head_dim=16, **DECODER)
 
 
 def gemma2():
     """Gemma 2: eager attention whose scores go through a tanh soft cap."""
-    return _tiny("Gemma2Config", "Gemma2ForCausalLM", "gemma2", head_dim=16, sliding_window=16)
+    return _hf("Gemma2Config", "Gemma2ForCausalLM", "gemma2", num_key_value_heads=2, head_dim=16, sliding_window=16, **DECODER)
 
 
 def gptj():
     """GPT-J: rotary on interleaved channel pairs (a stack and a view within each head)."""
-    cfg = transformers.GPTJConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128, rotary_dim=8,
-                                  use_cache=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    return hf_spec(transformers.GPTJForCausalLM(cfg), 256, "gptj", mask=True, max_len=128)
+    return _hf("GPTJConfig", "GPTJForCausalLM", "gptj", n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128,
+               rotary_dim=8)
 
 
 def gpt_neox():
     """GPT-NeoX: one QKV projection laid out head by head (each head's q, k, v rows together), partial rotary."""
-    cfg = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                     vocab_size=256, max_position_embeddings=128, rotary_pct=0.25, use_cache=False,
-                                     bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    return hf_spec(transformers.GPTNeoXForCausalLM(cfg), 256, "gpt-neox", mask=True, max_len=128)
+    return _hf("GPTNeoXConfig", "GPTNeoXForCausalLM", "gpt-neox", rotary_pct=0.25, **DECODER)
 
 
 def gpt_bigcode():
     """GPT-BigCode: multi-query attention, one key/value head cut from the QKV projection after the queries."""
-    cfg = transformers.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128, use_cache=False,
-                                        bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    return hf_spec(transformers.GPTBigCodeForCausalLM(cfg), 256, "gpt-bigcode", mask=True, max_len=64)
+    return _hf("GPTBigCodeConfig", "GPTBigCodeForCausalLM", "gpt-bigcode", max_len=64, n_embd=64, n_layer=2, n_head=4,
+               vocab_size=256, n_positions=128)
 
 
 def falcon():
     """Falcon (7B's layout): [B, S, H + 2, D] split along the heads into the queries, one key and one value head."""
-    cfg = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
-                                    use_cache=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    return hf_spec(transformers.FalconForCausalLM(cfg), 256, "falcon", mask=True, max_len=64)
+    return _hf("FalconConfig", "FalconForCausalLM", "falcon", max_len=64, hidden_size=64, num_hidden_layers=2,
+               num_attention_heads=4, vocab_size=256)
 
 
 def mpt():
     """MPT: ALiBi, a bias of the scores per head (each rank keeps its heads' slopes)."""
-    cfg = transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=128, use_cache=False,
-                                 bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    return hf_spec(transformers.MptForCausalLM(cfg), 256, "mpt", mask=True, max_len=64)
+    return _hf("MptConfig", "MptForCausalLM", "mpt", max_len=64, d_model=64, n_heads=4, n_layers=2, vocab_size=256,
+               max_seq_len=128)
 
 
 def t5_encoder():
     """T5's encoder: a relative position bias per head, computed once from an embedding table and read by every layer."""
-    cfg = transformers.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=256)
-    return hf_spec(transformers.T5EncoderModel(cfg), 256, "t5-encoder", mask=True, max_len=128)
+    return _hf("T5Config", "T5EncoderModel", "t5-encoder", d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+               vocab_size=256)
 
 
 def gpt2_odd_vocabulary():
