@@ -451,6 +451,26 @@ def test_one_key_value_head_cut_after_the_queries():
     assert heads.k.producer is heads.q.producer
 
 
+# DeepSeek's latent attention: q from q_b_proj (4 heads of 16); k and v from one block of
+# 24 rows per head of kv_b_proj (k's 8 channels, v's 16), k's other 8 channels a rotary part
+# every head shares (an expand of one head), the two written into an empty buffer.
+def test_latent_attention_heads_and_a_key_part_every_head_shares():
+    import transformers
+
+    cfg = transformers.DeepseekV3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=4, vocab_size=64, kv_lora_rank=16, q_lora_rank=32,
+                                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=1,
+                                        use_cache=False)
+    graph, deps = head_analysis(transformers.DeepseekV3Model(cfg).eval(), torch.randint(0, 64, (2, 5)))
+    (heads,) = deps.attentions
+    assert heads.refused is None, heads.refused
+    weights = [b.producer.args[1].target for b in (heads.q, heads.k, heads.v)]
+    assert weights == ["layers.0.self_attn.q_b_proj.weight"] + ["layers.0.self_attn.kv_b_proj.weight"] * 2
+    assert [(b.size, b.stride, b.channels) for b in (heads.q, heads.k, heads.v)] == [
+        (64, 16, tuple(range(16))), (96, 24, tuple(range(8))), (96, 24, tuple(range(8, 24)))]
+    assert (heads.num_heads, heads.num_kv_heads, heads.head_dim, heads.v_head_dim) == (4, 4, 16, 16)
+
+
 def _gpt2_tiny():
     from conftest import base_graph
 

@@ -114,6 +114,15 @@ def falcon():
                num_attention_heads=4, vocab_size=256)
 
 
+def deepseek_v3():
+    """DeepSeek-V3: latent attention (heads from a low-rank projection; a rotary key part shared by every head,
+    written with the heads' part into one buffer), and a mixture of experts after a dense first layer."""
+    return _hf("DeepseekV3Config", "DeepseekV3ForCausalLM", "deepseek-v3", mask=False, moe_intermediate_size=32,
+               n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+               n_shared_experts=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+               v_head_dim=16, num_key_value_heads=4, **DECODER)
+
+
 def mpt():
     """MPT: ALiBi, a bias of the scores per head (each rank keeps its heads' slopes)."""
     return _hf("MptConfig", "MptForCausalLM", "mpt", max_len=64, d_model=64, n_heads=4, n_layers=2, vocab_size=256,
@@ -134,7 +143,7 @@ def gpt2_odd_vocabulary():
 # A built-in model's name, or a factory of a ModelSpec.
 MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny", "phi3": phi3, "gemma": gemma, "qwen3": qwen3, "gemma2": gemma2,
           "gptj": gptj, "gpt-neox": gpt_neox, "gpt-bigcode": gpt_bigcode, "falcon": falcon,
-          "mpt": mpt}
+          "mpt": mpt, "deepseek-v3": deepseek_v3}
 ENCODERS = {"bert": "bert-tiny", "t5-encoder": t5_encoder}
 ODD = {"gpt2-odd-vocabulary": gpt2_odd_vocabulary}  # no LM head: the hidden states are the output
 

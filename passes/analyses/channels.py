@@ -70,8 +70,12 @@ that keep their dimensions (a norm of each head's channels: Qwen3's
 ``q_norm``), slices, splits and concatenations of the head dimension
 (``rotate_half``, a head's block split into q, k and v: each value's
 channels are followed to the block channels they read),
-``repeat_kv`` (``unsqueeze``, ``expand``, ``clone``, ``reshape``), and
-``enable_gqa``. An operand no projection computes with its own value per
+``repeat_kv`` (``unsqueeze``, ``expand``, ``clone``, ``reshape``),
+``enable_gqa``, a split of the head axis into query, key and value heads
+(Falcon-7B), and a part every head shares: one head expanded to all of them
+(DeepSeek's rotary key part), written with the heads' own part into an empty
+buffer (``new_empty``, ``slice_scatter``); it reads no head's rows, and its
+projection stays whole. An operand no projection computes with its own value per
 head (ALiBi's slopes, T5's and MPNet's relative position bias, a mask per
 head) is a :class:`HeadOperand` in ``head_operands``: a split or a shrink
 selects its heads where it is read. Anything else refuses the attention
@@ -434,9 +438,11 @@ class _Source:
     ``stride`` rows of ``span.producer`` from row ``span.offset``, each repeated
     ``rep`` times (``repeat_kv``). Along axis ``caxis`` entry ``i`` reads the
     block's channels ``entries[i]``; where the walk cannot tell entries apart
-    (``caxis`` None) every entry may read any of ``reads``."""
+    (``caxis`` None) every entry may read any of ``reads``. ``span`` None: the
+    value reads no head's rows (one value shared by every head, or an empty
+    buffer about to be filled)."""
 
-    span: Span
+    span: Span | None
     stride: int
     rep: int
     reads: frozenset
@@ -453,6 +459,14 @@ class _Source:
         """Entries ``index`` along the channel axis (a slice or a split's piece)."""
         entries = tuple(self.entries[i] for i in index)
         return replace(self, entries=entries, reads=frozenset().union(*entries))
+
+    @staticmethod
+    def shared(shape: tuple) -> "_Source":
+        """A value of ``shape`` that no head's rows make: each entry along the
+        last axis reads nothing."""
+        width = _static(shape[-1])
+        return _Source(None, 0, 1, frozenset(), None if width is None else len(shape) - 1,
+                       None if width is None else (frozenset(),) * width)
 
 
 @dataclass
@@ -652,11 +666,39 @@ class _HeadWalk:
             return found.moved(None if found.caxis is None else found.caxis + (found.caxis >= d))
         if t == aten.expand.default:
             return self._back_expand(node, shape, axis, kind, rep_axis)
+        if t == aten.new_empty.default and rep_axis is None:  # a buffer the heads are written into
+            self._edit(node, axis, kind, 1)
+            return _Source.shared(shape)
+        if t == aten.copy.default:  # the values of args[1], in the layout of args[0]
+            return self._merge([self.back(x, axis, kind, rep_axis) for x in node.args[:2]], node)
+        if t == aten.slice_scatter.default:
+            return self._back_slice_scatter(node, axis, kind, rep_axis)
         if t in _VIEWS:
             return self._back_view(node, shape, axis, kind, rep_axis)
         if t in _REDUCTIONS:
             return self._back_reduction(node, axis, kind, rep_axis)
         raise _Refuse(node, "the analysis cannot follow attention heads through this op")
+
+    def _back_slice_scatter(self, node, axis, kind, rep_axis) -> _Source:
+        """``slice_scatter(base, src, dim, start, end)``: base with entries
+        ``start .. end`` along ``dim`` replaced by src (DeepSeek's keys: the
+        per-head part and the shared rotary part written into one buffer)."""
+        nd = len(_shape(node))
+        base, src = node.args[:2]
+        dim = _dim(node.args[2] if len(node.args) > 2 else 0, nd)
+        start, end, step = (list(node.args[3:6]) + [None] * 3)[:3]
+        if dim in (axis, rep_axis):
+            raise _Refuse(node, "a scatter into the head axis")
+        b, u = self.back(base, axis, kind, rep_axis), self.back(src, axis, kind, rep_axis)
+        merged = self._merge([b.blurred(), u.blurred()], node)
+        if dim != b.caxis or dim != u.caxis or None in (b.entries, u.entries) or step not in (None, 1) \
+                or not all(x is None or isinstance(x, int) for x in (start, end)):
+            return merged
+        index = range(len(b.entries))[slice(start, end)]
+        if len(index) != len(u.entries):
+            return merged
+        entries = b.entries[:index.start] + u.entries + b.entries[index.stop:]
+        return replace(merged, caxis=dim, entries=entries, reads=frozenset().union(*entries))
 
     def _back_head_split(self, piece, axis, kind) -> _Source:
         """A piece of a split of the head axis: Falcon's ``[B, S, H + 2, D]``
@@ -719,8 +761,8 @@ class _HeadWalk:
         """One source for the values an op combines: element-wise (each entry
         reads what the operands' entries there read), or concatenated along
         axis ``concat``."""
-        first = sources[0]
-        if any((s.span, s.stride, s.rep) != (first.span, first.stride, first.rep) for s in sources[1:]):
+        first = next((s for s in sources if s.span is not None), sources[0])
+        if any((s.span, s.stride, s.rep) != (first.span, first.stride, first.rep) for s in sources if s.span is not None):
             raise _Refuse(node, "operands carry heads of different projections")
         reads = frozenset().union(*(s.reads for s in sources))
         if any(s.caxis != first.caxis or s.entries is None for s in sources):
@@ -758,6 +800,11 @@ class _HeadWalk:
     def _back_expand(self, node, shape, axis, kind, rep_axis):
         src = node.args[0]
         s = _shape(src)
+        if len(s) == len(shape) and s[axis] == 1 and shape[axis] != 1 and rep_axis is None:
+            # one value for every head, from a projection no pair may split (DeepSeek's
+            # rotary key part, computed once and read by all heads): each rank keeps it whole
+            self._edit(node, axis, kind, 1)
+            return _Source.shared(shape)
         if len(s) != len(shape) or s[axis] != shape[axis]:
             raise _Refuse(node, "an expand that broadcasts along the head axis")
         self._edit(node, axis, kind, 1)
@@ -987,6 +1034,8 @@ def find_attention_heads(graph) -> list[AttentionHeads]:
             q_dim, k_dim, v_dim = _static(_shape(q)[qd]), _static(_shape(k)[kd]), _static(_shape(v)[vd])
             if None in (nq, nk, q_dim, v_dim):
                 raise _Refuse(node, "a symbolic number or width of heads")
+            if None in (q_src.span, k_src.span, v_src.span):
+                raise _Refuse(node, "queries, keys or values that no projection's heads make")
             if q_src.rep != 1 or k_src.rep != v_src.rep or k_dim != q_dim:
                 raise _Refuse(node, "query heads repeated, or keys and values repeated differently")
             n_kv = nk // k_src.rep
