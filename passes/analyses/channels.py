@@ -713,6 +713,8 @@ class _HeadWalk:
             raise _Refuse(split, "a split of the head axis other than into pieces of a view into heads whose count "
                                  "is left to the view (-1)")
         found = self.back(split.args[0], axis, kind, None)
+        if found.span is None:
+            raise _Refuse(split, "a split of heads that no projection's rows make")
         self._edit(split, index, kind, 1)
         start = sum(int(x) for x in split.args[1][:index])
         return replace(found, span=Span(found.span.producer, found.span.offset + start * found.stride, 0))
