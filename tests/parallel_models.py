@@ -266,12 +266,24 @@ GEN_NEW_TOKENS = 64
 
 def causal_lm(name: str):
     """Tiny Hugging Face decoders of random weights: GPT-2 (4 heads, merged
-    c_attn), Llama (4 query heads, 2 KV heads) and Cohere (as Llama, with
-    rotary on interleaved channel pairs and a view of the attention's output)."""
+    c_attn), Llama (4 query heads, 2 KV heads), Cohere (as Llama, with
+    rotary on interleaved channel pairs and a view of the attention's output),
+    GPT-NeoX (each head's q, k and v rows together in one projection) and
+    DeepSeek-V3 (latent attention: a rotary key part every head shares)."""
     import transformers as tf
 
     no_tokens = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(0)
+    if name == "gpt-neox":
+        return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, vocab_size=256, max_position_embeddings=128,
+                                                      rotary_pct=0.25, **no_tokens)).eval()
+    if name == "deepseek-v3":
+        return tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            vocab_size=256, max_position_embeddings=128, moe_intermediate_size=32, n_routed_experts=8,
+            num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16,
+            q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **no_tokens)).eval()
     if name == "gpt2":
         return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=128,
                                                 **no_tokens)).eval()
@@ -320,12 +332,13 @@ def prepare_generation() -> None:
     pipeline's rewrite patterns (traced on first use, kept per process)."""
     from fxopt.generation import optimize_decoder
 
-    for name in ("gpt2", "llama", "cohere"):
+    for name in ("gpt2", "llama", "cohere", "gpt-neox", "deepseek-v3"):
         generation_baseline(name)
     optimize_decoder(generation_baseline("llama")[0], f"canonicalize,{FUSED_AFTER_SPLIT}")
 
 
-def check_generation(mesh, backends={"gpt2": ("eager", "onnxruntime"), "llama": ("eager",), "cohere": ("fused-onnxruntime",)}):
+def check_generation(mesh, backends={"gpt2": ("eager", "onnxruntime"), "llama": ("eager",), "cohere": ("fused-onnxruntime",),
+                                      "gpt-neox": ("eager",), "deepseek-v3": ("onnxruntime",)}):
     """Greedy generation split over the group against one process and
     Hugging Face; the cache each rank holds. Llama and Cohere on ONNX
     Runtime through the fused pipeline after the split (its attention then

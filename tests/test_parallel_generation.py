@@ -15,10 +15,20 @@ from fxopt.launch import run_local
 
 pytest.importorskip("transformers")
 
-KV_HEADS = {"gpt2": 4, "llama": 2, "cohere": 2}  # tiny configs: GPT-2 4 heads; Llama and Cohere 4 query heads over 2 KV heads
-# Cohere: its prompt's interleaved rotary, split and fused, exports with the prompt's length still dynamic
+# What each rank's prefill returns and decode step takes per layer, [B, heads, T, width] for keys and values:
+# tiny configs, GPT-2 and GPT-NeoX 4 heads, Llama and Cohere 4 query heads over 2 KV heads (each rank half of them);
+# DeepSeek-V3 caches its attention's latent and rotary key part, one "head" that every rank holds whole
+PRESENT = {**{name: [(2, kv_heads // 2, 6, 16)] * 4 for name, kv_heads in
+              {"gpt2": 4, "llama": 2, "cohere": 2, "gpt-neox": 4}.items()},
+           "deepseek-v3": [(2, 1, 6, 16), (2, 1, 6, 8)] * 2}
+# Cohere: its prompt's interleaved rotary, split and fused, exports with the prompt's length still dynamic;
+# GPT-NeoX: q, k and v of each head in one block of rows; DeepSeek-V3: latent attention
 CASES = ["gpt2-eager", "gpt2-onnxruntime", "llama-eager", "llama-fused-onnxruntime", "llama-fused-eager",
-         "cohere-fused-onnxruntime"]
+         "cohere-fused-onnxruntime", "gpt-neox-eager", "deepseek-v3-onnxruntime"]
+
+
+def _model(case: str) -> str:
+    return case.rsplit("-", 1)[0].removesuffix("-fused")
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +52,11 @@ def test_greedy_tokens_equal_one_process_and_hugging_face(two_ranks, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_each_rank_holds_its_heads_of_the_cache(two_ranks, case):
-    heads = KV_HEADS[case.split("-")[0]] // 2
+    present = PRESENT[_model(case)]
     for result in two_ranks:
         r = result[case]
-        # the prefill returns, and the decode step takes, [B, kv_heads / 2, T, head_dim] per layer and key/value
-        assert r["present_shapes"] == [(2, heads, 6, 16)] * 4, r["present_shapes"]
-        assert r["past_heads"] == [heads] * 4
+        assert r["present_shapes"] == present, r["present_shapes"]
+        assert r["past_heads"] == [shape[1] for shape in present]
         # attention and MLP split in both graphs: two all-reduces per layer
         assert r["all_reduces"] == {"prefill": 4, "decode": 4}
 
