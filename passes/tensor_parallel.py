@@ -145,6 +145,9 @@ class TensorParallel(Pass):
                 if a.num_kv_heads % n and n % a.num_kv_heads:
                     raise self.fail(f"world_size={n} neither divides nor is a multiple of the {a.num_kv_heads} key/value "
                                     f"heads of {a.name}", a.k.producer)
+                if a.num_kv_heads % n and len(a.q.slots) > 1:
+                    raise self.fail(f"world_size={n} does not divide the {a.num_kv_heads} key/value groups of {a.name}, "
+                                    "whose query, key and value heads share one block of rows per group", a.k.producer)
             elif pair.group.size % n:
                 raise self.fail(f"world_size={n} does not divide the {pair.group.size} channels of {pair.name}", pair.columns[0])
 

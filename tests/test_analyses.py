@@ -12,7 +12,7 @@ from torch.export import Dim
 
 import fxopt
 from fxopt.ir.nodes import call_args, val
-from fxopt.passes import AnalysisManager, Pass, PassManager, PassResult, register_pass
+from fxopt.passes import AnalysisManager, Pass, PassError, PassManager, PassResult, register_pass
 from fxopt.passes.analyses import CausalMasks, ChannelAnalysis, KeyPaddingMasks, Liveness, NotKeyPadding
 from fxopt.passes.padding import RemovePadding
 from fxopt.passes.registry import PassRegistry
@@ -243,7 +243,9 @@ class HeadAttention(torch.nn.Module):
     per head, split after the view into heads), 'overlapping-qkv' (that layout with q and k
     reading overlapping channels of each block), 'split-heads' (Falcon's multi-query layout: one
     projection viewed as 6 heads, split along the heads into 4 query heads, one key and one value
-    head) and 'split-counted-heads' (that, with the view spelling out the 6)."""
+    head), 'split-counted-heads' (that, with the view spelling out the 6) and 'grouped-qkv'
+    (InternLM2's and Falcon-40B's layout: a block of 32 rows per KV group holding its 2 query
+    heads, its key head and its value head, viewed as [B, S, 2, 4, 8])."""
 
     def __init__(self, kv_heads=4, form="sdpa"):
         super().__init__()
@@ -257,6 +259,8 @@ class HeadAttention(torch.nn.Module):
             self.qkv = torch.nn.Linear(32, 96)
         if form in ("split-heads", "split-counted-heads"):
             self.qkv = torch.nn.Linear(32, 48)
+        if form == "grouped-qkv":
+            self.qkv = torch.nn.Linear(32, 64)
 
     def forward(self, x, cache=None, past_v=None):
         b, s, _ = x.shape
@@ -266,6 +270,11 @@ class HeadAttention(torch.nn.Module):
                 q, k, v = blocks.split(8, -1)
             else:
                 q, k, v = blocks[..., 0:8], blocks[..., 4:12], blocks[..., 16:24]
+        elif self.form == "grouped-qkv":
+            groups = self.qkv(x).view(b, s, 2, 4, 8)
+            q = groups[:, :, :, :2].reshape(b, s, 4, 8).transpose(1, 2)
+            k, v = (groups[:, :, :, i].transpose(1, 2) for i in (2, 3))
+            k, v = (t[:, :, None].expand(b, 2, 2, s, 8).reshape(b, 4, s, 8) for t in (k, v))
         elif self.form in ("split-heads", "split-counted-heads"):
             heads = self.qkv(x).view(b, s, -1 if self.form == "split-heads" else 6, 8)
             q, k, v = (t.transpose(1, 2) for t in heads.split([4, 1, 1], dim=2))
@@ -393,6 +402,33 @@ def test_heads_whose_q_k_v_share_one_block_per_head():
     want = module(X)
     for backend in ("eager", "onnxruntime"):
         assert fxopt.compare(want, fxopt.compile(shrunk.graph, backend)(X)).within(1e-5), backend
+
+
+# InternLM2's and Falcon-40B's layout: each KV group's block of 32 rows holds its two query
+# heads (rows 0-15), its key head (16-23) and its value head (24-31). Removing a group removes
+# its block; with the output columns of group 1 (query heads 2 and 3) zero, nothing changes.
+def test_heads_grouped_in_one_block_per_key_value_group():
+    module = HeadAttention(form="grouped-qkv").eval()
+    graph, deps = head_analysis(module, X)
+    (heads,) = deps.attentions
+    assert heads.refused is None, heads.refused
+    assert (heads.num_heads, heads.num_kv_heads, heads.head_dim) == (4, 2, 8)
+    assert [(b.offset, b.size, b.stride, b.slots, b.channels) for b in (heads.q, heads.k, heads.v)] == [
+        (0, 64, 32, (0, 8), tuple(range(8))), (0, 64, 32, (0,), tuple(range(16, 24))),
+        (0, 64, 32, (0,), tuple(range(24, 32)))]
+    assert heads.q_rows([1]).tolist() == list(range(32, 48)) and heads.k_rows([1]).tolist() == list(range(48, 56))
+    assert heads.q.rows([2, 3]).tolist() == list(range(32, 64))
+    with torch.no_grad():
+        module.o.weight[:, 16:] = 0.0
+    graph = PassManager("canonicalize,dce").run(fxopt.trace(module, (X,))).graph
+    shrunk = PassManager("shrink(ratio=0,heads=0.5)").run(graph)
+    assert shrunk.records[0].stats["heads_removed"] == 2
+    want = module(X)
+    for backend in ("eager", "onnxruntime"):
+        assert fxopt.compare(want, fxopt.compile(shrunk.graph, backend)(X)).within(1e-5), backend
+    # four ranks would cut the two groups' blocks apart
+    with pytest.raises(PassError, match="does not divide the 2 key/value groups"):
+        PassManager("tensor-parallel(world_size=4,rank=0)").run(graph)
 
 
 # Reading shapes must not guard on them: with 4 positions traced, GPT-J's pairs view

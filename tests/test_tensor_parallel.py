@@ -123,6 +123,12 @@ def deepseek_v3():
                v_head_dim=16, num_key_value_heads=4, **DECODER)
 
 
+def falcon_grouped():
+    """Falcon (40B's layout): a block of rows per KV group holding its query heads, its key and its value head."""
+    return _hf("FalconConfig", "FalconForCausalLM", "falcon-grouped", max_len=64, hidden_size=64, num_hidden_layers=2,
+               num_attention_heads=4, vocab_size=256, new_decoder_architecture=True, num_kv_heads=2)
+
+
 def mpt():
     """MPT: ALiBi, a bias of the scores per head (each rank keeps its heads' slopes)."""
     return _hf("MptConfig", "MptForCausalLM", "mpt", max_len=64, d_model=64, n_heads=4, n_layers=2, vocab_size=256,
@@ -143,6 +149,7 @@ def gpt2_odd_vocabulary():
 # A built-in model's name, or a factory of a ModelSpec.
 MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny", "phi3": phi3, "gemma": gemma, "qwen3": qwen3, "gemma2": gemma2,
           "gptj": gptj, "gpt-neox": gpt_neox, "gpt-bigcode": gpt_bigcode, "falcon": falcon,
+          "falcon-grouped": falcon_grouped,
           "mpt": mpt, "deepseek-v3": deepseek_v3}
 ENCODERS = {"bert": "bert-tiny", "t5-encoder": t5_encoder}
 ODD = {"gpt2-odd-vocabulary": gpt2_odd_vocabulary}  # no LM head: the hidden states are the output

@@ -72,7 +72,9 @@ that keep their dimensions (a norm of each head's channels: Qwen3's
 channels are followed to the block channels they read),
 ``repeat_kv`` (``unsqueeze``, ``expand``, ``clone``, ``reshape``),
 ``enable_gqa``, a split of the head axis into query, key and value heads
-(Falcon-7B), and a part every head shares: one head expanded to all of them
+(Falcon-7B), heads grouped into a block per KV group and picked out of it
+(Falcon-40B, InternLM2: ``[B, S, groups, slots, D]``, its query heads sliced
+and merged, its key and value heads selected), and a part every head shares: one head expanded to all of them
 (DeepSeek's rotary key part), written with the heads' own part into an empty
 buffer (``new_empty``, ``slice_scatter``); it reads no head's rows, and its
 projection stays whole. An operand no projection computes with its own value per
@@ -407,26 +409,38 @@ class CacheTensor:
 
 @dataclass(frozen=True)
 class HeadBlock:
-    """Where one of q, k, v finds its heads in a projection's weight. Head
-    ``h`` owns the block of rows ``offset + h * stride .. + stride`` and
-    reads rows ``offset + h * stride + c`` for ``c`` in ``channels``: the
-    whole block, but where q, k and v share one (GPT-NeoX lays its QKV
-    projection out head by head, ``[q | k | v]`` in one block of three head
-    widths per head). ``size``: the rows of every head's block."""
+    """Where one of q, k, v finds its heads in a projection's weight. The
+    rows come in blocks of ``stride``, block ``b`` from row ``offset + b *
+    stride``, each holding ``len(slots)`` heads: head ``h`` lies in block
+    ``h // len(slots)`` from its row ``slots[h % len(slots)]`` and reads the
+    rows ``channels`` from there. Usually a block is one head's rows, read
+    whole; q, k and v may share blocks (GPT-NeoX lays its QKV projection out
+    head by head, ``[q | k | v]`` in one block of three head widths per head;
+    Falcon-40B's and InternLM2's hold a KV group each, its query heads, its
+    key and its value head). Removing a head removes its block, so a block
+    with several heads goes whole. ``size``: the rows of every block."""
 
     producer: fx.Node
     offset: int
     size: int
     stride: int
     channels: tuple[int, ...]
+    slots: tuple[int, ...] = (0,)
 
     def rows(self, heads) -> torch.Tensor:
         """The blocks of ``heads``: what removing them removes."""
-        return _head_rows(self.offset, list(heads), self.stride, range(self.stride))
+        blocks = list(dict.fromkeys(h // len(self.slots) for h in heads))
+        return _head_rows(self.offset, blocks, self.stride, range(self.stride))
 
     def read_rows(self, heads) -> torch.Tensor:
         """The rows ``heads`` read."""
-        return _head_rows(self.offset, list(heads), self.stride, self.channels)
+        p = len(self.slots)
+        return torch.tensor([self.offset + (h // p) * self.stride + self.slots[h % p] + c
+                             for h in heads for c in self.channels], dtype=torch.long)
+
+    def block_reads(self) -> set[int]:
+        """The rows of one block its heads read."""
+        return {slot + c for slot in self.slots for c in self.channels}
 
     def shares_block(self, other: "HeadBlock") -> bool:
         return (self.producer, self.offset, self.stride) == (other.producer, other.offset, other.stride)
@@ -440,7 +454,9 @@ class _Source:
     block's channels ``entries[i]``; where the walk cannot tell entries apart
     (``caxis`` None) every entry may read any of ``reads``. ``span`` None: the
     value reads no head's rows (one value shared by every head, or an empty
-    buffer about to be filled)."""
+    buffer about to be filled). ``slots``: the heads along a second axis
+    (``rep_axis``) are distinct heads of the block, not repeats, starting at
+    these rows of it (Falcon-40B's query heads of a KV group)."""
 
     span: Span | None
     stride: int
@@ -448,6 +464,7 @@ class _Source:
     reads: frozenset
     caxis: int | None = None
     entries: tuple | None = None
+    slots: tuple[int, ...] | None = None
 
     def blurred(self) -> "_Source":
         return replace(self, caxis=None, entries=None)
@@ -608,9 +625,14 @@ class _HeadWalk:
             return self._back_elementwise(node, shape, axis, kind, rep_axis)
         if t == aten.slice.Tensor:
             d = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
-            if d in (axis, rep_axis):
+            if d == axis:
                 raise _Refuse(node, "a slice of the head axis")
             found = self.back(a0, axis, kind, rep_axis)
+            if d == rep_axis:  # some of the heads of each block (Falcon-40B's query heads of a KV group)
+                bounds = node.args[2:5]
+                if found.slots is None or not all(x is None or isinstance(x, int) for x in bounds):
+                    raise _Refuse(node, "a slice of repeated key/value heads, or with symbolic bounds")
+                return replace(found, slots=found.slots[slice(*bounds)])
             if d != found.caxis:
                 return found
             n = len(found.entries)
@@ -631,6 +653,8 @@ class _HeadWalk:
             sizes = _split_sizes(a0, len(found.entries))
             start = sum(sizes[: node.args[1]])
             return found.taken(range(start, start + sizes[node.args[1]]))
+        if t == aten.select.int and rep_axis is None and _dim(node.args[1], nd + 1) == axis + 1:
+            return self._back_select_slot(node, axis, kind)
         if t == aten.cat.default:
             dim = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
             if dim in (axis, rep_axis):
@@ -700,6 +724,19 @@ class _HeadWalk:
         entries = b.entries[:index.start] + u.entries + b.entries[index.stop:]
         return replace(merged, caxis=dim, entries=entries, reads=frozenset().union(*entries))
 
+    def _back_select_slot(self, node, axis, kind) -> _Source:
+        """One head of each block, the blocks along ``axis`` and their heads
+        along the next axis (Falcon-40B's key head of each KV group:
+        ``qkv[:, :, :, -2]`` of ``[B, S, groups, slots, D]``)."""
+        found = self.back(node.args[0], axis, kind, axis + 1)
+        if found.slots is None or not isinstance(node.args[2], int):
+            raise _Refuse(node, "a select of repeated key/value heads, or at a computed index")
+        start = found.slots[node.args[2]]
+        shift = lambda chans: frozenset(start + c for c in chans)  # noqa: E731
+        caxis = None if found.caxis is None else found.caxis - (found.caxis > axis + 1)
+        return replace(found, slots=None, reads=shift(found.reads), caxis=caxis,
+                       entries=None if found.entries is None else tuple(shift(e) for e in found.entries))
+
     def _back_head_split(self, piece, axis, kind) -> _Source:
         """A piece of a split of the head axis: Falcon's ``[B, S, H + 2, D]``
         split into ``H`` query heads, one key and one value head. The piece's
@@ -764,7 +801,8 @@ class _HeadWalk:
         reads what the operands' entries there read), or concatenated along
         axis ``concat``."""
         first = next((s for s in sources if s.span is not None), sources[0])
-        if any((s.span, s.stride, s.rep) != (first.span, first.stride, first.rep) for s in sources if s.span is not None):
+        if any((s.span, s.stride, s.rep, s.slots) != (first.span, first.stride, first.rep, first.slots)
+               for s in sources if s.span is not None):
             raise _Refuse(node, "operands carry heads of different projections")
         reads = frozenset().union(*(s.reads for s in sources))
         if any(s.caxis != first.caxis or s.entries is None for s in sources):
@@ -833,8 +871,30 @@ class _HeadWalk:
             # counts KV heads times the repeat (not the query heads: SDPA's enable_gqa may
             # take a partly repeated key/value)
             found = self.back(src, axis, "kv", axis + 1)
+            caxis = None if found.caxis is None else found.caxis - (found.caxis > axis)
+            if found.slots is not None:  # not repeats: each block's own heads, merged into the query heads
+                self._edit(node, axis, "q", 1)
+                return found.moved(caxis)
             self._edit(node, axis, "kv", found.rep)
-            return found.moved(None if found.caxis is None else found.caxis - (found.caxis > axis))
+            return found.moved(caxis)
+        if rep_axis == axis + 1 and len(s) == nd - 1 and s[:axis] == shape[:axis] and s[axis + 1:] == shape[axis + 2:]:
+            # heads grouped into blocks: [.., groups * slots, D] -> [.., groups, slots, D] (Falcon-40B's KV groups)
+            slots = _static(shape[axis + 1])
+            if slots is None:
+                raise _Refuse(node, "a group of a symbolic number of heads")
+            found = self.back(src, axis, kind, None)
+            if found.slots is not None or found.rep != 1:
+                raise _Refuse(node, "a grouping of heads already grouped or repeated")
+            self._edit(node, axis, kind, 1)
+            return replace(found, stride=found.stride * slots, slots=tuple(j * found.stride for j in range(slots)))
+        if rep_axis == axis + 1 and axis == nd - 3 and [d for d in s[:-1] if d != 1] == [d for d in shape[:-3] if d != 1]:
+            # straight into grouped heads: [.., C] -> [.., groups, slots, D] (InternLM2's wqkv)
+            slots, width = _static(shape[-2]), _static(shape[-1])
+            if slots is None or width is None:
+                raise _Refuse(node, "a view into heads of symbolic size")
+            self._edit(node, axis, kind, 1)
+            return _Source(self._flat_back(src, 0), slots * width, 1, frozenset(range(width)), nd - 1,
+                           tuple(frozenset((c,)) for c in range(width)), tuple(j * width for j in range(slots)))
         if rep_axis is None and axis == nd - 2 and [d for d in s[:-1] if d != 1] == [d for d in shape[:-2] if d != 1]:
             width, heads = _static(shape[-1]), _static(shape[-2])
             if width is None or heads is None or _static(s[-1]) != width * heads:
@@ -1076,10 +1136,14 @@ def _block(src: _Source, heads: int) -> HeadBlock:
     """The rows of ``heads`` heads of ``src``: a lone head's block is the rows it reads
     (GPT-BigCode's one key head is a piece of the projection's channels, after the queries)."""
     channels = sorted(src.reads)
-    if heads == 1 and channels:
+    if heads == 1 and channels and src.slots is None:
         lo, hi = channels[0], channels[-1] + 1
         return HeadBlock(src.span.producer, src.span.offset + lo, hi - lo, hi - lo, tuple(c - lo for c in channels))
-    return HeadBlock(src.span.producer, src.span.offset, heads * src.stride, src.stride, tuple(channels))
+    slots = src.slots or (0,)
+    if heads % len(slots):
+        raise _Refuse(src.span.producer, f"{heads} heads do not fill blocks of {len(slots)}")
+    return HeadBlock(src.span.producer, src.span.offset, heads // len(slots) * src.stride, src.stride, tuple(channels),
+                     slots)
 
 
 def _check_blocks(blocks: list[HeadBlock], node) -> None:
@@ -1090,7 +1154,7 @@ def _check_blocks(blocks: list[HeadBlock], node) -> None:
             if a.shares_block(b):
                 if a.size != b.size:
                     raise _Refuse(node, "query and key/value heads share blocks of a projection's rows but differ in number")
-                if set(a.channels) & set(b.channels):
+                if a.block_reads() & b.block_reads():
                     raise _Refuse(node, "query, key and value read the same rows of one projection")
             elif a.producer is b.producer and a.offset < b.offset + b.size and b.offset < a.offset + a.size:
                 raise _Refuse(node, "query, key and value read overlapping rows of one projection")
