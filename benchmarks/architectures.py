@@ -47,7 +47,9 @@ LAYERS = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
 DECODER = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=128, use_cache=False, **LAYERS)
 
 
-def _config_model(config: str, model: str, name: str, mask: bool, **kw):
+def _config_model(config: str, model: str, name: str, mask: bool, limit: bool = True, **kw):
+    """``limit``: trace the sequence up to the model's position limit (a named
+    dimension); False leaves its range to torch.export."""
     def build(attn: str | None):
         import transformers
 
@@ -56,7 +58,7 @@ def _config_model(config: str, model: str, name: str, mask: bool, **kw):
         if attn:
             cfg._attn_implementation = attn
         return hf_spec(getattr(transformers, model)(cfg), cfg.vocab_size, name, mask=mask,
-                       max_len=getattr(cfg, "max_position_embeddings", None))
+                       max_len=getattr(cfg, "max_position_embeddings", None) if limit else None)
     return build
 
 
@@ -135,7 +137,8 @@ MODELS = {
                                  v_head_dim=16, num_key_value_heads=4, **DECODER),
     "electra": _config_model("ElectraConfig", "ElectraModel", "electra", True, hidden_size=64, intermediate_size=128,
                              embedding_size=32, max_position_embeddings=128, **LAYERS),
-    "mobilebert": _config_model("MobileBertConfig", "MobileBertModel", "mobilebert", True, hidden_size=64,
+    # with SDPA its sequence cannot be 2, which a named dimension from 0 to the limit would claim
+    "mobilebert": _config_model("MobileBertConfig", "MobileBertModel", "mobilebert", True, limit=False, hidden_size=64,
                                 intermediate_size=64, embedding_size=32, intra_bottleneck_size=32, true_hidden_size=32,
                                 num_feedforward_networks=2, max_position_embeddings=128, **LAYERS),
 }
