@@ -26,8 +26,10 @@ class Shrink(Pass):
     intermediate channels through activations, SwiGLU's gate times up, and
     merged ``gate_up`` projections split in two; attention heads whole (query,
     key and value heads together; under grouped-query attention a whole
-    key/value group with its query heads), through merged QKV projections,
-    rotary embeddings and ``repeat_kv``.
+    key/value group with its query heads), through merged QKV projections
+    (split before the heads, or laid out head by head or by KV group), rotary
+    embeddings, ``repeat_kv`` and per-head biases (the kept heads' part of
+    ALiBi's slopes or T5's position bias stays).
 
     Matches: every group and attention the analysis accepts, selected by
     ``include`` / ``exclude`` (regular expressions on the name, e.g.

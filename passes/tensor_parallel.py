@@ -51,8 +51,10 @@ class TensorParallel(Pass):
     Matches: the column/row pairs of :class:`~fxopt.passes.analyses.ParallelPairs`
     (found on the graph, never from module names): an MLP's first linear, or
     gate and up (separate or merged), with its down projection; Q, K and V
-    (separate or merged) with the attention output projection, split by
-    heads; a generation step's key/value cache (graph inputs concatenated
+    (separate, merged, laid out head by head or by KV group) with the
+    attention output projection, split by heads (a bias per head, such as
+    ALiBi's, read for the rank's heads; a key part every head shares, such as
+    DeepSeek's rotary part, computed whole on every rank); a generation step's key/value cache (graph inputs concatenated
     with the new keys and values, and the graph outputs returning them) goes
     with its heads, so each rank takes and returns only its heads' cache
     (``[B, kv_heads / N, T, D]``; with more ranks than KV heads, the one KV
