@@ -330,6 +330,21 @@ def head_analysis(module, *inputs):
 X = torch.randn(2, 5, 32)
 
 
+def shrink_exactly(module, columns):
+    """With the output projection's ``columns`` zero, ``shrink(heads=0.5)`` removes
+    the two heads that read them and the output stays the model's on both
+    backends. Returns the graph before and after."""
+    with torch.no_grad():
+        module.o.weight[:, columns] = 0.0
+    graph = PassManager("canonicalize,dce").run(fxopt.trace(module, (X,))).graph
+    shrunk = PassManager("shrink(ratio=0,heads=0.5)").run(graph)
+    assert shrunk.records[0].stats["heads_removed"] == 2
+    want = module(X)
+    for backend in ("eager", "onnxruntime"):
+        assert fxopt.compare(want, fxopt.compile(shrunk.graph, backend)(X)).within(1e-5), backend
+    return graph, shrunk.graph
+
+
 @pytest.mark.parametrize("form", ["sdpa", "eager"])
 def test_heads_are_followed_from_the_projections_through_attention_to_the_output_projection(form):
     graph, deps = head_analysis(HeadAttention(kv_heads=2, form=form), X)
@@ -363,16 +378,9 @@ def test_heads_are_followed_through_ops_within_each_head(form):
     assert (heads.num_heads, heads.num_kv_heads, heads.q.size, heads.k.size) == (4, 2, 32, 16)
     # the bias of the [B, 4, S, S] scores: [4, 1, 1] or [4, S, S], one value per query head along axis 0
     assert [(op.axis, op.kind) for op in heads.head_operands] == ([(0, "q")] if "bias" in form else [])
-    with torch.no_grad():
-        module.o.weight[:, 16:] = 0.0  # KV group 1: query heads 2 and 3
-    graph = PassManager("canonicalize,dce").run(fxopt.trace(module, (X,))).graph
-    shrunk = PassManager("shrink(ratio=0,heads=0.5)").run(graph)
-    assert shrunk.records[0].stats["heads_removed"] == 2
-    selects = [n for n in shrunk.graph.fx.nodes if n.target == aten.index_select.default]
+    _, shrunk = shrink_exactly(module, slice(16, 32))  # KV group 1: query heads 2 and 3
+    selects = [n for n in shrunk.fx.nodes if n.target == aten.index_select.default]
     assert len(selects) == (form == "position-bias")  # a constant bias is cut at once
-    want = module(X)
-    for backend in ("eager", "onnxruntime"):
-        assert fxopt.compare(want, fxopt.compile(shrunk.graph, backend)(X)).within(1e-5), backend
 
 
 # GPT-NeoX's QKV projection holds each head's q, k and v together: head h owns rows
@@ -391,17 +399,9 @@ def test_heads_whose_q_k_v_share_one_block_per_head():
     assert heads.q_rows([1]).tolist() == list(range(24, 32)) and heads.v_rows([1]).tolist() == list(range(40, 48))
     assert heads.q.rows([1]).tolist() == list(range(24, 48))  # what removing head 1 removes
     assert heads.name not in deps.refused() and not any(k.startswith("qkv[") for k in deps.refused())
-    with torch.no_grad():
-        module.o.weight[:, 8:16] = 0.0
-        module.o.weight[:, 24:32] = 0.0
-    graph = PassManager("canonicalize,dce").run(fxopt.trace(module, (X,))).graph
-    shrunk = PassManager("shrink(ratio=0,heads=0.5)").run(graph)
-    assert shrunk.records[0].stats["heads_removed"] == 2
-    (linear,) = [n for n in shrunk.graph.fx.nodes if n.target == aten.linear.default and n.args[1].target.startswith("qkv")]
-    torch.testing.assert_close(shrunk.graph.constant(linear.args[1]), torch.cat([module.qkv.weight[:24], module.qkv.weight[48:72]]))
-    want = module(X)
-    for backend in ("eager", "onnxruntime"):
-        assert fxopt.compare(want, fxopt.compile(shrunk.graph, backend)(X)).within(1e-5), backend
+    _, shrunk = shrink_exactly(module, [*range(8, 16), *range(24, 32)])  # heads 1 and 3
+    (linear,) = [n for n in shrunk.fx.nodes if n.target == aten.linear.default and n.args[1].target.startswith("qkv")]
+    torch.testing.assert_close(shrunk.constant(linear.args[1]), torch.cat([module.qkv.weight[:24], module.qkv.weight[48:72]]))
 
 
 # InternLM2's and Falcon-40B's layout: each KV group's block of 32 rows holds its two query
@@ -418,14 +418,7 @@ def test_heads_grouped_in_one_block_per_key_value_group():
         (0, 64, 32, (0,), tuple(range(24, 32)))]
     assert heads.q_rows([1]).tolist() == list(range(32, 48)) and heads.k_rows([1]).tolist() == list(range(48, 56))
     assert heads.q.rows([2, 3]).tolist() == list(range(32, 64))
-    with torch.no_grad():
-        module.o.weight[:, 16:] = 0.0
-    graph = PassManager("canonicalize,dce").run(fxopt.trace(module, (X,))).graph
-    shrunk = PassManager("shrink(ratio=0,heads=0.5)").run(graph)
-    assert shrunk.records[0].stats["heads_removed"] == 2
-    want = module(X)
-    for backend in ("eager", "onnxruntime"):
-        assert fxopt.compare(want, fxopt.compile(shrunk.graph, backend)(X)).within(1e-5), backend
+    graph, _ = shrink_exactly(module, slice(16, 32))  # group 1: query heads 2 and 3
     # four ranks would cut the two groups' blocks apart
     with pytest.raises(PassError, match="does not divide the 2 key/value groups"):
         PassManager("tensor-parallel(world_size=4,rank=0)").run(graph)
