@@ -52,6 +52,12 @@ from torch.export import Dim
 from .graph import Graph
 from .trace import TraceError, trace
 
+# A property of both graphs of a generation pair: the key/value cache between
+# them is the generator's own (it sizes the cache from the decode graph's
+# inputs), so a pass may change its head count if it changes the prefill's and
+# the decode step's alike.
+GENERATION_CACHE = "generation-cache"
+
 
 class NotACausalLMError(TypeError):
     pass
@@ -220,4 +226,6 @@ def trace_decoder(model: torch.nn.Module, *, name: str | None = None, share_weig
     if info.max_positions:  # generation keeps positions below it (the loop checks prompt + new tokens)
         for graph in (prefill, decode):
             graph.value_bounds["position_ids"] = info.max_positions
+    for graph in (prefill, decode):
+        graph.properties.add(GENERATION_CACHE)
     return DecoderGraphs(prefill, decode, info, name)

@@ -121,7 +121,8 @@ class PassResult:
     ``preserves`` for this run (analyses still valid although it changed the graph).
     ``sharded_outputs``: the flat output positions whose shapes the pass
     changed on purpose (a tensor-parallel rank returns its heads of the
-    key/value cache); every other output must keep its dtype and shape."""
+    key/value cache, a shrunk generation graph its kept heads); every other
+    output must keep its dtype and shape."""
 
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)

@@ -9,6 +9,7 @@ import re
 import torch
 import torch.fx as fx
 
+from ..ir.decoder import GENERATION_CACHE
 from .base import Option, Pass, PassResult
 from .analyses.channels import AttentionHeads, ChannelAnalysis, ChannelGroup, HeadBlock, Span
 from .layers import regex_problem
@@ -95,9 +96,18 @@ class Shrink(Pass):
         if self.ratio == 0 and self.heads == 0:
             return PassResult(False, {"groups_shrunk": 0, "attentions_shrunk": 0})
         deps = self.analysis(ChannelAnalysis, graph)
-        refused = deps.refused()
+        # a generation pair's cache may lose heads, if the prefill and the decode step choose the same ones:
+        # weight magnitudes do, calibrated activations of the two graphs need not
+        pair = GENERATION_CACHE in graph.properties
+        same_choice = self.importance == "magnitude" and not self.compensate
+        refused = deps.refused(cache=pair and same_choice)
+        if pair and not same_choice:
+            refused.update({a.name: "a generation graph's heads (and its cache's) go with importance=magnitude and no "
+                                    "compensate only: the prefill and the decode step must remove the same ones"
+                            for a in deps.splittable_attentions() if a.has_cache})
+        candidates = deps.splittable_attentions() if pair and same_choice else deps.shrinkable_attentions()
         groups = [g for g in deps.shrinkable() if self._selected(g.name)] if self.ratio > 0 else []
-        attentions = [a for a in deps.shrinkable_attentions() if self._selected(a.name)] if self.heads > 0 else []
+        attentions = [a for a in candidates if self._selected(a.name)] if self.heads > 0 else []
         if self.include is not None and not groups and not attentions:
             listed = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:8])
             raise self.fail(f"option include={self.include!r} selects no shrinkable channel group or attention; refused: {listed}")
@@ -122,7 +132,7 @@ class Shrink(Pass):
             for consumer, keep in folds:
                 self._fold_removed(graph, consumer, keep, means[consumer])
         before = graph.param_bytes()
-        keep_channels(graph, deps, kept, heads)
+        resized = keep_channels(graph, deps, kept, heads)
         per_group = {group.name: {"kept": int(keep.numel()), "of": group.size} for group, keep in kept}
         per_attention = {a.name: {"heads": a.num_heads, "of": a.num_heads, "kv_heads": a.num_kv_heads, "kv_of": a.num_kv_heads}
                          for a in attentions}
@@ -131,7 +141,7 @@ class Shrink(Pass):
         stats = {"groups_shrunk": len(groups), "channels_removed": sum(v["of"] - v["kept"] for v in per_group.values()),
                  "attentions_shrunk": len(heads), "heads_removed": sum(v["of"] - v["heads"] for v in per_attention.values()),
                  "bytes_removed": before - graph.param_bytes(), "groups": per_group, "attentions": per_attention, "refused": refused}
-        return PassResult(bool(groups or heads), stats)
+        return PassResult(bool(groups or heads), stats, sharded_outputs=resized)
 
     def _selected(self, name: str) -> bool:
         return (self.include is None or re.search(self.include, name) is not None) and \
@@ -215,7 +225,7 @@ class Shrink(Pass):
                 score[g] = float(rows.norm() * col.norm())
 
 
-def keep_channels(graph, deps, kept=(), heads=(), suffix: str = "shrunk") -> None:
+def keep_channels(graph, deps, kept=(), heads=(), suffix: str = "shrunk") -> tuple[int, ...]:
     """Keep channels ``keep`` (sorted indices) of each ``(group, keep)`` in
     ``kept``, and query heads ``q`` and key/value heads ``kv`` (sorted) of each
     ``(attention, q, kv)`` in ``heads``; drop the rest: the producers' weight
@@ -228,7 +238,8 @@ def keep_channels(graph, deps, kept=(), heads=(), suffix: str = "shrunk") -> Non
     outputs follow from the shapes). ``deps`` is the :class:`ChannelAnalysis`
     result they come from. Structured pruning keeps the important channels; a
     tensor-parallel rank keeps its shard. New constants are named
-    ``<old name>.<suffix>``."""
+    ``<old name>.<suffix>``. Returns the flat positions of the graph outputs
+    whose shapes change: the cache outputs of the attentions in ``heads``."""
     keep_rows: dict[fx.Node, torch.Tensor] = {}
 
     def keep_span(span: Span | HeadBlock, keep: torch.Tensor) -> None:
@@ -264,6 +275,16 @@ def keep_channels(graph, deps, kept=(), heads=(), suffix: str = "shrunk") -> Non
             _read_heads(graph, operand, q if operand.kind == "q" else kv, suffix)
     for node, pieces in deps.pieces.items():
         _resize(node, pieces, keep_rows)
+    return _output_positions(graph, [c for attn, _, _ in heads for c in attn.cache_outputs])
+
+
+def _output_positions(graph, caches) -> tuple[int, ...]:
+    """Flat positions of the graph outputs that are ``caches``' values."""
+    from torch.utils._pytree import tree_leaves
+
+    values = {c.node for c in caches}
+    out = next(n for n in reversed(graph.fx.nodes) if n.op == "output")
+    return tuple(i for i, leaf in enumerate(tree_leaves(out.args[0])) if leaf in values)
 
 
 def head_channels(heads, dim: int) -> torch.Tensor:

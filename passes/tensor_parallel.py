@@ -117,7 +117,7 @@ class TensorParallel(Pass):
         before = graph.param_bytes()
         kept = [(p.group, _shard(p.group.size, rank, n)) for p in plan.pairs if p.attention is None]
         heads = [(p.attention, *_head_shard(p.attention, rank, n)) for p in plan.pairs if p.attention is not None]
-        keep_channels(graph, deps, kept, heads, suffix=f"rank{rank}")
+        sharded = keep_channels(graph, deps, kept, heads, suffix=f"rank{rank}")
         reduces = 0
         for pair in plan.pairs:
             for row in pair.rows:
@@ -136,7 +136,7 @@ class TensorParallel(Pass):
                  "split": {p.name: p.kind for p in plan.pairs}, "unpaired": dict(plan.unpaired),
                  "cache_inputs": sum(len(p.attention.cache_inputs) for p in plan.pairs if p.attention is not None),
                  "cache_outputs": len(caches)}
-        return PassResult(bool(plan.pairs or lm_heads or tables), stats, sharded_outputs=_output_positions(graph, caches))
+        return PassResult(bool(plan.pairs or lm_heads or tables), stats, sharded_outputs=sharded)
 
     def _check_fits(self, plan, n: int) -> None:
         for pair in plan.pairs:
@@ -233,15 +233,6 @@ class TensorParallel(Pass):
         total = insert_all_reduce(graph, rows)
         for user in users:
             user.replace_input_with(table, total)
-
-
-def _output_positions(graph, caches) -> tuple[int, ...]:
-    """Flat positions of the graph outputs that are ``caches``' values."""
-    from torch.utils._pytree import tree_leaves
-
-    values = {c.node for c in caches}
-    out = next(n for n in reversed(graph.fx.nodes) if n.op == "output")
-    return tuple(i for i, leaf in enumerate(tree_leaves(out.args[0])) if leaf in values)
 
 
 def _vocab_shard_size(rows: int, n: int) -> int:

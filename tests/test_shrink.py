@@ -380,3 +380,53 @@ def test_a_group_whose_weights_other_nodes_read_is_left_whole():
               if n.target == torch.ops.aten.linear.default]
     # the shared pair read twice, whole; the layer's own pair with half its channels
     assert shapes == [(32, 16), (16, 32), (32, 16), (16, 32), (16, 16), (16, 16)]
+
+
+# -- a generation pair --------------------------------------------------------------------
+
+def _llama_without_kv_group_1():
+    import transformers
+
+    seeded()
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, 32:] = 0.0  # KV group 1 (query heads 2 and 3) adds nothing
+    return model
+
+
+# The prefill and the decode step remove the same heads (chosen by weight magnitude), and
+# the key/value cache between them holds the kept ones: one KV head per layer. The removed
+# group added nothing, so the greedy tokens stay Hugging Face's, fused on ONNX Runtime too.
+@pytest.mark.parametrize("backend, after", [("eager", ""), ("onnxruntime", ",fuse-attention,merge-linears,pack-attention,dce")])
+def test_shrink_removes_heads_from_a_generation_pair_and_its_cache(backend, after):
+    from fxopt.generation import compile_generator
+    from fxopt.ir.decoder import trace_decoder
+
+    model = _llama_without_kv_group_1()
+    prompts = [[5, 9, 2, 7], [3, 4, 5, 6, 7, 8]]
+    ids = torch.tensor([[0, 0, 5, 9, 2, 7], [3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=(ids != 0).long() | (torch.arange(2) == 1)[:, None],
+                              max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    gen = compile_generator(trace_decoder(model), "canonicalize,shrink(ratio=0,heads=0.5)" + after, backend)
+    assert [r[1].stats["heads_removed"] for r in gen.graphs.records.values()] == [4, 4]
+    assert [p.meta["val"].shape[1] for p in gen.graphs.decode.placeholders()[3:]] == [1] * 4
+    assert torch.equal(gen.generate(prompts, max_new_tokens=24).sequences, want)
+
+
+# Calibrated choices (activation importance, compensation) could differ between the two
+# graphs, whose cache must agree: their heads stay, and the stats say why.
+def test_shrink_keeps_a_generation_graphs_heads_when_its_choice_is_calibrated():
+    from fxopt.ir.decoder import trace_decoder
+
+    prefill = trace_decoder(_llama_without_kv_group_1()).prefill
+    ids = torch.tensor([[5, 9, 2, 7]])
+    data = [(ids, torch.ones_like(ids), torch.arange(4)[None])]
+    result = fxopt.PassManager("canonicalize,shrink(ratio=0,heads=0.5,compensate=true)", calibration_data=data).run(prefill)
+    stats = result.records[1].stats
+    assert stats["heads_removed"] == 0
+    assert sum("importance=magnitude and no compensate only" in why for why in stats["refused"].values()) == 2  # both layers
