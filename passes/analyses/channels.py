@@ -167,11 +167,10 @@ class ChannelDependencies:
 
     def refused(self, *, cache: bool = False) -> dict[str, str]:
         """Why each group or attention cannot be shrunk (with ``cache``:
-        split by heads), by name. A group of q/k/v channels that an accepted
-        attention covers (its walk stops at the view into heads) is not
-        listed: its heads are removable."""
-        accepted = self.splittable_attentions() if cache else self.shrinkable_attentions()
-        spans = [s for a in accepted for s in (a.q, a.k, a.v)]
+        split by heads), by name. A group of q/k/v channels that an attention
+        the walk followed covers (its walk stops at the view into heads) is
+        not listed: the attention is, if its heads cannot go."""
+        spans = [s for a in self.splittable_attentions() for s in (a.q, a.k, a.v)]
 
         def covered(g):
             return all(any(s.producer is t.producer and t.offset <= s.offset and s.offset + s.size <= t.offset + t.size
