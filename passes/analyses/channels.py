@@ -477,6 +477,15 @@ class _Source:
         return replace(self, entries=entries, reads=frozenset().union(*entries))
 
     @staticmethod
+    def heads_of(span: Span, width: int, nd: int, slots: int | None = None) -> "_Source":
+        """Heads made from ``span``'s rows: one per block of ``width`` channels,
+        or blocks of ``slots`` heads (along the axis after the head axis); the
+        channels along the last of ``nd`` axes, every entry reading its own."""
+        return _Source(span, (slots or 1) * width, 1, frozenset(range(width)), nd - 1,
+                       tuple(frozenset((c,)) for c in range(width)),
+                       None if slots is None else tuple(j * width for j in range(slots)))
+
+    @staticmethod
     def shared(shape: tuple) -> "_Source":
         """A value of ``shape`` that no head's rows make: each entry along the
         last axis reads nothing."""
@@ -678,8 +687,7 @@ class _HeadWalk:
                 width = _static(shape[-1])
                 if width is None:
                     raise _Refuse(node, "a head of symbolic width")
-                return _Source(self._flat_back(a0, 0), width, 1, frozenset(range(width)), nd - 1,
-                               tuple(frozenset((c,)) for c in range(width)))
+                return _Source.heads_of(self._flat_back(a0, 0), width, nd)
             if d == axis:
                 raise _Refuse(node, "an unsqueeze at the head axis")
             if d == rep_axis:  # repeat_kv's new axis: the repeat was counted at its expand
@@ -873,8 +881,8 @@ class _HeadWalk:
             caxis = None if found.caxis is None else found.caxis - (found.caxis > axis)
             if found.slots is not None:  # not repeats: each block's own heads, merged into the query heads
                 self._edit(node, axis, "q", 1)
-                return found.moved(caxis)
-            self._edit(node, axis, "kv", found.rep)
+            else:
+                self._edit(node, axis, "kv", found.rep)
             return found.moved(caxis)
         if rep_axis == axis + 1 and len(s) == nd - 1 and s[:axis] == shape[:axis] and s[axis + 1:] == shape[axis + 2:]:
             # heads grouped into blocks: [.., groups * slots, D] -> [.., groups, slots, D] (Falcon-40B's KV groups)
@@ -892,15 +900,13 @@ class _HeadWalk:
             if slots is None or width is None:
                 raise _Refuse(node, "a view into heads of symbolic size")
             self._edit(node, axis, kind, 1)
-            return _Source(self._flat_back(src, 0), slots * width, 1, frozenset(range(width)), nd - 1,
-                           tuple(frozenset((c,)) for c in range(width)), tuple(j * width for j in range(slots)))
+            return _Source.heads_of(self._flat_back(src, 0), width, nd, slots)
         if rep_axis is None and axis == nd - 2 and [d for d in s[:-1] if d != 1] == [d for d in shape[:-2] if d != 1]:
             width, heads = _static(shape[-1]), _static(shape[-2])
             if width is None or heads is None or _static(s[-1]) != width * heads:
                 raise _Refuse(node, "a view into heads of symbolic size")
             self._edit(node, nd - 2, kind, 1)
-            return _Source(self._flat_back(src, 0), width, 1, frozenset(range(width)), nd - 1,
-                           tuple(frozenset((c,)) for c in range(width)))
+            return _Source.heads_of(self._flat_back(src, 0), width, nd)
         if rep_axis is None and axis + 1 < nd and len(s) > axis + 1 and s[:axis + 1] == shape[:axis + 1]:
             # a view within each head, the dimensions up to the head axis as they were
             # (GPT-J's interleaved rotary: [.., H, D / 2, 2] -> [.., H, D])
