@@ -23,6 +23,7 @@ aten = torch.ops.aten
 _TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _SAME_VALUE = {aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default}
+_SCALINGS = {aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar}
 _CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device, aten.type_as.default}
 
 
@@ -45,6 +46,63 @@ def _scalar(graph, x) -> float | None:
     if c is not None and c.numel() == 1 and c.dtype.is_floating_point:
         return float(c)
     return None
+
+
+def _fold_source(x) -> fx.Node | None:
+    """The 4-D ``[P, Q, m, n]`` tensor that ``x``, a view to ``[P * Q, m, n]``, folds."""
+    if not (isinstance(x, fx.Node) and x.target in _VIEWS and isinstance(x.args[0], fx.Node)):
+        return None
+    source, folded = val(x.args[0]), val(x)
+    if not (isinstance(source, torch.Tensor) and isinstance(folded, torch.Tensor)
+            and source.dim() == 4 and folded.dim() == 3):
+        return None
+    if same_shape(source.shape[2:], folded.shape[1:]) and same_shape((source.shape[0] * source.shape[1],),
+                                                                     folded.shape[:1]):
+        return x.args[0]
+    return None
+
+
+def _unfolded_operand(x, lead) -> tuple[fx.Node, list] | None:
+    """``(source, steps)``: ``x`` is a fold of the 4-D ``source`` with leading
+    dims ``lead``, after ``steps`` (outermost first) that commute with the fold:
+    a transpose of the last two dims, a multiply or divide by a scalar."""
+    steps = []
+    while isinstance(x, fx.Node):
+        if x.target == aten.transpose.int and {dim_index(d, 3) for d in x.args[1:3]} == {1, 2}:
+            steps.append((aten.transpose.int, 2, 3))
+        elif x.target in _SCALINGS and len(x.args) == 2 and not x.kwargs and isinstance(x.args[0], fx.Node) and (
+                isinstance(x.args[1], (int, float)) or (isinstance(val(x.args[1]), torch.Tensor) and val(x.args[1]).dim() == 0)):
+            steps.append((x.target, x.args[1]))
+        else:
+            break
+        x = x.args[0]
+    source = _fold_source(x)
+    if source is None or not same_shape(val(source).shape[:2], lead):
+        return None
+    return source, steps
+
+
+def _replay(graph, x: fx.Node, steps: list) -> fx.Node:
+    for target, *rest in reversed(steps):
+        x = graph.fx.call_function(target, (x, *rest))
+    return x
+
+
+def _unfolded_size(x, lead, batch) -> list | None:
+    """The size list that views ``x`` (broadcast against ``[batch, m, n]``,
+    ``batch`` = P * Q) as ``[P, Q, ...]``, ``lead`` the graph's values of P and
+    Q; None when it cannot be spelled (two symbolic trailing dims, a batch dim
+    neither 1 nor P * Q)."""
+    shape = val(x).shape if isinstance(x, fx.Node) and isinstance(val(x), torch.Tensor) else None
+    if shape is None or lead is None or len(lead) != 2 or -1 in lead or len(shape) > 3:
+        return None
+    shape = (1,) * (3 - len(shape)) + tuple(shape)
+    rest = [d if isinstance(d, int) else -1 for d in shape[1:]]
+    if rest.count(-1) > 1:
+        return None
+    if isinstance(shape[0], int) and shape[0] == 1:
+        return [1, 1, *rest]
+    return [*lead, *rest] if same_shape(shape[:1], (batch,)) else None
 
 
 def _only_read_by(graph, param, user: fx.Node) -> bool:
@@ -76,10 +134,20 @@ class Canonicalize(Pass):
       ``sym_constrain_range*``) -> removed;
     * ``linear(x, W, b) * c`` (or ``/ c``) with ``c`` a constant scalar ->
       ``linear(x, W * c, b * c)`` (OPT scales its query projection's output so;
-      folded, that projection merges with K and V and its attention packs).
+      folded, that projection merges with K and V and its attention packs);
+    * attention over heads folded into the batch (BLOOM, XGLM, DeBERTa-v2: ``[B, H, S, D]``
+      viewed as ``[B * H, S, D]``, ``bmm`` / ``baddbmm``, viewed back) -> the
+      4-D ``matmul`` on the unfolded tensors (``baddbmm``'s added term viewed
+      as ``[B, H, ...]``), and a softmax over the last dim taken between a fold and
+      its unfold -> the softmax of the 4-D tensor: one form of attention, which
+      ``fuse-attention`` and the channel analysis's head walk follow.
 
     Refuses: matmuls whose weight is not a constant (a graph input stays a
     matmul), ``addmm`` with alpha/beta other than 1, dropout in training mode,
+    a folded matmul whose result is read other than viewed back to ``[B, H, ...]``,
+    whose operands do not both fold the same ``[B, H]`` (through transposes of the
+    last two dims and scalings only), or whose added term cannot be viewed as
+    ``[B, H, ...]``,
     and a scale fold whose weight or bias is read elsewhere too (tied: the fold
     would keep a second copy).
     """
@@ -87,6 +155,7 @@ class Canonicalize(Pass):
     keep_asserts = Option(False, help="leave runtime asserts in the graph")
     linear = Option(True, help="rewrite matmul/addmm/mm with a constant weight into linear")
     fold_scale = Option(True, help="fold a constant scalar multiply/divide of a linear's output into its weight and bias")
+    unfold_heads = Option(True, help="rewrite bmm/baddbmm/softmax over [B * H, ...] folds of 4-D tensors into 4-D ops")
 
     ensures = ("canonical-linear",)
 
@@ -96,6 +165,8 @@ class Canonicalize(Pass):
         rules: list[tuple[str, Callable]] = [("identity", self._identity), ("identity", self._one_part_concat)]
         if self.linear:
             rules.append(("linear", self._to_linear))
+        if self.unfold_heads:
+            rules.append(("heads-unfolded", self._unfold_heads))
         if not self.keep_asserts:
             rules.append(("assert", self._drop_assert))
         for node in self.walk(graph, op="call_function"):
@@ -103,8 +174,8 @@ class Canonicalize(Pass):
                 if rule(graph, node):
                     counts[rule_name] = counts.get(rule_name, 0) + 1
                     break
-        if self.linear:
-            graph.refresh_meta()  # shapes of the new linear nodes
+        if self.linear or self.unfold_heads:
+            graph.refresh_meta()  # shapes of the new nodes
             for node in self.walk(graph, op="call_function", target=aten.linear.default):
                 if self._absorb_flatten(graph, node):
                     counts["flatten-absorbed"] = counts.get("flatten-absorbed", 0) + 1
@@ -218,6 +289,56 @@ class Canonicalize(Pass):
         for stale in dict.fromkeys((w, base)):
             if isinstance(stale, fx.Node) and stale.graph is graph.fx and not stale.users:
                 graph.fx.erase_node(stale)
+        return True
+
+    def _unfold_heads(self, graph, node) -> bool:
+        """bmm(fold(a), fold(b)) viewed back to [P, Q, m, n]  ==>  matmul(a, b);
+        baddbmm(c, ...) also adds ``beta * c`` viewed as [P, Q, ...]; softmax(fold(x))
+        over the last dim viewed back  ==>  softmax(x)."""
+        t = node.target
+        if t not in (aten.bmm.default, aten.baddbmm.default, aten.softmax.int, aten._softmax.default):
+            return False
+        out = val(node)
+        backs = list(node.users)
+        if not (isinstance(out, torch.Tensor) and out.dim() == 3 and backs and all(
+                u.target in _VIEWS and isinstance(val(u), torch.Tensor) and val(u).dim() == 4 for u in backs)):
+            return False
+        shape = val(backs[0]).shape
+        if not (all(same_shape(val(u).shape, shape) for u in backs) and same_shape(shape[2:], out.shape[1:])
+                and same_shape((shape[0] * shape[1],), out.shape[:1])):
+            return False
+        if t in (aten.softmax.int, aten._softmax.default):
+            source = _fold_source(node.args[0])
+            if source is None or dim_index(node.args[1], 3) != 2 or not same_shape(val(source).shape, shape):
+                return False
+            with graph.fx.inserting_before(node):
+                new = graph.fx.call_function(t, (source, -1, *node.args[2:]), dict(node.kwargs))
+        else:
+            added, a, b = node.args if t == aten.baddbmm.default else (None, *node.args)
+            operands = [_unfolded_operand(x, shape[:2]) for x in (a, b)]
+            beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+            lead = backs[0].args[1][:2] if len(backs[0].args) > 1 else None
+            if None in operands or not isinstance(beta, (int, float)) or not isinstance(alpha, (int, float)):
+                return False
+            if added is not None and beta != 0:
+                added_size = _unfolded_size(added, lead, out.shape[0])
+                if added_size is None:
+                    return False
+            with graph.fx.inserting_before(node):
+                a4, b4 = (_replay(graph, source, steps) for source, steps in operands)
+                new = graph.fx.call_function(aten.matmul.default, (a4, b4))
+                if alpha != 1:
+                    new = graph.fx.call_function(aten.mul.Tensor, (new, alpha))
+                if added is not None and beta != 0:
+                    term = graph.fx.call_function(aten.reshape.default, (added, added_size))
+                    if beta != 1:
+                        term = graph.fx.call_function(aten.mul.Tensor, (term, beta))
+                    new = graph.fx.call_function(aten.add.Tensor, (new, term))
+        for back in backs:
+            back.replace_all_uses_with(new)
+            graph.fx.erase_node(back)
+        graph.fx.erase_node(node)
+        graph.refresh_meta()  # a later fold of ``new`` is recognized by its shape
         return True
 
     def _fold_scale(self, graph, node) -> bool:

@@ -245,7 +245,10 @@ class HeadAttention(torch.nn.Module):
     projection viewed as 6 heads, split along the heads into 4 query heads, one key and one value
     head), 'split-counted-heads' (that, with the view spelling out the 6) and 'grouped-qkv'
     (InternLM2's and Falcon-40B's layout: a block of 32 rows per KV group holding its 2 query
-    heads, its key head and its value head, viewed as [B, S, 2, 4, 8])."""
+    heads, its key head and its value head, viewed as [B, S, 2, 4, 8]) and 'folded-heads' (BLOOM's
+    layout and attention: one projection viewed as [B, S, 4, 3, 8], q, k and v selected from each
+    head's three slots, the heads folded into the batch for ``baddbmm`` with an ALiBi bias of
+    [B * 4, 1, S], a softmax between a fold and its unfold as XGLM writes it, and ``bmm``)."""
 
     def __init__(self, kv_heads=4, form="sdpa"):
         super().__init__()
@@ -255,7 +258,7 @@ class HeadAttention(torch.nn.Module):
         self.v = torch.nn.Linear(32, 8 * kv_heads)
         self.o = torch.nn.Linear(32, 32)
         self.register_buffer("slopes", torch.arange(1.0, 5.0).view(4, 1, 1))
-        if form in ("per-head-qkv", "overlapping-qkv"):
+        if form in ("per-head-qkv", "overlapping-qkv", "folded-heads"):
             self.qkv = torch.nn.Linear(32, 96)
         if form in ("split-heads", "split-counted-heads"):
             self.qkv = torch.nn.Linear(32, 48)
@@ -270,6 +273,14 @@ class HeadAttention(torch.nn.Module):
                 q, k, v = blocks.split(8, -1)
             else:
                 q, k, v = blocks[..., 0:8], blocks[..., 4:12], blocks[..., 16:24]
+        elif self.form == "folded-heads":
+            slots = self.qkv(x).view(b, s, 4, 3, 8)
+            q, k, v = (slots[..., i, :].transpose(1, 2).reshape(b * 4, s, 8) for i in range(3))
+            alibi = (self.slopes * torch.arange(s)).repeat(b, 1, 1)  # [B * 4, 1, S]
+            scores = torch.baddbmm(alibi, q, k.transpose(-1, -2), beta=1.0, alpha=8**-0.5).view(b, 4, s, s)
+            probs = torch.softmax(scores.view(b * 4, s, s), -1).view(b, 4, s, s)
+            out = torch.bmm(probs.view(b * 4, s, s), v).view(b, 4, s, 8)
+            return self.o(out.permute(0, 2, 1, 3).reshape(b, s, 32))
         elif self.form == "grouped-qkv":
             groups = self.qkv(x).view(b, s, 2, 4, 8)
             q = groups[:, :, :, :2].reshape(b, s, 4, 8).transpose(1, 2)
@@ -422,6 +433,24 @@ def test_heads_grouped_in_one_block_per_key_value_group():
     # four ranks would cut the two groups' blocks apart
     with pytest.raises(PassError, match="does not divide the 2 key/value groups"):
         PassManager("tensor-parallel(world_size=4,rank=0)").run(graph)
+
+
+# BLOOM's attention: canonicalize unfolds the [B * 4, S, D] bmm / baddbmm into 4-D matmuls,
+# its ALiBi bias becomes a computed per-head operand of the scores, and q, k and v are the
+# three slots of each head's block of 24 rows. With heads 1 and 3 unread, shrinking half the
+# heads keeps the output, the bias read for the kept heads.
+def test_heads_folded_into_the_batch():
+    module = HeadAttention(form="folded-heads").eval()
+    graph, deps = head_analysis(module, X)
+    assert not {aten.bmm.default, aten.baddbmm.default} & {n.target for n in graph.fx.nodes}
+    (heads,) = deps.attentions
+    assert heads.refused is None, heads.refused
+    assert heads.q.producer is heads.k.producer is heads.v.producer
+    assert (heads.num_heads, heads.num_kv_heads, heads.head_dim) == (4, 4, 8)
+    assert heads.q.rows([1]).tolist() == list(range(24, 48))
+    assert [(op.axis, op.kind) for op in heads.head_operands] == [(1, "q")]
+    _, shrunk = shrink_exactly(module, [*range(8, 16), *range(24, 32)])  # heads 1 and 3
+    assert any(n.target == aten.index_select.default for n in shrunk.fx.nodes)  # the computed bias's kept heads
 
 
 # Reading shapes must not guard on them: with 4 positions traced, GPT-J's pairs view

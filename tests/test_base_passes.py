@@ -115,6 +115,44 @@ def test_canonicalize_folds_a_constant_scale_into_the_linear():
                    fxopt.PassManager("canonicalize(fold_scale=false)").run(graph).records)
 
 
+class FoldedHeads(torch.nn.Module):
+    """Attention over heads folded into the batch, as BLOOM writes it: [B, H, S, D]
+    viewed as [B * H, S, D], ``baddbmm`` with a [B * H, 1, S] bias, ``bmm``, each
+    result viewed back; and a ``bmm`` whose 3-D result is returned as it is."""
+
+    def forward(self, q, k, v, bias):
+        b, h, s, d = q.shape
+        bias = bias.reshape(b * h, 1, s)
+        scores = torch.baddbmm(bias, q.reshape(b * h, s, d), k.reshape(b * h, s, d).transpose(1, 2), beta=0.5,
+                               alpha=0.25).view(b, h, s, s)
+        out = torch.bmm(scores.softmax(-1).view(b * h, s, s), v.reshape(b * h, s, d)).view(b, h, s, d)
+        return out, torch.bmm(q.reshape(b * h, s, d), v.reshape(b * h, s, d).transpose(1, 2))
+
+
+def test_canonicalize_unfolds_attention_over_folded_heads():
+    q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
+    bias = torch.randn(2, 4, 5)
+    model = FoldedHeads()
+    dim = {0: Dim("b", max=64), 2: Dim("s", max=64)}
+    graph = fxopt.trace(model, (q, k, v, bias), dynamic_shapes=(dim, dim, dim, {0: Dim("b", max=64), 2: Dim("s", max=64)}))
+    out, record = optimize(graph, "canonicalize,dce")
+    assert record.stats["removed"] > 0
+    computed = [t for t in targets(out) if isinstance(t, torch._ops.OpOverload)
+                and t not in (aten.sym_size.int, aten.view.default, aten.reshape.default)]
+    # scores = 0.25 * (q @ k^T) + 0.5 * bias viewed as [B, H, 1, S]; the returned 3-D bmm stays
+    assert computed == [aten.transpose.int, aten.matmul.default, aten.mul.Tensor, aten.mul.Tensor, aten.add.Tensor,
+                        aten.softmax.int, aten.matmul.default, aten.transpose.int, aten.bmm.default], computed
+    assert [n.meta["val"].dim() for n in out.fx.nodes if n.target == aten.matmul.default] == [4, 4]
+    assert fxopt.PassManager("canonicalize").run(graph).records[0].stats["rewritten"]["heads-unfolded"] == 2
+    for inputs in ((q, k, v, bias), (*(torch.randn(3, 4, 7, 8) for _ in range(3)), torch.randn(3, 4, 7))):
+        with torch.no_grad():
+            want = model(*inputs)
+        for backend in ("eager", "onnxruntime"):
+            assert fxopt.compare(want, fxopt.compile(out, backend)(*inputs)).within(1e-5), backend
+    off = fxopt.PassManager("canonicalize(unfold_heads=false)").run(graph).records[0].stats["rewritten"]
+    assert "heads-unfolded" not in off
+
+
 def test_dce_removes_dead_pure_nodes_but_keeps_effects():
     class M(torch.nn.Module):
         def forward(self, x):

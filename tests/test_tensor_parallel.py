@@ -129,6 +129,13 @@ def falcon_grouped():
                num_attention_heads=4, vocab_size=256, new_decoder_architecture=True, num_kv_heads=2)
 
 
+def bloom():
+    """BLOOM: each head's q, k and v slots in one projection, the heads folded into the batch for
+    ``baddbmm`` / ``bmm`` (canonicalize unfolds them), an ALiBi bias computed from the mask."""
+    return _hf("BloomConfig", "BloomForCausalLM", "bloom", hidden_size=64, n_layer=2, n_head=4, vocab_size=256,
+               attn_implementation="eager")
+
+
 def mpt():
     """MPT: ALiBi, a bias of the scores per head (each rank keeps its heads' slopes)."""
     return _hf("MptConfig", "MptForCausalLM", "mpt", max_len=64, d_model=64, n_heads=4, n_layers=2, vocab_size=256,
@@ -150,7 +157,7 @@ def gpt2_odd_vocabulary():
 MODELS = {"gpt2": "gpt2-tiny", "llama": "llama-tiny", "phi3": phi3, "gemma": gemma, "qwen3": qwen3, "gemma2": gemma2,
           "gptj": gptj, "gpt-neox": gpt_neox, "gpt-bigcode": gpt_bigcode, "falcon": falcon,
           "falcon-grouped": falcon_grouped,
-          "mpt": mpt, "deepseek-v3": deepseek_v3}
+          "mpt": mpt, "bloom": bloom, "deepseek-v3": deepseek_v3}
 ENCODERS = {"bert": "bert-tiny", "t5-encoder": t5_encoder}
 ODD = {"gpt2-odd-vocabulary": gpt2_odd_vocabulary}  # no LM head: the hidden states are the output
 

@@ -108,7 +108,8 @@ _UNARY = {
 }
 # Element-wise ops of two operands (tensor or number).
 _BINARY = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.add.Scalar,
-           aten.sub.Scalar, aten.div.Scalar, aten.maximum.default, aten.minimum.default}
+           aten.sub.Scalar, aten.div.Scalar, aten.maximum.default, aten.minimum.default, aten.max.other,
+           aten.min.other}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 # Reductions ``(x, dims, keepdim)``: within a head when ``dims`` leave its axis out (a norm of
 # each head's channels: Qwen3's and Gemma 3's q_norm / k_norm).
