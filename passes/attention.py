@@ -17,9 +17,10 @@ Llama's eager attention (after ``repeat_kv``), MPNet's (a relative position bias
 then the padding mask: both become one additive ``attn_mask``) and fxopt's
 ``tiny_gpt`` write it. (Also checked, SDPA form or eager: OPT, Mistral, Qwen2/3,
 Phi-3, Gemma, GPT-NeoX, GPT-J, Falcon, GPT-BigCode, DistilBERT, RoBERTa, ELECTRA,
-ALBERT, ViT, CLIP text; not fused, with the reason in ``misses``: BLOOM's ALiBi
-attention (3-D ``baddbmm``/``bmm``) and DeBERTa's disentangled attention (the
-probabilities reshaped before the value matmul).)
+ALBERT, ViT, CLIP text, and, once ``canonicalize`` has unfolded their heads from the
+batch, BLOOM's ALiBi attention and DeBERTa-v2's without relative attention; not
+fused, with the reason in ``misses``: XGLM's, whose scores are clamped by ``max``
+before the softmax.)
 A scale ``c`` is a python number or a one-element constant (the engine's float
 capture takes both); ``-inf`` may be any fill <= -1e30, as a number or a
 one-element constant; ``add`` takes the mask on either side. Predicates check what
@@ -61,7 +62,8 @@ No hand-written matching is left: the pass's options reach the pattern through
 ``Pattern.variant`` (``min_seq`` in the check, ``causal`` in the builder), and
 the causal proof runs in the builder, which decides between ``is_causal`` and an
 explicit mask. The cast form is ``_to_copy`` as torch.export writes it; ``bmm``
-is not a form (it is 3-D, and attention here is 4-D).
+is not a form (attention here is 4-D: ``canonicalize`` rewrites ``bmm`` /
+``baddbmm`` over heads folded into the batch into the 4-D ``matmul``).
 """
 
 from __future__ import annotations
@@ -344,8 +346,9 @@ class FuseAttention(Pass):
             if fill == -math.inf:
                 mask = g.call_function(aten.logical_not.default, (mask,))
             else:  # a finite fill replaces the score; as a bias it dominates it the same way
-                mask = g.call_function(aten.where.ScalarOther, (mask, fill, 0.0))
-                mask = g.call_function(aten.to.dtype, (mask, val(m.anchor).dtype))
+                mask = g.call_function(aten.where.Scalar, (mask, fill, 0.0))  # of the default dtype
+                if val(m.anchor).dtype != torch.get_default_dtype():
+                    mask = g.call_function(aten._to_copy.default, (mask,), {"dtype": val(m.anchor).dtype})
         fused = g.call_function(SDPA, (m["q"], k, m["v"]), {"attn_mask": mask, "dropout_p": 0.0, "is_causal": causal, "scale": scale})
         kinds.append("causal" if causal else ("masked" if mask is not None else "unmasked"))
         if _via_repeat_kv(m["k"] if "k" in m else m["kt0"]) or _via_repeat_kv(m["v"]):

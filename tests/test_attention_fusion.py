@@ -377,6 +377,40 @@ def test_forms_permuted_key_constant_scale_where_mask():
     assert_parity_on_backends(spec, graph)
 
 
+class FoldedHeads(torch.nn.Module):
+    """DeBERTa-v2's attention: heads folded into the batch ([B * 2, S, 8]), the key
+    divided by a 0-d scale, ``bmm``, viewed back, a padding mask applied by
+    ``masked_fill`` with a finite fill, the probabilities folded again for ``bmm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.register_buffer("scale", torch.tensor(8.0))
+
+    def forward(self, x, keep):
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, 2, 8).permute(0, 2, 1, 3).contiguous().view(-1, s, 8) for t in self.qkv(x).split(d, -1))
+        scores = torch.bmm(q, k.transpose(-1, -2) / torch.sqrt(self.scale)).view(-1, 2, s, s)
+        scores = scores.masked_fill(~keep[:, None, None, :].bool(), torch.finfo(x.dtype).min)
+        out = torch.bmm(scores.softmax(-1).view(-1, s, s), v).view(b, 2, s, 8)
+        return out.transpose(1, 2).reshape(b, s, d)
+
+
+# canonicalize unfolds the folded heads; the finite fill becomes an additive float mask.
+def test_attention_over_heads_folded_into_the_batch():
+    torch.manual_seed(0)
+    keep = torch.ones(2, 6)
+    keep[1, 4:] = 0
+    dyn = ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, {0: Dim.DYNAMIC, 1: Dim.DYNAMIC})
+    spec = fxopt.models.ModelSpec(FoldedHeads().eval(), (torch.randn(2, 6, 16), keep), dyn, "folded",
+                                  [(torch.randn(3, 9, 16), torch.ones(3, 9))])
+    graph, stats = fuse(spec)
+    (node,) = sdpa_nodes(graph)
+    assert (stats["fused"], stats["masked"]) == (1, 1) and node.kwargs["attn_mask"].target == torch.ops.aten.where.Scalar
+    assert not {torch.ops.aten.bmm.default, torch.ops.aten.masked_fill.Scalar} & {n.target for n in graph.fx.nodes}
+    assert_parity_on_backends(spec, graph)
+
+
 def test_nothing_fused_gives_the_engines_nearest_miss():
     class NotAttention(torch.nn.Module):
         def forward(self, a, b):
