@@ -178,9 +178,18 @@ def _moved_contiguous(out, e0: int, e1: int):
     return out.transpose(e0, e1).contiguous()
 
 
+def _permuted(out):
+    return out.permute(0, 2, 1, 3)
+
+
+def _permuted_contiguous(out):
+    return out.permute(0, 2, 1, 3).contiguous()
+
+
 def _merge_fits(m: Match) -> bool:
     o, merged = val(m["out"]), val(m.anchor)
-    _require(sorted(dim_index(d, 4) for d in (m["e0"], m["e1"])) == [1, 2], "transpose of other dims than heads and sequence")
+    if "e0" in m:
+        _require(sorted(dim_index(d, 4) for d in (m["e0"], m["e1"])) == [1, 2], "transpose of other dims than heads and sequence")
     return _require(merged.dim() == 3 and same_shape(merged.shape, (o.shape[0], o.shape[2], o.shape[1] * o.shape[3])),
                     f"%{m.anchor.name} is not [B, S, N*H]")
 
@@ -188,7 +197,8 @@ def _merge_fits(m: Match) -> bool:
 _HEAD_MERGE = Pattern(
     "heads-merge", _merge, build=lambda m, g: None, op_classes=[VIEWS], check=_merge_fits,
     inputs={"moved": (2, 3, 4, 5), "out": (2, 4, 3, 5), "b": 2, "s": 3, "d": 20, "e0": 1, "e1": 2},
-    alternatives={"moved": {"contiguous": _moved_contiguous, "plain": _moved}})
+    alternatives={"moved": {"contiguous": _moved_contiguous, "plain": _moved, "permuted": _permuted,
+                            "permuted-contiguous": _permuted_contiguous}})
 
 
 def _qkv_split(qkv, d: int, dim: int):
@@ -472,9 +482,9 @@ class PackAttention(Pass):
             node = graph.fx.call_function(ATTENTION_WITH_PAST, (qs, ks, vs, past_k, past_v, mask, heads, kv_heads, scale,
                                                                 *rotary))
             out, present_k, present_v = (graph.fx.call_function(operator.getitem, (node, i)) for i in range(3))
-        k_all.replace_all_uses_with(present_k, delete_user_cb=lambda u: u not in chain)
-        v_all.replace_all_uses_with(present_v, delete_user_cb=lambda u: u not in chain)
-        self._replace(graph, sdpa, merged, out, heads, head)
+            k_all.replace_all_uses_with(present_k, delete_user_cb=lambda u: u not in chain)
+            v_all.replace_all_uses_with(present_v, delete_user_cb=lambda u: u not in chain)
+            self._replace(graph, sdpa, merged, out, heads, head)
         return "cache"
 
     def _rotary(self, graph, sdpa, q, k, stats, prompt: bool) -> tuple[fx.Node, fx.Node, tuple]:

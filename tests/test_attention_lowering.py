@@ -489,11 +489,13 @@ WITH_PAST = torch.ops.fxopt.attention_with_past.default
 class CachedAttention(torch.nn.Module):
     """One decode step as transformers writes it: the new key/value appended to
     the cache (``cat`` on the sequence dim), repeat_kv, SDPA with a padding
-    mask over every position; returns the output and the grown cache."""
+    mask over every position; returns the output and the grown cache. ``merge``:
+    how the output's heads are merged ('transpose', 'permute' as BLOOM writes it,
+    or 'none': the [B, H, S, D] output returned as it is)."""
 
-    def __init__(self, heads: int = 4, kv_heads: int = 2, head: int = 8, causal: bool = False):
+    def __init__(self, heads: int = 4, kv_heads: int = 2, head: int = 8, causal: bool = False, merge: str = "transpose"):
         super().__init__()
-        self.heads, self.kv_heads, self.head, self.causal = heads, kv_heads, head, causal
+        self.heads, self.kv_heads, self.head, self.causal, self.merge = heads, kv_heads, head, causal, merge
         self.q = torch.nn.Linear(32, heads * head)
         self.kv = torch.nn.Linear(32, 2 * kv_heads * head)
 
@@ -506,7 +508,10 @@ class CachedAttention(torch.nn.Module):
         kr, vr = (c[:, :, None].expand(b, self.kv_heads, rep, t, self.head).reshape(b, self.heads, t, self.head) for c in (k, v))
         out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=None if self.causal else mask[:, None, None, :].bool(),
                                              is_causal=self.causal)
-        return out.transpose(1, 2).reshape(b, s, -1), k, v
+        if self.merge == "none":
+            return out, k, v
+        out = out.permute(0, 2, 1, 3) if self.merge == "permute" else out.transpose(1, 2)
+        return out.reshape(b, s, -1), k, v
 
 
 def cached_inputs(batch: int, queries: int, past: int, kv_heads: int = 2, seed: int = 0):
@@ -543,6 +548,22 @@ def test_decode_step_attention_becomes_group_query_attention_with_past(kv_heads)
             ref = model(*inputs)
         for backend, run in compiled.items():
             assert fxopt.compare(ref, run(*inputs)).within(1e-5), backend
+
+
+# The op's output replaces SDPA's merged heads, or, when nothing merges them, is viewed back to [B, H, S, D]
+# right where SDPA was.
+@pytest.mark.parametrize("merge", ["permute", "none"])
+def test_decode_step_attention_output_merged_by_a_permute_or_not_at_all(merge):
+    torch.manual_seed(0)
+    model = CachedAttention(merge=merge)
+    result = PassManager(f"{BASE},fuse-attention,pack-attention,dce").run(trace_cached(model))
+    stats = next(r.stats for r in result.records if r.name.startswith("pack-attention"))
+    assert (stats["cache"], stats["refused"], count(result.graph, aten.permute.default)) == (1, {}, 0)
+    inputs = cached_inputs(3, 1, 11, seed=11)
+    with torch.no_grad():
+        ref = model(*inputs)
+    for backend in ("eager", "onnxruntime"):
+        assert fxopt.compare(ref, fxopt.compile(result.graph, backend)(*inputs)).within(1e-5), backend
 
 
 @pytest.mark.parametrize("causal, queries, reason", [(True, 1, "is_causal"), (False, 2, "2 queries")])
