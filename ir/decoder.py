@@ -203,7 +203,10 @@ def trace_decoder(model: torch.nn.Module, *, name: str | None = None, share_weig
     model.eval()
     try:
         batch = Dim("batch")
-        seq = Dim("seq")
+        # bounded by the model's positions where it has a limit: a model that
+        # guards its prompt's length against its position table (XGLM's
+        # sinusoidal table) traces only so
+        seq = Dim("seq", max=info.max_positions) if info.max_positions else Dim("seq")
         # The example sizes are at least 2: torch.export takes a 0 or 1 as fixed.
         ids, mask, positions = _example(info, 2, 8, 0)
         prefill = trace(_CausalLMStep(model, info), (ids, mask, positions), share_weights=share_weights,

@@ -42,6 +42,13 @@ def _config(name: str):
     if name == "qwen2_moe":
         return tf.Qwen2MoeForCausalLM, tf.Qwen2MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                                          shared_expert_intermediate_size=64)
+    # ALiBi, and attention over heads folded into the batch (bmm / baddbmm)
+    if name == "bloom":
+        return tf.BloomForCausalLM, tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=256)
+    # a sinusoidal position table that bounds the prompt's length, heads folded as BLOOM's
+    if name == "xglm":
+        return tf.XGLMForCausalLM, tf.XGLMConfig(d_model=64, ffn_dim=128, num_layers=2, attention_heads=4, vocab_size=256,
+                                                 max_position_embeddings=128)
     raise KeyError(name)
 
 
@@ -166,6 +173,16 @@ def test_traced_graphs_without_a_pipeline_equal_hugging_face(backend):
     assert gen.cache == "growing"  # no attention lowered against the cache: it grows by Concat
     out = gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
     assert torch.equal(out.sequences, hf_tokens("llama", 4))
+
+
+# BLOOM's attention, unfolded by canonicalize, is lowered against its cache (the ALiBi bias its
+# mask); XGLM's stays in the graph (its scores are clamped by max before the softmax).
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("name", ["bloom", "xglm"])
+def test_decoders_with_heads_folded_into_the_batch_equal_hugging_face(name, backend):
+    gen = fused_generator(name, backend)
+    assert gen.cache == ("buffer" if name == "bloom" else "growing")
+    assert torch.equal(gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS).sequences, hf_tokens(name, 4))
 
 
 def test_fused_pipeline_changed_both_graphs():
