@@ -7,7 +7,7 @@ matmul, whose spots may each be written in several *forms* (the tables below)::
     probs  = sm | sm.to(own dtype)                                    _PROBS
     sm     = softmax(scores, last dim)  [dtype= its own | _softmax]   _SOFTMAX_FORMS
     scores = s | s + mask | s + bias + mask | s.masked_fill(blocked, -inf)
-           | where(blocked, -inf, s)                                     _MASKS
+           | (s + bias).masked_fill(blocked, -inf) | where(blocked, -inf, s)   _MASKS
     s      = q @ kt | (q @ kt) * c | (q @ kt) / c                     _SCALES
     q      = q | q * c | q / c          kt = kt0 | kt0 * c | kt0 / c
     kt0    = k.transpose(-2, -1) | k.permute(0, 1, 3, 2) | kt0 (a key given transposed)
@@ -17,8 +17,8 @@ Llama's eager attention (after ``repeat_kv``), MPNet's (a relative position bias
 then the padding mask: both become one additive ``attn_mask``) and fxopt's
 ``tiny_gpt`` write it. (Also checked, SDPA form or eager: OPT, Mistral, Qwen2/3,
 Phi-3, Gemma, GPT-NeoX, GPT-J, Falcon, GPT-BigCode, DistilBERT, RoBERTa, ELECTRA,
-ALBERT, ViT, CLIP text, and, once ``canonicalize`` has unfolded their heads from the
-batch, BLOOM's ALiBi attention and DeBERTa-v2's without relative attention; not
+ALBERT, ViT, CLIP text, MPT (ALiBi), and, once ``canonicalize`` has unfolded their heads
+from the batch, BLOOM's ALiBi attention and DeBERTa-v2's without relative attention; not
 fused, with the reason in ``misses``: XGLM's, whose scores are clamped by ``max``
 before the softmax.)
 A scale ``c`` is a python number or a one-element constant (the engine's float
@@ -129,6 +129,11 @@ def _masked_fill(s, blocked, fill: float):
     return s.masked_fill(blocked, fill)
 
 
+def _bias_masked_fill(s, bias, blocked, fill: float):
+    # a position bias and then a boolean mask (MPT's ALiBi)
+    return (s + bias).masked_fill(blocked, fill)
+
+
 def _masked_fill_tensor(s, blocked, fill_t):
     return s.masked_fill(blocked, fill_t)
 
@@ -137,7 +142,8 @@ def _where(s, blocked, fill_t):
     return torch.where(blocked, fill_t, s)
 
 
-_MASKS = {"additive": _additive, "additive-bias": _additive_bias, "masked_fill": _masked_fill, "masked_fill-tensor": _masked_fill_tensor,
+_MASKS = {"additive": _additive, "additive-bias": _additive_bias, "masked_fill": _masked_fill,
+          "bias-masked_fill": _bias_masked_fill, "masked_fill-tensor": _masked_fill_tensor,
           "where": _where, "none": "s"}
 
 
@@ -336,6 +342,8 @@ class FuseAttention(Pass):
             mask, blocked = m["blocked"], True
             fill = m["fill"] if "fill" in m else float(m.constant("fill_t").reshape(()).item())
         if "bias" in m:  # one additive mask: the bias plus the mask (a biased mask is never just causal)
+            if blocked:
+                mask, blocked = self._additive_mask(g, mask, fill, val(m.anchor).dtype), False
             mask = g.call_function(aten.add.Tensor, (m["bias"], mask))
         causal = False
         if mask is not None and "bias" not in m and self.causal:
@@ -345,15 +353,22 @@ class FuseAttention(Pass):
         if mask is not None and blocked:
             if fill == -math.inf:
                 mask = g.call_function(aten.logical_not.default, (mask,))
-            else:  # a finite fill replaces the score; as a bias it dominates it the same way
-                mask = g.call_function(aten.where.Scalar, (mask, fill, 0.0))  # of the default dtype
-                if val(m.anchor).dtype != torch.get_default_dtype():
-                    mask = g.call_function(aten._to_copy.default, (mask,), {"dtype": val(m.anchor).dtype})
+            else:
+                mask = self._additive_mask(g, mask, fill, val(m.anchor).dtype)
         fused = g.call_function(SDPA, (m["q"], k, m["v"]), {"attn_mask": mask, "dropout_p": 0.0, "is_causal": causal, "scale": scale})
         kinds.append("causal" if causal else ("masked" if mask is not None else "unmasked"))
         if _via_repeat_kv(m["k"] if "k" in m else m["kt0"]) or _via_repeat_kv(m["v"]):
             kinds.append("gqa")
         return fused
+
+    @staticmethod
+    def _additive_mask(g, blocked, fill: float, dtype: torch.dtype):
+        """``blocked`` (boolean) as a float mask: ``fill`` where blocked, 0 elsewhere. A
+        finite fill replaces the score; as a bias it dominates it the same way."""
+        mask = g.call_function(aten.where.Scalar, (blocked, fill, 0.0))  # of the default dtype
+        if dtype != torch.get_default_dtype():
+            mask = g.call_function(aten._to_copy.default, (mask,), {"dtype": dtype})
+        return mask
 
     @staticmethod
     def _misses(graph, pattern: Pattern, st) -> dict[str, str]:

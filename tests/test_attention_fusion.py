@@ -191,6 +191,11 @@ class Attention(torch.nn.Module):
             pos = torch.arange(s, device=x.device)
             rel = (pos[None, :] - pos[:, None]).clamp(-4, 4) + 4
             scores = scores + self.rel_bias(rel).permute(2, 0, 1)[None] + pad[:, None, None, :]
+        elif self.mask == "bias+blocked":  # MPT: a bias per head (ALiBi), then the causal mask filled in
+            pos = torch.arange(s, device=x.device)
+            rel = (pos[None, :] - pos[:, None]).clamp(-4, 4) + 4
+            scores = scores + self.rel_bias(rel).permute(2, 0, 1)[None]
+            scores = scores.masked_fill(pos[None, :] > pos[:, None], torch.finfo(x.dtype).min)
         probs = F.softmax(scores, dim=-1)
         out = probs @ v
         out = out.transpose(1, 2).reshape(b, s, d)
@@ -338,13 +343,14 @@ def test_fused_counts_are_unchanged(name, dynamic):
     assert stats["misses"] == {} and stats["softmax"] == 2
 
 
-def test_position_bias_and_padding_mask_become_one_float_mask():
-    spec = small("bias+input")
+@pytest.mark.parametrize("mask", ["bias+input", "bias+blocked"])
+def test_position_bias_and_mask_become_one_float_mask(mask):
+    spec = small(mask)
     graph, stats = fuse(spec)
     (node,) = sdpa_nodes(graph)
     assert (stats["fused"], stats["masked"], stats["causal"]) == (1, 1, 0) and not node.kwargs["is_causal"]
     mask = node.kwargs["attn_mask"]
-    assert mask.target == torch.ops.aten.add.Tensor  # bias + padding, one additive mask
+    assert mask.target == torch.ops.aten.add.Tensor  # bias + padding or the filled causal mask, one additive mask
     assert_parity_on_backends(spec, graph)
 
 
