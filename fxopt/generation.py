@@ -365,6 +365,9 @@ class Generator:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         limit = self.info.max_positions
+        if self.info.max_prompt is not None and prompt_len > self.info.max_prompt:
+            raise GenerationError(f"prompt of {prompt_len} tokens: {self.graphs.name}'s prefill takes at most "
+                                  f"{self.info.max_prompt} (its position table is {limit} long)")
         # the last new token is never fed back, so positions reach prompt + new - 1
         if limit is not None and prompt_len + max_new_tokens - 1 > limit:
             raise GenerationError(

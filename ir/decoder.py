@@ -73,6 +73,8 @@ class CausalLMInfo:
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     logits_at_last_only: bool = True
+    # the longest prompt the prefill graph takes (None: up to max_positions)
+    max_prompt: int | None = None
 
     def cache_names(self, prefix: str) -> list[str]:
         return [f"{prefix}.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
@@ -104,7 +106,9 @@ def causal_lm_info(model: torch.nn.Module) -> CausalLMInfo:
             "decoder or an encoder")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
-    max_positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    # the position limit, as configs spell it (MPT: max_seq_len)
+    max_positions = next((getattr(text, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                          if getattr(text, k, None)), None)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = getattr(text, "eos_token_id", None)
@@ -189,6 +193,27 @@ def _check_dynamic(graph: Graph, dims: dict[str, int]) -> None:
                          "the model's code specializes on it, so the traced step would run one cache length only")
 
 
+def _trace_prefill(model, info: CausalLMInfo, inputs: tuple, batch, share_weights: bool, name: str) -> Graph:
+    """The prefill graph, its prompt length dynamic up to the model's positions
+    where it has a limit: a model that guards the length against its position
+    table (XGLM's sinusoidal table) traces only so. One that also guards it
+    below the table's size (MPT slices its ALiBi table from the end) takes a
+    prompt one shorter, which ``info.max_prompt`` records."""
+    def traced(longest: int | None) -> Graph:
+        seq = Dim("seq", max=longest) if longest else Dim("seq")
+        return trace(_CausalLMStep(model, info), inputs, share_weights=share_weights,
+                     dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}), name=name)
+
+    limit = info.max_positions
+    try:
+        return traced(limit)
+    except TraceError as e:
+        if not limit or "Not all values of seq" not in str(e):
+            raise
+    info.max_prompt = limit - 1
+    return traced(limit - 1)
+
+
 def trace_decoder(model: torch.nn.Module, *, name: str | None = None, share_weights: bool = True) -> DecoderGraphs:
     """Trace ``model`` (a causal LM) into its prefill and decode-step graphs;
     batch, prompt length and past length are dynamic.
@@ -203,15 +228,9 @@ def trace_decoder(model: torch.nn.Module, *, name: str | None = None, share_weig
     model.eval()
     try:
         batch = Dim("batch")
-        # bounded by the model's positions where it has a limit: a model that
-        # guards its prompt's length against its position table (XGLM's
-        # sinusoidal table) traces only so
-        seq = Dim("seq", max=info.max_positions) if info.max_positions else Dim("seq")
         # The example sizes are at least 2: torch.export takes a 0 or 1 as fixed.
         ids, mask, positions = _example(info, 2, 8, 0)
-        prefill = trace(_CausalLMStep(model, info), (ids, mask, positions), share_weights=share_weights,
-                        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}),
-                        name=f"{name}-prefill")
+        prefill = _trace_prefill(model, info, (ids, mask, positions), batch, share_weights, f"{name}-prefill")
         with torch.no_grad():
             flat = prefill(ids, mask, positions)
         past_cache = [t.clone() for t in flat[1:]]

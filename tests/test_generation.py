@@ -45,6 +45,9 @@ def _config(name: str):
     # ALiBi, and attention over heads folded into the batch (bmm / baddbmm)
     if name == "bloom":
         return tf.BloomForCausalLM, tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=256)
+    # ALiBi written out with a table of max_seq_len positions sliced from its end
+    if name == "mpt":
+        return tf.MptForCausalLM, tf.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=128)
     # a sinusoidal position table that bounds the prompt's length, heads folded as BLOOM's
     if name == "xglm":
         return tf.XGLMForCausalLM, tf.XGLMConfig(d_model=64, ffn_dim=128, num_layers=2, attention_heads=4, vocab_size=256,
@@ -175,14 +178,25 @@ def test_traced_graphs_without_a_pipeline_equal_hugging_face(backend):
     assert torch.equal(out.sequences, hf_tokens("llama", 4))
 
 
-# BLOOM's attention, unfolded by canonicalize, is lowered against its cache (the ALiBi bias its
-# mask); XGLM's stays in the graph (its scores are clamped by max before the softmax).
+# BLOOM (ALiBi; attention over heads folded into the batch, which canonicalize unfolds) and MPT
+# (ALiBi) are lowered against their cache, the bias their mask; XGLM's attention stays in the graph
+# (its scores are clamped by max before the softmax). MPT's and XGLM's position tables bound the prompt.
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
-@pytest.mark.parametrize("name", ["bloom", "xglm"])
-def test_decoders_with_heads_folded_into_the_batch_equal_hugging_face(name, backend):
+@pytest.mark.parametrize("name", ["bloom", "mpt", "xglm"])
+def test_alibi_and_position_bounded_decoders_equal_hugging_face(name, backend):
     gen = fused_generator(name, backend)
-    assert gen.cache == ("buffer" if name == "bloom" else "growing")
+    assert gen.cache == ("growing" if name == "xglm" else "buffer")
     assert torch.equal(gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS).sequences, hf_tokens(name, 4))
+
+
+# MPT slices its table of 128 positions from the end, and its code guards the prompt below 128:
+# the prefill takes 127 tokens at most, and a longer prompt is refused before it runs.
+def test_a_prompt_longer_than_the_prefill_takes_is_refused():
+    gen = fused_generator("mpt", "eager")
+    assert (gen.info.max_positions, gen.info.max_prompt) == (128, 127)
+    assert len(gen.generate([[1] * 127], max_new_tokens=1).new_tokens[0]) == 1
+    with pytest.raises(GenerationError, match="prefill takes at most 127"):
+        gen.generate([[1] * 128], max_new_tokens=1)
 
 
 def test_fused_pipeline_changed_both_graphs():
