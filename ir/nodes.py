@@ -112,6 +112,14 @@ def is_call(node, targets) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
+def size_value(graph, t: fx.Node, d: int):
+    """Dim ``d`` of ``t`` as a value a new node can take: the number when
+    static, else a ``sym_size`` node (at the graph's insertion point, so it
+    comes after ``t`` wherever the new node goes)."""
+    n = t.meta["val"].shape[d]
+    return n if isinstance(n, int) else graph.fx.call_function(aten.sym_size.int, (t, d))
+
+
 def dim_index(d: int, rank: int) -> int:
     """A dim argument (possibly negative) as an index into a rank-``rank`` shape."""
     return d + rank if d < 0 else d

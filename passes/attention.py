@@ -363,12 +363,14 @@ class FuseAttention(Pass):
 
     @staticmethod
     def _additive_mask(g, blocked, fill: float, dtype: torch.dtype):
-        """``blocked`` (boolean) as a float mask: ``fill`` where blocked, 0 elsewhere. A
-        finite fill replaces the score; as a bias it dominates it the same way."""
-        mask = g.call_function(aten.where.Scalar, (blocked, fill, 0.0))  # of the default dtype
-        if dtype != torch.get_default_dtype():
-            mask = g.call_function(aten._to_copy.default, (mask,), {"dtype": dtype})
-        return mask
+        """``blocked`` (boolean) as a mask of ``dtype``: ``fill`` where blocked, 0
+        elsewhere. A finite fill replaces the score; added to it instead, it
+        dominates it the same way, at most half the dtype's lowest value so that
+        the sum stays finite (float16's -65504 plus a score of -17 is -inf)."""
+        fill = max(fill, torch.finfo(dtype).min / 2)
+        device = val(blocked).device
+        fill_t = g.call_function(aten.full.default, ([], fill), {"dtype": dtype, "device": device})
+        return g.call_function(aten.where.ScalarOther, (blocked, fill_t, 0.0))
 
     @staticmethod
     def _misses(graph, pattern: Pattern, st) -> dict[str, str]:

@@ -97,7 +97,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..ir.nodes import VIEWS, call_args, dim_index, is_call, same_shape, val
+from ..ir.nodes import VIEWS, call_args, dim_index, is_call, same_shape, size_value, val
 from .analyses import CausalMasks, KeyPaddingMasks, Liveness, NotKeyPadding, NotRotary, RotaryEmbeddings
 from .base import Option, Pass, PassResult
 from .registry import register_pass
@@ -414,8 +414,8 @@ class PackAttention(Pass):
         merged = _merge_of(graph, sdpa, dead)
         with graph.fx.inserting_before(merged or sdpa):
             if sliced:
-                m = graph.fx.call_function(aten.slice.Tensor, (m, 0, 0, _size(graph, x, 0)))
-                m = graph.fx.call_function(aten.slice.Tensor, (m, 1, 0, _size(graph, x, 1)))
+                m = graph.fx.call_function(aten.slice.Tensor, (m, 0, 0, size_value(graph, x, 0)))
+                m = graph.fx.call_function(aten.slice.Tensor, (m, 1, 0, size_value(graph, x, 1)))
             if b is None:  # both kernels take a bias; the float weight's dtype, or the int8 scales'
                 b = graph.add_constant(torch.zeros(consts[0].shape[0], dtype=consts[-1].dtype), f"{w.target}_zero_bias")
             out = graph.fx.call_function(target, (x, *weights, b, m, heads, bool(causal), scale, fill))
@@ -540,7 +540,7 @@ class PackAttention(Pass):
         else:
             # No head merge to absorb: give SDPA's users their [B, N, S, H] back.
             q = sdpa.args[0]
-            view = graph.fx.call_function(aten.view.default, (out, [_size(graph, q, 0), _size(graph, q, 2), heads, head]))
+            view = graph.fx.call_function(aten.view.default, (out, [size_value(graph, q, 0), size_value(graph, q, 2), heads, head]))
             sdpa.replace_all_uses_with(graph.fx.call_function(aten.transpose.int, (view, 1, 2)))
         if not sdpa.users:
             graph.fx.erase_node(sdpa)
@@ -592,10 +592,4 @@ def _to_bsd(graph, t: fx.Node) -> fx.Node:
         pass
     tv = val(t)
     tr = graph.fx.call_function(aten.transpose.int, (t, 1, 2))
-    return graph.fx.call_function(aten.reshape.default, (tr, [_size(graph, t, 0), _size(graph, t, 2), tv.shape[1] * tv.shape[3]]))
-
-
-def _size(graph, t: fx.Node, d: int):
-    """Dim ``d`` of ``t``: the number when static, else a ``sym_size`` node."""
-    n = val(t).shape[d]
-    return n if isinstance(n, int) else graph.fx.call_function(aten.sym_size.int, (t, d))
+    return graph.fx.call_function(aten.reshape.default, (tr, [size_value(graph, t, 0), size_value(graph, t, 2), tv.shape[1] * tv.shape[3]]))

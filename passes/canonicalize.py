@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..ir.nodes import dim_index, is_assert, is_pure, same_shape, val
+from ..ir.nodes import dim_index, is_assert, is_pure, same_shape, size_value, val
 from .base import Option, Pass, PassResult
 from .registry import register_pass
 
@@ -88,21 +88,21 @@ def _replay(graph, x: fx.Node, steps: list) -> fx.Node:
     return x
 
 
-def _unfolded_size(x, lead, batch) -> list | None:
-    """The size list that views ``x`` (broadcast against ``[batch, m, n]``,
-    ``batch`` = P * Q) as ``[P, Q, ...]``, ``lead`` the graph's values of P and
-    Q; None when it cannot be spelled (two symbolic trailing dims, a batch dim
-    neither 1 nor P * Q)."""
+def _unfolded_rest(x, batch) -> tuple[bool, list] | None:
+    """How ``x`` (broadcast against ``[batch, m, n]``, ``batch`` = P * Q) is
+    viewed as ``[P, Q, ...]``: ``(per_batch, rest)``, the size list ``[P, Q,
+    *rest]`` when ``per_batch``, else ``[1, 1, *rest]``; None when it cannot be
+    spelled (two symbolic trailing dims, a batch dim neither 1 nor P * Q)."""
     shape = val(x).shape if isinstance(x, fx.Node) and isinstance(val(x), torch.Tensor) else None
-    if shape is None or lead is None or len(lead) != 2 or -1 in lead or len(shape) > 3:
+    if shape is None or len(shape) > 3:
         return None
     shape = (1,) * (3 - len(shape)) + tuple(shape)
     rest = [d if isinstance(d, int) else -1 for d in shape[1:]]
     if rest.count(-1) > 1:
         return None
     if isinstance(shape[0], int) and shape[0] == 1:
-        return [1, 1, *rest]
-    return [*lead, *rest] if same_shape(shape[:1], (batch,)) else None
+        return False, rest
+    return (True, rest) if same_shape(shape[:1], (batch,)) else None
 
 
 def _only_read_by(graph, param, user: fx.Node) -> bool:
@@ -176,6 +176,7 @@ class Canonicalize(Pass):
                     break
         if self.linear or self.unfold_heads:
             graph.refresh_meta()  # shapes of the new nodes
+        if self.linear:
             for node in self.walk(graph, op="call_function", target=aten.linear.default):
                 if self._absorb_flatten(graph, node):
                     counts["flatten-absorbed"] = counts.get("flatten-absorbed", 0) + 1
@@ -317,20 +318,20 @@ class Canonicalize(Pass):
             added, a, b = node.args if t == aten.baddbmm.default else (None, *node.args)
             operands = [_unfolded_operand(x, shape[:2]) for x in (a, b)]
             beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-            lead = backs[0].args[1][:2] if len(backs[0].args) > 1 else None
             if None in operands or not isinstance(beta, (int, float)) or not isinstance(alpha, (int, float)):
                 return False
-            if added is not None and beta != 0:
-                added_size = _unfolded_size(added, lead, out.shape[0])
-                if added_size is None:
-                    return False
+            added_rest = _unfolded_rest(added, out.shape[0]) if added is not None and beta != 0 else None
+            if added is not None and beta != 0 and added_rest is None:
+                return False
             with graph.fx.inserting_before(node):
                 a4, b4 = (_replay(graph, source, steps) for source, steps in operands)
                 new = graph.fx.call_function(aten.matmul.default, (a4, b4))
                 if alpha != 1:
                     new = graph.fx.call_function(aten.mul.Tensor, (new, alpha))
-                if added is not None and beta != 0:
-                    term = graph.fx.call_function(aten.reshape.default, (added, added_size))
+                if added_rest is not None:
+                    per_batch, rest = added_rest
+                    lead = [size_value(graph, operands[0][0], d) for d in (0, 1)] if per_batch else [1, 1]
+                    term = graph.fx.call_function(aten.reshape.default, (added, [*lead, *rest]))
                     if beta != 1:
                         term = graph.fx.call_function(aten.mul.Tensor, (term, beta))
                     new = graph.fx.call_function(aten.add.Tensor, (new, term))

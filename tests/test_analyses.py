@@ -235,7 +235,8 @@ class HeadAttention(torch.nn.Module):
     head and position pair computed from the sequence length, as T5's relative bias), 'leak' (the queries are an output
     too), 'cache' (keys and values concatenated with one cache read from an input),
     'kv-cache' (a decode step: keys and values each concatenated with their own cache input, and returned),
-    'head-norm' (q and k normalized per head, as Qwen3's q_norm / k_norm), 'soft-cap' (eager scores
+    'head-norm' (q and k normalized per head, as Qwen3's q_norm / k_norm), 'clamped' (eager scores
+    through ``max`` with the dtype's lowest value, as XGLM), 'soft-cap' (eager scores
     through ``c * tanh(s / c)``, as Gemma 2), 'interleaved-rotary' (GPT-J's rotate_every_two: a stack
     and a view within each head), 'width-norm' (q normalized over all heads together, as OLMo2's
     q_norm), 'cross-head-norm' (over the heads axis and each head's channels), 'per-head-qkv'
@@ -315,7 +316,7 @@ class HeadAttention(torch.nn.Module):
         if self.kv != 4:
             k = k[:, :, None].expand(b, self.kv, 4 // self.kv, -1, 8).reshape(b, 4, -1, 8)
             v = v[:, :, None].expand(b, self.kv, 4 // self.kv, -1, 8).reshape(b, 4, -1, 8)
-        if self.form not in ("eager", "per-head-bias", "position-bias", "soft-cap"):
+        if self.form not in ("eager", "per-head-bias", "position-bias", "soft-cap", "clamped"):
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(8)
@@ -324,6 +325,8 @@ class HeadAttention(torch.nn.Module):
             if self.form == "position-bias":
                 distance = (torch.arange(s)[None, :] - torch.arange(s)[:, None]).float()
                 scores = scores + self.slopes * distance  # [4, S, S]
+            if self.form == "clamped":  # XGLM: the scores kept above the dtype's lowest value
+                scores = torch.max(scores, torch.tensor(torch.finfo(scores.dtype).min))
             if self.form == "soft-cap":
                 scores = torch.tanh(scores / 2.0) * 2.0
             out = torch.softmax(scores, -1) @ v
@@ -377,10 +380,11 @@ def test_heads_are_followed_from_the_projections_through_attention_to_the_output
     assert not any(k.startswith(("q[", "k[", "v[")) for k in deps.refused())
 
 
-# Ops within each head: a per-head norm, a soft cap of the scores, a rotation of each head's
+# Ops within each head: a per-head norm, a clamp or a soft cap of the scores, a rotation of each head's
 # channel pairs, a bias of the scores per head (a constant, or computed: its kept heads are
 # selected). Removing a key/value group whose output columns are zero changes nothing.
-@pytest.mark.parametrize("form", ["head-norm", "soft-cap", "interleaved-rotary", "per-head-bias", "position-bias"])
+@pytest.mark.parametrize("form", ["head-norm", "clamped", "soft-cap", "interleaved-rotary", "per-head-bias",
+                                  "position-bias"])
 def test_heads_are_followed_through_ops_within_each_head(form):
     module = HeadAttention(kv_heads=2, form=form).eval()
     graph, deps = head_analysis(module, X)

@@ -402,19 +402,23 @@ class FoldedHeads(torch.nn.Module):
         return out.transpose(1, 2).reshape(b, s, d)
 
 
-# canonicalize unfolds the folded heads; the finite fill becomes an additive float mask.
-def test_attention_over_heads_folded_into_the_batch():
+# canonicalize unfolds the folded heads; the finite fill (the dtype's lowest value) becomes an
+# additive mask of the model's dtype, at half that value so that a score added to it stays finite.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_over_heads_folded_into_the_batch(dtype):
     torch.manual_seed(0)
     keep = torch.ones(2, 6)
     keep[1, 4:] = 0
     dyn = ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, {0: Dim.DYNAMIC, 1: Dim.DYNAMIC})
-    spec = fxopt.models.ModelSpec(FoldedHeads().eval(), (torch.randn(2, 6, 16), keep), dyn, "folded",
-                                  [(torch.randn(3, 9, 16), torch.ones(3, 9))])
+    spec = fxopt.models.ModelSpec(FoldedHeads().eval().to(dtype), (torch.randn(2, 6, 16, dtype=dtype), keep), dyn,
+                                  "folded", [(torch.randn(3, 9, 16, dtype=dtype), torch.ones(3, 9))])
     graph, stats = fuse(spec)
     (node,) = sdpa_nodes(graph)
-    assert (stats["fused"], stats["masked"]) == (1, 1) and node.kwargs["attn_mask"].target == torch.ops.aten.where.Scalar
+    mask = node.kwargs["attn_mask"]
+    assert (stats["fused"], stats["masked"]) == (1, 1) and mask.target == torch.ops.aten.where.ScalarOther
+    assert mask.meta["val"].dtype == dtype
     assert not {torch.ops.aten.bmm.default, torch.ops.aten.masked_fill.Scalar} & {n.target for n in graph.fx.nodes}
-    assert_parity_on_backends(spec, graph)
+    assert_parity_on_backends(spec, graph, backends=("eager", "onnxruntime") if dtype == torch.float32 else ("eager",))
 
 
 def test_nothing_fused_gives_the_engines_nearest_miss():

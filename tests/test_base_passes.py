@@ -151,6 +151,18 @@ def test_canonicalize_unfolds_attention_over_folded_heads():
             assert fxopt.compare(want, fxopt.compile(out, backend)(*inputs)).within(1e-5), backend
     off = fxopt.PassManager("canonicalize(unfold_heads=false)").run(graph).records[0].stats["rewritten"]
     assert "heads-unfolded" not in off
+    # a pass may have put the sizes the view back reads after the baddbmm: the bias's unfolded
+    # view reads sizes of its own, and the graph stays in order
+    moved = graph.copy()
+    baddbmm = next(n for n in moved.fx.nodes if n.target == aten.baddbmm.default)
+    (back,) = baddbmm.users
+    sizes = [a for a in back.args[1] if isinstance(a, torch.fx.Node)]
+    for size in sizes:
+        size.replace_all_uses_with(moved.fx.call_function(aten.sym_size.int, size.args), lambda u: u is back)
+    for size in [a for a in back.args[1] if isinstance(a, torch.fx.Node)]:
+        baddbmm.append(size)
+    moved.fx.lint()
+    optimize(moved, "canonicalize")[0].fx.lint()
 
 
 def test_dce_removes_dead_pure_nodes_but_keeps_effects():
