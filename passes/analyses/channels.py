@@ -996,10 +996,12 @@ class _HeadWalk:
 
 
 def _computed(graph) -> set:
-    """Nodes whose value depends on a linear's output."""
+    """Nodes whose value depends on a linear's output (a size read off one,
+    ``sym_size``, does not carry its values)."""
     out: set = set()
     for n in graph.fx.nodes:
-        if n.op == "call_function" and (n.target == aten.linear.default or any(a in out for a in n.all_input_nodes)):
+        if n.op == "call_function" and n.target != aten.sym_size.int and (
+                n.target == aten.linear.default or any(a in out for a in n.all_input_nodes)):
             out.add(n)
     return out
 
