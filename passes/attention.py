@@ -22,7 +22,8 @@ from the batch, BLOOM's ALiBi attention and DeBERTa-v2's without relative attent
 fused, with the reason in ``misses``: XGLM's, whose scores are clamped by ``max``
 before the softmax.)
 A scale ``c`` is a python number or a one-element constant (the engine's float
-capture takes both); ``-inf`` may be any fill <= -1e30, as a number or a
+capture takes both); ``-inf`` may be any fill <= -1e30 (in float16, its lowest
+value -65504 too), as a number or a
 one-element constant; ``add`` takes the mask on either side. Predicates check what
 is not structural: q, k, v 4-D, the softmax over the last dim, the transpose
 over the last two dims, the fill very negative; the check: no dtype change in
@@ -206,8 +207,11 @@ def _four_d(what: str):
     return pred
 
 
-def _very_negative(f: float) -> bool:
-    return f == -math.inf or f <= -1e30
+def _very_negative(f: float, dtype: torch.dtype = torch.float16) -> bool:
+    """-inf, or a fill that masks in ``dtype``: <= -1e30, or its lowest value where that
+    is higher (float16's -65504, which transformers fills with). The default, float16's,
+    is the loosest: the predicates take it, the check the attention's own dtype."""
+    return f == -math.inf or f <= max(-1e30, torch.finfo(dtype).min)
 
 
 def _fill_constant(node) -> bool:
@@ -319,6 +323,9 @@ class FuseAttention(Pass):
                 _require(m[cap] == dtype, f"{what} ({str(dtype).replace('torch.', '')} -> {str(m[cap]).replace('torch.', '')})")
         if "d0" in m:
             _require(m["d0"] % 4 != m["d1"] % 4, f"transpose({m['d0']}, {m['d1']}) swaps nothing")
+        fill = m["fill"] if "fill" in m else float(m.constant("fill_t").reshape(())) if "fill_t" in m else None
+        if fill is not None:
+            _require(_very_negative(fill, dtype), f"masked_fill with {fill!r}, not -inf or a very negative {dtype} number")
         out = val(m.anchor)
         _require(isinstance(out, torch.Tensor) and out.dim() == 4, "the attention output is not 4-D (a mask broadcasts it up)")
         lq = m.val("q").shape[-2]
