@@ -214,6 +214,13 @@ def _very_negative(f: float, dtype: torch.dtype = torch.float16) -> bool:
     return f == -math.inf or f <= max(-1e30, torch.finfo(dtype).min)
 
 
+def _fill_of(m: Match) -> float | None:
+    """The fill of a masked_fill / where form, a number or a one-element constant."""
+    if "fill" in m:
+        return m["fill"]
+    return float(m.constant("fill_t").reshape(())) if "fill_t" in m else None
+
+
 def _fill_constant(node) -> bool:
     """A fill given as a tensor: a one-element constant, very negative."""
     t = None
@@ -323,7 +330,7 @@ class FuseAttention(Pass):
                 _require(m[cap] == dtype, f"{what} ({str(dtype).replace('torch.', '')} -> {str(m[cap]).replace('torch.', '')})")
         if "d0" in m:
             _require(m["d0"] % 4 != m["d1"] % 4, f"transpose({m['d0']}, {m['d1']}) swaps nothing")
-        fill = m["fill"] if "fill" in m else float(m.constant("fill_t").reshape(())) if "fill_t" in m else None
+        fill = _fill_of(m)
         if fill is not None:
             _require(_very_negative(fill, dtype), f"masked_fill with {fill!r}, not -inf or a very negative {dtype} number")
         out = val(m.anchor)
@@ -347,7 +354,7 @@ class FuseAttention(Pass):
             mask = m["mask"]
         elif "blocked" in m:
             mask, blocked = m["blocked"], True
-            fill = m["fill"] if "fill" in m else float(m.constant("fill_t").reshape(()).item())
+            fill = _fill_of(m)
         if "bias" in m:  # one additive mask: the bias plus the mask (a biased mask is never just causal)
             if blocked:
                 mask, blocked = self._additive_mask(g, mask, fill, val(m.anchor).dtype), False
