@@ -69,6 +69,20 @@ def test_canonicalize_drops_dropout_asserts_and_identity_views():
         assert fxopt.compare(reference(spec, inputs), run(out, inputs)).within(1e-5)
 
 
+def test_canonicalize_without_linear_leaves_flattened_linears_alone():
+    class Flattened(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.proj(x.view(-1, 8)).view(x.shape[0], x.shape[1], 4)
+
+    graph = fxopt.trace(Flattened().eval(), (torch.randn(2, 3, 8),))
+    assert "flatten-absorbed" not in optimize(graph, "canonicalize(linear=false)")[1].stats["rewritten"]
+    assert optimize(graph, "canonicalize")[1].stats["rewritten"]["flatten-absorbed"] == 1
+
+
 def test_canonicalize_keeps_training_dropout():
     class M(torch.nn.Module):
         def forward(self, x):
